@@ -1,0 +1,68 @@
+"""The in-memory dataset every recipe trains on: three splits plus per-example bookkeeping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Dataset:
+    """Train/val/test tensors and what is known about each training example.
+
+    ``example_id[i]`` names training row ``i`` in every output (0..n_train-1 for
+    built-in and tabular sources); ``is_noisy[i]`` says whether its label was
+    flipped by ``data.label_noise``; ``clean_label`` keeps the label before that.
+    ``input_shape`` is the shape of one example (``(64,)`` or ``(1, 8, 8)``).
+    """
+
+    source: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    example_id: torch.Tensor  # int64 [n_train]
+    is_noisy: torch.Tensor  # bool [n_train]
+    clean_label: torch.Tensor  # int64 [n_train]
+    source_row: torch.Tensor  # int64 [n_train]: the row of the source each training example came from
+    n_classes: int
+    input_shape: tuple[int, ...]
+    is_image: bool = False
+    class_names: list[str] = field(default_factory=list)
+    feature_names: list[str] = field(default_factory=list)
+
+    @property
+    def n_train(self) -> int:
+        return int(self.y_train.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        n = 1
+        for s in self.input_shape:
+            n *= s
+        return n
+
+    def subset(self, keep) -> Dataset:
+        """The same dataset with only the training rows ``keep`` (positions, not ids)."""
+        keep = torch.as_tensor(keep, dtype=torch.long)
+        return Dataset(
+            source=self.source,
+            x_train=self.x_train[keep],
+            y_train=self.y_train[keep],
+            x_val=self.x_val,
+            y_val=self.y_val,
+            x_test=self.x_test,
+            y_test=self.y_test,
+            example_id=self.example_id[keep],
+            is_noisy=self.is_noisy[keep],
+            clean_label=self.clean_label[keep],
+            source_row=self.source_row[keep],
+            n_classes=self.n_classes,
+            input_shape=self.input_shape,
+            is_image=self.is_image,
+            class_names=self.class_names,
+            feature_names=self.feature_names,
+        )

@@ -1,0 +1,212 @@
+"""Tabular sources: the datasets bundled with scikit-learn, and csv:/parquet: files.
+
+All of them go through ``tabular_dataset``: a seeded (stratified where possible)
+train/val/test split, standardisation with the training split's statistics, and
+seeded label noise that flips exactly ``round(label_noise * n_train)`` labels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from .dataset import Dataset
+from .registry import register_source
+
+if TYPE_CHECKING:
+    from ..recipe import DataCfg
+
+SKLEARN_NAMES = ("digits", "wine", "breast_cancer", "iris")
+
+
+def _resolve_size(size: int | float, n: int) -> int:
+    return int(size) if isinstance(size, int) else max(1, int(round(size * n)))
+
+
+def split_indices(y: np.ndarray, val_size, test_size, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded train/val/test row indices; stratified by label when every class allows it."""
+    from sklearn.model_selection import train_test_split
+
+    n = len(y)
+    n_val, n_test = _resolve_size(val_size, n), _resolve_size(test_size, n)
+    if n_val + n_test > n - 2:
+        raise UserError(
+            f"`data.val_size` ({n_val}) plus `data.test_size` ({n_test}) leave fewer than 2 of the "
+            f"{n} examples for training; expected smaller split sizes."
+        )
+    idx = np.arange(n)
+
+    def split(ids, size):
+        try:
+            return train_test_split(ids, test_size=size, random_state=seed, stratify=y[ids])
+        except ValueError:  # a class too small to stratify: plain seeded split
+            return train_test_split(ids, test_size=size, random_state=seed)
+
+    rest, test = split(idx, n_test)
+    train, val = split(rest, n_val)
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+def flip_labels(y: np.ndarray, n_classes: int, frac: float, seed: int) -> np.ndarray:
+    """Boolean mask of the ``round(frac * n)`` rows to flip; ``y`` is changed in place to another class."""
+    n = len(y)
+    n_flip = int(round(frac * n))
+    noisy = np.zeros(n, dtype=bool)
+    if n_flip == 0:
+        return noisy
+    rng = np.random.default_rng([seed, 7])
+    rows = rng.permutation(n)[:n_flip]
+    shift = rng.integers(1, n_classes, size=n_flip)  # 1..k-1: always a different class
+    y[rows] = (y[rows] + shift) % n_classes
+    noisy[rows] = True
+    return noisy
+
+
+def tabular_dataset(
+    x: np.ndarray,
+    labels: np.ndarray,
+    cfg: DataCfg,
+    *,
+    source: str,
+    image_shape: tuple[int, ...] | None = None,
+    image: bool = False,
+    feature_names: list[str] | None = None,
+) -> Dataset:
+    """Split, standardise and noise a feature matrix ``x`` [n, d] with raw labels ``labels`` [n]."""
+    if len(x) == 0:
+        raise UserError(f"`data.source` {source!r} holds no rows; expected a non-empty dataset.")
+    classes, y = np.unique(labels, return_inverse=True)
+    if len(classes) < 2:
+        what = "`data.target`" if cfg.target else "`data.source`"
+        raise UserError(
+            f"{what}: the labels of {source!r} hold {len(classes)} distinct class(es); "
+            "expected at least 2 for classification."
+        )
+    if image and image_shape is None:
+        raise UserError(
+            f"`model.kind` is cnn, which needs image data, but {source!r} is not an image dataset; "
+            "expected model.kind: mlp (or an image source such as sklearn:digits)."
+        )
+    x = np.asarray(x, dtype=np.float64)
+    train, val, test = split_indices(y, cfg.val_size, cfg.test_size, cfg.seed)
+    mean = x[train].mean(axis=0)
+    std = x[train].std(axis=0)
+    std[std < 1e-12] = 1.0
+    xs = ((x - mean) / std).astype(np.float32)
+    shape = tuple(image_shape) if image else (x.shape[1],)
+
+    def tx(rows):
+        return torch.from_numpy(np.ascontiguousarray(xs[rows])).reshape(len(rows), *shape)
+
+    y_train = y[train].copy()
+    clean = y_train.copy()
+    noisy = flip_labels(y_train, len(classes), cfg.label_noise, cfg.seed)
+    return Dataset(
+        source=source,
+        x_train=tx(train),
+        y_train=torch.from_numpy(y_train).long(),
+        x_val=tx(val),
+        y_val=torch.from_numpy(y[val]).long(),
+        x_test=tx(test),
+        y_test=torch.from_numpy(y[test]).long(),
+        example_id=torch.arange(len(train), dtype=torch.long),
+        is_noisy=torch.from_numpy(noisy),
+        clean_label=torch.from_numpy(clean).long(),
+        source_row=torch.from_numpy(train).long(),
+        n_classes=len(classes),
+        input_shape=shape,
+        is_image=image,
+        class_names=[str(c) for c in classes],
+        feature_names=list(feature_names or [f"x{i}" for i in range(x.shape[1])]),
+    )
+
+
+@register_source("sklearn", names=SKLEARN_NAMES, help="datasets bundled with scikit-learn (no download)")
+def load_sklearn(rest: str, cfg: DataCfg, *, image: bool = False) -> Dataset:
+    from sklearn import datasets
+
+    bunch = getattr(datasets, f"load_{rest}")()
+    image_shape = (1, 8, 8) if rest == "digits" else None
+    return tabular_dataset(
+        bunch.data,
+        bunch.target,
+        cfg,
+        source=f"sklearn:{rest}",
+        image_shape=image_shape,
+        image=image,
+        feature_names=list(getattr(bunch, "feature_names", []) or []),
+    )
+
+
+def _frame_dataset(df, path: str, cfg: DataCfg, image: bool, source: str) -> Dataset:
+    import pandas as pd
+
+    if cfg.target not in df.columns:
+        raise UserError(
+            f"`data.target` is {cfg.target!r}, but {path} has no such column; "
+            f"expected one of: {', '.join(map(str, df.columns))}."
+        )
+    if len(df) == 0:
+        raise UserError(f"`data.source` {path} holds no rows; expected a non-empty table.")
+    labels = df[cfg.target]
+    if labels.isna().any():
+        raise UserError(
+            f"`data.target` column {cfg.target!r} of {path} has empty cells; expected a label in each row."
+        )
+    feats = df.drop(columns=[cfg.target])
+    if feats.shape[1] == 0:
+        raise UserError(f"`data.source` {path} has no feature columns besides the target {cfg.target!r}.")
+    bad = [
+        str(c)
+        for c in feats.columns
+        if not (pd.api.types.is_numeric_dtype(feats[c]) or pd.api.types.is_bool_dtype(feats[c]))
+    ]
+    if bad:
+        raise UserError(
+            f"`data.source` {path}: feature columns must be numeric, but {', '.join(bad[:5])}"
+            f"{' ...' if len(bad) > 5 else ''} {'is' if len(bad) == 1 else 'are'} not; "
+            "encode them as numbers or drop them."
+        )
+    x = feats.to_numpy(dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise UserError(
+            f"`data.source` {path}: the features contain empty or non-finite cells; expected numbers."
+        )
+    return tabular_dataset(
+        x,
+        labels.astype(str).to_numpy() if labels.dtype == object else labels.to_numpy(),
+        cfg,
+        source=source,
+        image=image,
+        feature_names=[str(c) for c in feats.columns],
+    )
+
+
+def _read(reader, path: str):
+    try:
+        return reader(path)
+    except Exception as e:  # noqa: BLE001 -- any parse failure is bad input
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise UserError(f"`data.source`: cannot read {path}: {detail}.") from None
+
+
+@register_source("csv", help="a CSV file with a header row; data.target names the label column")
+def load_csv(rest: str, cfg: DataCfg, *, image: bool = False) -> Dataset:
+    import pandas as pd
+
+    path = str(Path(rest))
+    df = _read(pd.read_csv, path)
+    return _frame_dataset(df, path, cfg, image, f"csv:{path}")
+
+
+@register_source("parquet", help="a Parquet file; data.target names the label column")
+def load_parquet(rest: str, cfg: DataCfg, *, image: bool = False) -> Dataset:
+    import pandas as pd
+
+    path = str(Path(rest))
+    df = _read(pd.read_parquet, path)
+    return _frame_dataset(df, path, cfg, image, f"parquet:{path}")

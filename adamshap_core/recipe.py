@@ -1,0 +1,311 @@
+"""The recipe: one validated schema for everything a run needs.
+
+A recipe is a YAML file (see ``recipes/``). ``load_recipe(path, overrides)``
+reads it, applies ``--set key.path=value`` overrides, validates it and resolves
+data paths; every problem becomes a ``UserError`` that names the field, what was
+given and what was expected. ``Recipe.to_yaml()`` gives the resolved recipe,
+which each run saves as ``recipe.yaml``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .data.registry import check_source, split_source
+from .errors import UserError
+
+METHOD_NAMES = ("adam", "adam_fixed", "sgd")
+
+
+def _number(v: Any) -> Any:
+    """Accept ints, floats and numeric strings (PyYAML reads ``1e-3`` as a string)."""
+    if isinstance(v, bool):
+        raise ValueError("expected a number, not a boolean")
+    if isinstance(v, str):
+        try:
+            v = float(v.strip())
+        except ValueError:
+            raise ValueError(f"expected a number, got the text {v!r}") from None
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError("expected a finite number")
+    return v
+
+
+Num = Annotated[float, BeforeValidator(_number)]
+Int = StrictInt
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _size(v: Any, field: str) -> int | float:
+    """A split size: an int count >= 1 or a float fraction in (0, 1)."""
+    if isinstance(v, bool):
+        raise ValueError(f"{field} must be a count (int >= 1) or a fraction in (0, 1), not a boolean")
+    if isinstance(v, str):
+        v = _number(v)
+    if isinstance(v, int):
+        if v < 1:
+            raise ValueError(f"a count must be at least 1, got {v}")
+        return v
+    if isinstance(v, float):
+        if v.is_integer() and v >= 1:
+            return int(v)
+        if not 0.0 < v < 1.0:
+            raise ValueError(f"a fraction must lie strictly between 0 and 1, got {v}")
+        return v
+    raise ValueError("expected a count (int >= 1) or a fraction in (0, 1)")
+
+
+class DataCfg(_Strict):
+    source: str
+    target: str | None = None  # the label column, for csv:/parquet: sources
+    val_size: Any = 200
+    test_size: Any = 300
+    label_noise: Num = Field(0.0, ge=0.0, lt=1.0)
+    seed: Int = 0  # the split and label-noise seed
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        check_source(v)
+        return v
+
+    @field_validator("val_size", "test_size")
+    @classmethod
+    def _sizes(cls, v: Any, info) -> int | float:
+        return _size(v, info.field_name)
+
+    @model_validator(mode="after")
+    def _target(self) -> DataCfg:
+        scheme, _ = split_source(self.source)
+        if scheme in ("csv", "parquet") and not self.target:
+            raise ValueError(f"data.target (the label column) is required for a {scheme}: source")
+        if scheme == "sklearn" and self.target is not None:
+            raise ValueError("data.target only applies to csv:/parquet: sources")
+        return self
+
+
+class ModelCfg(_Strict):
+    kind: Literal["mlp", "cnn"] = "mlp"
+    hidden: list[Annotated[Int, Field(ge=1)]] = Field(default_factory=lambda: [128])
+    channels: list[Annotated[Int, Field(ge=1)]] = Field(default_factory=lambda: [16, 32])  # cnn only
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("a cnn needs at least one convolution: give at least one channel count")
+        return v
+
+
+Beta = Annotated[Num, Field(ge=0.0, lt=1.0)]
+
+
+class OptimCfg(_Strict):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: Num = Field(1e-3, gt=0.0)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    eps: Num = Field(1e-8, gt=0.0)
+    weight_decay: Num = Field(0.0, ge=0.0)
+    momentum: Num = Field(0.0, ge=0.0, lt=1.0)  # sgd only
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: Int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _momentum(self) -> OptimCfg:
+        if self.momentum and self.name != "sgd":
+            raise ValueError(f"optim.momentum only applies to sgd (optim.name is {self.name}); use betas")
+        return self
+
+
+class TrainCfg(_Strict):
+    epochs: Int = Field(5, ge=1)
+    batch_size: Int = Field(32, ge=1)
+    grad_clip: Annotated[Num, Field(gt=0.0)] | None = None
+    seed: Int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every: Int = Field(200, ge=0)  # steps between checkpoints; 0 = off
+
+
+class AttributionCfg(_Strict):
+    enabled: StrictBool = True
+    methods: list[Literal["adam", "adam_fixed", "sgd"]] = Field(default_factory=lambda: list(METHOD_NAMES))
+    val_batch: Annotated[Int, Field(ge=1)] | None = None  # null = the whole validation split
+    record_steps: Int = Field(8, ge=0)  # steps whose per-step values are kept; 0 = off
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"give at least one method out of {list(METHOD_NAMES)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"each method may appear once, got {v}")
+        return v
+
+
+class Recipe(_Strict):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    data: DataCfg
+    model: ModelCfg = Field(default_factory=ModelCfg)
+    optim: OptimCfg = Field(default_factory=OptimCfg)
+    train: TrainCfg = Field(default_factory=TrainCfg)
+    attribution: AttributionCfg = Field(default_factory=AttributionCfg)
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _fmt_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def format_validation_error(err: ValidationError, origin: str) -> str:
+    """One paragraph: each problem with its field path, what was given and what was expected."""
+    problems = []
+    for e in err.errors():
+        loc = tuple(
+            p for p in e["loc"] if isinstance(p, int) or not str(p).startswith(("function-", "tuple["))
+        )
+        where = _fmt_loc(loc)
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+            problems.append(f"unknown key `{where}`{hint}")
+        elif kind == "missing":
+            problems.append(f"`{where}` is required but missing")
+        else:
+            msg = e["msg"]
+            msg = msg.removeprefix("Value error, ")
+            given = e.get("input")
+            if isinstance(given, dict | list) and len(repr(given)) > 80:
+                given_s = type(given).__name__
+            else:
+                given_s = repr(given)
+            problems.append(f"`{where}` was given {given_s}: {msg}")
+    return f"invalid recipe {origin}: " + "; ".join(problems) + "."
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as a YAML scalar or flow collection)."""
+    if "=" not in text:
+        raise UserError(f"--set expects key.path=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise UserError(f"--set has an empty part in the key path {key!r} (expected e.g. optim.lr=3e-4)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise UserError(
+                    f"--set {text}: `{where}` is a value, not a section, so it has no `{parts[i + 1]}`"
+                )
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def recipe_from_dict(raw: Any, *, base_dir: Path | None = None, origin: str = "(inline)") -> Recipe:
+    """Validate a recipe given as a dict and resolve its data paths against ``base_dir``."""
+    if not isinstance(raw, dict):
+        raise UserError(
+            f"invalid recipe {origin}: the top level must be a mapping of sections, got {type(raw).__name__}"
+        )
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, origin)) from None
+    scheme, rest = split_source(recipe.data.source)
+    if scheme in ("csv", "parquet"):
+        p = Path(rest).expanduser()
+        if not p.is_absolute():
+            p = (base_dir or Path.cwd()) / p
+        p = p.resolve()
+        if not p.is_file():
+            raise UserError(
+                f"invalid recipe {origin}: `data.source` names the file {rest!r}, which does not exist "
+                f"(looked at {p}; relative paths are taken from the recipe's folder)."
+            )
+        recipe.data.source = f"{scheme}:{p}"
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, validate and resolve a recipe file. Raises ``UserError`` on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"recipe file {path} does not exist.") from None
+    except IsADirectoryError:
+        raise UserError(f"recipe path {path} is a folder; expected a YAML file.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read recipe file {path}: {e}.") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        detail = " ".join(str(e).split())
+        raise UserError(f"recipe file {path} is not valid YAML: {detail}.") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(
+            f"invalid recipe {path}: the top level must be a mapping (name:, data:, model:, ...), "
+            f"got {type(raw).__name__}."
+        )
+    raw = apply_overrides(raw, list(overrides or []))
+    return recipe_from_dict(raw, base_dir=path.resolve().parent, origin=str(path))

@@ -1,0 +1,261 @@
+"""The run folder contract (DESIGN.md §7) and atomic writes.
+
+``runs/<name>/`` holds ``recipe.yaml`` (the resolved recipe), ``values.parquet``
+(one row per training example), ``steps.parquet`` (one row per step),
+``steps_values.parquet`` (per-step values at the recorded steps) and
+``metrics.json`` (``schema_version``, ``status``, final metrics, wall time).
+``metrics.json`` is written first with ``status: incomplete`` and rewritten with
+``status: complete`` once every other file is in place. Every file is written to
+a temporary file in the same folder and renamed over its target.
+
+The runs root is ``--runs-dir``, else ``$ADAMSHAP_RUNS``, else ``./runs``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import UserError
+
+SCHEMA_VERSION = 1
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+RUN_FILES = ("recipe.yaml", "values.parquet", "steps.parquet", "steps_values.parquet", "metrics.json")
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, then rename it onto ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    def w(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    return atomic_write(path, w)
+
+
+def atomic_write_json(path: str | Path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+def atomic_write_parquet(path: str | Path, df: pd.DataFrame) -> Path:
+    return atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+def _jsonable(obj):
+    """NaN/inf -> None so metrics.json stays valid JSON."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item"):  # numpy scalars
+        return _jsonable(obj.item())
+    return obj
+
+
+# --------------------------------------------------------------------------- runs root and folders
+
+
+def runs_root(runs_dir: str | Path | None = None) -> Path:
+    if runs_dir:
+        return Path(runs_dir)
+    env = os.environ.get("ADAMSHAP_RUNS")
+    return Path(env) if env else Path.cwd() / "runs"
+
+
+def check_run_name(name: str) -> str:
+    if not NAME_RE.match(name or ""):
+        raise UserError(
+            f"run name {name!r} is not allowed; expected letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit."
+        )
+    return name
+
+
+def create_run_dir(root: str | Path, name: str, *, force: bool = False) -> Path:
+    """Create ``root/name`` exclusively. An existing run is a ``UserError`` unless ``force``,
+    in which case the old folder is moved aside and removed once the new one exists."""
+    check_run_name(name)
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the runs folder {root}: {e.strerror or e}.") from None
+    path = root / name
+    try:
+        os.mkdir(path)
+        return path
+    except FileExistsError:
+        if not force:
+            raise UserError(
+                f"run {name!r} already exists at {path}; pass --force to replace it or --name to pick "
+                "another name."
+            ) from None
+    if not path.is_dir():
+        raise UserError(f"{path} exists and is not a run folder; remove it or pick another --name.")
+    aside = root / f".{name}.old-{os.getpid()}"
+    os.replace(path, aside)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        raise UserError(f"run {name!r} was created by another process meanwhile; try again.") from None
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+    return path
+
+
+@dataclass
+class RunFolder:
+    """Reads and writes the files of one run folder."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    # writes
+    def write_recipe(self, recipe) -> None:
+        atomic_write_text(self.file("recipe.yaml"), recipe.to_yaml())
+
+    def write_parquet(self, name: str, df: pd.DataFrame) -> None:
+        atomic_write_parquet(self.file(name), df)
+
+    def write_metrics(self, metrics: dict) -> None:
+        atomic_write_json(self.file("metrics.json"), {"schema_version": SCHEMA_VERSION, **metrics})
+
+    # reads
+    def metrics(self) -> dict:
+        try:
+            return json.loads(self.file("metrics.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def recipe(self):
+        from .recipe import load_recipe
+
+        return load_recipe(self.file("recipe.yaml"))
+
+    def values(self) -> pd.DataFrame:
+        return self._parquet("values.parquet")
+
+    def steps(self) -> pd.DataFrame:
+        return self._parquet("steps.parquet")
+
+    def steps_values(self) -> pd.DataFrame:
+        return self._parquet("steps_values.parquet")
+
+    def _parquet(self, name: str) -> pd.DataFrame:
+        p = self.file(name)
+        if not p.is_file():
+            raise UserError(f"run {self.name!r} has no {name} (looked at {p}); is the run complete?")
+        return pd.read_parquet(p)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def list_runs(root: str | Path) -> list[RunFolder]:
+    """Run folders under ``root``, oldest first (by the creation time in metrics.json)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    runs = [RunFolder(p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+    def key(r: RunFolder):
+        return (r.metrics().get("created") or "", r.path.stat().st_mtime)
+
+    return sorted(runs, key=key)
+
+
+def latest_run(root: str | Path) -> RunFolder:
+    runs = list_runs(root)
+    if not runs:
+        raise UserError(f"no runs under {root}; run `adamshap train RECIPE` first.")
+    return runs[-1]
+
+
+def open_run(root: str | Path, name: str | None = None) -> RunFolder:
+    """The run called ``name`` (or a path to a run folder), or the latest run when ``name`` is None."""
+    if name is None:
+        return latest_run(root)
+    p = Path(name)
+    if not (p.is_dir() and (p / "metrics.json").exists()):
+        p = Path(root) / name
+    if not p.is_dir():
+        raise UserError(f"no run {name!r} under {root}; `adamshap runs` lists the runs there.")
+    return RunFolder(p)
+
+
+# --------------------------------------------------------------------------- a training run's files
+
+
+def start_run(folder: RunFolder, recipe, *, recipe_path: str | None = None) -> dict:
+    """Write the resolved recipe and an ``incomplete`` metrics.json; return the metrics header."""
+    header = {
+        "status": "incomplete",
+        "name": folder.name,
+        "recipe": recipe.name,
+        "recipe_path": recipe_path,
+        "created": now_iso(),
+        "methods": list(recipe.attribution.methods) if recipe.attribution.enabled else [],
+    }
+    folder.write_recipe(recipe)
+    folder.write_metrics(header)
+    return header
+
+
+def finish_run(folder: RunFolder, header: dict, result) -> dict:
+    """Write the value and step tables, then metrics.json with ``status: complete``."""
+    folder.write_parquet("values.parquet", result.values_frame())
+    folder.write_parquet("steps.parquet", result.steps)
+    folder.write_parquet("steps_values.parquet", result.steps_values)
+    metrics = {
+        **header,
+        "status": "complete",
+        "finished": now_iso(),
+        "wall_seconds": result.wall_seconds,
+        "methods": list(result.methods),
+        **result.metrics,
+    }
+    folder.write_metrics(metrics)
+    return metrics
+
+
+def fail_run(folder: RunFolder, header: dict, error: BaseException) -> None:
+    """Record why a run stopped; the run stays ``incomplete``."""
+    msg = " ".join(str(error).split()) or type(error).__name__
+    folder.write_metrics({**header, "status": "incomplete", "error": msg, "stopped": now_iso()})

@@ -1,0 +1,413 @@
+"""The one training loop a recipe drives (``train``, pruning retrains, replays).
+
+``prepare(recipe)`` builds everything that can fail on bad input (data, model,
+optimizer, scheduler, device, the attribution tracker) before anything is
+written; ``run(prepared)`` trains and returns a ``TrainResult``. ``train(recipe)``
+does both.
+
+Determinism: ``torch.manual_seed(train.seed)`` before the model is built, and a
+separate ``torch.Generator`` seeded with ``train.seed`` draws the data order of
+each epoch, so on the CPU the same recipe gives the same run, bit for bit.
+
+Observer hook: ``run(..., on_step=fn)`` calls ``fn(step, batch, ctx)`` at every
+step *before* its forward pass, where ``step`` counts from 1, ``batch`` holds the
+positions (rows of ``data.x_train``) of the step's examples, and ``ctx`` is a
+``StepContext``. At that moment the model holds w_t, the optimizer holds the
+state left by step t-1 and the learning rate of step t is already set, so
+ground-truth code can copy the model and optimizer and replay step t exactly.
+The hook must not change that state; it may change the validation target of
+the tracker (``ctx.tracker.set_validation``) to value the run against a query.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .data import Dataset, load_dataset
+from .errors import UserError
+from .models import build_model, per_example_loss
+from .recipe import OptimCfg, Recipe
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class StepContext:
+    """What ``on_step`` sees, just before step ``step`` runs."""
+
+    step: int  # 1-based global step
+    epoch: int  # 1-based
+    batch: torch.Tensor  # positions into data.x_train (on the CPU)
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    lr: float  # the learning rate this step will use (first param group)
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    tracker: object | None  # the InRunShapley tracker, or None without attribution
+    data: Dataset
+    recipe: Recipe
+
+
+OnStep = Callable[[int, torch.Tensor, StepContext], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("`train.device` is cuda, but no CUDA device is available here; expected auto or cpu.")
+    return torch.device(name)
+
+
+def build_optimizer(cfg: OptimCfg, params) -> torch.optim.Optimizer:
+    params = list(params)
+    if cfg.name == "adam":
+        return torch.optim.Adam(
+            params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(
+            params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise UserError(f"`optim.name` is {cfg.name!r}; expected adam, adamw or sgd.")
+
+
+def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the base lr for scheduler step ``s`` (0-based; step t of training uses s = t-1).
+
+    Linear warm-up over ``warmup`` steps from lr/warmup to lr, then constant, or a cosine or
+    linear decay that reaches zero one step after the last step (so no step has lr 0).
+    """
+
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        p = (s - warmup) / max(1, total - warmup)
+        p = min(max(p, 0.0), 1.0)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * p))
+        return 1.0 - p
+
+    return f
+
+
+def sample_record_steps(total: int, k: int) -> list[int]:
+    """``k`` step numbers in 1..total: steps 1-5 first, then evenly spread later ones."""
+    if k <= 0 or total <= 0:
+        return []
+    first = list(range(1, min(5, k, total) + 1))
+    later = list(range(len(first) + 1, total + 1))
+    rest = k - len(first)
+    if rest >= len(later):
+        return first + later
+    if rest > 0:
+        idx = np.unique(np.linspace(0, len(later) - 1, num=rest).round().astype(int))
+        first += [later[i] for i in idx]
+    return first
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> tuple[float, float]:
+    """(mean loss, accuracy) of ``model`` on ``x, y``."""
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(y), batch):
+        out = model(x[i : i + batch])
+        loss_sum += float(per_example_loss(out, y[i : i + batch]).sum())
+        correct += int((out.argmax(dim=1) == y[i : i + batch]).sum())
+    return loss_sum / len(y), correct / len(y)
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, built (and validated) before anything is written."""
+
+    recipe: Recipe
+    data: Dataset  # on the CPU
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    tracker: object | None
+    methods: list[str]
+    steps_per_epoch: int
+    total_steps: int
+    val_x: torch.Tensor  # the validation target of attribution (on device)
+    val_y: torch.Tensor
+
+
+def prepare(
+    recipe: Recipe,
+    *,
+    data: Dataset | None = None,
+    keep: Sequence[int] | None = None,
+    attribution: bool | None = None,
+) -> Prepared:
+    """Build data, model, optimizer, scheduler and tracker for ``recipe``.
+
+    ``data``: reuse an already loaded dataset; ``keep``: train on these training
+    positions only (pruning retrains); ``attribution``: override ``attribution.enabled``.
+    """
+    device = resolve_device(recipe.train.device)
+    if data is None:
+        data = load_dataset(recipe.data, image=recipe.model.kind == "cnn")
+    if keep is not None:
+        data = data.subset(keep)
+        if data.n_train == 0:
+            raise UserError("nothing left to train on: the kept subset of the training split is empty.")
+    torch.manual_seed(recipe.train.seed)
+    model = build_model(recipe.model, data).to(device)
+    optimizer = build_optimizer(recipe.optim, model.parameters())
+    steps_per_epoch = math.ceil(data.n_train / recipe.train.batch_size)
+    total = steps_per_epoch * recipe.train.epochs
+    factor = lr_factor(recipe.optim.schedule, recipe.optim.warmup_steps, total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    n_val = recipe.attribution.val_batch or len(data.y_val)
+    val_x = data.x_val[:n_val].to(device)
+    val_y = data.y_val[:n_val].to(device)
+    enabled = recipe.attribution.enabled if attribution is None else attribution
+    tracker, methods = None, []
+    if enabled:
+        from .tracker import InRunShapley
+
+        methods = list(recipe.attribution.methods)
+        try:
+            tracker = InRunShapley(
+                model,
+                optimizer,
+                per_example_loss,
+                val_x,
+                val_y,
+                methods=tuple(methods),
+                max_grad_norm=recipe.train.grad_clip,
+            )
+        except (ValueError, TypeError, NotImplementedError) as e:
+            raise UserError(f"attribution cannot run on this model/optimizer: {e}") from None
+    return Prepared(
+        recipe,
+        data,
+        device,
+        model,
+        optimizer,
+        scheduler,
+        tracker,
+        methods,
+        steps_per_epoch,
+        total,
+        val_x,
+        val_y,
+    )
+
+
+@dataclass
+class TrainResult:
+    recipe: Recipe
+    data: Dataset
+    model: nn.Module
+    methods: list[str]
+    values: dict[str, np.ndarray]  # method -> float64 [n_train], summed over steps
+    n_steps: np.ndarray  # int64 [n_train]: steps each example was in the batch
+    steps: pd.DataFrame  # step, epoch, lr, train_loss, val_loss, clip_factor, seconds
+    steps_values: pd.DataFrame  # step, example_id, value_<method> at the recorded steps
+    metrics: dict = field(default_factory=dict)  # final losses and accuracies
+    wall_seconds: float = 0.0
+    steps_done: int = 0
+    total_steps: int = 0
+
+    def values_frame(self) -> pd.DataFrame:
+        """One row per training example (DESIGN.md §7 columns, plus clean_label and source_row)."""
+        d = self.data
+        cols: dict[str, object] = {"example_id": d.example_id.numpy().astype(np.int64)}
+        for m in self.methods:
+            cols[f"value_{m}"] = self.values[m]
+        cols["n_steps"] = self.n_steps
+        cols["label"] = d.y_train.numpy().astype(np.int64)
+        cols["is_noisy"] = d.is_noisy.numpy().astype(bool)
+        cols["clean_label"] = d.clean_label.numpy().astype(np.int64)
+        cols["source_row"] = d.source_row.numpy().astype(np.int64)
+        return pd.DataFrame(cols)
+
+
+def _progress(quiet: bool, total: int):
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    if quiet:
+        return None
+    return Progress(
+        TextColumn("[bold]train[/]"),
+        BarColumn(),
+        TextColumn("step {task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[eps]:,.0f} ex/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
+
+
+def run(
+    prep: Prepared,
+    *,
+    quiet: bool = False,
+    on_step: OnStep | None = None,
+    max_steps: int | None = None,
+) -> TrainResult:
+    """Train ``prep`` for its recipe's epochs (or ``max_steps`` steps); see the module doc."""
+    r, d, dev = prep.recipe, prep.data, prep.device
+    model, opt, sched, tracker = prep.model, prep.optimizer, prep.scheduler, prep.tracker
+    n = d.n_train
+    x_train, y_train = d.x_train.to(dev), d.y_train.to(dev)
+    ids = d.example_id.numpy()
+    values = {m: np.zeros(n, dtype=np.float64) for m in prep.methods}
+    n_steps = np.zeros(n, dtype=np.int64)
+    record = set(sample_record_steps(prep.total_steps, r.attribution.record_steps)) if tracker else set()
+    step_rows: list[tuple] = []
+    rec_rows: dict[str, list] = {"step": [], "example_id": []} | {f"value_{m}": [] for m in prep.methods}
+    limit = prep.total_steps if max_steps is None else min(max_steps, prep.total_steps)
+
+    gen = torch.Generator().manual_seed(r.train.seed)
+    bs = r.train.batch_size
+    model.train()
+    progress = _progress(quiet, limit)
+    task = progress.add_task("train", total=limit, loss=float("nan"), eps=0.0) if progress else None
+    t_start = time.perf_counter()
+    step, seen = 0, 0
+    try:
+        if progress:
+            progress.start()
+        for epoch in range(1, r.train.epochs + 1):
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n, bs):
+                if step >= limit:
+                    break
+                step += 1
+                batch = order[start : start + bs]
+                inputs, targets = x_train[batch.to(dev)], y_train[batch.to(dev)]
+                lr = float(opt.param_groups[0]["lr"])
+                if on_step is not None:
+                    on_step(
+                        step,
+                        batch,
+                        StepContext(
+                            step, epoch, batch, inputs, targets, lr, model, opt, sched, tracker, d, r
+                        ),
+                    )
+                t0 = time.perf_counter()
+                if tracker is not None:
+                    res = tracker.step(inputs, targets)
+                    loss, val_loss, clip = res.loss, res.val_loss, res.clip_factor
+                else:
+                    from .tracker import training_step
+
+                    with torch.no_grad():
+                        val_loss = float(per_example_loss(model(prep.val_x), prep.val_y).mean())
+                    losses, clip = training_step(
+                        model, opt, per_example_loss, inputs, targets, r.train.grad_clip
+                    )
+                    loss = float(losses.mean())
+                sched.step()
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"training diverged: the loss is {loss} at step {step} (epoch {epoch}); "
+                        "expected a finite loss. Try a smaller optim.lr or set train.grad_clip."
+                    )
+                pos = batch.numpy()
+                seen += len(pos)
+                n_steps[pos] += 1
+                if tracker is not None:
+                    for m in prep.methods:
+                        v = res.values[m].detach().to("cpu", torch.float64).numpy()
+                        values[m][pos] += v
+                        if step in record:
+                            rec_rows[f"value_{m}"].extend(v.tolist())
+                    if step in record:
+                        rec_rows["step"].extend([step] * len(pos))
+                        rec_rows["example_id"].extend(ids[pos].tolist())
+                secs = time.perf_counter() - t0
+                step_rows.append((step, epoch, lr, loss, float(val_loss), float(clip), secs))
+                if progress:
+                    elapsed = time.perf_counter() - t_start
+                    progress.update(task, completed=step, loss=loss, eps=seen / max(elapsed, 1e-9))
+            if step >= limit:
+                break
+    finally:
+        if progress:
+            progress.stop()
+    wall = time.perf_counter() - t_start
+
+    model.eval()
+    xv, yv = d.x_val.to(dev), d.y_val.to(dev)
+    xt, yt = d.x_test.to(dev), d.y_test.to(dev)
+    val_loss_f, val_acc = evaluate(model, xv, yv)
+    test_loss_f, test_acc = evaluate(model, xt, yt)
+    train_loss_f, train_acc = evaluate(model, x_train, y_train)
+    model.train()
+    metrics = {
+        "train_loss": train_loss_f,
+        "train_accuracy": train_acc,
+        "val_loss": val_loss_f,
+        "val_accuracy": val_acc,
+        "test_loss": test_loss_f,
+        "test_accuracy": test_acc,
+        "n_train": n,
+        "n_val": len(d.y_val),
+        "n_test": len(d.y_test),
+        "n_noisy": int(d.is_noisy.sum()),
+        "steps": step,
+        "total_steps": prep.total_steps,
+        "device": str(dev),
+    }
+    steps = pd.DataFrame(
+        step_rows, columns=["step", "epoch", "lr", "train_loss", "val_loss", "clip_factor", "seconds"]
+    )
+    steps = steps.astype({"step": "int64", "epoch": "int64"})
+    steps_values = pd.DataFrame(rec_rows).astype({"step": "int64", "example_id": "int64"})
+    return TrainResult(
+        r,
+        d,
+        model,
+        list(prep.methods),
+        values,
+        n_steps,
+        steps,
+        steps_values,
+        metrics,
+        wall,
+        step,
+        prep.total_steps,
+    )
+
+
+def train(
+    recipe: Recipe,
+    *,
+    quiet: bool = False,
+    on_step: OnStep | None = None,
+    max_steps: int | None = None,
+    **prepare_kw,
+) -> TrainResult:
+    """``run(prepare(recipe, **prepare_kw), ...)``; closes the tracker afterwards."""
+    prep = prepare(recipe, **prepare_kw)
+    try:
+        return run(prep, quiet=quiet, on_step=on_step, max_steps=max_steps)
+    finally:
+        if prep.tracker is not None:
+            prep.tracker.close()

@@ -1,0 +1,1 @@
+"""The ``adamshap`` command line (imported as ``adamshap_cli``)."""

@@ -1,0 +1,3 @@
+from adamshap_cli.main import app
+
+app(prog_name="adamshap")

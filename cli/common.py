@@ -1,0 +1,42 @@
+"""Shared CLI pieces: consoles and the wrapper that turns bad input into exit code 2."""
+
+from __future__ import annotations
+
+import functools
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from adamshap_core.errors import UserError
+
+console = Console()  # results, on stdout
+err_console = Console(stderr=True)  # progress and errors
+
+
+def user_errors(fn):
+    """Print ``UserError`` (and YAML/validation errors) as one red paragraph on stderr; exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import yaml
+        from pydantic import ValidationError
+
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            _fail(str(e))
+        except ValidationError as e:
+            _fail(" ".join(str(e).split()))
+        except yaml.YAMLError as e:
+            _fail("invalid YAML: " + " ".join(str(e).split()))
+
+    return wrapper
+
+
+def _fail(message: str):
+    message = " ".join(message.split())
+    err_console.print(
+        f"[bold red]error:[/] [red]{escape(message)}[/]", markup=True, highlight=False, soft_wrap=True
+    )
+    raise typer.Exit(code=2)

@@ -1,0 +1,24 @@
+"""The ``adamshap`` typer app. One module per command; register new commands here."""
+
+from __future__ import annotations
+
+import typer
+
+from . import runs as _runs
+from . import train as _train
+
+app = typer.Typer(
+    name="adamshap",
+    help="Value every training example during one Adam/AdamW training run (Adam-aware In-Run Data Shapley).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+app.command("train")(_train.train)
+app.command("runs")(_runs.runs)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,52 @@
+"""``adamshap runs``: list the runs in the runs folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from .common import console, user_errors
+
+
+@user_errors
+def runs(
+    runs_dir: Path = typer.Option(None, "--runs-dir", help="runs folder (default: $ADAMSHAP_RUNS or ./runs)"),
+) -> None:
+    """List runs: name, recipe, date, test accuracy, status."""
+    from adamshap_core import runio
+
+    root = runio.runs_root(runs_dir)
+    folders = runio.list_runs(root)
+    if not folders:
+        console.print(
+            f"no runs under {escape(str(root))}; start one with `adamshap train recipes/digits-mlp.yaml`"
+        )
+        return
+    table = Table(title=f"runs in {root}", title_justify="left")
+    for col, just in [
+        ("name", "left"),
+        ("recipe", "left"),
+        ("date", "left"),
+        ("test acc", "right"),
+        ("methods", "left"),
+        ("status", "left"),
+    ]:
+        table.add_column(col, justify=just)
+    for f in folders:
+        m = f.metrics()
+        acc = m.get("test_accuracy")
+        status = m.get("status", "unknown")
+        style = {"complete": "green", "incomplete": "yellow"}.get(status, "red")
+        created = (m.get("created") or "")[:19].replace("T", " ")
+        table.add_row(
+            escape(f.name),
+            escape(str(m.get("recipe", "?"))),
+            created,
+            f"{acc:.3f}" if isinstance(acc, int | float) else "-",
+            ", ".join(m.get("methods") or []) or "-",
+            f"[{style}]{status}[/]",
+        )
+    console.print(table)
