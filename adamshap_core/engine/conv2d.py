@@ -1,0 +1,59 @@
+"""nn.Conv2d: unfold the input into patches, then it is a Linear over positions."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .linear import contract, contract_bias
+from .registry import LayerKernel, matrix_dtype, n_targets, register, unsupported
+
+
+@register(nn.Conv2d)
+class Conv2dKernel(LayerKernel):
+    param_names = ("weight", "bias")
+
+    def check(self, module, path):
+        if module.padding_mode != "zeros":
+            raise unsupported(path, module, f"padding_mode '{module.padding_mode}' (only 'zeros')")
+        if module.padding == "same" and any(s != 1 for s in module.stride):
+            raise unsupported(path, module, "padding='same' with stride > 1")
+
+    def keep(self, module, inputs):
+        x = inputs[0].detach()
+        return x if x.dim() == 4 else x.unsqueeze(0)  # unbatched input → batch of one
+
+    def values(self, module, a, b, M):
+        dtype = matrix_dtype(M)
+        B = a.shape[0]
+        G = module.groups
+        patches = _patches(module, a.to(dtype))  # [B, C_in/G·kh·kw·G, L]
+        L = patches.shape[-1]
+        patches = patches.view(B, G, -1, L).transpose(2, 3)  # [B, G, L, I]
+        grads = b.to(dtype).reshape(B, G, -1, L).transpose(2, 3)  # [B, G, L, O]
+        out = patches.new_zeros(B, n_targets(M))
+        if "weight" in M:
+            Mw = M["weight"]
+            K, C_out = Mw.shape[:2]
+            Mw = Mw.reshape(K, G, C_out // G, -1)
+            for g in range(G):
+                out += contract(patches[:, g], grads[:, g], Mw[:, g])
+        if "bias" in M:
+            out += contract_bias(b.to(dtype).reshape(B, -1, L).transpose(1, 2), M["bias"])
+        return out
+
+
+def _patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    padding = module.padding
+    if padding == "valid":
+        padding = 0
+    elif padding == "same":
+        # Same as Conv2d: total padding d·(k−1) per side pair, the extra one on the right.
+        pads = []
+        for d, k in zip(reversed(module.dilation), reversed(module.kernel_size), strict=True):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        x = F.pad(x, pads)
+        padding = 0
+    return F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)

@@ -1,0 +1,198 @@
+"""The ghost engine: hooks that keep each layer's input and output-gradient, and
+the contraction of those with the per-parameter matrices M (DESIGN.md §3).
+
+Per step: ``validation_gradients`` (a separate pass that never touches
+``.grad``), then the training forward/backward inside ``capture()``, then
+``values`` with M = scale ⊙ ∇val stacked over methods and validation targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from ..errors import UserError
+from .registry import LayerKernel, kernel_for, supported_types, unsupported
+
+Scale = torch.Tensor | float  # per-parameter multiplier of ∇val (tensor: elementwise)
+
+
+@dataclass
+class _Call:
+    """One forward call of a valued module inside ``capture()``."""
+
+    module: nn.Module
+    kernel: LayerKernel
+    a: torch.Tensor
+    b: torch.Tensor | None = None
+
+
+class GhostEngine:
+    """Values per-example gradient dot-products for every trainable parameter of a model."""
+
+    def __init__(self, model: nn.Module, val_chunk: int = 64):
+        self.model = model
+        self.val_chunk = val_chunk  # validation targets per vmap call
+        self.parameters: list[nn.Parameter] = []
+        # For each valued module: its kernel and {param name: parameter} it values.
+        self._owned: dict[nn.Module, tuple[LayerKernel, dict[str, nn.Parameter]]] = {}
+        seen: set[int] = set()
+        for path, module in model.named_modules():
+            own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+            if not own:
+                continue
+            kernel = kernel_for(module)
+            if kernel is None:
+                raise unsupported(
+                    path,
+                    module,
+                    f"it owns trainable parameters ({', '.join(own)}) and no kernel exists for this "
+                    f"layer type; supported: {', '.join(supported_types())}",
+                )
+            extra = sorted(set(own) - set(kernel.param_names))
+            if extra:
+                raise unsupported(path, module, f"unexpected trainable parameters {extra}")
+            kernel.check(module, path)
+            self._owned[module] = (kernel, own)
+            for p in own.values():
+                if id(p) not in seen:  # a tied parameter is valued once, through all its uses
+                    seen.add(id(p))
+                    self.parameters.append(p)
+        if not self.parameters:
+            raise UserError("the model has no trainable parameters to value")
+        self._calls: list[_Call] = []
+        self._capturing = False
+        self._handles = [m.register_forward_hook(self._forward_hook) for m in self._owned]
+
+    # ---- hooks ---------------------------------------------------------------------------
+
+    def _forward_hook(self, module: nn.Module, inputs: tuple, output) -> None:
+        if not self._capturing or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        kernel = self._owned[module][0]
+        call = _Call(module, kernel, kernel.keep(module, inputs))
+        self._calls.append(call)
+
+        def keep_grad(grad: torch.Tensor) -> None:
+            call.b = grad.detach()
+
+        output.register_hook(keep_grad)
+
+    @contextmanager
+    def capture(self):
+        """Keep a and b of every valued module call made inside the block."""
+        self._calls = []
+        self._capturing = True
+        try:
+            yield
+        finally:
+            self._capturing = False
+            self._calls = []
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # ---- validation gradient ----------------------------------------------------------------
+
+    def validation_gradients(
+        self, loss_fn: Callable, inputs, targets, per_target: bool
+    ) -> tuple[list[torch.Tensor], float]:
+        """∇ of the validation loss at the current weights, per parameter [Q, *shape].
+
+        Q = 1 (the mean over the validation rows) unless ``per_target``, where
+        every row is its own target. Computed in eval mode (no dropout noise, no
+        random numbers drawn) and without touching ``.grad``.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if per_target:
+                return self._per_target_gradients(loss_fn, inputs, targets)
+            loss = loss_fn(self.model(inputs), targets).mean()
+            grads = torch.autograd.grad(loss, self.parameters, allow_unused=True)
+            grads = [
+                torch.zeros_like(p) if g is None else g for p, g in zip(self.parameters, grads, strict=True)
+            ]
+            return [g.detach().unsqueeze(0) for g in grads], float(loss.detach())
+        finally:
+            self.model.train(was_training)
+
+    def _per_target_gradients(self, loss_fn, inputs, targets):
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        params = {names[id(p)]: p.detach() for p in self.parameters}
+        buffers = dict(self.model.named_buffers())
+
+        def one_loss(ps, x, y):
+            out = functional_call(self.model, (ps, buffers), (x.unsqueeze(0),))
+            return loss_fn(out, y.unsqueeze(0)).mean()
+
+        per_row = vmap(grad_and_value(one_loss), in_dims=(None, 0, 0))
+        grads: list[list[torch.Tensor]] = [[] for _ in self.parameters]
+        losses = []
+        for start in range(0, len(targets), self.val_chunk):
+            g, loss = per_row(
+                params, inputs[start : start + self.val_chunk], targets[start : start + self.val_chunk]
+            )
+            losses.append(loss)
+            for i, p in enumerate(self.parameters):
+                grads[i].append(g[names[id(p)]])
+        return [torch.cat(g) for g in grads], float(torch.cat(losses).mean())
+
+    # ---- values ---------------------------------------------------------------------------------
+
+    def values(
+        self, val_grads: Sequence[torch.Tensor], scales: Sequence[Mapping[int, Scale]], batch_size: int
+    ) -> torch.Tensor:
+        """φ[i, m, q] = Σ_W ⟨scale_m,W ⊙ ∇val_q,W, g_i,W⟩ / B, from the captured a and b.
+
+        ``scales[m]`` maps ``id(param)`` to that method's multiplier of ∇val for
+        that parameter (lr, clip factor and preconditioner P together); a
+        parameter missing from it is not valued (it is not updated). ``b`` is
+        the gradient of the *mean* loss, which supplies the 1/B.
+        """
+        M = self.matrices(val_grads, scales)
+        Q = val_grads[0].shape[0]
+        calls = [c for c in self._calls if c.b is not None]
+        if not calls:
+            raise RuntimeError("no layer activity was captured: call values() inside capture()")
+        B = batch_size
+        total = None
+        for call in calls:
+            if call.a.shape[0] != B:
+                raise UserError(
+                    f"a {type(call.module).__name__} layer was called on {call.a.shape[0]} rows in a "
+                    f"batch of {B}: its per-example gradients cannot be separated (is an input "
+                    "broadcast over the batch, such as positions from arange(T)? expand it first)"
+                )
+            own = self._owned[call.module][1]
+            Mc = {n: M[id(p)] for n, p in own.items() if id(p) in M}
+            if not Mc:
+                continue
+            v = call.kernel.values(call.module, call.a, call.b, Mc)
+            total = v if total is None else total + v
+        if total is None:
+            total = torch.zeros(B, len(scales) * Q, device=val_grads[0].device)
+        return total.view(B, len(scales), Q)
+
+    def matrices(
+        self, val_grads: Sequence[torch.Tensor], scales: Sequence[Mapping[int, Scale]]
+    ) -> dict[int, torch.Tensor]:
+        """M per parameter: [n_methods·Q, *shape], in float32 or wider."""
+        M = {}
+        for p, g in zip(self.parameters, val_grads, strict=True):
+            if not any(id(p) in s for s in scales):
+                continue  # not updated by any method: contributes nothing
+            g = g.to(torch.promote_types(g.dtype, torch.float32))
+            M[id(p)] = torch.cat([_scaled(s.get(id(p), 0.0), g) for s in scales])
+        return M
+
+
+def _scaled(scale: Scale, g: torch.Tensor) -> torch.Tensor:
+    return (scale.to(g.dtype) if isinstance(scale, torch.Tensor) else scale) * g

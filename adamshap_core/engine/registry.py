@@ -1,0 +1,82 @@
+"""One ghost kernel per layer type, registered with a decorator (as Opacus does).
+
+A kernel knows three things about its layer type: which of the module's own
+parameters it values, what to keep from the forward pass, and how to turn the
+kept activations ``a``, the output-gradients ``b`` and the per-parameter
+matrices ``M`` into ⟨M, g_i⟩ for every example i, without building g_i.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+
+class LayerKernel:
+    """Base class of a layer kernel; subclasses are registered per module type."""
+
+    #: the module's own parameters this kernel values (e.g. ``("weight", "bias")``)
+    param_names: tuple[str, ...] = ()
+
+    def check(self, module: nn.Module, path: str) -> None:
+        """Raise ``UserError`` at start-up for a configuration the kernel cannot value."""
+
+    def keep(self, module: nn.Module, inputs: tuple) -> torch.Tensor:
+        """What the forward pass must keep for ``values`` (by default the input)."""
+        return inputs[0].detach()
+
+    def values(
+        self, module: nn.Module, a: torch.Tensor, b: torch.Tensor, M: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """⟨M_k, g_i⟩ summed over the module's parameters: shape [B, K].
+
+        ``b`` is the gradient of the training loss with respect to the module
+        output; ``M[name]`` has shape [K, *param.shape] and holds only the
+        parameters that are being valued.
+        """
+        raise NotImplementedError
+
+
+_KERNELS: dict[type[nn.Module], LayerKernel] = {}
+
+
+def register(*module_types: type[nn.Module]):
+    """Class decorator: ``@register(nn.Linear)`` makes the kernel serve that type."""
+
+    def wrap(cls: type[LayerKernel]) -> type[LayerKernel]:
+        for t in module_types:
+            _KERNELS[t] = cls()
+        return cls
+
+    return wrap
+
+
+def kernel_for(module: nn.Module) -> LayerKernel | None:
+    """The kernel for this module's type (or its nearest registered base class)."""
+    for t in type(module).__mro__:
+        if t in _KERNELS:
+            return _KERNELS[t]
+    return None
+
+
+def matrix_dtype(M: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The dtype the contractions run in: M's (float32 or wider, even under autocast)."""
+    return next(iter(M.values())).dtype
+
+
+def n_targets(M: Mapping[str, torch.Tensor]) -> int:
+    """K, the number of stacked matrices (methods × validation targets)."""
+    return next(iter(M.values())).shape[0]
+
+
+def supported_types() -> list[str]:
+    return sorted(t.__name__ for t in _KERNELS)
+
+
+def unsupported(path: str, module: nn.Module, why: str) -> UserError:
+    name = path or "<root>"
+    return UserError(f"module '{name}' ({type(module).__name__}) cannot be valued: {why}")

@@ -1,0 +1,200 @@
+"""The scoring rules of DESIGN.md §2: each method is a diagonal preconditioner P.
+
+Every method values example i at step t as φ_i = η_t·⟨P ⊙ ∇val, x_i⟩ with
+x_i = c·g_i/B. This module turns the live optimizer (its param groups and
+state, read just before ``optimizer.step()``) into, per parameter, the scale
+η·c·P that multiplies ∇val; the ghost engine does the rest. A new optimizer
+means a new ``*State`` here, never a new layer kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+
+# ---- what the optimizer is about to do to one parameter -----------------------------------------
+
+
+@dataclass
+class AdamState:
+    """One parameter's Adam/AdamW step: u(g) = (a + b·g) / (√(c + d·g²) + ε)."""
+
+    lr: float
+    grad: torch.Tensor  # the data part of the gradient (after clipping): g_N − r
+    r: torch.Tensor | float  # data-independent part: coupled L2 term λ·w, else 0
+    beta1: float
+    beta2: float
+    eps: float
+    t: int  # the step about to be taken, from 1
+    m: torch.Tensor | float  # first moment before this step (0 at t = 1)
+    v: torch.Tensor | float  # second moment before this step
+
+    def coefficients(self):
+        bc1 = 1.0 - self.beta1**self.t
+        bc2 = 1.0 - self.beta2**self.t
+        a = self.beta1 * self.m / bc1
+        b = (1.0 - self.beta1) / bc1
+        c = self.beta2 * self.v / bc2
+        d = (1.0 - self.beta2) / bc2
+        return a, b, c, d
+
+    def root(self, c, d, g: torch.Tensor) -> torch.Tensor:
+        """S(g) = √(c + d·g²), as a hypot so that neither 1e-30 nor 1e+30 gradients
+        underflow or overflow on the way."""
+        sqrt_c = torch.sqrt(torch.as_tensor(c, dtype=g.dtype, device=g.device))
+        return torch.hypot(sqrt_c, (d**0.5) * g)
+
+
+@dataclass
+class SGDState:
+    """One parameter's SGD step: linear in g, so every Adam-aware rule is its gain."""
+
+    lr: float
+    gain: float  # coefficient of g in the update direction (momentum, dampening, nesterov)
+
+
+ParamState = AdamState | SGDState
+
+
+# ---- the methods ---------------------------------------------------------------------------------
+
+
+def sgd_rule(s: ParamState) -> torch.Tensor | float:
+    """P = 1: the original In-Run Data Shapley, as if the step were plain SGD."""
+    return 1.0
+
+
+def adam_fixed_rule(s: ParamState) -> torch.Tensor | float:
+    """P = b / (√v̂_t + ε): Adam's normaliser frozen at its full-batch value."""
+    if isinstance(s, SGDState):
+        return s.gain
+    _, b, c, d = s.coefficients()
+    return b / (s.root(c, d, s.grad + s.r) + s.eps)
+
+
+def adam_rule(s: ParamState) -> torch.Tensor | float:
+    """P = (u(g_N) − u(g_∅)) / (g_N − g_∅): the secant of the real Adam step.
+
+    Written without the difference quotient (DESIGN.md §2), so it is exact in
+    float32 where g_N ≈ g_∅ and equals u′(g_∅) there.
+    """
+    if isinstance(s, SGDState):
+        return s.gain
+    a, b, c, d = s.coefficients()
+    g0 = torch.as_tensor(s.r, dtype=s.grad.dtype, device=s.grad.device).expand_as(s.grad)
+    g1 = s.grad + g0
+    S0, S1 = s.root(c, d, g0), s.root(c, d, g1)
+    D0, D1 = S0 + s.eps, S1 + s.eps
+    denom = S0 + S1
+    q = torch.where(denom > 0, d * (g0 + g1) / torch.where(denom > 0, denom, 1.0), 0.0)
+    # divide twice rather than by D0·D1, which can overflow for huge gradients
+    return (b * (D0 - g0 * q) - a * q) / D0 / D1
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    rule: object  # ParamState -> P
+    clipped: bool  # x_i carries the clip factor c (sgd ignores clipping by definition)
+    summary: str
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("adam", adam_rule, True, "secant (Aumann–Shapley) linearisation of the real Adam step"),
+        Method("adam_fixed", adam_fixed_rule, True, "Adam with its normaliser frozen at the full batch"),
+        Method("sgd", sgd_rule, False, "the SGD In-Run Data Shapley formula: lr·⟨∇val, g_i⟩/B"),
+    )
+}
+
+
+def check_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
+    """Validated, de-duplicated method names in the order given."""
+    if isinstance(methods, str):
+        methods = (methods,)
+    names = tuple(dict.fromkeys(methods))
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise UserError(
+            f"unknown method(s) {unknown or '(none given)'}: expected one or more of {', '.join(METHODS)}"
+        )
+    return names
+
+
+def scales(method: str, view: OptimizerView, clip: float) -> dict[int, torch.Tensor | float]:
+    """Per parameter (by id), the multiplier η·c·P of ∇val for this method."""
+    m = METHODS[method]
+    c = clip if m.clipped else 1.0
+    return {id(p): s.lr * c * m.rule(s) for p, s in view.states()}
+
+
+# ---- reading the live optimizer ---------------------------------------------------------------
+
+
+class OptimizerView:
+    """Reads each parameter's step from a live torch.optim.Adam / AdamW / SGD.
+
+    Validates the optimizer once, up front; ``states()`` is read after the
+    backward pass (and clipping), just before ``optimizer.step()``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+            self.kind = "adam"
+        elif isinstance(optimizer, torch.optim.SGD):
+            self.kind = "sgd"
+        else:
+            raise UserError(
+                f"optimizer {type(optimizer).__name__} is not supported: use torch.optim.Adam, AdamW or SGD"
+            )
+        for i, group in enumerate(optimizer.param_groups):
+            _check_group(self.kind, i, group)
+
+    def states(self) -> Iterator[tuple[torch.Tensor, ParamState]]:
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue  # the optimizer skips it, so nothing is attributed
+                yield p, self._state(group, p)
+
+    def _state(self, group: dict, p: torch.Tensor) -> ParamState:
+        lr = float(group["lr"])
+        state = self.optimizer.state.get(p, {})
+        wd = float(group.get("weight_decay", 0.0))
+        if self.kind == "sgd":
+            return SGDState(lr, _sgd_gain(group, state))
+        decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
+        g = p.grad.detach()
+        r = wd * p.detach() if wd and not decoupled else 0.0
+        beta1, beta2 = (float(b) for b in group["betas"])
+        t = int(state["step"]) + 1 if "step" in state else 1
+        m = state["exp_avg"].detach() if "exp_avg" in state else 0.0
+        v = state["exp_avg_sq"].detach() if "exp_avg_sq" in state else 0.0
+        return AdamState(lr, g, r, beta1, beta2, float(group["eps"]), t, m, v)
+
+
+def _check_group(kind: str, i: int, group: dict) -> None:
+    where = f"optimizer param group {i}"
+    if group.get("maximize", False):
+        raise UserError(f"{where}: maximize=True is not supported (values assume loss minimisation)")
+    if kind == "adam":
+        if group.get("amsgrad", False):
+            raise UserError(f"{where}: amsgrad=True is not supported; use Adam/AdamW with amsgrad=False")
+        if float(group["eps"]) <= 0:
+            raise UserError(f"{where}: eps must be > 0 for Adam-aware values, got {group['eps']}")
+
+
+def _sgd_gain(group: dict, state: dict) -> float:
+    """Coefficient of g in torch's SGD direction (the fixed-state analogue of momentum)."""
+    mu = float(group.get("momentum", 0.0))
+    if mu == 0.0:
+        return 1.0
+    first = state.get("momentum_buffer") is None  # torch starts the buffer at g itself
+    buf_gain = 1.0 if first else 1.0 - float(group.get("dampening", 0.0))
+    return 1.0 + mu * buf_gain if group.get("nesterov", False) else buf_gain

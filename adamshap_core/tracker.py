@@ -1,0 +1,133 @@
+"""The public in-loop API: one training step that also values every example.
+
+``InRunShapley.step`` makes exactly the update plain training makes
+(``loss_fn(model(x), y).mean().backward(); clip; optimizer.step()``) and, in
+the same pass, returns each example's per-step value under every method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .engine import GhostEngine
+from .precond import OptimizerView, check_methods, scales
+
+
+@dataclass
+class StepResult:
+    """What one valued step returns."""
+
+    loss: float  # the batch training loss (mean of per-example losses)
+    val_loss: float  # validation loss at the weights before the update
+    clip_factor: float  # c = min(1, max_norm / ||g||); 1.0 without clipping
+    values: dict[str, torch.Tensor] = field(default_factory=dict)  # [B] or [B, Q]
+
+
+def training_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable,
+    inputs,
+    targets,
+    max_grad_norm: float | None = None,
+    before_update: Callable[[torch.Tensor, float], None] | None = None,
+) -> tuple[torch.Tensor, float]:
+    """Plain training's step; the one code path both plain and valued training use.
+
+    ``before_update(per_example_losses, clip_factor)`` runs after the backward
+    pass and clipping, before ``optimizer.step()``: this is where values are
+    computed, from the state the optimizer is about to use.
+    Returns the per-example losses (detached) and the clip factor.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    losses = loss_fn(model(inputs), targets)
+    if losses.dim() != 1:
+        raise ValueError(f"loss_fn must return per-example losses of shape [B], got {tuple(losses.shape)}")
+    losses.mean().backward()
+    clip = 1.0
+    if max_grad_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.grad is not None], max_grad_norm
+        )
+        # torch's own rule: scale by max_norm / (norm + 1e-6) when that is < 1.
+        clip = min(1.0, float(max_grad_norm) / (float(norm) + 1e-6))
+    if before_update is not None:
+        before_update(losses.detach(), clip)
+    optimizer.step()
+    return losses.detach(), clip
+
+
+class InRunShapley:
+    """Values every training example during training (DESIGN.md §2–3, §7).
+
+    ``loss_fn(outputs, targets)`` returns per-example losses [B]. The
+    validation utility is the mean validation loss; with ``per_target=True``
+    each validation row is a separate target and values have shape [B, Q].
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable,
+        val_inputs,
+        val_targets,
+        methods: Sequence[str] = ("adam", "sgd"),
+        *,
+        max_grad_norm: float | None = None,
+        per_target: bool = False,
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.methods = check_methods(methods)
+        self.max_grad_norm = max_grad_norm
+        self.view = OptimizerView(optimizer)  # validates the optimizer up front
+        self.engine = GhostEngine(model)  # validates every trainable parameter up front
+        self.set_validation(val_inputs, val_targets, per_target=per_target)
+
+    def set_validation(self, val_inputs, val_targets, *, per_target: bool = False) -> None:
+        """Change the validation target(s) the next steps are valued against."""
+        self.val_inputs = val_inputs
+        self.val_targets = val_targets
+        self.per_target = per_target
+
+    def step(self, inputs, targets) -> StepResult:
+        """Forward, backward, optimizer.step(), and this step's value per example."""
+        val_grads, val_loss = self.engine.validation_gradients(
+            self.loss_fn, self.val_inputs, self.val_targets, self.per_target
+        )
+        out: dict[str, torch.Tensor] = {}
+
+        def value_batch(losses: torch.Tensor, clip: float) -> None:
+            per_method = [scales(m, self.view, clip) for m in self.methods]
+            values = self.engine.values(val_grads, per_method, len(losses))  # [B, n_methods, Q]
+            for k, m in enumerate(self.methods):
+                v = values[:, k]
+                out[m] = v if self.per_target else v[:, 0]
+
+        with self.engine.capture():
+            losses, clip = training_step(
+                self.model,
+                self.optimizer,
+                self.loss_fn,
+                inputs,
+                targets,
+                self.max_grad_norm,
+                value_batch,
+            )
+        return StepResult(float(losses.mean()), val_loss, clip, out)
+
+    def close(self) -> None:
+        """Remove the hooks; the model is as it was before the tracker."""
+        self.engine.remove()
+
+    def __enter__(self) -> InRunShapley:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,112 @@
+"""Small models, one per layer type and combination, for the exactness tests (float64)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def cross_entropy(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def sequence_cross_entropy(logits, y):
+    """Mean next-token loss over each example's real tokens (-100 = padding)."""
+    mask = (y != -100).to(logits.dtype)
+    tok = F.cross_entropy(logits.transpose(1, 2), y.clamp_min(0), reduction="none")
+    return (tok * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+class SeqLinear(nn.Module):
+    """Linear layers applied to a [B, T, d] sequence, pooled at the end."""
+
+    def __init__(self, d_in, d_hidden, n_out, bias):
+        super().__init__()
+        self.up = nn.Linear(d_in, d_hidden, bias=bias)
+        self.down = nn.Linear(d_hidden, n_out, bias=not bias)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x))).mean(1)
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(4, 6, (2, 3), padding="same", bias=False, dilation=(1, 2))
+        self.c3 = nn.Conv2d(6, 4, 1, groups=2)
+        self.head = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.c3(torch.tanh(self.c2(torch.tanh(self.c1(x))))))
+        return self.head(h.flatten(1))
+
+
+class TinyLM(nn.Module):
+    """Embedding (repeated tokens, padding row), LayerNorm, Linear, optionally tied head."""
+
+    def __init__(self, vocab=11, d=6, tied=True, padding_idx=0):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d, padding_idx=padding_idx)
+        self.pos = nn.Embedding(8, d)  # positions expanded to the batch (see forward)
+        self.ln = nn.LayerNorm(d)
+        self.mix = nn.Linear(d, d)
+        self.ln_f = nn.LayerNorm(d, bias=False)
+        self.head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.head.weight = self.tok.weight
+
+    def forward(self, idx):
+        h = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device).expand_as(idx))
+        h = h + torch.tanh(self.mix(self.ln(h)))
+        return self.head(self.ln_f(h))
+
+
+@dataclass
+class Case:
+    name: str
+    model: Callable[[], nn.Module]
+    data: Callable[[int, torch.Generator], tuple]  # (n, gen) -> (x, y)
+    loss: Callable = cross_entropy
+
+
+def _tabular(d, k):
+    return lambda n, g: (torch.randn(n, d, generator=g), torch.randint(0, k, (n,), generator=g))
+
+
+def _sequence(d, T, k):
+    return lambda n, g: (torch.randn(n, T, d, generator=g), torch.randint(0, k, (n,), generator=g))
+
+
+def _images(n, g):
+    return torch.randn(n, 2, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _tokens(vocab=11, T=6):
+    def make(n, g):
+        idx = torch.randint(1, 4, (n, T), generator=g)  # few distinct tokens: many repeats
+        idx[0, -2:] = 0  # padding at the end of the first example
+        y = torch.randint(0, vocab, (n, T), generator=g)
+        y[0, -2:] = -100
+        return idx, y
+
+    return make
+
+
+CASES = [
+    Case("mlp-bias", lambda: nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)), _tabular(5, 3)),
+    Case(
+        "mlp-nobias",
+        lambda: nn.Sequential(nn.Linear(4, 9, bias=False), nn.Tanh(), nn.Linear(9, 2, bias=False)),
+        _tabular(4, 2),
+    ),
+    Case("linear-seq", lambda: SeqLinear(5, 3, 4, bias=True), _sequence(5, 4, 4)),
+    Case("linear-seq-nobias", lambda: SeqLinear(3, 8, 2, bias=False), _sequence(3, 5, 2)),
+    Case("conv2d", ConvNet, _images),
+    Case("lm-tied", lambda: TinyLM(tied=True), _tokens(), sequence_cross_entropy),
+    Case("lm-untied", lambda: TinyLM(tied=False, padding_idx=None), _tokens(), sequence_cross_entropy),
+]

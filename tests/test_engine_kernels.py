@@ -1,0 +1,87 @@
+"""Every layer kernel against brute-force per-example gradients (float64)."""
+
+import pytest
+import torch
+from bruteforce import per_example_grads
+from cases import CASES
+from conftest import rel_err
+from torch import nn
+
+from adamshap_core.engine import GhostEngine
+from adamshap_core.errors import UserError
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("batch", [1, 5])
+def test_kernel_matches_per_example_gradients(case, batch, float64):
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(1)
+    model = case.model()
+    x, y = case.data(batch, gen)
+    engine = GhostEngine(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    Q = 3
+    val = [torch.randn(Q, *p.shape, generator=gen) for p in engine.parameters]
+    scales = [
+        {id(p): 1.0 for p in engine.parameters},
+        {id(p): torch.rand(p.shape, generator=gen) for p in engine.parameters},
+    ]
+    with engine.capture():
+        case.loss(model(x), y).mean().backward()
+        got = engine.values(val, scales, batch)  # [B, 2, Q]
+    G = per_example_grads(model, case.loss, x, y)
+    want = torch.zeros(batch, 2, Q)
+    for p, v in zip(engine.parameters, val, strict=True):
+        g = G[names[id(p)]].reshape(batch, -1)
+        for m, s in enumerate(scales):
+            M = (s[id(p)] * v).reshape(Q, -1)
+            want[:, m] += g @ M.T / batch
+    assert got.shape == (batch, 2, Q)
+    assert rel_err(got, want) <= 1e-10
+
+
+def test_tied_parameter_is_valued_once_through_both_uses(float64):
+    case = next(c for c in CASES if c.name == "lm-tied")
+    model = case.model()
+    engine = GhostEngine(model)
+    assert sum(p is model.tok.weight for p in engine.parameters) == 1
+
+
+def test_unsupported_layer_is_a_startup_error():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with pytest.raises(UserError, match=r"'1' \(BatchNorm1d\).*no kernel"):
+        GhostEngine(model)
+
+
+def test_parameter_outside_any_module_is_an_error():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.scale = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    with pytest.raises(UserError, match="Scaled.*scale"):
+        GhostEngine(Scaled())
+
+
+def test_frozen_parameters_are_skipped():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    for p in model[1].parameters():
+        p.requires_grad_(False)
+    assert len(GhostEngine(model).parameters) == 2
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        nn.Embedding(5, 3, max_norm=1.0),
+        nn.Embedding(5, 3, scale_grad_by_freq=True),
+        nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"),
+    ],
+)
+def test_kernel_rejects_configurations_it_cannot_value(module):
+    with pytest.raises(UserError, match="cannot be valued"):
+        GhostEngine(nn.Sequential(module))

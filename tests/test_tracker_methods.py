@@ -1,0 +1,166 @@
+"""Every method, through InRunShapley.step, against the brute-force reference (float64)."""
+
+import copy
+
+import pytest
+import torch
+from bruteforce import adam_direction, per_example_grads, reference_values, val_grads
+from cases import CASES
+from conftest import rel_err
+
+from adamshap_core import InRunShapley, training_step
+from adamshap_core.errors import UserError
+
+METHODS = ("adam", "adam_fixed", "sgd")
+
+OPTIMIZERS = {
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    "adam-l2": lambda ps: torch.optim.Adam(ps, lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, eps=1e-6),
+    "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=5e-2, momentum=0.9, dampening=0.1),
+    "sgd-nesterov": lambda ps: torch.optim.SGD(ps, lr=5e-2, momentum=0.9, nesterov=True, weight_decay=0.01),
+}
+
+
+def run_and_check(
+    case,
+    make_opt,
+    *,
+    steps=4,
+    batch=6,
+    n_val=3,
+    max_grad_norm=None,
+    per_target=False,
+    scheduler=None,
+    split_groups=False,
+):
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = case.model()
+    params = list(model.parameters())
+    if split_groups:  # per-group hyperparameters
+        opt = make_opt([{"params": params[:2]}, {"params": params[2:], "lr": 3e-3, "betas": (0.5, 0.9)}])
+    else:
+        opt = make_opt(params)
+    sched = scheduler(opt) if scheduler else None
+    vx, vy = case.data(n_val, gen)
+    tracker = InRunShapley(
+        model, opt, case.loss, vx, vy, METHODS, max_grad_norm=max_grad_norm, per_target=per_target
+    )
+    for _ in range(steps):
+        x, y = case.data(batch, gen)
+        want = reference_values(
+            model, opt, case.loss, x, y, vx, vy, max_grad_norm=max_grad_norm, per_target=per_target
+        )
+        got = tracker.step(x, y)
+        for m in METHODS:
+            g = got.values[m] if per_target else got.values[m].unsqueeze(1)
+            assert g.shape == (batch, n_val if per_target else 1)
+            assert rel_err(g, want[m]) <= 1e-6, m
+        if sched:
+            sched.step()
+    return tracker, got
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("opt", list(OPTIMIZERS), ids=str)
+def test_methods_match_brute_force(case, opt, float64):
+    run_and_check(case, OPTIMIZERS[opt])
+
+
+@pytest.mark.parametrize("case", CASES[:1] + CASES[-2:], ids=lambda c: c.name)
+def test_clipping_active_and_per_target(case, float64):
+    _, res = run_and_check(case, OPTIMIZERS["adamw"], max_grad_norm=0.05, per_target=True)
+    assert res.clip_factor < 1.0  # clipping really was active
+
+
+def test_scheduler_and_param_groups(float64):
+    sched = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # noqa: E731
+    run_and_check(CASES[0], OPTIMIZERS["adam-l2"], steps=5, scheduler=sched, split_groups=True)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[5]], ids=lambda c: c.name)
+@pytest.mark.parametrize("opt", ["adam-l2", "adamw", "sgd-nesterov"])
+def test_training_with_attribution_updates_parameters_exactly_as_plain(case, opt, float64):
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model_a = case.model()
+    model_b = copy.deepcopy(model_a)
+    opt_a, opt_b = OPTIMIZERS[opt](model_a.parameters()), OPTIMIZERS[opt](model_b.parameters())
+    vx, vy = case.data(4, gen)
+    tracker = InRunShapley(model_a, opt_a, case.loss, vx, vy, METHODS, max_grad_norm=0.5)
+    for _ in range(6):
+        x, y = case.data(5, gen)
+        tracker.step(x, y)
+        # the plain step a user would write
+        opt_b.zero_grad()
+        case.loss(model_b(x), y).mean().backward()
+        torch.nn.utils.clip_grad_norm_(model_b.parameters(), 0.5)
+        opt_b.step()
+    for (n, a), b in zip(model_a.named_parameters(), model_b.parameters(), strict=True):
+        assert (a - b).abs().max() <= 1e-10, n
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=lambda c: c.name)
+def test_adam_values_are_efficient(case, float64):
+    """Σ_i φ_i = η·⟨∇val, u(g_N) − u(g_∅)⟩: the secant distributes the whole real step."""
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    model = case.model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=0.05)
+    vx, vy = case.data(3, gen)
+    tracker = InRunShapley(model, opt, case.loss, vx, vy, ("adam",), max_grad_norm=1.0)
+    for step in range(4):
+        x, y = case.data(6, gen)
+        names = {id(p): n for n, p in model.named_parameters()}
+        V = val_grads(model, case.loss, vx, vy, per_target=False)
+        G = per_example_grads(model, case.loss, x, y)
+        batch = {n: g.mean(0) for n, g in G.items()}
+        norm = torch.sqrt(sum((g * g).sum() for g in batch.values()))
+        c = min(1.0, 1.0 / (float(norm) + 1e-6))
+        want = 0.0
+        for p in model.parameters():
+            st = opt.state.get(p, {})
+            t = int(st["step"]) + 1 if st else 1
+            m = st.get("exp_avg", torch.zeros_like(p))
+            v = st.get("exp_avg_sq", torch.zeros_like(p))
+            r = 0.05 * p.detach()
+            gN = c * batch[names[id(p)]] + r
+            du = adam_direction(gN, m, v, 0.9, 0.999, 1e-8, t) - adam_direction(r, m, v, 0.9, 0.999, 1e-8, t)
+            want += 1e-2 * float((V[names[id(p)]][0] * du).sum())
+        got = float(tracker.step(x, y).values["adam"].sum())
+        assert abs(got - want) <= 1e-9 * max(1.0, abs(want)), step
+
+
+def test_training_step_is_the_plain_step(float64):
+    case = CASES[0]
+    gen = torch.Generator().manual_seed(0)
+    model = case.model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = case.data(4, gen)
+    losses, clip = training_step(model, opt, case.loss, x, y)
+    assert losses.shape == (4,) and clip == 1.0
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda ps: torch.optim.Adam(ps, amsgrad=True), "amsgrad"),
+        (lambda ps: torch.optim.RMSprop(ps), "RMSprop is not supported"),
+        (lambda ps: torch.optim.Adam(ps, maximize=True), "maximize"),
+    ],
+)
+def test_unsupported_optimizers_are_clear_errors(make, match):
+    case = CASES[0]
+    model = case.model()
+    x, y = case.data(3, torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match=match):
+        InRunShapley(model, make(model.parameters()), case.loss, x, y)
+
+
+def test_unknown_method_is_a_clear_error():
+    case = CASES[0]
+    model = case.model()
+    x, y = case.data(3, torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match="unknown method.*adamx"):
+        InRunShapley(model, torch.optim.Adam(model.parameters()), case.loss, x, y, methods=("adamx",))
