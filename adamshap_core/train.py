@@ -17,6 +17,12 @@ state left by step t-1 and the learning rate of step t is already set, so
 ground-truth code can copy the model and optimizer and replay step t exactly.
 The hook must not change that state; it may change the validation target of
 the tracker (``ctx.tracker.set_validation``) to value the run against a query.
+
+Checkpoints and faults: ``run(..., checkpointer=, resume=, stop=)`` saves the
+loop's whole state every ``train.checkpoint_every`` steps and can continue from
+it bit for bit (see ``checkpoint.py``); a non-finite loss, gradient or value
+stops the run with ``TrainingDiverged`` naming the step, carrying the values of
+the steps before it.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .checkpoint import Checkpointer, LoopState, TrainingInterrupted, params_digest
 from .data import Dataset, load_dataset
 from .errors import UserError
 from .models import build_model, per_example_loss
@@ -38,7 +45,11 @@ from .recipe import OptimCfg, Recipe
 
 
 class TrainingDiverged(UserError):
-    """The loss became NaN or infinite."""
+    """The loss, a gradient or the values became NaN or infinite; ``partial`` holds the steps before."""
+
+    def __init__(self, message: str, partial: TrainResult | None = None):
+        super().__init__(message)
+        self.partial = partial
 
 
 @dataclass
@@ -269,89 +280,102 @@ def run(
     quiet: bool = False,
     on_step: OnStep | None = None,
     max_steps: int | None = None,
+    checkpointer: Checkpointer | None = None,
+    resume: bool = False,
+    stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Train ``prep`` for its recipe's epochs (or ``max_steps`` steps); see the module doc."""
+    """Train ``prep`` for its recipe's epochs (or ``max_steps`` steps); see the module doc.
+
+    ``checkpointer`` saves a checkpoint every ``train.checkpoint_every`` steps; with ``resume``
+    the run continues from its checkpoint. ``stop()`` is polled after every step: once it is
+    true the run saves a checkpoint and raises ``TrainingInterrupted``. A non-finite loss,
+    gradient or value raises ``TrainingDiverged`` carrying the result of the steps before.
+    """
     r, d, dev = prep.recipe, prep.data, prep.device
     model, opt, sched, tracker = prep.model, prep.optimizer, prep.scheduler, prep.tracker
     n = d.n_train
     x_train, y_train = d.x_train.to(dev), d.y_train.to(dev)
     ids = d.example_id.numpy()
-    values = {m: np.zeros(n, dtype=np.float64) for m in prep.methods}
-    n_steps = np.zeros(n, dtype=np.int64)
     record = set(sample_record_steps(prep.total_steps, r.attribution.record_steps)) if tracker else set()
-    step_rows: list[tuple] = []
-    rec_rows: dict[str, list] = {"step": [], "example_id": []} | {f"value_{m}": [] for m in prep.methods}
     limit = prep.total_steps if max_steps is None else min(max_steps, prep.total_steps)
 
-    gen = torch.Generator().manual_seed(r.train.seed)
+    gen = torch.Generator().manual_seed(r.train.seed)  # the data order of each epoch
+    state = checkpointer.load(gen) if resume and checkpointer else LoopState.fresh(n, prep.methods)
     bs = r.train.batch_size
     model.train()
     progress = _progress(quiet, limit)
     task = progress.add_task("train", total=limit, loss=float("nan"), eps=0.0) if progress else None
     t_start = time.perf_counter()
-    step, seen = 0, 0
+
+    def wall() -> float:
+        return state.wall_before + time.perf_counter() - t_start
+
     try:
         if progress:
             progress.start()
-        for epoch in range(1, r.train.epochs + 1):
-            order = torch.randperm(n, generator=gen)
-            for start in range(0, n, bs):
-                if step >= limit:
-                    break
-                step += 1
-                batch = order[start : start + bs]
-                inputs, targets = x_train[batch.to(dev)], y_train[batch.to(dev)]
-                lr = float(opt.param_groups[0]["lr"])
-                if on_step is not None:
-                    on_step(
-                        step,
-                        batch,
-                        StepContext(
-                            step, epoch, batch, inputs, targets, lr, model, opt, sched, tracker, d, r
-                        ),
-                    )
-                t0 = time.perf_counter()
-                if tracker is not None:
-                    res = tracker.step(inputs, targets)
-                    loss, val_loss, clip = res.loss, res.val_loss, res.clip_factor
-                else:
-                    from .tracker import training_step
+            progress.update(task, completed=state.step)
+        while state.step < limit:
+            if state.order is None or state.pos >= n:
+                state.epoch += 1
+                state.order, state.pos = torch.randperm(n, generator=gen), 0
+            step, epoch = state.step + 1, state.epoch
+            batch = state.order[state.pos : state.pos + bs]
+            inputs, targets = x_train[batch.to(dev)], y_train[batch.to(dev)]
+            lr = float(opt.param_groups[0]["lr"])
+            if on_step is not None:
+                on_step(
+                    step,
+                    batch,
+                    StepContext(step, epoch, batch, inputs, targets, lr, model, opt, sched, tracker, d, r),
+                )
+            t0 = time.perf_counter()
+            if tracker is not None:
+                res = tracker.step(inputs, targets)
+                loss, val_loss, clip = res.loss, res.val_loss, res.clip_factor
+                step_values = {
+                    m: res.values[m].detach().to("cpu", torch.float64).numpy() for m in prep.methods
+                }
+            else:
+                from .tracker import training_step
 
-                    with torch.no_grad():
-                        val_loss = float(per_example_loss(model(prep.val_x), prep.val_y).mean())
-                    losses, clip = training_step(
-                        model, opt, per_example_loss, inputs, targets, r.train.grad_clip
-                    )
-                    loss = float(losses.mean())
-                sched.step()
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"training diverged: the loss is {loss} at step {step} (epoch {epoch}); "
-                        "expected a finite loss. Try a smaller optim.lr or set train.grad_clip."
-                    )
-                pos = batch.numpy()
-                seen += len(pos)
-                n_steps[pos] += 1
-                if tracker is not None:
-                    for m in prep.methods:
-                        v = res.values[m].detach().to("cpu", torch.float64).numpy()
-                        values[m][pos] += v
-                        if step in record:
-                            rec_rows[f"value_{m}"].extend(v.tolist())
-                    if step in record:
-                        rec_rows["step"].extend([step] * len(pos))
-                        rec_rows["example_id"].extend(ids[pos].tolist())
-                secs = time.perf_counter() - t0
-                step_rows.append((step, epoch, lr, loss, float(val_loss), float(clip), secs))
-                if progress:
-                    elapsed = time.perf_counter() - t_start
-                    progress.update(task, completed=step, loss=loss, eps=seen / max(elapsed, 1e-9))
-            if step >= limit:
-                break
+                with torch.no_grad():
+                    val_loss = float(per_example_loss(model(prep.val_x), prep.val_y).mean())
+                losses, clip = training_step(model, opt, per_example_loss, inputs, targets, r.train.grad_clip)
+                loss, step_values = float(losses.mean()), {}
+            sched.step()
+            problem = non_finite_problem(loss, model, step_values, float(val_loss))
+            if problem:
+                raise TrainingDiverged(
+                    f"training diverged at step {step} (epoch {epoch}): {problem}. The values of the "
+                    f"{state.step} steps before are kept. Try a smaller optim.lr or set train.grad_clip.",
+                    partial=_result(
+                        prep, state, {"steps": state.step, "total_steps": prep.total_steps}, wall()
+                    ),
+                )
+            pos = batch.numpy()
+            state.n_steps[pos] += 1
+            for m, v in step_values.items():
+                state.values[m][pos] += v
+                if step in record:
+                    state.rec_rows[f"value_{m}"].extend(v.tolist())
+            if step in record:
+                state.rec_rows["step"].extend([step] * len(pos))
+                state.rec_rows["example_id"].extend(ids[pos].tolist())
+            secs = time.perf_counter() - t0
+            state.step_rows.append((step, epoch, lr, loss, float(val_loss), float(clip), secs))
+            state.step, state.pos, state.seen = step, state.pos + len(pos), state.seen + len(pos)
+            if progress:
+                eps = state.seen / max(time.perf_counter() - t_start, 1e-9)
+                progress.update(task, completed=step, loss=loss, eps=eps)
+            stopping = stop is not None and stop() and step < limit
+            if checkpointer is not None and step < limit and (stopping or checkpointer.due(step)):
+                checkpointer.save(state, gen, wall())
+            if stopping:
+                raise TrainingInterrupted(step, limit, checkpointer.path if checkpointer else None)
     finally:
         if progress:
             progress.stop()
-    wall = time.perf_counter() - t_start
+    wall_seconds = wall()
 
     model.eval()
     xv, yv = d.x_val.to(dev), d.y_val.to(dev)
@@ -371,27 +395,49 @@ def run(
         "n_val": len(d.y_val),
         "n_test": len(d.y_test),
         "n_noisy": int(d.is_noisy.sum()),
-        "steps": step,
+        "steps": state.step,
         "total_steps": prep.total_steps,
         "device": str(dev),
+        "params_sha256": params_digest(model),
+        "resumed_at_steps": state.resumed_at,
     }
+    return _result(prep, state, metrics, wall_seconds)
+
+
+def non_finite_problem(loss: float, model: nn.Module, values: dict[str, np.ndarray], val_loss: float) -> str:
+    """What is non-finite after a step (loss, a gradient, the values), or '' when all is finite."""
+    if not math.isfinite(loss):
+        return f"the training loss is {loss}; expected a finite loss"
+    for name, p in model.named_parameters():
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return f"the gradient of parameter `{name}` has non-finite entries; expected finite gradients"
+    for m, v in values.items():
+        bad = int((~np.isfinite(v)).sum())
+        if bad:
+            why = f" (the validation loss is {val_loss})" if not math.isfinite(val_loss) else ""
+            return f"the `{m}` values of {bad} of the {len(v)} examples are non-finite{why}"
+    return ""
+
+
+def _result(prep: Prepared, state: LoopState, metrics: dict, wall_seconds: float) -> TrainResult:
+    """The ``TrainResult`` of the steps ``state`` has finished."""
     steps = pd.DataFrame(
-        step_rows, columns=["step", "epoch", "lr", "train_loss", "val_loss", "clip_factor", "seconds"]
+        state.step_rows, columns=["step", "epoch", "lr", "train_loss", "val_loss", "clip_factor", "seconds"]
     )
     steps = steps.astype({"step": "int64", "epoch": "int64"})
-    steps_values = pd.DataFrame(rec_rows).astype({"step": "int64", "example_id": "int64"})
+    steps_values = pd.DataFrame(state.rec_rows).astype({"step": "int64", "example_id": "int64"})
     return TrainResult(
-        r,
-        d,
-        model,
+        prep.recipe,
+        prep.data,
+        prep.model,
         list(prep.methods),
-        values,
-        n_steps,
+        {m: v.copy() for m, v in state.values.items()},
+        state.n_steps.copy(),
         steps,
         steps_values,
         metrics,
-        wall,
-        step,
+        wall_seconds,
+        state.step,
         prep.total_steps,
     )
 

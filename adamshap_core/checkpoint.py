@@ -1,0 +1,336 @@
+"""Checkpoints, so that a killed or interrupted training run resumes exactly where it stopped.
+
+A checkpoint is one file, ``runs/<name>/checkpoint.pt``, replaced atomically every
+``train.checkpoint_every`` steps (and when a run is interrupted with Ctrl-C). It holds
+everything the training loop of ``train.run`` needs to continue bit for bit: the model,
+optimizer and scheduler state, the RNG states (torch CPU and CUDA, the data-order
+generator, Python's and NumPy's global ones), the loop position (step, epoch, the
+epoch's data order and how far into it the run is), the values accumulated so far, the
+per-example step counts, the step rows and the recorded per-step values. On the CPU a
+resumed run therefore ends with the same values and parameters, bit for bit, as the run
+would have without the interruption.
+
+A checkpoint is tied to its recipe and its training data: resuming against a changed
+``recipe.yaml`` or changed training data is refused. The checkpoint is deleted once the
+run completes (a complete run is never resumed, and a model's checkpoint can be large);
+``metrics.json`` then records ``params_sha256``, a digest of the final parameters.
+
+``LoopState`` is the part of the state the loop itself owns; ``Checkpointer`` saves and
+restores it together with the model, optimizer, scheduler and RNGs; ``run_lock`` keeps two
+processes from writing one run folder; ``stop_on_interrupt`` turns Ctrl-C into a clean stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .runio import atomic_write
+
+if TYPE_CHECKING:
+    from .train import Prepared
+
+CHECKPOINT_FILE = "checkpoint.pt"
+LOCK_FILE = ".lock"
+FORMAT = 1  # bump when the checkpoint layout changes
+
+
+class TrainingInterrupted(Exception):
+    """The run stopped cleanly after ``step`` because it was asked to (Ctrl-C)."""
+
+    def __init__(self, step: int, total: int, checkpoint: Path | None):
+        super().__init__(f"training interrupted after step {step} of {total}")
+        self.step, self.total, self.checkpoint = step, total, checkpoint
+
+
+# --------------------------------------------------------------------------- the loop's own state
+
+
+@dataclass
+class LoopState:
+    """Where the training loop is and what it has accumulated (everything but model/optimizer)."""
+
+    values: dict[str, np.ndarray]  # method -> float64 [n_train]
+    n_steps: np.ndarray  # int64 [n_train]
+    rec_rows: dict[str, list]  # step, example_id, value_<method> at the recorded steps
+    step_rows: list[tuple] = field(default_factory=list)  # one tuple per finished step
+    step: int = 0  # steps finished
+    epoch: int = 0  # epochs started
+    order: torch.Tensor | None = None  # the current epoch's data order
+    pos: int = 0  # how many examples of ``order`` the finished steps used
+    seen: int = 0  # examples trained on in this process (for the ex/s readout)
+    wall_before: float = 0.0  # training seconds spent before this process resumed
+    resumed_at: list[int] = field(default_factory=list)  # steps the run was resumed after
+
+    @classmethod
+    def fresh(cls, n_train: int, methods: list[str]) -> LoopState:
+        return cls(
+            values={m: np.zeros(n_train, dtype=np.float64) for m in methods},
+            n_steps=np.zeros(n_train, dtype=np.int64),
+            rec_rows={"step": [], "example_id": []} | {f"value_{m}": [] for m in methods},
+        )
+
+    def to_blob(self, wall_seconds: float) -> dict:
+        """Plain types and tensors only, so the file loads with ``torch.load(weights_only=True)``."""
+        return {
+            "values": {m: torch.from_numpy(v.copy()) for m, v in self.values.items()},
+            "n_steps": torch.from_numpy(self.n_steps.copy()),
+            "rec_rows": {k: list(v) for k, v in self.rec_rows.items()},
+            "step_rows": [tuple(r) for r in self.step_rows],
+            "step": self.step,
+            "epoch": self.epoch,
+            "order": None if self.order is None else self.order.clone(),
+            "pos": self.pos,
+            "wall_seconds": wall_seconds,
+            "resumed_at": list(self.resumed_at),
+        }
+
+    @classmethod
+    def from_blob(cls, b: dict) -> LoopState:
+        return cls(
+            values={m: v.numpy().astype(np.float64) for m, v in b["values"].items()},
+            n_steps=b["n_steps"].numpy().astype(np.int64),
+            rec_rows={k: list(v) for k, v in b["rec_rows"].items()},
+            step_rows=[tuple(r) for r in b["step_rows"]],
+            step=int(b["step"]),
+            epoch=int(b["epoch"]),
+            order=b["order"],
+            pos=int(b["pos"]),
+            wall_before=float(b["wall_seconds"]),
+            resumed_at=[*b["resumed_at"], int(b["step"])],
+        )
+
+
+# --------------------------------------------------------------------------- digests
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def params_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer (name, dtype, shape, raw bytes): equal iff bitwise equal."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def data_digest(data) -> str:
+    """SHA-256 of the training split (inputs, labels, example ids), to tie a checkpoint to its data."""
+    h = hashlib.sha256()
+    for t in (data.x_train, data.y_train, data.example_id):
+        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- RNG states
+
+
+def _rng_states(device: torch.device, gen: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+        "data_order": gen.get_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+    }
+
+
+def _set_rng_states(s: dict, device: torch.device, gen: torch.Generator) -> None:
+    torch.set_rng_state(s["torch"])
+    if device.type == "cuda" and s["cuda"] is not None:
+        torch.cuda.set_rng_state_all(s["cuda"])
+    gen.set_state(s["data_order"])
+    random.setstate(_tuples(s["python"]))
+    kind, keys, *rest = s["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+
+
+def _tuples(x):
+    """Lists back to tuples (``random.setstate`` insists on tuples)."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+class Checkpointer:
+    """Saves and restores one run's checkpoint file; ``every`` steps (0 = only when stopping)."""
+
+    def __init__(self, path: str | Path, prep: Prepared, every: int | None = None):
+        self.path = Path(path)
+        self.prep = prep
+        self.every = prep.recipe.train.checkpoint_every if every is None else every
+        self._data_digest: str | None = None
+
+    @property
+    def data_sha256(self) -> str:
+        if self._data_digest is None:  # hashing a large split takes a moment: once per run
+            self._data_digest = data_digest(self.prep.data)
+        return self._data_digest
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def save(self, state: LoopState, gen: torch.Generator, wall_seconds: float) -> None:
+        p = self.prep
+        blob = {
+            "format": FORMAT,
+            "recipe": p.recipe.to_dict(),
+            "data_sha256": self.data_sha256,
+            "model": p.model.state_dict(),
+            "optimizer": p.optimizer.state_dict(),
+            "scheduler": p.scheduler.state_dict(),
+            "rng": _rng_states(p.device, gen),
+            "loop": state.to_blob(wall_seconds),
+        }
+        atomic_write(self.path, lambda tmp: torch.save(blob, tmp))
+
+    def load(self, gen: torch.Generator) -> LoopState:
+        """Restore model, optimizer, scheduler and RNGs from the file; return the loop state."""
+        blob = self._read()
+        p = self.prep
+        if blob.get("format") != FORMAT:
+            raise UserError(
+                f"checkpoint {self.path} has format {blob.get('format')!r}; this adamshap reads format "
+                f"{FORMAT}. Start the run over with --force."
+            )
+        if blob["recipe"] != p.recipe.to_dict():
+            raise UserError(
+                f"checkpoint {self.path} was written for a different recipe than the run's recipe.yaml "
+                "(was recipe.yaml edited?); expected the recipe the run started with. Start the run "
+                "over with --force to use the new recipe."
+            )
+        if blob["data_sha256"] != self.data_sha256:
+            raise UserError(
+                f"checkpoint {self.path} was written for different training data than `data.source` "
+                f"({p.recipe.data.source}) holds now; expected the data the run started with."
+            )
+        p.model.load_state_dict(blob["model"])
+        p.optimizer.load_state_dict(blob["optimizer"])
+        p.scheduler.load_state_dict(blob["scheduler"])
+        _set_rng_states(blob["rng"], p.device, gen)
+        return LoopState.from_blob(blob["loop"])
+
+    def _read(self) -> dict:
+        try:
+            blob = torch.load(self.path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise UserError(f"no checkpoint at {self.path}.") from None
+        except Exception as e:  # noqa: BLE001 -- any unreadable file is the same problem for the user
+            detail = " ".join(str(e).split())[:200] or type(e).__name__
+            raise UserError(
+                f"checkpoint {self.path} cannot be read ({detail}); start the run over with --force."
+            ) from None
+        if not isinstance(blob, dict) or "loop" not in blob:
+            raise UserError(f"{self.path} is not an adamshap checkpoint; start the run over with --force.")
+        return blob
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+# --------------------------------------------------------------------------- one writer per run folder
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on a run folder while training writes it.
+
+    An advisory ``flock`` on ``<run>/.lock``: the kernel releases it when the process
+    dies, even by SIGKILL, so a killed run never leaves a stale lock. Another process
+    that tries to take it gets a ``UserError``. Where ``fcntl`` is missing (Windows),
+    the exclusive creation of run folders is the only guard.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = Path(run_dir) / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = Path(path).read_text().strip() or "another process"
+            raise UserError(
+                f"run {Path(run_dir).name!r} is being written by {holder} right now; wait for it to "
+                "finish or stop it first."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()}".encode())
+        yield
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # tidy: the lock is still held until the close below
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def is_locked(run_dir: str | Path) -> bool:
+    """Whether a live process holds ``run_lock`` on ``run_dir``."""
+    try:
+        with run_lock(run_dir):
+            return False
+    except UserError:
+        return True
+    except FileNotFoundError:
+        return False
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+class StopFlag:
+    """Set by the first Ctrl-C; the training loop polls it after every step."""
+
+    def __init__(self):
+        self._event = threading.Event()
+
+    def __call__(self) -> bool:
+        return self._event.is_set()
+
+    def set(self) -> None:
+        self._event.set()
+
+
+@contextlib.contextmanager
+def stop_on_interrupt() -> Iterator[StopFlag]:
+    """The first SIGINT sets the yielded flag (stop after this step); a second one aborts at once.
+
+    Outside the main thread signals cannot be caught, and the flag simply never fires.
+    """
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
