@@ -283,8 +283,12 @@ def run(
     checkpointer: Checkpointer | None = None,
     resume: bool = False,
     stop: Callable[[], bool] | None = None,
+    record: Sequence[int] | None = None,
 ) -> TrainResult:
     """Train ``prep`` for its recipe's epochs (or ``max_steps`` steps); see the module doc.
+
+    ``record``: the steps whose per-step values go to ``steps_values`` (default: the recipe's
+    ``attribution.record_steps`` sample); a replay passes the steps it compares.
 
     ``checkpointer`` saves a checkpoint every ``train.checkpoint_every`` steps; with ``resume``
     the run continues from its checkpoint. ``stop()`` is polled after every step: once it is
@@ -296,7 +300,9 @@ def run(
     n = d.n_train
     x_train, y_train = d.x_train.to(dev), d.y_train.to(dev)
     ids = d.example_id.numpy()
-    record = set(sample_record_steps(prep.total_steps, r.attribution.record_steps)) if tracker else set()
+    if record is None:
+        record = sample_record_steps(prep.total_steps, r.attribution.record_steps)
+    record = set(record) if tracker else set()
     limit = prep.total_steps if max_steps is None else min(max_steps, prep.total_steps)
 
     gen = torch.Generator().manual_seed(r.train.seed)  # the data order of each epoch
