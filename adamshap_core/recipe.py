@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from .data.registry import check_source, split_source
+from .data.registry import check_source, split_source, takes_path
 from .errors import UserError
 
 METHOD_NAMES = ("adam", "adam_fixed", "sgd")
@@ -73,6 +73,13 @@ def _size(v: Any, field: str) -> int | float:
     raise ValueError("expected a count (int >= 1) or a fraction in (0, 1)")
 
 
+class FactsCfg(_Strict):
+    """The generator of ``builtin:facts`` (see ``data/facts.py``)."""
+
+    n_facts: Int = Field(100, ge=2)  # training texts, one invented entity each
+    seed: Int = 0  # the generator seed: same seed and size, same corpus and queries
+
+
 class DataCfg(_Strict):
     source: str
     target: str | None = None  # the label column, for csv:/parquet: sources
@@ -80,6 +87,7 @@ class DataCfg(_Strict):
     test_size: Any = 300
     label_noise: Num = Field(0.0, ge=0.0, lt=1.0)
     seed: Int = 0  # the split and label-noise seed
+    facts: FactsCfg | None = None  # builtin:facts only (null there = the defaults)
 
     @field_validator("source")
     @classmethod
@@ -97,15 +105,50 @@ class DataCfg(_Strict):
         scheme, _ = split_source(self.source)
         if scheme in ("csv", "parquet") and not self.target:
             raise ValueError(f"data.target (the label column) is required for a {scheme}: source")
-        if scheme == "sklearn" and self.target is not None:
+        if scheme not in ("csv", "parquet") and self.target is not None:
             raise ValueError("data.target only applies to csv:/parquet: sources")
+        return self
+
+    @model_validator(mode="after")
+    def _facts(self) -> DataCfg:
+        if self.source != "builtin:facts":
+            if self.facts is not None:
+                raise ValueError("`data.facts` only applies to the builtin:facts source")
+            return self
+        # (compared with the defaults, not "was it given", so a saved recipe.yaml loads again)
+        changed = [
+            f for f in ("val_size", "test_size") if getattr(self, f) != type(self).model_fields[f].default
+        ]
+        if changed:
+            raise ValueError(
+                f"`data.{changed[0]}` does not apply to builtin:facts, whose validation split is its "
+                "paraphrase queries and whose test split is its heavy queries; remove it"
+            )
+        if self.facts is None:
+            self.facts = FactsCfg()
         return self
 
 
 class ModelCfg(_Strict):
-    kind: Literal["mlp", "cnn"] = "mlp"
+    kind: Literal["mlp", "cnn", "gpt"] = "mlp"
     hidden: list[Annotated[Int, Field(ge=1)]] = Field(default_factory=lambda: [128])
     channels: list[Annotated[Int, Field(ge=1)]] = Field(default_factory=lambda: [16, 32])  # cnn only
+    # gpt only (text sources): a nanoGPT-style decoder
+    n_layer: Int = Field(2, ge=1)
+    n_head: Int = Field(2, ge=1)
+    d_model: Int = Field(64, ge=1)
+    mlp_ratio: Int = Field(4, ge=1)  # MLP hidden width = mlp_ratio · d_model
+    block_size: Annotated[Int, Field(ge=1)] | None = None  # context length; null = the longest text
+    tie_weights: StrictBool = True  # LM head shares the token embedding
+    dropout: Num = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelCfg:
+        if self.kind == "gpt" and self.d_model % self.n_head:
+            raise ValueError(
+                f"`model.d_model` ({self.d_model}) must be a multiple of `model.n_head` ({self.n_head})"
+            )
+        return self
 
     @field_validator("channels")
     @classmethod
@@ -270,7 +313,7 @@ def recipe_from_dict(raw: Any, *, base_dir: Path | None = None, origin: str = "(
     except ValidationError as err:
         raise UserError(format_validation_error(err, origin)) from None
     scheme, rest = split_source(recipe.data.source)
-    if scheme in ("csv", "parquet"):
+    if takes_path(recipe.data.source):
         p = Path(rest).expanduser()
         if not p.is_absolute():
             p = (base_dir or Path.cwd()) / p

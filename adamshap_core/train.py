@@ -40,7 +40,7 @@ from torch import nn
 from .checkpoint import Checkpointer, LoopState, TrainingInterrupted, params_digest
 from .data import Dataset, load_dataset
 from .errors import UserError
-from .models import build_model, per_example_loss
+from .models import build_model, loss_for, per_example_loss
 from .recipe import OptimCfg, Recipe
 
 
@@ -133,16 +133,28 @@ def sample_record_steps(total: int, k: int) -> list[int]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1024) -> tuple[float, float]:
-    """(mean loss, accuracy) of ``model`` on ``x, y``."""
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: Callable = per_example_loss,
+    batch: int = 1024,
+) -> tuple[float, float]:
+    """(mean per-example loss, accuracy) of ``model`` on ``x, y``.
+
+    Accuracy is over every target that counts: one per example for a classifier, every real
+    (not padded, target >= 0) token for a language model, i.e. next-token accuracy.
+    """
     if len(y) == 0:
         return float("nan"), float("nan")
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, counted = 0.0, 0, 0
     for i in range(0, len(y), batch):
-        out = model(x[i : i + batch])
-        loss_sum += float(per_example_loss(out, y[i : i + batch]).sum())
-        correct += int((out.argmax(dim=1) == y[i : i + batch]).sum())
-    return loss_sum / len(y), correct / len(y)
+        out, yb = model(x[i : i + batch]), y[i : i + batch]
+        loss_sum += float(loss_fn(out, yb).sum())
+        real = yb >= 0
+        correct += int(((out.argmax(dim=-1) == yb) & real).sum())
+        counted += int(real.sum())
+    return loss_sum / len(y), correct / max(counted, 1)
 
 
 @dataclass
@@ -161,6 +173,7 @@ class Prepared:
     total_steps: int
     val_x: torch.Tensor  # the validation target of attribution (on device)
     val_y: torch.Tensor
+    loss_fn: Callable = per_example_loss  # the model kind's per-example loss [B]
 
 
 def prepare(
@@ -184,6 +197,7 @@ def prepare(
             raise UserError("nothing left to train on: the kept subset of the training split is empty.")
     torch.manual_seed(recipe.train.seed)
     model = build_model(recipe.model, data).to(device)
+    loss_fn = loss_for(recipe.model)
     optimizer = build_optimizer(recipe.optim, model.parameters())
     steps_per_epoch = math.ceil(data.n_train / recipe.train.batch_size)
     total = steps_per_epoch * recipe.train.epochs
@@ -202,7 +216,7 @@ def prepare(
             tracker = InRunShapley(
                 model,
                 optimizer,
-                per_example_loss,
+                loss_fn,
                 val_x,
                 val_y,
                 methods=tuple(methods),
@@ -223,6 +237,7 @@ def prepare(
         total,
         val_x,
         val_y,
+        loss_fn,
     )
 
 
@@ -248,10 +263,7 @@ class TrainResult:
         for m in self.methods:
             cols[f"value_{m}"] = self.values[m]
         cols["n_steps"] = self.n_steps
-        cols["label"] = d.y_train.numpy().astype(np.int64)
-        cols["is_noisy"] = d.is_noisy.numpy().astype(bool)
-        cols["clean_label"] = d.clean_label.numpy().astype(np.int64)
-        cols["source_row"] = d.source_row.numpy().astype(np.int64)
+        cols.update(d.example_columns())  # label, is_noisy, ... (a text corpus gives its texts)
         return pd.DataFrame(cols)
 
 
@@ -297,6 +309,7 @@ def run(
     """
     r, d, dev = prep.recipe, prep.data, prep.device
     model, opt, sched, tracker = prep.model, prep.optimizer, prep.scheduler, prep.tracker
+    loss_fn = prep.loss_fn
     n = d.n_train
     x_train, y_train = d.x_train.to(dev), d.y_train.to(dev)
     ids = d.example_id.numpy()
@@ -345,8 +358,8 @@ def run(
                 from .tracker import training_step
 
                 with torch.no_grad():
-                    val_loss = float(per_example_loss(model(prep.val_x), prep.val_y).mean())
-                losses, clip = training_step(model, opt, per_example_loss, inputs, targets, r.train.grad_clip)
+                    val_loss = float(loss_fn(model(prep.val_x), prep.val_y).mean())
+                losses, clip = training_step(model, opt, loss_fn, inputs, targets, r.train.grad_clip)
                 loss, step_values = float(losses.mean()), {}
             sched.step()
             problem = non_finite_problem(loss, model, step_values, float(val_loss))
@@ -386,9 +399,9 @@ def run(
     model.eval()
     xv, yv = d.x_val.to(dev), d.y_val.to(dev)
     xt, yt = d.x_test.to(dev), d.y_test.to(dev)
-    val_loss_f, val_acc = evaluate(model, xv, yv)
-    test_loss_f, test_acc = evaluate(model, xt, yt)
-    train_loss_f, train_acc = evaluate(model, x_train, y_train)
+    val_loss_f, val_acc = evaluate(model, xv, yv, loss_fn)
+    test_loss_f, test_acc = evaluate(model, xt, yt, loss_fn)
+    train_loss_f, train_acc = evaluate(model, x_train, y_train, loss_fn)
     model.train()
     metrics = {
         "train_loss": train_loss_f,

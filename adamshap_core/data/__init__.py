@@ -5,9 +5,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import UserError
-from . import tabular  # noqa: F401  (registers sklearn:, csv:, parquet:)
+from . import tabular, text  # noqa: F401  (registration: sklearn:, csv:, parquet:, jsonl:, text:, builtin:)
 from .dataset import Dataset
-from .registry import SOURCES, check_source, known_sources, register_source, split_source
+from .registry import (
+    SOURCES,
+    check_source,
+    known_sources,
+    register_source,
+    source_kind,
+    split_source,
+    takes_path,
+)
+from .text import TextDataset
 
 if TYPE_CHECKING:
     from ..recipe import DataCfg
@@ -15,11 +24,14 @@ if TYPE_CHECKING:
 __all__ = [
     "Dataset",
     "SOURCES",
+    "TextDataset",
     "check_source",
     "known_sources",
     "load_dataset",
     "register_source",
+    "source_kind",
     "split_source",
+    "takes_path",
 ]
 
 

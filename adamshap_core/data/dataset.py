@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -33,6 +34,7 @@ class Dataset:
     is_image: bool = False
     class_names: list[str] = field(default_factory=list)
     feature_names: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what loading did that the user should hear about
 
     @property
     def n_train(self) -> int:
@@ -44,6 +46,19 @@ class Dataset:
         for s in self.input_shape:
             n *= s
         return n
+
+    def example_columns(self) -> dict[str, object]:
+        """What ``values.parquet`` says about each training example besides its id and values."""
+        return {
+            "label": self.y_train.numpy().astype(np.int64),
+            "is_noisy": self.is_noisy.numpy().astype(bool),
+            "clean_label": self.clean_label.numpy().astype(np.int64),
+            "source_row": self.source_row.numpy().astype(np.int64),
+        }
+
+    def run_files(self) -> dict[str, object]:
+        """JSON files the run folder keeps for this dataset ({file name: object}), e.g. a tokenizer."""
+        return {}
 
     def subset(self, keep) -> Dataset:
         """The same dataset with only the training rows ``keep`` (positions, not ids)."""
@@ -65,4 +80,5 @@ class Dataset:
             is_image=self.is_image,
             class_names=self.class_names,
             feature_names=self.feature_names,
+            notes=self.notes,
         )

@@ -17,14 +17,17 @@ class Source:
     loader: Callable
     names: tuple[str, ...] | None  # the values ``rest`` may take; None = any (a path, say)
     help: str
+    kind: str = "tabular"  # "tabular" (features and class labels) or "text" (a corpus for a language model)
 
 
 SOURCES: dict[str, Source] = {}
 
 
-def register_source(scheme: str, *, names: tuple[str, ...] | None = None, help: str = ""):
+def register_source(
+    scheme: str, *, names: tuple[str, ...] | None = None, help: str = "", kind: str = "tabular"
+):
     def deco(fn: Callable) -> Callable:
-        SOURCES[scheme] = Source(scheme, fn, names, help)
+        SOURCES[scheme] = Source(scheme, fn, names, help, kind)
         return fn
 
     return deco
@@ -40,6 +43,18 @@ def known_sources() -> list[str]:
     for s in SOURCES.values():
         out += [f"{s.scheme}:{n}" for n in s.names] if s.names else [f"{s.scheme}:PATH"]
     return out
+
+
+def source_kind(source: str) -> str:
+    """ "tabular" or "text" for a registered source ("" for an unknown one)."""
+    src = SOURCES.get(split_source(source)[0])
+    return src.kind if src else ""
+
+
+def takes_path(source: str) -> bool:
+    """Whether the source's ``rest`` is a file path (resolved against the recipe's folder)."""
+    src = SOURCES.get(split_source(source)[0])
+    return src is not None and src.names is None
 
 
 def check_source(source: str) -> None:

@@ -1,8 +1,12 @@
 """Built-in models. Only Linear, Conv2d, Embedding and LayerNorm layers carry parameters,
-so the ghost engine can value every example through them."""
+so the ghost engine can value every example through them.
+
+Each model kind comes with its per-example loss (``loss_for``): cross-entropy over
+classes for mlp/cnn, the mean next-token loss over each text's real tokens for gpt."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -11,13 +15,14 @@ from torch import nn
 
 from ..errors import UserError
 from .cnn import SmallCNN
+from .gpt import GPT, sequence_loss
 from .mlp import MLP
 
 if TYPE_CHECKING:
     from ..data import Dataset
     from ..recipe import ModelCfg
 
-__all__ = ["MLP", "SmallCNN", "build_model", "per_example_loss"]
+__all__ = ["GPT", "MLP", "SmallCNN", "build_model", "loss_for", "per_example_loss", "sequence_loss"]
 
 
 def per_example_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -25,8 +30,22 @@ def per_example_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return F.cross_entropy(outputs, targets, reduction="none")
 
 
+def loss_for(cfg: ModelCfg) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The per-example loss (shape [B]) of the model kind; the training loss is its mean."""
+    return sequence_loss if cfg.kind == "gpt" else per_example_loss
+
+
 def build_model(cfg: ModelCfg, data: Dataset) -> nn.Module:
     """The model a recipe's ``model`` section describes, sized for ``data``. Seed torch first."""
+    text = _is_text(data)
+    if text != (cfg.kind == "gpt"):
+        want = "gpt" if text else "mlp or cnn"
+        raise UserError(
+            f"`model.kind` is {cfg.kind}, but {data.source!r} is {'text' if text else 'not text'}; "
+            f"expected model.kind: {want}."
+        )
+    if cfg.kind == "gpt":
+        return _gpt(cfg, data)
     if cfg.kind == "mlp":
         return MLP(data.n_features, list(cfg.hidden), data.n_classes)
     if cfg.kind == "cnn":
@@ -36,4 +55,29 @@ def build_model(cfg: ModelCfg, data: Dataset) -> nn.Module:
                 "expected model.kind: mlp."
             )
         return SmallCNN(data.input_shape, list(cfg.channels), list(cfg.hidden), data.n_classes)
-    raise UserError(f"`model.kind` is {cfg.kind!r}; expected mlp or cnn.")
+    raise UserError(f"`model.kind` is {cfg.kind!r}; expected mlp, cnn or gpt.")
+
+
+def _is_text(data: Dataset) -> bool:
+    from ..data import TextDataset
+
+    return isinstance(data, TextDataset)
+
+
+def _gpt(cfg: ModelCfg, data: Dataset) -> GPT:
+    longest = data.input_shape[0]
+    if cfg.block_size is not None and cfg.block_size < longest:
+        raise UserError(
+            f"`model.block_size` is {cfg.block_size}, but {data.source!r} holds sequences of {longest} "
+            f"tokens (the longest text plus <bos>); expected at least {longest}, or null for exactly that."
+        )
+    return GPT(
+        data.n_classes,
+        cfg.block_size or longest,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        d_model=cfg.d_model,
+        mlp_ratio=cfg.mlp_ratio,
+        tie_weights=cfg.tie_weights,
+        dropout=float(cfg.dropout),
+    )

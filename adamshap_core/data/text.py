@@ -1,0 +1,250 @@
+"""Text sources for language models: ``jsonl:PATH``, ``text:PATH`` and ``builtin:facts``.
+
+Each example is one text; the model learns to predict its next words (see
+``tokenizer.py`` for the input/target layout). A word-level tokenizer is built from
+the *training* texts only and saved in the run folder as ``tokenizer.json``.
+
+- ``jsonl:PATH``: one JSON object per line with a ``text`` string and optionally an
+  integer ``id`` (every record or none), which is then the example's ``example_id``
+  in every output; without ids, ``example_id`` is the record's 0-based line number.
+  Blank lines are skipped.
+- ``text:PATH``: one example per line; ``example_id`` is the 0-based line number.
+  Blank lines are skipped (a note says how many), so ids keep pointing at lines.
+
+For these two, ``data.val_size`` / ``data.test_size`` texts are held out (seeded by
+``data.seed``); the validation target during ``train`` is the mean loss on the
+held-out validation texts.
+
+- ``builtin:facts``: the generated corpus of ``facts.py``, sized by ``data.facts``.
+  Every generated fact is a training text (each must be learnt to be attributed).
+  The validation split is the ``paraphrase`` queries (the facts restated in another
+  training phrasing) and the test split the ``heavy`` queries, so the training run is
+  valued against "answer the facts when asked in other words"; ``attribute`` replays
+  the run against each built-in query separately.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..tokenizer import WordTokenizer
+from .dataset import Dataset
+from .facts import LEVELS, Query, generate
+from .registry import register_source
+
+if TYPE_CHECKING:
+    from ..recipe import DataCfg
+
+
+@dataclass
+class TextDataset(Dataset):
+    """A ``Dataset`` of token sequences that also keeps its texts, tokenizer and built-in queries."""
+
+    texts: list[str] = field(default_factory=list)  # training texts, row i ↔ example_id[i]
+    tokenizer: WordTokenizer | None = None
+    queries: list[Query] = field(default_factory=list)  # built-in queries (builtin:facts), else []
+
+    def example_columns(self) -> dict[str, object]:
+        return {
+            "text": list(self.texts),
+            "is_noisy": self.is_noisy.numpy().astype(bool),
+            "source_row": self.source_row.numpy().astype(np.int64),
+        }
+
+    def run_files(self) -> dict[str, object]:
+        return {"tokenizer.json": self.tokenizer.to_dict()}
+
+    def subset(self, keep) -> TextDataset:
+        base = super().subset(keep)
+        rows = torch.as_tensor(keep, dtype=torch.long).tolist()
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(Dataset)}
+        return dataclasses.replace(self, **fields, texts=[self.texts[i] for i in rows])
+
+
+@dataclass
+class Texts:
+    """One split before tokenization: the texts, their ids and where each came from."""
+
+    texts: list[str]
+    ids: list[int]
+    rows: list[int]  # 0-based line in the source file (or index in the generated corpus)
+    where: list[str]  # how to name each text in an error message
+
+
+def text_dataset(source: str, train: Texts, val: Texts, test: Texts, *, queries=(), notes=()) -> TextDataset:
+    """Tokenize the three splits with a tokenizer built from the training texts."""
+    tok = WordTokenizer.build(train.texts)
+    x_train, y_train = tok.batch(train.texts, train.where)
+    x_val, y_val = tok.batch(val.texts, val.where)
+    x_test, y_test = tok.batch(test.texts, test.where)
+    n = len(train.texts)
+    longest = max(x_train.shape[1], x_val.shape[1], x_test.shape[1])
+    return TextDataset(
+        source=source,
+        x_train=x_train,
+        y_train=y_train,
+        x_val=x_val,
+        y_val=y_val,
+        x_test=x_test,
+        y_test=y_test,
+        example_id=torch.tensor(train.ids, dtype=torch.long),
+        is_noisy=torch.zeros(n, dtype=torch.bool),
+        clean_label=torch.full((n,), -1, dtype=torch.long),  # no class labels in a corpus
+        source_row=torch.tensor(train.rows, dtype=torch.long),
+        n_classes=len(tok),
+        input_shape=(longest,),
+        notes=list(notes),
+        texts=list(train.texts),
+        tokenizer=tok,
+        queries=list(queries),
+    )
+
+
+def _no_image(image: bool, source: str) -> None:
+    if image:
+        raise UserError(
+            f"`model.kind` is cnn, which needs image data, but {source!r} is text; expected model.kind: gpt."
+        )
+
+
+def _check_text_options(cfg: DataCfg, source: str) -> None:
+    if cfg.label_noise:
+        raise UserError(
+            f"`data.label_noise` only applies to labelled (tabular) data; {source!r} is text: set it to 0."
+        )
+
+
+def _split(corpus: Texts, cfg: DataCfg, path: str) -> tuple[Texts, Texts, Texts]:
+    from .tabular import split_indices
+
+    n = len(corpus.texts)
+    if n == 0:
+        raise UserError(f"`data.source` {path} holds no texts; expected at least one non-blank line.")
+    parts = split_indices(np.zeros(n, dtype=np.int64), cfg.val_size, cfg.test_size, cfg.seed)
+
+    def take(rows) -> Texts:
+        rows = [int(r) for r in rows]
+        return Texts(*([getattr(corpus, f)[r] for r in rows] for f in ("texts", "ids", "rows", "where")))
+
+    return take(parts[0]), take(parts[1]), take(parts[2])
+
+
+def _read_lines(path: str, what: str) -> list[str]:
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"{what}: the file {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{what}: cannot read {path} as UTF-8 text: {e}.") from None
+
+
+@register_source(
+    "text", kind="text", help="a UTF-8 text file, one training text per line (blank lines skipped)"
+)
+def load_text(rest: str, cfg: DataCfg, *, image: bool = False) -> TextDataset:
+    source = f"text:{rest}"
+    _no_image(image, source)
+    _check_text_options(cfg, source)
+    lines = _read_lines(rest, "`data.source`")
+    kept = [i for i, line in enumerate(lines) if line.strip()]
+    corpus = Texts([lines[i] for i in kept], kept, kept, [f"line {i + 1} of {rest}" for i in kept])
+    notes = []
+    if len(kept) < len(lines):
+        notes.append(
+            f"{rest}: skipped {len(lines) - len(kept)} blank line(s); example_id is the 0-based line number"
+        )
+    return text_dataset(source, *_split(corpus, cfg, rest), notes=notes)
+
+
+@register_source("jsonl", kind="text", help="JSON lines with a `text` field and optionally an integer `id`")
+def load_jsonl(rest: str, cfg: DataCfg, *, image: bool = False) -> TextDataset:
+    source = f"jsonl:{rest}"
+    _no_image(image, source)
+    _check_text_options(cfg, source)
+    records = read_jsonl(rest, "`data.source`")
+    check_ids(records, rest, "`data.source`", kinds=(int,))
+    texts, ids, rows, where = [], [], [], []
+    for row, rec in records:
+        name = f"line {row + 1} of {rest}"
+        texts.append(record_text(rec, name, "`data.source`"))
+        ids.append(rec.get("id", row))
+        rows.append(row)
+        where.append(name)
+    return text_dataset(source, *_split(Texts(texts, ids, rows, where), cfg, rest))
+
+
+def read_jsonl(path: str, what: str) -> list[tuple[int, dict]]:
+    """(0-based line, object) for every non-blank line of a JSON-lines file; ``what`` names the option."""
+    out = []
+    for i, line in enumerate(_read_lines(path, what)):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{what}: line {i + 1} of {path} is not valid JSON ({e.msg}).") from None
+        if not isinstance(rec, dict):
+            raise UserError(f'{what}: line {i + 1} of {path} is not a JSON object; expected {{"text": ...}}.')
+        out.append((i, rec))
+    if not out:
+        raise UserError(f"{what}: {path} holds no records; expected one JSON object per line.")
+    return out
+
+
+def record_text(rec: dict, name: str, what: str) -> str:
+    text = rec.get("text")
+    if not isinstance(text, str):
+        raise UserError(f'{what}: {name} has no `text` string; expected {{"text": "..."}}.')
+    return text
+
+
+def check_ids(records: list[tuple[int, dict]], path: str, what: str, kinds: tuple[type, ...]) -> None:
+    """Ids are given for every record or none, are unique, and are of one of ``kinds``."""
+    with_id = [(row, rec["id"]) for row, rec in records if "id" in rec]
+    if with_id and len(with_id) != len(records):
+        missing = next(row for row, rec in records if "id" not in rec)
+        raise UserError(
+            f"{what}: line {missing + 1} of {path} has no `id`, but other lines do; "
+            "give every record an id or none."
+        )
+    seen: dict = {}
+    for row, v in with_id:
+        if isinstance(v, bool) or not isinstance(v, kinds):
+            expected = " or ".join({int: "an integer", str: "a string"}[k] for k in kinds)
+            raise UserError(f"{what}: line {row + 1} of {path} has `id` {v!r}; expected {expected}.")
+        if v in seen:
+            raise UserError(
+                f"{what}: lines {seen[v] + 1} and {row + 1} of {path} share the id {v!r}; ids must be unique."
+            )
+        seen[v] = row
+
+
+@register_source(
+    "builtin", names=("facts",), help="a generated corpus of invented facts, with paraphrased queries"
+)
+def load_builtin(rest: str, cfg: DataCfg, *, image: bool = False) -> TextDataset:
+    source = f"builtin:{rest}"
+    _no_image(image, source)
+    _check_text_options(cfg, source)
+    facts, queries = generate(cfg.facts.n_facts, cfg.facts.seed)
+    ids = [f.id for f in facts]
+    train = Texts([f.text for f in facts], ids, ids, [f"fact {f.id}" for f in facts])
+
+    def level(name: str) -> Texts:
+        qs = [q for q in queries if q.level == name]
+        return Texts(
+            [q.text for q in qs], [q.id for q in qs], [q.id for q in qs], [f"query {q.id}" for q in qs]
+        )
+
+    return text_dataset(source, train, level("paraphrase"), level("heavy"), queries=queries)
+
+
+__all__ = ["LEVELS", "TextDataset", "Texts", "load_builtin", "load_jsonl", "load_text", "text_dataset"]
