@@ -280,9 +280,11 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"process {os.getpid()}".encode())
-        yield
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # tidy: the lock is still held until the close below
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # tidy: the lock is still held until the close below
     finally:
         os.close(fd)  # releases the lock
 

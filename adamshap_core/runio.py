@@ -25,8 +25,8 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import UserError
+from .schema import SCHEMA_VERSION, check_frame
 
-SCHEMA_VERSION = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 RUN_FILES = ("recipe.yaml", "values.parquet", "steps.parquet", "steps_values.parquet", "metrics.json")
 
@@ -151,6 +151,7 @@ class RunFolder:
         atomic_write_text(self.file("recipe.yaml"), recipe.to_yaml())
 
     def write_parquet(self, name: str, df: pd.DataFrame) -> None:
+        check_frame(name, df)  # a table that breaks its schema (a NaN value, say) is never written
         atomic_write_parquet(self.file(name), df)
 
     def write_metrics(self, metrics: dict) -> None:
@@ -176,6 +177,16 @@ class RunFolder:
 
     def steps_values(self) -> pd.DataFrame:
         return self._parquet("steps_values.parquet")
+
+    def require_complete(self) -> RunFolder:
+        """This run, if it is complete and readable by this version (else a ``UserError`` saying why).
+
+        Commands that read a finished run call this (or ``open_complete_run``) before anything else.
+        """
+        from .schema import check_complete_run
+
+        check_complete_run(self)
+        return self
 
     def _parquet(self, name: str) -> pd.DataFrame:
         p = self.file(name)
@@ -220,6 +231,11 @@ def open_run(root: str | Path, name: str | None = None) -> RunFolder:
     return RunFolder(p)
 
 
+def open_complete_run(root: str | Path, name: str | None = None) -> RunFolder:
+    """``open_run`` that refuses an incomplete run or one of an unknown schema version."""
+    return open_run(root, name).require_complete()
+
+
 # --------------------------------------------------------------------------- a training run's files
 
 
@@ -238,11 +254,22 @@ def start_run(folder: RunFolder, recipe, *, recipe_path: str | None = None) -> d
     return header
 
 
-def finish_run(folder: RunFolder, header: dict, result) -> dict:
-    """Write the value and step tables, then metrics.json with ``status: complete``."""
+def reopen_run(folder: RunFolder) -> dict:
+    """The metrics header ``start_run`` wrote, to continue the run (``train --resume``)."""
+    m = folder.metrics()
+    keep = ("name", "recipe", "recipe_path", "created", "methods")
+    return {"status": "incomplete", **{k: m[k] for k in keep if k in m}}
+
+
+def _write_tables(folder: RunFolder, result) -> None:
     folder.write_parquet("values.parquet", result.values_frame())
     folder.write_parquet("steps.parquet", result.steps)
     folder.write_parquet("steps_values.parquet", result.steps_values)
+
+
+def finish_run(folder: RunFolder, header: dict, result) -> dict:
+    """Write the value and step tables, then metrics.json with ``status: complete``."""
+    _write_tables(folder, result)
     metrics = {
         **header,
         "status": "complete",
@@ -255,7 +282,12 @@ def finish_run(folder: RunFolder, header: dict, result) -> dict:
     return metrics
 
 
-def fail_run(folder: RunFolder, header: dict, error: BaseException) -> None:
-    """Record why a run stopped; the run stays ``incomplete``."""
+def fail_run(folder: RunFolder, header: dict, error: BaseException, partial=None) -> None:
+    """Record why a run stopped; the run stays ``incomplete``. ``partial``: the result of the
+    steps finished before the failure, whose tables are kept for inspection."""
     msg = " ".join(str(error).split()) or type(error).__name__
-    folder.write_metrics({**header, "status": "incomplete", "error": msg, "stopped": now_iso()})
+    done = {}
+    if partial is not None:
+        _write_tables(folder, partial)
+        done = {"wall_seconds": partial.wall_seconds, "methods": list(partial.methods), **partial.metrics}
+    folder.write_metrics({**header, **done, "status": "incomplete", "error": msg, "stopped": now_iso()})

@@ -1,19 +1,25 @@
-"""``adamshap train RECIPE``: train with attribution and write ``runs/<name>/``."""
+"""``adamshap train RECIPE``: train with attribution and write ``runs/<name>/``;
+``adamshap train --resume RUN`` continues a stopped run from its last checkpoint."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
+from adamshap_core.errors import UserError
+
 from .common import console, err_console, user_errors
 
 
 @user_errors
 def train(
-    recipe: Path = typer.Argument(..., help="YAML recipe, e.g. recipes/digits-mlp.yaml"),
+    recipe: Path = typer.Argument(
+        None, metavar="RECIPE", help="YAML recipe, e.g. recipes/digits-mlp.yaml (omitted with --resume)"
+    ),
     name: str = typer.Option(None, "--name", help="run name (default: the recipe's name)"),
     set_: list[str] = typer.Option(
         None, "--set", help="override a recipe field: --set optim.lr=3e-4 (repeatable)"
@@ -21,37 +27,135 @@ def train(
     force: bool = typer.Option(False, "--force", help="replace an existing run of the same name"),
     runs_dir: Path = typer.Option(None, "--runs-dir", help="runs folder (default: $ADAMSHAP_RUNS or ./runs)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    resume: str = typer.Option(
+        None, "--resume", metavar="RUN", help="continue the stopped run RUN from its last checkpoint"
+    ),
 ) -> None:
-    """Train a model from RECIPE and value every training example as it trains."""
-    from adamshap_core import runio
-    from adamshap_core.recipe import load_recipe
-    from adamshap_core.train import prepare, run
+    """Train a model from RECIPE and value every training example as it trains.
 
-    rec = load_recipe(recipe, set_ or [])
-    run_name = runio.check_run_name(name or rec.name)
-    prep = prepare(rec)  # everything that can fail on bad input, before any folder exists
+    Ctrl-C stops after the current step and saves a checkpoint; `--resume RUN` continues from it.
+    """
+    from adamshap_core import runio
+    from adamshap_core.checkpoint import run_lock
+
     root = runio.runs_root(runs_dir)
-    folder = runio.RunFolder(runio.create_run_dir(root, run_name, force=force))
-    header = runio.start_run(folder, rec, recipe_path=str(recipe))
-    if not quiet:
-        err_console.print(
-            f"[bold]{escape(rec.name)}[/]: {escape(rec.data.source)}, {prep.data.n_train} training examples, "
-            f"{rec.model.kind} on {prep.device}, {rec.optim.name} lr {rec.optim.lr:g}, "
-            f"{prep.total_steps} steps; methods: {', '.join(prep.methods) or 'none (attribution off)'}"
+    if resume is not None:
+        given = [
+            o for o, v in (("RECIPE", recipe), ("--set", set_), ("--name", name), ("--force", force)) if v
+        ]
+        if given:
+            raise UserError(
+                f"--resume continues run {resume!r} with the recipe it started with, so {', '.join(given)} "
+                "cannot be given with it; expected only --resume RUN (and --runs-dir, --quiet)."
+            )
+        folder = _resumable_run(root, resume)
+    else:
+        if recipe is None:
+            raise UserError(
+                "missing RECIPE: expected a YAML recipe to train (e.g. recipes/digits-mlp.yaml), "
+                "or --resume RUN to continue a stopped run."
+            )
+        rec, prep = _prepared(recipe, set_)
+        folder = _new_run_folder(root, runio.check_run_name(name or rec.name), force)
+    with run_lock(folder.path):
+        if resume is not None:
+            _resumable_run(root, resume)  # again, now that no other process can finish it meanwhile
+            rec, prep = _prepared(folder.file("recipe.yaml"), [])
+            header = runio.reopen_run(folder)
+        else:
+            header = runio.start_run(folder, rec, recipe_path=str(recipe))
+        if not quiet:
+            verb = "resuming" if resume is not None else "training"
+            err_console.print(
+                f"{verb} [bold]{escape(folder.name)}[/]: {escape(rec.data.source)}, {prep.data.n_train} "
+                f"training examples, {rec.model.kind} on {prep.device}, {rec.optim.name} lr "
+                f"{rec.optim.lr:g}, {prep.total_steps} steps; methods: "
+                f"{', '.join(prep.methods) or 'none (attribution off)'}"
+            )
+        result, metrics = _train_into(folder, header, prep, quiet, resume is not None, runs_dir)
+    print_summary(result, metrics, folder.path)
+
+
+def _prepared(recipe: Path, overrides: list[str] | None):
+    """The validated recipe and everything built from it, before anything is written."""
+    from adamshap_core.recipe import load_recipe
+    from adamshap_core.train import prepare
+
+    rec = load_recipe(recipe, overrides or [])
+    return rec, prepare(rec)
+
+
+def _new_run_folder(root: Path, run_name: str, force: bool):
+    from adamshap_core import runio
+    from adamshap_core.checkpoint import is_locked
+
+    if force and is_locked(root / run_name):
+        raise UserError(
+            f"run {run_name!r} is being trained by another process right now, so --force cannot replace "
+            "it; stop that process first or pick another --name."
         )
+    return runio.RunFolder(runio.create_run_dir(root, run_name, force=force))
+
+
+def _resumable_run(root: Path, name: str):
+    """The run ``name``, if it stopped before completing and has a checkpoint to resume from."""
+    from adamshap_core import runio
+    from adamshap_core.checkpoint import CHECKPOINT_FILE
+    from adamshap_core.schema import KNOWN_SCHEMA_VERSIONS
+
+    folder = runio.open_run(root, name)
+    metrics = folder.metrics()
+    if metrics.get("schema_version") not in KNOWN_SCHEMA_VERSIONS:
+        raise UserError(
+            f"--resume {name}: {folder.path} has no metrics.json of a known schema version "
+            f"(found {metrics.get('schema_version')!r}); expected a run started by this adamshap."
+        )
+    if metrics.get("status") == "complete":
+        raise UserError(
+            f"--resume {name}: run {folder.name!r} is already complete; there is nothing to resume."
+        )
+    if not folder.file(CHECKPOINT_FILE).is_file():
+        raise UserError(
+            f"--resume {name}: run {folder.name!r} has no checkpoint (it stopped before its first one; "
+            "checkpoints are written every `train.checkpoint_every` steps); train it again with --force."
+        )
+    return folder
+
+
+def _train_into(folder, header: dict, prep, quiet: bool, resume: bool, runs_dir: Path | None):
+    """Run the training loop into ``folder``; on a stop or failure, leave it incomplete and say why."""
+    from adamshap_core import runio
+    from adamshap_core.checkpoint import CHECKPOINT_FILE, Checkpointer, TrainingInterrupted, stop_on_interrupt
+    from adamshap_core.train import TrainingDiverged, run
+
+    ckpt = Checkpointer(folder.file(CHECKPOINT_FILE), prep)
     try:
-        result = run(prep, quiet=quiet)
+        with stop_on_interrupt() as stop:
+            result = run(prep, quiet=quiet, checkpointer=ckpt, resume=resume, stop=stop)
+    except TrainingDiverged as e:
+        runio.fail_run(folder, header, e, partial=e.partial)
+        raise
+    except (TrainingInterrupted, KeyboardInterrupt) as e:
+        runio.fail_run(folder, header, e)
+        where = f"after step {e.step} of {e.total}" if isinstance(e, TrainingInterrupted) else ""
+        err_console.print(f"[yellow]stopped {where}; run {folder.name!r} is marked incomplete.[/]")
+        if ckpt.exists():
+            cmd = f"adamshap train --resume {shlex.quote(folder.name)}"
+            if runs_dir is not None:
+                cmd += f" --runs-dir {shlex.quote(str(runs_dir))}"
+            err_console.print(f"resume from the last checkpoint with: [bold]{escape(cmd)}[/]", soft_wrap=True)
+        else:
+            err_console.print("no checkpoint was written yet; train it again with --force.")
+        raise typer.Exit(130) from None
     except BaseException as e:
         runio.fail_run(folder, header, e)
-        if isinstance(e, KeyboardInterrupt):
-            err_console.print(f"[yellow]interrupted; run {run_name!r} is marked incomplete.[/]")
-            raise typer.Exit(130) from None
         raise
     finally:
         if prep.tracker is not None:
             prep.tracker.close()
     metrics = runio.finish_run(folder, header, result)
-    print_summary(result, metrics, folder.path)
+    ckpt.remove()  # a complete run is never resumed; metrics.json keeps params_sha256
+    return result, metrics
 
 
 def print_summary(result, metrics: dict, path: Path) -> None:
