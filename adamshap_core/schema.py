@@ -40,7 +40,7 @@ TABLES: dict[str, tuple[Column, ...]] = {
     "values.parquet": (
         Column("example_id", "int"),
         Column("n_steps", "int"),
-        Column("label", "any"),
+        Column("label", "any", required=False),  # a text corpus has texts instead of labels
         Column("is_noisy", "bool", required=False),
         Column("clean_label", "any", required=False),
         Column("source_row", "int", required=False),
