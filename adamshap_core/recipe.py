@@ -10,6 +10,7 @@ which each run saves as ``recipe.yaml``.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -104,9 +105,9 @@ class DataCfg(_Strict):
     def _target(self) -> DataCfg:
         scheme, _ = split_source(self.source)
         if scheme in ("csv", "parquet") and not self.target:
-            raise ValueError(f"data.target (the label column) is required for a {scheme}: source")
+            raise ValueError(f"`data.target` (the label column) is required for a {scheme}: source")
         if scheme not in ("csv", "parquet") and self.target is not None:
-            raise ValueError("data.target only applies to csv:/parquet: sources")
+            raise ValueError("`data.target` only applies to csv:/parquet: sources")
         return self
 
     @model_validator(mode="after")
@@ -174,7 +175,7 @@ class OptimCfg(_Strict):
     @model_validator(mode="after")
     def _momentum(self) -> OptimCfg:
         if self.momentum and self.name != "sgd":
-            raise ValueError(f"optim.momentum only applies to sgd (optim.name is {self.name}); use betas")
+            raise ValueError(f"`optim.momentum` only applies to sgd (optim.name is {self.name}); use betas")
         return self
 
 
@@ -204,12 +205,21 @@ class AttributionCfg(_Strict):
 
 
 class Recipe(_Strict):
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    name: str
     data: DataCfg
     model: ModelCfg = Field(default_factory=ModelCfg)
     optim: OptimCfg = Field(default_factory=OptimCfg)
     train: TrainCfg = Field(default_factory=TrainCfg)
     attribution: AttributionCfg = Field(default_factory=AttributionCfg)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", v):
+            raise ValueError(
+                "expected a run name of letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        return v
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
@@ -260,12 +270,14 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
         else:
             msg = e["msg"]
             msg = msg.removeprefix("Value error, ")
+            if kind in ("model_type", "model_attributes_type", "dict_type"):
+                msg = "expected a section (a mapping of keys to values)"
             given = e.get("input")
-            if isinstance(given, dict | list) and len(repr(given)) > 80:
-                given_s = type(given).__name__
+            if isinstance(given, dict):  # a check across a section's keys: the message names them
+                problems.append(f"`{where}`: {msg}")
             else:
-                given_s = repr(given)
-            problems.append(f"`{where}` was given {given_s}: {msg}")
+                given_s = repr(given) if len(repr(given)) <= 80 else type(given).__name__
+                problems.append(f"`{where}` was given {given_s}: {msg}")
     return f"invalid recipe {origin}: " + "; ".join(problems) + "."
 
 

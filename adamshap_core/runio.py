@@ -1,4 +1,4 @@
-"""The run folder contract (DESIGN.md §7) and atomic writes.
+"""The run folder contract and atomic writes.
 
 ``runs/<name>/`` holds ``recipe.yaml`` (the resolved recipe), ``values.parquet``
 (one row per training example), ``steps.parquet`` (one row per step),
@@ -262,6 +262,8 @@ def reopen_run(folder: RunFolder) -> dict:
 
 
 def _write_tables(folder: RunFolder, result) -> None:
+    for name, obj in result.data.run_files().items():  # what the data needs kept, e.g. a tokenizer
+        atomic_write_json(folder.file(name), obj)
     folder.write_parquet("values.parquet", result.values_frame())
     folder.write_parquet("steps.parquet", result.steps)
     folder.write_parquet("steps_values.parquet", result.steps_values)

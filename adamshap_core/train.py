@@ -257,7 +257,7 @@ class TrainResult:
     total_steps: int = 0
 
     def values_frame(self) -> pd.DataFrame:
-        """One row per training example (DESIGN.md §7 columns, plus clean_label and source_row)."""
+        """One row per training example: the values.parquet columns (plus clean_label and source_row)."""
         d = self.data
         cols: dict[str, object] = {"example_id": d.example_id.numpy().astype(np.int64)}
         for m in self.methods:

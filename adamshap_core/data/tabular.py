@@ -138,7 +138,7 @@ def load_sklearn(rest: str, cfg: DataCfg, *, image: bool = False) -> Dataset:
         source=f"sklearn:{rest}",
         image_shape=image_shape,
         image=image,
-        feature_names=list(getattr(bunch, "feature_names", []) or []),
+        feature_names=[str(f) for f in getattr(bunch, "feature_names", ())],
     )
 
 

@@ -1,0 +1,45 @@
+"""Tiny recipes and a CLI runner for the recipe/data/train/CLI tests (seconds, not minutes)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import yaml
+from typer.testing import CliRunner
+
+# Tiny models run fastest on one thread, and pytest -n 2 already fills both cores.
+torch.set_num_threads(1)
+
+TINY = {
+    "name": "tiny",
+    "data": {"source": "sklearn:iris", "val_size": 20, "test_size": 30, "label_noise": 0.2, "seed": 0},
+    "model": {"kind": "mlp", "hidden": [8]},
+    "optim": {"name": "adam", "lr": 1.0e-2},
+    "train": {"epochs": 1, "batch_size": 16, "seed": 0, "device": "cpu"},
+    "attribution": {"methods": ["adam", "adam_fixed", "sgd"], "record_steps": 3},
+}
+
+
+def tiny(**sections) -> dict:
+    """TINY with sections updated: tiny(optim={"lr": 0.1}) merges into TINY["optim"]."""
+    r = copy.deepcopy(TINY)
+    for k, v in sections.items():
+        if isinstance(v, dict) and isinstance(r.get(k), dict):
+            r[k].update(v)
+        else:
+            r[k] = v
+    return r
+
+
+def write_recipe(folder: Path, recipe: dict | str, name: str = "recipe.yaml") -> Path:
+    p = Path(folder) / name
+    p.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False))
+    return p
+
+
+def cli(*args: str):
+    from adamshap_cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)

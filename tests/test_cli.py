@@ -1,0 +1,132 @@
+"""The CLI end to end on a tiny recipe: train writes the run folder contract; runs lists it;
+bad input exits 2 with a message naming the field, no traceback and no run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+from helpers import TINY, cli, tiny, write_recipe
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    monkeypatch.setenv("ADAMSHAP_RUNS", str(root))
+    return root
+
+
+def test_train_writes_the_run_folder(tmp_path, runs):
+    recipe = write_recipe(tmp_path, TINY)
+    res = cli("train", recipe, "--quiet", "--set", "train.epochs=2")
+    assert res.exit_code == 0, res.output
+    run = runs / "tiny"
+    assert sorted(os.listdir(run)) == sorted(
+        ["recipe.yaml", "values.parquet", "steps.parquet", "steps_values.parquet", "metrics.json"]
+    )
+    values = pd.read_parquet(run / "values.parquet")
+    assert list(values.columns[:6]) == [
+        "example_id",
+        "value_adam",
+        "value_adam_fixed",
+        "value_sgd",
+        "n_steps",
+        "label",
+    ]
+    assert "is_noisy" in values.columns and values["is_noisy"].sum() == round(0.2 * len(values))
+    assert values["example_id"].is_unique and (values["n_steps"] == 2).all()
+    assert values[["value_adam", "value_adam_fixed", "value_sgd"]].notna().all().all()
+    steps = pd.read_parquet(run / "steps.parquet")
+    assert {"step", "lr", "train_loss", "val_loss", "seconds"} <= set(steps.columns)
+    assert steps["step"].tolist() == list(range(1, len(steps) + 1))
+    sv = pd.read_parquet(run / "steps_values.parquet")
+    assert list(sv.columns) == ["step", "example_id", "value_adam", "value_adam_fixed", "value_sgd"]
+    assert sorted(sv["step"].unique()) == [1, 2, 3]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["schema_version"] == 1 and metrics["status"] == "complete"
+    assert 0 <= metrics["test_accuracy"] <= 1 and 0 <= metrics["val_accuracy"] <= 1
+    assert metrics["methods"] == ["adam", "adam_fixed", "sgd"] and metrics["wall_seconds"] > 0
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert saved["train"]["epochs"] == 2 and saved["optim"]["betas"] == [0.9, 0.999]
+    # the summary
+    out = res.stdout
+    assert "test accuracy" in out and "5 highest and 5 lowest" in out and "lowest-valued 20%" in out
+    assert str(run) in out.replace("\n", "")
+
+    # refuses to overwrite, then replaces with --force
+    again = cli("train", recipe, "--quiet")
+    assert again.exit_code == 2 and "already exists" in again.stderr and "--force" in again.stderr
+    forced = cli("train", recipe, "--quiet", "--force", "--set", "attribution.enabled=false")
+    assert forced.exit_code == 0, forced.output
+    assert "value_adam" not in pd.read_parquet(run / "values.parquet").columns
+
+    # runs lists it
+    listed = cli("runs")
+    assert listed.exit_code == 0 and "tiny" in listed.stdout and "complete" in listed.stdout
+
+
+def test_train_with_name_and_runs_dir(tmp_path):
+    recipe = write_recipe(tmp_path, tiny(attribution={"methods": ["sgd"], "record_steps": 0}))
+    res = cli("train", recipe, "--quiet", "--name", "other", "--runs-dir", tmp_path / "elsewhere")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "elsewhere" / "other" / "metrics.json").exists()
+    assert cli("runs", "--runs-dir", tmp_path / "nowhere").stdout.startswith("no runs")
+
+
+BAD = [
+    ({**TINY, "extra": 1}, "`extra`"),
+    (tiny(model={"hidden": "wide"}), "`model.hidden`"),
+    (tiny(optim={"lr": -1e-3}), "`optim.lr`"),
+    (tiny(data={"label_noise": 1.0}), "`data.label_noise`"),
+    (tiny(data={"label_noise": -0.5}), "`data.label_noise`"),
+    (tiny(data={"source": "sklearn:cifar"}), "`data.source`"),
+    (tiny(data={"source": "csv:missing.csv", "target": "y"}), "`data.source`"),
+    (tiny(model={"kind": "cnn"}), "`model.kind`"),
+    (tiny(data={"val_size": 140}), "`data.val_size`"),
+]
+
+
+@pytest.mark.parametrize("recipe, field", BAD, ids=[b[1].strip("`") for b in BAD])
+def test_bad_recipes_exit_2(tmp_path, runs, recipe, field):
+    res = cli("train", write_recipe(tmp_path, recipe), "--quiet")
+    assert res.exit_code == 2
+    assert field in res.stderr, res.stderr
+    assert "Traceback" not in res.output
+    assert not runs.exists() or os.listdir(runs) == []
+
+
+def test_missing_recipe_file_and_bad_option(tmp_path, runs):
+    res = cli("train", tmp_path / "nope.yaml")
+    assert res.exit_code == 2 and "does not exist" in res.stderr
+    res = cli("train", write_recipe(tmp_path, TINY), "--set", "optim.lr")
+    assert res.exit_code == 2 and "key.path=value" in res.stderr
+    res = cli("train", write_recipe(tmp_path, TINY), "--name", "../escape")
+    assert res.exit_code == 2 and "run name" in res.stderr
+    assert not runs.exists()
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    recipe = write_recipe(tmp_path, tiny(optim={"lr": -1}))
+    env = {**os.environ, "ADAMSHAP_RUNS": str(tmp_path / "runs")}
+    p = subprocess.run(
+        [sys.executable, "-m", "adamshap_cli", "train", str(recipe)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert p.returncode == 2
+    assert (
+        "`optim.lr`" in p.stderr
+        and "greater than 0" in p.stderr
+        and str(recipe) in p.stderr.replace("\n", "")
+    )
+    assert "Traceback" not in p.stderr + p.stdout
+    assert not (tmp_path / "runs").exists()
+    usage = subprocess.run([sys.executable, "-m", "adamshap_cli", "train"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "RECIPE" in usage.stderr

@@ -1,0 +1,155 @@
+"""The recipe schema: defaults, overrides, path resolution, and messages that name the field."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from helpers import TINY, tiny, write_recipe
+
+from adamshap_core.errors import UserError
+from adamshap_core.recipe import Recipe, load_recipe, recipe_from_dict
+
+
+def test_minimal_recipe_gets_defaults():
+    r = recipe_from_dict({"name": "x", "data": {"source": "sklearn:digits"}})
+    assert r.optim.name == "adam" and r.optim.lr == 1e-3 and r.optim.betas == (0.9, 0.999)
+    assert r.train.epochs >= 1 and r.train.device == "auto" and r.train.grad_clip is None
+    assert r.attribution.enabled and r.attribution.methods == ["adam", "adam_fixed", "sgd"]
+    assert r.attribution.val_batch is None and r.attribution.record_steps == 8
+    assert r.data.label_noise == 0.0 and r.model.kind == "mlp"
+
+
+def test_yaml_round_trip(tmp_path):
+    r = load_recipe(write_recipe(tmp_path, TINY))
+    again = load_recipe(write_recipe(tmp_path, r.to_yaml(), "again.yaml"))
+    assert again == r
+    assert yaml.safe_load(r.to_yaml())["optim"]["betas"] == [0.9, 0.999]
+
+
+def test_overrides_parse_yaml_scalars(tmp_path):
+    p = write_recipe(tmp_path, TINY)
+    r = load_recipe(
+        p,
+        [
+            "optim.lr=3e-4",
+            "train.grad_clip=1.5",
+            "attribution.methods=[adam, sgd]",
+            "optim.schedule=cosine",
+            "attribution.val_batch=null",
+            "data.val_size=0.2",
+        ],
+    )
+    assert r.optim.lr == pytest.approx(3e-4) and r.train.grad_clip == 1.5
+    assert r.attribution.methods == ["adam", "sgd"] and r.optim.schedule == "cosine"
+    assert r.data.val_size == pytest.approx(0.2)
+
+
+def test_string_numbers_from_yaml_are_numbers(tmp_path):
+    # PyYAML reads 1e-3 (no dot) as a string; it is still a valid learning rate.
+    p = write_recipe(tmp_path, "name: a\ndata: {source: 'sklearn:iris'}\noptim: {lr: 1e-3, eps: 1e-8}\n")
+    r = load_recipe(p)
+    assert r.optim.lr == pytest.approx(1e-3) and r.optim.eps == pytest.approx(1e-8)
+
+
+@pytest.mark.parametrize(
+    "override, field, fragment",
+    [
+        ("model.foo=1", "model.foo", "unknown key"),
+        ("bogus=1", "bogus", "unknown key"),
+        ("train.epochs=five", "train.epochs", "'five'"),
+        ("train.epochs=0", "train.epochs", "greater than or equal to 1"),
+        ("train.batch_size=true", "train.batch_size", "True"),
+        ("optim.lr=-0.1", "optim.lr", "greater than 0"),
+        ("optim.lr=0", "optim.lr", "greater than 0"),
+        ("optim.eps=0", "optim.eps", "greater than 0"),
+        ("optim.betas=[0.9, 1.0]", "optim.betas[1]", "less than 1"),
+        ("optim.name=rmsprop", "optim.name", "'adam', 'adamw' or 'sgd'"),
+        ("optim.weight_decay=-1", "optim.weight_decay", "greater than or equal to 0"),
+        ("optim.momentum=0.9", "optim.momentum", "only applies to sgd"),
+        ("optim.schedule=step", "optim.schedule", "cosine"),
+        ("optim.warmup_steps=-1", "optim.warmup_steps", "greater than or equal to 0"),
+        ("data.label_noise=1.0", "data.label_noise", "less than 1"),
+        ("data.label_noise=-0.1", "data.label_noise", "greater than or equal to 0"),
+        ("data.source=sklearn:mnist", "data.source", "unknown dataset"),
+        ("data.source=imagenet", "data.source", "unknown dataset"),
+        ("data.val_size=0", "data.val_size", "at least 1"),
+        ("data.test_size=1.5", "data.test_size", "between 0 and 1"),
+        ("model.kind=transformer", "model.kind", "Input should be 'mlp'"),
+        ("model.hidden=[0]", "model.hidden[0]", "greater than or equal to 1"),
+        ("train.grad_clip=0", "train.grad_clip", "greater than 0"),
+        ("train.device=tpu", "train.device", "'auto', 'cpu' or 'cuda'"),
+        ("train.checkpoint_every=-5", "train.checkpoint_every", "greater than or equal to 0"),
+        ("attribution.methods=[]", "attribution.methods", "at least one method"),
+        ("attribution.methods=[adam, adam]", "attribution.methods", "once"),
+        ("attribution.methods=[tracin]", "attribution.methods[0]", "'adam', 'adam_fixed' or 'sgd'"),
+        ("attribution.val_batch=0", "attribution.val_batch", "greater than or equal to 1"),
+        ("attribution.record_steps=-1", "attribution.record_steps", "greater than or equal to 0"),
+        ("attribution.enabled=maybe", "attribution.enabled", "valid boolean"),
+        ("name=a/b", "name", "run name"),
+        ("data=3", "data", "section"),
+    ],
+)
+def test_bad_values_name_the_field(tmp_path, override, field, fragment):
+    p = write_recipe(tmp_path, TINY)
+    with pytest.raises(UserError) as e:
+        load_recipe(p, [override])
+    msg = str(e.value)
+    assert f"`{field}`" in msg, msg
+    assert fragment in msg, msg
+    assert str(p) in msg
+
+
+def test_missing_required_fields(tmp_path):
+    with pytest.raises(UserError, match="`name` is required"):
+        load_recipe(write_recipe(tmp_path, {"data": {"source": "sklearn:iris"}}))
+    with pytest.raises(UserError, match="`data.source` is required"):
+        load_recipe(write_recipe(tmp_path, {"name": "a", "data": {}}))
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("- a\n- b\n", "top level must be a mapping"),
+        ("name: [\n", "not valid YAML"),
+        ("", "`name` is required"),
+    ],
+)
+def test_bad_files(tmp_path, text, fragment):
+    with pytest.raises(UserError, match=fragment):
+        load_recipe(write_recipe(tmp_path, text))
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(UserError, match="is a folder"):
+        load_recipe(tmp_path)
+
+
+def test_bad_override_syntax(tmp_path):
+    p = write_recipe(tmp_path, TINY)
+    with pytest.raises(UserError, match="key.path=value"):
+        load_recipe(p, ["optim.lr"])
+    with pytest.raises(UserError, match="not a section"):
+        load_recipe(p, ["name.first=x"])
+
+
+def test_csv_paths_resolve_against_the_recipe_folder(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "t.csv").write_text("a,b,y\n1,2,0\n3,4,1\n")
+    sub = tmp_path / "recipes"
+    sub.mkdir()
+    r = load_recipe(write_recipe(sub, tiny(data={"source": "csv:../data/t.csv", "target": "y"})))
+    assert r.data.source == f"csv:{(tmp_path / 'data' / 't.csv').resolve()}"
+    with pytest.raises(UserError, match="`data.source` names the file"):
+        load_recipe(write_recipe(sub, tiny(data={"source": "csv:missing.csv", "target": "y"})))
+    with pytest.raises(UserError, match="`data.target` .the label column. is required"):
+        load_recipe(write_recipe(sub, tiny(data={"source": "csv:../data/t.csv"})))
+
+
+def test_schema_forbids_extra_keys_everywhere():
+    for model in [
+        Recipe,
+        *[f.annotation for f in Recipe.model_fields.values() if hasattr(f.annotation, "model_config")],
+    ]:
+        assert model.model_config.get("extra") == "forbid", model

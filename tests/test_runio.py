@@ -1,0 +1,77 @@
+"""Run folders: atomic writes, exclusive creation, refusal to overwrite, listing."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pandas as pd
+import pytest
+
+from adamshap_core import runio
+from adamshap_core.errors import UserError
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    p = tmp_path / "f.json"
+    runio.atomic_write_json(p, {"a": 1})
+    runio.atomic_write_json(p, {"a": 2, "nan": float("nan")})
+    assert json.loads(p.read_text()) == {"a": 2, "nan": None}
+    assert os.listdir(tmp_path) == ["f.json"]
+
+
+def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
+    p = tmp_path / "values.parquet"
+    runio.atomic_write_parquet(p, pd.DataFrame({"x": [1, 2]}))
+
+    def boom(self, path, **kw):
+        with open(path, "wb") as f:
+            f.write(b"PAR1 half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", boom)
+    with pytest.raises(OSError, match="disk full"):
+        runio.atomic_write_parquet(p, pd.DataFrame({"x": [3]}))
+    monkeypatch.undo()
+    assert pd.read_parquet(p)["x"].tolist() == [1, 2]
+    assert os.listdir(tmp_path) == ["values.parquet"]
+
+
+def test_create_run_dir_is_exclusive(tmp_path):
+    p = runio.create_run_dir(tmp_path, "r1")
+    (p / "keep.txt").write_text("old")
+    with pytest.raises(UserError, match="already exists.*--force"):
+        runio.create_run_dir(tmp_path, "r1")
+    assert (p / "keep.txt").exists()
+    p2 = runio.create_run_dir(tmp_path, "r1", force=True)
+    assert p2 == p and list(p.iterdir()) == []
+    assert sorted(os.listdir(tmp_path)) == ["r1"]  # the old folder is gone, nothing aside left
+
+
+@pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "a b"])
+def test_bad_run_names(tmp_path, name):
+    with pytest.raises(UserError, match="run name"):
+        runio.create_run_dir(tmp_path, name)
+    assert os.listdir(tmp_path) == []
+
+
+def test_runs_root_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv("ADAMSHAP_RUNS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert runio.runs_root() == tmp_path / "runs"
+    monkeypatch.setenv("ADAMSHAP_RUNS", str(tmp_path / "env"))
+    assert runio.runs_root() == tmp_path / "env"
+    assert runio.runs_root(tmp_path / "opt") == tmp_path / "opt"
+
+
+def test_list_and_latest(tmp_path):
+    with pytest.raises(UserError, match="no runs"):
+        runio.latest_run(tmp_path)
+    for i, name in enumerate(["b", "a"]):
+        f = runio.RunFolder(runio.create_run_dir(tmp_path, name))
+        f.write_metrics({"status": "complete", "created": f"2030-01-0{i + 1}T00:00:00"})
+    assert [r.name for r in runio.list_runs(tmp_path)] == ["b", "a"]
+    assert runio.latest_run(tmp_path).name == "a"
+    assert runio.open_run(tmp_path, "b").metrics()["schema_version"] == runio.SCHEMA_VERSION
+    with pytest.raises(UserError, match="no run 'zz'"):
+        runio.open_run(tmp_path, "zz")

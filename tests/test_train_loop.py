@@ -1,0 +1,142 @@
+"""The training loop: determinism, schedules, the observer hook, value accumulation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny
+
+from adamshap_core.errors import UserError
+from adamshap_core.recipe import recipe_from_dict
+from adamshap_core.train import lr_factor, prepare, sample_record_steps, train
+
+
+def R(**sections):
+    return recipe_from_dict(tiny(**sections))
+
+
+def params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_plain_training_is_deterministic():
+    r = R(attribution={"enabled": False}, train={"epochs": 2})
+    a, b = train(r, quiet=True), train(r, quiet=True)
+    assert torch.equal(params(a.model), params(b.model))
+    assert a.steps["train_loss"].tolist() == b.steps["train_loss"].tolist()
+    assert a.steps_done == 2 * math.ceil(a.data.n_train / 16) == len(a.steps)
+    c = train(R(attribution={"enabled": False}, train={"epochs": 2, "seed": 1}), quiet=True)
+    assert not torch.equal(params(a.model), params(c.model))
+
+
+def test_attribution_does_not_change_training():
+    off = train(R(attribution={"enabled": False}), quiet=True)
+    on = train(R(), quiet=True)
+    assert torch.allclose(params(off.model), params(on.model), atol=1e-6, rtol=0)
+    assert np.allclose(off.steps["train_loss"], on.steps["train_loss"], atol=1e-6)
+
+
+def test_values_accumulate_over_steps():
+    r = R(train={"epochs": 1}, attribution={"record_steps": 1000})
+    res = train(r, quiet=True)
+    assert (res.n_steps == 1).all()  # one epoch: every example in exactly one batch
+    sv = res.steps_values
+    assert sorted(sv["step"].unique()) == list(range(1, res.steps_done + 1))
+    for m in res.methods:
+        per_example = sv.groupby("example_id")[f"value_{m}"].sum().reindex(range(res.data.n_train))
+        assert np.allclose(per_example.to_numpy(), res.values[m], rtol=0, atol=1e-12)
+        assert np.isfinite(res.values[m]).all() and np.abs(res.values[m]).sum() > 0
+    vf = res.values_frame()
+    assert list(vf.columns[:4]) == ["example_id", "value_adam", "value_adam_fixed", "value_sgd"]
+    assert {"n_steps", "label", "is_noisy"} <= set(vf.columns)
+
+
+def test_two_epochs_count_steps_per_example():
+    res = train(R(train={"epochs": 2}, attribution={"methods": ["sgd"], "record_steps": 0}), quiet=True)
+    assert (res.n_steps == 2).all() and res.steps_values.empty
+    assert list(res.steps_values.columns) == ["step", "example_id", "value_sgd"]
+
+
+def test_record_step_sampling():
+    assert sample_record_steps(100, 8) == [1, 2, 3, 4, 5, 6, 53, 100]
+    assert sample_record_steps(100, 3) == [1, 2, 3]
+    assert sample_record_steps(4, 8) == [1, 2, 3, 4]
+    assert sample_record_steps(10, 0) == []
+    s = sample_record_steps(1000, 20)
+    assert len(s) == 20 and s[:5] == [1, 2, 3, 4, 5] and s[-1] == 1000 and s == sorted(set(s))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+def test_schedules(schedule):
+    r = R(
+        optim={"schedule": schedule, "warmup_steps": 3, "lr": 0.01},
+        train={"epochs": 3},
+        attribution={"enabled": False},
+    )
+    res = train(r, quiet=True)
+    lrs = res.steps["lr"].to_numpy()
+    f = lr_factor(schedule, 3, res.total_steps)
+    assert np.allclose(lrs, [0.01 * f(s) for s in range(res.total_steps)])
+    assert np.allclose(lrs[:3], [0.01 / 3, 0.02 / 3, 0.01])
+    assert (lrs > 0).all()
+    if schedule != "constant":
+        assert lrs[-1] < 0.01 * 0.1 and (np.diff(lrs[3:]) <= 1e-12).all()
+
+
+def test_on_step_sees_the_state_before_each_step():
+    seen = []
+
+    def hook(step, batch, ctx):
+        state = ctx.optimizer.state[next(iter(ctx.model.parameters()))]
+        done = int(state["step"]) if "step" in state else 0
+        seen.append((step, len(batch), done, ctx.lr, ctx.tracker is not None, ctx.inputs.shape[0]))
+
+    res = train(R(train={"epochs": 1}), quiet=True, on_step=hook, max_steps=4)
+    assert res.steps_done == 4 and len(res.steps) == 4
+    assert [s[0] for s in seen] == [1, 2, 3, 4]
+    assert all(s[2] == s[0] - 1 for s in seen)  # the optimizer has made step-1 updates
+    assert all(s[1] == 16 == s[5] and s[3] == pytest.approx(0.01) and s[4] for s in seen)
+
+
+def test_keep_subset_and_optimizers():
+    r = R(optim={"name": "sgd", "lr": 0.1, "momentum": 0.9}, attribution={"enabled": False})
+    res = train(r, quiet=True, keep=list(range(0, 100, 2)))
+    assert res.data.n_train == 50 and res.data.example_id.tolist() == list(range(0, 100, 2))
+    assert isinstance(prepare(r).optimizer, torch.optim.SGD)
+    aw = prepare(R(optim={"name": "adamw", "weight_decay": 0.1}))
+    assert isinstance(aw.optimizer, torch.optim.AdamW) and aw.optimizer.param_groups[0]["weight_decay"] == 0.1
+    assert aw.tracker is not None
+    aw.tracker.close()
+
+
+def test_val_batch_limits_the_validation_target():
+    prep = prepare(R(attribution={"val_batch": 5}))
+    assert prep.val_x.shape[0] == 5
+    prep.tracker.close()
+
+
+def test_cnn_on_digits():
+    r = recipe_from_dict(
+        tiny(
+            data={"source": "sklearn:digits", "val_size": 50, "test_size": 50},
+            model={"kind": "cnn", "channels": [4, 8], "hidden": []},
+        )
+    )
+    res = train(r, quiet=True, max_steps=3)
+    assert res.steps_done == 3 and all(np.isfinite(res.values[m]).all() for m in res.methods)
+    assert tuple(res.data.x_train.shape[1:]) == (1, 8, 8)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_absent_is_a_user_error():
+    with pytest.raises(UserError, match="`train.device` is cuda"):
+        prepare(R(train={"device": "cuda"}))
+
+
+def test_divergence_is_reported_with_the_step():
+    r = R(optim={"name": "sgd", "lr": 1e30}, attribution={"enabled": False}, train={"epochs": 3})
+    with pytest.raises(UserError, match="at step"):
+        train(r, quiet=True)
