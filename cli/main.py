@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from . import attribute as _attribute
 from . import runs as _runs
 from . import train as _train
 
@@ -18,6 +19,7 @@ app = typer.Typer(
 
 app.command("train")(_train.train)
 app.command("runs")(_runs.runs)
+app.command("attribute")(_attribute.attribute)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,8 @@ def train(
         else:
             header = runio.start_run(folder, rec, recipe_path=str(recipe))
         if not quiet:
+            for note in prep.data.notes:
+                err_console.print(f"note: {escape(note)}", highlight=False)
             verb = "resuming" if resume is not None else "training"
             err_console.print(
                 f"{verb} [bold]{escape(folder.name)}[/]: {escape(rec.data.source)}, {prep.data.n_train} "
@@ -159,14 +161,17 @@ def _train_into(folder, header: dict, prep, quiet: bool, resume: bool, runs_dir:
 
 
 def print_summary(result, metrics: dict, path: Path) -> None:
-    acc = metrics.get("test_accuracy")
-    console.print(
-        f"\n[bold green]done[/] in {metrics['wall_seconds']:.1f}s: test accuracy [bold]{acc:.3f}[/], "
-        f"test loss {metrics['test_loss']:.4f}, val accuracy {metrics['val_accuracy']:.3f} "
-        f"({result.steps_done} steps, {metrics['n_train']} training examples)"
-    )
     df = result.values_frame()
     noisy = bool(df["is_noisy"].any())
+    about = "text" if "text" in df.columns else "label"  # a text corpus has texts, not labels
+    acc_name = "next-token accuracy" if about == "text" else "accuracy"
+    acc = metrics.get("test_accuracy")
+    console.print(
+        f"\n[bold green]done[/] in {metrics['wall_seconds']:.1f}s: test {acc_name} [bold]{acc:.3f}[/], "
+        f"test loss {metrics['test_loss']:.4f}, val {acc_name} {metrics['val_accuracy']:.3f}, "
+        f"train loss {metrics['train_loss']:.4f} ({result.steps_done} steps, {metrics['n_train']} training "
+        "examples)"
+    )
     for m in result.methods:
         col = f"value_{m}"
         ranked = df.sort_values(col, ascending=False, kind="stable")
@@ -174,15 +179,15 @@ def print_summary(result, metrics: dict, path: Path) -> None:
         table.add_column("rank", justify="right")
         table.add_column("example_id", justify="right")
         table.add_column("value", justify="right")
-        table.add_column("label", justify="right")
+        table.add_column(about, justify="right" if about == "label" else "left")
         if noisy:
             table.add_column("noisy")
         top, bottom = ranked.head(5), ranked.tail(5)
         for rank, (_, row) in enumerate(top.iterrows(), start=1):
-            _row(table, rank, row, col, noisy)
+            _row(table, rank, row, col, noisy, about)
         table.add_section()
         for rank, (_, row) in enumerate(bottom.iterrows(), start=len(ranked) - len(bottom) + 1):
-            _row(table, rank, row, col, noisy)
+            _row(table, rank, row, col, noisy, about)
         console.print(table)
     if noisy and result.methods:
         n_low = max(1, int(round(0.2 * len(df))))
@@ -199,8 +204,9 @@ def print_summary(result, metrics: dict, path: Path) -> None:
     console.print(f"run folder: [bold]{escape(str(path))}[/]")
 
 
-def _row(table: Table, rank: int, row, col: str, noisy: bool) -> None:
-    cells = [str(rank), str(int(row["example_id"])), f"{row[col]:.3e}", str(int(row["label"]))]
+def _row(table: Table, rank: int, row, col: str, noisy: bool, about: str) -> None:
+    shown = escape(row["text"]) if about == "text" else str(int(row["label"]))
+    cells = [str(rank), str(int(row["example_id"])), f"{row[col]:.3e}", shown]
     if noisy:
         cells.append("yes" if bool(row["is_noisy"]) else "")
     table.add_row(*cells)

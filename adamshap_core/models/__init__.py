@@ -22,7 +22,16 @@ if TYPE_CHECKING:
     from ..data import Dataset
     from ..recipe import ModelCfg
 
-__all__ = ["GPT", "MLP", "SmallCNN", "build_model", "loss_for", "per_example_loss", "sequence_loss"]
+__all__ = [
+    "GPT",
+    "MLP",
+    "SmallCNN",
+    "build_model",
+    "context_length",
+    "loss_for",
+    "per_example_loss",
+    "sequence_loss",
+]
 
 
 def per_example_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -64,16 +73,21 @@ def _is_text(data: Dataset) -> bool:
     return isinstance(data, TextDataset)
 
 
-def _gpt(cfg: ModelCfg, data: Dataset) -> GPT:
+def context_length(cfg: ModelCfg, data: Dataset) -> int:
+    """The gpt's context (``model.block_size``, by default the longest sequence of ``data``)."""
     longest = data.input_shape[0]
     if cfg.block_size is not None and cfg.block_size < longest:
         raise UserError(
             f"`model.block_size` is {cfg.block_size}, but {data.source!r} holds sequences of {longest} "
             f"tokens (the longest text plus <bos>); expected at least {longest}, or null for exactly that."
         )
+    return cfg.block_size or longest
+
+
+def _gpt(cfg: ModelCfg, data: Dataset) -> GPT:
     return GPT(
         data.n_classes,
-        cfg.block_size or longest,
+        context_length(cfg, data),
         n_layer=cfg.n_layer,
         n_head=cfg.n_head,
         d_model=cfg.d_model,

@@ -1,0 +1,198 @@
+"""``adamshap attribute``: which training texts taught a language-model run what a query says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .common import console, err_console, user_errors
+
+SHOW_ALL_UP_TO = 10  # by default, print every query's top texts when there are at most this many
+SHOW_OTHERWISE = 4  # ... else the first four (for builtin:facts: one fact at every level)
+
+
+@user_errors
+def attribute(
+    run: str = typer.Option(None, "--run", help="run name or folder (default: the latest run)"),
+    query: list[str] = typer.Option(None, "--query", help="a query text (repeatable)"),
+    queries: str = typer.Option(
+        None,
+        "--queries",
+        help="FILE.jsonl (fields: text, optional id, level, source_id) or 'builtin' (the built-in "
+        "queries of a builtin:facts run, the default for such runs)",
+    ),
+    top: int = typer.Option(10, "--top", min=1, help="training texts to print per query"),
+    methods: list[str] = typer.Option(
+        None,
+        "--methods",
+        help="adam, adam_fixed, sgd, bm25, random (comma-separated or repeated; default: all)",
+    ),
+    show: int = typer.Option(
+        None,
+        "--show",
+        min=0,
+        help=f"queries to print (default: all up to {SHOW_ALL_UP_TO}, else {SHOW_OTHERWISE})",
+    ),
+    chunk: int = typer.Option(
+        256, "--chunk", min=1, help="queries valued per replay of the run (memory bound)"
+    ),
+    runs_dir: Path = typer.Option(None, "--runs-dir", help="runs folder (default: $ADAMSHAP_RUNS or ./runs)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Replay a language-model run with the queries as validation targets and rank its training texts.
+
+    Writes attribution.parquet (query_id, example_id, value_<method>, rank_<method>; rank 1 =
+    most helpful), attribution_queries.parquet, attribution.json and, for queries with a
+    source_id, attribution_benchmark.parquet (mean rank of the true source, recall@1, @10).
+    """
+    from adamshap_core import attribute as at
+    from adamshap_core import runio
+
+    folder = runio.open_run(runio.runs_root(runs_dir), run)
+    plan = at.plan(
+        folder,
+        texts=query or None,
+        queries_file=queries,
+        methods=methods,
+        chunk=chunk,
+    )
+    if not quiet:
+        err_console.print(
+            f"[bold]{escape(folder.name)}[/]: {len(plan.queries)} queries against {plan.data.n_train} "
+            f"training texts; replaying {plan.total_steps} steps for "
+            f"{', '.join(plan.valued) or 'no value method'}"
+        )
+    result = _run_with_progress(plan, quiet)
+    paths = at.write_outputs(plan, result)
+    _print_unknown_words(result)
+    n_show = (
+        show
+        if show is not None
+        else (len(result.queries) if len(result.queries) <= SHOW_ALL_UP_TO else SHOW_OTHERWISE)
+    )
+    for q in range(min(n_show, len(result.queries))):
+        console.print(query_table(result, q, top))
+    if result.queries.has_sources:
+        console.print(benchmark_table(result.benchmark()))
+    _print_replay(result)
+    console.print(
+        f"wrote [bold]{escape(str(paths['values']))}[/] and {len(paths) - 1} more file(s) beside it"
+    )
+
+
+def _run_with_progress(plan, quiet: bool):
+    from adamshap_core import attribute as at
+
+    if quiet or not plan.total_steps:
+        return at.attribute(plan)
+    progress = Progress(
+        TextColumn("[bold]replay[/]"),
+        BarColumn(),
+        TextColumn("step {task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+    )
+    with progress:
+        task = progress.add_task("replay", total=plan.total_steps)
+        return at.attribute(plan, on_step=lambda: progress.advance(task))
+
+
+def query_table(result, q: int, top: int) -> Table:
+    """The ``top`` training texts of query ``q`` under each method, the true source marked."""
+    qs = result.queries
+    level = f" [{qs.levels[q]}]" if qs.levels[q] else ""
+    source = qs.source_ids[q]
+    src_note = f", true source #{source}" if source is not None else ""
+    table = Table(
+        title=f"{escape(qs.where(q))}{escape(level)}: {escape(qs.texts[q])!r}{src_note}",
+        title_justify="left",
+        show_lines=False,
+    )
+    table.add_column("#", justify="right")
+    for m in result.methods:
+        table.add_column(m)
+    order = {m: (-s[:, q]).argsort(kind="stable")[:top] for m, s in result.scores.items()}
+    for r in range(min(top, len(result.example_ids))):
+        cells = [str(r + 1)]
+        for m in result.methods:
+            i = order[m][r]
+            eid = int(result.example_ids[i])
+            text = escape(result.texts[i])
+            cell = f"{text}\n[dim]#{eid}  {result.scores[m][i, q]:+.2e}[/]"
+            cells.append(f"[bold green]✓ {cell}[/]" if eid == source else cell)
+        table.add_row(*cells)
+    return table
+
+
+def benchmark_table(bench) -> Table:
+    n_train = int(bench["n_train"].iloc[0])
+    table = Table(
+        title=f"rank of the true source among {n_train} training texts (1 = top)",
+        title_justify="left",
+    )
+    for col, just in [
+        ("level", "left"),
+        ("method", "left"),
+        ("queries", "right"),
+        ("mean rank", "right"),
+        ("recall@1", "right"),
+        ("recall@10", "right"),
+    ]:
+        table.add_column(col, justify=just)
+    best = bench[bench["method"] != "random"].groupby("level")["mean_rank"].min()
+    previous = None
+    for _, row in bench.iterrows():
+        if previous is not None and row["level"] != previous:
+            table.add_section()
+        previous = row["level"]
+        mean = f"{row['mean_rank']:.1f}"
+        if row["method"] != "random" and row["mean_rank"] == best[row["level"]]:
+            mean = f"[bold]{mean}[/]"
+        table.add_row(
+            escape(row["level"]),
+            row["method"],
+            str(row["n_queries"]),
+            mean,
+            f"{row['recall_at_1']:.2f}",
+            f"{row['recall_at_10']:.2f}",
+        )
+    return table
+
+
+def _print_unknown_words(result) -> None:
+    unknown = [(i, u) for i, u in enumerate(result.unknown_words) if u]
+    if not unknown:
+        return
+    words = sorted({w for _, u in unknown for w in u})
+    shown = ", ".join(words[:12]) + (" ..." if len(words) > 12 else "")
+    err_console.print(
+        f"note: {len(unknown)} of {len(result.unknown_words)} queries hold words the training corpus never "
+        f"had, read as <unk>: {escape(shown)}",
+        highlight=False,
+    )
+
+
+def _print_replay(result) -> None:
+    r = result.replay
+    if r is None:
+        return
+    if r.matches_run is False:
+        err_console.print(
+            "[yellow]warning: the replay ended with other parameters than the run (params_sha256 differs), "
+            "so these values describe a neighbouring trajectory; on the CPU this means the data, the code or "
+            "the torch build changed since the run.[/]"
+        )
+    recall = (
+        f"; the model recalls {result.fact_recall:.0%} of the facts" if result.fact_recall is not None else ""
+    )
+    check = {
+        True: "replay matched the run bit for bit",
+        False: "replay did NOT match the run",
+        None: "run recorded no digest",
+    }
+    console.print(f"{r.replays} replay(s) in {result.wall_seconds:.1f}s; {check[r.matches_run]}{recall}")
