@@ -21,32 +21,32 @@ from .errors import UserError
 
 @dataclass
 class AdamState:
-    """One parameter's Adam/AdamW step: u(g) = (a + b·g) / (√(c + d·g²) + ε)."""
+    """One parameter's Adam/AdamW step: u(g) = (a·m + b·g) / (√(c·v + d·g²) + ε)."""
 
     lr: float
     grad: torch.Tensor  # the data part of the gradient (after clipping): g_N − r
-    r: torch.Tensor | float  # data-independent part: coupled L2 term λ·w, else 0
+    r: torch.Tensor | None  # data-independent part: coupled L2 term λ·w, else None (zero)
     beta1: float
     beta2: float
     eps: float
     t: int  # the step about to be taken, from 1
-    m: torch.Tensor | float  # first moment before this step (0 at t = 1)
-    v: torch.Tensor | float  # second moment before this step
+    m: torch.Tensor  # first moment before this step (zeros at t = 1)
+    v: torch.Tensor  # second moment before this step
 
-    def coefficients(self):
+    def coefficients(self) -> tuple[float, float, float, float]:
+        """(a, b, √c, √d): scalars of u(g), with the bias corrections folded in."""
         bc1 = 1.0 - self.beta1**self.t
         bc2 = 1.0 - self.beta2**self.t
-        a = self.beta1 * self.m / bc1
-        b = (1.0 - self.beta1) / bc1
-        c = self.beta2 * self.v / bc2
-        d = (1.0 - self.beta2) / bc2
-        return a, b, c, d
+        return (
+            self.beta1 / bc1,
+            (1.0 - self.beta1) / bc1,
+            (self.beta2 / bc2) ** 0.5,
+            ((1.0 - self.beta2) / bc2) ** 0.5,
+        )
 
-    def root(self, c, d, g: torch.Tensor) -> torch.Tensor:
-        """S(g) = √(c + d·g²), as a hypot so that neither 1e-30 nor 1e+30 gradients
-        underflow or overflow on the way."""
-        sqrt_c = torch.sqrt(torch.as_tensor(c, dtype=g.dtype, device=g.device))
-        return torch.hypot(sqrt_c, (d**0.5) * g)
+    def root_cv(self, sqrt_c: float) -> torch.Tensor:
+        """√(c·v), the data-independent part of the normaliser (a fresh tensor)."""
+        return self.v.sqrt().mul_(sqrt_c)
 
 
 @dataclass
@@ -59,46 +59,55 @@ class SGDState:
 
 ParamState = AdamState | SGDState
 
+# ---- the methods: each returns k·P for a scalar k (lr and clip folded in, saving a pass) ------------
 
-# ---- the methods ---------------------------------------------------------------------------------
 
-
-def sgd_rule(s: ParamState) -> torch.Tensor | float:
+def sgd_rule(s: ParamState, k: float) -> float:
     """P = 1: the original In-Run Data Shapley, as if the step were plain SGD."""
-    return 1.0
+    return k
 
 
-def adam_fixed_rule(s: ParamState) -> torch.Tensor | float:
+def adam_fixed_rule(s: ParamState, k: float) -> torch.Tensor | float:
     """P = b / (√v̂_t + ε): Adam's normaliser frozen at its full-batch value."""
     if isinstance(s, SGDState):
-        return s.gain
-    _, b, c, d = s.coefficients()
-    return b / (s.root(c, d, s.grad + s.r) + s.eps)
+        return k * s.gain
+    _, b, sqrt_c, sqrt_d = s.coefficients()
+    g = s.grad if s.r is None else s.grad + s.r
+    # √v̂ = √(c·v + d·g²) as a hypot: neither 1e-30 nor 1e+30 gradients under- or overflow
+    root = torch.hypot(s.root_cv(sqrt_c), g * sqrt_d)
+    return root.add_(s.eps).reciprocal_().mul_(k * b)
 
 
-def adam_rule(s: ParamState) -> torch.Tensor | float:
+def adam_rule(s: ParamState, k: float) -> torch.Tensor | float:
     """P = (u(g_N) − u(g_∅)) / (g_N − g_∅): the secant of the real Adam step.
 
     Written without the difference quotient (DESIGN.md §2), so it is exact in
-    float32 where g_N ≈ g_∅ and equals u′(g_∅) there.
+    float32 where g_N ≈ g_∅, and equals u′(g_∅) there:
+    P = (b·(D0 − g0·q) − a·m·q) / (D0·D1), q = d·(g0 + g1)/(S0 + S1).
     """
     if isinstance(s, SGDState):
-        return s.gain
-    a, b, c, d = s.coefficients()
-    g0 = torch.as_tensor(s.r, dtype=s.grad.dtype, device=s.grad.device).expand_as(s.grad)
-    g1 = s.grad + g0
-    S0, S1 = s.root(c, d, g0), s.root(c, d, g1)
-    D0, D1 = S0 + s.eps, S1 + s.eps
-    denom = S0 + S1
-    q = torch.where(denom > 0, d * (g0 + g1) / torch.where(denom > 0, denom, 1.0), 0.0)
+        return k * s.gain
+    a, b, sqrt_c, sqrt_d = s.coefficients()
+    root_cv = s.root_cv(sqrt_c)
+    g0 = s.r
+    g1 = s.grad if g0 is None else s.grad + g0
+    S1 = torch.hypot(root_cv, g1 * sqrt_d)
+    S0 = root_cv if g0 is None else torch.hypot(root_cv, g0 * sqrt_d)
+    g_sum = g1 if g0 is None else g0 + g1
+    # q = d·(g0+g1)/(S0+S1); S0 + S1 = 0 only where g0 = g1 = 0, and there q = 0
+    q = g_sum.mul(sqrt_d * sqrt_d).div_((S0 + S1).clamp_min_(torch.finfo(S1.dtype).tiny))
+    # the part of u's numerator that q multiplies: a·m + b·g0
+    lin = s.m.mul(a) if g0 is None else torch.add(s.m.mul(a), g0, alpha=b)
+    D0 = S0.add_(s.eps) if g0 is not None else root_cv.add_(s.eps)
+    num = torch.mul(D0, b).sub_(lin.mul_(q))
     # divide twice rather than by D0·D1, which can overflow for huge gradients
-    return (b * (D0 - g0 * q) - a * q) / D0 / D1
+    return num.div_(D0).div_(S1.add_(s.eps)).mul_(k)
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    rule: object  # ParamState -> P
+    rule: object  # (ParamState, k) -> k·P
     clipped: bool  # x_i carries the clip factor c (sgd ignores clipping by definition)
     summary: str
 
@@ -130,7 +139,7 @@ def scales(method: str, view: OptimizerView, clip: float) -> dict[int, torch.Ten
     """Per parameter (by id), the multiplier η·c·P of ∇val for this method."""
     m = METHODS[method]
     c = clip if m.clipped else 1.0
-    return {id(p): s.lr * c * m.rule(s) for p, s in view.states()}
+    return {id(p): m.rule(s, s.lr * c) for p, s in view.states()}
 
 
 # ---- reading the live optimizer ---------------------------------------------------------------
@@ -171,11 +180,11 @@ class OptimizerView:
             return SGDState(lr, _sgd_gain(group, state))
         decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
         g = p.grad.detach()
-        r = wd * p.detach() if wd and not decoupled else 0.0
+        r = wd * p.detach() if wd and not decoupled else None
         beta1, beta2 = (float(b) for b in group["betas"])
         t = int(state["step"]) + 1 if "step" in state else 1
-        m = state["exp_avg"].detach() if "exp_avg" in state else 0.0
-        v = state["exp_avg_sq"].detach() if "exp_avg_sq" in state else 0.0
+        m = state["exp_avg"].detach() if "exp_avg" in state else torch.zeros_like(g)
+        v = state["exp_avg_sq"].detach() if "exp_avg_sq" in state else torch.zeros_like(g)
         return AdamState(lr, g, r, beta1, beta2, float(group["eps"]), t, m, v)
 
 

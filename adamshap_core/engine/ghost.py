@@ -189,10 +189,10 @@ class GhostEngine:
         for p, g in zip(self.parameters, val_grads, strict=True):
             if not any(id(p) in s for s in scales):
                 continue  # not updated by any method: contributes nothing
+            Q = g.shape[0]
             g = g.to(torch.promote_types(g.dtype, torch.float32))
-            M[id(p)] = torch.cat([_scaled(s.get(id(p), 0.0), g) for s in scales])
+            out = torch.empty((len(scales) * Q, *g.shape[1:]), dtype=g.dtype, device=g.device)
+            for k, s in enumerate(scales):
+                torch.mul(g, s.get(id(p), 0.0), out=out[k * Q : (k + 1) * Q])
+            M[id(p)] = out
         return M
-
-
-def _scaled(scale: Scale, g: torch.Tensor) -> torch.Tensor:
-    return (scale.to(g.dtype) if isinstance(scale, torch.Tensor) else scale) * g
