@@ -1,0 +1,349 @@
+"""Checkpoint and resume: a stopped, interrupted or killed run, resumed, ends bit for bit where the
+uninterrupted run ends (values, step tables, final parameters); resuming refuses what it cannot
+continue exactly."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from helpers import cli, tiny, write_recipe
+
+from adamshap_core.checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpointer,
+    TrainingInterrupted,
+    run_lock,
+    stop_on_interrupt,
+)
+from adamshap_core.errors import UserError
+from adamshap_core.recipe import recipe_from_dict
+from adamshap_core.train import prepare, run
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ~200 steps (iris: 100 training rows, batch 4, 8 epochs) with a checkpoint every 3 steps: long enough
+# that a kill lands mid-run, short enough for the default suite.
+LONG = tiny(
+    name="long",
+    train={"epochs": 8, "batch_size": 4, "checkpoint_every": 3},
+    optim={"schedule": "cosine", "warmup_steps": 5},
+    attribution={"methods": ["adam", "sgd"], "record_steps": 6},
+)
+
+
+def digest_run(run: Path) -> dict:
+    """What must be equal between a resumed and an uninterrupted run (step timings aside)."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    return {
+        "values": pd.read_parquet(run / "values.parquet"),
+        "steps": pd.read_parquet(run / "steps.parquet").drop(columns="seconds"),
+        "steps_values": pd.read_parquet(run / "steps_values.parquet"),
+        "params_sha256": metrics["params_sha256"],
+        "status": metrics["status"],
+        "steps_done": metrics["steps"],
+    }
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    da, db = digest_run(a), digest_run(b)
+    for key in ("values", "steps", "steps_values"):
+        pd.testing.assert_frame_equal(da[key], db[key], check_exact=True)
+    assert da["params_sha256"] == db["params_sha256"]
+    assert da["status"] == db["status"] == "complete" and da["steps_done"] == db["steps_done"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run of LONG (in-process CLI)."""
+    root = tmp_path_factory.mktemp("reference")
+    recipe = write_recipe(root, LONG)
+    res = cli("train", recipe, "--quiet", "--runs-dir", root / "runs", "--name", "ref")
+    assert res.exit_code == 0, res.output
+    run = root / "runs" / "ref"
+    assert not (run / CHECKPOINT_FILE).exists()  # removed once the run completes
+    return run
+
+
+def start_subprocess(recipe: Path, runs: Path, name: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "adamshap_cli", "train", str(recipe), "--quiet"]
+    cmd += ["--runs-dir", str(runs), "--name", name]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(
+                f"the run ended (rc {proc.returncode}) before {path.name} appeared: {proc.stderr.read()}"
+            )
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no {path.name} after {timeout}s")
+        time.sleep(0.005)
+
+
+# --------------------------------------------------------------------------- the acceptance test
+
+
+def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path, reference):
+    recipe = write_recipe(tmp_path, LONG)
+    runs = tmp_path / "runs"
+    proc = start_subprocess(recipe, runs, "cut")
+    run = runs / "cut"
+    wait_for(run / CHECKPOINT_FILE, proc)
+    time.sleep(random.uniform(0.0, 0.25))  # a random moment after the first checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed; lengthen LONG"
+    assert json.loads((run / "metrics.json").read_text())["status"] == "incomplete"
+    assert not (run / "values.parquet").exists()
+    killed_at = torch.load(run / CHECKPOINT_FILE, weights_only=True)["loop"]["step"]
+
+    res = cli("train", "--resume", "cut", "--runs-dir", runs, "--quiet")
+    assert res.exit_code == 0, res.output
+    assert_same_run(run, reference)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["resumed_at_steps"] == [killed_at] and 0 < killed_at < metrics["total_steps"]
+    assert sorted(os.listdir(run)) == sorted(
+        ["recipe.yaml", "metrics.json", "values.parquet", "steps.parquet", "steps_values.parquet"]
+    )
+
+
+@pytest.mark.slow  # a real SIGINT to a subprocess; the fast tests below drive the same path in-process
+def test_ctrl_c_stops_after_the_step_saves_and_says_how_to_resume(tmp_path, reference):
+    recipe = write_recipe(tmp_path, LONG)
+    runs = tmp_path / "runs"
+    proc = start_subprocess(recipe, runs, "stopped")
+    run = runs / "stopped"
+    wait_for(run / CHECKPOINT_FILE, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    flat = " ".join(err.split())
+    assert f"adamshap train --resume stopped --runs-dir {runs}" in flat and "stopped after step" in flat
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "incomplete" and "interrupted after step" in metrics["error"]
+    stopped_at = torch.load(run / CHECKPOINT_FILE, weights_only=True)["loop"]["step"]
+    assert f"after step {stopped_at} of" in flat  # the checkpoint is the step it stopped after
+
+    res = cli("train", "--resume", "stopped", "--runs-dir", runs, "--quiet")
+    assert res.exit_code == 0, res.output
+    assert_same_run(run, reference)
+
+
+def test_first_ctrl_c_sets_the_stop_flag_and_a_second_aborts():
+    before = signal.getsignal(signal.SIGINT)
+    with stop_on_interrupt() as stop:
+        assert not stop()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs in the main thread at the next bytecode boundary
+        assert stop()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+# --------------------------------------------------------------------------- the loop, in-process
+
+
+def stop_after(k: int):
+    """A stop flag that turns true at its k-th poll, i.e. after the k-th step of this process."""
+    calls = {"n": 0}
+
+    def stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] >= k
+
+    return stop
+
+
+def train_in_segments(recipe, path: Path, stops: list[int]):
+    """Train ``recipe``, stopping after each step in ``stops`` and resuming from its checkpoint."""
+    done = 0
+    for at in stops:
+        prep = prepare(recipe)
+        with pytest.raises(TrainingInterrupted) as info:
+            run(
+                prep,
+                quiet=True,
+                checkpointer=Checkpointer(path, prep),
+                resume=done > 0,
+                stop=stop_after(at - done),
+            )
+        assert info.value.step == at
+        done = at
+    prep = prepare(recipe)
+    return run(prep, quiet=True, checkpointer=Checkpointer(path, prep), resume=True)
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"train": {"epochs": 3, "batch_size": 7}, "optim": {"schedule": "linear", "warmup_steps": 4}},
+        {
+            "train": {"epochs": 2, "batch_size": 10, "grad_clip": 0.5},
+            "optim": {"name": "adamw", "weight_decay": 0.1},
+        },
+        {"train": {"epochs": 2, "batch_size": 10}, "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9}},
+        {"train": {"epochs": 2, "batch_size": 16}, "attribution": {"enabled": False}},
+    ],
+    ids=["adam-linear-warmup", "adamw-clip", "sgd-momentum", "no-attribution"],
+)
+def test_stop_anywhere_and_resume_is_bitwise_equal(tmp_path, sections):
+    """Stopping after the first step, the last step of an epoch, the first of the next, or several
+    times in a row, then resuming, ends exactly where the uninterrupted run ends."""
+    recipe = recipe_from_dict(tiny(**sections))
+    full = run(prepare(recipe), quiet=True)
+    per_epoch = full.total_steps // recipe.train.epochs
+    for stops in ([1], [per_epoch], [per_epoch + 1], [2, 3, per_epoch - 1, per_epoch + 2]):
+        res = train_in_segments(recipe, tmp_path / f"ck-{stops[0]}.pt", stops)
+        assert res.steps_done == full.steps_done
+        for m in full.methods:
+            assert np.array_equal(full.values[m], res.values[m])
+        assert np.array_equal(full.n_steps, res.n_steps)
+        assert res.metrics["params_sha256"] == full.metrics["params_sha256"]
+        assert res.metrics["resumed_at_steps"] == stops
+        pd.testing.assert_frame_equal(full.steps.drop(columns="seconds"), res.steps.drop(columns="seconds"))
+        pd.testing.assert_frame_equal(full.steps_values, res.steps_values)
+
+
+def test_periodic_checkpoints_follow_checkpoint_every(tmp_path):
+    recipe = recipe_from_dict(tiny(train={"epochs": 2, "checkpoint_every": 4}))
+    prep = prepare(recipe)
+    saved = []
+    ck = Checkpointer(tmp_path / CHECKPOINT_FILE, prep)
+    original = ck.save
+    ck.save = lambda state, gen, wall: (saved.append(state.step), original(state, gen, wall))
+    res = run(prep, quiet=True, checkpointer=ck)
+    assert saved == [s for s in range(4, res.total_steps, 4)]  # never at the last step: the run completes
+    off = prepare(recipe_from_dict(tiny(train={"epochs": 2, "checkpoint_every": 0})))
+    ck_off = Checkpointer(tmp_path / "off.pt", off)
+    run(off, quiet=True, checkpointer=ck_off)
+    assert not ck_off.exists()
+
+
+# --------------------------------------------------------------------------- what resume refuses
+
+
+@pytest.fixture
+def stopped(tmp_path, monkeypatch):
+    """A CLI run of the tiny recipe stopped after its first step as Ctrl-C stops it (exit 130)."""
+    from adamshap_core import checkpoint
+
+    runs = tmp_path / "runs"
+    recipe = write_recipe(tmp_path, tiny(train={"epochs": 2}))
+    with monkeypatch.context() as m:  # a Ctrl-C already pressed: stop after the first step
+        m.setattr(checkpoint, "stop_on_interrupt", lambda: contextlib.nullcontext(lambda: True))
+        res = cli("train", recipe, "--quiet", "--runs-dir", runs)
+    assert res.exit_code == 130, res.output
+    assert "--resume tiny" in " ".join(res.output.split())
+    assert (runs / "tiny" / CHECKPOINT_FILE).exists()
+    return runs
+
+
+def resume(runs: Path, *extra):
+    return cli("train", "--resume", "tiny", "--runs-dir", runs, "--quiet", *extra)
+
+
+def test_resume_after_ctrl_c_in_process(stopped, tmp_path):
+    res = resume(stopped)
+    assert res.exit_code == 0, res.output
+    ref = cli(
+        "train",
+        write_recipe(tmp_path, tiny(train={"epochs": 2})),
+        "-q",
+        "--runs-dir",
+        stopped,
+        "--name",
+        "ref",
+    )
+    assert ref.exit_code == 0
+    assert_same_run(stopped / "tiny", stopped / "ref")
+    assert json.loads((stopped / "tiny" / "metrics.json").read_text())["resumed_at_steps"] == [1]
+
+
+def test_resume_refuses_a_complete_run(tmp_path):
+    runs = tmp_path / "runs"
+    cli("train", write_recipe(tmp_path, tiny()), "--quiet", "--runs-dir", runs)
+    res = resume(runs)
+    assert res.exit_code == 2 and "already complete" in res.output
+
+
+def test_resume_refuses_a_run_without_checkpoint(stopped):
+    os.unlink(stopped / "tiny" / CHECKPOINT_FILE)
+    res = resume(stopped)
+    assert res.exit_code == 2 and "has no checkpoint" in res.output and "--force" in res.output
+
+
+def test_resume_refuses_recipe_options(stopped, tmp_path):
+    for extra in (["--set", "optim.lr=0.1"], ["--name", "x"], ["--force"]):
+        res = resume(stopped, *extra)
+        assert res.exit_code == 2 and extra[0] in res.output
+    res = cli("train", write_recipe(tmp_path, tiny()), "--resume", "tiny", "--runs-dir", stopped)
+    assert res.exit_code == 2 and "RECIPE" in res.output
+
+
+def test_resume_refuses_an_edited_recipe(stopped):
+    p = stopped / "tiny" / "recipe.yaml"
+    p.write_text(p.read_text().replace("lr: 0.01", "lr: 0.02"))
+    res = resume(stopped)
+    assert res.exit_code == 2 and "different recipe" in res.output, res.output
+    assert json.loads((stopped / "tiny" / "metrics.json").read_text())["status"] == "incomplete"
+
+
+def test_resume_refuses_changed_training_data(tmp_path):
+    def write_data(power: int) -> None:  # power 1 or 2: every row's first feature changes
+        rows = [f"{(i % 7) ** power},{(i * 3) % 5},{i % 2}" for i in range(80)]
+        data.write_text("\n".join(["a,b,y", *rows]) + "\n")
+
+    data = tmp_path / "d.csv"
+    write_data(1)
+    recipe = recipe_from_dict(
+        tiny(data={"source": f"csv:{data}", "target": "y", "val_size": 10, "test_size": 10, "label_noise": 0})
+    )
+    prep = prepare(recipe)
+    path = tmp_path / CHECKPOINT_FILE
+    with pytest.raises(TrainingInterrupted):
+        run(prep, quiet=True, checkpointer=Checkpointer(path, prep), stop=stop_after(1))
+    write_data(2)
+    again = prepare(recipe)
+    with pytest.raises(UserError, match="different training data"):
+        run(again, quiet=True, checkpointer=Checkpointer(path, again), resume=True)
+
+
+def test_resume_refuses_a_damaged_checkpoint(stopped):
+    p = stopped / "tiny" / CHECKPOINT_FILE
+    p.write_bytes(p.read_bytes()[:100])
+    res = resume(stopped)
+    assert res.exit_code == 2 and "cannot be read" in res.output and "Traceback" not in res.output
+
+
+def test_resume_refuses_while_another_process_writes_the_run(stopped):
+    with run_lock(stopped / "tiny"):
+        res = resume(stopped)
+    assert res.exit_code == 2 and "being written by process" in res.output
+    assert resume(stopped).exit_code == 0  # once the lock is gone
+
+
+def test_force_refuses_to_replace_a_run_being_trained(stopped, tmp_path):
+    recipe = write_recipe(tmp_path, tiny())
+    with run_lock(stopped / "tiny"):
+        res = cli("train", recipe, "--quiet", "--runs-dir", stopped, "--force")
+    assert res.exit_code == 2 and "being trained by another process" in res.output
+    assert (stopped / "tiny" / CHECKPOINT_FILE).exists()
