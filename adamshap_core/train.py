@@ -365,8 +365,8 @@ def run(
             problem = non_finite_problem(loss, model, step_values, float(val_loss))
             if problem:
                 raise TrainingDiverged(
-                    f"training diverged at step {step} (epoch {epoch}): {problem}. The values of the "
-                    f"{state.step} steps before are kept. Try a smaller optim.lr or set train.grad_clip.",
+                    f"training diverged at step {step} (epoch {epoch}): {problem}. What steps 1-{step - 1} "
+                    "valued is kept (the run is incomplete). Try a smaller optim.lr or set train.grad_clip.",
                     partial=_result(
                         prep, state, {"steps": state.step, "total_steps": prep.total_steps}, wall()
                     ),
