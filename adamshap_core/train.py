@@ -365,8 +365,8 @@ def run(
             problem = non_finite_problem(loss, model, step_values, float(val_loss))
             if problem:
                 raise TrainingDiverged(
-                    f"training diverged at step {step} (epoch {epoch}): {problem}. What steps 1-{step - 1} "
-                    "valued is kept (the run is incomplete). Try a smaller optim.lr or set train.grad_clip.",
+                    f"training diverged at step {step} (epoch {epoch}): {problem}. {_kept(state.step)} "
+                    "Try a smaller optim.lr or set train.grad_clip.",
                     partial=_result(
                         prep, state, {"steps": state.step, "total_steps": prep.total_steps}, wall()
                     ),
@@ -436,6 +436,13 @@ def non_finite_problem(loss: float, model: nn.Module, values: dict[str, np.ndarr
             why = f" (the validation loss is {val_loss})" if not math.isfinite(val_loss) else ""
             return f"the `{m}` values of {bad} of the {len(v)} examples are non-finite{why}"
     return ""
+
+
+def _kept(steps_done: int) -> str:
+    if steps_done == 0:
+        return "No step finished, so no values are kept."
+    which = "step 1" if steps_done == 1 else f"steps 1-{steps_done}"
+    return f"The values of {which} are kept (the run is marked incomplete)."
 
 
 def _result(prep: Prepared, state: LoopState, metrics: dict, wall_seconds: float) -> TrainResult:
