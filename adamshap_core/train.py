@@ -450,8 +450,12 @@ def _result(prep: Prepared, state: LoopState, metrics: dict, wall_seconds: float
     steps = pd.DataFrame(
         state.step_rows, columns=["step", "epoch", "lr", "train_loss", "val_loss", "clip_factor", "seconds"]
     )
-    steps = steps.astype({"step": "int64", "epoch": "int64"})
-    steps_values = pd.DataFrame(state.rec_rows).astype({"step": "int64", "example_id": "int64"})
+    # explicit types, so the tables keep their schema even with no rows (a run that stopped at step 1)
+    steps = steps.astype({c: "int64" if c in ("step", "epoch") else "float64" for c in steps.columns})
+    steps_values = pd.DataFrame(state.rec_rows)
+    steps_values = steps_values.astype(
+        {c: "int64" if c in ("step", "example_id") else "float64" for c in steps_values.columns}
+    )
     return TrainResult(
         prep.recipe,
         prep.data,
