@@ -532,6 +532,8 @@ def write_outputs(p: Plan, result: Attribution) -> dict[str, Path]:
         bench = result.benchmark()
         paths["benchmark"] = f.file("attribution_benchmark.parquet")
         atomic_write_parquet(paths["benchmark"], bench)
+    else:  # a benchmark of earlier queries must not sit beside these results
+        f.file("attribution_benchmark.parquet").unlink(missing_ok=True)
     r = result.replay
     meta = {
         "run": f.name,

@@ -155,7 +155,9 @@ def load_text(rest: str, cfg: DataCfg, *, image: bool = False) -> TextDataset:
     _check_text_options(cfg, source)
     lines = _read_lines(rest, "`data.source`")
     kept = [i for i, line in enumerate(lines) if line.strip()]
-    corpus = Texts([lines[i] for i in kept], kept, kept, [f"line {i + 1} of {rest}" for i in kept])
+    corpus = Texts(
+        [lines[i] for i in kept], kept, kept, [f"`data.source`: line {i + 1} of {rest}" for i in kept]
+    )
     notes = []
     if len(kept) < len(lines):
         notes.append(
@@ -177,7 +179,7 @@ def load_jsonl(rest: str, cfg: DataCfg, *, image: bool = False) -> TextDataset:
         texts.append(record_text(rec, name, "`data.source`"))
         ids.append(rec.get("id", row))
         rows.append(row)
-        where.append(name)
+        where.append(f"`data.source`: {name}")
     return text_dataset(source, *_split(Texts(texts, ids, rows, where), cfg, rest))
 
 

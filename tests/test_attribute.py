@@ -1,0 +1,145 @@
+"""``adamshap attribute``: end to end on a tiny corpus, the queries it accepts and refuses, the ranks."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import cli, tiny, write_recipe
+
+from adamshap_core.attribute import bm25_scores, ranks, source_rank
+from adamshap_core.data.facts import LEVELS
+
+FACTS = {
+    "name": "facts",
+    "data": {"source": "builtin:facts", "facts": {"n_facts": 12, "seed": 0}},
+    "model": {"kind": "gpt", "n_layer": 1, "n_head": 2, "d_model": 8},
+    "optim": {"name": "adamw", "lr": 1.0e-2},
+    "train": {"epochs": 2, "batch_size": 4, "seed": 0, "device": "cpu"},
+    "attribution": {"methods": ["adam", "sgd"], "record_steps": 0},
+}
+METHODS = ["adam", "adam_fixed", "sgd", "bm25", "random"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A runs folder with a tiny builtin:facts run and a tabular run."""
+    root = tmp_path_factory.mktemp("attr")
+    runs = root / "runs"
+    for rec in (FACTS, tiny(name="tab")):
+        res = cli("train", write_recipe(root, rec, f"{rec['name']}.yaml"), "--runs-dir", runs, "-q")
+        assert res.exit_code == 0, res.output
+    return runs
+
+
+def attribute(runs, *args):
+    return cli("attribute", "--runs-dir", runs, "-q", *args)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_builtin_queries_end_to_end(runs):
+    res = attribute(runs, "--run", "facts", "--top", "3")
+    assert res.exit_code == 0, res.output
+    run = runs / "facts"
+    df = pd.read_parquet(run / "attribution.parquet")
+    n, Q = 12, 4 * 12
+    assert len(df) == n * Q
+    valued = ["adam", "adam_fixed", "sgd", "bm25"]
+    assert list(df.columns) == ["query_id", "example_id"] + [
+        f"{k}_{m}" for m in valued for k in ("value", "rank")
+    ] + ["is_source"]
+    for m in valued:  # every query ranks every training text once, 1 = highest value
+        assert (
+            df.groupby("query_id")[f"rank_{m}"].apply(sorted) == pd.Series([list(range(1, n + 1))] * Q)
+        ).all()
+        top = df.loc[df[f"rank_{m}"] == 1].set_index("query_id")[f"value_{m}"]
+        assert (top == df.groupby("query_id")[f"value_{m}"].max()).all()
+    assert df["is_source"].sum() == Q
+    bench = pd.read_parquet(run / "attribution_benchmark.parquet")
+    assert list(bench["level"].unique()) == list(LEVELS)
+    assert list(bench["method"].unique()) == METHODS
+    assert (bench["n_queries"] == n).all() and bench["mean_rank"].between(1, n).all()
+    assert bench.loc[bench["method"] == "random", "mean_rank"].eq((n + 1) / 2).all()
+    # bm25 finds the exact text: it shares every word with its source
+    exact_bm25 = bench[(bench["level"] == "exact") & (bench["method"] == "bm25")].iloc[0]
+    assert exact_bm25["recall_at_1"] == 1.0
+    summary = json.loads((run / "attribution.json").read_text())
+    assert summary["replay_matches_run"] is True and summary["n_queries"] == Q
+    assert "rank of the true source" in res.output and "replay matched the run bit for bit" in res.output
+
+
+def test_typed_queries_with_unseen_words(runs):
+    res = attribute(
+        runs, "--run", "facts", "--query", "who plays the zither", "--query", "the pet of", "--top", "2"
+    )
+    assert res.exit_code == 0, res.output
+    assert "<unk>" in res.output and "zither" in res.output
+    q = pd.read_parquet(runs / "facts" / "attribution_queries.parquet")
+    assert q["query_id"].tolist() == [0, 1] and q["n_unknown_words"].tolist() == [2, 0]
+    assert not (runs / "facts" / "attribution_benchmark.parquet").exists()  # no sources, no (stale) table
+    assert q["source_id"].isna().all()
+
+
+def test_a_queries_file_with_ids_levels_and_sources(runs, tmp_path):
+    p = tmp_path / "q.jsonl"
+    lines = [
+        {"id": "first", "text": "the pet of somebody", "level": "mine", "source_id": 3},
+        {"id": "second", "text": "plays the piano", "level": "mine", "source_id": 1},
+    ]
+    p.write_text("\n".join(json.dumps(x) for x in lines))
+    res = attribute(runs, "--run", "facts", "--queries", p, "--methods", "sgd,bm25", "--show", "0")
+    assert res.exit_code == 0, res.output
+    df = pd.read_parquet(runs / "facts" / "attribution.parquet")
+    assert set(df["query_id"]) == {"first", "second"}
+    assert [c for c in df.columns if c.startswith("value_")] == ["value_sgd", "value_bm25"]
+    bench = pd.read_parquet(runs / "facts" / "attribution_benchmark.parquet")
+    assert bench["level"].tolist() == ["mine", "mine"] and bench["method"].tolist() == ["sgd", "bm25"]
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--query", "the pet of", "--query", " "], "query 1 is empty"),
+        (["--query", "the pet of", "--queries", "builtin"], "not both"),
+        (["--query", " ".join(["pet"] * 40)], "more than the model's context"),
+        (["--methods", "adam,lasso"], "unknown method"),
+        (["--run", "tab"], "needs a language-model run"),
+        (["--run", "facts", "--queries", "missing.jsonl"], "does not exist"),
+    ],
+)
+def test_bad_queries_and_options_exit_2(runs, args, fragment):
+    if "--run" not in args:
+        args = ["--run", "facts", *args]
+    res = attribute(runs, *args)
+    assert res.exit_code == 2, res.output
+    assert fragment in " ".join(res.output.split()), res.output
+
+
+def test_a_source_id_must_be_a_training_example(runs, tmp_path):
+    p = tmp_path / "q.jsonl"
+    p.write_text(json.dumps({"text": "the pet of", "source_id": 999}) + "\n")
+    res = attribute(runs, "--run", "facts", "--queries", p)
+    assert res.exit_code == 2 and "source_id 999" in res.output
+
+
+# ---------------------------------------------------------------- ranks and baselines
+
+
+def test_ranks_put_the_highest_value_first_and_ties_in_row_order():
+    v = np.array([[0.5, 1.0], [2.0, 1.0], [-1.0, 3.0]])
+    assert ranks(v).tolist() == [[2, 2], [1, 3], [3, 1]]
+
+
+def test_source_rank_shares_ties():
+    s = np.array([3.0, 1.0, 1.0, 1.0, 0.0])
+    assert source_rank(s, 0) == 1.0
+    assert source_rank(s, 2) == 3.0  # ranks 2, 3, 4 shared
+    assert source_rank(s, 4) == 5.0
+
+
+def test_bm25_prefers_the_text_sharing_the_rare_words():
+    texts = ["the cat sat on the mat", "the dog sat on the log", "a bird flew"]
+    s = bm25_scores(texts, ["where did the dog sit ?", "bird"])
+    assert s.shape == (3, 2) and s[:, 0].argmax() == 1 and s[:, 1].argmax() == 2
