@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import contract, contract_bias
+from .linear import contract_bias, contract_weight
+from .low_rank import LowRank
 from .registry import LayerKernel, matrix_dtype, n_targets, register, unsupported
 
 
@@ -19,6 +20,9 @@ class Conv2dKernel(LayerKernel):
             raise unsupported(path, module, f"padding_mode '{module.padding_mode}' (only 'zeros')")
         if module.padding == "same" and any(s != 1 for s in module.stride):
             raise unsupported(path, module, "padding='same' with stride > 1")
+
+    def low_rank_params(self, module):
+        return ("weight",) if module.groups == 1 else ()
 
     def keep(self, module, inputs):
         x = inputs[0].detach()
@@ -33,12 +37,14 @@ class Conv2dKernel(LayerKernel):
         patches = patches.view(B, G, -1, L).transpose(2, 3)  # [B, G, L, I]
         grads = b.to(dtype).reshape(B, G, -1, L).transpose(2, 3)  # [B, G, L, O]
         out = patches.new_zeros(B, n_targets(M))
-        if "weight" in M:
-            Mw = M["weight"]
+        Mw = M.get("weight")
+        if isinstance(Mw, LowRank):  # groups == 1, factors of the [C_out, C_in·kh·kw] matrix
+            out += contract_weight(patches[:, 0], grads[:, 0], Mw)
+        elif Mw is not None:
             K, C_out = Mw.shape[:2]
             Mw = Mw.reshape(K, G, C_out // G, -1)
             for g in range(G):
-                out += contract(patches[:, g], grads[:, g], Mw[:, g])
+                out += contract_weight(patches[:, g], grads[:, g], Mw[:, g])
         if "bias" in M:
             out += contract_bias(b.to(dtype).reshape(B, -1, L).transpose(1, 2), M["bias"])
         return out

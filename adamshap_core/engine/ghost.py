@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from ..errors import UserError
+from .low_rank import LowRank, factorize
 from .registry import LayerKernel, kernel_for, supported_types, unsupported
 
 Scale = torch.Tensor | float  # per-parameter multiplier of ∇val (tensor: elementwise)
@@ -67,6 +68,7 @@ class GhostEngine:
             raise UserError("the model has no trainable parameters to value")
         self._calls: list[_Call] = []
         self._capturing = False
+        self._generator = torch.Generator(device=self.parameters[0].device).manual_seed(0)
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self._owned]
 
     # ---- hooks ---------------------------------------------------------------------------
@@ -158,7 +160,47 @@ class GhostEngine:
         the gradient of the *mean* loss, which supplies the 1/B.
         """
         M = self.matrices(val_grads, scales)
-        Q = val_grads[0].shape[0]
+        return self.contract(M, batch_size).view(batch_size, len(scales), val_grads[0].shape[0])
+
+    def matrices(
+        self,
+        val_grads: Sequence[torch.Tensor],
+        scales: Sequence[Mapping[int, Scale]],
+        rank: int | None = None,
+    ) -> Matrices:
+        """M per parameter: [n_methods·Q, *shape], in float32 or wider.
+
+        With ``rank``, weight matrices that a kernel can contract in factored
+        form also get rank-``rank`` factors (fast mode), where that is cheaper.
+        """
+        full = {}
+        for p, g in zip(self.parameters, val_grads, strict=True):
+            if not any(id(p) in s for s in scales):
+                continue  # not updated by any method: contributes nothing
+            Q = g.shape[0]
+            g = g.to(torch.promote_types(g.dtype, torch.float32))
+            out = torch.empty((len(scales) * Q, *g.shape[1:]), dtype=g.dtype, device=g.device)
+            for k, s in enumerate(scales):
+                torch.mul(g, s.get(id(p), 0.0), out=out[k * Q : (k + 1) * Q])
+            full[id(p)] = out
+        factors = {} if rank is None else self._factorize(full, rank)
+        return Matrices(full, factors)
+
+    def _factorize(self, full: dict[int, torch.Tensor], rank: int) -> dict[int, LowRank]:
+        factors = {}
+        for module, (kernel, own) in self._owned.items():
+            for name in kernel.low_rank_params(module):
+                p = own.get(name)
+                if p is None or id(p) not in full or id(p) in factors:
+                    continue
+                M = full[id(p)]
+                d_out, d_in = M.shape[1], M[0].numel() // M.shape[1]
+                if rank * (d_in + d_out) * 2 < d_in * d_out:  # only where factors are cheaper
+                    factors[id(p)] = factorize(M.reshape(M.shape[0], d_out, d_in), rank, self._generator)
+        return factors
+
+    def contract(self, M: Matrices, batch_size: int) -> torch.Tensor:
+        """[B, K]: every captured call's ⟨M_k, g_i⟩, summed over calls."""
         calls = [c for c in self._calls if c.b is not None]
         if not calls:
             raise RuntimeError("no layer activity was captured: call values() inside capture()")
@@ -171,28 +213,33 @@ class GhostEngine:
                     f"batch of {B}: its per-example gradients cannot be separated (is an input "
                     "broadcast over the batch, such as positions from arange(T)? expand it first)"
                 )
-            own = self._owned[call.module][1]
-            Mc = {n: M[id(p)] for n, p in own.items() if id(p) in M}
+            Mc = M.for_call(call.module, call.kernel, self._owned[call.module][1])
             if not Mc:
                 continue
             v = call.kernel.values(call.module, call.a, call.b, Mc)
             total = v if total is None else total + v
         if total is None:
-            total = torch.zeros(B, len(scales) * Q, device=val_grads[0].device)
-        return total.view(B, len(scales), Q)
+            total = torch.zeros(B, M.n_targets, device=calls[0].a.device)
+        return total
 
-    def matrices(
-        self, val_grads: Sequence[torch.Tensor], scales: Sequence[Mapping[int, Scale]]
-    ) -> dict[int, torch.Tensor]:
-        """M per parameter: [n_methods·Q, *shape], in float32 or wider."""
-        M = {}
-        for p, g in zip(self.parameters, val_grads, strict=True):
-            if not any(id(p) in s for s in scales):
-                continue  # not updated by any method: contributes nothing
-            Q = g.shape[0]
-            g = g.to(torch.promote_types(g.dtype, torch.float32))
-            out = torch.empty((len(scales) * Q, *g.shape[1:]), dtype=g.dtype, device=g.device)
-            for k, s in enumerate(scales):
-                torch.mul(g, s.get(id(p), 0.0), out=out[k * Q : (k + 1) * Q])
-            M[id(p)] = out
-        return M
+
+@dataclass
+class Matrices:
+    """The per-parameter M of one step, and low-rank factors of some (fast mode)."""
+
+    full: dict[int, torch.Tensor]  # id(param) -> [K, *shape]
+    factors: dict[int, LowRank]  # id(param) -> factors of the same stack
+
+    @property
+    def n_targets(self) -> int:
+        return next(iter(self.full.values())).shape[0] if self.full else 0
+
+    def for_call(self, module: nn.Module, kernel: LayerKernel, own: dict[str, nn.Parameter]) -> dict:
+        factored = kernel.low_rank_params(module)
+        out = {}
+        for name, p in own.items():
+            if name in factored and id(p) in self.factors:
+                out[name] = self.factors[id(p)]
+            elif id(p) in self.full:
+                out[name] = self.full[id(p)]
+        return out

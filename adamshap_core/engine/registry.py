@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .low_rank import LowRank
 
 
 class LayerKernel:
@@ -25,6 +26,10 @@ class LayerKernel:
     def check(self, module: nn.Module, path: str) -> None:
         """Raise ``UserError`` at start-up for a configuration the kernel cannot value."""
 
+    def low_rank_params(self, module: nn.Module) -> tuple[str, ...]:
+        """Parameters whose M may be given as ``LowRank`` factors (fast mode)."""
+        return ()
+
     def keep(self, module: nn.Module, inputs: tuple) -> torch.Tensor:
         """What the forward pass must keep for ``values`` (by default the input)."""
         return inputs[0].detach()
@@ -35,7 +40,8 @@ class LayerKernel:
         """⟨M_k, g_i⟩ summed over the module's parameters: shape [B, K].
 
         ``b`` is the gradient of the training loss with respect to the module
-        output; ``M[name]`` has shape [K, *param.shape] and holds only the
+        output; ``M[name]`` has shape [K, *param.shape] (or is a ``LowRank``
+        stack for the names ``low_rank_params`` gives) and holds only the
         parameters that are being valued.
         """
         raise NotImplementedError
@@ -63,14 +69,16 @@ def kernel_for(module: nn.Module) -> LayerKernel | None:
     return None
 
 
-def matrix_dtype(M: Mapping[str, torch.Tensor]) -> torch.dtype:
+def matrix_dtype(M: Mapping[str, torch.Tensor | LowRank]) -> torch.dtype:
     """The dtype the contractions run in: M's (float32 or wider, even under autocast)."""
-    return next(iter(M.values())).dtype
+    m = next(iter(M.values()))
+    return m.U.dtype if isinstance(m, LowRank) else m.dtype
 
 
-def n_targets(M: Mapping[str, torch.Tensor]) -> int:
+def n_targets(M: Mapping[str, torch.Tensor | LowRank]) -> int:
     """K, the number of stacked matrices (methods × validation targets)."""
-    return next(iter(M.values())).shape[0]
+    m = next(iter(M.values()))
+    return m.U.shape[0] if isinstance(m, LowRank) else m.shape[0]
 
 
 def supported_types() -> list[str]:
