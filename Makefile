@@ -2,6 +2,9 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEMO_RECIPE ?= recipes/digits-mlp.yaml
+# The shipped models are tiny: one intra-op thread per process is fastest, and it keeps
+# pytest -n 2 (two workers) and a busy machine from oversubscribing the cores.
+export OMP_NUM_THREADS ?= 1
 
 .PHONY: install demo test test-all bench lint
 
