@@ -49,6 +49,7 @@ def _number(v: Any) -> Any:
 
 Num = Annotated[float, BeforeValidator(_number)]
 Int = StrictInt
+Seed = Annotated[StrictInt, Field(ge=0, le=2**32 - 1)]  # the range numpy and scikit-learn accept
 
 
 class _Strict(BaseModel):
@@ -78,7 +79,7 @@ class FactsCfg(_Strict):
     """The generator of ``builtin:facts`` (see ``data/facts.py``)."""
 
     n_facts: Int = Field(100, ge=2)  # training texts, one invented entity each
-    seed: Int = 0  # the generator seed: same seed and size, same corpus and queries
+    seed: Seed = 0  # the generator seed: same seed and size, same corpus and queries
 
 
 class DataCfg(_Strict):
@@ -87,7 +88,7 @@ class DataCfg(_Strict):
     val_size: Any = 200
     test_size: Any = 300
     label_noise: Num = Field(0.0, ge=0.0, lt=1.0)
-    seed: Int = 0  # the split and label-noise seed
+    seed: Seed = 0  # the split and label-noise seed
     facts: FactsCfg | None = None  # builtin:facts only (null there = the defaults)
 
     @field_validator("source")
@@ -183,7 +184,7 @@ class TrainCfg(_Strict):
     epochs: Int = Field(5, ge=1)
     batch_size: Int = Field(32, ge=1)
     grad_clip: Annotated[Num, Field(gt=0.0)] | None = None
-    seed: Int = 0
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: Int = Field(200, ge=0)  # steps between checkpoints; 0 = off
 

@@ -122,13 +122,13 @@ def sample_record_steps(total: int, k: int) -> list[int]:
     if k <= 0 or total <= 0:
         return []
     first = list(range(1, min(5, k, total) + 1))
-    later = list(range(len(first) + 1, total + 1))
+    n_later = total - len(first)  # steps len(first)+1 .. total, never listed (a run can be long)
     rest = k - len(first)
-    if rest >= len(later):
-        return first + later
+    if rest >= n_later:
+        return first + list(range(len(first) + 1, total + 1))
     if rest > 0:
-        idx = np.unique(np.linspace(0, len(later) - 1, num=rest).round().astype(int))
-        first += [later[i] for i in idx]
+        idx = np.unique(np.linspace(0, n_later - 1, num=rest).round().astype(np.int64))
+        first += [len(first) + 1 + int(i) for i in idx]
     return first
 
 
