@@ -139,8 +139,8 @@ def _train_into(folder, header: dict, prep, quiet: bool, resume: bool, runs_dir:
         raise
     except (TrainingInterrupted, KeyboardInterrupt) as e:
         runio.fail_run(folder, header, e)
-        where = f"after step {e.step} of {e.total}" if isinstance(e, TrainingInterrupted) else ""
-        err_console.print(f"[yellow]stopped {where}; run {folder.name!r} is marked incomplete.[/]")
+        where = f" after step {e.step} of {e.total}" if isinstance(e, TrainingInterrupted) else ""
+        err_console.print(f"[yellow]stopped{where}; run {folder.name!r} is marked incomplete.[/]")
         if ckpt.exists():
             cmd = f"adamshap train --resume {shlex.quote(folder.name)}"
             if runs_dir is not None:
