@@ -9,8 +9,9 @@ means a new ``*State`` here, never a new layer kernel.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -135,11 +136,17 @@ def check_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
     return names
 
 
-def scales(method: str, view: OptimizerView, clip: float) -> dict[int, torch.Tensor | float]:
-    """Per parameter (by id), the multiplier η·c·P of ∇val for this method."""
+Segment = tuple[slice, ParamState]  # a run of the flat layout the optimizer steps with the same scalars
+Key = TypeVar("Key")
+Scale = torch.Tensor | float
+
+
+def scales(method: str, segments: Iterable[tuple[Key, ParamState]], clip: float) -> list[tuple[Key, Scale]]:
+    """Per segment (a slice of the flat layout, or a parameter from ``OptimizerView.states``),
+    the multiplier η·c·P of ∇val for this method."""
     m = METHODS[method]
     c = clip if m.clipped else 1.0
-    return {id(p): m.rule(s, s.lr * c) for p, s in view.states()}
+    return [(where, m.rule(s, s.lr * c)) for where, s in segments]
 
 
 # ---- reading the live optimizer ---------------------------------------------------------------
@@ -165,27 +172,73 @@ class OptimizerView:
         for i, group in enumerate(optimizer.param_groups):
             _check_group(self.kind, i, group)
 
-    def states(self) -> Iterator[tuple[torch.Tensor, ParamState]]:
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue  # the optimizer skips it, so nothing is attributed
-                yield p, self._state(group, p)
+    def segments(self, layout: Sequence[torch.Tensor]) -> list[Segment]:
+        """The optimizer's step for the parameters of ``layout``, flattened in that order.
 
-    def _state(self, group: dict, p: torch.Tensor) -> ParamState:
-        lr = float(group["lr"])
+        Consecutive parameters of one param group (same hyperparameters, same step
+        count) form one segment, so each rule runs once per segment rather than
+        once per tensor. Parameters without a gradient, or outside the optimizer,
+        are left out: the optimizer does not move them.
+        """
+        groups = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
+        runs: list[list] = []  # [key, start, params, numel]
+        offset = 0
+        for p in layout:
+            n = p.numel()
+            if id(p) in groups and p.grad is not None:
+                key = (groups[id(p)], self._step_count(p))
+                last = runs[-1] if runs else None
+                if last and last[0] == key and last[1] + last[3] == offset:
+                    last[2].append(p)
+                    last[3] += n
+                else:
+                    runs.append([key, offset, [p], n])
+            offset += n
+        return [
+            (slice(start, start + n), self._state(self.optimizer.param_groups[key[0]], params))
+            for key, start, params, n in runs
+        ]
+
+    def states(self) -> list[tuple[torch.Tensor, ParamState]]:
+        """Per parameter, in its own shape: for reference code that works tensor by tensor."""
+        return [
+            (p, self._state(group, [p], flat=False))
+            for group in self.optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+
+    def _step_count(self, p: torch.Tensor) -> int:
         state = self.optimizer.state.get(p, {})
-        wd = float(group.get("weight_decay", 0.0))
         if self.kind == "sgd":
-            return SGDState(lr, _sgd_gain(group, state))
+            return int(state.get("momentum_buffer") is not None)
+        return int(state["step"]) if "step" in state else 0
+
+    def _state(self, group: dict, params: list[torch.Tensor], flat: bool = True) -> ParamState:
+        lr = float(group["lr"])
+        first = self.optimizer.state.get(params[0], {})
+        if self.kind == "sgd":
+            return SGDState(lr, _sgd_gain(group, first))
+        wd = float(group.get("weight_decay", 0.0))
         decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
-        g = p.grad.detach()
-        r = wd * p.detach() if wd and not decoupled else None
+        join = _flat if flat else (lambda ts: ts[0].detach())
+        g = join([p.grad for p in params])
+        r = wd * join(params) if wd and not decoupled else None
         beta1, beta2 = (float(b) for b in group["betas"])
-        t = int(state["step"]) + 1 if "step" in state else 1
-        m = state["exp_avg"].detach() if "exp_avg" in state else torch.zeros_like(g)
-        v = state["exp_avg_sq"].detach() if "exp_avg_sq" in state else torch.zeros_like(g)
+        t = int(first["step"]) + 1 if "step" in first else 1
+        if t == 1:
+            m = v = torch.zeros_like(g)
+        else:
+            m = join([self.optimizer.state[p]["exp_avg"] for p in params])
+            v = join([self.optimizer.state[p]["exp_avg_sq"] for p in params])
         return AdamState(lr, g, r, beta1, beta2, float(group["eps"]), t, m, v)
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One flat, detached vector (a view, not a copy, for a single tensor)."""
+    if len(tensors) == 1:
+        return tensors[0].detach().reshape(-1)
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
 
 
 def _check_group(kind: str, i: int, group: dict) -> None:

@@ -124,7 +124,8 @@ class InRunShapley:
         self._cache: _Cached | None = None
         self._steps = 0
         self.view = OptimizerView(optimizer)  # validates the optimizer up front
-        self.engine = GhostEngine(model)  # validates every trainable parameter up front
+        # validates every trainable parameter up front; the flat layout follows the optimizer
+        self.engine = GhostEngine(model, order=[p for g in optimizer.param_groups for p in g["params"]])
         self.set_validation(val_inputs, val_targets, per_target=per_target)
 
     def set_validation(self, val_inputs, val_targets, *, per_target: bool = False) -> None:
@@ -150,7 +151,8 @@ class InRunShapley:
         def value_batch(losses: torch.Tensor, clip: float) -> None:
             B = len(losses)
             if refresh:
-                per_method = [scales(m, self.view, clip) for m in self.methods]
+                segments = self.view.segments(self.engine.parameters)
+                per_method = [scales(m, segments, clip) for m in self.methods]
                 M = self.engine.matrices(val_grads, per_method, rank=self.fast.rank if self.fast else None)
                 if self.fast:
                     self._cache = _Cached(M, lrs, clip, val_loss)

@@ -22,19 +22,21 @@ def test_kernel_matches_per_example_gradients(case, batch, float64):
     names = {id(p): n for n, p in model.named_parameters()}
     Q = 3
     val = [torch.randn(Q, *p.shape, generator=gen) for p in engine.parameters]
+    elementwise = [torch.rand(p.shape, generator=gen) for p in engine.parameters]
+    # one segment per parameter for the elementwise scale, one for the whole layout for the scalar
     scales = [
-        {id(p): 1.0 for p in engine.parameters},
-        {id(p): torch.rand(p.shape, generator=gen) for p in engine.parameters},
+        [(slice(0, engine.numel), 1.0)],
+        [(engine.slice_of(p), s.reshape(-1)) for p, s in zip(engine.parameters, elementwise, strict=True)],
     ]
     with engine.capture():
         case.loss(model(x), y).mean().backward()
-        got = engine.values(val, scales, batch)  # [B, 2, Q]
+        got = engine.values(engine.flatten(val, rows=Q), scales, batch)  # [B, 2, Q]
     G = per_example_grads(model, case.loss, x, y)
     want = torch.zeros(batch, 2, Q)
-    for p, v in zip(engine.parameters, val, strict=True):
+    for p, v, s in zip(engine.parameters, val, elementwise, strict=True):
         g = G[names[id(p)]].reshape(batch, -1)
-        for m, s in enumerate(scales):
-            M = (s[id(p)] * v).reshape(Q, -1)
+        for m, scale in enumerate((1.0, s)):
+            M = (scale * v).reshape(Q, -1)
             want[:, m] += g @ M.T / batch
     assert got.shape == (batch, 2, Q)
     assert rel_err(got, want) <= 1e-10

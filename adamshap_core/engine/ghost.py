@@ -8,7 +8,7 @@ Per step: ``validation_gradients`` (a separate pass that never touches
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -20,7 +20,8 @@ from ..errors import UserError
 from .low_rank import LowRank, factorize
 from .registry import LayerKernel, kernel_for, supported_types, unsupported
 
-Scale = torch.Tensor | float  # per-parameter multiplier of ∇val (tensor: elementwise)
+Scale = torch.Tensor | float  # multiplier of ∇val over a segment (tensor: elementwise)
+SegmentScales = Sequence[tuple[slice, Scale]]  # one method's scales, per segment of the flat layout
 
 
 @dataclass
@@ -36,7 +37,9 @@ class _Call:
 class GhostEngine:
     """Values per-example gradient dot-products for every trainable parameter of a model."""
 
-    def __init__(self, model: nn.Module, val_chunk: int = 64):
+    def __init__(self, model: nn.Module, order: Sequence[torch.Tensor] | None = None, val_chunk: int = 64):
+        """``order``: the parameters to value, in the order of the flat layout (for example
+        the optimizer's); by default every trainable parameter, in model order."""
         self.model = model
         self.val_chunk = val_chunk  # validation targets per vmap call
         self.parameters: list[nn.Parameter] = []
@@ -64,8 +67,20 @@ class GhostEngine:
                 if id(p) not in seen:  # a tied parameter is valued once, through all its uses
                     seen.add(id(p))
                     self.parameters.append(p)
+        if order is not None:
+            position = {id(p): i for i, p in enumerate(order)}
+            self.parameters = sorted(
+                (p for p in self.parameters if id(p) in position), key=lambda p: position[id(p)]
+            )
         if not self.parameters:
             raise UserError("the model has no trainable parameters to value")
+        # the flat layout: every per-parameter quantity (∇val, P, M) lives in one [rows, N] tensor
+        self._slices: dict[int, slice] = {}
+        offset = 0
+        for p in self.parameters:
+            self._slices[id(p)] = slice(offset, offset + p.numel())
+            offset += p.numel()
+        self.numel = offset
         self._calls: list[_Call] = []
         self._capturing = False
         self._generator = torch.Generator(device=self.parameters[0].device).manual_seed(0)
@@ -105,8 +120,8 @@ class GhostEngine:
 
     def validation_gradients(
         self, loss_fn: Callable, inputs, targets, per_target: bool
-    ) -> tuple[list[torch.Tensor], float]:
-        """∇ of the validation loss at the current weights, per parameter [Q, *shape].
+    ) -> tuple[torch.Tensor, float]:
+        """∇ of the validation loss at the current weights, flat: [Q, N] in the layout.
 
         Q = 1 (the mean over the validation rows) unless ``per_target``, where
         every row is its own target. Computed in eval mode (no dropout noise, no
@@ -122,7 +137,7 @@ class GhostEngine:
             grads = [
                 torch.zeros_like(p) if g is None else g for p, g in zip(self.parameters, grads, strict=True)
             ]
-            return [g.detach().unsqueeze(0) for g in grads], float(loss.detach())
+            return self.flatten(grads, rows=1).detach(), float(loss.detach())
         finally:
             self.model.train(was_training)
 
@@ -136,53 +151,63 @@ class GhostEngine:
             return loss_fn(out, y.unsqueeze(0)).mean()
 
         per_row = vmap(grad_and_value(one_loss), in_dims=(None, 0, 0))
-        grads: list[list[torch.Tensor]] = [[] for _ in self.parameters]
-        losses = []
+        chunks, losses = [], []
         for start in range(0, len(targets), self.val_chunk):
             g, loss = per_row(
                 params, inputs[start : start + self.val_chunk], targets[start : start + self.val_chunk]
             )
             losses.append(loss)
-            for i, p in enumerate(self.parameters):
-                grads[i].append(g[names[id(p)]])
-        return [torch.cat(g) for g in grads], float(torch.cat(losses).mean())
+            chunks.append(self.flatten([g[names[id(p)]] for p in self.parameters], rows=len(loss)))
+        return torch.cat(chunks), float(torch.cat(losses).mean())
+
+    def flatten(self, tensors: Sequence[torch.Tensor], rows: int) -> torch.Tensor:
+        """Per-parameter tensors [rows, *shape] (or [*shape] for rows = 1), in layout order → [rows, N]."""
+        return torch.cat([t.reshape(rows, -1) for t in tensors], dim=1)
+
+    def slice_of(self, p: torch.Tensor) -> slice:
+        """Where parameter ``p`` sits in the flat layout."""
+        return self._slices[id(p)]
 
     # ---- values ---------------------------------------------------------------------------------
 
     def values(
-        self, val_grads: Sequence[torch.Tensor], scales: Sequence[Mapping[int, Scale]], batch_size: int
+        self, val_grads: torch.Tensor, scales: Sequence[SegmentScales], batch_size: int
     ) -> torch.Tensor:
         """φ[i, m, q] = Σ_W ⟨scale_m,W ⊙ ∇val_q,W, g_i,W⟩ / B, from the captured a and b.
 
-        ``scales[m]`` maps ``id(param)`` to that method's multiplier of ∇val for
-        that parameter (lr, clip factor and preconditioner P together); a
-        parameter missing from it is not valued (it is not updated). ``b`` is
-        the gradient of the *mean* loss, which supplies the 1/B.
+        ``val_grads`` is the flat [Q, N] validation gradient; ``scales[m]`` lists,
+        per segment of the layout, that method's multiplier of ∇val (lr, clip
+        factor and preconditioner P together); parameters outside every segment
+        are not valued (the optimizer does not move them). ``b`` is the gradient
+        of the *mean* loss, which supplies the 1/B.
         """
         M = self.matrices(val_grads, scales)
-        return self.contract(M, batch_size).view(batch_size, len(scales), val_grads[0].shape[0])
+        return self.contract(M, batch_size).view(batch_size, len(scales), val_grads.shape[0])
 
     def matrices(
-        self,
-        val_grads: Sequence[torch.Tensor],
-        scales: Sequence[Mapping[int, Scale]],
-        rank: int | None = None,
+        self, val_grads: torch.Tensor, scales: Sequence[SegmentScales], rank: int | None = None
     ) -> Matrices:
-        """M per parameter: [n_methods·Q, *shape], in float32 or wider.
+        """M = scale ⊙ ∇val per parameter, [n_methods·Q, *shape], in float32 or wider.
 
-        With ``rank``, weight matrices that a kernel can contract in factored
-        form also get rank-``rank`` factors (fast mode), where that is cheaper.
+        Built in one flat [n_methods·Q, N] buffer, one multiply per segment; each
+        parameter's M is a view of it. With ``rank``, weight matrices that a kernel
+        can contract in factored form also get rank-``rank`` factors (fast mode),
+        where that is cheaper.
         """
+        Q = val_grads.shape[0]
+        G = val_grads.to(torch.promote_types(val_grads.dtype, torch.float32))
+        flat = G.new_zeros(len(scales) * Q, self.numel)
+        covered: list[slice] = []  # segments hold whole parameters
+        for k, segments in enumerate(scales):
+            rows = flat[k * Q : (k + 1) * Q]
+            for where, scale in segments:
+                torch.mul(G[:, where], scale, out=rows[:, where])
+                covered.append(where)
         full = {}
-        for p, g in zip(self.parameters, val_grads, strict=True):
-            if not any(id(p) in s for s in scales):
-                continue  # not updated by any method: contributes nothing
-            Q = g.shape[0]
-            g = g.to(torch.promote_types(g.dtype, torch.float32))
-            out = torch.empty((len(scales) * Q, *g.shape[1:]), dtype=g.dtype, device=g.device)
-            for k, s in enumerate(scales):
-                torch.mul(g, s.get(id(p), 0.0), out=out[k * Q : (k + 1) * Q])
-            full[id(p)] = out
+        for p in self.parameters:
+            where = self._slices[id(p)]
+            if any(c.start <= where.start < c.stop for c in covered):
+                full[id(p)] = flat[:, where].view(len(scales) * Q, *p.shape)
         factors = {} if rank is None else self._factorize(full, rank)
         return Matrices(full, factors)
 
