@@ -289,6 +289,19 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def remove_stale_temp_files(run_dir: str | Path) -> list[str]:
+    """Delete the temp files of atomic writes a killed process left (``.<file>.<random>.tmp``).
+
+    Call it only while holding ``run_lock``: then no other process is writing the folder.
+    """
+    removed = []
+    for p in Path(run_dir).glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p.name)
+    return removed
+
+
 def is_locked(run_dir: str | Path) -> bool:
     """Whether a live process holds ``run_lock`` on ``run_dir``."""
     try:

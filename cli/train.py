@@ -36,7 +36,7 @@ def train(
     Ctrl-C stops after the current step and saves a checkpoint; `--resume RUN` continues from it.
     """
     from adamshap_core import runio
-    from adamshap_core.checkpoint import run_lock
+    from adamshap_core.checkpoint import remove_stale_temp_files, run_lock
 
     root = runio.runs_root(runs_dir)
     if resume is not None:
@@ -60,6 +60,7 @@ def train(
     with run_lock(folder.path):
         if resume is not None:
             _resumable_run(root, resume)  # again, now that no other process can finish it meanwhile
+            remove_stale_temp_files(folder.path)  # half-written files of the killed process
             rec, prep = _prepared(folder.file("recipe.yaml"), [])
             header = runio.reopen_run(folder)
         else:

@@ -347,3 +347,42 @@ def test_force_refuses_to_replace_a_run_being_trained(stopped, tmp_path):
         res = cli("train", recipe, "--quiet", "--runs-dir", stopped, "--force")
     assert res.exit_code == 2 and "being trained by another process" in res.output
     assert (stopped / "tiny" / CHECKPOINT_FILE).exists()
+
+
+def test_resume_removes_half_written_files_of_the_killed_process(stopped):
+    run_dir = stopped / "tiny"
+    for stale in (".checkpoint.pt.k1l2e3d.tmp", ".values.parquet.x9y8z7.tmp"):
+        (run_dir / stale).write_bytes(b"half")
+    assert resume(stopped).exit_code == 0
+    assert not list(run_dir.glob(".*"))
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A disk that fills up mid-save: the run fails, the last good checkpoint stays, and resuming
+    from it still ends exactly where the uninterrupted run ends."""
+    from adamshap_core import checkpoint
+
+    recipe = recipe_from_dict(tiny(train={"epochs": 2, "checkpoint_every": 2}))
+    full = run(prepare(recipe), quiet=True)
+    path = tmp_path / CHECKPOINT_FILE
+    real_save, calls = torch.save, {"n": 0}
+
+    def save_then_fail(obj, f):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            Path(f).write_bytes(b"half a checkpoint")
+            raise OSError(28, "No space left on device")
+        real_save(obj, f)
+
+    prep = prepare(recipe)
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint.torch, "save", save_then_fail)
+        with pytest.raises(OSError, match="No space left"):
+            run(prep, quiet=True, checkpointer=Checkpointer(path, prep))
+    assert os.listdir(tmp_path) == [CHECKPOINT_FILE]  # no temp file left
+    assert torch.load(path, weights_only=True)["loop"]["step"] == 2
+    again = prepare(recipe)
+    res = run(again, quiet=True, checkpointer=Checkpointer(path, again), resume=True)
+    assert res.metrics["params_sha256"] == full.metrics["params_sha256"]
+    for m in full.methods:
+        assert np.array_equal(full.values[m], res.values[m])
