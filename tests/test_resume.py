@@ -327,11 +327,33 @@ def test_resume_refuses_changed_training_data(tmp_path):
         run(again, quiet=True, checkpointer=Checkpointer(path, again), resume=True)
 
 
-def test_resume_refuses_a_damaged_checkpoint(stopped):
-    p = stopped / "tiny" / CHECKPOINT_FILE
+def _truncate(p: Path) -> None:
     p.write_bytes(p.read_bytes()[:100])
+
+
+def _foreign(p: Path) -> None:
+    torch.save([1, 2, 3], p)
+
+
+def _other_format(p: Path) -> None:
+    blob = torch.load(p, weights_only=True)
+    torch.save({**blob, "format": 999}, p)
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (_truncate, "cannot be read"),
+        (_foreign, "is not an adamshap checkpoint"),
+        (_other_format, "format 999"),
+    ],
+    ids=["truncated", "foreign", "other-format"],
+)
+def test_resume_refuses_a_damaged_checkpoint(stopped, damage, says):
+    damage(stopped / "tiny" / CHECKPOINT_FILE)
     res = resume(stopped)
-    assert res.exit_code == 2 and "cannot be read" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and says in " ".join(res.output.split()) and "Traceback" not in res.output
+    assert json.loads((stopped / "tiny" / "metrics.json").read_text())["status"] == "incomplete"
 
 
 def test_resume_refuses_while_another_process_writes_the_run(stopped):
