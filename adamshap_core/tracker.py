@@ -16,38 +16,29 @@ from torch import nn
 
 from .engine import GhostEngine
 from .errors import UserError
-from .precond import METHODS, OptimizerView, check_methods, scales
+from .precond import OptimizerView, check_methods, scales
 
 
 @dataclass(frozen=True)
 class FastMode:
     """Cheaper, approximate values (their fidelity is measured by ``adamshap bench``).
 
-    Weight matrices are contracted through a rank-``rank`` factorisation of M.
-    Optionally (``refresh_every`` > 1) ∇val with P (hence M) is recomputed only
-    every ``refresh_every`` steps after the first ``warmup`` steps, and the
-    cached M is rescaled by the current learning rate and clip factor in
-    between; that saves the validation pass but P then lags the batch, which
-    costs fidelity early in training (measure it before relying on it).
+    The validation gradient is recomputed only every ``refresh_every`` steps
+    (after the first ``warmup`` steps, where the weights move fastest) and reused
+    in between; the preconditioner P is always this step's, so Adam's reaction to
+    the batch is never stale. Weight matrices large enough for it to pay are
+    contracted through a rank-``rank`` factorisation of M (``rank=None``: never).
     """
 
-    rank: int = 8
-    refresh_every: int = 1
-    warmup: int = 0
+    refresh_every: int = 4
+    warmup: int = 10
+    rank: int | None = 8
 
     def __post_init__(self):
-        if self.rank < 1 or self.refresh_every < 1 or self.warmup < 0:
-            raise UserError(f"fast mode needs rank >= 1, refresh_every >= 1 and warmup >= 0; got {self}")
-
-
-@dataclass
-class _Cached:
-    """M from the last refresh, with the learning rates and clip factor folded into it."""
-
-    matrices: object
-    lrs: list[float]
-    clip: float
-    val_loss: float
+        if self.refresh_every < 1 or self.warmup < 0 or (self.rank is not None and self.rank < 1):
+            raise UserError(
+                f"fast mode needs refresh_every >= 1, warmup >= 0 and rank >= 1 (or none); got {self}"
+            )
 
 
 @dataclass
@@ -55,7 +46,7 @@ class StepResult:
     """What one valued step returns."""
 
     loss: float  # the batch training loss (mean of per-example losses)
-    val_loss: float  # validation loss at the weights before the update
+    val_loss: float  # validation loss at the weights before the update (NaN where not measured)
     clip_factor: float  # c = min(1, max_norm / ||g||); 1.0 without clipping
     values: dict[str, torch.Tensor] = field(default_factory=dict)  # [B] or [B, Q]
 
@@ -121,7 +112,7 @@ class InRunShapley:
         self.methods = check_methods(methods)
         self.max_grad_norm = max_grad_norm
         self.fast = FastMode() if fast is True else (fast or None)
-        self._cache: _Cached | None = None
+        self._val_grads: torch.Tensor | None = None  # the last ∇val (reused in fast mode)
         self._steps = 0
         self.view = OptimizerView(optimizer)  # validates the optimizer up front
         # validates every trainable parameter up front; the flat layout follows the optimizer
@@ -133,36 +124,26 @@ class InRunShapley:
         self.val_inputs = val_inputs
         self.val_targets = val_targets
         self.per_target = per_target
-        self._cache = None  # a new target needs a new ∇val
+        self._val_grads = None  # a new target needs a new ∇val
 
     def step(self, inputs, targets) -> StepResult:
         """Forward, backward, optimizer.step(), and this step's value per example."""
         self._steps += 1
-        lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
-        refresh = self._needs_refresh(lrs)
-        if refresh:
-            val_grads, val_loss = self.engine.validation_gradients(
+        val_loss = math.nan  # measured on the steps that compute ∇val
+        if self._needs_refresh():
+            self._val_grads, val_loss = self.engine.validation_gradients(
                 self.loss_fn, self.val_inputs, self.val_targets, self.per_target
             )
-        else:
-            val_loss = math.nan  # not measured on steps that reuse the cached ∇val
+        val_grads = self._val_grads
+        rank = self.fast.rank if self.fast else None
         out: dict[str, torch.Tensor] = {}
 
         def value_batch(losses: torch.Tensor, clip: float) -> None:
             B = len(losses)
-            if refresh:
-                segments = self.view.segments(self.engine.parameters)
-                per_method = [scales(m, segments, clip) for m in self.methods]
-                M = self.engine.matrices(val_grads, per_method, rank=self.fast.rank if self.fast else None)
-                if self.fast:
-                    self._cache = _Cached(M, lrs, clip, val_loss)
-                rescale = None
-            else:
-                M = self._cache.matrices
-                rescale = self._rescale(lrs, clip)
+            segments = self.view.segments(self.engine.parameters)
+            per_method = [scales(m, segments, clip) for m in self.methods]
+            M = self.engine.matrices(val_grads, per_method, rank=rank)
             values = self.engine.contract(M, B).view(B, len(self.methods), -1)  # [B, methods, Q]
-            if rescale is not None:
-                values = values * rescale.to(values)[None, :, None]
             for k, m in enumerate(self.methods):
                 v = values[:, k]
                 out[m] = v if self.per_target else v[:, 0]
@@ -171,23 +152,15 @@ class InRunShapley:
             losses, clip = training_step(
                 self.model, self.optimizer, self.loss_fn, inputs, targets, self.max_grad_norm, value_batch
             )
+        if self.fast is None:
+            self._val_grads = None  # exact mode keeps nothing between steps
         return StepResult(float(losses.mean()), val_loss, clip, out)
 
-    def _needs_refresh(self, lrs: list[float]) -> bool:
-        fast, cache = self.fast, self._cache
-        if fast is None or cache is None or self._steps <= fast.warmup:
+    def _needs_refresh(self) -> bool:
+        fast = self.fast
+        if fast is None or self._val_grads is None or self._steps <= fast.warmup:
             return True
-        if (self._steps - fast.warmup) % fast.refresh_every == 0:
-            return True
-        # the cached M can be rescaled only if every group's lr moved by the same factor
-        ratios = [lr / lr0 if lr0 else math.nan for lr, lr0 in zip(lrs, cache.lrs, strict=True)]
-        return not all(math.isclose(r, ratios[0], rel_tol=1e-9) for r in ratios)
-
-    def _rescale(self, lrs: list[float], clip: float) -> torch.Tensor:
-        """Per method, the factor that moves the cached η·c into this step's η·c."""
-        lr_ratio = lrs[0] / self._cache.lrs[0]
-        clip_ratio = clip / self._cache.clip
-        return torch.tensor([lr_ratio * (clip_ratio if METHODS[m].clipped else 1.0) for m in self.methods])
+        return (self._steps - fast.warmup) % fast.refresh_every == 0
 
     def close(self) -> None:
         """Remove the hooks; the model is as it was before the tracker."""

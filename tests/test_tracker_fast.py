@@ -12,7 +12,7 @@ from torch import nn
 from adamshap_core import FastMode, InRunShapley
 from adamshap_core.errors import UserError
 
-WIDE = CASES[0].__class__(  # an MLP wide enough for factors to be cheaper than M
+WIDE = CASES[0].__class__(
     "wide-mlp",
     lambda: nn.Sequential(nn.Linear(40, 64), nn.Tanh(), nn.Linear(64, 48), nn.Tanh(), nn.Linear(48, 3)),
     lambda n, g: (torch.randn(n, 40, generator=g), torch.randint(0, 3, (n,), generator=g)),
@@ -38,25 +38,44 @@ def _pair(fast, methods, opt=torch.optim.Adam, steps=6, n_val=3, sched=False):
     return pairs, (model_a, model_b)
 
 
-def test_low_rank_is_exact_when_m_has_that_rank(float64):
-    # sgd: M = lr·∇val, of rank <= 3 with 3 validation rows, so rank-3 factors are exact
-    pairs, _ = _pair(FastMode(rank=3, refresh_every=1, warmup=0), ("sgd",))
-    for exact, fast in pairs:
-        assert rel_err(fast.values["sgd"], exact.values["sgd"]) <= 1e-8
+def test_refresh_steps_are_exact_and_reuse_steps_stay_close(float64):
+    fast = FastMode(refresh_every=3, warmup=2, rank=None)
+    pairs, _ = _pair(fast, ("adam", "sgd"), steps=9, sched=True)
+    for step, (exact, approx) in enumerate(pairs, start=1):
+        for m in ("adam", "sgd"):
+            if step <= 2 or (step - 2) % 3 == 0:  # ∇val recomputed: nothing approximate left
+                assert rel_err(approx.values[m], exact.values[m]) <= 1e-10, (step, m)
+                assert not np.isnan(approx.val_loss)
+            else:  # ∇val from an earlier step, P from this one
+                corr = np.corrcoef(approx.values[m].numpy(), exact.values[m].numpy())[0, 1]
+                assert corr > 0.9, (step, m)
+                assert np.isnan(approx.val_loss)
 
 
-def test_cached_m_is_rescaled_by_the_learning_rate(float64):
-    # plain SGD with a frozen validation gradient: M only moves through lr, so reuse is exact
-    # when the weights do not move ∇val: check on the first reused step against the refresh
-    pairs, _ = _pair(
-        FastMode(rank=3, refresh_every=100, warmup=1), ("sgd",), opt=torch.optim.SGD, steps=2, sched=True
-    )
-    (e1, f1), (e2, f2) = pairs
-    assert rel_err(f1.values["sgd"], e1.values["sgd"]) <= 1e-8  # refresh step: exact
-    # reused step: lr halved-ish (0.7); values track the exact ones closely, not a stale scale
-    corr = np.corrcoef(f2.values["sgd"].numpy(), e2.values["sgd"].numpy())[0, 1]
-    assert corr > 0.99
-    assert rel_err(f2.values["sgd"], e2.values["sgd"]) < 0.05
+def test_low_rank_contraction_is_exact_when_m_has_that_rank(float64):
+    """sgd's M = lr·∇val has rank <= T for one validation sequence of T positions."""
+    from cases import SeqLinear
+
+    from adamshap_core.engine import GhostEngine
+    from adamshap_core.precond import OptimizerView, scales
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = SeqLinear(128, 128, 3, bias=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.randn(32, 4, 128, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+    vx, vy = x[:1], y[:1]
+    engine = GhostEngine(model)
+    loss = WIDE.loss
+    G, _ = engine.validation_gradients(loss, vx, vy, per_target=False)
+    with engine.capture():
+        loss(model(x), y).mean().backward()
+        per_method = [scales("sgd", OptimizerView(opt).segments(engine.parameters), 1.0)]
+        M_exact = engine.matrices(G, per_method)
+        M_low = engine.matrices(G, per_method, rank=4)
+        assert id(model.up.weight) in M_low.factors  # the factored path really ran
+        assert id(model.down.weight) not in M_low.factors  # too small to pay
+        assert rel_err(engine.contract(M_low, 32), engine.contract(M_exact, 32)) <= 1e-9
 
 
 def test_fast_mode_leaves_training_exactly_as_plain(float64):
@@ -66,12 +85,13 @@ def test_fast_mode_leaves_training_exactly_as_plain(float64):
 
 
 def test_fast_mode_tracks_exact_values(float64):
-    pairs, _ = _pair(True, ("adam",), steps=10)
-    for exact, fast in pairs:
-        corr = np.corrcoef(fast.values["adam"].numpy(), exact.values["adam"].numpy())[0, 1]
-        assert corr > 0.98
+    pairs, _ = _pair(True, ("adam",), steps=24)  # lr 1e-2 on 8 examples: weights move fast
+    corrs = [np.corrcoef(f.values["adam"].numpy(), e.values["adam"].numpy())[0, 1] for e, f in pairs]
+    assert min(corrs) > 0.95 and np.median(corrs) > 0.99
 
 
 def test_bad_fast_settings_are_clear_errors():
     with pytest.raises(UserError, match="rank >= 1"):
         FastMode(rank=0)
+    with pytest.raises(UserError, match="refresh_every >= 1"):
+        FastMode(refresh_every=0)

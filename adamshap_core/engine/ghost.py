@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from ..errors import UserError
-from .low_rank import LowRank, factorize
+from .low_rank import FACTORIZE_PASSES, LowRank, factorize
 from .registry import LayerKernel, kernel_for, supported_types, unsupported
 
 Scale = torch.Tensor | float  # multiplier of ∇val over a segment (tensor: elementwise)
@@ -212,16 +212,25 @@ class GhostEngine:
         return Matrices(full, factors)
 
     def _factorize(self, full: dict[int, torch.Tensor], rank: int) -> dict[int, LowRank]:
+        """Factors of the weight matrices whose low-rank contraction, including the cost of
+        factorising, takes fewer multiply-adds than the exact one for this step's calls."""
+        rows: dict[int, int] = {}  # id(param) -> rows (B·T) it is contracted with this step
+        for call in self._calls:
+            kernel, own = self._owned[call.module]
+            for name in kernel.low_rank_params(call.module):
+                if name in own and call.b is not None:
+                    p = own[name]  # a weight [d_out, ...]: b has one row of d_out per position
+                    rows[id(p)] = rows.get(id(p), 0) + call.b.numel() // p.shape[0]
         factors = {}
-        for module, (kernel, own) in self._owned.items():
-            for name in kernel.low_rank_params(module):
-                p = own.get(name)
-                if p is None or id(p) not in full or id(p) in factors:
-                    continue
-                M = full[id(p)]
-                d_out, d_in = M.shape[1], M[0].numel() // M.shape[1]
-                if rank * (d_in + d_out) * 2 < d_in * d_out:  # only where factors are cheaper
-                    factors[id(p)] = factorize(M.reshape(M.shape[0], d_out, d_in), rank, self._generator)
+        for p in self.parameters:
+            if id(p) not in rows or id(p) not in full:
+                continue
+            M = full[id(p)]
+            d_out, d_in = M.shape[1], M[0].numel() // M.shape[1]
+            exact = rows[id(p)] * d_in * d_out
+            factored = rows[id(p)] * rank * (d_in + d_out) + FACTORIZE_PASSES * (rank + 4) * d_in * d_out
+            if factored < exact:
+                factors[id(p)] = factorize(M.reshape(M.shape[0], d_out, d_in), rank, self._generator)
         return factors
 
     def contract(self, M: Matrices, batch_size: int) -> torch.Tensor:

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+POWER_ITERS = 1
+FACTORIZE_PASSES = 2 * POWER_ITERS + 2  # products with M (each of d_out·d_in·(rank+4) multiply-adds)
+
 
 @dataclass
 class LowRank:
@@ -20,7 +23,9 @@ class LowRank:
     V: torch.Tensor
 
 
-def factorize(M: torch.Tensor, rank: int, generator: torch.Generator, power_iters: int = 2) -> LowRank:
+def factorize(
+    M: torch.Tensor, rank: int, generator: torch.Generator, power_iters: int = POWER_ITERS
+) -> LowRank:
     """Rank-``rank`` factors of each M_k in a stack [K, d_out, d_in] (Halko et al., 2011)."""
     K, d_out, d_in = M.shape
     q = min(rank + 4, d_out, d_in)  # a few extra directions make the top ``rank`` accurate
