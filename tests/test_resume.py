@@ -223,6 +223,29 @@ def test_stop_anywhere_and_resume_is_bitwise_equal(tmp_path, sections):
         pd.testing.assert_frame_equal(full.steps_values, res.steps_values)
 
 
+def test_gpt_with_dropout_resumes_bitwise_equal(tmp_path):
+    """Dropout draws from torch's global RNG at every step (training and validation passes), so
+    this fails unless the checkpoint restores that RNG exactly."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        "\n".join(
+            f"the {a} fox saw the {b} dog" for a, b in zip("abcdefghijklmn", "opqrstuvwxyzab", strict=True)
+        )
+    )
+    recipe = recipe_from_dict(
+        tiny(
+            data={"source": f"text:{corpus}", "val_size": 2, "test_size": 2, "label_noise": 0},
+            model={"kind": "gpt", "n_layer": 1, "d_model": 8, "n_head": 2, "dropout": 0.3},
+            train={"epochs": 2, "batch_size": 3},
+        )
+    )
+    full = run(prepare(recipe), quiet=True)
+    res = train_in_segments(recipe, tmp_path / CHECKPOINT_FILE, [2, 5])
+    assert res.metrics["params_sha256"] == full.metrics["params_sha256"]
+    for m in full.methods:
+        assert np.array_equal(full.values[m], res.values[m])
+
+
 def test_periodic_checkpoints_follow_checkpoint_every(tmp_path):
     recipe = recipe_from_dict(tiny(train={"epochs": 2, "checkpoint_every": 4}))
     prep = prepare(recipe)
