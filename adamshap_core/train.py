@@ -427,8 +427,13 @@ def non_finite_problem(loss: float, model: nn.Module, values: dict[str, np.ndarr
     """What is non-finite after a step (loss, a gradient, the values), or '' when all is finite."""
     if not math.isfinite(loss):
         return f"the training loss is {loss}; expected a finite loss"
-    for name, p in model.named_parameters():
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+    grads = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
+    if grads:
+        # max |g| per parameter: NaN and inf survive a max (and it cannot overflow); one device sync
+        peaks = torch.stack([torch.linalg.vector_norm(g.detach(), ord=math.inf) for _, g in grads])
+        finite = torch.isfinite(peaks).tolist()
+        if not all(finite):
+            name = grads[finite.index(False)][0]
             return f"the gradient of parameter `{name}` has non-finite entries; expected finite gradients"
     for m, v in values.items():
         bad = int((~np.isfinite(v)).sum())
