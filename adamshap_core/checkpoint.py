@@ -309,7 +309,7 @@ def is_locked(run_dir: str | Path) -> bool:
             return False
     except UserError:
         return True
-    except FileNotFoundError:
+    except OSError:  # no such folder (or not a folder): nobody can be writing it
         return False
 
 

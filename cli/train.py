@@ -75,7 +75,7 @@ def train(
                 f"{rec.optim.lr:g}, {prep.total_steps} steps; methods: "
                 f"{', '.join(prep.methods) or 'none (attribution off)'}"
             )
-        result, metrics = _train_into(folder, header, prep, quiet, resume is not None, runs_dir)
+        result, metrics = _train_into(folder, header, prep, quiet, resume is not None)
     print_summary(result, metrics, folder.path)
 
 
@@ -125,7 +125,7 @@ def _resumable_run(root: Path, name: str):
     return folder
 
 
-def _train_into(folder, header: dict, prep, quiet: bool, resume: bool, runs_dir: Path | None):
+def _train_into(folder, header: dict, prep, quiet: bool, resume: bool):
     """Run the training loop into ``folder``; on a stop or failure, leave it incomplete and say why."""
     from adamshap_core import runio
     from adamshap_core.checkpoint import CHECKPOINT_FILE, Checkpointer, TrainingInterrupted, stop_on_interrupt
@@ -144,8 +144,8 @@ def _train_into(folder, header: dict, prep, quiet: bool, resume: bool, runs_dir:
         err_console.print(f"[yellow]stopped{where}; run {folder.name!r} is marked incomplete.[/]")
         if ckpt.exists():
             cmd = f"adamshap train --resume {shlex.quote(folder.name)}"
-            if runs_dir is not None:
-                cmd += f" --runs-dir {shlex.quote(str(runs_dir))}"
+            if folder.path.parent.resolve() != runio.runs_root(None).resolve():  # not found by default
+                cmd += f" --runs-dir {shlex.quote(str(folder.path.parent))}"
             err_console.print(f"resume from the last checkpoint with: [bold]{escape(cmd)}[/]", soft_wrap=True)
         else:
             err_console.print("no checkpoint was written yet; train it again with --force.")
