@@ -103,7 +103,11 @@ def adam_rule(s: ParamState, k: float) -> torch.Tensor | float:
     D0 = S0.add_(s.eps) if g0 is not None else root_cv.add_(s.eps)
     num = torch.mul(D0, b).sub_(lin.mul_(q))
     # divide twice rather than by D0·D1, which can overflow for huge gradients
-    return num.div_(D0).div_(S1.add_(s.eps)).mul_(k)
+    P = num.div_(D0).div_(S1.add_(s.eps)).mul_(k)
+    if _overflowed(D0):
+        # torch's own second moment overflowed: its step there is m̂/inf = 0 for both g0 and g1
+        P.masked_fill_(torch.isinf(D0), 0.0)
+    return P
 
 
 def _norm(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
@@ -115,6 +119,11 @@ def _norm(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
     if big < finfo.max**0.5 / 4 and eps > 1e6 * finfo.tiny**0.5:
         return torch.addcmul(x * x, y, y).sqrt_()
     return torch.hypot(x, y)
+
+
+def _overflowed(D: torch.Tensor) -> bool:
+    """Whether any normaliser overflowed (only possible near the dtype's largest values)."""
+    return not bool(torch.isfinite(D).all())
 
 
 @dataclass(frozen=True)
