@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from . import attribute as _attribute
+from . import bench as _bench
 from . import runs as _runs
 from . import train as _train
 
@@ -20,6 +21,7 @@ app = typer.Typer(
 app.command("train")(_train.train)
 app.command("runs")(_runs.runs)
 app.command("attribute")(_attribute.attribute)
+app.command("bench")(_bench.bench)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,689 @@
+"""``adamshap bench``: what valuation costs, measured beside plain training.
+
+For one recipe, the same batches from the same seed are trained three ways:
+
+- ``plain``: ``tracker.training_step`` alone (no hooks, no validation rows);
+- ``attribution``: ``InRunShapley.step`` with the chosen methods, its validation rows counted;
+- ``per_example``: the values computed the direct way, from per-example gradients
+  materialised with ``torch.func`` (vmap of grad), then the optimizer step.
+
+Each mode × repeat runs in its own freshly spawned Python (``bench_worker``), so every
+peak-memory figure belongs to one mode alone; the modes alternate (plain, attribution,
+per_example, plain, ...) so that a change of machine load hits all of them alike. Warm-up
+steps are excluded; the ratios are of medians over the repeats. With ``fast`` the
+attribution mode runs the tracker's fast mode, and a further child runs the fast and the
+exact tracker on identical copies of the model to give their per-step Pearson correlation.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import UserError
+
+MODES = ("plain", "attribution", "per_example")
+COLUMNS = ["recipe", "device", "mode", "methods", "batch_size", "repeat", "examples_per_s", "peak_mb"]
+DEFAULT_RECIPE = "recipes/digits-mlp.yaml"
+PROFILE_ROWS = 15  # ops shown by --profile
+
+
+# ---- the plan: everything checked before anything runs or is written ------------------------------
+
+
+@dataclass
+class BenchSpec:
+    """What a child process needs to measure one mode (JSON-serialisable)."""
+
+    recipe: dict  # the resolved recipe, batch size, validation rows and device applied
+    steps: int  # timed steps
+    warmup: int  # untimed steps before them
+    methods: list[str]
+    fast: bool
+    threads: int | None = None  # torch threads in each child; None = torch's default
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup + self.steps
+
+
+@dataclass
+class BenchPlan:
+    spec: BenchSpec
+    recipe_name: str
+    recipe_path: str
+    device: str
+    batch_size: int
+    val_rows: int
+    repeats: int
+    out: Path
+    profile: bool
+
+
+def fast_supported() -> bool:
+    """Whether this version's ``InRunShapley`` offers the keyword-only ``fast`` option."""
+    from .tracker import InRunShapley
+
+    param = inspect.signature(InRunShapley.__init__).parameters.get("fast")
+    return param is not None and param.kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def plan(
+    recipe_path: str | Path = DEFAULT_RECIPE,
+    *,
+    steps: int = 20,
+    warmup: int = 3,
+    methods: Sequence[str] | None = None,
+    repeats: int = 3,
+    device: str = "cpu",
+    batch_size: int | None = None,
+    val_batch: int | None = None,
+    fast: bool = False,
+    out: str | Path | None = None,
+    runs_dir: str | Path | None = None,
+    profile: bool = False,
+    threads: int | None = None,
+) -> BenchPlan:
+    """Validate the options and build (once, then throw away) what every child will build."""
+    from .precond import check_methods
+    from .recipe import load_recipe
+
+    checks = [("--steps", steps, 1), ("--warmup", warmup, 0), ("--repeats", repeats, 1)]
+    if threads is not None:
+        checks.append(("--threads", threads, 1))
+    for name, value, least in checks:
+        if value < least:
+            raise UserError(f"{name} is {value}; expected an integer >= {least}.")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device is {device!r}; expected cpu or cuda.")
+    overrides = [f"train.device={device}"]
+    if batch_size is not None:
+        overrides.append(f"train.batch_size={batch_size}")
+    if val_batch is not None:
+        overrides.append(f"attribution.val_batch={val_batch}")
+    recipe = load_recipe(recipe_path, overrides)
+    methods = list(check_methods(methods or recipe.attribution.methods))
+    if fast and not fast_supported():
+        raise UserError(
+            "--fast was given, but this version of adamshap has no fast mode "
+            "(InRunShapley takes no fast= option); run without --fast to measure the exact mode."
+        )
+    spec = BenchSpec(recipe.to_dict(), steps, warmup, methods, fast, threads)
+    session = Session.build(spec, "attribution")  # every bad-input error surfaces here, in the parent
+    session.close()
+    n_train = session.prep.data.n_train
+    if n_train < recipe.train.batch_size:
+        raise UserError(
+            f"the batch size ({recipe.train.batch_size}) is larger than the training split "
+            f"({n_train} examples); expected --batch-size <= {n_train}."
+        )
+    n_val = len(session.prep.data.y_val)
+    if recipe.attribution.val_batch is not None and recipe.attribution.val_batch > n_val:
+        raise UserError(
+            f"--val-batch (attribution.val_batch) is {recipe.attribution.val_batch}, but the validation "
+            f"split holds {n_val} rows; expected at most {n_val}."
+        )
+    return BenchPlan(
+        spec,
+        recipe.name,
+        str(recipe_path),
+        device,
+        recipe.train.batch_size,
+        len(session.prep.val_y),
+        repeats,
+        _out_folder(out, runs_dir, recipe.name),
+        profile,
+    )
+
+
+def _out_folder(out: str | Path | None, runs_dir: str | Path | None, recipe_name: str) -> Path:
+    from .runio import runs_root
+
+    if out is not None:
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file; expected a folder (bench.parquet is written into it).")
+        return out
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return runs_root(runs_dir) / "bench" / f"{recipe_name}-{stamp}"
+
+
+# ---- one process: build a recipe's training and time it in one mode ---------------------------
+
+
+class Session:
+    """One recipe's model, optimizer and batches, stepped in one mode."""
+
+    def __init__(self, spec: BenchSpec, prep, stepper):
+        self.spec = spec
+        self.prep = prep
+        self.stepper = stepper  # (inputs, targets) -> anything; one training step
+
+    @classmethod
+    def build(cls, spec: BenchSpec, mode: str, *, fast: bool | None = None) -> Session:
+        from . import train
+        from .recipe import recipe_from_dict
+
+        recipe = recipe_from_dict(spec.recipe, origin="(bench)")
+        prep = train.prepare(recipe, attribution=False)
+        fast = spec.fast if fast is None else fast
+        return cls(spec, prep, _stepper(mode, prep, spec.methods, fast))
+
+    def batches(self) -> list[tuple]:
+        """``total_steps`` full batches in the recipe's data order (a fresh permutation per epoch)."""
+        import torch
+
+        p = self.prep
+        n, bs = p.data.n_train, p.recipe.train.batch_size
+        gen = torch.Generator().manual_seed(p.recipe.train.seed)
+        x, y = p.data.x_train.to(p.device), p.data.y_train.to(p.device)
+        out, order, pos = [], None, n
+        while len(out) < self.spec.total_steps:
+            if pos + bs > n:  # only full batches, so every timed step has the same size
+                order, pos = torch.randperm(n, generator=gen).to(p.device), 0
+            idx = order[pos : pos + bs]
+            out.append((x[idx], y[idx]))
+            pos += bs
+        return out
+
+    def step(self, inputs, targets):
+        result = self.stepper(inputs, targets)
+        self.prep.scheduler.step()
+        return result
+
+    def close(self) -> None:
+        close = getattr(self.stepper, "close", None)
+        if close is not None:
+            close()
+
+
+def _stepper(mode: str, prep, methods: Sequence[str], fast: bool):
+    from .tracker import InRunShapley
+
+    clip = prep.recipe.train.grad_clip
+    if mode == "plain":
+        return _PlainStep(prep.model, prep.optimizer, prep.loss_fn, clip)
+    if mode == "attribution":
+        extra = {"fast": True} if fast else {}  # passed only when asked: exact mode needs no such option
+        try:
+            tracker = InRunShapley(
+                prep.model,
+                prep.optimizer,
+                prep.loss_fn,
+                prep.val_x,
+                prep.val_y,
+                methods=tuple(methods),
+                max_grad_norm=clip,
+                **extra,
+            )
+        except (ValueError, TypeError, NotImplementedError) as e:
+            raise UserError(f"attribution cannot run on this model/optimizer: {e}") from None
+        return _TrackerStep(tracker)
+    if mode == "per_example":
+        return PerExampleStep(prep.model, prep.optimizer, prep.loss_fn, prep.val_x, prep.val_y, methods, clip)
+    raise ValueError(f"unknown bench mode {mode!r}; expected one of {MODES}")
+
+
+@dataclass
+class _PlainStep:
+    model: object
+    optimizer: object
+    loss_fn: Callable
+    max_grad_norm: float | None
+
+    def __call__(self, inputs, targets):
+        from .tracker import training_step
+
+        return training_step(self.model, self.optimizer, self.loss_fn, inputs, targets, self.max_grad_norm)
+
+
+@dataclass
+class _TrackerStep:
+    tracker: object
+
+    def __call__(self, inputs, targets):
+        return self.tracker.step(inputs, targets)
+
+    def close(self) -> None:
+        self.tracker.close()
+
+
+class PerExampleStep:
+    """The direct way: materialise every example's gradient, dot it with M, then step.
+
+    Computes what ``InRunShapley.step`` computes, φ[i, m, q] = ⟨M_m,q, g_i⟩ / B with
+    M_m = scale_m ⊙ ∇val in the engine's flat parameter layout (the scales from
+    ``precond.scales``, ∇val from the engine), and makes the same update; the batch gradient
+    is the mean of the per-example gradients, as a per-example-gradient trainer has it.
+    """
+
+    def __init__(self, model, optimizer, loss_fn, val_x, val_y, methods, max_grad_norm=None):
+        from torch.func import functional_call, grad, vmap
+
+        from .engine import GhostEngine
+        from .precond import OptimizerView
+
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.val_x, self.val_y = val_x, val_y
+        self.methods = list(methods)
+        self.max_grad_norm = max_grad_norm
+        self.view = OptimizerView(optimizer)
+        # the layout InRunShapley uses: the optimizer's parameter order
+        self.engine = GhostEngine(model, order=[p for g in optimizer.param_groups for p in g["params"]])
+        self.engine.remove()  # only its validation gradient and layout are used: no hooks here
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.named = [(names[id(p)], p) for p in self.engine.parameters]
+        buffers = dict(model.named_buffers())
+
+        def example_loss(params, x, y):
+            out = functional_call(model, (params, buffers), (x.unsqueeze(0),))
+            return loss_fn(out, y.unsqueeze(0)).sum()
+
+        self._per_example = vmap(grad(example_loss), in_dims=(None, 0, 0), randomness="different")
+
+    def __call__(self, inputs, targets):
+        values = self.values(inputs, targets)
+        self.optimizer.step()
+        return values
+
+    def values(self, inputs, targets):
+        """φ [B, n_methods, Q], leaving the batch gradient in ``.grad`` for the optimizer."""
+        import torch
+
+        from .precond import scales
+
+        val_grads, _ = self.engine.validation_gradients(self.loss_fn, self.val_x, self.val_y, False)
+        G = self._per_example({n: p.detach() for n, p in self.named}, inputs, targets)
+        B = inputs.shape[0]
+        self.optimizer.zero_grad(set_to_none=True)
+        for n, p in self.named:
+            p.grad = G[n].mean(0)
+        clip = self._clip()
+        per_example = self.engine.flatten([G[n] for n, _ in self.named], rows=B)  # [B, N]
+        val = val_grads.to(torch.promote_types(val_grads.dtype, torch.float32))  # [Q, N]
+        M = val.new_zeros(len(self.methods), *val.shape)  # [n_methods, Q, N]; zero where not updated
+        segments = self.view.segments(self.engine.parameters)
+        for k, m in enumerate(self.methods):
+            for where, scale in scales(m, segments, clip):
+                M[k, :, where] = val[:, where] * scale
+        return torch.einsum("bn,mqn->bmq", per_example.to(M.dtype), M) / B
+
+    def _clip(self) -> float:
+        """The clip factor, by ``training_step``'s rule (torch's clip_grad_norm_)."""
+        import torch
+
+        if self.max_grad_norm is None:
+            return 1.0
+        grads = [p for _, p in self.named if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
+        return min(1.0, float(self.max_grad_norm) / (float(norm) + 1e-6))
+
+
+# ---- the measurements (each runs in a child process) ------------------------------------------
+
+
+def measure(spec: BenchSpec, mode: str) -> dict:
+    """Time ``spec.steps`` steps of ``mode`` after ``spec.warmup`` untimed ones; peak memory."""
+    load_before = os.getloadavg()[0]
+    session = Session.build(spec, mode)
+    batches = session.batches()
+    device = session.prep.device
+    memory = _Memory(device)
+    seconds = []
+    for i, (x, y) in enumerate(batches):
+        t0 = time.perf_counter()
+        session.step(x, y)
+        memory.sync()
+        if i >= spec.warmup:
+            seconds.append(time.perf_counter() - t0)
+    session.close()
+    bs = session.prep.recipe.train.batch_size
+    return {
+        "mode": mode,
+        "examples_per_s": bs * len(seconds) / sum(seconds),
+        "step_ms": 1000 * float(np.median(seconds)),
+        "seconds": float(sum(seconds)),
+        **memory.report(),
+        "threads": _threads(),
+        "load_1m": (load_before + os.getloadavg()[0]) / 2,
+    }
+
+
+class _Memory:
+    """Peak memory of this process: RSS on the CPU, allocated memory on CUDA.
+
+    The baseline is taken at construction (just before the first step), so that the increase
+    over it shows what the steps themselves need beside the torch import, data and model.
+    """
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.torch = torch
+        if self.cuda:
+            torch.cuda.synchronize(device)
+            self.before = torch.cuda.memory_allocated(device) / 2**20
+        else:
+            self.before = _current_rss_mb()
+        self.device = device
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+
+    def report(self) -> dict:
+        peak = self.torch.cuda.max_memory_allocated(self.device) / 2**20 if self.cuda else _peak_rss_mb()
+        return {"peak_mb": peak, "before_mb": self.before, "peak_increase_mb": peak - self.before}
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux (bytes on macOS)
+    return kb / 2**20 if sys.platform == "darwin" else kb / 2**10
+
+
+def _current_rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):  # not Linux: the peak so far is the best bound there
+        return _peak_rss_mb()
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def fidelity(spec: BenchSpec) -> dict:
+    """Per-step Pearson of the fast values against the exact ones, on identical copies of the model."""
+    exact = Session.build(spec, "attribution", fast=False)
+    fast = Session.build(spec, "attribution", fast=True)
+    per_step: dict[str, list[float]] = {m: [] for m in spec.methods}
+    for x, y in exact.batches():
+        want, got = exact.step(x, y), fast.step(x, y)
+        for m in spec.methods:
+            per_step[m].append(pearson(got.values[m], want.values[m]))
+    drift = _max_parameter_gap(exact.prep.model, fast.prep.model)
+    exact.close()
+    fast.close()
+    return {"pearson": per_step, "max_parameter_gap": drift}
+
+
+def pearson(a, b) -> float:
+    """Pearson correlation of two value tensors (flattened, float64); NaN when either is constant."""
+    a = a.detach().to("cpu").double().flatten().numpy()
+    b = b.detach().to("cpu").double().flatten().numpy()
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _max_parameter_gap(m1, m2) -> float:
+    """max |w1 − w2| after training both copies: the fast mode must make the same updates."""
+    pairs = zip(m1.parameters(), m2.parameters(), strict=True)
+    return max(float((p.detach() - q.detach()).abs().max()) for p, q in pairs)
+
+
+def profile(spec: BenchSpec, n_steps: int = 3) -> dict:
+    """Self time per op of ``n_steps`` attribution steps beside as many plain steps (torch.profiler)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    out = {}
+    for mode in ("plain", "attribution"):
+        session = Session.build(spec, mode)
+        batches = session.batches()
+        for x, y in batches[: spec.warmup]:
+            session.step(x, y)
+        timed = batches[spec.warmup : spec.warmup + n_steps]
+        memory = _Memory(session.prep.device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if memory.cuda else [])
+        with torch_profile(activities=activities) as prof:
+            for x, y in timed:
+                session.step(x, y)
+            memory.sync()
+        session.close()
+        averages = prof.key_averages()
+        sort_key = "self_cuda_time_total" if memory.cuda else "self_cpu_time_total"
+        out[mode] = {
+            "steps": len(timed),
+            "table": averages.table(sort_by=sort_key, row_limit=PROFILE_ROWS),
+            "self_us": {e.key: _self_us(e, memory.cuda) for e in averages},
+            "calls": {e.key: int(e.count) for e in averages},
+        }
+    return out
+
+
+def _self_us(event, cuda: bool) -> float:
+    if cuda:
+        return float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
+    return float(event.self_cpu_time_total)
+
+
+def profile_extra(prof: dict, rows: int = PROFILE_ROWS) -> pd.DataFrame:
+    """Per op: self ms per step in attribution and plain steps, and the difference (the cost of values)."""
+    att, plain = prof["attribution"], prof["plain"]
+    ops = set(att["self_us"]) | set(plain["self_us"])
+    frame = pd.DataFrame(
+        {
+            "op": sorted(ops),
+            "attribution_ms": [att["self_us"].get(o, 0.0) / 1000 / att["steps"] for o in sorted(ops)],
+            "plain_ms": [plain["self_us"].get(o, 0.0) / 1000 / plain["steps"] for o in sorted(ops)],
+            "attribution_calls": [att["calls"].get(o, 0) / att["steps"] for o in sorted(ops)],
+        }
+    )
+    frame["extra_ms"] = frame["attribution_ms"] - frame["plain_ms"]
+    return frame.sort_values("extra_ms", ascending=False).head(rows).reset_index(drop=True)
+
+
+# ---- the parent: run the children, summarise, write ------------------------------------------
+
+
+@dataclass
+class BenchResult:
+    frame: pd.DataFrame  # one row per mode × repeat (the bench.parquet table)
+    summary: dict  # the ratios and medians
+    fidelity: dict | None = None
+    profile: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def run_child(spec: BenchSpec, task: str) -> dict:
+    """Run ``task`` (a mode, 'fidelity' or 'profile') in a freshly spawned Python; its result."""
+    with tempfile.TemporaryDirectory(prefix="adamshap-bench-") as tmp:
+        spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps(asdict(spec)))
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+        }
+        if spec.threads is not None:  # set before torch starts its thread pools
+            env.update(OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads))
+        cmd = [sys.executable, "-m", "adamshap_core.bench_worker", str(spec_path), task, str(result_path)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        result = json.loads(result_path.read_text()) if result_path.is_file() else None
+    if result is not None and "user_error" in result:
+        raise UserError(result["user_error"])
+    if proc.returncode != 0 or result is None:
+        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-20:])
+        raise RuntimeError(f"the bench child for {task!r} failed (exit {proc.returncode}):\n{tail}")
+    return result
+
+
+def schedule(repeats: int) -> list[tuple[int, str]]:
+    """(repeat, mode) in the order they run: the modes alternate within every repeat."""
+    return [(r, mode) for r in range(1, repeats + 1) for mode in MODES]
+
+
+def run(plan: BenchPlan, on_child: Callable[[str], None] | None = None) -> BenchResult:
+    """Every mode × repeat in its own child, then fidelity (with fast) and the profile (if asked)."""
+    spec = plan.spec
+    rows = []
+    for repeat, mode in schedule(plan.repeats):
+        measured = run_child(spec, mode)
+        rows.append({**_row_keys(plan, mode, repeat), **{k: v for k, v in measured.items() if k != "mode"}})
+        if on_child:
+            on_child(f"{mode} {repeat}/{plan.repeats}")
+    frame = pd.DataFrame(rows)
+    frame = frame[COLUMNS + [c for c in frame.columns if c not in COLUMNS]]  # the contract's columns first
+    result = BenchResult(frame, summarize(frame))
+    if spec.fast:
+        result.fidelity = run_child(spec, "fidelity")
+        if on_child:
+            on_child("fidelity")
+    if plan.profile:
+        result.profile = run_child(spec, "profile")
+        if on_child:
+            on_child("profile")
+    return result
+
+
+def n_children(plan: BenchPlan) -> int:
+    return plan.repeats * len(MODES) + int(plan.spec.fast) + int(plan.profile)
+
+
+def _row_keys(plan: BenchPlan, mode: str, repeat: int) -> dict:
+    spec = plan.spec
+    return {
+        "recipe": plan.recipe_name,
+        "device": plan.device,
+        "mode": mode,
+        "methods": ",".join(spec.methods),
+        "batch_size": plan.batch_size,
+        "repeat": repeat,
+        "fast": spec.fast and mode == "attribution",
+        "val_rows": plan.val_rows,
+        "steps": spec.steps,
+        "warmup": spec.warmup,
+    }
+
+
+def summarize(frame: pd.DataFrame) -> dict:
+    """Medians per mode and the three ratios (attribution over plain; attribution over per-example)."""
+    med = frame.groupby("mode")[["examples_per_s", "peak_mb", "peak_increase_mb", "step_ms"]].median()
+
+    def ratio(col: str, num: str, den: str) -> float:
+        return float(med.loc[num, col] / med.loc[den, col]) if med.loc[den, col] > 0 else float("nan")
+
+    return {
+        "throughput_ratio": ratio("examples_per_s", "attribution", "plain"),
+        "memory_ratio": ratio("peak_mb", "attribution", "plain"),
+        "memory_increase_ratio": ratio("peak_increase_mb", "attribution", "plain"),
+        "speedup_over_per_example": ratio("examples_per_s", "attribution", "per_example"),
+        "median": {m: med.loc[m].to_dict() for m in med.index},
+    }
+
+
+def fidelity_summary(fid: dict) -> dict[str, dict]:
+    """Per method: median and minimum of the per-step Pearson, and the number of steps."""
+    out = {}
+    for m, values in fid["pearson"].items():
+        v = np.asarray(values, dtype=float)
+        finite = v[np.isfinite(v)]
+        out[m] = {
+            "median": float(np.median(finite)) if finite.size else float("nan"),
+            "min": float(finite.min()) if finite.size else float("nan"),
+            "steps": int(v.size),
+            "undefined_steps": int(v.size - finite.size),
+        }
+    return out
+
+
+def write(plan: BenchPlan, result: BenchResult, profile_text: str | None = None) -> Path:
+    """bench.parquet (+ bench.json with the summary, + profile.txt) into the plan's folder, atomically."""
+    import torch
+
+    from . import runio
+
+    try:
+        plan.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the bench folder {plan.out}: {e.strerror or e}.") from None
+    path = runio.atomic_write_parquet(plan.out / "bench.parquet", result.frame)
+    summary = {
+        "recipe": plan.recipe_name,
+        "recipe_path": plan.recipe_path,
+        "device": plan.device,
+        "batch_size": plan.batch_size,
+        "val_rows": plan.val_rows,
+        "methods": plan.spec.methods,
+        "fast": plan.spec.fast,
+        "steps": plan.spec.steps,
+        "warmup": plan.spec.warmup,
+        "repeats": plan.repeats,
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "created": runio.now_iso(),
+        "load_1m_min": float(result.frame["load_1m"].min()),
+        "load_1m_max": float(result.frame["load_1m"].max()),
+        **result.summary,
+    }
+    if result.fidelity is not None:
+        summary["fast_pearson"] = fidelity_summary(result.fidelity)
+        summary["fast_max_parameter_gap"] = result.fidelity["max_parameter_gap"]
+    runio.atomic_write_json(plan.out / "bench.json", summary)
+    if profile_text is not None:
+        runio.atomic_write_text(plan.out / "profile.txt", profile_text)
+    return path
+
+
+# ---- several benches side by side (make bench) ---------------------------------------------------
+
+
+def collect(folder: str | Path) -> pd.DataFrame:
+    """One row per bench.json under ``folder`` (oldest first): configuration, medians and ratios."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--summary {folder} is not a folder; expected a folder holding bench results.")
+    rows = []
+    for path in sorted(folder.rglob("bench.json")):
+        try:
+            s = json.loads(path.read_text())
+            rows.append(_collected_row(path.parent.relative_to(folder), s))
+        except (OSError, ValueError, KeyError) as e:
+            why = f"{path} is not a readable bench summary ({e}); remove it or rerun that bench."
+            raise UserError(why) from None
+    if not rows:
+        raise UserError(f"no bench.json under {folder}; run `adamshap bench --out {folder}/NAME` first.")
+    return pd.DataFrame(rows).sort_values("created", kind="stable").reset_index(drop=True)
+
+
+def _collected_row(name: Path, s: dict) -> dict:
+    pearson = s.get("fast_pearson") or {}
+    return {
+        "name": str(name),
+        "recipe": s["recipe"],
+        "device": s["device"],
+        "batch_size": s["batch_size"],
+        "val_rows": s["val_rows"],
+        "methods": ",".join(s["methods"]),
+        "fast": s["fast"],
+        **{f"{mode}_examples_per_s": s["median"][mode]["examples_per_s"] for mode in MODES},
+        "throughput_ratio": s["throughput_ratio"],
+        "memory_ratio": s["memory_ratio"],
+        "memory_increase_ratio": s["memory_increase_ratio"],
+        "speedup_over_per_example": s["speedup_over_per_example"],
+        # the worst method: its per-step minimum and its median
+        "fast_pearson_min": min((p["min"] for p in pearson.values()), default=float("nan")),
+        "fast_pearson_median": min((p["median"] for p in pearson.values()), default=float("nan")),
+        "load_1m": s.get("load_1m_max", float("nan")),
+        "created": s.get("created", ""),
+    }

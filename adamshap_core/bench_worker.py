@@ -1,0 +1,36 @@
+"""The child process of ``adamshap bench``: one measurement in a fresh Python.
+
+``python -m adamshap_core.bench_worker SPEC.json TASK RESULT.json`` where TASK is a mode
+(plain, attribution, per_example), ``fidelity`` or ``profile``. The result is written as
+JSON; bad input is written as ``{"user_error": message}`` with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    from . import bench, runio
+    from .errors import UserError
+
+    spec_path, task, result_path = argv
+    spec = bench.BenchSpec(**json.loads(Path(spec_path).read_text()))
+    try:
+        if task == "fidelity":
+            result = bench.fidelity(spec)
+        elif task == "profile":
+            result = bench.profile(spec)
+        else:
+            result = bench.measure(spec, task)
+    except UserError as e:
+        runio.atomic_write_json(result_path, {"user_error": str(e)})
+        return 2
+    runio.atomic_write_json(result_path, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,253 @@
+"""``adamshap bench``: throughput and peak memory of valuation beside plain training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from adamshap_core.errors import UserError
+
+from .common import console, err_console, user_errors
+
+SUMMARY_WIDTH = 400  # room for the summary table's natural width: never wrapped or cut
+
+
+@user_errors
+def bench(
+    recipe: Path = typer.Argument(
+        None, metavar="[RECIPE]", help="YAML recipe (default: recipes/digits-mlp.yaml)", show_default=False
+    ),
+    steps: int = typer.Option(20, "--steps", help="timed steps per measurement"),
+    warmup: int = typer.Option(3, "--warmup", help="untimed steps before them"),
+    methods: list[str] = typer.Option(
+        None, "--methods", help="adam, adam_fixed, sgd (comma-separated or repeated; default: the recipe's)"
+    ),
+    repeats: int = typer.Option(3, "--repeats", help="measurements of each mode; the median is reported"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    batch_size: int = typer.Option(None, "--batch-size", help="training batch (default: the recipe's)"),
+    val_batch: int = typer.Option(
+        None,
+        "--val-batch",
+        help="validation rows valued against (default: the recipe's attribution.val_batch)",
+    ),
+    fast: bool = typer.Option(False, "--fast", help="measure the fast mode and its Pearson against exact"),
+    profile: bool = typer.Option(False, "--profile", help="also print where an attribution step spends time"),
+    threads: int = typer.Option(
+        None, "--threads", help="torch threads per measurement (default: torch's default, all cores)"
+    ),
+    out: Path = typer.Option(None, "--out", help="folder for bench.parquet (default: runs/bench/NAME-TIME)"),
+    runs_dir: Path = typer.Option(None, "--runs-dir", help="runs folder (default: $ADAMSHAP_RUNS or ./runs)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    summary: Path = typer.Option(
+        None, "--summary", metavar="DIR", help="measure nothing: one table of every bench.json under DIR"
+    ),
+) -> None:
+    """Time plain training, attribution and a per-example-gradient baseline on the same batches.
+
+    Each mode and repeat runs in its own process (peak RSS on the CPU, peak allocated memory on
+    CUDA). Writes bench.parquet and bench.json; ends with the throughput ratio (attribution /
+    plain), the memory ratio and the speed-up over per-example gradients.
+    """
+    from adamshap_core import bench as bm
+
+    if summary is not None:
+        if recipe is not None:
+            raise UserError(
+                "--summary reads finished benches and measures nothing; expected no RECIPE with it."
+            )
+        print_summary(summary)
+        return
+    plan = bm.plan(
+        recipe or bm.DEFAULT_RECIPE,
+        steps=steps,
+        warmup=warmup,
+        methods=_split(methods),
+        repeats=repeats,
+        device=device,
+        batch_size=batch_size,
+        val_batch=val_batch,
+        fast=fast,
+        out=out,
+        runs_dir=runs_dir,
+        profile=profile,
+        threads=threads,
+    )
+    if not quiet:
+        err_console.print(f"[bold]bench[/] {escape(describe(plan))}", highlight=False)
+    result = _run_with_progress(plan, quiet)
+    profile_text = None
+    if result.profile is not None:
+        profile_text = render_profile(result.profile)
+        console.print(profile_text, highlight=False, markup=False, soft_wrap=True)
+    path = bm.write(plan, result, profile_text)
+    console.print(results_table(plan, result))
+    for line in fidelity_lines(result):
+        console.print(line, highlight=False)
+    s = result.summary
+    before = "the RSS" if plan.device == "cpu" else "the memory allocated"
+    console.print(
+        f"memory ratio over {before} before the first step: {s['memory_increase_ratio']:.3f}", highlight=False
+    )
+    console.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)
+    for line in closing_lines(s):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def _split(methods: list[str] | None) -> list[str] | None:
+    if not methods:
+        return None
+    return [m.strip() for item in methods for m in item.split(",") if m.strip()]
+
+
+def describe(plan) -> str:
+    spec = plan.spec
+    return (
+        f"{plan.recipe_name} on {plan.device}: batch {plan.batch_size}, {plan.val_rows} validation row(s), "
+        f"methods {','.join(spec.methods)}{' (fast)' if spec.fast else ''}; {spec.warmup} warm-up + "
+        f"{spec.steps} timed steps, {plan.repeats} repeat(s) of each mode"
+    )
+
+
+def _run_with_progress(plan, quiet: bool):
+    from adamshap_core import bench as bm
+
+    if quiet:
+        return bm.run(plan)
+    progress = Progress(
+        TextColumn("[bold]bench[/]"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} runs"),
+        TextColumn("{task.fields[last]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+    )
+    with progress:
+        task = progress.add_task("bench", total=bm.n_children(plan), last="")
+        return bm.run(plan, on_child=lambda what: progress.update(task, advance=1, last=f"done: {what}"))
+
+
+def results_table(plan, result) -> Table:
+    """Median, range and peak memory of each mode over its repeats."""
+    from adamshap_core.bench import MODES
+
+    frame = result.frame
+    unit = "RSS" if plan.device == "cpu" else "alloc."
+    table = Table(title=escape(describe(plan)), title_justify="left")
+    for col in ("mode", "examples/s", "range", "ms/step", f"peak {unit} MB", "+MB"):
+        table.add_column(col, justify="left" if col == "mode" else "right")
+    for mode in MODES:
+        rows = frame[frame["mode"] == mode]
+        eps = rows["examples_per_s"]
+        table.add_row(
+            mode + (" (fast)" if rows["fast"].any() else ""),
+            f"{eps.median():,.1f}",
+            f"{eps.min():,.0f}–{eps.max():,.0f}",
+            f"{rows['step_ms'].median():.2f}",
+            f"{rows['peak_mb'].median():,.1f}",
+            f"{rows['peak_increase_mb'].median():,.1f}",
+        )
+    load = frame["load_1m"]
+    table.caption = (
+        f"medians over {plan.repeats} repeat(s); +MB: peak over the memory just before the first step; "
+        f"{int(frame['threads'].iloc[0])} torch thread(s); 1-minute load average "
+        f"{load.min():.1f}–{load.max():.1f}"
+    )
+    return table
+
+
+def fidelity_lines(result) -> list[str]:
+    from adamshap_core import bench as bm
+
+    if result.fidelity is None:
+        return []
+    lines = []
+    for m, s in bm.fidelity_summary(result.fidelity).items():
+        undefined = (
+            f" ({s['undefined_steps']} step(s) with constant values left out)" if s["undefined_steps"] else ""
+        )
+        lines.append(
+            f"fast vs exact Pearson per step, {m}: median {s['median']:.4f}, min {s['min']:.4f} "
+            f"over {s['steps']} steps{undefined}"
+        )
+    gap = result.fidelity["max_parameter_gap"]
+    lines.append(f"fast vs exact largest parameter difference after training: {gap:.2e}")
+    return lines
+
+
+def render_profile(prof: dict) -> str:
+    """The attribution step's top ops (torch.profiler) and the ops that cost most beyond a plain step."""
+    from adamshap_core import bench as bm
+
+    att = prof["attribution"]
+    extra = bm.profile_extra(prof)
+    lines = [
+        f"profile: {att['steps']} attribution step(s), self time per op (torch.profiler key_averages)",
+        att["table"],
+        "where an attribution step spends more than a plain step (self ms per step):",
+        extra.to_string(index=False, float_format=lambda v: f"{v:.3f}"),
+    ]
+    return "\n".join(lines)
+
+
+def closing_lines(summary: dict) -> list[str]:
+    """The three lines every bench ends with."""
+    return [
+        f"throughput ratio: {summary['throughput_ratio']:.3f}",
+        f"memory ratio: {summary['memory_ratio']:.3f}",
+        f"speed-up over per-example: {summary['speedup_over_per_example']:.1f}",
+    ]
+
+
+def print_summary(folder: Path) -> None:
+    """The benches under ``folder`` side by side; also written to ``folder/summary.parquet``."""
+    from adamshap_core import bench as bm
+    from adamshap_core import runio
+
+    frame = bm.collect(folder)
+    table = Table(title=f"benches under {escape(str(folder))}", title_justify="left")
+    columns = [
+        ("bench", "left"),
+        ("device", "left"),
+        ("B", "right"),
+        ("val", "right"),
+        ("plain ex/s", "right"),
+        ("valued ex/s", "right"),
+        ("throughput", "right"),
+        ("memory", "right"),
+        ("+MB", "right"),
+        ("vs per-ex.", "right"),
+        ("fast Pearson", "right"),
+    ]
+    for col, just in columns:
+        table.add_column(col, justify=just)
+    for _, r in frame.iterrows():
+        pearson = "-" if not r["fast"] else f"{r['fast_pearson_min']:.3f} / {r['fast_pearson_median']:.3f}"
+        table.add_row(
+            escape(r["name"]),
+            r["device"],
+            str(r["batch_size"]),
+            str(r["val_rows"]),
+            f"{r['plain_examples_per_s']:,.0f}",
+            f"{r['attribution_examples_per_s']:,.0f}",
+            f"{r['throughput_ratio']:.3f}",
+            f"{r['memory_ratio']:.3f}",
+            f"{r['memory_increase_ratio']:.2f}",
+            f"{r['speedup_over_per_example']:.1f}",
+            pearson,
+        )
+    table.caption = (
+        "throughput and memory: attribution / plain (medians); +MB: the same ratio of the peak over the "
+        "memory before the first step; vs per-ex.: attribution / per-example examples per second; fast "
+        f"Pearson: per-step minimum / median of the worst method. 1-minute load average up to "
+        f"{frame['load_1m'].max():.1f}."
+    )
+    # wide rather than wrapped, so that the table reads (and pastes) as one row per bench
+    Console(width=max(console.width, SUMMARY_WIDTH)).print(table)
+    path = runio.atomic_write_parquet(Path(folder) / "summary.parquet", frame)
+    console.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)

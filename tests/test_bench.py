@@ -1,0 +1,227 @@
+"""adamshap bench: the command end to end on a tiny recipe (children spawned, parquet, closing
+lines), the per-example baseline against the engine (float64), the ratios, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pandas as pd
+import pytest
+import torch
+from conftest import rel_err
+from helpers import TINY, cli, tiny, write_recipe
+
+from adamshap_core import InRunShapley, bench_worker
+from adamshap_core import bench as bm
+from adamshap_core.models import GPT, per_example_loss, sequence_loss
+from adamshap_core.recipe import recipe_from_dict
+
+CLOSING = [
+    r"throughput ratio: \d+\.\d{3}",
+    r"memory ratio: \d+\.\d{3}",
+    r"speed-up over per-example: \d+\.\d",
+]
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    monkeypatch.setenv("ADAMSHAP_RUNS", str(root))
+    return root
+
+
+def test_bench_end_to_end_writes_the_table_and_closing_lines(tmp_path, runs):
+    recipe = write_recipe(tmp_path, tiny(attribution={"methods": ["adam", "sgd"]}))
+    res = cli("bench", recipe, "--steps", "2", "--warmup", "1", "--repeats", "1", "--threads", "1", "-q")
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.stdout.splitlines() if line.strip()]
+    for line, pattern in zip(lines[-3:], CLOSING, strict=True):
+        assert re.fullmatch(pattern, line), lines[-3:]
+    (folder,) = (runs / "bench").iterdir()
+    assert re.fullmatch(r"tiny-\d{8}-\d{6}", folder.name)
+    frame = pd.read_parquet(folder / "bench.parquet")
+    assert list(frame.columns[: len(bm.COLUMNS)]) == bm.COLUMNS
+    assert frame["mode"].tolist() == ["plain", "attribution", "per_example"]
+    assert (frame["recipe"] == "tiny").all() and (frame["device"] == "cpu").all()
+    assert (frame["methods"] == "adam,sgd").all() and (frame["batch_size"] == 16).all()
+    assert (frame["repeat"] == 1).all() and (frame["val_rows"] == 20).all()
+    assert (frame["examples_per_s"] > 0).all() and (frame["peak_mb"] > 0).all()
+    assert (frame["threads"] == 1).all()
+    summary = json.loads((folder / "bench.json").read_text())
+    med = frame.set_index("mode")["examples_per_s"]
+    assert summary["throughput_ratio"] == pytest.approx(med["attribution"] / med["plain"])
+    assert f"throughput ratio: {summary['throughput_ratio']:.3f}" == lines[-3]
+
+    # --summary: every bench under a folder side by side, from their bench.json
+    listed = cli("bench", "--summary", runs / "bench")
+    assert listed.exit_code == 0, listed.output
+    assert folder.name in listed.stdout and f"{summary['throughput_ratio']:.3f}" in listed.stdout
+    table = pd.read_parquet(runs / "bench" / "summary.parquet")
+    assert table["name"].tolist() == [folder.name]
+    assert table["speedup_over_per_example"].iloc[0] == pytest.approx(summary["speedup_over_per_example"])
+
+
+def test_summary_refuses_a_recipe_and_an_empty_folder(tmp_path, runs):
+    res = cli("bench", write_recipe(tmp_path, TINY), "--summary", tmp_path)
+    assert res.exit_code == 2 and "no RECIPE" in res.stderr
+    (tmp_path / "empty").mkdir()
+    res = cli("bench", "--summary", tmp_path / "empty")
+    assert res.exit_code == 2 and "no bench.json" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--steps", "0"], "--steps is 0"),
+        (["--methods", "adam,newton"], "unknown method"),
+        (["--batch-size", "500"], "larger than the training split"),
+        (["--val-batch", "500"], "--val-batch"),
+        (["--device", "tpu"], "--device"),
+    ],
+    ids=["steps", "method", "batch", "val-batch", "device"],
+)
+def test_bad_options_exit_2_and_write_nothing(tmp_path, runs, args, expected):
+    recipe = write_recipe(tmp_path, TINY)
+    res = cli("bench", recipe, *args, "-q")
+    assert res.exit_code == 2 and expected in res.stderr and "Traceback" not in res.output
+    assert not runs.exists()
+
+
+def test_a_missing_recipe_exits_2(tmp_path, runs):
+    res = cli("bench", tmp_path / "nope.yaml", "-q")
+    assert res.exit_code == 2 and "does not exist" in res.stderr
+
+
+@pytest.mark.skipif(bm.fast_supported(), reason="this version has a fast mode")
+def test_fast_without_a_fast_mode_says_so(tmp_path, runs):
+    res = cli("bench", write_recipe(tmp_path, TINY), "--fast", "-q")
+    assert res.exit_code == 2 and "no fast mode" in res.stderr
+    assert not runs.exists()
+
+
+@pytest.mark.skipif(not bm.fast_supported(), reason="this version has no fast mode")
+def test_fidelity_compares_fast_with_exact_values(tmp_path):
+    spec = _spec(tmp_path, tiny(), methods=["adam", "sgd"], fast=True)
+    fid = bm.fidelity(spec)
+    summary = bm.fidelity_summary(fid)
+    assert set(summary) == {"adam", "sgd"}
+    assert all(s["steps"] == spec.total_steps for s in summary.values())
+    assert all(-1.0 <= s["min"] <= s["median"] <= 1.0 for s in summary.values())
+
+
+def _spec(tmp_path, recipe: dict, methods=("adam",), fast=False, steps=2, warmup=1) -> bm.BenchSpec:
+    r = recipe_from_dict(recipe, base_dir=tmp_path)
+    return bm.BenchSpec(r.to_dict(), steps, warmup, list(methods), fast)
+
+
+# ---- the per-example baseline computes what the engine computes --------------------------------
+
+
+def _mlp_case():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    gen = torch.Generator().manual_seed(1)
+
+    def batch(n):
+        return torch.randn(n, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+    return model, per_example_loss, batch, torch.optim.Adam, {"weight_decay": 0.05}
+
+
+def _gpt_case():
+    torch.manual_seed(0)
+    model = GPT(11, 6, n_layer=1, n_head=2, d_model=8, mlp_ratio=2, tie_weights=True)
+    gen = torch.Generator().manual_seed(1)
+
+    def batch(n):
+        return torch.randint(1, 11, (n, 5), generator=gen), torch.randint(0, 11, (n, 5), generator=gen)
+
+    return model, sequence_loss, batch, torch.optim.AdamW, {"weight_decay": 0.1}
+
+
+@pytest.mark.parametrize("case", [_mlp_case, _gpt_case], ids=["mlp-adam-l2", "gpt-adamw-tied"])
+@pytest.mark.parametrize("clip", [None, 0.05], ids=["no-clip", "clipped"])
+def test_per_example_baseline_matches_the_engine(case, clip, float64):
+    methods = ("adam", "adam_fixed", "sgd")
+    model, loss_fn, batch, optim, kw = case()
+    twin = copy.deepcopy(model)
+    opt, twin_opt = optim(model.parameters(), lr=1e-2, **kw), optim(twin.parameters(), lr=1e-2, **kw)
+    vx, vy = batch(3)
+    tracker = InRunShapley(model, opt, loss_fn, vx, vy, methods, max_grad_norm=clip)
+    baseline = bm.PerExampleStep(twin, twin_opt, loss_fn, vx, vy, methods, clip)
+    for _ in range(3):  # the first step (no Adam state) and later ones
+        x, y = batch(6)
+        want = tracker.step(x, y)
+        got = baseline(x, y)
+        assert clip is None or want.clip_factor < 1.0  # the clipped case really clips
+        assert got.shape == (6, len(methods), 1)
+        for k, m in enumerate(methods):
+            assert rel_err(got[:, k, 0], want.values[m]) <= 1e-10, m
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=0, atol=1e-12)  # the same updates
+
+
+# ---- the pieces the parent uses -----------------------------------------------------------------
+
+
+def test_modes_alternate_within_each_repeat():
+    assert bm.schedule(2) == [
+        (1, "plain"),
+        (1, "attribution"),
+        (1, "per_example"),
+        (2, "plain"),
+        (2, "attribution"),
+        (2, "per_example"),
+    ]
+
+
+def test_summary_ratios_are_of_medians():
+    rows = []
+    for repeat, (plain, att, per) in enumerate([(100, 80, 10), (200, 90, 5), (120, 85, 9)], start=1):
+        for mode, eps, peak in (("plain", plain, 400), ("attribution", att, 420), ("per_example", per, 500)):
+            rows.append(
+                {"mode": mode, "repeat": repeat, "examples_per_s": eps, "peak_mb": peak + repeat}
+                | {"peak_increase_mb": peak / 10 + repeat, "step_ms": 1000 / eps}
+            )
+    s = bm.summarize(pd.DataFrame(rows))
+    assert s["throughput_ratio"] == pytest.approx(85 / 120)
+    assert s["memory_ratio"] == pytest.approx(422 / 402)
+    assert s["memory_increase_ratio"] == pytest.approx(44 / 42)
+    assert s["speedup_over_per_example"] == pytest.approx(85 / 9)
+
+
+def test_batches_are_full_and_follow_the_seed(tmp_path):
+    spec = _spec(tmp_path, tiny(train={"batch_size": 30}), steps=5, warmup=2)
+    one = bm.Session.build(spec, "plain").batches()
+    two = bm.Session.build(spec, "plain").batches()
+    assert len(one) == spec.total_steps and all(len(y) == 30 for _, y in one)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(one, two, strict=True))
+    # 100 training rows: three full batches per epoch, then a fresh permutation
+    first_epoch = torch.cat([y for _, y in one[:3]])
+    assert len(first_epoch) == 90
+
+
+def test_worker_writes_measurement_and_user_errors(tmp_path):
+    spec = _spec(tmp_path, tiny(), methods=["adam"])
+    spec_path, out = tmp_path / "spec.json", tmp_path / "out.json"
+    spec_path.write_text(json.dumps(bm.asdict(spec)))
+    assert bench_worker.main([str(spec_path), "attribution", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["mode"] == "attribution" and result["examples_per_s"] > 0
+    assert result["peak_mb"] >= result["before_mb"] > 0
+    bad = bm.BenchSpec(spec.recipe, 1, 0, ["adam"], False)
+    bad.recipe = {**spec.recipe, "model": {**spec.recipe["model"], "kind": "cnn"}}  # iris is no image
+    spec_path.write_text(json.dumps(bm.asdict(bad)))
+    assert bench_worker.main([str(spec_path), "plain", str(out)]) == 2
+    assert "model.kind" in json.loads(out.read_text())["user_error"]
+
+
+def test_profile_reports_ops_and_the_extra_over_plain(tmp_path):
+    spec = _spec(tmp_path, tiny(), methods=["adam"], steps=2, warmup=1)
+    prof = bm.profile(spec, n_steps=2)
+    assert "aten::" in prof["attribution"]["table"] and prof["attribution"]["steps"] == 2
+    extra = bm.profile_extra(prof)
+    assert list(extra.columns) == ["op", "attribution_ms", "plain_ms", "attribution_calls", "extra_ms"]
+    assert extra["extra_ms"].is_monotonic_decreasing and len(extra) <= bm.PROFILE_ROWS
