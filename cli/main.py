@@ -6,6 +6,7 @@ import typer
 
 from . import attribute as _attribute
 from . import bench as _bench
+from . import prune as _prune
 from . import runs as _runs
 from . import train as _train
 
@@ -21,6 +22,7 @@ app = typer.Typer(
 app.command("train")(_train.train)
 app.command("runs")(_runs.runs)
 app.command("attribute")(_attribute.attribute)
+app.command("prune")(_prune.prune)
 app.command("bench")(_bench.bench)
 
 

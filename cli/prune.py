@@ -1,0 +1,172 @@
+"""``adamshap prune``: remove the lowest- (or highest-) valued fraction, retrain, test."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from .common import console, err_console, user_errors
+
+
+@user_errors
+def prune(
+    run: str = typer.Option(None, "--run", help="run name or folder (default: the latest run)"),
+    frac: list[str] = typer.Option(
+        ..., "--frac", help="fraction of the training set to remove, in (0, 1); repeatable or 0.1,0.3"
+    ),
+    by: list[str] = typer.Option(
+        None,
+        "--by",
+        help="methods to prune by: adam, adam_fixed, sgd, random (comma-separated or repeated; "
+        "default: every method the run valued, and random)",
+    ),
+    seeds: int = typer.Option(
+        3,
+        "--seeds",
+        help="retrains per method and fraction, with train.seed + 0, 1, ... (seed 0: the run's own)",
+    ),
+    remove: str = typer.Option(
+        "low",
+        "--remove",
+        help="low: remove the lowest-valued examples; high: remove the highest-valued ones (the sanity "
+        "check that removing the most valuable data hurts most)",
+    ),
+    runs_dir: Path = typer.Option(None, "--runs-dir", help="runs folder (default: $ADAMSHAP_RUNS or ./runs)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Prune the training set by value, retrain from scratch with the run's recipe, compare on the test split.
+
+    Writes pruning.parquet and pruning-<low|high>.png into the run folder. The full-data
+    model and random pruning are retrained with the same seeds as every value method.
+    """
+    from adamshap_core import prune as pr
+    from adamshap_core import runio
+
+    folder = runio.open_complete_run(runio.runs_root(runs_dir), run)
+    plan = pr.plan_for_run(
+        folder,
+        fracs=parse_fracs(frac),
+        methods=split_list(by) if by else None,
+        seeds=seeds,
+        direction=remove,
+    )
+    if not quiet:
+        err_console.print(
+            f"[bold]{escape(folder.name)}[/]: {len(plan.jobs)} retrains of {escape(plan.recipe.name)} "
+            f"({plan.data.n_train} training examples, {plan.recipe.train.epochs} epochs), removing the "
+            f"{plan.direction}est-valued {', '.join(f'{f:.0%}' for f in plan.fracs)} by "
+            f"{', '.join(plan.methods)}; {plan.seeds} seed(s) from train.seed {plan.recipe.train.seed}"
+        )
+    df = run_with_progress(plan, quiet)
+    table_path, png_path = pr.write_outputs(folder, df, plan.direction)
+    console.print(pruning_table(pr.summarise(df), plan))
+    console.print(table_notes(plan), highlight=False)
+    console.print(f"wrote [bold]{escape(str(table_path))}[/] and [bold]{escape(str(png_path))}[/]")
+
+
+def split_list(items: list[str]) -> list[str]:
+    """``["adam,sgd", "random"]`` -> ``["adam", "sgd", "random"]``."""
+    return [part.strip() for item in items for part in item.split(",") if part.strip()]
+
+
+def parse_fracs(items: list[str]) -> list[float]:
+    from adamshap_core.errors import UserError
+
+    out = []
+    for part in split_list(items):
+        try:
+            out.append(float(part))
+        except ValueError:
+            raise UserError(
+                f"--frac {part!r} is not a number; expected a fraction strictly between 0 and 1 (e.g. 0.3)."
+            ) from None
+    return out
+
+
+def run_with_progress(plan, quiet: bool) -> pd.DataFrame:
+    """Run every retrain of ``plan`` under a rich progress bar (none when ``quiet``)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from adamshap_core.prune import run_plan
+
+    if quiet:
+        return run_plan(plan.jobs, plan.recipe, plan.data)
+    progress = Progress(
+        TextColumn("[bold]retrain[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=err_console,
+    )
+    with progress:
+        jobs = plan.jobs
+        task = progress.add_task(jobs[0].label, total=len(jobs))
+        done = [0]
+
+        def advance(job, row):
+            done[0] += 1
+            nxt = jobs[done[0]].label if done[0] < len(jobs) else "done"
+            progress.update(task, advance=1, description=f"{nxt}  (last: acc {row['test_accuracy']:.3f})")
+
+        return run_plan(jobs, plan.recipe, plan.data, on_done=advance)
+
+
+def cell(mean: float, std: float, seeds: int) -> str:
+    if seeds > 1 and not math.isnan(std):
+        return f"{mean:.3f} ± {std:.3f}"
+    return f"{mean:.3f}"
+
+
+def pruning_table(summary: pd.DataFrame, plan) -> Table:
+    """Methods as rows (full data on top), per fraction the test accuracy and the noisy share removed;
+    the best accuracy of each fraction in bold green."""
+    from adamshap_core.prune import FULL, n_to_remove
+
+    n = plan.data.n_train
+    noisy_known = bool(plan.data.is_noisy.any())
+    table = Table(title=f"test accuracy, {plan.direction}est-valued removed", title_justify="left")
+    table.add_column("method")
+    for f in plan.fracs:
+        table.add_column(f"{f:.0%} removed\n(n={n - n_to_remove(n, f)})", justify="right")
+        if noisy_known:
+            table.add_column(f"{f:.0%}\nnoisy", justify="right")
+    full = summary[summary["method"] == FULL].iloc[0]
+    best = {f: summary[summary["frac"].isin([f, 0.0])]["acc_mean"].max() for f in plan.fracs}
+    rows = [(FULL, {f: full for f in plan.fracs})]
+    for m in plan.methods:
+        part = summary[summary["method"] == m].set_index("frac")
+        rows.append((m, {f: part.loc[f] for f in plan.fracs}))
+    for i, (m, by_frac) in enumerate(rows):
+        cells = [f"[dim]{m} (n={n})[/]" if m == FULL else m]
+        for f, r in by_frac.items():
+            text = cell(r["acc_mean"], r["acc_std"], plan.seeds)
+            if r["acc_mean"] == best[f]:
+                text = f"[bold green]{text}[/]"
+            elif m == FULL:
+                text = f"[dim]{text}[/]"
+            cells.append(text)
+            if noisy_known:
+                cells.append("-" if m == FULL else f"{r['noisy_share']:.0%}")
+        table.add_row(*cells, end_section=i == 0)
+    return table
+
+
+def table_notes(plan) -> str:
+    """What the table's numbers are, printed under it."""
+    seeds = f"mean ± std over {plan.seeds} seeds" if plan.seeds > 1 else "1 seed"
+    notes = (
+        f"Each cell: test accuracy on the held-out test split ({len(plan.data.y_test)} examples, never "
+        f"used for valuation) after retraining from scratch, {seeds} (train.seed {plan.recipe.train.seed}"
+        f"{f'..{plan.recipe.train.seed + plan.seeds - 1}' if plan.seeds > 1 else ''}, the same for every "
+        "row). Best per column in bold green."
+    )
+    if plan.data.is_noisy.any():
+        base = float(plan.data.is_noisy.float().mean())
+        notes += f" noisy: share of the removed examples whose label was flipped (base rate {base:.0%})."
+    return notes

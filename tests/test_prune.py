@@ -1,0 +1,205 @@
+"""`adamshap prune`: selection logic, bad input, and the command end to end on a tiny run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import cli, tiny, write_recipe
+
+from adamshap_core import prune as pr
+from adamshap_core.errors import UserError
+
+# --------------------------------------------------------------------------- selection logic
+
+
+def test_select_removed_low_takes_the_lowest_values():
+    values = np.array([0.5, -2.0, 3.0, -1.0, 0.0])
+    assert pr.select_removed(values, 2, "low").tolist() == [1, 3]
+    assert pr.select_removed(values, 3, "low").tolist() == [1, 3, 4]
+
+
+def test_select_removed_high_takes_the_highest_values():
+    values = np.array([0.5, -2.0, 3.0, -1.0, 0.0])
+    assert pr.select_removed(values, 2, "high").tolist() == [0, 2]
+
+
+def test_select_removed_breaks_ties_by_position_in_both_directions():
+    values = np.array([1.0, 0.0, 0.0, 1.0, 0.0, 1.0])
+    assert pr.select_removed(values, 2, "low").tolist() == [1, 2]  # of the three zeros, the first two
+    assert pr.select_removed(values, 2, "high").tolist() == [0, 3]  # of the three ones, the first two
+
+
+def test_n_to_remove_rounds_half_up_and_refuses_empty_sides():
+    assert pr.n_to_remove(10, 0.25) == 3  # 2.5 rounds up
+    assert pr.n_to_remove(1297, 0.3) == 389
+    with pytest.raises(UserError, match="--frac"):
+        pr.n_to_remove(10, 0.01)  # removes nothing
+    with pytest.raises(UserError, match="--frac"):
+        pr.n_to_remove(10, 0.99)  # leaves nothing
+
+
+def test_random_removed_is_seeded_and_nested_across_fractions():
+    a = pr.random_removed(100, 30, seed=4)
+    assert a.tolist() == pr.random_removed(100, 30, seed=4).tolist()
+    assert a.tolist() != pr.random_removed(100, 30, seed=5).tolist()
+    assert set(pr.random_removed(100, 10, seed=4)) <= set(a)
+    assert len(set(a)) == 30
+
+
+def test_plan_uses_the_same_training_seeds_for_every_method():
+    values = {"adam": np.arange(10.0)}
+    jobs = pr.plan_retrains(
+        values, 10, methods=["adam", "random"], fracs=[0.2, 0.5], seeds=2, direction="low", base_seed=7
+    )
+    assert len(jobs) == 2 * (1 + 2 * 2)
+    for s in (0, 1):
+        seeds = {j.train_seed for j in jobs if j.seed == s}
+        assert seeds == {7 + s}
+    assert {j.method for j in jobs if j.frac == 0.0} == {"full"}
+    adam = [j for j in jobs if j.method == "adam" and j.frac == 0.2]
+    assert [j.removed.tolist() for j in adam] == [[0, 1], [0, 1]]  # values fix the subset
+
+
+@pytest.mark.parametrize("fracs", [[0.0], [1.0], [-0.1], [1.5], [0.3, float("nan")], []])
+def test_check_fracs_rejects_out_of_range(fracs):
+    with pytest.raises(UserError, match="--frac"):
+        pr.check_fracs(fracs)
+
+
+def test_check_methods_names_the_option():
+    assert pr.check_methods(["sgd", "random", "sgd"], ["adam", "sgd"]) == ["sgd", "random"]
+    with pytest.raises(UserError, match="--by.*unknown method 'lion'"):
+        pr.check_methods(["lion"], ["adam"])
+    with pytest.raises(UserError, match="--by.*no value_sgd column"):
+        pr.check_methods(["sgd"], ["adam"])
+
+
+# --------------------------------------------------------------------------- the command end to end
+
+
+def train_tiny(tmp_path, name="t", **sections):
+    recipe = write_recipe(tmp_path, tiny(**sections), name=f"{name}.yaml")
+    res = cli("train", recipe, "--name", name, "--runs-dir", tmp_path / "runs", "-q")
+    assert res.exit_code == 0, res.output
+    return tmp_path / "runs" / name
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return train_tiny(tmp_path_factory.mktemp("prune"))
+
+
+def test_prune_end_to_end(tiny_run):
+    runs = tiny_run.parent
+    res = cli("prune", "--frac", "0.3,0.5", "--by", "adam", "--by", "sgd,random", "--seeds", "2",
+              "--runs-dir", runs, "-q")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    df = pd.read_parquet(tiny_run / "pruning.parquet")
+    for col in ["method", "direction", "frac", "seed", "test_accuracy", "test_loss", "n_kept",
+                "noisy_share_removed"]:  # fmt: skip
+        assert col in df.columns
+    assert len(df) == 2 * (1 + 2 * 3)
+    assert set(df["direction"]) == {"low"}
+    assert set(df["method"]) == {"full", "adam", "sgd", "random"}
+    values = pd.read_parquet(tiny_run / "values.parquet")
+    n = len(values)
+    full = df[df["method"] == "full"]
+    assert (full["n_kept"] == n).all() and full["noisy_share_removed"].isna().all()
+    assert df["test_accuracy"].between(0, 1).all() and np.isfinite(df["test_loss"]).all()
+
+    # the seed-0 full-data retrain (valuation off) reproduces the run itself (valuation on)
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    f0 = full[full["seed"] == 0].iloc[0]
+    assert f0["test_accuracy"] == metrics["test_accuracy"]
+    assert f0["test_loss"] == pytest.approx(metrics["test_loss"], rel=1e-5)
+
+    # adam's subset is the lowest-valued 30%, and its noisy share is that subset's
+    k = pr.n_to_remove(n, 0.3)
+    lowest = values.sort_values(["value_adam", "example_id"]).head(k)
+    adam = df[(df["method"] == "adam") & (df["frac"] == 0.3)]
+    assert (adam["n_kept"] == n - k).all()
+    assert adam["noisy_share_removed"].iloc[0] == pytest.approx(lowest["is_noisy"].mean())
+
+    assert (tiny_run / "pruning-low.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "full" in res.output and "adam" in res.output and "noisy" in res.output
+
+
+def test_prune_high_keeps_the_low_rows_and_defaults_to_the_latest_run(tmp_path):
+    run = train_tiny(tmp_path, "older")
+    latest = train_tiny(tmp_path, "newer")
+    runs = tmp_path / "runs"
+    assert (
+        cli("prune", "--frac", "0.3", "--by", "adam", "--seeds", "1", "--runs-dir", runs, "-q").exit_code == 0
+    )
+    res = cli(
+        "prune", "--frac", "0.3", "--by", "adam", "--seeds", "1", "--remove", "high", "--runs-dir", runs, "-q"
+    )
+    assert res.exit_code == 0, res.output
+    assert not (run / "pruning.parquet").exists()
+    df = pd.read_parquet(latest / "pruning.parquet")
+    assert sorted(df.groupby("direction").size().items()) == [("high", 2), ("low", 2)]
+    low = df[(df["method"] == "adam") & (df["direction"] == "low")].iloc[0]
+    high = df[(df["method"] == "adam") & (df["direction"] == "high")].iloc[0]
+    assert low["n_kept"] == high["n_kept"]
+    assert (latest / "pruning-high.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--frac", "0"], "--frac"),
+        (["--frac", "1"], "--frac"),
+        (["--frac", "-0.2"], "--frac"),
+        (["--frac", "abc"], "--frac"),
+        (["--frac", "0.3", "--by", "adam,lion"], "--by"),
+        (["--frac", "0.3", "--seeds", "0"], "--seeds"),
+        (["--frac", "0.3", "--remove", "middle"], "--remove"),
+        (["--frac", "0.3", "--run", "nope"], "nope"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(tiny_run, args, needle):
+    runs = tiny_run.parent
+    before = sorted(p.name for p in tiny_run.iterdir())
+    which = [] if "--run" in args else ["--run", tiny_run.name]
+    res = cli("prune", *args, *which, "--runs-dir", runs)
+    assert res.exit_code == 2
+    assert needle in res.output and "Traceback" not in res.output
+    assert sorted(p.name for p in tiny_run.iterdir()) == before
+
+
+def test_run_without_values_exits_2(tmp_path):
+    run = train_tiny(tmp_path, "novalues", attribution={"enabled": False})
+    res = cli("prune", "--frac", "0.3", "--runs-dir", run.parent)
+    assert res.exit_code == 2 and "has no values" in res.output
+    assert not (run / "pruning.parquet").exists()
+
+
+def test_run_without_the_requested_method_exits_2(tmp_path):
+    run = train_tiny(tmp_path, "adamonly", attribution={"methods": ["adam"]})
+    res = cli("prune", "--frac", "0.3", "--by", "sgd", "--runs-dir", run.parent)
+    assert res.exit_code == 2 and "--by" in res.output and "value_sgd" in res.output
+    assert not (run / "pruning.parquet").exists()
+
+
+@pytest.mark.slow
+def test_default_recipe_removing_the_highest_valued_hurts_more_than_random(tmp_path):
+    """On the default recipe (20% label noise): the lowest-valued 30% by adam are mostly the noisy
+    examples, and removing the highest-valued 30% instead costs far more accuracy than random pruning."""
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "digits-mlp.yaml"
+    runs = tmp_path / "runs"
+    assert cli("train", recipe, "--name", "d", "--runs-dir", runs, "-q").exit_code == 0
+    for direction in ("low", "high"):
+        res = cli("prune", "--frac", "0.3", "--by", "adam,random", "--seeds", "2", "--remove", direction,
+                  "--runs-dir", runs, "-q")  # fmt: skip
+        assert res.exit_code == 0, res.output
+    df = pd.read_parquet(runs / "d" / "pruning.parquet")
+    mean = df.groupby(["direction", "method"])["test_accuracy"].mean()
+    noisy = df.groupby(["direction", "method"])["noisy_share_removed"].mean()
+    assert mean["high", "adam"] < mean["high", "random"] - 0.05
+    assert noisy["low", "adam"] > 0.5 > 0.3 > noisy["low", "random"]
+    assert noisy["high", "adam"] < 0.1
