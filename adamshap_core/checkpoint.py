@@ -202,6 +202,7 @@ class Checkpointer:
             "scheduler": p.scheduler.state_dict(),
             "rng": _rng_states(p.device, gen),
             "loop": state.to_blob(wall_seconds),
+            "tracker": p.tracker.state_dict() if p.tracker is not None else None,
         }
         atomic_write(self.path, lambda tmp: torch.save(blob, tmp))
 
@@ -229,6 +230,8 @@ class Checkpointer:
         p.optimizer.load_state_dict(blob["optimizer"])
         p.scheduler.load_state_dict(blob["scheduler"])
         _set_rng_states(blob["rng"], p.device, gen)
+        if p.tracker is not None and blob.get("tracker") is not None:
+            p.tracker.load_state_dict(blob["tracker"])
         return LoopState.from_blob(blob["loop"])
 
     def _read(self) -> dict:

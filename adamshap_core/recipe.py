@@ -29,6 +29,7 @@ from pydantic import (
 
 from .data.registry import check_source, split_source, takes_path
 from .errors import UserError
+from .fast import FastMode
 
 METHOD_NAMES = ("adam", "adam_fixed", "sgd")
 
@@ -194,6 +195,14 @@ class AttributionCfg(_Strict):
     methods: list[Literal["adam", "adam_fixed", "sgd"]] = Field(default_factory=lambda: list(METHOD_NAMES))
     val_batch: Annotated[Int, Field(ge=1)] | None = None  # null = the whole validation split
     record_steps: Int = Field(8, ge=0)  # steps whose per-step values are kept; 0 = off
+    fast: FastMode | None = None  # null = exact values; true or a mapping = the fast mode
+
+    @field_validator("fast", mode="before")
+    @classmethod
+    def _fast(cls, v: Any) -> Any:
+        if v is True:
+            return {}  # the fast mode with its defaults
+        return None if v is False else v
 
     @field_validator("methods")
     @classmethod

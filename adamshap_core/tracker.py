@@ -15,30 +15,8 @@ import torch
 from torch import nn
 
 from .engine import GhostEngine
-from .errors import UserError
+from .fast import FastMode
 from .precond import OptimizerView, check_methods, scales
-
-
-@dataclass(frozen=True)
-class FastMode:
-    """Cheaper, approximate values (their fidelity is measured by ``adamshap bench``).
-
-    The validation gradient is recomputed only every ``refresh_every`` steps
-    (after the first ``warmup`` steps, where the weights move fastest) and reused
-    in between; the preconditioner P is always this step's, so Adam's reaction to
-    the batch is never stale. Weight matrices large enough for it to pay are
-    contracted through a rank-``rank`` factorisation of M (``rank=None``: never).
-    """
-
-    refresh_every: int = 4
-    warmup: int = 10
-    rank: int | None = 8
-
-    def __post_init__(self):
-        if self.refresh_every < 1 or self.warmup < 0 or (self.rank is not None and self.rank < 1):
-            raise UserError(
-                f"fast mode needs refresh_every >= 1, warmup >= 0 and rank >= 1 (or none); got {self}"
-            )
 
 
 @dataclass
@@ -155,6 +133,19 @@ class InRunShapley:
         if self.fast is None:
             self._val_grads = None  # exact mode keeps nothing between steps
         return StepResult(float(losses.mean()), val_loss, clip, out)
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to value its next steps exactly as an uninterrupted one."""
+        return {
+            "steps": self._steps,
+            "val_grads": self._val_grads,
+            "generator": self.engine.generator_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._steps = int(state["steps"])
+        self._val_grads = state["val_grads"]
+        self.engine.set_generator_state(state["generator"])
 
     def _needs_refresh(self) -> bool:
         fast = self.fast

@@ -221,6 +221,7 @@ def prepare(
                 val_y,
                 methods=tuple(methods),
                 max_grad_norm=recipe.train.grad_clip,
+                fast=recipe.attribution.fast or False,
             )
         except (ValueError, TypeError, NotImplementedError) as e:
             raise UserError(f"attribution cannot run on this model/optimizer: {e}") from None

@@ -202,8 +202,12 @@ def train_in_segments(recipe, path: Path, stops: list[int]):
         },
         {"train": {"epochs": 2, "batch_size": 10}, "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9}},
         {"train": {"epochs": 2, "batch_size": 16}, "attribution": {"enabled": False}},
+        {
+            "train": {"epochs": 2, "batch_size": 10},
+            "attribution": {"fast": {"refresh_every": 3, "warmup": 1}},
+        },
     ],
-    ids=["adam-linear-warmup", "adamw-clip", "sgd-momentum", "no-attribution"],
+    ids=["adam-linear-warmup", "adamw-clip", "sgd-momentum", "no-attribution", "fast-mode"],
 )
 def test_stop_anywhere_and_resume_is_bitwise_equal(tmp_path, sections):
     """Stopping after the first step, the last step of an epoch, the first of the next, or several

@@ -112,6 +112,13 @@ class GhostEngine:
             self._capturing = False
             self._calls = []
 
+    def generator_state(self) -> torch.Tensor:
+        """The state of the engine's own random stream (low-rank factorisations)."""
+        return self._generator.get_state()
+
+    def set_generator_state(self, state: torch.Tensor) -> None:
+        self._generator.set_state(state)
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
