@@ -11,8 +11,9 @@ Each mode × repeat runs in its own freshly spawned Python (``bench_worker``), s
 peak-memory figure belongs to one mode alone; the modes alternate (plain, attribution,
 per_example, plain, ...) so that a change of machine load hits all of them alike. Warm-up
 steps are excluded; the ratios are of medians over the repeats. With ``fast`` the
-attribution mode runs the tracker's fast mode, and a further child runs the fast and the
-exact tracker on identical copies of the model to give their per-step Pearson correlation.
+attribution mode is measured twice in every repeat, exact and in the tracker's fast mode (the
+ratios printed last are then the fast mode's), and a further child runs the fast and the exact
+tracker on identical copies of the model to give their per-step Pearson correlation.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import pandas as pd
 from .errors import UserError
 
 MODES = ("plain", "attribution", "per_example")
+FAST_KEY = "attribution_fast"  # how the fast attribution measurement is named in medians and summaries
 COLUMNS = ["recipe", "device", "mode", "methods", "batch_size", "repeat", "examples_per_s", "peak_mb"]
 DEFAULT_RECIPE = "recipes/digits-mlp.yaml"
 PROFILE_ROWS = 15  # ops shown by --profile
@@ -51,7 +53,7 @@ class BenchSpec:
     steps: int  # timed steps
     warmup: int  # untimed steps before them
     methods: list[str]
-    fast: bool
+    fast: bool  # also measure the fast mode (and its fidelity)
     threads: int | None = None  # torch threads in each child; None = torch's default
 
     @property
@@ -101,8 +103,8 @@ def plan(
     from .recipe import load_recipe
 
     checks = [("--steps", steps, 1), ("--warmup", warmup, 0), ("--repeats", repeats, 1)]
-    if threads is not None:
-        checks.append(("--threads", threads, 1))
+    optional = [("--threads", threads), ("--batch-size", batch_size), ("--val-batch", val_batch)]
+    checks += [(name, value, 1) for name, value in optional if value is not None]
     for name, value, least in checks:
         if value < least:
             raise UserError(f"{name} is {value}; expected an integer >= {least}.")
@@ -121,7 +123,7 @@ def plan(
             "(InRunShapley takes no fast= option); run without --fast to measure the exact mode."
         )
     spec = BenchSpec(recipe.to_dict(), steps, warmup, methods, fast, threads)
-    session = Session.build(spec, "attribution")  # every bad-input error surfaces here, in the parent
+    session = Session.build(spec, "attribution", fast=fast)  # bad input surfaces here, in the parent
     session.close()
     n_train = session.prep.data.n_train
     if n_train < recipe.train.batch_size:
@@ -172,13 +174,12 @@ class Session:
         self.stepper = stepper  # (inputs, targets) -> anything; one training step
 
     @classmethod
-    def build(cls, spec: BenchSpec, mode: str, *, fast: bool | None = None) -> Session:
+    def build(cls, spec: BenchSpec, mode: str, *, fast: bool = False) -> Session:
         from . import train
         from .recipe import recipe_from_dict
 
         recipe = recipe_from_dict(spec.recipe, origin="(bench)")
         prep = train.prepare(recipe, attribution=False)
-        fast = spec.fast if fast is None else fast
         return cls(spec, prep, _stepper(mode, prep, spec.methods, fast))
 
     def batches(self) -> list[tuple]:
@@ -216,7 +217,9 @@ def _stepper(mode: str, prep, methods: Sequence[str], fast: bool):
     if mode == "plain":
         return _PlainStep(prep.model, prep.optimizer, prep.loss_fn, clip)
     if mode == "attribution":
-        extra = {"fast": True} if fast else {}  # passed only when asked: exact mode needs no such option
+        # passed only when asked (the exact mode needs no such option): the recipe's fast-mode
+        # settings (attribution.fast) where it has them, else the tracker's defaults
+        extra = {"fast": prep.recipe.attribution.fast or True} if fast else {}
         try:
             tracker = InRunShapley(
                 prep.model,
@@ -334,10 +337,10 @@ class PerExampleStep:
 # ---- the measurements (each runs in a child process) ------------------------------------------
 
 
-def measure(spec: BenchSpec, mode: str) -> dict:
+def measure(spec: BenchSpec, mode: str, fast: bool = False) -> dict:
     """Time ``spec.steps`` steps of ``mode`` after ``spec.warmup`` untimed ones; peak memory."""
     load_before = os.getloadavg()[0]
-    session = Session.build(spec, mode)
+    session = Session.build(spec, mode, fast=fast)
     batches = session.batches()
     device = session.prep.device
     memory = _Memory(device)
@@ -351,7 +354,6 @@ def measure(spec: BenchSpec, mode: str) -> dict:
     session.close()
     bs = session.prep.recipe.train.batch_size
     return {
-        "mode": mode,
         "examples_per_s": bs * len(seconds) / sum(seconds),
         "step_ms": 1000 * float(np.median(seconds)),
         "seconds": float(sum(seconds)),
@@ -385,7 +387,10 @@ class _Memory:
             self.torch.cuda.synchronize(self.device)
 
     def report(self) -> dict:
-        peak = self.torch.cuda.max_memory_allocated(self.device) / 2**20 if self.cuda else _peak_rss_mb()
+        if self.cuda:
+            peak = self.torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:  # the kernel's RSS counters are read lazily: never report a peak below the current RSS
+            peak = max(_peak_rss_mb(), _current_rss_mb())
         return {"peak_mb": peak, "before_mb": self.before, "peak_increase_mb": peak - self.before}
 
 
@@ -448,7 +453,7 @@ def profile(spec: BenchSpec, n_steps: int = 3) -> dict:
 
     out = {}
     for mode in ("plain", "attribution"):
-        session = Session.build(spec, mode)
+        session = Session.build(spec, mode, fast=spec.fast and mode == "attribution")
         batches = session.batches()
         for x, y in batches[: spec.warmup]:
             session.step(x, y)
@@ -506,7 +511,7 @@ class BenchResult:
 
 
 def run_child(spec: BenchSpec, task: str) -> dict:
-    """Run ``task`` (a mode, 'fidelity' or 'profile') in a freshly spawned Python; its result."""
+    """Run ``task`` (see ``task_name``, or 'fidelity', 'profile') in a freshly spawned Python; its result."""
     with tempfile.TemporaryDirectory(prefix="adamshap-bench-") as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(asdict(spec)))
@@ -528,20 +533,31 @@ def run_child(spec: BenchSpec, task: str) -> dict:
     return result
 
 
-def schedule(repeats: int) -> list[tuple[int, str]]:
-    """(repeat, mode) in the order they run: the modes alternate within every repeat."""
-    return [(r, mode) for r in range(1, repeats + 1) for mode in MODES]
+def measurements(fast: bool) -> list[tuple[str, bool]]:
+    """(mode, fast) of the measurements in every repeat, in the order they run."""
+    attribution = [("attribution", False)] + ([("attribution", True)] if fast else [])
+    return [("plain", False), *attribution, ("per_example", False)]
+
+
+def task_name(mode: str, fast: bool) -> str:
+    """The worker's task for one measurement: the mode, with ``-fast`` for the fast attribution."""
+    return f"{mode}-fast" if fast else mode
+
+
+def schedule(repeats: int, fast: bool = False) -> list[tuple[int, str, bool]]:
+    """(repeat, mode, fast) in the order they run: the modes alternate within every repeat."""
+    return [(r, mode, f) for r in range(1, repeats + 1) for mode, f in measurements(fast)]
 
 
 def run(plan: BenchPlan, on_child: Callable[[str], None] | None = None) -> BenchResult:
-    """Every mode × repeat in its own child, then fidelity (with fast) and the profile (if asked)."""
+    """Every measurement × repeat in its own child, then fidelity (with fast) and the profile (if asked)."""
     spec = plan.spec
     rows = []
-    for repeat, mode in schedule(plan.repeats):
-        measured = run_child(spec, mode)
-        rows.append({**_row_keys(plan, mode, repeat), **{k: v for k, v in measured.items() if k != "mode"}})
+    for repeat, mode, fast in schedule(plan.repeats, spec.fast):
+        measured = run_child(spec, task_name(mode, fast))
+        rows.append({**_row_keys(plan, mode, fast, repeat), **measured})
         if on_child:
-            on_child(f"{mode} {repeat}/{plan.repeats}")
+            on_child(f"{task_name(mode, fast)} {repeat}/{plan.repeats}")
     frame = pd.DataFrame(rows)
     frame = frame[COLUMNS + [c for c in frame.columns if c not in COLUMNS]]  # the contract's columns first
     result = BenchResult(frame, summarize(frame))
@@ -557,10 +573,11 @@ def run(plan: BenchPlan, on_child: Callable[[str], None] | None = None) -> Bench
 
 
 def n_children(plan: BenchPlan) -> int:
-    return plan.repeats * len(MODES) + int(plan.spec.fast) + int(plan.profile)
+    per_repeat = len(measurements(plan.spec.fast))
+    return plan.repeats * per_repeat + int(plan.spec.fast) + int(plan.profile)
 
 
-def _row_keys(plan: BenchPlan, mode: str, repeat: int) -> dict:
+def _row_keys(plan: BenchPlan, mode: str, fast: bool, repeat: int) -> dict:
     spec = plan.spec
     return {
         "recipe": plan.recipe_name,
@@ -569,27 +586,42 @@ def _row_keys(plan: BenchPlan, mode: str, repeat: int) -> dict:
         "methods": ",".join(spec.methods),
         "batch_size": plan.batch_size,
         "repeat": repeat,
-        "fast": spec.fast and mode == "attribution",
+        "fast": fast,
         "val_rows": plan.val_rows,
         "steps": spec.steps,
         "warmup": spec.warmup,
     }
 
 
+def measurement_keys(frame: pd.DataFrame) -> pd.Series:
+    """Each row's measurement: its mode, or ``FAST_KEY`` for the fast attribution."""
+    return frame["mode"].where(~frame["fast"].astype(bool), FAST_KEY)
+
+
 def summarize(frame: pd.DataFrame) -> dict:
-    """Medians per mode and the three ratios (attribution over plain; attribution over per-example)."""
-    med = frame.groupby("mode")[["examples_per_s", "peak_mb", "peak_increase_mb", "step_ms"]].median()
+    """Medians per measurement and, per attribution variant (exact, fast), the three ratios.
+
+    The top-level ratios are the headline: the fast mode's when it was measured, else the exact's.
+    """
+    cols = ["examples_per_s", "peak_mb", "peak_increase_mb", "step_ms"]
+    med = frame.assign(key=measurement_keys(frame)).groupby("key")[cols].median()
 
     def ratio(col: str, num: str, den: str) -> float:
         return float(med.loc[num, col] / med.loc[den, col]) if med.loc[den, col] > 0 else float("nan")
 
-    return {
-        "throughput_ratio": ratio("examples_per_s", "attribution", "plain"),
-        "memory_ratio": ratio("peak_mb", "attribution", "plain"),
-        "memory_increase_ratio": ratio("peak_increase_mb", "attribution", "plain"),
-        "speedup_over_per_example": ratio("examples_per_s", "attribution", "per_example"),
-        "median": {m: med.loc[m].to_dict() for m in med.index},
-    }
+    def ratios(key: str) -> dict:
+        return {
+            "throughput_ratio": ratio("examples_per_s", key, "plain"),
+            "memory_ratio": ratio("peak_mb", key, "plain"),
+            "memory_increase_ratio": ratio("peak_increase_mb", key, "plain"),
+            "speedup_over_per_example": ratio("examples_per_s", key, "per_example"),
+        }
+
+    variants = {"exact": ratios("attribution")}
+    if FAST_KEY in med.index:
+        variants["fast"] = ratios(FAST_KEY)
+    headline = variants.get("fast", variants["exact"])
+    return {**headline, "variants": variants, "median": {k: med.loc[k].to_dict() for k in med.index}}
 
 
 def fidelity_summary(fid: dict) -> dict[str, dict]:
@@ -626,6 +658,7 @@ def write(plan: BenchPlan, result: BenchResult, profile_text: str | None = None)
         "val_rows": plan.val_rows,
         "methods": plan.spec.methods,
         "fast": plan.spec.fast,
+        "fast_settings": fast_settings(plan) if plan.spec.fast else None,
         "steps": plan.spec.steps,
         "warmup": plan.spec.warmup,
         "repeats": plan.repeats,
@@ -645,11 +678,19 @@ def write(plan: BenchPlan, result: BenchResult, profile_text: str | None = None)
     return path
 
 
+def fast_settings(plan: BenchPlan) -> dict:
+    """The fast mode's settings as measured: the recipe's attribution.fast, else the defaults."""
+    from .fast import FastMode
+
+    given = plan.spec.recipe.get("attribution", {}).get("fast")
+    return FastMode(**(given or {})).model_dump()
+
+
 # ---- several benches side by side (make bench) ---------------------------------------------------
 
 
 def collect(folder: str | Path) -> pd.DataFrame:
-    """One row per bench.json under ``folder`` (oldest first): configuration, medians and ratios."""
+    """One row per bench.json under ``folder`` and attribution variant (exact, fast), oldest first."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--summary {folder} is not a folder; expected a folder holding bench results.")
@@ -657,7 +698,7 @@ def collect(folder: str | Path) -> pd.DataFrame:
     for path in sorted(folder.rglob("bench.json")):
         try:
             s = json.loads(path.read_text())
-            rows.append(_collected_row(path.parent.relative_to(folder), s))
+            rows += _collected_rows(path.parent.relative_to(folder), s)
         except (OSError, ValueError, KeyError) as e:
             why = f"{path} is not a readable bench summary ({e}); remove it or rerun that bench."
             raise UserError(why) from None
@@ -666,24 +707,33 @@ def collect(folder: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values("created", kind="stable").reset_index(drop=True)
 
 
-def _collected_row(name: Path, s: dict) -> dict:
-    pearson = s.get("fast_pearson") or {}
-    return {
-        "name": str(name),
-        "recipe": s["recipe"],
-        "device": s["device"],
-        "batch_size": s["batch_size"],
-        "val_rows": s["val_rows"],
-        "methods": ",".join(s["methods"]),
-        "fast": s["fast"],
-        **{f"{mode}_examples_per_s": s["median"][mode]["examples_per_s"] for mode in MODES},
-        "throughput_ratio": s["throughput_ratio"],
-        "memory_ratio": s["memory_ratio"],
-        "memory_increase_ratio": s["memory_increase_ratio"],
-        "speedup_over_per_example": s["speedup_over_per_example"],
-        # the worst method: its per-step minimum and its median
-        "fast_pearson_min": min((p["min"] for p in pearson.values()), default=float("nan")),
-        "fast_pearson_median": min((p["median"] for p in pearson.values()), default=float("nan")),
-        "load_1m": s.get("load_1m_max", float("nan")),
-        "created": s.get("created", ""),
+def _collected_rows(name: Path, s: dict) -> list[dict]:
+    med = s["median"]
+    # the fast mode's worst method: its per-step minimum and its median Pearson against exact
+    pearson = list((s.get("fast_pearson") or {}).values())
+    worst = {
+        "fast_pearson_min": min((p["min"] for p in pearson), default=None),
+        "fast_pearson_median": min((p["median"] for p in pearson), default=None),
     }
+    rows = []
+    for variant, ratios in s["variants"].items():
+        fast = variant == "fast"
+        rows.append(
+            {
+                "name": str(name),
+                "variant": variant,
+                "recipe": s["recipe"],
+                "device": s["device"],
+                "batch_size": s["batch_size"],
+                "val_rows": s["val_rows"],
+                "methods": ",".join(s["methods"]),
+                "plain_examples_per_s": med["plain"]["examples_per_s"],
+                "attribution_examples_per_s": med[FAST_KEY if fast else "attribution"]["examples_per_s"],
+                "per_example_examples_per_s": med["per_example"]["examples_per_s"],
+                **ratios,
+                **{k: v if fast else None for k, v in worst.items()},
+                "load_1m": s.get("load_1m_max", float("nan")),
+                "created": s.get("created", ""),
+            }
+        )
+    return rows

@@ -35,7 +35,12 @@ def bench(
         "--val-batch",
         help="validation rows valued against (default: the recipe's attribution.val_batch)",
     ),
-    fast: bool = typer.Option(False, "--fast", help="measure the fast mode and its Pearson against exact"),
+    fast: bool = typer.Option(
+        False,
+        "--fast",
+        help="also measure the fast mode (the recipe's attribution.fast settings, else the defaults) "
+        "and its per-step Pearson against the exact values",
+    ),
     profile: bool = typer.Option(False, "--profile", help="also print where an attribution step spends time"),
     threads: int = typer.Option(
         None, "--threads", help="torch threads per measurement (default: torch's default, all cores)"
@@ -88,13 +93,10 @@ def bench(
     console.print(results_table(plan, result))
     for line in fidelity_lines(result):
         console.print(line, highlight=False)
-    s = result.summary
-    before = "the RSS" if plan.device == "cpu" else "the memory allocated"
-    console.print(
-        f"memory ratio over {before} before the first step: {s['memory_increase_ratio']:.3f}", highlight=False
-    )
+    for line in ratio_lines(plan, result.summary):
+        console.print(line, highlight=False, soft_wrap=True)
     console.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)
-    for line in closing_lines(s):
+    for line in closing_lines(result.summary):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
@@ -105,11 +107,16 @@ def _split(methods: list[str] | None) -> list[str] | None:
 
 
 def describe(plan) -> str:
+    from adamshap_core import bench as bm
+
     spec = plan.spec
+    fast = ""
+    if spec.fast:
+        fast = ", exact and fast (" + ", ".join(f"{k} {v}" for k, v in bm.fast_settings(plan).items()) + ")"
     return (
         f"{plan.recipe_name} on {plan.device}: batch {plan.batch_size}, {plan.val_rows} validation row(s), "
-        f"methods {','.join(spec.methods)}{' (fast)' if spec.fast else ''}; {spec.warmup} warm-up + "
-        f"{spec.steps} timed steps, {plan.repeats} repeat(s) of each mode"
+        f"methods {','.join(spec.methods)}{fast}; {spec.warmup} warm-up + {spec.steps} timed steps, "
+        f"{plan.repeats} repeat(s) of each mode"
     )
 
 
@@ -134,18 +141,18 @@ def _run_with_progress(plan, quiet: bool):
 
 def results_table(plan, result) -> Table:
     """Median, range and peak memory of each mode over its repeats."""
-    from adamshap_core.bench import MODES
+    from adamshap_core.bench import FAST_KEY, measurement_keys
 
-    frame = result.frame
+    frame = result.frame.assign(key=lambda f: measurement_keys(f))
     unit = "RSS" if plan.device == "cpu" else "alloc."
     table = Table(title=escape(describe(plan)), title_justify="left")
     for col in ("mode", "examples/s", "range", "ms/step", f"peak {unit} MB", "+MB"):
         table.add_column(col, justify="left" if col == "mode" else "right")
-    for mode in MODES:
-        rows = frame[frame["mode"] == mode]
+    for key in frame["key"].unique():  # in the order measured
+        rows = frame[frame["key"] == key]
         eps = rows["examples_per_s"]
         table.add_row(
-            mode + (" (fast)" if rows["fast"].any() else ""),
+            "attribution (fast)" if key == FAST_KEY else key,
             f"{eps.median():,.1f}",
             f"{eps.min():,.0f}–{eps.max():,.0f}",
             f"{rows['step_ms'].median():.2f}",
@@ -195,8 +202,19 @@ def render_profile(prof: dict) -> str:
     return "\n".join(lines)
 
 
+def ratio_lines(plan, summary: dict) -> list[str]:
+    """Each attribution variant's ratios (exact; fast if measured), memory also over the pre-step baseline."""
+    before = "the RSS" if plan.device == "cpu" else "the memory allocated"
+    return [
+        f"{variant} mode: throughput ratio {r['throughput_ratio']:.3f}, memory ratio {r['memory_ratio']:.3f} "
+        f"({r['memory_increase_ratio']:.3f} over {before} before the first step), speed-up over per-example "
+        f"{r['speedup_over_per_example']:.1f}"
+        for variant, r in summary["variants"].items()
+    ]
+
+
 def closing_lines(summary: dict) -> list[str]:
-    """The three lines every bench ends with."""
+    """The three lines every bench ends with: the fast mode's ratios if measured, else the exact's."""
     return [
         f"throughput ratio: {summary['throughput_ratio']:.3f}",
         f"memory ratio: {summary['memory_ratio']:.3f}",
@@ -213,6 +231,7 @@ def print_summary(folder: Path) -> None:
     table = Table(title=f"benches under {escape(str(folder))}", title_justify="left")
     columns = [
         ("bench", "left"),
+        ("mode", "left"),
         ("device", "left"),
         ("B", "right"),
         ("val", "right"),
@@ -227,9 +246,11 @@ def print_summary(folder: Path) -> None:
     for col, just in columns:
         table.add_column(col, justify=just)
     for _, r in frame.iterrows():
-        pearson = "-" if not r["fast"] else f"{r['fast_pearson_min']:.3f} / {r['fast_pearson_median']:.3f}"
+        fast = r["variant"] == "fast"
+        pearson = f"{r['fast_pearson_min']:.3f} / {r['fast_pearson_median']:.3f}" if fast else "-"
         table.add_row(
             escape(r["name"]),
+            r["variant"],
             r["device"],
             str(r["batch_size"]),
             str(r["val_rows"]),
