@@ -1,0 +1,119 @@
+"""``adamshap compare``: each method's values against the ground truth of the real optimizer step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+
+from adamshap_core.compare import DEFAULT_CUMULATIVE_PERMUTATIONS, DEFAULT_PERMUTATIONS
+
+from .common import console, err_console, user_errors
+
+
+@user_errors
+def compare(
+    run: str = typer.Option(None, "--run", help="run name or folder (default: the latest run)"),
+    baseline: str = typer.Option("sgd", "--baseline", help="the method the others are set against"),
+    steps: str = typer.Option(
+        "auto", "--steps", help="steps to evaluate: auto (the run's recorded steps) or a list such as 1-5,50"
+    ),
+    permutations: int = typer.Option(
+        DEFAULT_PERMUTATIONS,
+        "--permutations",
+        help="Monte-Carlo permutations (an even number: antithetic pairs) at each evaluated step",
+    ),
+    cumulative: bool = typer.Option(
+        True,
+        "--cumulative/--no-cumulative",
+        help="also compute the ground truth at every step and compare the values summed over the run",
+    ),
+    cumulative_permutations: int = typer.Option(
+        DEFAULT_CUMULATIVE_PERMUTATIONS,
+        "--cumulative-permutations",
+        help="Monte-Carlo permutations at each of the other steps, for the cumulative ground truth",
+    ),
+    seed: int = typer.Option(0, "--seed", help="seed of the permutations"),
+    runs_dir: Path = typer.Option(None, "--runs-dir", help="runs folder (default: $ADAMSHAP_RUNS or ./runs)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Compare every method with exact leave-one-out and Monte-Carlo Shapley of the real optimizer
+    step (replaying the run), per step and summed over the run; writes compare.parquet and plots."""
+    from adamshap_core import runio
+    from adamshap_core.compare import CompareOptions, compare_run, write_outputs
+
+    folder = runio.open_run(runio.runs_root(runs_dir), run)
+    options = CompareOptions(baseline, steps, permutations, cumulative, cumulative_permutations, seed)
+    progress = None if quiet else _progress()
+    task = None
+
+    def on_start(inputs, evaluated):
+        nonlocal task
+        n = inputs.last_step if cumulative else len(evaluated)
+        if progress is not None:
+            err_console.print(
+                f"[bold]compare[/] {escape(folder.name)}: replaying {inputs.last_step} steps; ground "
+                f"truth at {n} steps: {options.permutations} permutations at the evaluated steps "
+                f"{_steps_text(evaluated)}"
+                + (f", {options.cumulative_permutations} at the others" if cumulative else "")
+            )
+            task = progress.add_task("ground truth", total=n)
+            progress.start()
+
+    def on_progress(done, total):
+        if progress is not None:
+            progress.update(task, completed=done)
+
+    try:
+        result = compare_run(folder, options, on_progress, on_start)
+    finally:
+        if progress is not None:
+            progress.stop()
+    written = write_outputs(folder, result)
+    print_report(result)
+    console.print(f"wrote {', '.join(written)} to [bold]{escape(str(folder.path))}[/]")
+
+
+def print_report(result) -> None:
+    from adamshap_core import report
+
+    console.print(report.compare_summary_table(result))
+    console.print(report.compare_steps_table(result))
+    layers = report.divergence_table(result)
+    if layers is not None:
+        console.print(layers)
+    s = result.summary
+    div = s["divergence"]
+    worst = ", ".join(f"step {w['step']} ({report.fmt(w['pearson_vs_shapley'])})" for w in div["worst_steps"])
+    if worst:
+        console.print(f"{div['baseline']} is furthest from MC Shapley at {worst}.", highlight=False)
+    cum = s.get("cumulative")
+    noise = f"; cumulative se/sd {cum['se_over_sd']:.4f} over {cum['steps']} steps" if cum else ""
+    check = s["replay_check"]
+    console.print(
+        f"replay reproduced the run (recorded steps {_steps_text(check['checked_steps'])}: largest relative "
+        f"difference {check['max_relative_difference']:.1e}); engine vs materialised gradients "
+        f"{s['engine_vs_bruteforce_max_relative_difference']:.1e}{noise}; "
+        f"{s['seconds']['total']:.0f}s",
+        highlight=False,
+    )
+
+
+def _steps_text(steps) -> str:
+    steps = list(steps)
+    return ", ".join(map(str, steps)) if len(steps) <= 12 else f"{steps[0]}..{steps[-1]} ({len(steps)})"
+
+
+def _progress():
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]ground truth[/]"),
+        BarColumn(),
+        TextColumn("step {task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+    )

@@ -1,0 +1,247 @@
+"""``adamshap compare`` end to end on a tiny recipe: the files, their columns, what they say,
+and the runs and options it must refuse (exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import cli, tiny, write_recipe
+
+from adamshap_core.compare import COMPARE_COLUMNS, resolve_steps
+from adamshap_core.errors import UserError
+
+OUTPUTS = ("compare.parquet", "groundtruth.parquet", "compare_layers.parquet", "compare.json")
+PLOTS = ("compare_values.png", "compare_steps.png", "compare_pearson.png")
+METHODS = ["adam", "adam_fixed", "sgd"]
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    monkeypatch.setenv("ADAMSHAP_RUNS", str(root))
+    return root
+
+
+def train_tiny(tmp_path, name="tiny", **sections):
+    recipe = write_recipe(tmp_path, tiny(name=name, **sections), name=f"{name}.yaml")
+    res = cli("train", recipe, "--quiet")
+    assert res.exit_code == 0, res.output
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run (iris, 7 steps, steps 1-3 recorded), copied into each test's runs folder."""
+    import os
+
+    base = tmp_path_factory.mktemp("trained")
+    old = os.environ.get("ADAMSHAP_RUNS")
+    os.environ["ADAMSHAP_RUNS"] = str(base / "runs")
+    try:
+        train_tiny(base)
+    finally:
+        if old is None:
+            del os.environ["ADAMSHAP_RUNS"]
+        else:
+            os.environ["ADAMSHAP_RUNS"] = old
+    return base / "runs" / "tiny"
+
+
+@pytest.fixture
+def run(trained, runs):
+    runs.mkdir(parents=True, exist_ok=True)
+    return shutil.copytree(trained, runs / "tiny")
+
+
+def test_compare_writes_the_report(run):
+    res = cli("compare", "--permutations", "4", "--quiet")
+    assert res.exit_code == 0, res.output
+    for name in OUTPUTS + PLOTS:
+        assert (run / name).is_file(), name
+    for name in PLOTS:
+        assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    table = pd.read_parquet(run / "compare.parquet")
+    assert list(table.columns) == COMPARE_COLUMNS
+    assert not table.duplicated(["method", "ground_truth", "scope"]).any()
+    steps = ["1", "2", "3"]  # auto = the recorded steps
+    for scope in [*steps, "cumulative"]:
+        for m in METHODS:
+            for g in ("shapley", "loo"):
+                row = table[(table.method == m) & (table.ground_truth == g) & (table.scope == scope)]
+                assert len(row) == 1, (m, g, scope)
+                assert -1 <= row.pearson.iloc[0] <= 1 and -1 <= row.spearman.iloc[0] <= 1
+                assert row.n.iloc[0] == (16 if scope != "cumulative" else 100)
+    vs_sgd = table[(table.ground_truth == "sgd") & (table.scope == "cumulative")]
+    assert sorted(vs_sgd.method) == ["adam", "adam_fixed"]
+    auc = table[table.ground_truth == "is_noisy"].set_index("method")["auroc"]
+    assert sorted(auc.index) == sorted([*METHODS, "shapley", "loo"])
+    assert auc.between(0, 1).all()
+    assert table[table.ground_truth != "is_noisy"]["auroc"].isna().all()
+
+    truth = pd.read_parquet(run / "groundtruth.parquet")
+    summary = json.loads((run / "compare.json").read_text())
+    values = pd.read_parquet(run / "values.parquet")
+    recorded = pd.read_parquet(run / "steps_values.parquet")
+    for s in summary["per_step"]:
+        rows = truth[truth.scope == str(s["step"])]
+        # MC Shapley is efficient: the values sum to U(N) − U(∅)
+        assert rows.shapley.sum() == pytest.approx(s["u_full"] - s["u_empty"], rel=1e-9, abs=1e-15)
+        assert (rows.permutations == 4).all() and (rows.shapley_se >= 0).all()
+        # the methods' columns are the run's own recorded values of that step
+        rec = recorded[recorded.step == s["step"]]
+        assert np.allclose(rows.value_adam.to_numpy(), rec.value_adam.to_numpy(), rtol=0, atol=0)
+    cum = truth[truth.scope == "cumulative"].set_index("example_id")
+    assert len(cum) == len(values) and cum.shapley.notna().all()
+    assert np.array_equal(cum.loc[values.example_id, "value_sgd"].to_numpy(), values.value_sgd.to_numpy())
+    assert summary["replay_check"]["max_relative_difference"] <= 1e-5
+    assert summary["engine_vs_bruteforce_max_relative_difference"] < 1e-3
+    assert summary["ground_truth_steps"] == 7
+
+    layers = pd.read_parquet(run / "compare_layers.parquet")
+    assert set(layers.layer) == {"net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias"}
+    shares = layers.groupby(["step", "method"])["share"].sum()
+    assert np.allclose(shares, 1.0)
+    assert np.allclose(layers[layers.method == "adam"].pearson_vs_adam, 1.0)
+
+    out = res.stdout
+    assert "vs MC Shapley" in out and "steps 2–5" in out and "cumulative" in out and "AUROC" in out
+    assert "where sgd departs from adam" in out and "replay reproduced the run" in out
+
+
+def test_cumulative_truth_is_the_sum_of_every_steps_truth(run):
+    res = cli("compare", "--permutations", "2", "--steps", "1-7", "--baseline", "adam", "-q")
+    assert res.exit_code == 0, res.output
+    truth = pd.read_parquet(run / "groundtruth.parquet")
+    per_step = truth[truth.scope != "cumulative"]
+    assert sorted(per_step.scope.unique(), key=int) == [str(s) for s in range(1, 8)]
+    summed = per_step.groupby("example_id")[["shapley", "loo"]].sum()
+    cum = truth[truth.scope == "cumulative"].set_index("example_id").loc[summed.index]
+    assert np.allclose(cum.shapley, summed.shapley, rtol=1e-12, atol=1e-18)
+    assert np.allclose(cum.loo, summed.loo, rtol=1e-12, atol=1e-18)
+    table = pd.read_parquet(run / "compare.parquet")
+    assert set(table[table.ground_truth == "adam"].method) == {"adam_fixed", "sgd"}
+    # the "cumulative, steps >= 2" figure is the correlation of the sums over steps 2..7
+    later = per_step[per_step.scope != "1"].groupby("example_id")[["shapley", "value_sgd"]].sum()
+    later = later.reindex(per_step.example_id.unique(), fill_value=0.0)  # step 1's examples: 0 after it
+    want = np.corrcoef(later.shapley, later.value_sgd)[0, 1]
+    got = json.loads((run / "compare.json").read_text())["cumulative_from_step_2"]["sgd"]["pearson"]
+    assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_no_cumulative_and_a_step_list(run):
+    res = cli("compare", "--permutations", "2", "--steps", "2,5", "--no-cumulative", "-q")
+    assert res.exit_code == 0, res.output
+    table = pd.read_parquet(run / "compare.parquet")
+    truth_rows = table[table.ground_truth.isin(["shapley", "loo"])]
+    assert sorted(truth_rows.scope.unique()) == ["2", "5"]
+    assert (table[table.scope == "cumulative"].ground_truth.isin(["sgd", "is_noisy"])).all()
+    assert json.loads((run / "compare.json").read_text())["ground_truth_steps"] == 2
+
+
+def assert_refused(res, *words):
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    text = " ".join(res.output.split())
+    for w in words:
+        assert w in text, (w, text)
+
+
+@pytest.mark.parametrize(
+    "attribution, words",
+    [
+        ({"record_steps": 0}, ["record_steps: 0", "recording off"]),
+        ({"enabled": False}, ["attribution.enabled: false"]),
+    ],
+)
+def test_runs_that_cannot_be_compared_are_refused(tmp_path, runs, attribution, words):
+    train_tiny(tmp_path, attribution=attribution)
+    assert_refused(cli("compare", "-q"), *words)
+    assert not (runs / "tiny" / "compare.parquet").exists()
+
+
+GPT = {
+    "name": "gpt",
+    "data": {"source": "builtin:facts", "facts": {"n_facts": 10, "seed": 2}},
+    "model": {"kind": "gpt", "n_layer": 1, "n_head": 2, "d_model": 8},
+    "optim": {"name": "adamw", "lr": 1.0e-2, "weight_decay": 0.01},
+    "train": {"epochs": 1, "batch_size": 4, "seed": 5, "device": "cpu"},
+    "attribution": {"methods": ["adam", "sgd"], "record_steps": 2},
+}
+
+
+def test_a_language_model_run_compares_and_dropout_is_refused(tmp_path, runs):
+    """Token inputs (an embedding, a tied head, sequence losses) go through the same ground truth."""
+    assert cli("train", write_recipe(tmp_path, GPT), "--quiet").exit_code == 0
+    res = cli("compare", "--run", "gpt", "--permutations", "2", "--no-cumulative", "-q")
+    assert res.exit_code == 0, res.output
+    table = pd.read_parquet(runs / "gpt" / "compare.parquet")
+    assert set(table[table.ground_truth == "shapley"].scope) == {"1", "2"}
+    assert table[table.ground_truth == "shapley"].pearson.notna().all()
+    dropout = {**GPT, "name": "gptdrop", "model": {**GPT["model"], "dropout": 0.1}}
+    assert cli("train", write_recipe(tmp_path, dropout), "--quiet").exit_code == 0
+    assert_refused(cli("compare", "--run", "gptdrop", "-q"), "dropout", "model.dropout: 0")
+
+
+def test_a_replay_that_does_not_reproduce_the_run_is_refused(run):
+    sv = pd.read_parquet(run / "steps_values.parquet")
+    sv.loc[sv.step == 3, "value_adam"] *= 1.001
+    sv.to_parquet(run / "steps_values.parquet", index=False)
+    assert_refused(
+        cli("compare", "--permutations", "2", "--no-cumulative", "-q"), "does not reproduce", "step 3"
+    )
+    assert not any((run / name).exists() for name in OUTPUTS + PLOTS)
+
+
+def test_a_replay_with_other_batches_is_refused_at_once(run):
+    sv = pd.read_parquet(run / "steps_values.parquet")
+    ids = sv.loc[sv.step == 1, "example_id"].to_numpy()
+    sv.loc[sv.step == 1, "example_id"] = ids[::-1]
+    sv.to_parquet(run / "steps_values.parquet", index=False)
+    assert_refused(cli("compare", "--permutations", "2", "-q"), "does not reproduce", "step 1")
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--permutations", "3"], ["--permutations 3", "even"]),
+        (["--cumulative-permutations", "0"], ["--cumulative-permutations 0", "even"]),
+        (["--steps", "0,2"], ["--steps", "outside the run", "1..7"]),
+        (["--steps", "2-x"], ["--steps", "cannot read"]),
+        (["--baseline", "newton"], ["--baseline 'newton'", "adam, adam_fixed, sgd"]),
+        (["--run", "nope"], ["no run 'nope'"]),
+    ],
+)
+def test_bad_options_exit_2(run, args, words):
+    assert_refused(cli("compare", *args, "-q"), *words)
+    assert not (run / "compare.parquet").exists()
+
+
+def test_resolve_steps():
+    assert resolve_steps("auto", [5, 1, 3], 9) == [1, 3, 5]
+    assert resolve_steps(" 1-3, 7,2 ", [1], 9) == [1, 2, 3, 7]
+    with pytest.raises(UserError, match="backwards"):
+        resolve_steps("5-3", [1], 9)
+    with pytest.raises(UserError, match="outside"):
+        resolve_steps("10", [1], 9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["digits-mlp", "breast-cancer-mlp", "digits-cnn"])
+def test_shipped_recipes_compare(runs, recipe):
+    """The same command on each shipped recipe; on the default one, the acceptance figure."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.yaml"
+    assert cli("train", path, "--quiet").exit_code == 0
+    res = cli("compare", "--quiet")
+    assert res.exit_code == 0, res.output
+    table = pd.read_parquet(runs / recipe / "compare.parquet")
+    per_step = table[(table.ground_truth == "shapley") & (table.scope != "cumulative")]
+    assert set(per_step.scope) >= {"1", "2", "3", "4", "5"}
+    if recipe == "digits-mlp":
+        adam = per_step[per_step.method == "adam"].pearson
+        assert adam.median() >= 0.99
