@@ -6,6 +6,7 @@ import typer
 
 from . import attribute as _attribute
 from . import bench as _bench
+from . import compare as _compare
 from . import prune as _prune
 from . import runs as _runs
 from . import train as _train
@@ -24,6 +25,7 @@ app.command("runs")(_runs.runs)
 app.command("attribute")(_attribute.attribute)
 app.command("prune")(_prune.prune)
 app.command("bench")(_bench.bench)
+app.command("compare")(_compare.compare)
 
 
 if __name__ == "__main__":
