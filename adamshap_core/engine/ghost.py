@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from ..errors import UserError
-from .low_rank import FACTORIZE_PASSES, LowRank, factorize
+from .low_rank import FACTORIZE_OVERHEAD, FACTORIZE_PASSES, LowRank, factorize
 from .registry import LayerKernel, kernel_for, supported_types, unsupported
 
 Scale = torch.Tensor | float  # multiplier of ∇val over a segment (tensor: elementwise)
@@ -238,7 +238,11 @@ class GhostEngine:
             M = full[id(p)]
             d_out, d_in = M.shape[1], M[0].numel() // M.shape[1]
             exact = rows[id(p)] * d_in * d_out
-            factored = rows[id(p)] * rank * (d_in + d_out) + FACTORIZE_PASSES * (rank + 4) * d_in * d_out
+            factored = (
+                rows[id(p)] * rank * (d_in + d_out)
+                + FACTORIZE_PASSES * (rank + 4) * d_in * d_out
+                + FACTORIZE_OVERHEAD
+            )
             if factored < exact:
                 factors[id(p)] = factorize(M.reshape(M.shape[0], d_out, d_in), rank, self._generator)
         return factors

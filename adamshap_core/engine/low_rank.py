@@ -13,6 +13,9 @@ import torch
 
 POWER_ITERS = 1
 FACTORIZE_PASSES = 2 * POWER_ITERS + 2  # products with M (each of d_out·d_in·(rank+4) multiply-adds)
+# the dozen small calls of a factorisation (QRs, an SVD, products) cost about as much as this
+# many multiply-adds on a CPU, whatever their size: small matrices are cheaper left exact
+FACTORIZE_OVERHEAD = 2_000_000
 
 
 @dataclass
