@@ -114,13 +114,7 @@ class CompareResult:
 def load_run(folder: RunFolder) -> RunInputs:
     """The run's files; a ``UserError`` naming what is missing when the run cannot be compared."""
     name = folder.name
-    metrics = folder.metrics()
-    status = metrics.get("status")
-    if status != "complete":
-        raise UserError(
-            f"run {name!r} is not complete (metrics.json status: {status or 'missing'}); compare needs a "
-            "finished run. Resume or retrain it with `adamshap train`."
-        )
+    folder.require_complete()  # complete, of a known schema version, its tables as the schema says
     recipe = folder.recipe()
     if not recipe.attribution.enabled:
         raise UserError(

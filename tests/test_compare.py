@@ -163,6 +163,13 @@ def test_runs_that_cannot_be_compared_are_refused(tmp_path, runs, attribution, w
     assert not (runs / "tiny" / "compare.parquet").exists()
 
 
+def test_an_incomplete_run_is_refused(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "status": "incomplete"}))
+    assert_refused(cli("compare", "-q"), "incomplete")
+    assert not (run / "compare.parquet").exists()
+
+
 GPT = {
     "name": "gpt",
     "data": {"source": "builtin:facts", "facts": {"n_facts": 10, "seed": 2}},
