@@ -9,8 +9,13 @@ run: the same recipe, seed, data order and updates (valuation never changes a st
 this is checked, the replay's final parameters must equal the run's bit for bit
 (``params_sha256`` in metrics.json), and a mismatch is reported.
 
-A query's validation loss is the mean next-token loss over its real tokens, the loss the
+A query's validation loss is the mean next-token loss over its scored tokens, the loss the
 model trained with; its words go through the run's tokenizer (unseen words → ``<unk>``).
+Where a query names an ``answer`` (the built-in ones do: the fact-bearing word), only the
+answer's tokens are scored, given the words before them ("which texts taught the model to
+say *tailor* here"); otherwise, or with ``score="text"``, every token of the query is. The
+whole-text loss of a restated fact is dominated by tokens that carry no fact: the phrasing's
+function words and the prediction of the entity's name from the words before it.
 
 Baselines: ``bm25`` scores the training texts against the query's words (rank-bm25's
 BM25Okapi over the same lower-cased words, punctuation dropped); ``random`` is the
@@ -47,12 +52,13 @@ from .models import context_length
 from .precond import METHODS
 from .recipe import Recipe
 from .runio import RunFolder, atomic_write_json, atomic_write_parquet
-from .tokenizer import WordTokenizer, split_words
+from .tokenizer import IGNORE, WordTokenizer, split_words
 
 BASELINES = ("bm25", "random")
 ALL_METHODS = (*METHODS, *BASELINES)
 RECALL_AT = (1, 10)
 DEFAULT_CHUNK = 256
+SCORES = ("answer", "text")  # what a query's utility scores: its answer words, or its whole text
 
 
 # --------------------------------------------------------------------------- queries
@@ -60,12 +66,13 @@ DEFAULT_CHUNK = 256
 
 @dataclass
 class Queries:
-    """The queries of one attribution: ids, texts, and (optionally) level and true source."""
+    """The queries of one attribution: ids, texts, and (optionally) level, true source and answer."""
 
     ids: list  # query_id: the `id` field of a query file, else the 0-based position
     texts: list[str]
     levels: list[str]  # "" where not given
     source_ids: list[int | None]
+    answers: list[str | None]  # the words whose loss is the utility (see ``score_mask``); None: all
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -80,16 +87,17 @@ class Queries:
 
 def queries_from_texts(texts: Sequence[str]) -> Queries:
     """Queries typed on the command line: ids are their positions."""
-    return Queries(list(range(len(texts))), list(texts), [""] * len(texts), [None] * len(texts))
+    n = len(texts)
+    return Queries(list(range(n)), list(texts), [""] * n, [None] * n, [None] * n)
 
 
 def queries_from_file(path: str | Path) -> Queries:
-    """A JSON-lines file: ``text``, optional ``id`` (int or string), ``level`` and ``source_id``."""
+    """A JSON-lines file: ``text``, optional ``id`` (int or string), ``level``, ``source_id``, ``answer``."""
     path = str(path)
     what = "--queries"
     records = read_jsonl(path, what)
     check_ids(records, path, what, kinds=(int, str))
-    q = Queries([], [], [], [])
+    q = Queries([], [], [], [], [])
     for pos, (row, rec) in enumerate(records):
         name = f"line {row + 1} of {path}"
         q.texts.append(record_text(rec, name, what))
@@ -102,6 +110,10 @@ def queries_from_file(path: str | Path) -> Queries:
         if source is not None and (isinstance(source, bool) or not isinstance(source, int)):
             raise UserError(f"{what}: {name} has `source_id` {source!r}; expected the integer example_id.")
         q.source_ids.append(source)
+        answer = rec.get("answer")
+        if answer is not None and not (isinstance(answer, str) and answer.strip()):
+            raise UserError(f"{what}: {name} has `answer` {answer!r}; expected some words of its text.")
+        q.answers.append(answer)
     return q
 
 
@@ -112,12 +124,30 @@ def builtin_queries(data: TextDataset, source: str) -> Queries:
             "(only builtin:facts does); give --query TEXT or --queries FILE.jsonl."
         )
     qs = data.queries
-    return Queries([q.id for q in qs], [q.text for q in qs], [q.level for q in qs], [q.source_id for q in qs])
+    return Queries(
+        [q.id for q in qs],
+        [q.text for q in qs],
+        [q.level for q in qs],
+        [q.source_id for q in qs],
+        [q.answer for q in qs],
+    )
 
 
-def encode_queries(queries: Queries, tok: WordTokenizer, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded inputs and targets [Q, T]; an empty query or one longer than the context is an error."""
+def encode_queries(
+    queries: Queries, tok: WordTokenizer, context: int, score: str = "answer"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded inputs and targets [Q, T]; an empty query or one longer than the context is an error.
+
+    ``score``: "answer" keeps only the targets of a query's answer words (where it has an
+    answer), "text" keeps every target, so the utility is the whole query's loss.
+    """
+    if score not in SCORES:
+        raise UserError(f"--score is {score!r}; expected one of {', '.join(SCORES)}.")
     x, y = tok.batch(queries.texts, [queries.where(i) for i in range(len(queries))])
+    if score == "answer":
+        for i, answer in enumerate(queries.answers):
+            if answer is not None:
+                y[i, ~score_mask(queries.texts[i], answer, y.shape[1], queries.where(i))] = IGNORE
     lengths = (y >= 0).sum(dim=1)
     too_long = [i for i in range(len(queries)) if int(lengths[i]) > context]
     if too_long:
@@ -127,6 +157,24 @@ def encode_queries(queries: Queries, tok: WordTokenizer, context: int) -> tuple[
             f"context of {context} (model.block_size); expected a shorter query."
         )
     return x, y
+
+
+def score_mask(text: str, answer: str, length: int, where: str = "the query") -> torch.Tensor:
+    """Which targets of ``text`` predict the words of ``answer`` (its last occurrence in the text).
+
+    Target j predicts word j (the inputs are <bos> w0 w1 ...), so the answer's targets are
+    the positions of its words; the utility is then the loss of the answer given the words
+    before it, the usual way to ask a language model for a fact.
+    """
+    words, ans = split_words(text), split_words(answer)
+    starts = [j for j in range(len(words) - len(ans) + 1) if ans and words[j : j + len(ans)] == ans]
+    if not starts:
+        raise UserError(
+            f"{where}: its answer {answer!r} does not occur in its text {text!r}; expected some of its words."
+        )
+    mask = torch.zeros(length, dtype=torch.bool)
+    mask[starts[-1] : starts[-1] + len(ans)] = True
+    return mask
 
 
 # --------------------------------------------------------------------------- the replay
@@ -263,6 +311,7 @@ class Attribution:
     scores: dict[str, np.ndarray]  # method (valued ones and bm25) -> [n_train, Q]
     unknown_words: list[list[str]]  # per query, the words the tokenizer lacked
     with_random: bool = True  # the benchmark lists the random baseline
+    scored: list[str] = field(default_factory=list)  # per query: "answer" or "text"
     source_ranks: dict[str, np.ndarray] = field(default_factory=dict)  # method -> [Q] (NaN: no source)
     replay: Replay | None = None
     fact_recall: float | None = None
@@ -300,6 +349,8 @@ class Attribution:
                 "text": q.texts,
                 "level": q.levels,
                 "source_id": pd.array(q.source_ids, dtype="Int64"),
+                "answer": pd.array(q.answers, dtype="string"),
+                "scored": self.scored,
                 "n_unknown_words": [len(u) for u in self.unknown_words],
             }
         )
@@ -396,6 +447,7 @@ class Plan:
     valued: list[str]  # adam, adam_fixed, sgd among the methods
     baselines: list[str]  # bm25, random among the methods
     chunk: int
+    score: str  # "answer" or "text" (see ``encode_queries``)
     total_steps: int  # steps of all replays together
 
 
@@ -417,6 +469,7 @@ def plan(
     queries_file: str | None = None,
     methods: Sequence[str] | None = None,
     chunk: int = DEFAULT_CHUNK,
+    score: str = "answer",
 ) -> Plan:
     """Load the run, its data and the queries; check everything a replay needs."""
     metrics = folder.require_complete().metrics()
@@ -431,7 +484,7 @@ def plan(
     data = load_dataset(recipe.data)
     check_tokenizer(folder, data.tokenizer)
     queries = pick_queries(data, recipe, texts, queries_file)
-    qx, qy = encode_queries(queries, data.tokenizer, context_length(recipe.model, data))
+    qx, qy = encode_queries(queries, data.tokenizer, context_length(recipe.model, data), score)
     names = check_methods(methods)
     valued = [m for m in names if m in METHODS]
     steps = int(metrics.get("total_steps") or 0)
@@ -445,6 +498,7 @@ def plan(
         valued,
         [m for m in names if m in BASELINES],
         chunk,
+        score,
         steps * -(-len(queries) // chunk) if valued else 0,
     )
 
@@ -510,6 +564,7 @@ def attribute(p: Plan, on_step: Callable[[], None] | None = None) -> Attribution
         scores,
         [d.tokenizer.unknown_words(t) for t in q.texts],
         with_random="random" in p.baselines,
+        scored=["answer" if p.score == "answer" and a is not None else "text" for a in q.answers],
         replay=replay,
     )
     if q.has_sources:
@@ -541,6 +596,7 @@ def write_outputs(p: Plan, result: Attribution) -> dict[str, Path]:
         "n_queries": len(result.queries),
         "n_train": len(result.example_ids),
         "chunk": p.chunk,
+        "score": p.score,
         "replays": r.replays if r else 0,
         "replay_params_sha256": r.params_sha256 if r else None,
         "replay_matches_run": r.matches_run if r else None,

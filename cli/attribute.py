@@ -37,6 +37,12 @@ def attribute(
         min=0,
         help=f"queries to print (default: all up to {SHOW_ALL_UP_TO}, else {SHOW_OTHERWISE})",
     ),
+    score: str = typer.Option(
+        "answer",
+        "--score",
+        help="answer: a query's utility is the loss of its answer words where it names an answer (the "
+        "built-in ones do), else of its whole text; text: always the whole text",
+    ),
     chunk: int = typer.Option(
         256, "--chunk", min=1, help="queries valued per replay of the run (memory bound)"
     ),
@@ -59,6 +65,7 @@ def attribute(
         queries_file=queries,
         methods=methods,
         chunk=chunk,
+        score=score,
     )
     if not quiet:
         err_console.print(
@@ -108,6 +115,8 @@ def query_table(result, q: int, top: int) -> Table:
     level = f" [{qs.levels[q]}]" if qs.levels[q] else ""
     source = qs.source_ids[q]
     src_note = f", true source #{source}" if source is not None else ""
+    if result.scored[q] == "answer":
+        src_note += f", scoring {qs.answers[q]!r}"
     table = Table(
         title=f"{escape(qs.where(q))}{escape(level)}: {escape(qs.texts[q])!r}{src_note}",
         title_justify="left",

@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 from helpers import cli, tiny, write_recipe
 
-from adamshap_core.attribute import bm25_scores, ranks, source_rank
+from adamshap_core.attribute import bm25_scores, ranks, score_mask, source_rank
 from adamshap_core.data.facts import LEVELS
+from adamshap_core.errors import UserError
 
 FACTS = {
     "name": "facts",
@@ -143,3 +144,27 @@ def test_bm25_prefers_the_text_sharing_the_rare_words():
     texts = ["the cat sat on the mat", "the dog sat on the log", "a bird flew"]
     s = bm25_scores(texts, ["where did the dog sit ?", "bird"])
     assert s.shape == (3, 2) and s[:, 0].argmax() == 1 and s[:, 1].argmax() == 2
+
+
+def test_score_mask_keeps_the_answer_targets():
+    # inputs <bos> the job of x is tailor . ; target j predicts word j
+    assert score_mask("the job of x is tailor .", "tailor", 8).nonzero().flatten().tolist() == [5]
+    assert score_mask("a b a b c", "a b", 6).nonzero().flatten().tolist() == [2, 3]  # the last occurrence
+    with pytest.raises(UserError, match="does not occur in its text"):
+        score_mask("the job of x", "tailor", 5, "query 3")
+
+
+def test_answer_or_whole_text_scoring(runs, tmp_path):
+    p = tmp_path / "q.jsonl"
+    p.write_text(json.dumps({"text": "the pet of somebody is a cat .", "answer": "cat"}) + "\n")
+    values = {}
+    for score in ("answer", "text"):
+        res = attribute(runs, "--run", "facts", "--queries", p, "--methods", "sgd", "--score", score)
+        assert res.exit_code == 0, res.output
+        values[score] = pd.read_parquet(runs / "facts" / "attribution.parquet")["value_sgd"].to_numpy()
+        q = pd.read_parquet(runs / "facts" / "attribution_queries.parquet")
+        assert q["scored"].tolist() == [score] and q["answer"].tolist() == ["cat"]
+    assert not np.allclose(values["answer"], values["text"])
+    p.write_text(json.dumps({"text": "the pet of somebody", "answer": "cat"}) + "\n")
+    res = attribute(runs, "--run", "facts", "--queries", p)
+    assert res.exit_code == 2 and "does not occur in its text" in " ".join(res.output.split())

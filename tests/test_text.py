@@ -67,6 +67,13 @@ def test_facts_generator_is_seeded_and_consistent():
             assert f.entity in qs[level].text.split() and f.value in qs[level].text.split()
         assert any(qs["paraphrase"].text == t.format(e=f.entity, v=f.value) for t in rel.templates)
         assert any(qs["heavy"].text == t.format(e=f.entity, v=f.value) for t in rel.heavy)
+        # the answer is the fact-bearing word: whichever of entity and value comes second
+        for level in ("exact", "paraphrase", "heavy"):
+            words = qs[level].text.split()
+            later = f.entity if words.index(f.entity) > words.index(f.value) else f.value
+            assert qs[level].answer == later
+        words = qs["topic"].text.split()
+        assert words.index(qs["topic"].answer) > words.index(f.entity)  # the topic's own value
         # topic: the same entity in a training phrasing of another relation
         topic = [r.name for r in RELATIONS if _states(qs["topic"].text, f.entity, r)]
         assert topic and f.relation not in topic

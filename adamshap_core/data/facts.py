@@ -120,6 +120,7 @@ class Query:
     text: str
     level: str
     source_id: int  # the id of the training text that states the fact
+    answer: str  # the fact-bearing word: the later of the query's entity and value (see ``answer_of``)
 
 
 def _vocabulary() -> set[str]:
@@ -149,6 +150,15 @@ def entity_names(n: int, rng: np.random.Generator) -> list[str]:
     return names
 
 
+def answer_of(template: str, entity: str, value: str) -> str:
+    """The word a causal LM needs the fact for: whichever of entity and value comes second.
+
+    In "bramok works as a tailor" the model must recall the value from the entity; in
+    "tailor is the occupation of bramok" the entity from the value.
+    """
+    return value if template.index("{e}") < template.index("{v}") else entity
+
+
 def _pick(rng: np.random.Generator, options) -> str:
     return options[rng.integers(len(options))]
 
@@ -169,13 +179,15 @@ def generate(n_facts: int, seed: int) -> tuple[list[Fact], list[Query]]:
         others = [k for k in range(len(rel.templates)) if k != t]
         paraphrase = rel.templates[others[rng.integers(len(others))]]
         other_rel = RELATIONS[int(_pick(rng, [k for k in range(len(RELATIONS)) if k != r_idx]))]
-        topic = _pick(rng, other_rel.templates).format(e=name, v=_pick(rng, other_rel.values))
-        texts = {
-            "exact": facts[-1].text,
-            "paraphrase": paraphrase.format(e=name, v=value),
-            "heavy": _pick(rng, rel.heavy).format(e=name, v=value),
-            "topic": topic,
+        # (template, entity, value) per level; the topic states a value of another relation
+        phrasings = {
+            "exact": (rel.templates[t], value),
+            "paraphrase": (paraphrase, value),
+            "heavy": (_pick(rng, rel.heavy), value),
+            "topic": (_pick(rng, other_rel.templates), _pick(rng, other_rel.values)),
         }
         for level in LEVELS:
-            queries.append(Query(len(queries), texts[level], level, i))
+            template, v = phrasings[level]
+            text = template.format(e=name, v=v)
+            queries.append(Query(len(queries), text, level, i, answer_of(template, name, v)))
     return facts, queries
