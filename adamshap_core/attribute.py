@@ -222,9 +222,9 @@ class Replay:
 
 
 def replay_recipe(recipe: Recipe, methods: Sequence[str]) -> Recipe:
-    """The run's recipe with attribution on for ``methods`` (attribution never changes a step)."""
+    """The run's recipe with exact attribution on for ``methods`` (attribution never changes a step)."""
     attribution = recipe.attribution.model_copy(
-        update={"enabled": True, "methods": list(methods), "record_steps": 0}
+        update={"enabled": True, "methods": list(methods), "record_steps": 0, "fast": None}
     )
     return recipe.model_copy(update={"attribution": attribution})
 

@@ -20,14 +20,31 @@ FACTS = {
     "attribution": {"methods": ["adam", "sgd"], "record_steps": 0},
 }
 METHODS = ["adam", "adam_fixed", "sgd", "bm25", "random"]
+CORPUS = [
+    "the river runs to the sea",
+    "a fox sleeps under the old oak",
+    "rain falls on the quiet town",
+    "the miller grinds wheat into flour",
+    "owls hunt mice at night",
+    "the baker sells bread at dawn",
+    "snow covers the northern hills",
+    "ships leave the harbour at noon",
+]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A runs folder with a tiny builtin:facts run and a tabular run."""
+    """A runs folder with a tiny builtin:facts run, a jsonl corpus run and a tabular run."""
     root = tmp_path_factory.mktemp("attr")
     runs = root / "runs"
-    for rec in (FACTS, tiny(name="tab")):
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"id": 500 + i, "text": t}) for i, t in enumerate(CORPUS)))
+    text_run = {
+        **FACTS,
+        "name": "corpus",
+        "data": {"source": f"jsonl:{corpus}", "val_size": 1, "test_size": 1},
+    }
+    for rec in (FACTS, text_run, tiny(name="tab")):
         res = cli("train", write_recipe(root, rec, f"{rec['name']}.yaml"), "--runs-dir", runs, "-q")
         assert res.exit_code == 0, res.output
     return runs
@@ -168,3 +185,14 @@ def test_answer_or_whole_text_scoring(runs, tmp_path):
     p.write_text(json.dumps({"text": "the pet of somebody", "answer": "cat"}) + "\n")
     res = attribute(runs, "--run", "facts", "--queries", p)
     assert res.exit_code == 2 and "does not occur in its text" in " ".join(res.output.split())
+
+
+def test_a_jsonl_corpus_run_keeps_its_ids(runs):
+    res = attribute(runs, "--run", "corpus", "--query", "who sells bread ?", "--top", "2")
+    assert res.exit_code == 0, res.output
+    df = pd.read_parquet(runs / "corpus" / "attribution.parquet")
+    assert set(df["example_id"]) <= set(range(500, 508)) and df["example_id"].nunique() == 6
+    assert not (runs / "corpus" / "attribution_benchmark.parquet").exists()
+    for args, fragment in [((), "no queries"), (("--queries", "builtin"), "no built-in queries")]:
+        res = attribute(runs, "--run", "corpus", *args)
+        assert res.exit_code == 2 and fragment in " ".join(res.output.split()), res.output
