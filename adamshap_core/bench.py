@@ -18,6 +18,7 @@ tracker on identical copies of the model to give their per-step Pearson correlat
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -446,9 +448,16 @@ def _max_parameter_gap(m1, m2) -> float:
     return max(float((p.detach() - q.detach()).abs().max()) for p, q in pairs)
 
 
-def profile(spec: BenchSpec, n_steps: int = 3) -> dict:
-    """Self time per op of ``n_steps`` attribution steps beside as many plain steps (torch.profiler)."""
-    from torch.profiler import ProfilerActivity
+# The phases of an attribution step that --profile times by name (when the tracker has them):
+# GhostEngine methods, OptimizerView.segments (reading Adam's state) and precond.scales (P).
+ENGINE_PHASES = ("validation_gradients", "matrices", "contract")
+PHASE = "phase::"  # prefix of the profiler ranges that time one phase
+
+
+def profile(spec: BenchSpec, n_steps: int = 5) -> dict:
+    """Self time per op, and time per phase, of ``n_steps`` attribution steps beside as many plain
+    steps (torch.profiler); the attribution mode is the fast one when ``spec.fast``."""
+    from torch.profiler import ProfilerActivity, record_function
     from torch.profiler import profile as torch_profile
 
     out = {}
@@ -457,23 +466,84 @@ def profile(spec: BenchSpec, n_steps: int = 3) -> dict:
         batches = session.batches()
         for x, y in batches[: spec.warmup]:
             session.step(x, y)
-        timed = batches[spec.warmup : spec.warmup + n_steps]
+        timed = batches[spec.warmup : spec.warmup + min(n_steps, spec.steps)]
         memory = _Memory(session.prep.device)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if memory.cuda else [])
-        with torch_profile(activities=activities) as prof:
+        with _phases_labelled(session), torch_profile(activities=activities) as prof:
             for x, y in timed:
-                session.step(x, y)
-            memory.sync()
+                with record_function(PHASE + "step"):
+                    session.step(x, y)
+                    memory.sync()
         session.close()
         averages = prof.key_averages()
         sort_key = "self_cuda_time_total" if memory.cuda else "self_cpu_time_total"
+        ops = [e for e in averages if not e.key.startswith(PHASE)]
         out[mode] = {
             "steps": len(timed),
             "table": averages.table(sort_by=sort_key, row_limit=PROFILE_ROWS),
-            "self_us": {e.key: _self_us(e, memory.cuda) for e in averages},
-            "calls": {e.key: int(e.count) for e in averages},
+            "self_us": {e.key: _self_us(e, memory.cuda) for e in ops},
+            "calls": {e.key: int(e.count) for e in ops},
+            # wall-clock (CPU-side) time inside each phase, children included
+            "phase_us": {
+                e.key.removeprefix(PHASE): float(e.cpu_time_total)
+                for e in averages
+                if e.key.startswith(PHASE)
+            },
         }
     return out
+
+
+@contextmanager
+def _phases_labelled(session: Session):
+    """Wrap the tracker's phases in profiler ranges for the duration of the block (then restore)."""
+    from . import tracker as tracker_module
+
+    tracker = getattr(session.stepper, "tracker", None)
+    if tracker is None:
+        yield
+        return
+    targets = [(tracker.engine, name) for name in ENGINE_PHASES]
+    targets += [(tracker.view, "segments"), (tracker_module, "scales")]
+    patched = []
+    try:
+        for owner, name in targets:
+            if hasattr(owner, name):
+                original = getattr(owner, name)
+                patched.append((owner, name, original, name in vars(owner)))
+                setattr(owner, name, _labelled(PHASE + name, original))
+        yield
+    finally:
+        for owner, name, original, own in reversed(patched):
+            if own:
+                setattr(owner, name, original)
+            else:
+                delattr(owner, name)  # an instance attribute over the class's method
+
+
+def _labelled(label: str, fn: Callable) -> Callable:
+    from torch.profiler import record_function
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with record_function(label):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def phase_table(prof: dict) -> pd.DataFrame:
+    """ms per step in each phase of the attribution step (and the plain step), and what is left."""
+    att, plain = prof["attribution"], prof["plain"]
+
+    def per_step(part: dict, key: str) -> float:
+        return part["phase_us"].get(key, 0.0) / 1000 / part["steps"]
+
+    named = [k for k in att["phase_us"] if k != "step"]
+    rows = [("step", per_step(att, "step"), per_step(plain, "step"))]
+    rows += [(k, per_step(att, k), float("nan")) for k in named]
+    rest = per_step(att, "step") - sum(per_step(att, k) for k in named)
+    rows.append(("rest: forward, backward (with hooks), optimizer", rest, float("nan")))
+    return pd.DataFrame(rows, columns=["phase", "attribution_ms", "plain_ms"])
 
 
 def _self_us(event, cuda: bool) -> float:

@@ -188,16 +188,23 @@ def fidelity_lines(result) -> list[str]:
 
 
 def render_profile(prof: dict) -> str:
-    """The attribution step's top ops (torch.profiler) and the ops that cost most beyond a plain step."""
+    """Where an attribution step spends its time: per phase, the top ops, the ops beyond a plain step."""
     from adamshap_core import bench as bm
 
     att = prof["attribution"]
-    extra = bm.profile_extra(prof)
+
+    def fmt(v: float) -> str:
+        return "-" if v != v else f"{v:.3f}"  # NaN: not measured in that mode
+
     lines = [
-        f"profile: {att['steps']} attribution step(s), self time per op (torch.profiler key_averages)",
+        f"profile: {att['steps']} attribution step(s) beside as many plain steps (torch.profiler)",
+        "time per step in each phase (ms, children included):",
+        bm.phase_table(prof).to_string(index=False, float_format=fmt),
+        "",
+        "top ops of the attribution steps by self time (key_averages):",
         att["table"],
-        "where an attribution step spends more than a plain step (self ms per step):",
-        extra.to_string(index=False, float_format=lambda v: f"{v:.3f}"),
+        "ops that cost most beyond a plain step (self ms per step):",
+        bm.profile_extra(prof).to_string(index=False, float_format=fmt),
     ]
     return "\n".join(lines)
 

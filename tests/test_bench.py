@@ -289,10 +289,18 @@ def test_worker_writes_measurement_and_user_errors(tmp_path):
     assert "model.kind" in json.loads(out.read_text())["user_error"]
 
 
-def test_profile_reports_ops_and_the_extra_over_plain(tmp_path):
+def test_profile_reports_phases_ops_and_the_extra_over_plain(tmp_path):
+    from adamshap_core import precond, tracker
+
     spec = _spec(tmp_path, tiny(), methods=["adam"], steps=2, warmup=1)
     prof = bm.profile(spec, n_steps=2)
     assert "aten::" in prof["attribution"]["table"] and prof["attribution"]["steps"] == 2
     extra = bm.profile_extra(prof)
     assert list(extra.columns) == ["op", "attribution_ms", "plain_ms", "attribution_calls", "extra_ms"]
     assert extra["extra_ms"].is_monotonic_decreasing and len(extra) <= bm.PROFILE_ROWS
+    phases = bm.phase_table(prof).set_index("phase")
+    assert phases.loc["step", "attribution_ms"] > 0 and phases.loc["step", "plain_ms"] > 0
+    assert {"validation_gradients", "scales"} <= set(phases.index)  # the tracker's phases were timed
+    named = phases.drop(index=["step", phases.index[-1]])["attribution_ms"]
+    assert named.sum() <= phases.loc["step", "attribution_ms"]
+    assert tracker.scales is precond.scales  # the phase labels are gone after the profile
