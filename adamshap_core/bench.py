@@ -99,6 +99,7 @@ def plan(
     runs_dir: str | Path | None = None,
     profile: bool = False,
     threads: int | None = None,
+    overrides: Sequence[str] = (),
 ) -> BenchPlan:
     """Validate the options and build (once, then throw away) what every child will build."""
     from .precond import check_methods
@@ -112,7 +113,7 @@ def plan(
             raise UserError(f"{name} is {value}; expected an integer >= {least}.")
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device is {device!r}; expected cpu or cuda.")
-    overrides = [f"train.device={device}"]
+    overrides = [*overrides, f"train.device={device}"]  # the options win over --set
     if batch_size is not None:
         overrides.append(f"train.batch_size={batch_size}")
     if val_batch is not None:

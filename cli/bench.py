@@ -22,6 +22,9 @@ def bench(
     recipe: Path = typer.Argument(
         None, metavar="[RECIPE]", help="YAML recipe (default: recipes/digits-mlp.yaml)", show_default=False
     ),
+    set_: list[str] = typer.Option(
+        None, "--set", help="override a recipe field: --set model.d_model=256 (repeatable)"
+    ),
     steps: int = typer.Option(20, "--steps", help="timed steps per measurement"),
     warmup: int = typer.Option(3, "--warmup", help="untimed steps before them"),
     methods: list[str] = typer.Option(
@@ -81,6 +84,7 @@ def bench(
         runs_dir=runs_dir,
         profile=profile,
         threads=threads,
+        overrides=set_ or (),
     )
     if not quiet:
         err_console.print(f"[bold]bench[/] {escape(describe(plan))}", highlight=False)

@@ -81,8 +81,9 @@ def test_summary_refuses_a_recipe_and_an_empty_folder(tmp_path, runs):
         (["--device", "tpu"], "--device"),
         (["--batch-size", "0"], "--batch-size is 0"),
         (["--threads", "0"], "--threads is 0"),
+        (["--set", "model.hidden=[0]"], "model.hidden"),
     ],
-    ids=["steps", "method", "batch", "val-batch", "device", "batch-0", "threads-0"],
+    ids=["steps", "method", "batch", "val-batch", "device", "batch-0", "threads-0", "set"],
 )
 def test_bad_options_exit_2_and_write_nothing(tmp_path, runs, args, expected):
     recipe = write_recipe(tmp_path, TINY)
@@ -261,6 +262,12 @@ def test_with_fast_the_headline_ratios_are_the_fast_modes():
     assert s["speedup_over_per_example"] == pytest.approx(9.0)
     assert s["variants"]["exact"]["throughput_ratio"] == pytest.approx(0.5)
     assert s["variants"]["fast"]["throughput_ratio"] == pytest.approx(0.9)
+
+
+def test_set_overrides_the_recipe_and_the_options_win(tmp_path):
+    recipe = write_recipe(tmp_path, TINY)
+    plan = bm.plan(recipe, overrides=["model.hidden=[5]", "train.batch_size=8"], batch_size=12, out=tmp_path)
+    assert plan.spec.recipe["model"]["hidden"] == [5] and plan.batch_size == 12
 
 
 def test_batches_are_full_and_follow_the_seed(tmp_path):
