@@ -96,7 +96,7 @@ def bench(
     path = bm.write(plan, result, profile_text)
     console.print(results_table(plan, result))
     for line in fidelity_lines(result):
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, soft_wrap=True)
     for line in ratio_lines(plan, result.summary):
         console.print(line, highlight=False, soft_wrap=True)
     console.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)
