@@ -8,7 +8,7 @@ from torch import nn
 
 from .linear import contract_bias, contract_weight
 from .low_rank import LowRank
-from .registry import LayerKernel, matrix_dtype, n_targets, register, unsupported
+from .registry import LayerKernel, n_targets, register, unsupported
 
 
 @register(nn.Conv2d)
@@ -29,13 +29,12 @@ class Conv2dKernel(LayerKernel):
         return x if x.dim() == 4 else x.unsqueeze(0)  # unbatched input → batch of one
 
     def values(self, module, a, b, M):
-        dtype = matrix_dtype(M)
         B = a.shape[0]
         G = module.groups
-        patches = _patches(module, a.to(dtype))  # [B, C_in/G·kh·kw·G, L]
+        patches = _patches(module, a)  # [B, C_in/G·kh·kw·G, L]
         L = patches.shape[-1]
         patches = patches.view(B, G, -1, L).transpose(2, 3)  # [B, G, L, I]
-        grads = b.to(dtype).reshape(B, G, -1, L).transpose(2, 3)  # [B, G, L, O]
+        grads = b.reshape(B, G, -1, L).transpose(2, 3)  # [B, G, L, O]
         out = patches.new_zeros(B, n_targets(M))
         Mw = M.get("weight")
         if isinstance(Mw, LowRank):  # groups == 1, factors of the [C_out, C_in·kh·kw] matrix
@@ -46,7 +45,7 @@ class Conv2dKernel(LayerKernel):
             for g in range(G):
                 out += contract_weight(patches[:, g], grads[:, g], Mw[:, g])
         if "bias" in M:
-            out += contract_bias(b.to(dtype).reshape(B, -1, L).transpose(1, 2), M["bias"])
+            out += contract_bias(b.reshape(B, -1, L).transpose(1, 2), M["bias"])
         return out
 
 

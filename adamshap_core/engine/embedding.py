@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .registry import LayerKernel, matrix_dtype, register, unsupported
+from .registry import LayerKernel, register, unsupported
 
 
 @register(nn.Embedding)
@@ -22,7 +22,7 @@ class EmbeddingKernel(LayerKernel):
     def values(self, module, a, b, M):
         B = a.shape[0]
         tokens = a.reshape(B, -1)
-        b = b.to(matrix_dtype(M)).reshape(B, tokens.shape[1], -1)
+        b = b.reshape(B, tokens.shape[1], -1)
         if module.padding_idx is not None:
             # torch gives the padding row no gradient
             b = b * (tokens != module.padding_idx).unsqueeze(-1)

@@ -18,7 +18,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from ..errors import UserError
 from .low_rank import FACTORIZE_OVERHEAD, FACTORIZE_PASSES, LowRank, factorize
-from .registry import LayerKernel, kernel_for, supported_types, unsupported
+from .registry import LayerKernel, kernel_for, matrix_dtype, supported_types, unsupported
 
 Scale = torch.Tensor | float  # multiplier of ∇val over a segment (tensor: elementwise)
 SegmentScales = Sequence[tuple[slice, Scale]]  # one method's scales, per segment of the flat layout
@@ -264,11 +264,17 @@ class GhostEngine:
             Mc = M.for_call(call.module, call.kernel, self._owned[call.module][1])
             if not Mc:
                 continue
-            v = call.kernel.values(call.module, call.a, call.b, Mc)
+            dtype = matrix_dtype(Mc)  # float32 or wider, also under autocast
+            v = call.kernel.values(call.module, _cast(call.a, dtype), _cast(call.b, dtype), Mc)
             total = v if total is None else total + v
         if total is None:
             total = torch.zeros(B, M.n_targets, device=calls[0].a.device)
         return total
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Floating tensors in the contraction dtype; token ids stay as they are."""
+    return t if t.dtype == dtype or not t.is_floating_point() else t.to(dtype)
 
 
 @dataclass

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import LayerKernel, matrix_dtype, n_targets, register
+from .registry import LayerKernel, n_targets, register
 
 
 def _affine_values(module, x_hat: torch.Tensor, b: torch.Tensor, M) -> torch.Tensor:
@@ -29,9 +29,8 @@ class LayerNormKernel(LayerKernel):
     param_names = ("weight", "bias")
 
     def values(self, module, a, b, M):
-        dtype = matrix_dtype(M)
-        x_hat = F.layer_norm(a.to(dtype), module.normalized_shape, None, None, module.eps)
-        return _affine_values(module, x_hat, b.to(dtype), M)
+        x_hat = F.layer_norm(a, module.normalized_shape, None, None, module.eps)
+        return _affine_values(module, x_hat, b, M)
 
 
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
@@ -41,8 +40,7 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
         param_names = ("weight",)
 
         def values(self, module, a, b, M):
-            dtype = matrix_dtype(M)
-            # eps=None means the input dtype's machine epsilon, not the contraction dtype's
+                # eps=None: torch uses the input dtype's machine epsilon (the model's, for float32)
             eps = module.eps if module.eps is not None else torch.finfo(a.dtype).eps
-            x_hat = F.rms_norm(a.to(dtype), module.normalized_shape, None, eps)
-            return _affine_values(module, x_hat, b.to(dtype), M)
+            x_hat = F.rms_norm(a, module.normalized_shape, None, eps)
+            return _affine_values(module, x_hat, b, M)

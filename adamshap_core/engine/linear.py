@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .low_rank import LowRank
-from .registry import LayerKernel, matrix_dtype, n_targets, register
+from .registry import LayerKernel, n_targets, register
 
 
 def contract(a: torch.Tensor, b: torch.Tensor, Mw: torch.Tensor) -> torch.Tensor:
@@ -54,8 +54,8 @@ class LinearKernel(LayerKernel):
 
     def values(self, module, a, b, M):
         B = a.shape[0]
-        a = a.reshape(B, -1, a.shape[-1]).to(matrix_dtype(M))
-        b = b.reshape(B, -1, b.shape[-1]).to(matrix_dtype(M))
+        a = a.reshape(B, -1, a.shape[-1])
+        b = b.reshape(B, -1, b.shape[-1])
         out = a.new_zeros(B, n_targets(M))
         if "weight" in M:
             out += contract_weight(a, b, M["weight"])

@@ -39,7 +39,8 @@ class LayerKernel:
     ) -> torch.Tensor:
         """⟨M_k, g_i⟩ summed over the module's parameters: shape [B, K].
 
-        ``b`` is the gradient of the training loss with respect to the module
+        ``a`` and ``b`` come already in the contraction dtype (``matrix_dtype(M)``)
+        when floating. ``b`` is the gradient of the training loss with respect to the module
         output; ``M[name]`` has shape [K, *param.shape] (or is a ``LowRank``
         stack for the names ``low_rank_params`` gives) and holds only the
         parameters that are being valued.
