@@ -200,16 +200,27 @@ def now_iso() -> str:
 
 
 def list_runs(root: str | Path) -> list[RunFolder]:
-    """Run folders under ``root``, oldest first (by the creation time in metrics.json)."""
+    """Run folders under ``root``, oldest first (by the creation time in metrics.json).
+
+    A run folder holds a ``metrics.json`` or a ``recipe.yaml`` (both written when it starts);
+    other folders, such as ``runs/bench/`` of ``adamshap bench``, are not runs."""
     root = Path(root)
     if not root.is_dir():
         return []
-    runs = [RunFolder(p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    runs = [
+        RunFolder(p)
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and _is_run(p)
+    ]
 
     def key(r: RunFolder):
         return (r.metrics().get("created") or "", r.path.stat().st_mtime)
 
     return sorted(runs, key=key)
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "metrics.json").is_file() or (path / "recipe.yaml").is_file()
 
 
 def latest_run(root: str | Path) -> RunFolder:

@@ -75,3 +75,11 @@ def test_list_and_latest(tmp_path):
     assert runio.open_run(tmp_path, "b").metrics()["schema_version"] == runio.SCHEMA_VERSION
     with pytest.raises(UserError, match="no run 'zz'"):
         runio.open_run(tmp_path, "zz")
+
+
+def test_folders_that_are_not_runs_are_not_listed(tmp_path):
+    (tmp_path / "bench" / "digits-mlp-1").mkdir(parents=True)  # what `adamshap bench` leaves
+    f = runio.RunFolder(runio.create_run_dir(tmp_path, "real"))
+    f.write_metrics({"status": "complete", "created": "2030-01-01T00:00:00"})
+    assert [r.name for r in runio.list_runs(tmp_path)] == ["real"]
+    assert runio.latest_run(tmp_path).name == "real"
