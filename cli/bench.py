@@ -12,7 +12,7 @@ from rich.table import Table
 
 from adamshap_core.errors import UserError
 
-from .common import console, err_console, user_errors
+from .common import console, err_console, split_list, user_errors
 
 SUMMARY_WIDTH = 400  # room for the summary table's natural width: never wrapped or cut
 
@@ -74,7 +74,7 @@ def bench(
         recipe or bm.DEFAULT_RECIPE,
         steps=steps,
         warmup=warmup,
-        methods=_split(methods),
+        methods=split_list(methods) or None,
         repeats=repeats,
         device=device,
         batch_size=batch_size,
@@ -102,12 +102,6 @@ def bench(
     console.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)
     for line in closing_lines(result.summary):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
-
-
-def _split(methods: list[str] | None) -> list[str] | None:
-    if not methods:
-        return None
-    return [m.strip() for item in methods for m in item.split(",") if m.strip()]
 
 
 def describe(plan) -> str:

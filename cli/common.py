@@ -40,3 +40,8 @@ def _fail(message: str):
         f"[bold red]error:[/] [red]{escape(message)}[/]", markup=True, highlight=False, soft_wrap=True
     )
     raise typer.Exit(code=2)
+
+
+def split_list(items: list[str] | None) -> list[str]:
+    """Repeated and comma-separated option values: ``["adam,sgd", "random"]`` -> three names."""
+    return [part.strip() for item in items or () for part in item.split(",") if part.strip()]

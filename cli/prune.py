@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .common import console, err_console, user_errors
+from .common import console, err_console, split_list, user_errors
 
 
 @user_errors
@@ -67,11 +67,6 @@ def prune(
     console.print(pruning_table(pr.summarise(df), plan))
     console.print(table_notes(plan), highlight=False)
     console.print(f"wrote [bold]{escape(str(table_path))}[/] and [bold]{escape(str(png_path))}[/]")
-
-
-def split_list(items: list[str]) -> list[str]:
-    """``["adam,sgd", "random"]`` -> ``["adam", "sgd", "random"]``."""
-    return [part.strip() for item in items for part in item.split(",") if part.strip()]
 
 
 def parse_fracs(items: list[str]) -> list[float]:
