@@ -22,7 +22,7 @@ def attribute(
     queries: str = typer.Option(
         None,
         "--queries",
-        help="FILE.jsonl (fields: text, optional id, level, source_id) or 'builtin' (the built-in "
+        help="FILE.jsonl (fields: text, optional id, level, source_id, answer) or 'builtin' (the built-in "
         "queries of a builtin:facts run, the default for such runs)",
     ),
     top: int = typer.Option(10, "--top", min=1, help="training texts to print per query"),
