@@ -87,3 +87,19 @@ def test_frozen_parameters_are_skipped():
 def test_kernel_rejects_configurations_it_cannot_value(module):
     with pytest.raises(UserError, match="cannot be valued"):
         GhostEngine(nn.Sequential(module))
+
+
+@pytest.mark.parametrize("T,K", [(1, 1), (1, 5), (7, 1), (7, 5)])
+@pytest.mark.parametrize("d_in,d_out", [(3, 8), (8, 3)])
+def test_linear_contraction_orders_agree_with_the_definition(T, K, d_in, d_out, float64, monkeypatch):
+    """Both orders of Σ_t b_tᵀ M_k a_t (through M, through per-example gradients), chunked too."""
+    from adamshap_core.engine import linear
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, T, d_in, generator=gen), torch.randn(6, T, d_out, generator=gen)
+    M = torch.randn(K, d_out, d_in, generator=gen)
+    want = torch.einsum("bto,koi,bti->bk", b, M, a)
+    assert rel_err(linear.contract(a, b, M), want) <= 1e-12
+    assert rel_err(linear._through_per_example_gradients(a, b, M), want) <= 1e-12
+    monkeypatch.setattr(linear, "PER_EXAMPLE_CHUNK", d_in * d_out * 4)  # chunks of 4 examples
+    assert rel_err(linear._through_per_example_gradients(a, b, M), want) <= 1e-12

@@ -1,4 +1,4 @@
-"""nn.Linear: ⟨M, g_i⟩ = Σ_t b_{i,t}ᵀ M a_{i,t}, one GEMM for all K matrices."""
+"""nn.Linear: ⟨M, g_i⟩ = Σ_t b_{i,t}ᵀ M a_{i,t}, for all K matrices at once, in the cheaper exact order."""
 
 from __future__ import annotations
 
@@ -8,22 +8,40 @@ from torch import nn
 from .low_rank import LowRank
 from .registry import LayerKernel, n_targets, register
 
+# per-example weight gradients of one layer are formed in chunks of at most this many floats
+PER_EXAMPLE_CHUNK = 1 << 24
+
 
 def contract(a: torch.Tensor, b: torch.Tensor, Mw: torch.Tensor) -> torch.Tensor:
     """Σ_t b_{i,t}ᵀ M_k a_{i,t} for a [B,T,d_in], b [B,T,d_out], Mw [K,d_out,d_in] → [B,K].
 
-    One GEMM over all K: multiply through the smaller side so the
-    intermediate is [B,T,K,min(d_in,d_out)].
+    Two exact orders, the cheaper one taken (as an einsum path optimiser would):
+    through M, B·T·K·d_in·d_out multiply-adds; or through this layer's per-example
+    gradients Σ_t b_t a_tᵀ, formed a chunk of examples at a time and dropped at once,
+    B·(T + K)·d_in·d_out. The second wins when both T and K exceed 1 (sequences valued
+    for several methods or queries).
     """
     B, T, d_in = a.shape
-    d_out = b.shape[-1]
-    K = Mw.shape[0]
-    if d_in <= d_out:
-        # b @ M_k: [B,T,d_in]
+    d_out, K = b.shape[-1], Mw.shape[0]
+    if T + K < T * K:
+        return _through_per_example_gradients(a, b, Mw)
+    if d_in <= d_out:  # one GEMM for all K; the intermediate is [B,T,K,min(d_in,d_out)]
         bm = b.reshape(B * T, d_out) @ Mw.permute(1, 0, 2).reshape(d_out, K * d_in)
         return (bm.view(B, T, K, d_in) * a.unsqueeze(2)).sum(dim=(1, 3))
     am = a.reshape(B * T, d_in) @ Mw.permute(2, 0, 1).reshape(d_in, K * d_out)
     return (am.view(B, T, K, d_out) * b.unsqueeze(2)).sum(dim=(1, 3))
+
+
+def _through_per_example_gradients(a: torch.Tensor, b: torch.Tensor, Mw: torch.Tensor) -> torch.Tensor:
+    B, _, d_in = a.shape
+    d_out, K = b.shape[-1], Mw.shape[0]
+    flat_M = Mw.reshape(K, d_out * d_in).T  # [d_out·d_in, K]
+    chunk = max(1, PER_EXAMPLE_CHUNK // (d_out * d_in))
+    parts = []
+    for s in range(0, B, chunk):
+        g = b[s : s + chunk].transpose(1, 2) @ a[s : s + chunk]  # [chunk, d_out, d_in]
+        parts.append(g.reshape(g.shape[0], -1) @ flat_M)
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def contract_low_rank(a: torch.Tensor, b: torch.Tensor, M: LowRank) -> torch.Tensor:
