@@ -196,7 +196,7 @@ def prepare(
         if data.n_train == 0:
             raise UserError("nothing left to train on: the kept subset of the training split is empty.")
     torch.manual_seed(recipe.train.seed)
-    model = build_model(recipe.model, data).to(device)
+    model = _build_on(device, recipe, data)
     loss_fn = loss_for(recipe.model)
     optimizer = build_optimizer(recipe.optim, model.parameters())
     steps_per_epoch = math.ceil(data.n_train / recipe.train.batch_size)
@@ -240,6 +240,19 @@ def prepare(
         val_y,
         loss_fn,
     )
+
+
+def _build_on(device: torch.device, recipe: Recipe, data: Dataset) -> nn.Module:
+    """The recipe's model on ``device``; a model too large for this machine is bad input."""
+    try:
+        return build_model(recipe.model, data).to(device)
+    except (MemoryError, RuntimeError) as e:
+        if "memory" not in str(e).lower() and not isinstance(e, MemoryError):
+            raise
+        raise UserError(
+            f"`model` ({recipe.model.model_dump(exclude_defaults=True)}) does not fit in memory on {device}: "
+            "expected smaller layers (model.hidden, model.d_model, ...)."
+        ) from None
 
 
 @dataclass

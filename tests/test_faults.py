@@ -162,3 +162,11 @@ def test_huge_gradients_float32_after_adams_state_overflows():
     the secant rule must give P = 0 there, not inf/inf."""
     values, _ = scaled_run(1e30, torch.float32, steps=2)
     assert torch.isfinite(values[1]["adam"]).all()
+
+
+def test_a_model_too_large_for_memory_is_bad_input(tmp_path):
+    recipe = write_recipe(tmp_path, tiny(model={"kind": "mlp", "hidden": [10**10]}))
+    res = cli("train", recipe, "--quiet", "--runs-dir", tmp_path / "runs")
+    assert res.exit_code == 2, res.output
+    assert "does not fit in memory" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
