@@ -207,11 +207,7 @@ def list_runs(root: str | Path) -> list[RunFolder]:
     root = Path(root)
     if not root.is_dir():
         return []
-    runs = [
-        RunFolder(p)
-        for p in root.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and _is_run(p)
-    ]
+    runs = [RunFolder(p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and _is_run(p)]
 
     def key(r: RunFolder):
         return (r.metrics().get("created") or "", r.path.stat().st_mtime)

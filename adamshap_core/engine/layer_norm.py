@@ -40,7 +40,7 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
         param_names = ("weight",)
 
         def values(self, module, a, b, M):
-                # eps=None: torch uses the input dtype's machine epsilon (the model's, for float32)
+            # eps=None: torch uses the input dtype's machine epsilon (the model's, for float32)
             eps = module.eps if module.eps is not None else torch.finfo(a.dtype).eps
             x_hat = F.rms_norm(a, module.normalized_shape, None, eps)
             return _affine_values(module, x_hat, b, M)
