@@ -328,13 +328,11 @@ class PerExampleStep:
 
     def _clip(self) -> float:
         """The clip factor, by ``training_step``'s rule (torch's clip_grad_norm_)."""
-        import torch
+        from .tracker import clip_gradients
 
         if self.max_grad_norm is None:
             return 1.0
-        grads = [p for _, p in self.named if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
-        return min(1.0, float(self.max_grad_norm) / (float(norm) + 1e-6))
+        return clip_gradients((p for _, p in self.named), self.max_grad_norm)
 
 
 # ---- the measurements (each runs in a child process) ------------------------------------------

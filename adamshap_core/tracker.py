@@ -29,6 +29,13 @@ class StepResult:
     values: dict[str, torch.Tensor] = field(default_factory=dict)  # [B] or [B, Q]
 
 
+def clip_gradients(params, max_grad_norm: float) -> float:
+    """Clip the gradients in place as ``clip_grad_norm_`` does; return the factor c applied."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_grad_norm)
+    # torch's own rule: scale by max_norm / (norm + 1e-6) when that is < 1
+    return min(1.0, float(max_grad_norm) / (float(norm) + 1e-6))
+
+
 def training_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -50,13 +57,7 @@ def training_step(
     if losses.dim() != 1:
         raise ValueError(f"loss_fn must return per-example losses of shape [B], got {tuple(losses.shape)}")
     losses.mean().backward()
-    clip = 1.0
-    if max_grad_norm is not None:
-        norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.grad is not None], max_grad_norm
-        )
-        # torch's own rule: scale by max_norm / (norm + 1e-6) when that is < 1.
-        clip = min(1.0, float(max_grad_norm) / (float(norm) + 1e-6))
+    clip = 1.0 if max_grad_norm is None else clip_gradients(model.parameters(), max_grad_norm)
     if before_update is not None:
         before_update(losses.detach(), clip)
     optimizer.step()
