@@ -38,8 +38,10 @@ def compare(
     runs_dir: Path = typer.Option(None, "--runs-dir", help="runs folder (default: $ADAMSHAP_RUNS or ./runs)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
-    """Compare every method with exact leave-one-out and Monte-Carlo Shapley of the real optimizer
-    step (replaying the run), per step and summed over the run; writes compare.parquet and plots."""
+    """Compare every method with ground truth: exact LOO and Monte-Carlo Shapley of the real step.
+
+    Replays the run and evaluates the real optimizer step per coalition, per step and summed over
+    the run; writes compare.parquet and plots next to the run."""
     from adamshap_core import runio
     from adamshap_core.compare import CompareOptions, compare_run, write_outputs
 
