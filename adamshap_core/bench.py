@@ -19,7 +19,6 @@ tracker on identical copies of the model to give their per-step Pearson correlat
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import os
 import subprocess
@@ -76,14 +75,6 @@ class BenchPlan:
     profile: bool
 
 
-def fast_supported() -> bool:
-    """Whether this version's ``InRunShapley`` offers the keyword-only ``fast`` option."""
-    from .tracker import InRunShapley
-
-    param = inspect.signature(InRunShapley.__init__).parameters.get("fast")
-    return param is not None and param.kind is inspect.Parameter.KEYWORD_ONLY
-
-
 def plan(
     recipe_path: str | Path = DEFAULT_RECIPE,
     *,
@@ -120,11 +111,6 @@ def plan(
         overrides.append(f"attribution.val_batch={val_batch}")
     recipe = load_recipe(recipe_path, overrides)
     methods = list(check_methods(methods or recipe.attribution.methods))
-    if fast and not fast_supported():
-        raise UserError(
-            "--fast was given, but this version of adamshap has no fast mode "
-            "(InRunShapley takes no fast= option); run without --fast to measure the exact mode."
-        )
     spec = BenchSpec(recipe.to_dict(), steps, warmup, methods, fast, threads)
     session = Session.build(spec, "attribution", fast=fast)  # bad input surfaces here, in the parent
     session.close()

@@ -97,14 +97,6 @@ def test_a_missing_recipe_exits_2(tmp_path, runs):
     assert res.exit_code == 2 and "does not exist" in res.stderr
 
 
-@pytest.mark.skipif(bm.fast_supported(), reason="this version has a fast mode")
-def test_fast_without_a_fast_mode_says_so(tmp_path, runs):
-    res = cli("bench", write_recipe(tmp_path, TINY), "--fast", "-q")
-    assert res.exit_code == 2 and "no fast mode" in res.stderr
-    assert not runs.exists()
-
-
-@pytest.mark.skipif(not bm.fast_supported(), reason="this version has no fast mode")
 def test_fidelity_compares_fast_with_exact_values(tmp_path):
     spec = _spec(tmp_path, tiny(), methods=["adam", "sgd"], fast=True)
     fid = bm.fidelity(spec)
@@ -115,7 +107,6 @@ def test_fidelity_compares_fast_with_exact_values(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not bm.fast_supported(), reason="this version has no fast mode")
 def test_bench_fast_end_to_end_measures_exact_and_fast(tmp_path, runs):
     out = tmp_path / "out"
     args = ["--steps", "2", "--warmup", "1", "--repeats", "1", "--threads", "1", "--fast", "--out", out]
@@ -139,7 +130,6 @@ def test_bench_fast_end_to_end_measures_exact_and_fast(tmp_path, runs):
     assert pd.isna(listed["fast_pearson_min"].iloc[0]) and listed["fast_pearson_min"].iloc[1] <= 1.0
 
 
-@pytest.mark.skipif(not bm.fast_supported(), reason="this version has no fast mode")
 def test_fast_uses_the_recipes_fast_settings_and_exact_stays_exact(tmp_path):
     from adamshap_core.fast import FastMode
 
