@@ -164,3 +164,23 @@ def test_unknown_method_is_a_clear_error():
     x, y = case.data(3, torch.Generator().manual_seed(0))
     with pytest.raises(UserError, match="unknown method.*adamx"):
         InRunShapley(model, torch.optim.Adam(model.parameters()), case.loss, x, y, methods=("adamx",))
+
+
+def test_a_parameter_without_gradient_splits_its_group_and_is_not_valued(float64):
+    """An unused layer in the middle of the optimizer's parameters gets no .grad: torch's Adam
+    skips it, the flat layout's segments must skip it too, and the values still match."""
+
+    class WithUnused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = torch.nn.Linear(5, 7)
+            self.unused = torch.nn.Linear(7, 7)
+            self.last = torch.nn.Linear(7, 3)
+
+        def forward(self, x):
+            return self.last(torch.tanh(self.first(x)))
+
+    case = CASES[0].__class__("with-unused", WithUnused, CASES[0].data)
+    tracker, _ = run_and_check(case, OPTIMIZERS["adam-l2"], steps=3)
+    segments = tracker.view.segments(tracker.engine.parameters)
+    assert len(segments) == 2  # first.* | last.*, split around the gradient-less unused.*
