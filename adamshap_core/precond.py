@@ -9,6 +9,7 @@ means a new ``*State`` here, never a new layer kernel.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -16,6 +17,7 @@ from typing import TypeVar
 import torch
 
 from .errors import UserError
+from .workspace import Workspace
 
 # ---- what the optimizer is about to do to one parameter -----------------------------------------
 
@@ -33,6 +35,8 @@ class AdamState:
     t: int  # the step about to be taken, from 1
     m: torch.Tensor  # first moment before this step (zeros at t = 1)
     v: torch.Tensor  # second moment before this step
+    workspace: Workspace | None = None  # scratch reused across steps (None: fresh tensors)
+    key: object = None  # which scratch tensors are this state's (its segment)
 
     def coefficients(self) -> tuple[float, float, float, float]:
         """(a, b, √c, √d): scalars of u(g), with the bias corrections folded in."""
@@ -45,9 +49,16 @@ class AdamState:
             ((1.0 - self.beta2) / bc2) ** 0.5,
         )
 
-    def root_cv(self, sqrt_c: float) -> torch.Tensor:
-        """√(c·v), the data-independent part of the normaliser (a fresh tensor)."""
-        return self.v.sqrt().mul_(sqrt_c)
+    def scratch(self, name: str) -> torch.Tensor:
+        """A tensor shaped like the gradient, to be overwritten (reused across steps)."""
+        if self.workspace is None:
+            return torch.empty_like(self.grad)
+        g = self.grad
+        return self.workspace.get((self.key, name), g.shape, g.dtype, g.device)
+
+    def root_cv(self, sqrt_c: float, name: str) -> torch.Tensor:
+        """√(c·v), the data-independent part of the normaliser, in scratch tensor ``name``."""
+        return torch.sqrt(self.v, out=self.scratch(name)).mul_(sqrt_c)
 
 
 @dataclass
@@ -61,6 +72,7 @@ class SGDState:
 ParamState = AdamState | SGDState
 
 # ---- the methods: each returns k·P for a scalar k (lr and clip folded in, saving a pass) ------------
+# The tensors they return are scratch of their own (one set per rule), valid until the next step.
 
 
 def sgd_rule(s: ParamState, k: float) -> float:
@@ -73,8 +85,9 @@ def adam_fixed_rule(s: ParamState, k: float) -> torch.Tensor | float:
     if isinstance(s, SGDState):
         return k * s.gain
     _, b, sqrt_c, sqrt_d = s.coefficients()
-    g = s.grad if s.r is None else s.grad + s.r
-    root = _norm(s.root_cv(sqrt_c), g * sqrt_d, s.eps)  # √v̂ = √(c·v + d·g²)
+    g = s.grad if s.r is None else torch.add(s.grad, s.r, out=s.scratch("fixed.g"))
+    # √v̂ = √(c·v + d·g²)
+    root = _norm(s.root_cv(sqrt_c, "fixed.root_cv"), g, sqrt_d, s.eps, out=s.scratch("fixed.P"))
     return root.add_(s.eps).reciprocal_().mul_(k * b)
 
 
@@ -88,42 +101,49 @@ def adam_rule(s: ParamState, k: float) -> torch.Tensor | float:
     if isinstance(s, SGDState):
         return k * s.gain
     a, b, sqrt_c, sqrt_d = s.coefficients()
-    root_cv = s.root_cv(sqrt_c)
+    root_cv = s.root_cv(sqrt_c, "adam.root_cv")
     g0 = s.r
-    g1 = s.grad if g0 is None else s.grad + g0
-    S1 = _norm(root_cv, g1 * sqrt_d, s.eps)
-    S0 = root_cv if g0 is None else _norm(root_cv, g0 * sqrt_d, s.eps)
-    g_sum = g1 if g0 is None else g0 + g1
+    g1 = s.grad if g0 is None else torch.add(s.grad, g0, out=s.scratch("adam.g"))
+    S1 = _norm(root_cv, g1, sqrt_d, s.eps, out=s.scratch("adam.S1"))
+    S0 = root_cv if g0 is None else _norm(root_cv, g0, sqrt_d, s.eps, out=s.scratch("adam.S0"))
     # q = d·(g0+g1)/(S0+S1); S0 + S1 = 0 only where g0 = g1 = 0, and there q = 0
     # |q| <= √d always (S >= √d·|g|); the clamp keeps underflowed S from inflating it
-    q = g_sum.mul(sqrt_d * sqrt_d).div_((S0 + S1).clamp_min_(torch.finfo(S1.dtype).tiny))
-    q.clamp_(-sqrt_d, sqrt_d)
-    # the part of u's numerator that q multiplies: a·m + b·g0
-    lin = s.m.mul(a) if g0 is None else torch.add(s.m.mul(a), g0, alpha=b)
-    D0 = S0.add_(s.eps) if g0 is not None else root_cv.add_(s.eps)
-    num = torch.mul(D0, b).sub_(lin.mul_(q))
+    q = torch.add(S0, S1, out=s.scratch("adam.q")).clamp_min_(torch.finfo(S1.dtype).tiny)
+    g_sum = g1 if g0 is None else g1.add_(g0)  # g1 is no longer needed as such
+    q = torch.div(g_sum, q, out=q).mul_(sqrt_d * sqrt_d).clamp_(-sqrt_d, sqrt_d)
+    # the part of u's numerator that q multiplies: a·m + b·g0; then b·D0 − (a·m + b·g0)·q
+    lin = torch.mul(s.m, a, out=s.scratch("adam.P"))
+    if g0 is not None:
+        lin.add_(g0, alpha=b)
+    D0 = S0.add_(s.eps)
+    P = lin.mul_(q).neg_().add_(D0, alpha=b)
     # divide twice rather than by D0·D1, which can overflow for huge gradients
-    P = num.div_(D0).div_(S1.add_(s.eps)).mul_(k)
+    P.div_(D0).div_(S1.add_(s.eps)).mul_(k)
     if _overflowed(D0):
         # torch's own second moment overflowed: its step there is m̂/inf = 0 for both g0 and g1
         P.masked_fill_(torch.isinf(D0), 0.0)
     return P
 
 
-def _norm(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
-    """√(x² + y²) for x ≥ 0, as a plain addcmul where that is safe (five times faster than
-    hypot on a CPU), else as a hypot. Safe: no square overflows, and a square that
-    underflows shifts S by under √tiny, which is far below ε (so S + ε is unchanged)."""
+def _norm(x: torch.Tensor, y: torch.Tensor, scale: float, eps: float, out: torch.Tensor) -> torch.Tensor:
+    """√(x² + (scale·y)²) into ``out``, for x ≥ 0: a plain multiply-add where that is safe
+    (five times faster than hypot on a CPU), else a hypot. Safe: no square overflows, and a
+    square that underflows shifts S by under √tiny, far below ε (so S + ε is unchanged)."""
     finfo = torch.finfo(y.dtype)
-    big = max(float(x.abs().max()), float(y.abs().max())) if y.numel() else 0.0
+    if y.numel():
+        lo, hi = torch.aminmax(y)
+        big = max(float(x.max()), scale * max(-float(lo), float(hi)))
+    else:
+        big = 0.0
     if big < finfo.max**0.5 / 4 and eps > 1e6 * finfo.tiny**0.5:
-        return torch.addcmul(x * x, y, y).sqrt_()
-    return torch.hypot(x, y)
+        return torch.mul(x, x, out=out).addcmul_(y, y, value=scale * scale).sqrt_()
+    return torch.hypot(x, torch.mul(y, scale, out=out), out=out)
 
 
 def _overflowed(D: torch.Tensor) -> bool:
-    """Whether any normaliser overflowed (only possible near the dtype's largest values)."""
-    return not bool(torch.isfinite(D).all())
+    """Whether any normaliser overflowed (only possible near the dtype's largest values).
+    D ≥ ε > 0, so its maximum is finite exactly when every element is."""
+    return D.numel() > 0 and not math.isfinite(float(D.max()))
 
 
 @dataclass(frozen=True)
@@ -192,6 +212,7 @@ class OptimizerView:
             )
         for i, group in enumerate(optimizer.param_groups):
             _check_group(self.kind, i, group)
+        self.workspace = Workspace()  # flattened state and the rules' scratch, reused every step
 
     def segments(self, layout: Sequence[torch.Tensor]) -> list[Segment]:
         """The optimizer's step for the parameters of ``layout``, flattened in that order.
@@ -216,14 +237,14 @@ class OptimizerView:
                     runs.append([key, offset, [p], n])
             offset += n
         return [
-            (slice(start, start + n), self._state(self.optimizer.param_groups[key[0]], params))
+            (slice(start, start + n), self._state(self.optimizer.param_groups[key[0]], params, start))
             for key, start, params, n in runs
         ]
 
     def states(self) -> list[tuple[torch.Tensor, ParamState]]:
         """Per parameter, in its own shape: for reference code that works tensor by tensor."""
         return [
-            (p, self._state(group, [p], flat=False))
+            (p, self._state(group, [p], None))
             for group in self.optimizer.param_groups
             for p in group["params"]
             if p.grad is not None
@@ -235,31 +256,37 @@ class OptimizerView:
             return int(state.get("momentum_buffer") is not None)
         return int(state["step"]) if "step" in state else 0
 
-    def _state(self, group: dict, params: list[torch.Tensor], flat: bool = True) -> ParamState:
+    def _state(self, group: dict, params: list[torch.Tensor], segment: int | None) -> ParamState:
+        """The step of ``params``: flattened into one segment of the layout starting at
+        ``segment`` (its tensors reused from step to step), or, for ``None``, one parameter
+        in its own shape."""
         lr = float(group["lr"])
         first = self.optimizer.state.get(params[0], {})
         if self.kind == "sgd":
             return SGDState(lr, _sgd_gain(group, first))
         wd = float(group.get("weight_decay", 0.0))
         decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
-        join = _flat if flat else (lambda ts: ts[0].detach())
-        g = join([p.grad for p in params])
-        r = wd * join(params) if wd and not decoupled else None
+
+        def join(tensors: list[torch.Tensor], name: str) -> torch.Tensor:
+            if segment is None or len(tensors) == 1:
+                t = tensors[0].detach()
+                return t if segment is None else t.reshape(-1)
+            flat = [t.detach().reshape(-1) for t in tensors]
+            total = sum(t.numel() for t in flat)
+            out = self.workspace.get((segment, name), (total,), flat[0].dtype, flat[0].device)
+            return torch.cat(flat, out=out)
+
+        g = join([p.grad for p in params], "grad")
+        r = wd * join(params, "param") if wd and not decoupled else None
         beta1, beta2 = (float(b) for b in group["betas"])
         t = int(first["step"]) + 1 if "step" in first else 1
         if t == 1:
             m = v = torch.zeros_like(g)
         else:
-            m = join([self.optimizer.state[p]["exp_avg"] for p in params])
-            v = join([self.optimizer.state[p]["exp_avg_sq"] for p in params])
-        return AdamState(lr, g, r, beta1, beta2, float(group["eps"]), t, m, v)
-
-
-def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One flat, detached vector (a view, not a copy, for a single tensor)."""
-    if len(tensors) == 1:
-        return tensors[0].detach().reshape(-1)
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
+            m = join([self.optimizer.state[p]["exp_avg"] for p in params], "m")
+            v = join([self.optimizer.state[p]["exp_avg_sq"] for p in params], "v")
+        workspace = self.workspace if segment is not None else None
+        return AdamState(lr, g, r, beta1, beta2, float(group["eps"]), t, m, v, workspace, segment)
 
 
 def _check_group(kind: str, i: int, group: dict) -> None:

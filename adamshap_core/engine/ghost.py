@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from ..errors import UserError
+from ..workspace import Workspace
 from .low_rank import FACTORIZE_OVERHEAD, FACTORIZE_PASSES, LowRank, factorize
 from .registry import LayerKernel, kernel_for, matrix_dtype, supported_types, unsupported
 
@@ -85,6 +86,7 @@ class GhostEngine:
         self._capturing = False
         self._generator = torch.Generator(device=self.parameters[0].device).manual_seed(0)
         self._modules = list(model.modules())
+        self._workspace = Workspace()  # the flat M buffer, reused every step
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self._owned]
 
     # ---- hooks ---------------------------------------------------------------------------
@@ -200,13 +202,14 @@ class GhostEngine:
         """M = scale ⊙ ∇val per parameter, [n_methods·Q, *shape], in float32 or wider.
 
         Built in one flat [n_methods·Q, N] buffer, one multiply per segment; each
-        parameter's M is a view of it. With ``rank``, weight matrices that a kernel
+        parameter's M is a view of it, valid until the next call (the buffer is reused,
+        so no step pays for a fresh allocation). With ``rank``, weight matrices that a kernel
         can contract in factored form also get rank-``rank`` factors (fast mode),
         where that is cheaper.
         """
         Q = val_grads.shape[0]
         G = val_grads.to(torch.promote_types(val_grads.dtype, torch.float32))
-        flat = G.new_zeros(len(scales) * Q, self.numel)
+        flat = self._workspace.get("M", (len(scales) * Q, self.numel), G.dtype, G.device).zero_()
         covered: list[slice] = []  # segments hold whole parameters
         for k, segments in enumerate(scales):
             rows = flat[k * Q : (k + 1) * Q]

@@ -1,0 +1,22 @@
+"""Scratch tensors reused from one training step to the next."""
+
+from __future__ import annotations
+
+import torch
+
+
+class Workspace:
+    """Scratch tensors kept from one step to the next, so that the rules allocate nothing large
+    after the first step: a fresh large CPU allocation is page-faulted in, which costs more
+    than the arithmetic done in it."""
+
+    def __init__(self):
+        self._buffers: dict[object, torch.Tensor] = {}
+
+    def get(
+        self, key: object, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+            buf = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
