@@ -121,8 +121,7 @@ class InRunShapley:
             B = len(losses)
             segments = self.view.segments(self.engine.parameters)
             per_method = [scales(m, segments, clip) for m in self.methods]
-            M = self.engine.matrices(val_grads, per_method, rank=rank)
-            values = self.engine.contract(M, B).view(B, len(self.methods), -1)  # [B, methods, Q]
+            values = self.engine.values(val_grads, per_method, B, rank)  # [B, methods, Q]
             for k, m in enumerate(self.methods):
                 v = values[:, k]
                 out[m] = v if self.per_target else v[:, 0]

@@ -183,7 +183,11 @@ class GhostEngine:
     # ---- values ---------------------------------------------------------------------------------
 
     def values(
-        self, val_grads: torch.Tensor, scales: Sequence[SegmentScales], batch_size: int
+        self,
+        val_grads: torch.Tensor,
+        scales: Sequence[SegmentScales],
+        batch_size: int,
+        rank: int | None = None,
     ) -> torch.Tensor:
         """φ[i, m, q] = Σ_W ⟨scale_m,W ⊙ ∇val_q,W, g_i,W⟩ / B, from the captured a and b.
 
@@ -191,9 +195,9 @@ class GhostEngine:
         per segment of the layout, that method's multiplier of ∇val (lr, clip
         factor and preconditioner P together); parameters outside every segment
         are not valued (the optimizer does not move them). ``b`` is the gradient
-        of the *mean* loss, which supplies the 1/B.
+        of the *mean* loss, which supplies the 1/B. ``rank``: see ``matrices``.
         """
-        M = self.matrices(val_grads, scales)
+        M = self.matrices(val_grads, scales, rank)
         return self.contract(M, batch_size).view(batch_size, len(scales), val_grads.shape[0])
 
     def matrices(
