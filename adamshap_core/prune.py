@@ -34,9 +34,13 @@ from .runio import RunFolder, atomic_write
 
 FULL = "full"
 RANDOM = "random"
+# removes the examples whose label was flipped first, then random clean ones: what a perfect
+# mislabel detector would reach at each fraction (only for data with injected label noise)
+ORACLE = "oracle"
+BASELINES = (RANDOM, ORACLE)
 DIRECTIONS = ("low", "high")
 PRUNING_FILE = "pruning.parquet"
-METHOD_CHOICES = ", ".join([*METHOD_NAMES, RANDOM])
+METHOD_CHOICES = ", ".join([*METHOD_NAMES, *BASELINES])
 COLUMNS = [
     "method",
     "direction",
@@ -68,15 +72,25 @@ def check_fracs(fracs: Iterable[float]) -> list[float]:
     return out
 
 
-def check_methods(methods: Iterable[str], available: Sequence[str]) -> list[str]:
-    """The requested methods in order, without repeats; each must be ``random`` or valued in the run."""
+def check_methods(
+    methods: Iterable[str], available: Sequence[str], *, noisy: bool = True, direction: str = "low"
+) -> list[str]:
+    """The requested methods in order, without repeats; each must be a baseline or valued in the run.
+
+    ``noisy``: the data has injected label noise (else ``oracle`` has nothing to find)."""
     out = list(dict.fromkeys(m.strip() for m in methods if m.strip()))
     if not out:
         raise UserError(f"--by names no method; expected some of: {METHOD_CHOICES}.")
     for m in out:
-        if m != RANDOM and m not in METHOD_NAMES:
+        if m not in BASELINES and m not in METHOD_NAMES:
             raise UserError(f"--by names the unknown method {m!r}; expected some of: {METHOD_CHOICES}.")
-        if m != RANDOM and m not in available:
+        if m == ORACLE and not (noisy and direction == "low"):
+            why = "the run's data has no injected label noise" if not noisy else "it only removes (--remove low)"
+            raise UserError(
+                f"--by oracle removes the examples whose label was flipped first, but {why}; expected "
+                "a run with data.label_noise > 0 and --remove low."
+            )
+        if m not in BASELINES and m not in available:
             have = ", ".join(available) if available else "none (it was trained with attribution off)"
             raise UserError(
                 f"--by asks for {m!r}, but the run has no value_{m} column in values.parquet; "
@@ -132,6 +146,14 @@ def random_removed(n: int, n_remove: int, seed: int) -> np.ndarray:
     """``n_remove`` positions drawn uniformly from ``seed``; for one seed, a smaller fraction's
     subset is contained in a larger one's (a prefix of the same permutation)."""
     return np.sort(np.random.default_rng(seed).permutation(n)[:n_remove])
+
+
+def oracle_removed(is_noisy: np.ndarray, n_remove: int, seed: int) -> np.ndarray:
+    """The flipped-label examples first, then clean ones, each group in a random order drawn
+    from ``seed``: the subset a perfect mislabel detector would remove."""
+    order = np.random.default_rng(seed).permutation(len(is_noisy))
+    ranked = np.r_[order[is_noisy[order]], order[~is_noisy[order]]]
+    return np.sort(ranked[:n_remove])
 
 
 def kept_positions(n: int, removed: np.ndarray) -> np.ndarray:
@@ -201,7 +223,7 @@ def valued_methods(folder: RunFolder) -> list[str]:
 
 def plan_retrains(
     values: dict[str, np.ndarray],
-    n: int,
+    is_noisy: np.ndarray,
     *,
     methods: Sequence[str],
     fracs: Sequence[float],
@@ -211,6 +233,7 @@ def plan_retrains(
 ) -> list[Retrain]:
     """Every retrain, seed by seed: the full-data reference, then each method at each fraction."""
     none = np.zeros(0, dtype=np.int64)
+    n = len(is_noisy)
     jobs = []
     for s in range(seeds):
         train_seed = base_seed + s
@@ -218,11 +241,12 @@ def plan_retrains(
         for m in methods:
             for f in fracs:
                 k = n_to_remove(n, f)
-                removed = (
-                    random_removed(n, k, train_seed)
-                    if m == RANDOM
-                    else select_removed(values[m], k, direction)
-                )
+                if m == RANDOM:
+                    removed = random_removed(n, k, train_seed)
+                elif m == ORACLE:
+                    removed = oracle_removed(is_noisy, k, train_seed)
+                else:
+                    removed = select_removed(values[m], k, direction)
                 jobs.append(Retrain(m, direction, f, s, train_seed, removed))
     return jobs
 
@@ -251,7 +275,8 @@ def plan_for_run(
 ) -> PrunePlan:
     """Check everything about the request and the run, then plan; writes nothing.
 
-    ``methods=None`` means every method the run valued, then ``random``.
+    ``methods=None`` means every method the run valued, then ``random``, then ``oracle``
+    where the data has injected label noise and the lowest-valued are removed.
     """
     from .data import load_dataset
 
@@ -265,13 +290,17 @@ def plan_for_run(
             f"run {folder.name!r} has no values (values.parquet holds no value_<method> column; was it "
             "trained with attribution off?); expected a run trained with attribution.enabled: true."
         )
-    methods = check_methods([*available, RANDOM] if methods is None else methods, available)
     recipe = folder.recipe()
     data = load_dataset(recipe.data, image=recipe.model.kind == "cnn")
-    values = aligned_values(folder, data, [m for m in methods if m != RANDOM])
+    is_noisy = data.is_noisy.numpy().astype(bool)
+    noisy = bool(is_noisy.any())
+    if methods is None:
+        methods = [*available, RANDOM, *([ORACLE] if noisy and direction == "low" else [])]
+    methods = check_methods(methods, available, noisy=noisy, direction=direction)
+    values = aligned_values(folder, data, [m for m in methods if m not in BASELINES])
     jobs = plan_retrains(
         values,
-        data.n_train,
+        is_noisy,
         methods=methods,
         fracs=fracs,
         seeds=seeds,
@@ -397,7 +426,7 @@ def plot_accuracy(summary: pd.DataFrame, path: Path, title: str) -> Path:
                 np.r_[full_mean, y],
                 np.r_[float(full["acc_std"].fillna(0.0).iloc[0]), err],
             )
-        style = {"ls": ":", "color": "0.2"} if method == RANDOM else {}
+        style = {RANDOM: {"ls": ":", "color": "0.2"}, ORACLE: {"ls": "--", "color": "0.6"}}.get(method, {})
         ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, label=method, **style)
     ax.set_xlabel("fraction of the training set removed")
     seeds = int(summary["n_seeds"].max())

@@ -22,8 +22,9 @@ def prune(
     by: list[str] = typer.Option(
         None,
         "--by",
-        help="methods to prune by: adam, adam_fixed, sgd, random (comma-separated or repeated; "
-        "default: every method the run valued, and random)",
+        help="methods to prune by: adam, adam_fixed, sgd, random, oracle (comma-separated or repeated; "
+        "default: every method the run valued, random, and oracle where labels were flipped). oracle "
+        "removes the flipped-label examples first, then random clean ones: a perfect mislabel detector",
     ),
     seeds: int = typer.Option(
         3,
@@ -120,8 +121,9 @@ def cell(mean: float, std: float, seeds: int) -> str:
 
 def pruning_table(summary: pd.DataFrame, plan) -> Table:
     """Methods as rows (full data on top), per fraction the test accuracy and the noisy share removed;
-    the best accuracy of each fraction in bold green."""
-    from adamshap_core.prune import FULL, n_to_remove
+    the best accuracy of each fraction in bold green (among the methods and random: the full-data
+    model and the oracle are references, shown dim)."""
+    from adamshap_core.prune import FULL, ORACLE, n_to_remove
 
     n = plan.data.n_train
     noisy_known = bool(plan.data.is_noisy.any())
@@ -132,18 +134,20 @@ def pruning_table(summary: pd.DataFrame, plan) -> Table:
         if noisy_known:
             table.add_column(f"{f:.0%}\nnoisy", justify="right")
     full = summary[summary["method"] == FULL].iloc[0]
-    best = {f: summary[summary["frac"].isin([f, 0.0])]["acc_mean"].max() for f in plan.fracs}
+    ranked = summary[summary["method"] != ORACLE]
+    best = {f: ranked[ranked["frac"].isin([f, 0.0])]["acc_mean"].max() for f in plan.fracs}
     rows = [(FULL, {f: full for f in plan.fracs})]
     for m in plan.methods:
         part = summary[summary["method"] == m].set_index("frac")
         rows.append((m, {f: part.loc[f] for f in plan.fracs}))
     for i, (m, by_frac) in enumerate(rows):
-        cells = [f"[dim]{m} (n={n})[/]" if m == FULL else m]
+        reference = m in (FULL, ORACLE)
+        cells = [f"[dim]{m} (n={n})[/]" if m == FULL else f"[dim]{m}[/]" if reference else m]
         for f, r in by_frac.items():
             text = cell(r["acc_mean"], r["acc_std"], plan.seeds)
-            if r["acc_mean"] == best[f]:
+            if r["acc_mean"] == best[f] and m != ORACLE:
                 text = f"[bold green]{text}[/]"
-            elif m == FULL:
+            elif reference:
                 text = f"[dim]{text}[/]"
             cells.append(text)
             if noisy_known:
@@ -161,6 +165,11 @@ def table_notes(plan) -> str:
         f"{f'..{plan.recipe.train.seed + plan.seeds - 1}' if plan.seeds > 1 else ''}, the same for every "
         "row). Best per column in bold green."
     )
+    if "oracle" in plan.methods:
+        notes += (
+            " oracle (a reference, not a method): removes the flipped-label examples first, then random "
+            "clean ones, as a perfect mislabel detector would."
+        )
     if plan.data.is_noisy.any():
         base = float(plan.data.is_noisy.float().mean())
         notes += f" noisy: share of the removed examples whose label was flipped (base rate {base:.0%})."

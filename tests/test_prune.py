@@ -49,10 +49,21 @@ def test_random_removed_is_seeded_and_nested_across_fractions():
     assert len(set(a)) == 30
 
 
+def test_oracle_removes_every_flipped_label_before_any_clean_example():
+    noisy = np.zeros(50, dtype=bool)
+    noisy[[3, 17, 40]] = True
+    assert pr.oracle_removed(noisy, 2, seed=0).tolist() in ([3, 17], [3, 40], [17, 40])
+    five = pr.oracle_removed(noisy, 5, seed=0)
+    assert {3, 17, 40} <= set(five) and len(set(five)) == 5
+    assert five.tolist() == pr.oracle_removed(noisy, 5, seed=0).tolist()
+    assert five.tolist() != pr.oracle_removed(noisy, 5, seed=1).tolist()  # the clean ones are drawn
+
+
 def test_plan_uses_the_same_training_seeds_for_every_method():
     values = {"adam": np.arange(10.0)}
+    noisy = np.zeros(10, dtype=bool)
     jobs = pr.plan_retrains(
-        values, 10, methods=["adam", "random"], fracs=[0.2, 0.5], seeds=2, direction="low", base_seed=7
+        values, noisy, methods=["adam", "random"], fracs=[0.2, 0.5], seeds=2, direction="low", base_seed=7
     )
     assert len(jobs) == 2 * (1 + 2 * 2)
     for s in (0, 1):
@@ -75,6 +86,11 @@ def test_check_methods_names_the_option():
         pr.check_methods(["lion"], ["adam"])
     with pytest.raises(UserError, match="--by.*no value_sgd column"):
         pr.check_methods(["sgd"], ["adam"])
+    assert pr.check_methods(["oracle"], ["adam"]) == ["oracle"]
+    with pytest.raises(UserError, match="--by oracle.*no injected label noise"):
+        pr.check_methods(["oracle"], ["adam"], noisy=False)
+    with pytest.raises(UserError, match="--by oracle.*--remove low"):
+        pr.check_methods(["oracle"], ["adam"], direction="high")
 
 
 # --------------------------------------------------------------------------- the command end to end
@@ -94,16 +110,16 @@ def tiny_run(tmp_path_factory):
 
 def test_prune_end_to_end(tiny_run):
     runs = tiny_run.parent
-    res = cli("prune", "--frac", "0.3,0.5", "--by", "adam", "--by", "sgd,random", "--seeds", "2",
+    res = cli("prune", "--frac", "0.3,0.5", "--by", "adam", "--by", "sgd,random,oracle", "--seeds", "2",
               "--runs-dir", runs, "-q")  # fmt: skip
     assert res.exit_code == 0, res.output
     df = pd.read_parquet(tiny_run / "pruning.parquet")
     for col in ["method", "direction", "frac", "seed", "test_accuracy", "test_loss", "n_kept",
                 "noisy_share_removed"]:  # fmt: skip
         assert col in df.columns
-    assert len(df) == 2 * (1 + 2 * 3)
+    assert len(df) == 2 * (1 + 2 * 4)
     assert set(df["direction"]) == {"low"}
-    assert set(df["method"]) == {"full", "adam", "sgd", "random"}
+    assert set(df["method"]) == {"full", "adam", "sgd", "random", "oracle"}
     values = pd.read_parquet(tiny_run / "values.parquet")
     n = len(values)
     full = df[df["method"] == "full"]
@@ -122,6 +138,12 @@ def test_prune_end_to_end(tiny_run):
     adam = df[(df["method"] == "adam") & (df["frac"] == 0.3)]
     assert (adam["n_kept"] == n - k).all()
     assert adam["noisy_share_removed"].iloc[0] == pytest.approx(lowest["is_noisy"].mean())
+
+    # the oracle removes every flipped label before any clean example
+    n_noisy = int(values["is_noisy"].sum())
+    oracle = df[df["method"] == "oracle"].set_index(["frac", "seed"])["noisy_share_removed"]
+    for (f, _), share in oracle.items():
+        assert share == pytest.approx(min(1.0, n_noisy / pr.n_to_remove(n, f)))
 
     assert (tiny_run / "pruning-low.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "full" in res.output and "adam" in res.output and "noisy" in res.output
@@ -157,6 +179,7 @@ def test_prune_high_keeps_the_low_rows_and_defaults_to_the_latest_run(tmp_path):
         (["--frac", "0.3", "--by", "adam,lion"], "--by"),
         (["--frac", "0.3", "--seeds", "0"], "--seeds"),
         (["--frac", "0.3", "--remove", "middle"], "--remove"),
+        (["--frac", "0.3", "--by", "oracle", "--remove", "high"], "--by oracle"),
         (["--frac", "0.3", "--run", "nope"], "nope"),
     ],
 )
