@@ -85,7 +85,7 @@ def check_methods(
         if m not in BASELINES and m not in METHOD_NAMES:
             raise UserError(f"--by names the unknown method {m!r}; expected some of: {METHOD_CHOICES}.")
         if m == ORACLE and not (noisy and direction == "low"):
-            why = "the run's data has no injected label noise" if not noisy else "it only removes (--remove low)"
+            why = "the run's data has no flipped labels" if not noisy else "it has no values to rank high"
             raise UserError(
                 f"--by oracle removes the examples whose label was flipped first, but {why}; expected "
                 "a run with data.label_noise > 0 and --remove low."
