@@ -87,7 +87,7 @@ def test_check_methods_names_the_option():
     with pytest.raises(UserError, match="--by.*no value_sgd column"):
         pr.check_methods(["sgd"], ["adam"])
     assert pr.check_methods(["oracle"], ["adam"]) == ["oracle"]
-    with pytest.raises(UserError, match="--by oracle.*no injected label noise"):
+    with pytest.raises(UserError, match="--by oracle.*no flipped labels"):
         pr.check_methods(["oracle"], ["adam"], noisy=False)
     with pytest.raises(UserError, match="--by oracle.*--remove low"):
         pr.check_methods(["oracle"], ["adam"], direction="high")
