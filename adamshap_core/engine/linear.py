@@ -1,4 +1,5 @@
-"""nn.Linear: ⟨M, g_i⟩ = Σ_t b_{i,t}ᵀ M a_{i,t}, for all K matrices at once, in the cheaper exact order."""
+"""nn.Linear: ⟨M, g_i⟩ = Σ_t b_{i,t}ᵀ M a_{i,t}, for all K matrices at once, in the cheaper exact order;
+per-row gradients Σ_t b_{r,t} a_{r,t}ᵀ for the validation rows."""
 
 from __future__ import annotations
 
@@ -63,6 +64,19 @@ def contract_bias(b: torch.Tensor, Mb: torch.Tensor) -> torch.Tensor:
     return b.sum(dim=1) @ Mb.T
 
 
+def weight_gradients(a: torch.Tensor, b: torch.Tensor, summed: bool) -> torch.Tensor:
+    """Σ_t b_{r,t} a_{r,t}ᵀ for a [R,T,d_in], b [R,T,d_out] → [R,d_out,d_in]; summed over the
+    rows too ([1,d_out,d_in]) by treating them as more positions of one row: a single GEMM."""
+    if summed:
+        a, b = a.reshape(1, -1, a.shape[-1]), b.reshape(1, -1, b.shape[-1])
+    return b.transpose(1, 2) @ a
+
+
+def bias_gradients(b: torch.Tensor, summed: bool) -> torch.Tensor:
+    """Σ_t b_{r,t} for b [R,T,d_out] → [R,d_out] ([1,d_out] summed over the rows)."""
+    return b.sum(dim=(0, 1)).unsqueeze(0) if summed else b.sum(dim=1)
+
+
 @register(nn.Linear)
 class LinearKernel(LayerKernel):
     param_names = ("weight", "bias")
@@ -79,4 +93,15 @@ class LinearKernel(LayerKernel):
             out += contract_weight(a, b, M["weight"])
         if "bias" in M:
             out += contract_bias(b, M["bias"])
+        return out
+
+    def gradients(self, module, a, b, names, summed):
+        R = a.shape[0]
+        a = a.reshape(R, -1, a.shape[-1])
+        b = b.reshape(R, -1, b.shape[-1])
+        out = {}
+        if "weight" in names:
+            out["weight"] = weight_gradients(a, b, summed)
+        if "bias" in names:
+            out["bias"] = bias_gradients(b, summed)
         return out
