@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .low_rank import LowRank
-from .registry import LayerKernel, n_targets, register
+from .registry import LayerKernel, register
 
 # per-example weight gradients of one layer are formed in chunks of at most this many floats
 PER_EXAMPLE_CHUNK = 1 << 24
@@ -64,19 +64,6 @@ def contract_bias(b: torch.Tensor, Mb: torch.Tensor) -> torch.Tensor:
     return b.sum(dim=1) @ Mb.T
 
 
-def weight_gradients(a: torch.Tensor, b: torch.Tensor, summed: bool) -> torch.Tensor:
-    """Σ_t b_{r,t} a_{r,t}ᵀ for a [R,T,d_in], b [R,T,d_out] → [R,d_out,d_in]; summed over the
-    rows too ([1,d_out,d_in]) by treating them as more positions of one row: a single GEMM."""
-    if summed:
-        a, b = a.reshape(1, -1, a.shape[-1]), b.reshape(1, -1, b.shape[-1])
-    return b.transpose(1, 2) @ a
-
-
-def bias_gradients(b: torch.Tensor, summed: bool) -> torch.Tensor:
-    """Σ_t b_{r,t} for b [R,T,d_out] → [R,d_out] ([1,d_out] summed over the rows)."""
-    return b.sum(dim=(0, 1)).unsqueeze(0) if summed else b.sum(dim=1)
-
-
 @register(nn.Linear)
 class LinearKernel(LayerKernel):
     param_names = ("weight", "bias")
@@ -88,20 +75,20 @@ class LinearKernel(LayerKernel):
         B = a.shape[0]
         a = a.reshape(B, -1, a.shape[-1])
         b = b.reshape(B, -1, b.shape[-1])
-        out = a.new_zeros(B, n_targets(M))
-        if "weight" in M:
-            out += contract_weight(a, b, M["weight"])
+        out = contract_weight(a, b, M["weight"]) if "weight" in M else None
         if "bias" in M:
-            out += contract_bias(b, M["bias"])
+            bias = contract_bias(b, M["bias"])
+            out = bias if out is None else out + bias
         return out
 
     def gradients(self, module, a, b, names, summed):
-        R = a.shape[0]
+        # summed: the rows as more positions of one row, so each sum over rows is one product
+        R = 1 if summed else a.shape[0]
         a = a.reshape(R, -1, a.shape[-1])
         b = b.reshape(R, -1, b.shape[-1])
         out = {}
         if "weight" in names:
-            out["weight"] = weight_gradients(a, b, summed)
+            out["weight"] = b.transpose(1, 2) @ a  # [R, d_out, d_in]
         if "bias" in names:
-            out["bias"] = bias_gradients(b, summed)
+            out["bias"] = b.sum(dim=1)
         return out
