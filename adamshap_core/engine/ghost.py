@@ -92,6 +92,7 @@ class GhostEngine:
         self._generator = torch.Generator(device=self.parameters[0].device).manual_seed(0)
         self._modules = list(model.modules())
         self._workspace = Workspace()  # the flat M buffer, reused every step
+        self._views_of: tuple[object, dict[int, torch.Tensor]] = (None, {})  # (key, views) of M's buffer
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self._owned]
 
     # ---- hooks ---------------------------------------------------------------------------
@@ -256,13 +257,23 @@ class GhostEngine:
             for where, scale in segments:
                 torch.mul(G[:, where], scale, out=rows[:, where])
                 covered.append(where)
-        full = {}
-        for p in self.parameters:
-            where = self._slices[id(p)]
-            if any(c.start <= where.start < c.stop for c in covered):
-                full[id(p)] = flat[:, where].view(len(scales) * Q, *p.shape)
+        full = self._views(flat, covered)
         factors = {} if rank is None else self._factorize(full, rank)
         return Matrices(full, factors)
+
+    def _views(self, flat: torch.Tensor, covered: list[slice]) -> dict[int, torch.Tensor]:
+        """id(param) → its M, a view of ``flat``, for the parameters in ``covered``; the same
+        views as the last step's while the buffer and the segments are (a view per parameter
+        per step costs more than the multiplies on a small model)."""
+        key = (flat.data_ptr(), flat.shape, flat.dtype, tuple((c.start, c.stop) for c in covered))
+        if self._views_of[0] != key:
+            full = {}
+            for p in self.parameters:
+                where = self._slices[id(p)]
+                if any(c.start <= where.start < c.stop for c in covered):
+                    full[id(p)] = flat[:, where].view(flat.shape[0], *p.shape)
+            self._views_of = (key, full)
+        return self._views_of[1]
 
     def _factorize(self, full: dict[int, torch.Tensor], rank: int) -> dict[int, LowRank]:
         """Factors of the weight matrices whose low-rank contraction, including the cost of
