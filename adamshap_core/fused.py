@@ -46,12 +46,13 @@ def model_blocker(model: nn.Module) -> str | None:
     return None
 
 
-def probe_blocker(model: nn.Module, inputs) -> str | None:
+def probe_blocker(model: nn.Module, loss_fn, inputs, targets) -> str | None:
     """Run the validation rows in eval and in train mode (no gradients; torch's random state
     restored afterwards): a model whose code reads ``self.training`` is caught here, if it
-    gives other outputs or draws random numbers in train mode (None: neither)."""
-    if not isinstance(inputs, torch.Tensor):
-        return "the validation inputs are not a tensor"
+    gives other outputs or draws random numbers in train mode; so is a loss whose value for a
+    row depends on the other rows of the batch (None: none of these)."""
+    if not (isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
+        return "the validation inputs or targets are not a tensor"
     modules = list(model.modules())
     modes = [m.training for m in modules]
     cuda = [inputs.device] if inputs.device.type == "cuda" else []
@@ -60,23 +61,32 @@ def probe_blocker(model: nn.Module, inputs) -> str | None:
             eval_out = _run_in_mode(model, modules, inputs, training=False)
             before = _rng_state(inputs.device)
             train_out = _run_in_mode(model, modules, inputs, training=True)
-            drew = any(not torch.equal(x, y) for x, y in zip(before, _rng_state(inputs.device), strict=True))
+            if any(not torch.equal(x, y) for x, y in zip(before, _rng_state(inputs.device), strict=True)):
+                return "the model draws random numbers in train mode"
+            if not (isinstance(eval_out, torch.Tensor) and isinstance(train_out, torch.Tensor)):
+                return "the model's output is not a tensor"
+            if not torch.equal(eval_out, train_out):
+                return "the model's outputs in train mode differ from those in eval mode"
+            return _loss_blocker(loss_fn, eval_out, targets)
     finally:
         for m, mode in zip(modules, modes, strict=True):
             m.training = mode
-    if drew:
-        return "the model draws random numbers in train mode"
-    if not (isinstance(eval_out, torch.Tensor) and isinstance(train_out, torch.Tensor)):
-        return "the model's output is not a tensor"
-    if not torch.equal(eval_out, train_out):
-        return "the model's outputs in train mode differ from those in eval mode"
-    return None
 
 
 def _run_in_mode(model: nn.Module, modules: list[nn.Module], inputs: torch.Tensor, training: bool):
     for m in modules:  # set directly, as validation_gradients does
         m.training = training
     return model(inputs)
+
+
+def _loss_blocker(loss_fn, outputs: torch.Tensor, targets: torch.Tensor) -> str | None:
+    """Whether the rows' losses change when one more row joins them (a loss normalised by the
+    batch, such as by its total token count, would change plain training's if rows were added)."""
+    alone = loss_fn(outputs, targets)
+    joined = loss_fn(torch.cat([outputs, outputs[:1]]), torch.cat([targets, targets[:1]]))[: len(targets)]
+    if alone.shape != joined.shape or not torch.allclose(alone, joined, rtol=1e-5, atol=0.0):
+        return "the loss of a row depends on the other rows of the batch"
+    return None
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, ...]:

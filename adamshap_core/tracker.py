@@ -132,7 +132,9 @@ class InRunShapley:
         self.per_target = per_target
         self._val_grads = None  # a new target needs a new ∇val
         # why these rows cannot join a training batch, whatever the batch (None: they may)
-        self._rows_blocker = self._model_blocker or probe_blocker(self.model, val_inputs)
+        self._rows_blocker = self._model_blocker or probe_blocker(
+            self.model, self.loss_fn, val_inputs, val_targets
+        )
 
     def step(self, inputs, targets) -> StepResult:
         """Forward, backward, optimizer.step(), and this step's value per example."""

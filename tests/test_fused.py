@@ -98,6 +98,19 @@ def test_a_model_that_differs_in_train_mode_takes_the_separate_pass(make, blocke
         assert all(torch.equal(a[m], b[m]) for m in METHODS)
 
 
+def test_a_loss_normalised_by_the_batch_takes_the_separate_pass():
+    """Appending rows would change such a loss's training rows, hence plain training's update."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Linear(5, 3)
+    vx, vy = tabular(3, gen)
+    per_batch = lambda out, y: cross_entropy(out, y) * (8 / len(y))  # noqa: E731
+    tracker = InRunShapley(
+        model, torch.optim.Adam(model.parameters()), per_batch, vx, vy, fuse_validation=True
+    )
+    tracker.step(*tabular(5, gen))
+    assert "depends on the other rows" in tracker.fusion_blocked
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no-dropout-fused", "dropout-separate"])
 def test_training_draws_the_random_numbers_plain_training_draws(dropout, float64):
     make = lambda: gpt(dropout)  # noqa: E731
