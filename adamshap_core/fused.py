@@ -117,8 +117,8 @@ class ValidationRows:
         self.inputs, self.targets = inputs, targets
         self.per_target = per_target
         self.batch_size = batch_size
-        # each row's loss weight: a power of two, so dividing it out again is exact, near 1/(B·V),
-        # so the rows add to .grad about what a training mean does and removing them costs no precision
+        # each row's loss weight: a power of two (dividing it out again is exact) at most 1/(B·V), so
+        # the rows add at most 1/B of a mean gradient to .grad and taking it out costs it no precision
         self.weight = 2.0 ** -math.ceil(math.log2(batch_size * len(targets)))
         self.gradients: torch.Tensor | None = None  # ∇val, flat [Q, N], once ``remove`` ran
         self.loss = math.nan  # their mean loss
@@ -153,4 +153,5 @@ def _subtract(engine: GhostEngine, grads: dict[int, torch.Tensor]) -> None:
         if grad is not None:
             targets.append(grad)
             parts.append((g.sum(dim=0) if g.shape[0] > 1 else g[0]).to(grad.dtype))
-    torch._foreach_sub_(targets, parts)
+    if targets:  # foreach refuses empty lists
+        torch._foreach_sub_(targets, parts)
