@@ -222,10 +222,13 @@ class Replay:
 
 
 def replay_recipe(recipe: Recipe, methods: Sequence[str]) -> Recipe:
-    """The run's recipe with exact attribution on for ``methods`` (attribution never changes a step)."""
-    attribution = recipe.attribution.model_copy(
-        update={"enabled": True, "methods": list(methods), "record_steps": 0, "fast": None}
-    )
+    """The run's recipe with exact attribution on for ``methods`` (attribution never changes a step).
+
+    The validation rows are never fused into the batch here: that would change the update's
+    rounding with the queries, and the replay must walk plain training's trajectory bit for bit.
+    """
+    update = {"enabled": True, "methods": list(methods), "record_steps": 0, "fast": None}
+    attribution = recipe.attribution.model_copy(update={**update, "fuse_validation": False})
     return recipe.model_copy(update={"attribution": attribution})
 
 

@@ -218,6 +218,7 @@ def _stepper(mode: str, prep, methods: Sequence[str], fast: bool):
                 prep.val_y,
                 methods=tuple(methods),
                 max_grad_norm=clip,
+                fuse_validation=prep.recipe.attribution.fuse_validation,
                 **extra,
             )
         except (ValueError, TypeError, NotImplementedError) as e:
@@ -435,7 +436,7 @@ def _max_parameter_gap(m1, m2) -> float:
 
 # The phases of an attribution step that --profile times by name (when the tracker has them):
 # GhostEngine methods, OptimizerView.segments (reading Adam's state) and precond.scales (P).
-ENGINE_PHASES = ("validation_gradients", "matrices", "contract")
+ENGINE_PHASES = ("validation_gradients", "extra_gradients", "matrices", "contract")
 PHASE = "phase::"  # prefix of the profiler ranges that time one phase
 
 

@@ -196,6 +196,9 @@ class AttributionCfg(_Strict):
     val_batch: Annotated[Int, Field(ge=1)] | None = None  # null = the whole validation split
     record_steps: Int = Field(8, ge=0)  # steps whose per-step values are kept; 0 = off
     fast: FastMode | None = None  # null = exact values; true or a mapping = the fast mode
+    # validation rows in the training batch (one forward/backward per step, see fused.py): the
+    # update then equals plain training's up to float rounding, not bit for bit
+    fuse_validation: StrictBool = False
 
     @field_validator("fast", mode="before")
     @classmethod

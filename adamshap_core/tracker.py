@@ -16,6 +16,7 @@ from torch import nn
 
 from .engine import GhostEngine
 from .fast import FastMode
+from .fused import ValidationRows, batch_blocker, model_blocker, probe_blocker
 from .precond import OptimizerView, check_methods, scales
 
 
@@ -44,24 +45,38 @@ def training_step(
     targets,
     max_grad_norm: float | None = None,
     before_update: Callable[[torch.Tensor, float], None] | None = None,
+    extra: ValidationRows | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Plain training's step; the one code path both plain and valued training use.
 
     ``before_update(per_example_losses, clip_factor)`` runs after the backward
     pass and clipping, before ``optimizer.step()``: this is where values are
-    computed, from the state the optimizer is about to use.
+    computed, from the state the optimizer is about to use. ``extra``: validation
+    rows to append to the batch, whose part of ``.grad`` they remove again before
+    clipping (see ``fused.py``).
     Returns the per-example losses (detached) and the clip factor.
     """
     optimizer.zero_grad(set_to_none=True)
-    losses = loss_fn(model(inputs), targets)
-    if losses.dim() != 1:
-        raise ValueError(f"loss_fn must return per-example losses of shape [B], got {tuple(losses.shape)}")
-    losses.mean().backward()
+    if extra is None:
+        losses = _checked(loss_fn(model(inputs), targets))
+        losses.mean().backward()
+    else:
+        n = len(targets)
+        both = loss_fn(model(torch.cat([inputs, extra.inputs])), torch.cat([targets, extra.targets]))
+        losses = _checked(both)[:n]
+        (losses.mean() + both[n:].sum() * extra.weight).backward()
+        extra.remove(both[n:].detach())
     clip = 1.0 if max_grad_norm is None else clip_gradients(model.parameters(), max_grad_norm)
     if before_update is not None:
         before_update(losses.detach(), clip)
     optimizer.step()
     return losses.detach(), clip
+
+
+def _checked(losses: torch.Tensor) -> torch.Tensor:
+    if losses.dim() != 1:
+        raise ValueError(f"loss_fn must return per-example losses of shape [B], got {tuple(losses.shape)}")
+    return losses
 
 
 class InRunShapley:
@@ -70,6 +85,12 @@ class InRunShapley:
     ``loss_fn(outputs, targets)`` returns per-example losses [B]. The
     validation utility is the mean validation loss; with ``per_target=True``
     each validation row is a separate target and values have shape [B, Q].
+
+    ``fuse_validation=True`` appends the validation rows to the training batch
+    (one forward and backward instead of two, see ``fused.py``) wherever that
+    computes the same ∇val; the update then equals plain training's up to float
+    rounding rather than bit for bit. ``fusion_blocked`` says why the last step
+    that computed ∇val took the separate pass (None: it was fused).
     """
 
     def __init__(
@@ -84,6 +105,7 @@ class InRunShapley:
         max_grad_norm: float | None = None,
         per_target: bool = False,
         fast: bool | FastMode = False,
+        fuse_validation: bool = False,
     ):
         self.model = model
         self.optimizer = optimizer
@@ -91,11 +113,16 @@ class InRunShapley:
         self.methods = check_methods(methods)
         self.max_grad_norm = max_grad_norm
         self.fast = FastMode() if fast is True else (fast or None)
+        self.fuse_validation = fuse_validation
+        self.fusion_blocked: str | None = "no step has computed ∇val yet"
         self._val_grads: torch.Tensor | None = None  # the last ∇val (reused in fast mode)
         self._steps = 0
         self.view = OptimizerView(optimizer)  # validates the optimizer up front
         # validates every trainable parameter up front; the flat layout follows the optimizer
         self.engine = GhostEngine(model, order=[p for g in optimizer.param_groups for p in g["params"]])
+        self._model_blocker = "fuse_validation is off"
+        if fuse_validation:
+            self._model_blocker = model_blocker(model) or self.engine.builds_gradients()
         self.set_validation(val_inputs, val_targets, per_target=per_target)
 
     def set_validation(self, val_inputs, val_targets, *, per_target: bool = False) -> None:
@@ -104,21 +131,28 @@ class InRunShapley:
         self.val_targets = val_targets
         self.per_target = per_target
         self._val_grads = None  # a new target needs a new ∇val
+        # why these rows cannot join a training batch, whatever the batch (None: they may)
+        self._rows_blocker = self._model_blocker or probe_blocker(
+            self.model, self.loss_fn, val_inputs, val_targets
+        )
 
     def step(self, inputs, targets) -> StepResult:
         """Forward, backward, optimizer.step(), and this step's value per example."""
         self._steps += 1
         val_loss = math.nan  # measured on the steps that compute ∇val
+        rows = None  # validation rows riding along in this batch
         if self._needs_refresh():
-            self._val_grads, val_loss = self.engine.validation_gradients(
-                self.loss_fn, self.val_inputs, self.val_targets, self.per_target
-            )
-        val_grads = self._val_grads
+            rows = self._validation_rows(inputs, targets)
+            if rows is None:
+                self._val_grads, val_loss = self.engine.validation_gradients(
+                    self.loss_fn, self.val_inputs, self.val_targets, self.per_target
+                )
         rank = self.fast.rank if self.fast else None
         out: dict[str, torch.Tensor] = {}
 
         def value_batch(losses: torch.Tensor, clip: float) -> None:
             B = len(losses)
+            val_grads = self._val_grads if rows is None else rows.gradients  # the rows': built just now
             segments = self.view.segments(self.engine.parameters)
             per_method = [scales(m, segments, clip) for m in self.methods]
             values = self.engine.values(val_grads, per_method, B, rank)  # [B, methods, Q]
@@ -126,10 +160,11 @@ class InRunShapley:
                 v = values[:, k]
                 out[m] = v if self.per_target else v[:, 0]
 
-        with self.engine.capture():
-            losses, clip = training_step(
-                self.model, self.optimizer, self.loss_fn, inputs, targets, self.max_grad_norm, value_batch
-            )
+        with self.engine.capture(extra_rows=0 if rows is None else len(rows)):
+            step = (self.model, self.optimizer, self.loss_fn, inputs, targets, self.max_grad_norm)
+            losses, clip = training_step(*step, before_update=value_batch, extra=rows)
+        if rows is not None:
+            self._val_grads, val_loss = rows.gradients, rows.loss
         if self.fast is None:
             self._val_grads = None  # exact mode keeps nothing between steps
         return StepResult(float(losses.mean()), val_loss, clip, out)
@@ -146,6 +181,15 @@ class InRunShapley:
         self._steps = int(state["steps"])
         self._val_grads = state["val_grads"]
         self.engine.set_generator_state(state["generator"])
+
+    def _validation_rows(self, inputs, targets) -> ValidationRows | None:
+        """This step's validation rows to append to the batch, or None for the separate pass."""
+        self.fusion_blocked = self._rows_blocker or batch_blocker(
+            inputs, targets, self.val_inputs, self.val_targets
+        )
+        if self.fusion_blocked is not None:
+            return None
+        return ValidationRows(self.engine, self.val_inputs, self.val_targets, self.per_target, len(targets))
 
     def _needs_refresh(self) -> bool:
         fast = self.fast

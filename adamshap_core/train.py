@@ -222,6 +222,7 @@ def prepare(
                 methods=tuple(methods),
                 max_grad_norm=recipe.train.grad_clip,
                 fast=recipe.attribution.fast or False,
+                fuse_validation=recipe.attribution.fuse_validation,
             )
         except (ValueError, TypeError, NotImplementedError) as e:
             raise UserError(f"attribution cannot run on this model/optimizer: {e}") from None

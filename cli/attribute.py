@@ -194,7 +194,8 @@ def _print_replay(result) -> None:
         err_console.print(
             "[yellow]warning: the replay ended with other parameters than the run (params_sha256 differs), "
             "so these values describe a neighbouring trajectory; on the CPU this means the data, the code or "
-            "the torch build changed since the run.[/]"
+            "the torch build changed since the run, or the run fused its validation rows into the batch "
+            "(attribution.fuse_validation), which rounds its updates otherwise than plain training.[/]"
         )
     recall = (
         f"; the model recalls {result.fact_recall:.0%} of the facts" if result.fact_recall is not None else ""

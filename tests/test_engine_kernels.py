@@ -42,6 +42,30 @@ def test_kernel_matches_per_example_gradients(case, batch, float64):
     assert rel_err(got, want) <= 1e-10
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("summed", [False, True], ids=["per-row", "summed"])
+def test_gradients_of_rows_after_the_batch_match_per_example_gradients(case, summed, float64):
+    """The rows appended after a batch of 4 (validation rows): each kernel's per-row gradients,
+    assembled per parameter (a tied one over both its uses), or their sum over the rows."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(1)
+    model = case.model()
+    x, y = case.data(7, gen)
+    x, y = x.flip(0), y.flip(0)  # the lm cases pad their first example: make it an appended row
+    engine = GhostEngine(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    with engine.capture(extra_rows=3):
+        case.loss(model(x), y).sum().backward()
+        got = engine.extra_gradients(4, summed)
+    G = per_example_grads(model, case.loss, x, y)
+    assert set(got) == {id(p) for p in engine.parameters}
+    for p in engine.parameters:
+        want = G[names[id(p)]][4:]
+        want = want.sum(0, keepdim=True) if summed else want
+        assert got[id(p)].shape == want.shape
+        assert rel_err(got[id(p)], want) <= 1e-12, names[id(p)]
+
+
 def test_tied_parameter_is_valued_once_through_both_uses(float64):
     case = next(c for c in CASES if c.name == "lm-tied")
     model = case.model()

@@ -16,6 +16,7 @@ def test_minimal_recipe_gets_defaults():
     assert r.train.epochs >= 1 and r.train.device == "auto" and r.train.grad_clip is None
     assert r.attribution.enabled and r.attribution.methods == ["adam", "adam_fixed", "sgd"]
     assert r.attribution.val_batch is None and r.attribution.record_steps == 8
+    assert r.attribution.fuse_validation is False
     assert r.data.label_noise == 0.0 and r.model.kind == "mlp"
 
 
@@ -85,6 +86,7 @@ def test_string_numbers_from_yaml_are_numbers(tmp_path):
         ("attribution.val_batch=0", "attribution.val_batch", "greater than or equal to 1"),
         ("attribution.record_steps=-1", "attribution.record_steps", "greater than or equal to 0"),
         ("attribution.enabled=maybe", "attribution.enabled", "valid boolean"),
+        ("attribution.fuse_validation=1", "attribution.fuse_validation", "valid boolean"),
         ("name=a/b", "name", "run name"),
         ("data=3", "data", "section"),
     ],

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from adamshap_core.attribute import replay_values
+from adamshap_core.attribute import replay_recipe, replay_values
 from adamshap_core.recipe import recipe_from_dict
 from adamshap_core.train import train
 
@@ -60,3 +60,9 @@ def test_chunked_replays_give_the_same_values(run):
     assert chunked.replays == 3 and whole.replays == 1
     assert chunked.params_sha256 == whole.params_sha256 == result.metrics["params_sha256"]
     np.testing.assert_allclose(chunked.values["adam"], whole.values["adam"], rtol=1e-5, atol=1e-9)
+
+
+def test_a_replay_never_fuses_its_queries_into_the_batch():
+    """Fused rows round the update otherwise: the replay must walk plain training's trajectory."""
+    fused = recipe_from_dict({**RECIPE, "attribution": {**RECIPE["attribution"], "fuse_validation": True}})
+    assert replay_recipe(fused, ["adam"]).attribution.fuse_validation is False

@@ -206,8 +206,12 @@ def train_in_segments(recipe, path: Path, stops: list[int]):
             "train": {"epochs": 2, "batch_size": 10},
             "attribution": {"fast": {"refresh_every": 3, "warmup": 1}},
         },
+        {
+            "train": {"epochs": 2, "batch_size": 10, "grad_clip": 0.5},
+            "attribution": {"fuse_validation": True},
+        },
     ],
-    ids=["adam-linear-warmup", "adamw-clip", "sgd-momentum", "no-attribution", "fast-mode"],
+    ids=["adam-linear-warmup", "adamw-clip", "sgd-momentum", "no-attribution", "fast-mode", "fused-rows"],
 )
 def test_stop_anywhere_and_resume_is_bitwise_equal(tmp_path, sections):
     """Stopping after the first step, the last step of an epoch, the first of the next, or several

@@ -19,15 +19,15 @@ WIDE = CASES[0].__class__(
 )
 
 
-def _pair(fast, methods, opt=torch.optim.Adam, steps=6, n_val=3, sched=False):
+def _pair(fast, methods, opt=torch.optim.Adam, steps=6, n_val=3, sched=False, fuse=False):
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model_a = WIDE.model()
     model_b = copy.deepcopy(model_a)
     opt_a, opt_b = opt(model_a.parameters(), lr=1e-2), opt(model_b.parameters(), lr=1e-2)
     vx, vy = WIDE.data(n_val, gen)
-    exact = InRunShapley(model_a, opt_a, WIDE.loss, vx, vy, methods)
-    approx = InRunShapley(model_b, opt_b, WIDE.loss, vx, vy, methods, fast=fast)
+    exact = InRunShapley(model_a, opt_a, WIDE.loss, vx, vy, methods, fuse_validation=fuse)
+    approx = InRunShapley(model_b, opt_b, WIDE.loss, vx, vy, methods, fast=fast, fuse_validation=fuse)
     scheds = [torch.optim.lr_scheduler.StepLR(o, 1, 0.7) for o in (opt_a, opt_b)] if sched else []
     pairs = []
     for _ in range(steps):
@@ -38,9 +38,10 @@ def _pair(fast, methods, opt=torch.optim.Adam, steps=6, n_val=3, sched=False):
     return pairs, (model_a, model_b)
 
 
-def test_refresh_steps_are_exact_and_reuse_steps_stay_close(float64):
+@pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
+def test_refresh_steps_are_exact_and_reuse_steps_stay_close(fuse, float64):
     fast = FastMode(refresh_every=3, warmup=2, rank=None)
-    pairs, _ = _pair(fast, ("adam", "sgd"), steps=9, sched=True)
+    pairs, _ = _pair(fast, ("adam", "sgd"), steps=9, sched=True, fuse=fuse)
     for step, (exact, approx) in enumerate(pairs, start=1):
         for m in ("adam", "sgd"):
             if step <= 2 or (step - 2) % 3 == 0:  # ∇val recomputed: nothing approximate left
@@ -78,8 +79,9 @@ def test_low_rank_contraction_is_exact_when_m_has_that_rank(float64):
         assert rel_err(engine.contract(M_low, 32), engine.contract(M_exact, 32)) <= 1e-9
 
 
-def test_fast_mode_leaves_training_exactly_as_plain(float64):
-    _, (model_a, model_b) = _pair(True, ("adam", "sgd"), steps=12)
+@pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
+def test_fast_mode_leaves_training_exactly_as_plain(fuse, float64):
+    _, (model_a, model_b) = _pair(True, ("adam", "sgd"), steps=12, fuse=fuse)
     for a, b in zip(model_a.parameters(), model_b.parameters(), strict=True):
         assert (a - b).abs().max() <= 1e-10
 
@@ -88,6 +90,21 @@ def test_fast_mode_tracks_exact_values(float64):
     pairs, _ = _pair(True, ("adam",), steps=24)  # lr 1e-2 on 8 examples: weights move fast
     corrs = [np.corrcoef(f.values["adam"].numpy(), e.values["adam"].numpy())[0, 1] for e, f in pairs]
     assert min(corrs) > 0.95 and np.median(corrs) > 0.99
+
+
+def test_validation_rows_join_only_the_steps_that_refresh_the_validation_gradient():
+    gen = torch.Generator().manual_seed(0)
+    model = WIDE.model()
+    rows = []
+    model.register_forward_pre_hook(lambda m, inputs: rows.append(inputs[0].shape[0]))
+    vx, vy = WIDE.data(3, gen)
+    fast = FastMode(refresh_every=3, warmup=2, rank=None)
+    opt = torch.optim.Adam(model.parameters())
+    tracker = InRunShapley(model, opt, WIDE.loss, vx, vy, ("adam",), fast=fast, fuse_validation=True)
+    for _ in range(9):
+        tracker.step(*WIDE.data(8, gen))
+    rows = rows[2:]  # the probe at start-up: the validation rows in eval and in train mode
+    assert rows == [11, 11, 8, 8, 11, 8, 8, 11, 8]  # refreshed at steps 1, 2, 5 and 8
 
 
 def test_bad_fast_settings_are_clear_errors():

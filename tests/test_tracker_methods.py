@@ -33,6 +33,7 @@ def run_and_check(
     per_target=False,
     scheduler=None,
     split_groups=False,
+    fuse_validation=False,
 ):
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -45,7 +46,15 @@ def run_and_check(
     sched = scheduler(opt) if scheduler else None
     vx, vy = case.data(n_val, gen)
     tracker = InRunShapley(
-        model, opt, case.loss, vx, vy, METHODS, max_grad_norm=max_grad_norm, per_target=per_target
+        model,
+        opt,
+        case.loss,
+        vx,
+        vy,
+        METHODS,
+        max_grad_norm=max_grad_norm,
+        per_target=per_target,
+        fuse_validation=fuse_validation,
     )
     for _ in range(steps):
         x, y = case.data(batch, gen)
@@ -53,6 +62,7 @@ def run_and_check(
             model, opt, case.loss, x, y, vx, vy, max_grad_norm=max_grad_norm, per_target=per_target
         )
         got = tracker.step(x, y)
+        assert tracker.fusion_blocked is None if fuse_validation else "off" in tracker.fusion_blocked
         for m in METHODS:
             g = got.values[m] if per_target else got.values[m].unsqueeze(1)
             assert g.shape == (batch, n_val if per_target else 1)
@@ -74,6 +84,17 @@ def test_clipping_active_and_per_target(case, float64):
     assert res.clip_factor < 1.0  # clipping really was active
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("per_target", [False, True], ids=["mean-target", "per-target"])
+@pytest.mark.parametrize("opt", ["adamw", "sgd-momentum"])
+def test_validation_rows_in_the_training_batch_match_brute_force(case, per_target, opt, float64):
+    """One forward/backward for training and validation rows: ∇val from the rows' a and b."""
+    _, res = run_and_check(
+        case, OPTIMIZERS[opt], max_grad_norm=0.05, per_target=per_target, fuse_validation=True
+    )
+    assert res.clip_factor < 1.0
+
+
 def test_scheduler_and_param_groups(float64):
     sched = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # noqa: E731
     run_and_check(CASES[0], OPTIMIZERS["adam-l2"], steps=5, scheduler=sched, split_groups=True)
@@ -81,14 +102,17 @@ def test_scheduler_and_param_groups(float64):
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[5]], ids=lambda c: c.name)
 @pytest.mark.parametrize("opt", ["adam-l2", "adamw", "sgd-nesterov"])
-def test_training_with_attribution_updates_parameters_exactly_as_plain(case, opt, float64):
+@pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
+def test_training_with_attribution_updates_parameters_exactly_as_plain(case, opt, fuse, float64):
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model_a = case.model()
     model_b = copy.deepcopy(model_a)
     opt_a, opt_b = OPTIMIZERS[opt](model_a.parameters()), OPTIMIZERS[opt](model_b.parameters())
     vx, vy = case.data(4, gen)
-    tracker = InRunShapley(model_a, opt_a, case.loss, vx, vy, METHODS, max_grad_norm=0.5)
+    tracker = InRunShapley(
+        model_a, opt_a, case.loss, vx, vy, METHODS, max_grad_norm=0.5, fuse_validation=fuse
+    )
     for _ in range(6):
         x, y = case.data(5, gen)
         tracker.step(x, y)
@@ -97,6 +121,7 @@ def test_training_with_attribution_updates_parameters_exactly_as_plain(case, opt
         case.loss(model_b(x), y).mean().backward()
         torch.nn.utils.clip_grad_norm_(model_b.parameters(), 0.5)
         opt_b.step()
+    assert tracker.fusion_blocked is None if fuse else tracker.fusion_blocked
     for (n, a), b in zip(model_a.named_parameters(), model_b.parameters(), strict=True):
         assert (a - b).abs().max() <= 1e-10, n
 

@@ -11,7 +11,7 @@ from helpers import tiny
 
 from adamshap_core.errors import UserError
 from adamshap_core.recipe import recipe_from_dict
-from adamshap_core.train import lr_factor, prepare, sample_record_steps, train
+from adamshap_core.train import lr_factor, prepare, run, sample_record_steps, train
 
 
 def R(**sections):
@@ -32,11 +32,23 @@ def test_plain_training_is_deterministic():
     assert not torch.equal(params(a.model), params(c.model))
 
 
-def test_attribution_does_not_change_training():
+@pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
+def test_attribution_does_not_change_training(fuse):
     off = train(R(attribution={"enabled": False}), quiet=True)
-    on = train(R(), quiet=True)
+    on = train(R(attribution={"fuse_validation": fuse}), quiet=True)
     assert torch.allclose(params(off.model), params(on.model), atol=1e-6, rtol=0)
     assert np.allclose(off.steps["train_loss"], on.steps["train_loss"], atol=1e-6)
+
+
+def test_fused_validation_rows_give_the_separate_pass_values():
+    separate = train(R(), quiet=True)
+    fused_prep = prepare(R(attribution={"fuse_validation": True}))
+    fused = run(fused_prep, quiet=True)
+    assert fused_prep.tracker.fusion_blocked is None  # the recipe key reached the tracker
+    for m in separate.methods:
+        scale = np.abs(separate.values[m]).max()
+        assert np.abs(fused.values[m] - separate.values[m]).max() <= 1e-4 * scale, m
+    assert np.allclose(fused.steps["val_loss"], separate.steps["val_loss"], rtol=1e-5)
 
 
 def test_values_accumulate_over_steps():

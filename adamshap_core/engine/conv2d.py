@@ -1,4 +1,4 @@
-"""nn.Conv2d: unfold the input into patches, then it is a Linear over positions."""
+"""nn.Conv2d: unfold the input into patches, then it is a Linear over positions (per group)."""
 
 from __future__ import annotations
 
@@ -31,10 +31,8 @@ class Conv2dKernel(LayerKernel):
     def values(self, module, a, b, M):
         B = a.shape[0]
         G = module.groups
-        patches = _patches(module, a)  # [B, C_in/G·kh·kw·G, L]
-        L = patches.shape[-1]
-        patches = patches.view(B, G, -1, L).transpose(2, 3)  # [B, G, L, I]
-        grads = b.reshape(B, G, -1, L).transpose(2, 3)  # [B, G, L, O]
+        patches, grads = _per_group(module, a, b)
+        L = patches.shape[2]
         out = patches.new_zeros(B, n_targets(M))
         Mw = M.get("weight")
         if isinstance(Mw, LowRank):  # groups == 1, factors of the [C_out, C_in·kh·kw] matrix
@@ -47,6 +45,29 @@ class Conv2dKernel(LayerKernel):
         if "bias" in M:
             out += contract_bias(b.reshape(B, -1, L).transpose(1, 2), M["bias"])
         return out
+
+    def gradients(self, module, a, b, names, summed):
+        R, G = a.shape[0], module.groups
+        out = {}
+        if "weight" in names:
+            patches, grads = _per_group(module, a, b)
+            if summed:  # the rows as more positions of one row: one product per group
+                patches = patches.transpose(0, 1).reshape(1, G, -1, patches.shape[-1])
+                grads = grads.transpose(0, 1).reshape(1, G, -1, grads.shape[-1])
+            w = grads.transpose(2, 3) @ patches  # [R or 1, G, O, I]
+            out["weight"] = w.reshape(w.shape[0], *module.weight.shape)
+        if "bias" in names:
+            bias = b.reshape(R, module.out_channels, -1).sum(dim=2)
+            out["bias"] = bias.sum(dim=0, keepdim=True) if summed else bias
+        return out
+
+
+def _per_group(module: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patches [R, G, L, I] and output-gradients [R, G, L, O] of each group, over the L positions."""
+    R, G = a.shape[0], module.groups
+    patches = _patches(module, a)  # [R, C_in/G·kh·kw·G, L]
+    L = patches.shape[-1]
+    return patches.view(R, G, -1, L).transpose(2, 3), b.reshape(R, G, -1, L).transpose(2, 3)
 
 
 def _patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

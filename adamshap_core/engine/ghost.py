@@ -4,6 +4,9 @@ the contraction of those with the per-parameter matrices M (DESIGN.md §3).
 Per step: ``validation_gradients`` (a separate pass that never touches
 ``.grad``), then the training forward/backward inside ``capture()``, then
 ``values`` with M = scale ⊙ ∇val stacked over methods and validation targets.
+Or the validation rows ride along in the training batch (``capture(extra_rows=V)``):
+``extra_gradients`` then builds their gradients from the same a and b, and
+``contract`` reads only the training rows.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from ..errors import UserError
 from ..workspace import Workspace
 from .low_rank import FACTORIZE_OVERHEAD, FACTORIZE_PASSES, LowRank, factorize
-from .registry import LayerKernel, kernel_for, matrix_dtype, supported_types, unsupported
+from .registry import LayerKernel, has_gradients, kernel_for, matrix_dtype, supported_types, unsupported
 
 Scale = torch.Tensor | float  # multiplier of ∇val over a segment (tensor: elementwise)
 SegmentScales = Sequence[tuple[slice, Scale]]  # one method's scales, per segment of the flat layout
@@ -82,11 +85,14 @@ class GhostEngine:
             self._slices[id(p)] = slice(offset, offset + p.numel())
             offset += p.numel()
         self.numel = offset
+        self._by_id = {id(p): p for _, own in self._owned.values() for p in own.values()}
         self._calls: list[_Call] = []
         self._capturing = False
+        self._extra_rows = 0  # rows after the training batch in this capture (validation rows)
         self._generator = torch.Generator(device=self.parameters[0].device).manual_seed(0)
         self._modules = list(model.modules())
         self._workspace = Workspace()  # the flat M buffer, reused every step
+        self._views_of: tuple[object, dict[int, torch.Tensor]] = (None, {})  # (key, views) of M's buffer
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self._owned]
 
     # ---- hooks ---------------------------------------------------------------------------
@@ -104,15 +110,26 @@ class GhostEngine:
         output.register_hook(keep_grad)
 
     @contextmanager
-    def capture(self):
-        """Keep a and b of every valued module call made inside the block."""
+    def capture(self, extra_rows: int = 0):
+        """Keep a and b of every valued module call made inside the block.
+
+        ``extra_rows``: rows appended after the training batch (validation rows), which
+        ``contract`` leaves out and ``extra_gradients`` reads.
+        """
         self._calls = []
         self._capturing = True
+        self._extra_rows = extra_rows
         try:
             yield
         finally:
             self._capturing = False
             self._calls = []
+            self._extra_rows = 0
+
+    def builds_gradients(self) -> str | None:
+        """Why ``extra_gradients`` cannot serve this model (None: every kernel builds gradients)."""
+        lacking = sorted({type(k).__name__ for k, _ in self._owned.values() if not has_gradients(k)})
+        return f"the layer kernel(s) {', '.join(lacking)} build no per-row gradients" if lacking else None
 
     def generator_state(self) -> torch.Tensor:
         """The state of the engine's own random stream (low-rank factorisations)."""
@@ -172,6 +189,26 @@ class GhostEngine:
             chunks.append(self.flatten([g[names[id(p)]] for p in self.parameters], rows=len(loss)))
         return torch.cat(chunks), float(torch.cat(losses).mean())
 
+    def extra_gradients(self, batch_size: int, summed: bool) -> dict[int, torch.Tensor]:
+        """id(param) → the gradient of the extra rows' loss, [rows, *shape] per row (or
+        [1, *shape] ``summed`` over them), from the a and b captured with ``extra_rows``; a tied
+        parameter's calls are summed. Every owned parameter the rows reached is included, also
+        one outside the layout, since its ``.grad`` holds their part as well."""
+        out: dict[int, torch.Tensor] = {}
+        for call in self._captured(batch_size):
+            kernel, own = self._owned[call.module]
+            dtype = torch.promote_types(call.b.dtype, torch.float32)  # as ∇val is used: float32 or wider
+            a, b = _cast(call.a[batch_size:], dtype), _cast(call.b[batch_size:], dtype)
+            grads = kernel.gradients(call.module, a, b, own, summed)
+            for name, g in grads.items():
+                key = id(own[name])
+                out[key] = g if key not in out else out[key] + g
+        return out
+
+    def parameter(self, key: int) -> nn.Parameter:
+        """The owned parameter with ``id`` ``key`` (the keys of ``extra_gradients``)."""
+        return self._by_id[key]
+
     def flatten(self, tensors: Sequence[torch.Tensor], rows: int) -> torch.Tensor:
         """Per-parameter tensors [rows, *shape] (or [*shape] for rows = 1), in layout order → [rows, N]."""
         return torch.cat([t.reshape(rows, -1) for t in tensors], dim=1)
@@ -220,13 +257,23 @@ class GhostEngine:
             for where, scale in segments:
                 torch.mul(G[:, where], scale, out=rows[:, where])
                 covered.append(where)
-        full = {}
-        for p in self.parameters:
-            where = self._slices[id(p)]
-            if any(c.start <= where.start < c.stop for c in covered):
-                full[id(p)] = flat[:, where].view(len(scales) * Q, *p.shape)
+        full = self._views(flat, covered)
         factors = {} if rank is None else self._factorize(full, rank)
         return Matrices(full, factors)
+
+    def _views(self, flat: torch.Tensor, covered: list[slice]) -> dict[int, torch.Tensor]:
+        """id(param) → its M, a view of ``flat``, for the parameters in ``covered``; the same
+        views as the last step's while the buffer and the segments are (a view per parameter
+        per step costs more than the multiplies on a small model)."""
+        key = (flat.data_ptr(), flat.shape, flat.dtype, tuple((c.start, c.stop) for c in covered))
+        if self._views_of[0] != key:
+            full = {}
+            for p in self.parameters:
+                where = self._slices[id(p)]
+                if any(c.start <= where.start < c.stop for c in covered):
+                    full[id(p)] = flat[:, where].view(flat.shape[0], *p.shape)
+            self._views_of = (key, full)
+        return self._views_of[1]
 
     def _factorize(self, full: dict[int, torch.Tensor], rank: int) -> dict[int, LowRank]:
         """Factors of the weight matrices whose low-rank contraction, including the cost of
@@ -237,7 +284,9 @@ class GhostEngine:
             for name in kernel.low_rank_params(call.module):
                 if name in own and call.b is not None:
                     p = own[name]  # a weight [d_out, ...]: b has one row of d_out per position
-                    rows[id(p)] = rows.get(id(p), 0) + call.b.numel() // p.shape[0]
+                    n = call.b.shape[0]  # of which the last extra_rows are not contracted
+                    positions = call.b.numel() // p.shape[0] * (n - self._extra_rows) // n
+                    rows[id(p)] = rows.get(id(p), 0) + positions
         factors = {}
         for p in self.parameters:
             if id(p) not in rows or id(p) not in full:
@@ -255,28 +304,37 @@ class GhostEngine:
         return factors
 
     def contract(self, M: Matrices, batch_size: int) -> torch.Tensor:
-        """[B, K]: every captured call's ⟨M_k, g_i⟩, summed over calls."""
-        calls = [c for c in self._calls if c.b is not None]
-        if not calls:
-            raise RuntimeError("no layer activity was captured: call values() inside capture()")
+        """[B, K]: every captured call's ⟨M_k, g_i⟩ for the B training rows, summed over calls."""
+        calls = self._captured(batch_size)
         B = batch_size
         total = None
         for call in calls:
-            if call.a.shape[0] != B:
-                raise UserError(
-                    f"a {type(call.module).__name__} layer was called on {call.a.shape[0]} rows in a "
-                    f"batch of {B}: its per-example gradients cannot be separated (is an input "
-                    "broadcast over the batch, such as positions from arange(T)? expand it first)"
-                )
             Mc = M.for_call(call.module, call.kernel, self._owned[call.module][1])
             if not Mc:
                 continue
             dtype = matrix_dtype(Mc)  # float32 or wider, also under autocast
-            v = call.kernel.values(call.module, _cast(call.a, dtype), _cast(call.b, dtype), Mc)
+            a, b = (call.a, call.b) if not self._extra_rows else (call.a[:B], call.b[:B])
+            v = call.kernel.values(call.module, _cast(a, dtype), _cast(b, dtype), Mc)
             total = v if total is None else total + v
         if total is None:
             total = torch.zeros(B, M.n_targets, device=calls[0].a.device)
         return total
+
+    def _captured(self, batch_size: int) -> list[_Call]:
+        """The captured calls that got an output-gradient, each checked to hold one row per example."""
+        calls = [c for c in self._calls if c.b is not None]
+        if not calls:
+            raise RuntimeError("no layer activity was captured: call values() inside capture()")
+        rows = batch_size + self._extra_rows
+        for call in calls:
+            if call.a.shape[0] != rows:
+                extra = f" (+{self._extra_rows} validation rows)" if self._extra_rows else ""
+                raise UserError(
+                    f"a {type(call.module).__name__} layer was called on {call.a.shape[0]} rows in a "
+                    f"batch of {batch_size}{extra}: its per-example gradients cannot be separated (is an "
+                    "input broadcast over the batch, such as positions from arange(T)? expand it first)"
+                )
+        return calls
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,6 +1,8 @@
-"""LayerNorm / RMSNorm affine weights: the per-example gradient Σ_t b ⊙ x̂ is small."""
+"""LayerNorm / RMSNorm affine weights: the per-example gradient Σ_t b ⊙ x̂ is small, so it is built."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -9,19 +11,30 @@ from torch import nn
 from .registry import LayerKernel, n_targets, register
 
 
-def _affine_values(module, x_hat: torch.Tensor, b: torch.Tensor, M) -> torch.Tensor:
-    """Σ_t ⟨M_w, b ⊙ x̂⟩ + Σ_t ⟨M_b, b⟩ over the normalised trailing dims."""
-    B = b.shape[0]
-    n = 1
-    for s in module.normalized_shape:
-        n *= s
-    b = b.reshape(B, -1, n)
-    out = b.new_zeros(B, n_targets(M))
-    if "weight" in M:
-        out += (b * x_hat.reshape(B, -1, n)).sum(dim=1) @ M["weight"].reshape(-1, n).T
-    if "bias" in M:
-        out += b.sum(dim=1) @ M["bias"].reshape(-1, n).T
+def _affine_gradients(module, x_hat: torch.Tensor, b: torch.Tensor, names, summed: bool) -> dict:
+    """{weight: Σ_t b ⊙ x̂, bias: Σ_t b} per row, [R, n] over the n normalised elements
+    (summed over the rows too: [1, n])."""
+    n = math.prod(module.normalized_shape)
+    R = 1 if summed else b.shape[0]
+    b = b.reshape(R, -1, n)
+    out = {}
+    if "weight" in names:
+        out["weight"] = (b * x_hat.reshape(R, -1, n)).sum(dim=1)
+    if "bias" in names:
+        out["bias"] = b.sum(dim=1)
     return out
+
+
+def _affine_values(module, x_hat: torch.Tensor, b: torch.Tensor, M) -> torch.Tensor:
+    """Σ_t ⟨M_w, b ⊙ x̂⟩ + Σ_t ⟨M_b, b⟩: each example's gradient dotted with M."""
+    out = b.new_zeros(b.shape[0], n_targets(M))
+    for name, g in _affine_gradients(module, x_hat, b, M, summed=False).items():
+        out += g @ M[name].reshape(-1, g.shape[1]).T
+    return out
+
+
+def _shaped(module, grads: dict) -> dict:
+    return {name: g.view(g.shape[0], *module.normalized_shape) for name, g in grads.items()}
 
 
 @register(nn.LayerNorm)
@@ -29,8 +42,14 @@ class LayerNormKernel(LayerKernel):
     param_names = ("weight", "bias")
 
     def values(self, module, a, b, M):
-        x_hat = F.layer_norm(a, module.normalized_shape, None, None, module.eps)
-        return _affine_values(module, x_hat, b, M)
+        return _affine_values(module, _normalized(module, a), b, M)
+
+    def gradients(self, module, a, b, names, summed):
+        return _shaped(module, _affine_gradients(module, _normalized(module, a), b, names, summed))
+
+
+def _normalized(module: nn.LayerNorm, a: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(a, module.normalized_shape, None, None, module.eps)
 
 
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
@@ -40,7 +59,12 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
         param_names = ("weight",)
 
         def values(self, module, a, b, M):
-            # eps=None: torch uses the input dtype's machine epsilon (the model's, for float32)
-            eps = module.eps if module.eps is not None else torch.finfo(a.dtype).eps
-            x_hat = F.rms_norm(a, module.normalized_shape, None, eps)
-            return _affine_values(module, x_hat, b, M)
+            return _affine_values(module, _rms_normalized(module, a), b, M)
+
+        def gradients(self, module, a, b, names, summed):
+            return _shaped(module, _affine_gradients(module, _rms_normalized(module, a), b, names, summed))
+
+    def _rms_normalized(module: nn.RMSNorm, a: torch.Tensor) -> torch.Tensor:
+        # eps=None: torch uses the input dtype's machine epsilon (the model's, for float32)
+        eps = module.eps if module.eps is not None else torch.finfo(a.dtype).eps
+        return F.rms_norm(a, module.normalized_shape, None, eps)

@@ -1,4 +1,5 @@
-"""nn.Linear: ⟨M, g_i⟩ = Σ_t b_{i,t}ᵀ M a_{i,t}, for all K matrices at once, in the cheaper exact order."""
+"""nn.Linear: ⟨M, g_i⟩ = Σ_t b_{i,t}ᵀ M a_{i,t}, for all K matrices at once, in the cheaper exact order;
+per-row gradients Σ_t b_{r,t} a_{r,t}ᵀ for the validation rows."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 
 from .low_rank import LowRank
-from .registry import LayerKernel, n_targets, register
+from .registry import LayerKernel, register
 
 # per-example weight gradients of one layer are formed in chunks of at most this many floats
 PER_EXAMPLE_CHUNK = 1 << 24
@@ -74,9 +75,20 @@ class LinearKernel(LayerKernel):
         B = a.shape[0]
         a = a.reshape(B, -1, a.shape[-1])
         b = b.reshape(B, -1, b.shape[-1])
-        out = a.new_zeros(B, n_targets(M))
-        if "weight" in M:
-            out += contract_weight(a, b, M["weight"])
+        out = contract_weight(a, b, M["weight"]) if "weight" in M else None
         if "bias" in M:
-            out += contract_bias(b, M["bias"])
+            bias = contract_bias(b, M["bias"])
+            out = bias if out is None else out + bias
+        return out
+
+    def gradients(self, module, a, b, names, summed):
+        # summed: the rows as more positions of one row, so each sum over rows is one product
+        R = 1 if summed else a.shape[0]
+        a = a.reshape(R, -1, a.shape[-1])
+        b = b.reshape(R, -1, b.shape[-1])
+        out = {}
+        if "weight" in names:
+            out["weight"] = b.transpose(1, 2) @ a  # [R, d_out, d_in]
+        if "bias" in names:
+            out["bias"] = b.sum(dim=1)
         return out

@@ -3,12 +3,13 @@
 A kernel knows three things about its layer type: which of the module's own
 parameters it values, what to keep from the forward pass, and how to turn the
 kept activations ``a``, the output-gradients ``b`` and the per-parameter
-matrices ``M`` into ⟨M, g_i⟩ for every example i, without building g_i.
+matrices ``M`` into ⟨M, g_i⟩ for every example i, without building g_i; and, for the
+few validation rows that share the training batch, how to build their gradients.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import nn
@@ -46,6 +47,19 @@ class LayerKernel:
         parameters that are being valued.
         """
         raise NotImplementedError
+
+    def gradients(
+        self, module: nn.Module, a: torch.Tensor, b: torch.Tensor, names: Collection[str], summed: bool
+    ) -> dict[str, torch.Tensor]:
+        """Per-row gradients {name: [R, *param.shape]} of the parameters ``names``, from the
+        ``a`` and ``b`` of R rows; with ``summed``, their sum over the rows ([1, *shape], one
+        product instead of R). Used for validation rows appended to the training batch."""
+        raise NotImplementedError
+
+
+def has_gradients(kernel: LayerKernel) -> bool:
+    """Whether the kernel builds per-row gradients (a custom kernel may value without them)."""
+    return type(kernel).gradients is not LayerKernel.gradients
 
 
 _KERNELS: dict[type[nn.Module], LayerKernel] = {}

@@ -1,0 +1,157 @@
+"""Validation rows inside the training batch: one forward and one backward per step instead of two.
+
+With ``InRunShapley(..., fuse_validation=True)`` a step appends its V validation rows to the
+B training rows and differentiates
+
+    mean_i ℓ_i + w · Σ_r ℓ_val,r
+
+in one backward pass. The hooks then hold the validation rows' a and b as well, and the layer
+kernels build their gradients from them (per row for per-target values, summed for the mean
+target): that is ∇val, once w is divided out. Before clipping, the rows' part is subtracted
+from ``.grad``, so clipping, the preconditioners and ``optimizer.step()`` see the training
+gradient alone: plain training's, up to float rounding (the subtraction), not bit for bit.
+
+It computes what the separate pass (``GhostEngine.validation_gradients``, in eval mode) does
+only where train mode and eval mode compute the same function and no random numbers are drawn
+(no active dropout, no batch statistics), and where the inputs concatenate along dim 0. Where
+not, the step takes the separate pass; the blockers below say why.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.dropout import _DropoutNd
+
+from .engine import GhostEngine
+
+
+def model_blocker(model: nn.Module) -> str | None:
+    """Why the model may compute another function, or draw random numbers, in train mode than in
+    eval mode, as far as its modules tell (None: nothing found)."""
+    for path, m in model.named_modules():
+        name = f"'{path or '<root>'}' ({type(m).__name__})"
+        if isinstance(m, _DropoutNd) and m.p > 0:
+            return f"{name} drops out with p={m.p} in training"
+        if isinstance(m, _NormBase):
+            return f"{name} normalises with batch statistics or running averages"
+        if isinstance(m, nn.RReLU):
+            return f"{name} draws random slopes in training"
+        p = getattr(m, "dropout", None)  # nn.MultiheadAttention, nn.LSTM, ... keep a float
+        if isinstance(p, float) and p > 0:
+            return f"{name} has dropout={p}"
+    return None
+
+
+def probe_blocker(model: nn.Module, loss_fn, inputs, targets) -> str | None:
+    """Run the validation rows in eval and in train mode (no gradients; torch's random state
+    restored afterwards): a model whose code reads ``self.training`` is caught here, if it
+    gives other outputs or draws random numbers in train mode; so is a loss whose value for a
+    row depends on the other rows of the batch (None: none of these)."""
+    if not (isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
+        return "the validation inputs or targets are not a tensor"
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
+    cuda = [inputs.device] if inputs.device.type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            eval_out = _run_in_mode(model, modules, inputs, training=False)
+            before = _rng_state(inputs.device)
+            train_out = _run_in_mode(model, modules, inputs, training=True)
+            if any(not torch.equal(x, y) for x, y in zip(before, _rng_state(inputs.device), strict=True)):
+                return "the model draws random numbers in train mode"
+            if not (isinstance(eval_out, torch.Tensor) and isinstance(train_out, torch.Tensor)):
+                return "the model's output is not a tensor"
+            if not torch.equal(eval_out, train_out):
+                return "the model's outputs in train mode differ from those in eval mode"
+            return _loss_blocker(loss_fn, eval_out, targets)
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.training = mode
+
+
+def _run_in_mode(model: nn.Module, modules: list[nn.Module], inputs: torch.Tensor, training: bool):
+    for m in modules:  # set directly, as validation_gradients does
+        m.training = training
+    return model(inputs)
+
+
+def _loss_blocker(loss_fn, outputs: torch.Tensor, targets: torch.Tensor) -> str | None:
+    """Whether the rows' losses change when one more row joins them (a loss normalised by the
+    batch, such as by its total token count, would change plain training's if rows were added)."""
+    alone = loss_fn(outputs, targets)
+    joined = loss_fn(torch.cat([outputs, outputs[:1]]), torch.cat([targets, targets[:1]]))[: len(targets)]
+    if alone.shape != joined.shape or not torch.allclose(alone, joined, rtol=1e-5, atol=0.0):
+        return "the loss of a row depends on the other rows of the batch"
+    return None
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, ...]:
+    cpu = torch.get_rng_state()
+    return (cpu, torch.cuda.get_rng_state(device)) if device.type == "cuda" else (cpu,)
+
+
+def batch_blocker(inputs, targets, val_inputs, val_targets) -> str | None:
+    """Why the validation rows cannot be appended to this training batch (None: they can)."""
+    for what, t, v in (("inputs", inputs, val_inputs), ("targets", targets, val_targets)):
+        if not (isinstance(t, torch.Tensor) and isinstance(v, torch.Tensor)):
+            return f"the {what} are not tensors"
+        if t.dim() == 0 or (t.shape[1:], t.dtype, t.device) != (v.shape[1:], v.dtype, v.device):
+            return (
+                f"the training {what} ({tuple(t.shape)}, {t.dtype}) and the validation {what} "
+                f"({tuple(v.shape)}, {v.dtype}) do not concatenate along the batch"
+            )
+    if inputs.shape[0] != targets.shape[0]:
+        return "the inputs and targets differ in their number of rows"
+    return None
+
+
+class ValidationRows:
+    """One step's validation rows, appended to its training batch by ``training_step``."""
+
+    def __init__(self, engine: GhostEngine, inputs, targets, per_target: bool, batch_size: int):
+        self.engine = engine
+        self.inputs, self.targets = inputs, targets
+        self.per_target = per_target
+        self.batch_size = batch_size
+        # each row's loss weight: a power of two (dividing it out again is exact) at most 1/(B·V), so
+        # the rows add at most 1/B of a mean gradient to .grad and taking it out costs it no precision
+        self.weight = 2.0 ** -math.ceil(math.log2(batch_size * len(targets)))
+        self.gradients: torch.Tensor | None = None  # ∇val, flat [Q, N], once ``remove`` ran
+        self.loss = math.nan  # their mean loss
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def remove(self, losses: torch.Tensor) -> None:
+        """After the backward pass: ∇val from the rows' captured a and b, and their part of
+        ``.grad`` taken out. ``losses``: the rows' own losses."""
+        grads = self.engine.extra_gradients(self.batch_size, summed=not self.per_target)
+        _subtract(self.engine, grads)
+        # per target: ∇ℓ_r = g_r / w; the mean target: (Σ_r ∇ℓ_r) / V = g / (w·V)
+        scale = 1.0 / (self.weight * (1 if self.per_target else len(self)))
+        self.gradients = _flat(self.engine, grads).mul_(scale)
+        self.loss = float(losses.mean())
+
+
+def _flat(engine: GhostEngine, grads: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The layout's [Q, N] from per-parameter [Q, *shape]; zeros for a parameter the rows missed."""
+    some = next(iter(grads.values()))
+    rows = some.shape[0]
+    parts = [grads[id(p)] if id(p) in grads else some.new_zeros(rows, *p.shape) for p in engine.parameters]
+    return engine.flatten(parts, rows=rows)
+
+
+def _subtract(engine: GhostEngine, grads: dict[int, torch.Tensor]) -> None:
+    """``.grad`` −= each parameter's gradient of the rows (summed over them), in one foreach call."""
+    targets, parts = [], []
+    for key, g in grads.items():
+        grad = engine.parameter(key).grad
+        if grad is not None:
+            targets.append(grad)
+            parts.append((g.sum(dim=0) if g.shape[0] > 1 else g[0]).to(grad.dtype))
+    if targets:  # foreach refuses empty lists
+        torch._foreach_sub_(targets, parts)

@@ -1,0 +1,191 @@
+"""Validation rows in the training batch: where they may ride along, where the step falls back to
+the separate pass, and that training's updates and random numbers stay plain training's."""
+
+import copy
+
+import pytest
+import torch
+from bruteforce import reference_values
+from cases import CASES, cross_entropy
+from conftest import rel_err
+from torch import nn
+
+from adamshap_core import InRunShapley, training_step
+from adamshap_core.engine import GhostEngine
+from adamshap_core.errors import UserError
+from adamshap_core.fused import ValidationRows
+from adamshap_core.models import GPT, sequence_loss
+
+METHODS = ("adam", "sgd")
+SEQ = next(c for c in CASES if c.name == "linear-seq")
+
+
+class TrainScaled(nn.Module):
+    """Reads ``self.training`` itself: only running it in both modes can tell."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.lin(x) * (0.5 if self.training else 1.0)
+
+
+class TrainDraws(nn.Module):
+    """Draws a random number in train mode without changing its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+
+    def forward(self, x):
+        if self.training:
+            torch.rand(())
+        return self.lin(x)
+
+
+def tabular(n, gen):
+    return torch.randn(n, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def gpt(dropout=0.0):
+    return GPT(13, 8, n_layer=1, n_head=2, d_model=8, mlp_ratio=2, dropout=dropout)
+
+
+def gpt_data(n, gen):
+    return torch.randint(1, 13, (n, 6), generator=gen), torch.randint(0, 13, (n, 6), generator=gen)
+
+
+def train(make_model, data, loss, steps, seed, **tracker_kw):
+    """``steps`` steps from ``seed``: with a tracker when ``tracker_kw`` is given, else plain.
+    Returns (model, tracker or None, per-step values, torch's random state at the end)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    vx, vy = data(3, gen)
+    tracker = InRunShapley(model, opt, loss, vx, vy, METHODS, **tracker_kw) if tracker_kw else None
+    values = []
+    for _ in range(steps):
+        x, y = data(5, gen)
+        if tracker is None:
+            training_step(model, opt, loss, x, y)
+        else:
+            values.append(tracker.step(x, y).values)
+    return model, tracker, values, torch.get_rng_state()
+
+
+@pytest.mark.parametrize(
+    "make,blocker",
+    [
+        (lambda: gpt(dropout=0.2), "drops out with p=0.2"),
+        (lambda: nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3).requires_grad_(False)), "batch statistics"),
+        (lambda: nn.Sequential(nn.Linear(5, 3), nn.RReLU()), "random slopes"),
+        (TrainScaled, "outputs in train mode differ"),
+        (TrainDraws, "draws random numbers"),
+    ],
+    ids=["dropout", "batchnorm", "rrelu", "reads-training", "draws-in-training"],
+)
+def test_a_model_that_differs_in_train_mode_takes_the_separate_pass(make, blocker):
+    """Same values as without fusion (bit for bit: the same code path), the same random numbers."""
+    is_gpt = isinstance(make(), GPT)
+    data, loss = (gpt_data, sequence_loss) if is_gpt else (tabular, cross_entropy)
+    _, tracker, fused, rng_fused = train(make, data, loss, 3, seed=1, fuse_validation=True)
+    _, _, separate, rng_separate = train(make, data, loss, 3, seed=1, fuse_validation=False)
+    assert blocker in tracker.fusion_blocked
+    assert torch.equal(rng_fused, rng_separate)
+    for a, b in zip(fused, separate, strict=True):
+        assert all(torch.equal(a[m], b[m]) for m in METHODS)
+
+
+def test_a_loss_normalised_by_the_batch_takes_the_separate_pass():
+    """Appending rows would change such a loss's training rows, hence plain training's update."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Linear(5, 3)
+    vx, vy = tabular(3, gen)
+    per_batch = lambda out, y: cross_entropy(out, y) * (8 / len(y))  # noqa: E731
+    tracker = InRunShapley(
+        model, torch.optim.Adam(model.parameters()), per_batch, vx, vy, fuse_validation=True
+    )
+    tracker.step(*tabular(5, gen))
+    assert "depends on the other rows" in tracker.fusion_blocked
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no-dropout-fused", "dropout-separate"])
+def test_training_draws_the_random_numbers_plain_training_draws(dropout, float64):
+    make = lambda: gpt(dropout)  # noqa: E731
+    plain, _, _, rng_plain = train(make, gpt_data, sequence_loss, 4, seed=2)
+    valued, tracker, _, rng_valued = train(make, gpt_data, sequence_loss, 4, seed=2, fuse_validation=True)
+    assert (tracker.fusion_blocked is None) == (dropout == 0.0)
+    assert torch.equal(rng_plain, rng_valued)
+    for a, b in zip(plain.parameters(), valued.parameters(), strict=True):
+        assert (a - b).abs().max() <= 1e-10
+
+
+def test_inputs_that_do_not_concatenate_take_the_separate_pass(float64):
+    """Validation sequences of another length than the batch's: values still match brute force."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = SEQ.model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    vx, vy = torch.randn(3, 7, 5, generator=gen), torch.randint(0, 4, (3,), generator=gen)
+    tracker = InRunShapley(model, opt, SEQ.loss, vx, vy, METHODS, fuse_validation=True)
+    for _ in range(2):
+        x, y = SEQ.data(4, gen)  # 4 positions per sequence
+        want = reference_values(model, opt, SEQ.loss, x, y, vx, vy, methods=METHODS)
+        got = tracker.step(x, y)
+        assert "do not concatenate" in tracker.fusion_blocked
+        for m in METHODS:
+            assert rel_err(got.values[m].unsqueeze(1), want[m]) <= 1e-9
+
+
+def test_a_layer_called_on_other_rows_is_still_a_clear_error():
+    class Broadcast(nn.Module):  # positions from arange(T), not expanded to the batch
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(4, 5)
+            self.lin = nn.Linear(5, 4)
+
+        def forward(self, x):
+            return self.lin(x + self.pos(torch.arange(x.shape[1]))).mean(1)
+
+    gen = torch.Generator().manual_seed(0)
+    model = Broadcast()
+    vx, vy = SEQ.data(2, gen)
+    tracker = InRunShapley(
+        model, torch.optim.Adam(model.parameters()), SEQ.loss, vx, vy, fuse_validation=True
+    )
+    with pytest.raises(UserError, match=r"called on 4 rows in a batch of 5 \(\+2 validation rows\)"):
+        tracker.step(*SEQ.data(5, gen))
+
+
+@pytest.mark.parametrize("per_target", [False, True], ids=["mean-target", "per-target"])
+def test_after_the_backward_grad_holds_the_training_gradient_alone(per_target, float64):
+    """What ``before_update`` (clipping, the preconditioners) sees: plain training's .grad; and the
+    rows' ∇val is the separate pass's."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = gpt()
+    twin = copy.deepcopy(model)
+    vx, vy = gpt_data(3, gen)
+    x, y = gpt_data(5, gen)
+    twin_engine = GhostEngine(twin)
+    want_val, want_loss = twin_engine.validation_gradients(sequence_loss, vx, vy, per_target)
+    sequence_loss(twin(x), y).mean().backward()
+    gaps = []
+    scale = max(float(q.grad.abs().max()) for q in twin.parameters())
+
+    def compare(losses, clip):
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            gaps.append(float((p.grad - q.grad).abs().max()) / scale)  # k.bias's is 0 up to rounding
+
+    engine = GhostEngine(model)
+    rows = ValidationRows(engine, vx, vy, per_target, batch_size=5)
+    assert rows.weight == 2.0**-4  # the power of two at or below 1/(B·V) = 1/15
+    with engine.capture(extra_rows=3):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        training_step(model, opt, sequence_loss, x, y, before_update=compare, extra=rows)
+    assert max(gaps) <= 1e-12
+    assert rows.gradients.shape == want_val.shape == (3 if per_target else 1, engine.numel)
+    assert rel_err(rows.gradients, want_val) <= 1e-12
+    assert abs(rows.loss - want_loss) <= 1e-12
