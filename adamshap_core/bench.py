@@ -219,6 +219,7 @@ def _stepper(mode: str, prep, methods: Sequence[str], fast: bool):
                 methods=tuple(methods),
                 max_grad_norm=clip,
                 fuse_validation=prep.recipe.attribution.fuse_validation,
+                compile=prep.recipe.attribution.compile,
                 **extra,
             )
         except (ValueError, TypeError, NotImplementedError) as e:
@@ -333,7 +334,10 @@ def measure(spec: BenchSpec, mode: str, fast: bool = False) -> dict:
     device = session.prep.device
     memory = _Memory(device)
     seconds = []
+    compiling = _CompileTime(session)
     for i, (x, y) in enumerate(batches):
+        if i == spec.warmup:
+            compiling.warmed_up()
         t0 = time.perf_counter()
         session.step(x, y)
         memory.sync()
@@ -346,9 +350,30 @@ def measure(spec: BenchSpec, mode: str, fast: bool = False) -> dict:
         "step_ms": 1000 * float(np.median(seconds)),
         "seconds": float(sum(seconds)),
         **memory.report(),
+        **compiling.report(),
         "threads": _threads(),
         "load_1m": (load_before + os.getloadavg()[0]) / 2,
     }
+
+
+class _CompileTime:
+    """Seconds the tracker spent compiling (``attribution.compile``): in all, and in the timed steps
+    (which the warm-up steps should have spared: a compiling timed step would skew the throughput)."""
+
+    def __init__(self, session: Session):
+        self.tracker = getattr(session.stepper, "tracker", None)
+        self.at_warmup = 0.0
+
+    def seconds(self) -> float:
+        return float(getattr(self.tracker, "compile_seconds", 0.0))
+
+    def warmed_up(self) -> None:
+        self.at_warmup = self.seconds()
+
+    def report(self) -> dict:
+        failed = getattr(self.tracker, "compile_failed", None)
+        total = self.seconds()
+        return {"compile_s": total, "compile_timed_s": total - self.at_warmup, "compile_failed": failed or ""}
 
 
 class _Memory:
@@ -677,7 +702,22 @@ def summarize(frame: pd.DataFrame) -> dict:
     if FAST_KEY in med.index:
         variants["fast"] = ratios(FAST_KEY)
     headline = variants.get("fast", variants["exact"])
-    return {**headline, "variants": variants, "median": {k: med.loc[k].to_dict() for k in med.index}}
+    medians = {k: med.loc[k].to_dict() for k in med.index}
+    return {**headline, "variants": variants, "median": medians, "compile": compile_summary(frame)}
+
+
+def compile_summary(frame: pd.DataFrame) -> dict | None:
+    """With ``attribution.compile``: the median compile time of an attribution process, the most of it
+    that fell into timed steps, and why compiling failed, if it did (None: nothing was compiled)."""
+    rows = frame[frame["mode"] == "attribution"]
+    if "compile_s" not in rows or not ((rows["compile_s"] > 0) | (rows["compile_failed"] != "")).any():
+        return None
+    failed = [f for f in rows["compile_failed"] if f]
+    return {
+        "median_s": float(rows["compile_s"].median()),
+        "max_in_timed_steps_s": float(rows["compile_timed_s"].max()),
+        "failed": failed[0] if failed else None,
+    }
 
 
 def fidelity_summary(fid: dict) -> dict[str, dict]:

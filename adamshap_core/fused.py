@@ -26,7 +26,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
+from .compiled import Compiled
 from .engine import GhostEngine
+from .engine.ghost import Call
 
 
 def model_blocker(model: nn.Module) -> str | None:
@@ -110,10 +112,21 @@ def batch_blocker(inputs, targets, val_inputs, val_targets) -> str | None:
 
 
 class ValidationRows:
-    """One step's validation rows, appended to its training batch by ``training_step``."""
+    """One step's validation rows, appended to its training batch by ``training_step``.
 
-    def __init__(self, engine: GhostEngine, inputs, targets, per_target: bool, batch_size: int):
+    ``compute``: a ``compiled.Compiled`` of ``rows_gradients`` (``attribution.compile``), or None."""
+
+    def __init__(
+        self,
+        engine: GhostEngine,
+        inputs,
+        targets,
+        per_target: bool,
+        batch_size: int,
+        compute: Compiled | None = None,
+    ):
         self.engine = engine
+        self.compute = compute
         self.inputs, self.targets = inputs, targets
         self.per_target = per_target
         self.batch_size = batch_size
@@ -129,12 +142,30 @@ class ValidationRows:
     def remove(self, losses: torch.Tensor) -> None:
         """After the backward pass: ∇val from the rows' captured a and b, and their part of
         ``.grad`` taken out. ``losses``: the rows' own losses."""
-        grads = self.engine.extra_gradients(self.batch_size, summed=not self.per_target)
-        _subtract(self.engine, grads)
+        engine = self.engine
         # per target: ∇ℓ_r = g_r / w; the mean target: (Σ_r ∇ℓ_r) / V = g / (w·V)
         scale = 1.0 / (self.weight * (1 if self.per_target else len(self)))
-        self.gradients = _flat(self.engine, grads).mul_(scale)
+        calls = engine.captured(self.batch_size)
+        args = (engine, calls, engine.gradients(), self.batch_size, not self.per_target, scale)
+        compiled = self.compute
+        self.gradients = rows_gradients(*args) if compiled is None else compiled(*args, key=self.batch_size)
         self.loss = float(losses.mean())
+
+
+def rows_gradients(
+    engine: GhostEngine,
+    calls: list[Call],
+    grads: dict[int, torch.Tensor],
+    batch_size: int,
+    summed: bool,
+    scale: float,
+) -> torch.Tensor:
+    """The rows' gradients, flat [Q, N] and times ``scale``, from the a and b of ``calls``; their
+    part taken out of ``grads`` (id(param) → ``.grad``, in place). Reads tensors only from its
+    arguments, so that it can be compiled."""
+    parts = engine.extra_gradients(batch_size, summed, calls)
+    _subtract(grads, parts)
+    return _flat(engine, parts).mul_(scale)
 
 
 def _flat(engine: GhostEngine, grads: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -145,11 +176,11 @@ def _flat(engine: GhostEngine, grads: dict[int, torch.Tensor]) -> torch.Tensor:
     return engine.flatten(parts, rows=rows)
 
 
-def _subtract(engine: GhostEngine, grads: dict[int, torch.Tensor]) -> None:
+def _subtract(grads: dict[int, torch.Tensor], rows: dict[int, torch.Tensor]) -> None:
     """``.grad`` −= each parameter's gradient of the rows (summed over them), in one foreach call."""
     targets, parts = [], []
-    for key, g in grads.items():
-        grad = engine.parameter(key).grad
+    for key, g in rows.items():
+        grad = grads.get(key)
         if grad is not None:
             targets.append(grad)
             parts.append((g.sum(dim=0) if g.shape[0] > 1 else g[0]).to(grad.dtype))

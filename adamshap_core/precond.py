@@ -10,8 +10,8 @@ means a new ``*State`` here, never a new layer kernel.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import torch
@@ -19,35 +19,41 @@ import torch
 from .errors import UserError
 from .workspace import Workspace
 
+# a step's scalar: a float, or a 0-d float64 tensor inside a compiled valuation (a float there would be
+# baked into the graph, and a new learning rate or step count would compile a new one)
+Scalar = float | torch.Tensor
+
 # ---- what the optimizer is about to do to one parameter -----------------------------------------
+
+
+def adam_coefficients(beta1: float, beta2: float, t: int) -> tuple[float, float, float, float]:
+    """(a, b, √c, √d) of Adam's step t: u(g) = (a·m + b·g) / (√(c·v + d·g²) + ε)."""
+    bc1 = 1.0 - beta1**t
+    bc2 = 1.0 - beta2**t
+    return beta1 / bc1, (1.0 - beta1) / bc1, (beta2 / bc2) ** 0.5, ((1.0 - beta2) / bc2) ** 0.5
 
 
 @dataclass
 class AdamState:
     """One parameter's Adam/AdamW step: u(g) = (a·m + b·g) / (√(c·v + d·g²) + ε)."""
 
-    lr: float
+    lr: Scalar
     grad: torch.Tensor  # the data part of the gradient (after clipping): g_N − r
     r: torch.Tensor | None  # data-independent part: coupled L2 term λ·w, else None (zero)
     beta1: float
     beta2: float
     eps: float
-    t: int  # the step about to be taken, from 1
+    t: Scalar  # the step about to be taken, from 1
     m: torch.Tensor  # first moment before this step (zeros at t = 1)
     v: torch.Tensor  # second moment before this step
     workspace: Workspace | None = None  # scratch reused across steps (None: fresh tensors)
     key: object = None  # which scratch tensors are this state's (its segment)
+    # (a, b, √c, √d) when given: 0-d tensors in a compiled valuation, so that one graph serves every step
+    coeffs: tuple[Scalar, Scalar, Scalar, Scalar] | None = None
 
-    def coefficients(self) -> tuple[float, float, float, float]:
+    def coefficients(self) -> tuple[Scalar, Scalar, Scalar, Scalar]:
         """(a, b, √c, √d): scalars of u(g), with the bias corrections folded in."""
-        bc1 = 1.0 - self.beta1**self.t
-        bc2 = 1.0 - self.beta2**self.t
-        return (
-            self.beta1 / bc1,
-            (1.0 - self.beta1) / bc1,
-            (self.beta2 / bc2) ** 0.5,
-            ((1.0 - self.beta2) / bc2) ** 0.5,
-        )
+        return self.coeffs if self.coeffs is not None else adam_coefficients(self.beta1, self.beta2, self.t)
 
     def scratch(self, name: str) -> torch.Tensor:
         """A tensor shaped like the gradient, to be overwritten (reused across steps)."""
@@ -65,11 +71,67 @@ class AdamState:
 class SGDState:
     """One parameter's SGD step: linear in g, so every Adam-aware rule is its gain."""
 
-    lr: float
-    gain: float  # coefficient of g in the update direction (momentum, dampening, nesterov)
+    lr: Scalar
+    gain: Scalar  # coefficient of g in the update direction (momentum, dampening, nesterov)
+
+    def traced(self) -> SGDState:
+        """The same step with its scalars as 0-d tensors (see ``AdamRead.traced``)."""
+        return SGDState(_scalar(self.lr), _scalar(self.gain))
+
+    def state(
+        self, join: Join | None = None, workspace: Workspace | None = None, key: object = None
+    ) -> SGDState:
+        return self
 
 
 ParamState = AdamState | SGDState
+# (a segment's per-parameter tensors, a name for its scratch) → one flat tensor
+Join = Callable[[list[torch.Tensor], str], torch.Tensor]
+
+
+@dataclass
+class AdamRead:
+    """One segment's Adam step as read from the optimizer, its tensors still per parameter."""
+
+    lr: Scalar
+    grads: list[torch.Tensor]
+    decayed: list[torch.Tensor] | None  # the weights, where coupled L2 decay adds wd·w to the gradient
+    wd: float
+    beta1: float
+    beta2: float
+    eps: float
+    t: Scalar
+    moments: tuple[list[torch.Tensor], list[torch.Tensor]] | None  # (exp_avg, exp_avg_sq); None at t = 1
+    coeffs: tuple[Scalar, Scalar, Scalar, Scalar] | None = None
+
+    def state(self, join: Join, workspace: Workspace | None = None, key: object = None) -> AdamState:
+        """The segment flattened by ``join``; ``workspace``, ``key``: the rules' scratch (None: fresh)."""
+        g = join(self.grads, "grad")
+        r = self.wd * join(self.decayed, "param") if self.decayed is not None else None
+        if self.moments is None:
+            m = v = torch.zeros_like(g)
+        else:
+            m, v = join(self.moments[0], "m"), join(self.moments[1], "v")
+        args = (self.beta1, self.beta2, self.eps, self.t, m, v, workspace, key, self.coeffs)
+        return AdamState(self.lr, g, r, *args)
+
+    def traced(self) -> AdamRead:
+        """The same step for a compiled valuation, so that one graph serves every step: the scalars
+        that change from step to step as 0-d tensors, the coefficients computed here (from t), and
+        zero moments before the first step as tensors of their own."""
+        moments = self.moments
+        if moments is None:
+            moments = tuple([torch.zeros_like(g) for g in self.grads] for _ in range(2))
+        coeffs = tuple(_scalar(c) for c in adam_coefficients(self.beta1, self.beta2, self.t))
+        return replace(self, lr=_scalar(self.lr), t=_scalar(self.t), moments=moments, coeffs=coeffs)
+
+
+StepRead = AdamRead | SGDState
+
+
+def _scalar(x: Scalar) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float64) if not isinstance(x, torch.Tensor) else x
+
 
 # ---- the methods: each returns k·P for a scalar k (lr and clip folded in, saving a pass) ------------
 # The tensors they return are scratch of their own (one set per rule), valid until the next step.
@@ -114,30 +176,54 @@ def adam_rule(s: ParamState, k: float) -> torch.Tensor | float:
     # the part of u's numerator that q multiplies: a·m + b·g0; then b·D0 − (a·m + b·g0)·q
     lin = torch.mul(s.m, a, out=s.scratch("adam.P"))
     if g0 is not None:
-        lin.add_(g0, alpha=b)
+        _add_scaled(lin, g0, b)
     D0 = S0.add_(s.eps)
-    P = lin.mul_(q).neg_().add_(D0, alpha=b)
+    P = _add_scaled(lin.mul_(q).neg_(), D0, b)
     # divide twice rather than by D0·D1, which can overflow for huge gradients
     P.div_(D0).div_(S1.add_(s.eps)).mul_(k)
-    if _overflowed(D0):
+    # traced, the check would read a value: the fill is a no-op wherever D0 is finite
+    if torch.compiler.is_compiling() or _overflowed(D0):
         # torch's own second moment overflowed: its step there is m̂/inf = 0 for both g0 and g1
-        P.masked_fill_(torch.isinf(D0), 0.0)
+        P.masked_fill_(D0 == math.inf, 0.0)  # D0 > 0: isinf (which does not vectorise)
     return P
 
 
-def _norm(x: torch.Tensor, y: torch.Tensor, scale: float, eps: float, out: torch.Tensor) -> torch.Tensor:
+def _add_scaled(x: torch.Tensor, y: torch.Tensor, alpha: Scalar) -> torch.Tensor:
+    """x += alpha·y in place; a tensor alpha (traced) cannot be add_'s alpha."""
+    if isinstance(alpha, torch.Tensor):
+        return x.add_(y * alpha)
+    return x.add_(y, alpha=alpha)
+
+
+def _norm(x: torch.Tensor, y: torch.Tensor, scale: Scalar, eps: float, out: torch.Tensor) -> torch.Tensor:
     """√(x² + (scale·y)²) into ``out``, for x ≥ 0: a plain multiply-add where that is safe
     (five times faster than hypot on a CPU), else a hypot. Safe: no square overflows, and a
     square that underflows shifts S by under √tiny, far below ε (so S + ε is unchanged)."""
     finfo = torch.finfo(y.dtype)
+    safe_underflow = eps > 1e6 * finfo.tiny**0.5
+    if torch.compiler.is_compiling():  # traced code cannot branch on a value
+        return _norm_rescaled(x, y, scale) if safe_underflow else torch.hypot(x, y * scale)
     if y.numel():
         lo, hi = torch.aminmax(y)
         big = max(float(x.max()), scale * max(-float(lo), float(hi)))
     else:
         big = 0.0
-    if big < finfo.max**0.5 / 4 and eps > 1e6 * finfo.tiny**0.5:
+    if big < finfo.max**0.5 / 4 and safe_underflow:
         return torch.mul(x, x, out=out).addcmul_(y, y, value=scale * scale).sqrt_()
     return torch.hypot(x, torch.mul(y, scale, out=out), out=out)
+
+
+def _norm_rescaled(x: torch.Tensor, y: torch.Tensor, scale: Scalar) -> torch.Tensor:
+    """``_norm``'s multiply-add without reading a value (traced code cannot branch on one): where a
+    square could overflow, everything is first scaled by one power of two (exact), instead of a
+    hypot (which does not vectorise and would run on every element)."""
+    if y.numel() == 0:
+        return x.clone()
+    big = torch.maximum(x.amax(), y.abs().amax() * scale)
+    rescale = torch.exp2(-torch.ceil(torch.log2(big)))
+    sigma = torch.where(big < torch.finfo(y.dtype).max ** 0.5 / 4, 1.0, rescale)
+    xs, ys = x * sigma, y * sigma
+    return torch.sqrt(xs * xs + ys * ys * (scale * scale)) / sigma
 
 
 def _overflowed(D: torch.Tensor) -> bool:
@@ -222,6 +308,14 @@ class OptimizerView:
         once per tensor. Parameters without a gradient, or outside the optimizer,
         are left out: the optimizer does not move them.
         """
+        return [
+            (where, read.state(self._joiner(where.start), self.workspace, where.start))
+            for where, read in self.reads(layout)
+        ]
+
+    def reads(self, layout: Sequence[torch.Tensor]) -> list[tuple[slice, StepRead]]:
+        """``segments`` before flattening: each segment's step with its tensors still per parameter,
+        as read from the optimizer's dicts (which a compiled valuation cannot read itself)."""
         groups = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
         runs: list[list] = []  # [key, start, params, numel]
         offset = 0
@@ -237,14 +331,14 @@ class OptimizerView:
                     runs.append([key, offset, [p], n])
             offset += n
         return [
-            (slice(start, start + n), self._state(self.optimizer.param_groups[key[0]], params, start))
+            (slice(start, start + n), self._read(self.optimizer.param_groups[key[0]], params))
             for key, start, params, n in runs
         ]
 
     def states(self) -> list[tuple[torch.Tensor, ParamState]]:
         """Per parameter, in its own shape: for reference code that works tensor by tensor."""
         return [
-            (p, self._state(group, [p], None))
+            (p, self._read(group, [p]).state(_own_shape))
             for group in self.optimizer.param_groups
             for p in group["params"]
             if p.grad is not None
@@ -256,37 +350,54 @@ class OptimizerView:
             return int(state.get("momentum_buffer") is not None)
         return int(state["step"]) if "step" in state else 0
 
-    def _state(self, group: dict, params: list[torch.Tensor], segment: int | None) -> ParamState:
-        """The step of ``params``: flattened into one segment of the layout starting at
-        ``segment`` (its tensors reused from step to step), or, for ``None``, one parameter
-        in its own shape."""
+    def _read(self, group: dict, params: list[torch.Tensor]) -> StepRead:
+        """The step the optimizer is about to make for ``params`` (one param group, one step count)."""
         lr = float(group["lr"])
         first = self.optimizer.state.get(params[0], {})
         if self.kind == "sgd":
             return SGDState(lr, _sgd_gain(group, first))
         wd = float(group.get("weight_decay", 0.0))
         decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
+        beta1, beta2 = (float(b) for b in group["betas"])
+        t = int(first["step"]) + 1 if "step" in first else 1
+        moments = None
+        if t > 1:
+            state = self.optimizer.state
+            moments = ([state[p]["exp_avg"] for p in params], [state[p]["exp_avg_sq"] for p in params])
+        return AdamRead(
+            lr,
+            [p.grad.detach() for p in params],
+            [p.detach() for p in params] if wd and not decoupled else None,
+            wd,
+            beta1,
+            beta2,
+            float(group["eps"]),
+            t,
+            moments,
+        )
+
+    def _joiner(self, segment: int) -> Join:
+        """Flattens a segment's tensors into scratch of its own, reused from step to step."""
 
         def join(tensors: list[torch.Tensor], name: str) -> torch.Tensor:
-            if segment is None or len(tensors) == 1:
-                t = tensors[0].detach()
-                return t if segment is None else t.reshape(-1)
-            flat = [t.detach().reshape(-1) for t in tensors]
+            if len(tensors) == 1:
+                return tensors[0].reshape(-1)
+            flat = [t.reshape(-1) for t in tensors]
             total = sum(t.numel() for t in flat)
             out = self.workspace.get((segment, name), (total,), flat[0].dtype, flat[0].device)
             return torch.cat(flat, out=out)
 
-        g = join([p.grad for p in params], "grad")
-        r = wd * join(params, "param") if wd and not decoupled else None
-        beta1, beta2 = (float(b) for b in group["betas"])
-        t = int(first["step"]) + 1 if "step" in first else 1
-        if t == 1:
-            m = v = torch.zeros_like(g)
-        else:
-            m = join([self.optimizer.state[p]["exp_avg"] for p in params], "m")
-            v = join([self.optimizer.state[p]["exp_avg_sq"] for p in params], "v")
-        workspace = self.workspace if segment is not None else None
-        return AdamState(lr, g, r, beta1, beta2, float(group["eps"]), t, m, v, workspace, segment)
+        return join
+
+
+def flat_join(tensors: list[torch.Tensor], name: str) -> torch.Tensor:
+    """Flattens a segment's tensors into a fresh tensor (traced code: the compiler plans the memory)."""
+    return torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1)
+
+
+def _own_shape(tensors: list[torch.Tensor], name: str) -> torch.Tensor:
+    """One parameter's tensor as it is (``OptimizerView.states``)."""
+    return tensors[0]
 
 
 def _check_group(kind: str, i: int, group: dict) -> None:

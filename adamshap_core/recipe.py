@@ -199,6 +199,9 @@ class AttributionCfg(_Strict):
     # validation rows in the training batch (one forward/backward per step, see fused.py): the
     # update then equals plain training's up to float rounding, not bit for bit
     fuse_validation: StrictBool = False
+    # the valuation math after the backward pass as compiled graphs (see compiled.py): seconds to compile
+    # on the first step, less dispatch on every later one; computed eagerly, with a warning, where it fails
+    compile: StrictBool = False
 
     @field_validator("fast", mode="before")
     @classmethod

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .compiled import Compiled
 from .engine import GhostEngine
+from .engine.ghost import Call
 from .fast import FastMode
-from .fused import ValidationRows, batch_blocker, model_blocker, probe_blocker
-from .precond import OptimizerView, check_methods, scales
+from .fused import ValidationRows, batch_blocker, model_blocker, probe_blocker, rows_gradients
+from .precond import OptimizerView, Segment, StepRead, check_methods, flat_join, scales
 
 
 @dataclass
@@ -79,6 +81,36 @@ def _checked(losses: torch.Tensor) -> torch.Tensor:
     return losses
 
 
+def step_values(
+    engine: GhostEngine,
+    val_grads: torch.Tensor,
+    segments: list[Segment],
+    methods: Sequence[str],
+    clip,
+    batch_size: int,
+    rank: int | None = None,
+    calls: list[Call] | None = None,
+) -> torch.Tensor:
+    """φ [B, methods, Q] from ∇val and the optimizer's step per segment (``engine.values``)."""
+    per_method = [scales(m, segments, clip) for m in methods]
+    return engine.values(val_grads, per_method, batch_size, rank, calls)
+
+
+def traced_step_values(
+    engine: GhostEngine,
+    calls: list[Call],
+    val_grads: torch.Tensor,
+    reads: list[tuple[slice, StepRead]],
+    methods: Sequence[str],
+    clip: torch.Tensor,
+    batch_size: int,
+) -> torch.Tensor:
+    """``step_values`` with the optimizer's state flattened here, from tensors in its arguments
+    only: what ``compile=True`` compiles."""
+    segments = [(where, read.state(flat_join)) for where, read in reads]
+    return step_values(engine, val_grads, segments, methods, clip, batch_size, calls=calls)
+
+
 class InRunShapley:
     """Values every training example during training (DESIGN.md §2–3, §7).
 
@@ -91,6 +123,9 @@ class InRunShapley:
     computes the same ∇val; the update then equals plain training's up to float
     rounding rather than bit for bit. ``fusion_blocked`` says why the last step
     that computed ∇val took the separate pass (None: it was fused).
+
+    ``compile=True`` runs the valuation math after the backward pass as compiled graphs (see
+    ``compiled.py``); ``compile_failed`` says why it fell back to eager (None: it has not).
     """
 
     def __init__(
@@ -106,6 +141,7 @@ class InRunShapley:
         per_target: bool = False,
         fast: bool | FastMode = False,
         fuse_validation: bool = False,
+        compile: bool = False,
     ):
         self.model = model
         self.optimizer = optimizer
@@ -123,6 +159,8 @@ class InRunShapley:
         self._model_blocker = "fuse_validation is off"
         if fuse_validation:
             self._model_blocker = model_blocker(model) or self.engine.builds_gradients()
+        self._compiled_rows = Compiled(rows_gradients, "the validation rows' gradients") if compile else None
+        self._compiled_values = Compiled(traced_step_values, "the values") if compile else None
         self.set_validation(val_inputs, val_targets, per_target=per_target)
 
     def set_validation(self, val_inputs, val_targets, *, per_target: bool = False) -> None:
@@ -153,9 +191,7 @@ class InRunShapley:
         def value_batch(losses: torch.Tensor, clip: float) -> None:
             B = len(losses)
             val_grads = self._val_grads if rows is None else rows.gradients  # the rows': built just now
-            segments = self.view.segments(self.engine.parameters)
-            per_method = [scales(m, segments, clip) for m in self.methods]
-            values = self.engine.values(val_grads, per_method, B, rank)  # [B, methods, Q]
+            values = self._values(val_grads, clip, B, rank)  # [B, methods, Q]
             for k, m in enumerate(self.methods):
                 v = values[:, k]
                 out[m] = v if self.per_target else v[:, 0]
@@ -168,6 +204,28 @@ class InRunShapley:
         if self.fast is None:
             self._val_grads = None  # exact mode keeps nothing between steps
         return StepResult(float(losses.mean()), val_loss, clip, out)
+
+    @property
+    def compile_failed(self) -> str | None:
+        """Why ``compile=True`` computes eagerly after all (None: it compiles, or was not asked to)."""
+        parts = (self._compiled_rows, self._compiled_values)
+        return next((c.failed for c in parts if c is not None and c.failed), None)
+
+    @property
+    def compile_seconds(self) -> float:
+        """Time spent in the steps that compiled a graph (0 without ``compile``)."""
+        return sum(c.compile_seconds for c in (self._compiled_rows, self._compiled_values) if c is not None)
+
+    def _values(self, val_grads: torch.Tensor, clip: float, B: int, rank: int | None) -> torch.Tensor:
+        """This step's values [B, methods, Q], from the state the optimizer is about to step with."""
+        layout = self.engine.parameters
+        if self._compiled_values is None or rank is not None:  # the low-rank factors draw random numbers
+            segments = self.view.segments(layout)
+            return step_values(self.engine, val_grads, segments, self.methods, clip, B, rank)
+        reads = [(where, read.traced()) for where, read in self.view.reads(layout)]
+        clip_t = torch.tensor(clip, dtype=torch.float64)  # a tensor: a float would be compiled in
+        args = (self.engine, self.engine.captured(B), val_grads, reads, self.methods, clip_t, B)
+        return self._compiled_values(*args, key=B)
 
     def state_dict(self) -> dict:
         """What a resumed run needs to value its next steps exactly as an uninterrupted one."""
@@ -189,7 +247,8 @@ class InRunShapley:
         )
         if self.fusion_blocked is not None:
             return None
-        return ValidationRows(self.engine, self.val_inputs, self.val_targets, self.per_target, len(targets))
+        rows = (self.engine, self.val_inputs, self.val_targets, self.per_target, len(targets))
+        return ValidationRows(*rows, compute=self._compiled_rows)
 
     def _needs_refresh(self) -> bool:
         fast = self.fast

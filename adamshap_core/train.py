@@ -223,6 +223,7 @@ def prepare(
                 max_grad_norm=recipe.train.grad_clip,
                 fast=recipe.attribution.fast or False,
                 fuse_validation=recipe.attribution.fuse_validation,
+                compile=recipe.attribution.compile,
             )
         except (ValueError, TypeError, NotImplementedError) as e:
             raise UserError(f"attribution cannot run on this model/optimizer: {e}") from None

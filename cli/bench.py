@@ -97,7 +97,7 @@ def bench(
     console.print(results_table(plan, result))
     for line in fidelity_lines(result):
         console.print(line, highlight=False, soft_wrap=True)
-    for line in ratio_lines(plan, result.summary):
+    for line in ratio_lines(plan, result.summary) + compile_lines(plan, result.summary):
         console.print(line, highlight=False, soft_wrap=True)
     console.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)
     for line in closing_lines(result.summary):
@@ -216,6 +216,22 @@ def ratio_lines(plan, summary: dict) -> list[str]:
         f"{r['speedup_over_per_example']:.1f}"
         for variant, r in summary["variants"].items()
     ]
+
+
+def compile_lines(plan, summary: dict) -> list[str]:
+    """With attribution.compile: what compiling cost, and whether the warm-up steps absorbed it."""
+    c = summary.get("compile")
+    if c is None:
+        return []
+    if c["failed"]:
+        return [f"attribution.compile: compiling failed ({c['failed']}); the values were computed eagerly"]
+    timed = c["max_in_timed_steps_s"]
+    where = (
+        f"within the {plan.spec.warmup} warm-up step(s)"
+        if timed == 0
+        else f"{timed:.1f} s of it in timed steps (raise --warmup)"
+    )
+    return [f"attribution.compile: {c['median_s']:.1f} s compiling per attribution process (median), {where}"]
 
 
 def closing_lines(summary: dict) -> list[str]:

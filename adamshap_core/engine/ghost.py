@@ -29,7 +29,7 @@ SegmentScales = Sequence[tuple[slice, Scale]]  # one method's scales, per segmen
 
 
 @dataclass
-class _Call:
+class Call:
     """One forward call of a valued module inside ``capture()``."""
 
     module: nn.Module
@@ -86,7 +86,7 @@ class GhostEngine:
             offset += p.numel()
         self.numel = offset
         self._by_id = {id(p): p for _, own in self._owned.values() for p in own.values()}
-        self._calls: list[_Call] = []
+        self._calls: list[Call] = []
         self._capturing = False
         self._extra_rows = 0  # rows after the training batch in this capture (validation rows)
         self._generator = torch.Generator(device=self.parameters[0].device).manual_seed(0)
@@ -101,7 +101,7 @@ class GhostEngine:
         if not self._capturing or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         kernel = self._owned[module][0]
-        call = _Call(module, kernel, kernel.keep(module, inputs))
+        call = Call(module, kernel, kernel.keep(module, inputs))
         self._calls.append(call)
 
         def keep_grad(grad: torch.Tensor) -> None:
@@ -189,13 +189,16 @@ class GhostEngine:
             chunks.append(self.flatten([g[names[id(p)]] for p in self.parameters], rows=len(loss)))
         return torch.cat(chunks), float(torch.cat(losses).mean())
 
-    def extra_gradients(self, batch_size: int, summed: bool) -> dict[int, torch.Tensor]:
+    def extra_gradients(
+        self, batch_size: int, summed: bool, calls: list[Call] | None = None
+    ) -> dict[int, torch.Tensor]:
         """id(param) → the gradient of the extra rows' loss, [rows, *shape] per row (or
         [1, *shape] ``summed`` over them), from the a and b captured with ``extra_rows``; a tied
         parameter's calls are summed. Every owned parameter the rows reached is included, also
-        one outside the layout, since its ``.grad`` holds their part as well."""
+        one outside the layout, since its ``.grad`` holds their part as well. ``calls``: those of
+        ``captured(batch_size)``, passed in by compiled code (which cannot read them itself)."""
         out: dict[int, torch.Tensor] = {}
-        for call in self._captured(batch_size):
+        for call in self.captured(batch_size) if calls is None else calls:
             kernel, own = self._owned[call.module]
             dtype = torch.promote_types(call.b.dtype, torch.float32)  # as ∇val is used: float32 or wider
             a, b = _cast(call.a[batch_size:], dtype), _cast(call.b[batch_size:], dtype)
@@ -208,6 +211,10 @@ class GhostEngine:
     def parameter(self, key: int) -> nn.Parameter:
         """The owned parameter with ``id`` ``key`` (the keys of ``extra_gradients``)."""
         return self._by_id[key]
+
+    def gradients(self) -> dict[int, torch.Tensor]:
+        """id(param) → its ``.grad``, for every owned parameter that has one."""
+        return {key: p.grad for key, p in self._by_id.items() if p.grad is not None}
 
     def flatten(self, tensors: Sequence[torch.Tensor], rows: int) -> torch.Tensor:
         """Per-parameter tensors [rows, *shape] (or [*shape] for rows = 1), in layout order → [rows, N]."""
@@ -225,6 +232,7 @@ class GhostEngine:
         scales: Sequence[SegmentScales],
         batch_size: int,
         rank: int | None = None,
+        calls: list[Call] | None = None,
     ) -> torch.Tensor:
         """φ[i, m, q] = Σ_W ⟨scale_m,W ⊙ ∇val_q,W, g_i,W⟩ / B, from the captured a and b.
 
@@ -232,10 +240,11 @@ class GhostEngine:
         per segment of the layout, that method's multiplier of ∇val (lr, clip
         factor and preconditioner P together); parameters outside every segment
         are not valued (the optimizer does not move them). ``b`` is the gradient
-        of the *mean* loss, which supplies the 1/B. ``rank``: see ``matrices``.
+        of the *mean* loss, which supplies the 1/B. ``rank``: see ``matrices``; ``calls``:
+        see ``extra_gradients``.
         """
         M = self.matrices(val_grads, scales, rank)
-        return self.contract(M, batch_size).view(batch_size, len(scales), val_grads.shape[0])
+        return self.contract(M, batch_size, calls).view(batch_size, len(scales), val_grads.shape[0])
 
     def matrices(
         self, val_grads: torch.Tensor, scales: Sequence[SegmentScales], rank: int | None = None
@@ -250,7 +259,11 @@ class GhostEngine:
         """
         Q = val_grads.shape[0]
         G = val_grads.to(torch.promote_types(val_grads.dtype, torch.float32))
-        flat = self._workspace.get("M", (len(scales) * Q, self.numel), G.dtype, G.device).zero_()
+        shape = (len(scales) * Q, self.numel)
+        if torch.compiler.is_compiling():  # a fresh buffer, whose memory the compiler plans
+            flat = G.new_zeros(shape)
+        else:
+            flat = self._workspace.get("M", shape, G.dtype, G.device).zero_()
         covered: list[slice] = []  # segments hold whole parameters
         for k, segments in enumerate(scales):
             rows = flat[k * Q : (k + 1) * Q]
@@ -265,15 +278,20 @@ class GhostEngine:
         """id(param) → its M, a view of ``flat``, for the parameters in ``covered``; the same
         views as the last step's while the buffer and the segments are (a view per parameter
         per step costs more than the multiplies on a small model)."""
+        if torch.compiler.is_compiling():  # traced once per graph: nothing to reuse, no address to read
+            return self._new_views(flat, covered)
         key = (flat.data_ptr(), flat.shape, flat.dtype, tuple((c.start, c.stop) for c in covered))
         if self._views_of[0] != key:
-            full = {}
-            for p in self.parameters:
-                where = self._slices[id(p)]
-                if any(c.start <= where.start < c.stop for c in covered):
-                    full[id(p)] = flat[:, where].view(flat.shape[0], *p.shape)
-            self._views_of = (key, full)
+            self._views_of = (key, self._new_views(flat, covered))
         return self._views_of[1]
+
+    def _new_views(self, flat: torch.Tensor, covered: list[slice]) -> dict[int, torch.Tensor]:
+        full = {}
+        for p in self.parameters:
+            where = self._slices[id(p)]
+            if any(c.start <= where.start < c.stop for c in covered):
+                full[id(p)] = flat[:, where].view(flat.shape[0], *p.shape)
+        return full
 
     def _factorize(self, full: dict[int, torch.Tensor], rank: int) -> dict[int, LowRank]:
         """Factors of the weight matrices whose low-rank contraction, including the cost of
@@ -303,9 +321,9 @@ class GhostEngine:
                 factors[id(p)] = factorize(M.reshape(M.shape[0], d_out, d_in), rank, self._generator)
         return factors
 
-    def contract(self, M: Matrices, batch_size: int) -> torch.Tensor:
+    def contract(self, M: Matrices, batch_size: int, calls: list[Call] | None = None) -> torch.Tensor:
         """[B, K]: every captured call's ⟨M_k, g_i⟩ for the B training rows, summed over calls."""
-        calls = self._captured(batch_size)
+        calls = self.captured(batch_size) if calls is None else calls
         B = batch_size
         total = None
         for call in calls:
@@ -320,7 +338,7 @@ class GhostEngine:
             total = torch.zeros(B, M.n_targets, device=calls[0].a.device)
         return total
 
-    def _captured(self, batch_size: int) -> list[_Call]:
+    def captured(self, batch_size: int) -> list[Call]:
         """The captured calls that got an output-gradient, each checked to hold one row per example."""
         calls = [c for c in self._calls if c.b is not None]
         if not calls:
