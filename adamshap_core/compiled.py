@@ -10,8 +10,9 @@ One graph is built per distinct set of shapes (the last, smaller batch of an epo
 one) and kept by torch. What changes from step to step without changing shapes (learning rate,
 step count, clip factor) enters as 0-d tensors, so no step compiles again. Compiling takes
 seconds to a minute on the first step (less when torch's on-disk cache has the graphs): it pays
-on long runs. It needs a C++ compiler on a CPU; where compiling fails, the wrapper says why in
-one warning and computes eagerly from then on (the same values, up to float rounding).
+on long runs. It needs a C++ compiler on a CPU. Where compiling fails, one warning says why and
+every step computes eagerly, exactly as without ``compile`` (a run does not stop for a speed-up
+it cannot have; whether it can is only known by compiling, which takes seconds).
 """
 
 from __future__ import annotations
@@ -36,39 +37,45 @@ OPTIONS = {
 
 
 class Compiled:
-    """``fn`` compiled on first use, or ``fn`` itself once compiling has failed here."""
+    """Named functions, each compiled on first use; after the first failure, none of them is
+    (one warning says why, and the caller computes eagerly)."""
 
-    def __init__(self, fn: Callable, name: str):
-        self.fn = fn
-        self.name = name
+    def __init__(self, functions: dict[str, Callable]):
+        self.functions = functions
         self.failed: str | None = None  # why compiling failed (None: it has not)
         self.compile_seconds = 0.0  # time spent in calls that compiled a new graph
-        self._graphs: set = set()  # the keys seen
-        self._compiled = torch.compile(fn, fullgraph=True, dynamic=False, options=OPTIONS)
+        self._compiled: dict[str, Callable] = {}
+        self._graphs: set = set()  # the (name, key) pairs seen
 
-    def __call__(self, *args, key: object):
-        """``fn(*args)``; ``key`` tells apart the calls that need a graph of their own (a batch size),
-        so that the time of those that compile one is counted in ``compile_seconds``."""
-        if self.failed is None:
-            start = time.perf_counter()
-            try:
-                out = self._compiled(*args)
-            except UserError:
-                raise
-            except Exception as e:  # no C++ compiler, an op torch cannot trace here, ...
-                self._fail(e)
-            else:
-                if key not in self._graphs:
-                    self._graphs.add(key)
-                    self.compile_seconds += time.perf_counter() - start
-                return out
-        return self.fn(*args)
+    def __call__(self, name: str, *args, key: object):
+        """``functions[name](*args)``, compiled; None where compiling fails. ``key`` tells apart the
+        calls that need a graph of their own (a batch size), whose time is ``compile_seconds``."""
+        if self.failed is not None:
+            return None
+        start = time.perf_counter()
+        try:
+            out = self._function(name)(*args)
+        except UserError:
+            raise
+        except Exception as e:  # no C++ compiler, a platform torch.compile does not support, ...
+            self._fail(e)
+            return None
+        if (name, key) not in self._graphs:
+            self._graphs.add((name, key))
+            self.compile_seconds += time.perf_counter() - start
+        return out
+
+    def _function(self, name: str) -> Callable:
+        if name not in self._compiled:  # built on first use: torch.compile itself may refuse
+            fn = self.functions[name]
+            self._compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False, options=OPTIONS)
+        return self._compiled[name]
 
     def _fail(self, error: Exception) -> None:
-        first = str(error).strip().splitlines()
-        self.failed = f"{type(error).__name__}: {first[0] if first else ''}"[:300]
+        lines = str(error).strip().splitlines()
+        self.failed = f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
         warnings.warn(
-            f"attribution.compile: cannot compile {self.name} here ({self.failed}); computing it eagerly",
+            f"attribution.compile: cannot compile here ({self.failed}); computing the values eagerly",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=2,
         )

@@ -114,7 +114,7 @@ def batch_blocker(inputs, targets, val_inputs, val_targets) -> str | None:
 class ValidationRows:
     """One step's validation rows, appended to its training batch by ``training_step``.
 
-    ``compute``: a ``compiled.Compiled`` of ``rows_gradients`` (``attribution.compile``), or None."""
+    ``compiled``: where given (``attribution.compile``), it runs ``rows_gradients`` as "rows"."""
 
     def __init__(
         self,
@@ -123,10 +123,10 @@ class ValidationRows:
         targets,
         per_target: bool,
         batch_size: int,
-        compute: Compiled | None = None,
+        compiled: Compiled | None = None,
     ):
         self.engine = engine
-        self.compute = compute
+        self.compiled = compiled
         self.inputs, self.targets = inputs, targets
         self.per_target = per_target
         self.batch_size = batch_size
@@ -147,8 +147,8 @@ class ValidationRows:
         scale = 1.0 / (self.weight * (1 if self.per_target else len(self)))
         calls = engine.captured(self.batch_size)
         args = (engine, calls, engine.gradients(), self.batch_size, not self.per_target, scale)
-        compiled = self.compute
-        self.gradients = rows_gradients(*args) if compiled is None else compiled(*args, key=self.batch_size)
+        out = None if self.compiled is None else self.compiled("rows", *args, key=self.batch_size)
+        self.gradients = rows_gradients(*args) if out is None else out
         self.loss = float(losses.mean())
 
 

@@ -159,8 +159,9 @@ class InRunShapley:
         self._model_blocker = "fuse_validation is off"
         if fuse_validation:
             self._model_blocker = model_blocker(model) or self.engine.builds_gradients()
-        self._compiled_rows = Compiled(rows_gradients, "the validation rows' gradients") if compile else None
-        self._compiled_values = Compiled(traced_step_values, "the values") if compile else None
+        self._compiled = None
+        if compile:
+            self._compiled = Compiled({"rows": rows_gradients, "values": traced_step_values})
         self.set_validation(val_inputs, val_targets, per_target=per_target)
 
     def set_validation(self, val_inputs, val_targets, *, per_target: bool = False) -> None:
@@ -208,24 +209,28 @@ class InRunShapley:
     @property
     def compile_failed(self) -> str | None:
         """Why ``compile=True`` computes eagerly after all (None: it compiles, or was not asked to)."""
-        parts = (self._compiled_rows, self._compiled_values)
-        return next((c.failed for c in parts if c is not None and c.failed), None)
+        return None if self._compiled is None else self._compiled.failed
 
     @property
     def compile_seconds(self) -> float:
         """Time spent in the steps that compiled a graph (0 without ``compile``)."""
-        return sum(c.compile_seconds for c in (self._compiled_rows, self._compiled_values) if c is not None)
+        return 0.0 if self._compiled is None else self._compiled.compile_seconds
 
     def _values(self, val_grads: torch.Tensor, clip: float, B: int, rank: int | None) -> torch.Tensor:
         """This step's values [B, methods, Q], from the state the optimizer is about to step with."""
-        layout = self.engine.parameters
-        if self._compiled_values is None or rank is not None:  # the low-rank factors draw random numbers
-            segments = self.view.segments(layout)
-            return step_values(self.engine, val_grads, segments, self.methods, clip, B, rank)
-        reads = [(where, read.traced()) for where, read in self.view.reads(layout)]
+        # the low-rank factors of the fast mode draw random numbers: those steps stay eager
+        if self._compiled is not None and self._compiled.failed is None and rank is None:
+            out = self._compiled_values(val_grads, clip, B)
+            if out is not None:
+                return out
+        segments = self.view.segments(self.engine.parameters)
+        return step_values(self.engine, val_grads, segments, self.methods, clip, B, rank)
+
+    def _compiled_values(self, val_grads: torch.Tensor, clip: float, B: int) -> torch.Tensor | None:
+        reads = [(where, read.traced()) for where, read in self.view.reads(self.engine.parameters)]
         clip_t = torch.tensor(clip, dtype=torch.float64)  # a tensor: a float would be compiled in
         args = (self.engine, self.engine.captured(B), val_grads, reads, self.methods, clip_t, B)
-        return self._compiled_values(*args, key=B)
+        return self._compiled("values", *args, key=B)
 
     def state_dict(self) -> dict:
         """What a resumed run needs to value its next steps exactly as an uninterrupted one."""
@@ -248,7 +253,7 @@ class InRunShapley:
         if self.fusion_blocked is not None:
             return None
         rows = (self.engine, self.val_inputs, self.val_targets, self.per_target, len(targets))
-        return ValidationRows(*rows, compute=self._compiled_rows)
+        return ValidationRows(*rows, compiled=self._compiled)
 
     def _needs_refresh(self) -> bool:
         fast = self.fast
