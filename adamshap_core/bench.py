@@ -510,7 +510,7 @@ def _phases_labelled(session: Session):
     from . import tracker as tracker_module
 
     tracker = getattr(session.stepper, "tracker", None)
-    if tracker is None:
+    if tracker is None or tracker.compiles:  # compiled phases run inside graphs: nothing to wrap
         yield
         return
     targets = [(tracker.engine, name) for name in ENGINE_PHASES]

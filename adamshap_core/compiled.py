@@ -43,16 +43,15 @@ class Compiled:
     def __init__(self, functions: dict[str, Callable]):
         self.functions = functions
         self.failed: str | None = None  # why compiling failed (None: it has not)
-        self.compile_seconds = 0.0  # time spent in calls that compiled a new graph
+        self.compile_seconds = 0.0  # time spent in the calls that compiled a graph
+        self.graphs = 0  # graphs compiled (one per function and batch shape, if no step recompiles)
         self._compiled: dict[str, Callable] = {}
-        self._graphs: set = set()  # the (name, key) pairs seen
 
-    def __call__(self, name: str, *args, key: object):
-        """``functions[name](*args)``, compiled; None where compiling fails. ``key`` tells apart the
-        calls that need a graph of their own (a batch size), whose time is ``compile_seconds``."""
+    def __call__(self, name: str, *args):
+        """``functions[name](*args)``, compiled; None where compiling fails."""
         if self.failed is not None:
             return None
-        start = time.perf_counter()
+        start, before = time.perf_counter(), _graphs_compiled()
         try:
             out = self._function(name)(*args)
         except UserError:
@@ -60,8 +59,9 @@ class Compiled:
         except Exception as e:  # no C++ compiler, a platform torch.compile does not support, ...
             self._fail(e)
             return None
-        if (name, key) not in self._graphs:
-            self._graphs.add((name, key))
+        new = _graphs_compiled() - before
+        if new:
+            self.graphs += new
             self.compile_seconds += time.perf_counter() - start
         return out
 
@@ -79,3 +79,10 @@ class Compiled:
             RuntimeWarning,
             stacklevel=2,
         )
+
+
+def _graphs_compiled() -> int:
+    """Graphs torch.compile has built in this process so far (its own counter)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]

@@ -147,7 +147,7 @@ class ValidationRows:
         scale = 1.0 / (self.weight * (1 if self.per_target else len(self)))
         calls = engine.captured(self.batch_size)
         args = (engine, calls, engine.gradients(), self.batch_size, not self.per_target, scale)
-        out = None if self.compiled is None else self.compiled("rows", *args, key=self.batch_size)
+        out = None if self.compiled is None else self.compiled("rows", *args)
         self.gradients = rows_gradients(*args) if out is None else out
         self.loss = float(losses.mean())
 

@@ -207,6 +207,11 @@ class InRunShapley:
         return StepResult(float(losses.mean()), val_loss, clip, out)
 
     @property
+    def compiles(self) -> bool:
+        """Whether the valuation runs as compiled graphs (``compile=True``, and compiling has not failed)."""
+        return self._compiled is not None and self._compiled.failed is None
+
+    @property
     def compile_failed(self) -> str | None:
         """Why ``compile=True`` computes eagerly after all (None: it compiles, or was not asked to)."""
         return None if self._compiled is None else self._compiled.failed
@@ -216,10 +221,15 @@ class InRunShapley:
         """Time spent in the steps that compiled a graph (0 without ``compile``)."""
         return 0.0 if self._compiled is None else self._compiled.compile_seconds
 
+    @property
+    def compiled_graphs(self) -> int:
+        """Graphs compiled so far: two per batch shape (one with fused rows) unless a step recompiles."""
+        return 0 if self._compiled is None else self._compiled.graphs
+
     def _values(self, val_grads: torch.Tensor, clip: float, B: int, rank: int | None) -> torch.Tensor:
         """This step's values [B, methods, Q], from the state the optimizer is about to step with."""
         # the low-rank factors of the fast mode draw random numbers: those steps stay eager
-        if self._compiled is not None and self._compiled.failed is None and rank is None:
+        if self.compiles and rank is None:
             out = self._compiled_values(val_grads, clip, B)
             if out is not None:
                 return out
@@ -230,7 +240,7 @@ class InRunShapley:
         reads = [(where, read.traced()) for where, read in self.view.reads(self.engine.parameters)]
         clip_t = torch.tensor(clip, dtype=torch.float64)  # a tensor: a float would be compiled in
         args = (self.engine, self.engine.captured(B), val_grads, reads, self.methods, clip_t, B)
-        return self._compiled("values", *args, key=B)
+        return self._compiled("values", *args)
 
     def state_dict(self) -> dict:
         """What a resumed run needs to value its next steps exactly as an uninterrupted one."""

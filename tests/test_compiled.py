@@ -1,0 +1,139 @@
+"""attribution.compile: compiled values equal eager ones, training stays plain training's, and
+where compiling fails the run goes on eagerly after one warning."""
+
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+from conftest import rel_err
+
+from adamshap_core import InRunShapley, training_step
+from adamshap_core.errors import UserError
+from adamshap_core.models import GPT, sequence_loss
+from adamshap_core.recipe import recipe_from_dict
+
+METHODS = ("adam", "adam_fixed", "sgd")
+# torch.compile builds CPU kernels with a C++ compiler; without one only the fallback can be tested
+compiles = pytest.mark.skipif(
+    not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")),
+    reason="no C++ compiler for torch.compile's CPU kernels",
+)
+
+
+def gpt():
+    return GPT(13, 8, n_layer=1, n_head=2, d_model=8, mlp_ratio=2)
+
+
+def batches(sizes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randint(1, 13, (n, 6), generator=gen), torch.randint(0, 13, (n, 6), generator=gen))
+        for n in sizes
+    ]
+
+
+def run(sizes, optimizer, tracker_kw=None, clip=None):
+    """Steps on batches of ``sizes`` from the same start: valued when ``tracker_kw`` is given, else
+    plain. Returns (model, tracker or None, per-step values)."""
+    torch.manual_seed(0)
+    model = gpt()
+    opt = optimizer(model.parameters())
+    vx, vy = batches([2], seed=1)[0]
+    tracker = None
+    if tracker_kw is not None:
+        tracker = InRunShapley(model, opt, sequence_loss, vx, vy, METHODS, max_grad_norm=clip, **tracker_kw)
+    values = []
+    for x, y in batches(sizes):
+        if tracker is None:
+            training_step(model, opt, sequence_loss, x, y, clip)
+        else:
+            values.append(tracker.step(x, y).values)
+    return model, tracker, values
+
+
+def adam(params):
+    return torch.optim.Adam(params, lr=1e-2)
+
+
+def adam_coupled_decay(params):
+    return torch.optim.Adam(params, lr=1e-2, weight_decay=0.1)
+
+
+def assert_same_values(got, want, tol):
+    for a, b in zip(got, want, strict=True):
+        for m in METHODS:
+            assert rel_err(a[m], b[m]) <= tol, m
+
+
+@pytest.mark.slow
+@compiles
+@pytest.mark.parametrize(
+    "optimizer,tracker_kw,clip",
+    [
+        (adam, {"fuse_validation": True}, 0.5),
+        (adam_coupled_decay, {"fuse_validation": False, "per_target": True}, None),
+    ],
+    ids=["fused-clipped", "separate-per-target-coupled-decay"],
+)
+def test_compiled_values_and_updates_equal_eager_ones(optimizer, tracker_kw, clip, float64):
+    """Four full batches and a smaller last one (a second graph); nothing falls back to eager."""
+    sizes = [5, 5, 5, 5, 3]
+    plain, _, _ = run(sizes, optimizer, clip=clip)
+    eager_model, _, eager = run(sizes, optimizer, tracker_kw, clip)
+    model, tracker, compiled = run(sizes, optimizer, {**tracker_kw, "compile": True}, clip)
+    assert tracker.compile_failed is None and tracker.compile_seconds > 0
+    per_shape = 2 if tracker_kw["fuse_validation"] else 1  # the rows' gradients, the values
+    assert tracker.compiled_graphs == 2 * per_shape  # the full batches' and the last batch's
+    assert_same_values(compiled, eager, 1e-10)
+    for p, q, r in zip(plain.parameters(), eager_model.parameters(), model.parameters(), strict=True):
+        assert (p - r).abs().max() <= 1e-10
+        if not tracker_kw["fuse_validation"]:  # the update itself is never compiled then
+            assert torch.equal(q, r)
+
+
+@pytest.mark.slow
+@compiles
+def test_one_graph_serves_every_step_of_a_batch_shape(float64):
+    """The learning rate and the step count change every step: they must not compile new graphs."""
+    _, tracker, _ = run([5], adam, {"fuse_validation": True, "compile": True})
+    assert tracker.compiled_graphs == 2 and tracker.compile_failed is None
+    x, y = batches([5], seed=3)[0]
+    for _ in range(3):
+        tracker.optimizer.param_groups[0]["lr"] *= 0.5
+        tracker.step(x, y)
+    assert tracker.compiled_graphs == 2
+
+
+def test_where_compiling_fails_one_warning_then_eager_values(monkeypatch, float64):
+    """No C++ compiler (simulated): the run goes on, with exactly the values of compile=False."""
+
+    def no_compiler(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\ndetails")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    sizes = [5, 5, 3]
+    eager_model, _, eager = run(sizes, adam, {"fuse_validation": True})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, tracker, got = run(sizes, adam, {"fuse_validation": True, "compile": True})
+    notices = [w for w in caught if "attribution.compile" in str(w.message)]
+    assert len(notices) == 1 and "No working C++ compiler" in str(notices[0].message)
+    assert tracker.compile_failed.startswith("RuntimeError: InvalidCxxCompiler")
+    for a, b in zip(got, eager, strict=True):
+        assert all(torch.equal(a[m], b[m]) for m in METHODS)
+    for p, q in zip(eager_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_the_recipe_key_is_off_by_default_and_strict():
+    base = {"name": "x", "data": {"source": "sklearn:digits"}}
+    assert recipe_from_dict(base).attribution.compile is False
+    on = recipe_from_dict({**base, "attribution": {"compile": True}})
+    assert on.attribution.compile is True
+    with pytest.raises(UserError, match="valid boolean"):
+        recipe_from_dict({**base, "attribution": {"compile": "yes"}})
