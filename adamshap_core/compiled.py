@@ -77,7 +77,7 @@ class Compiled:
         warnings.warn(
             f"attribution.compile: cannot compile here ({self.failed}); computing the values eagerly",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
 
 
