@@ -86,7 +86,7 @@ def step_values(
     val_grads: torch.Tensor,
     segments: list[Segment],
     methods: Sequence[str],
-    clip,
+    clip: float | torch.Tensor,
     batch_size: int,
     rank: int | None = None,
     calls: list[Call] | None = None,
