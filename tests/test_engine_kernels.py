@@ -12,13 +12,15 @@ from adamshap_core.errors import UserError
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-@pytest.mark.parametrize("batch", [1, 5])
-def test_kernel_matches_per_example_gradients(case, batch, float64):
+@pytest.mark.parametrize("batch, chunked", [(1, False), (5, False), (5, True)], ids=["1", "5", "5-chunked"])
+def test_kernel_matches_per_example_gradients(case, batch, chunked, float64):
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(1)
     model = case.model()
     x, y = case.data(batch, gen)
     engine = GhostEngine(model)
+    if chunked:  # a budget below one example's intermediates: every kernel contracts one example at a time
+        engine.contract_chunk = 1
     names = {id(p): n for n, p in model.named_parameters()}
     Q = 3
     val = [torch.randn(Q, *p.shape, generator=gen) for p in engine.parameters]
@@ -40,6 +42,29 @@ def test_kernel_matches_per_example_gradients(case, batch, float64):
             want[:, m] += g @ M.T / batch
     assert got.shape == (batch, 2, Q)
     assert rel_err(got, want) <= 1e-10
+
+
+def test_contraction_splits_the_batch_where_intermediates_exceed_the_budget(float64, monkeypatch):
+    from adamshap_core.engine.linear import LinearKernel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4))
+    engine = GhostEngine(model)
+    x = torch.randn(7, 3, 6)  # per example: 2 · K · max(3·6, 3·4) = 2 · 2 · 18 floats
+    engine.contract_chunk = 2 * 2 * 18 * 3  # three examples' worth
+    seen = []
+    values = LinearKernel.values
+    monkeypatch.setattr(
+        LinearKernel, "values", lambda self, m, a, b, M: seen.append(len(a)) or values(self, m, a, b, M)
+    )
+    val = engine.flatten([torch.randn(1, *p.shape) for p in engine.parameters], rows=1)
+    with engine.capture():
+        model(x).sum().backward()
+        chunked = engine.values(val, [[(slice(0, engine.numel), 1.0)]] * 2, 7)
+        engine.contract_chunk = 1 << 26
+        whole = engine.values(val, [[(slice(0, engine.numel), 1.0)]] * 2, 7)
+    assert seen == [3, 3, 1, 7]
+    assert rel_err(chunked, whole) <= 1e-12
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,14 @@ class Conv2dKernel(LayerKernel):
     def keep(self, module, inputs):
         x = inputs[0].detach()
         return x if x.dim() == 4 else x.unsqueeze(0)  # unbatched input → batch of one
+
+    def intermediate_floats(self, module, a, b, K):
+        # the unfolded patches (kh·kw times the input where patches overlap), then [L, K, ·] products
+        if not len(b):
+            return 0
+        L = b[0].numel() // module.out_channels
+        patches = module.in_channels * math.prod(module.kernel_size) * L
+        return (K + 1) * patches + K * b[0].numel()
 
     def values(self, module, a, b, M):
         B = a.shape[0]

@@ -22,7 +22,18 @@ from torch.func import functional_call, grad_and_value, vmap
 from ..errors import UserError
 from ..workspace import Workspace
 from .low_rank import FACTORIZE_OVERHEAD, FACTORIZE_PASSES, LowRank, factorize
-from .registry import LayerKernel, has_gradients, kernel_for, matrix_dtype, supported_types, unsupported
+from .registry import (
+    LayerKernel,
+    has_gradients,
+    kernel_for,
+    matrix_dtype,
+    n_targets,
+    supported_types,
+    unsupported,
+)
+
+# the default of ``GhostEngine.contract_chunk``
+CONTRACT_CHUNK = 1 << 26
 
 Scale = torch.Tensor | float  # multiplier of ∇val over a segment (tensor: elementwise)
 SegmentScales = Sequence[tuple[slice, Scale]]  # one method's scales, per segment of the flat layout
@@ -46,6 +57,8 @@ class GhostEngine:
         the optimizer's); by default every trainable parameter, in model order."""
         self.model = model
         self.val_chunk = val_chunk  # validation targets per vmap call
+        # floats a kernel's intermediate tensors may hold at once in the contraction (256 MiB in float32)
+        self.contract_chunk = CONTRACT_CHUNK
         self.parameters: list[nn.Parameter] = []
         # For each valued module: its kernel and {param name: parameter} it values.
         self._owned: dict[nn.Module, tuple[LayerKernel, dict[str, nn.Parameter]]] = {}
@@ -332,11 +345,25 @@ class GhostEngine:
                 continue
             dtype = matrix_dtype(Mc)  # float32 or wider, also under autocast
             a, b = (call.a, call.b) if not self._extra_rows else (call.a[:B], call.b[:B])
-            v = call.kernel.values(call.module, _cast(a, dtype), _cast(b, dtype), Mc)
+            v = self._values_in_chunks(call, _cast(a, dtype), _cast(b, dtype), Mc)
             total = v if total is None else total + v
         if total is None:
             total = torch.zeros(B, M.n_targets, device=calls[0].a.device)
         return total
+
+    def _values_in_chunks(self, call: Call, a: torch.Tensor, b: torch.Tensor, Mc: dict) -> torch.Tensor:
+        """The kernel's [B, K] values, a chunk of examples at a time where its intermediate tensors
+        would exceed ``contract_chunk`` floats (long sequences, big batches, many targets). Each
+        example's value depends on its own rows only, so chunking changes no value."""
+        per_example = call.kernel.intermediate_floats(call.module, a, b, n_targets(Mc))
+        chunk = max(1, self.contract_chunk // max(1, per_example))
+        B = a.shape[0]
+        if chunk >= B:
+            return call.kernel.values(call.module, a, b, Mc)
+        parts = []
+        for s in range(0, B, chunk):
+            parts.append(call.kernel.values(call.module, a[s : s + chunk], b[s : s + chunk], Mc))
+        return torch.cat(parts)
 
     def captured(self, batch_size: int) -> list[Call]:
         """The captured calls that got an output-gradient, each checked to hold one row per example."""

@@ -35,6 +35,13 @@ class LayerKernel:
         """What the forward pass must keep for ``values`` (by default the input)."""
         return inputs[0].detach()
 
+    def intermediate_floats(self, module: nn.Module, a: torch.Tensor, b: torch.Tensor, K: int) -> int:
+        """An upper bound on the floats ``values`` holds at once per example, for K matrices: the
+        engine contracts a chunk of examples at a time where the batch would exceed its budget.
+        By default two tensors (a product and the operand it is formed from) of K times the larger
+        of an example's input and output-gradient."""
+        return 2 * K * max(a[0].numel(), b[0].numel()) if len(a) else 0
+
     def values(
         self, module: nn.Module, a: torch.Tensor, b: torch.Tensor, M: Mapping[str, torch.Tensor]
     ) -> torch.Tensor:
