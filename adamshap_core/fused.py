@@ -29,6 +29,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from .compiled import Compiled
 from .engine import GhostEngine
 from .engine.ghost import Call
+from .errors import UserError
 
 
 def model_blocker(model: nn.Module) -> str | None:
@@ -85,9 +86,44 @@ def _loss_blocker(loss_fn, outputs: torch.Tensor, targets: torch.Tensor) -> str 
     """Whether the rows' losses change when one more row joins them (a loss normalised by the
     batch, such as by its total token count, would change plain training's if rows were added)."""
     alone = loss_fn(outputs, targets)
+    if alone.shape != (len(targets),):
+        return f"the loss gives shape {tuple(alone.shape)} for {len(targets)} rows, not one loss per row"
     joined = loss_fn(torch.cat([outputs, outputs[:1]]), torch.cat([targets, targets[:1]]))[: len(targets)]
     if alone.shape != joined.shape or not torch.allclose(alone, joined, rtol=1e-5, atol=0.0):
         return "the loss of a row depends on the other rows of the batch"
+    return None
+
+
+def gradient_blocker(engine: GhostEngine, model: nn.Module, loss_fn, inputs, targets) -> str | None:
+    """Whether the layer kernels rebuild the whole gradient of the validation rows' loss from what
+    the hooks capture (None: they do). They do not where a parameter is also used outside its
+    module's forward (``F.linear(h, self.tok.weight)``) or a module's ``forward`` is called directly,
+    skipping the hooks; fused rows would then leave part of their gradient in the update.
+    One forward and backward of the rows in train mode, with torch's random state restored."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
+    cuda = [inputs.device] if inputs.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda), engine.capture(extra_rows=len(targets)):
+            loss = loss_fn(_run_in_mode(model, modules, inputs, training=True), targets).sum()
+            want = torch.autograd.grad(loss, params, allow_unused=True)
+            got = engine.extra_gradients(0, summed=True)
+    except UserError as e:  # rows that cannot be told apart: the training step will say so too
+        return str(e)
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.training = mode
+    for p, w in zip(params, want, strict=True):
+        g = got.get(id(p))
+        w = torch.zeros_like(p) if w is None else w
+        g = torch.zeros_like(w) if g is None else g[0].to(w.dtype)
+        if float((g - w).norm()) > 1e-4 * float(w.norm()) + 1e-30:
+            name = next(n for n, q in model.named_parameters() if q is p)
+            return (
+                f"the hooks see only part of the gradient of '{name}' (is it used outside its module's "
+                "forward, or is a module's forward called directly?)"
+            )
     return None
 
 
@@ -165,15 +201,8 @@ def rows_gradients(
     arguments, so that it can be compiled."""
     parts = engine.extra_gradients(batch_size, summed, calls)
     _subtract(grads, parts)
-    return _flat(engine, parts).mul_(scale)
-
-
-def _flat(engine: GhostEngine, grads: dict[int, torch.Tensor]) -> torch.Tensor:
-    """The layout's [Q, N] from per-parameter [Q, *shape]; zeros for a parameter the rows missed."""
-    some = next(iter(grads.values()))
-    rows = some.shape[0]
-    parts = [grads[id(p)] if id(p) in grads else some.new_zeros(rows, *p.shape) for p in engine.parameters]
-    return engine.flatten(parts, rows=rows)
+    rows = next(iter(parts.values())).shape[0]
+    return engine.flatten_by_id(parts, rows).mul_(scale)
 
 
 def _subtract(grads: dict[int, torch.Tensor], rows: dict[int, torch.Tensor]) -> None:

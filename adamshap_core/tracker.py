@@ -18,7 +18,14 @@ from .compiled import Compiled
 from .engine import GhostEngine
 from .engine.ghost import Call
 from .fast import FastMode
-from .fused import ValidationRows, batch_blocker, model_blocker, probe_blocker, rows_gradients
+from .fused import (
+    ValidationRows,
+    batch_blocker,
+    gradient_blocker,
+    model_blocker,
+    probe_blocker,
+    rows_gradients,
+)
 from .precond import OptimizerView, Segment, StepRead, check_methods, flat_join, scales
 
 
@@ -65,7 +72,12 @@ def training_step(
     else:
         n = len(targets)
         both = loss_fn(model(torch.cat([inputs, extra.inputs])), torch.cat([targets, extra.targets]))
-        losses = _checked(both)[:n]
+        if both.dim() != 1 or len(both) != n + len(extra):
+            raise ValueError(
+                f"loss_fn must return one loss per row: {n} training and {len(extra)} validation rows "
+                f"gave shape {tuple(both.shape)}"
+            )
+        losses = both[:n]
         (losses.mean() + both[n:].sum() * extra.weight).backward()
         extra.remove(both[n:].detach())
     clip = 1.0 if max_grad_norm is None else clip_gradients(model.parameters(), max_grad_norm)
@@ -171,8 +183,10 @@ class InRunShapley:
         self.per_target = per_target
         self._val_grads = None  # a new target needs a new ∇val
         # why these rows cannot join a training batch, whatever the batch (None: they may)
-        self._rows_blocker = self._model_blocker or probe_blocker(
-            self.model, self.loss_fn, val_inputs, val_targets
+        self._rows_blocker = (
+            self._model_blocker
+            or probe_blocker(self.model, self.loss_fn, val_inputs, val_targets)
+            or gradient_blocker(self.engine, self.model, self.loss_fn, val_inputs, val_targets)
         )
 
     def step(self, inputs, targets) -> StepResult:

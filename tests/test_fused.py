@@ -44,6 +44,30 @@ class TrainDraws(nn.Module):
         return self.lin(x)
 
 
+class TiedOutsideForward(nn.Module):
+    """Uses the first layer's weight again through ``F.linear``, where no hook sees it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(torch.nn.functional.linear(torch.tanh(self.lin(x)), self.lin.weight))
+
+
+class CallsForwardDirectly(nn.Module):
+    """Calls a submodule's ``forward`` itself, which skips the module's hooks."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(self.lin.forward(self.lin(x)))
+
+
 def tabular(n, gen):
     return torch.randn(n, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
 
@@ -83,8 +107,10 @@ def train(make_model, data, loss, steps, seed, **tracker_kw):
         (lambda: nn.Sequential(nn.Linear(5, 3), nn.RReLU()), "random slopes"),
         (TrainScaled, "outputs in train mode differ"),
         (TrainDraws, "draws random numbers"),
+        (TiedOutsideForward, "only part of the gradient of 'lin.weight'"),
+        (CallsForwardDirectly, "only part of the gradient of 'lin.weight'"),
     ],
-    ids=["dropout", "batchnorm", "rrelu", "reads-training", "draws-in-training"],
+    ids=["dropout", "batchnorm", "rrelu", "reads-training", "draws-in-training", "tied-outside", "direct"],
 )
 def test_a_model_that_differs_in_train_mode_takes_the_separate_pass(make, blocker):
     """Same values as without fusion (bit for bit: the same code path), the same random numbers."""
@@ -109,6 +135,17 @@ def test_a_loss_normalised_by_the_batch_takes_the_separate_pass():
     )
     tracker.step(*tabular(5, gen))
     assert "depends on the other rows" in tracker.fusion_blocked
+
+
+def test_a_loss_that_is_not_one_per_row_takes_the_separate_pass():
+    gen = torch.Generator().manual_seed(0)
+    model = SEQ.model()
+    vx, vy = SEQ.data(3, gen)
+    per_token = lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none").repeat(2)  # noqa: E731
+    tracker = InRunShapley(
+        model, torch.optim.Adam(model.parameters()), per_token, vx, vy, fuse_validation=True
+    )
+    assert "not one loss per row" in tracker._rows_blocker
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no-dropout-fused", "dropout-separate"])
@@ -155,7 +192,8 @@ def test_a_layer_called_on_other_rows_is_still_a_clear_error():
     tracker = InRunShapley(
         model, torch.optim.Adam(model.parameters()), SEQ.loss, vx, vy, fuse_validation=True
     )
-    with pytest.raises(UserError, match=r"called on 4 rows in a batch of 5 \(\+2 validation rows\)"):
+    assert "called on 4 rows" in tracker._rows_blocker  # found before any step: the rows are not fused
+    with pytest.raises(UserError, match=r"called on 4 rows in a batch of 5"):
         tracker.step(*SEQ.data(5, gen))
 
 

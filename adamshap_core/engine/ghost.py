@@ -11,7 +11,7 @@ Or the validation rows ride along in the training batch (``capture(extra_rows=V)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -175,10 +175,8 @@ class GhostEngine:
                 return self._per_target_gradients(loss_fn, inputs, targets)
             loss = loss_fn(self.model(inputs), targets).mean()
             grads = torch.autograd.grad(loss, self.parameters, allow_unused=True)
-            grads = [
-                torch.zeros_like(p) if g is None else g for p, g in zip(self.parameters, grads, strict=True)
-            ]
-            return self.flatten(grads, rows=1).detach(), float(loss.detach())
+            by_id = {id(p): g for p, g in zip(self.parameters, grads, strict=True)}
+            return self.flatten_by_id(by_id, rows=1).detach(), float(loss.detach())
         finally:
             for m, mode in zip(self._modules, modes, strict=True):
                 m.training = mode
@@ -221,10 +219,6 @@ class GhostEngine:
                 out[key] = g if key not in out else out[key] + g
         return out
 
-    def parameter(self, key: int) -> nn.Parameter:
-        """The owned parameter with ``id`` ``key`` (the keys of ``extra_gradients``)."""
-        return self._by_id[key]
-
     def gradients(self) -> dict[int, torch.Tensor]:
         """id(param) → its ``.grad``, for every owned parameter that has one."""
         return {key: p.grad for key, p in self._by_id.items() if p.grad is not None}
@@ -232,6 +226,19 @@ class GhostEngine:
     def flatten(self, tensors: Sequence[torch.Tensor], rows: int) -> torch.Tensor:
         """Per-parameter tensors [rows, *shape] (or [*shape] for rows = 1), in layout order → [rows, N]."""
         return torch.cat([t.reshape(rows, -1) for t in tensors], dim=1)
+
+    def flatten_by_id(self, grads: Mapping[int, torch.Tensor | None], rows: int) -> torch.Tensor:
+        """id(param) → [rows, *shape] (or [*shape] for rows = 1) → the layout's [rows, N], with zeros
+        for a parameter that has none (the loss does not reach it)."""
+        some = next((g for g in grads.values() if g is not None), None)
+        parts = []
+        for p in self.parameters:
+            g = grads.get(id(p))
+            if g is None:
+                dtype = p.dtype if some is None else some.dtype
+                g = torch.zeros(rows, *p.shape, dtype=dtype, device=p.device)
+            parts.append(g)
+        return self.flatten(parts, rows)
 
     def slice_of(self, p: torch.Tensor) -> slice:
         """Where parameter ``p`` sits in the flat layout."""
