@@ -106,6 +106,14 @@ def test_fidelity_compares_fast_with_exact_values(tmp_path):
     assert all(-1.0 <= s["min"] <= s["median"] <= 1.0 for s in summary.values())
 
 
+def test_fidelity_compares_on_the_same_updates_also_with_fused_rows(tmp_path):
+    """The fast mode makes the exact mode's updates; fused rows (on every exact step, on few fast ones)
+    must not make the two copies drift apart by rounding."""
+    attribution = {"fuse_validation": True, "fast": {"warmup": 1, "refresh_every": 3}}
+    spec = _spec(tmp_path, tiny(attribution=attribution), methods=["adam"], fast=True, steps=6)
+    assert bm.fidelity(spec)["max_parameter_gap"] == 0.0
+
+
 @pytest.mark.slow
 def test_bench_fast_end_to_end_measures_exact_and_fast(tmp_path, runs):
     out = tmp_path / "out"
