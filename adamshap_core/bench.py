@@ -351,9 +351,19 @@ def measure(spec: BenchSpec, mode: str, fast: bool = False) -> dict:
         "seconds": float(sum(seconds)),
         **memory.report(),
         **compiling.report(),
+        "fusion_blocked": fusion_blocked(session),
         "threads": _threads(),
         "load_1m": (load_before + os.getloadavg()[0]) / 2,
     }
+
+
+def fusion_blocked(session: Session) -> str:
+    """Why ``attribution.fuse_validation`` took the separate pass after all ("" where it fused, or was
+    not asked for): such timings are those of the separate pass."""
+    tracker = getattr(session.stepper, "tracker", None)
+    if tracker is None or not tracker.fuse_validation:
+        return ""
+    return tracker.fusion_blocked or ""
 
 
 class _CompileTime:
@@ -713,7 +723,14 @@ def summarize(frame: pd.DataFrame) -> dict:
         variants["fast"] = ratios(FAST_KEY)
     headline = variants.get("fast", variants["exact"])
     medians = {k: med.loc[k].to_dict() for k in med.index}
-    return {**headline, "variants": variants, "median": medians, "compile": compile_summary(frame)}
+    blocked = [b for b in frame.get("fusion_blocked", pd.Series(dtype=str)) if b]
+    return {
+        **headline,
+        "variants": variants,
+        "median": medians,
+        "compile": compile_summary(frame),
+        "fusion_blocked": blocked[0] if blocked else None,
+    }
 
 
 def compile_summary(frame: pd.DataFrame) -> dict | None:

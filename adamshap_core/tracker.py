@@ -221,6 +221,13 @@ class InRunShapley:
         return StepResult(float(losses.mean()), val_loss, clip, out)
 
     @property
+    def rows_blocked(self) -> str | None:
+        """Why, with ``fuse_validation``, the validation rows cannot join any training batch (the model,
+        the loss, the kernels; None: they join every batch they concatenate with). Without
+        ``fuse_validation``: None."""
+        return self._rows_blocker if self.fuse_validation else None
+
+    @property
     def compiles(self) -> bool:
         """Whether the valuation runs as compiled graphs (``compile=True``, and compiling has not failed)."""
         return self._compiled is not None and self._compiled.failed is None

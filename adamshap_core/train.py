@@ -435,6 +435,9 @@ def run(
         "device": str(dev),
         "params_sha256": params_digest(model),
         "resumed_at_steps": state.resumed_at,
+        # with attribution.fuse_validation: why the last step that computed ∇val took the separate pass
+        # (a replay's stand-in for the tracker never fuses)
+        "fusion_blocked": tracker.fusion_blocked if getattr(tracker, "fuse_validation", False) else None,
     }
     return _result(prep, state, metrics, wall_seconds)
 

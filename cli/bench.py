@@ -97,7 +97,9 @@ def bench(
     console.print(results_table(plan, result))
     for line in fidelity_lines(result):
         console.print(line, highlight=False, soft_wrap=True)
-    for line in ratio_lines(plan, result.summary) + compile_lines(plan, result.summary):
+    for line in (
+        ratio_lines(plan, result.summary) + compile_lines(plan, result.summary) + fusion_lines(result.summary)
+    ):
         console.print(line, highlight=False, soft_wrap=True)
     console.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)
     for line in closing_lines(result.summary):
@@ -232,6 +234,14 @@ def compile_lines(plan, summary: dict) -> list[str]:
         else f"{timed:.1f} s of it in timed steps (raise --warmup)"
     )
     return [f"attribution.compile: {c['median_s']:.1f} s compiling per attribution process (median), {where}"]
+
+
+def fusion_lines(summary: dict) -> list[str]:
+    """With attribution.fuse_validation where the rows could not join the batch: say so, and why."""
+    why = summary.get("fusion_blocked")
+    if not why:
+        return []
+    return [f"attribution.fuse_validation: the validation rows took the separate pass ({why})"]
 
 
 def closing_lines(summary: dict) -> list[str]:

@@ -68,6 +68,12 @@ def train(
         if not quiet:
             for note in prep.data.notes:
                 err_console.print(f"note: {escape(note)}", highlight=False)
+            if prep.tracker is not None and prep.tracker.rows_blocked:
+                err_console.print(
+                    "note: attribution.fuse_validation: the validation rows take the separate pass, "
+                    f"{escape(prep.tracker.rows_blocked)}",
+                    highlight=False,
+                )
             verb = "resuming" if resume is not None else "training"
             err_console.print(
                 f"{verb} [bold]{escape(folder.name)}[/]: {escape(rec.data.source)}, {prep.data.n_train} "

@@ -48,7 +48,7 @@ def test_bench_end_to_end_writes_the_table_and_closing_lines(tmp_path, runs):
     assert (frame["methods"] == "adam,sgd").all() and (frame["batch_size"] == 16).all()
     assert (frame["repeat"] == 1).all() and (frame["val_rows"] == 20).all()
     assert (frame["examples_per_s"] > 0).all() and (frame["peak_mb"] > 0).all()
-    assert (frame["threads"] == 1).all()
+    assert (frame["threads"] == 1).all() and (frame["fusion_blocked"] == "").all()
     summary = json.loads((folder / "bench.json").read_text())
     med = frame.set_index("mode")["examples_per_s"]
     assert summary["throughput_ratio"] == pytest.approx(med["attribution"] / med["plain"])
@@ -112,6 +112,24 @@ def test_fidelity_compares_on_the_same_updates_also_with_fused_rows(tmp_path):
     attribution = {"fuse_validation": True, "fast": {"warmup": 1, "refresh_every": 3}}
     spec = _spec(tmp_path, tiny(attribution=attribution), methods=["adam"], fast=True, steps=6)
     assert bm.fidelity(spec)["max_parameter_gap"] == 0.0
+
+
+def test_a_bench_of_fused_rows_that_took_the_separate_pass_says_so(tmp_path):
+    from adamshap_cli.bench import fusion_lines
+
+    recipe = {
+        "name": "gpt-dropout",
+        "data": {"source": "builtin:facts", "facts": {"n_facts": 6, "seed": 0}},
+        "model": {"kind": "gpt", "n_layer": 1, "n_head": 2, "d_model": 8, "dropout": 0.2},
+        "optim": {"name": "adamw", "lr": 1.0e-2},
+        "train": {"epochs": 1, "batch_size": 4, "seed": 0, "device": "cpu"},
+        "attribution": {"methods": ["adam"], "fuse_validation": True},
+    }
+    spec = _spec(tmp_path, recipe)
+    assert "drops out with p=0.2" in bm.measure(spec, "attribution")["fusion_blocked"]
+    assert bm.measure(spec, "plain")["fusion_blocked"] == ""
+    assert "took the separate pass (why)" in fusion_lines({"fusion_blocked": "why"})[0]
+    assert fusion_lines({"fusion_blocked": None}) == []
 
 
 @pytest.mark.slow

@@ -130,3 +130,19 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     assert not (tmp_path / "runs").exists()
     usage = subprocess.run([sys.executable, "-m", "adamshap_cli", "train"], capture_output=True, text=True)
     assert usage.returncode == 2 and "RECIPE" in usage.stderr
+
+
+def test_train_says_when_fused_validation_rows_take_the_separate_pass(tmp_path, runs):
+    recipe = {
+        "name": "gpt-dropout",
+        "data": {"source": "builtin:facts", "facts": {"n_facts": 6, "seed": 0}},
+        "model": {"kind": "gpt", "n_layer": 1, "n_head": 2, "d_model": 8, "dropout": 0.2},
+        "optim": {"name": "adamw", "lr": 1.0e-2},
+        "train": {"epochs": 1, "batch_size": 4, "seed": 0, "device": "cpu"},
+        "attribution": {"methods": ["adam"], "fuse_validation": True, "record_steps": 0},
+    }
+    res = cli("train", write_recipe(tmp_path, recipe))
+    assert res.exit_code == 0, res.output
+    assert "attribution.fuse_validation: the validation rows take the separate pass" in res.stderr
+    metrics = json.loads((runs / "gpt-dropout" / "metrics.json").read_text())
+    assert "drops out with p=0.2" in metrics["fusion_blocked"]
