@@ -40,7 +40,7 @@ def model_blocker(model: nn.Module) -> str | None:
         if isinstance(m, _DropoutNd) and m.p > 0:
             return f"{name} drops out with p={m.p} in training"
         if isinstance(m, _NormBase):
-            return f"{name} normalises with batch statistics or running averages"
+            return f"{name} is a batch or instance norm, which in train mode may use batch statistics"
         if isinstance(m, nn.RReLU):
             return f"{name} draws random slopes in training"
         p = getattr(m, "dropout", None)  # nn.MultiheadAttention, nn.LSTM, ... keep a float
@@ -167,7 +167,8 @@ class ValidationRows:
         self.per_target = per_target
         self.batch_size = batch_size
         # each row's loss weight: a power of two (dividing it out again is exact) at most 1/(B·V), so
-        # the rows add at most 1/B of a mean gradient to .grad and taking it out costs it no precision
+        # the rows add at most about 1/B of a mean gradient to .grad: small beside the training part,
+        # which keeps the rounding that adding and subtracting them leaves in .grad small too
         self.weight = 2.0 ** -math.ceil(math.log2(batch_size * len(targets)))
         self.gradients: torch.Tensor | None = None  # ∇val, flat [Q, N], once ``remove`` ran
         self.loss = math.nan  # their mean loss

@@ -73,7 +73,7 @@ def check_fracs(fracs: Iterable[float]) -> list[float]:
 
 
 def check_methods(
-    methods: Iterable[str], available: Sequence[str], *, noisy: bool = True, direction: str = "low"
+    methods: Iterable[str], available: Sequence[str], *, noisy: bool, direction: str = "low"
 ) -> list[str]:
     """The requested methods in order, without repeats; each must be a baseline or valued in the run.
 

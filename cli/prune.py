@@ -23,7 +23,8 @@ def prune(
         None,
         "--by",
         help="methods to prune by: adam, adam_fixed, sgd, random, oracle (comma-separated or repeated; "
-        "default: every method the run valued, random, and oracle where labels were flipped). oracle "
+        "default: every method the run valued, random, and oracle where labels were flipped and --remove "
+        "is low). oracle "
         "removes the flipped-label examples first, then random clean ones: a perfect mislabel detector",
     ),
     seeds: int = typer.Option(
@@ -121,8 +122,8 @@ def cell(mean: float, std: float, seeds: int) -> str:
 
 def pruning_table(summary: pd.DataFrame, plan) -> Table:
     """Methods as rows (full data on top), per fraction the test accuracy and the noisy share removed;
-    the best accuracy of each fraction in bold green (among the methods and random: the full-data
-    model and the oracle are references, shown dim)."""
+    the best accuracy of each fraction in bold green, among the full-data model, the methods and
+    random (the oracle is a reference, shown dim and never highlighted)."""
     from adamshap_core.prune import FULL, ORACLE, n_to_remove
 
     n = plan.data.n_train
@@ -158,6 +159,8 @@ def pruning_table(summary: pd.DataFrame, plan) -> Table:
 
 def table_notes(plan) -> str:
     """What the table's numbers are, printed under it."""
+    from adamshap_core.prune import ORACLE
+
     seeds = f"mean ± std over {plan.seeds} seeds" if plan.seeds > 1 else "1 seed"
     notes = (
         f"Each cell: test accuracy on the held-out test split ({len(plan.data.y_test)} examples, never "
@@ -165,7 +168,7 @@ def table_notes(plan) -> str:
         f"{f'..{plan.recipe.train.seed + plan.seeds - 1}' if plan.seeds > 1 else ''}, the same for every "
         "row). Best per column in bold green."
     )
-    if "oracle" in plan.methods:
+    if ORACLE in plan.methods:
         notes += (
             " oracle (a reference, not a method): removes the flipped-label examples first, then random "
             "clean ones, as a perfect mislabel detector would."
