@@ -1,6 +1,7 @@
 """attribution.compile: compiled values equal eager ones, training stays plain training's, and
 where compiling fails the run goes on eagerly after one warning."""
 
+import math
 import os
 import shutil
 import warnings
@@ -12,6 +13,7 @@ from conftest import rel_err
 from adamshap_core import InRunShapley, training_step
 from adamshap_core.errors import UserError
 from adamshap_core.models import GPT, sequence_loss
+from adamshap_core.precond import AdamState, _norm, adam_fixed_rule, adam_rule
 from adamshap_core.recipe import recipe_from_dict
 
 METHODS = ("adam", "adam_fixed", "sgd")
@@ -137,3 +139,56 @@ def test_the_recipe_key_is_off_by_default_and_strict():
     assert on.attribution.compile is True
     with pytest.raises(UserError, match="valid boolean"):
         recipe_from_dict({**base, "attribution": {"compile": "yes"}})
+
+
+# ---- the traced normaliser: plain tensor code, so it is tested here without compiling
+
+
+def traced(monkeypatch):
+    """Run precond's traced branches eagerly (they take no other input from the compiler)."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_traced_normaliser_equals_hypot_at_extreme_values(dtype, monkeypatch):
+    """Per element, whatever the other elements: no square overflows, a small element next to a
+    huge one keeps its value, and inf stays inf (never NaN)."""
+    finfo = torch.finfo(dtype)
+    x = torch.tensor(
+        [1e-3, 0.5, 1e20, 0.0, 0.0, 3.0, finfo.max, math.inf, 0.0, finfo.tiny, 1e30], dtype=dtype
+    )
+    y = torch.tensor(
+        [0.0, 0.0, 0.0, 0.0, 2e-3, -4.0, finfo.max, 1.0, -math.inf, finfo.tiny, -1e30], dtype=dtype
+    )
+    y = torch.cat([y, -y])
+    x = torch.cat([x, x])
+    for scale in (1.0, 0.25, torch.tensor(0.03, dtype=torch.float64)):
+        want = torch.hypot(x, y * scale)
+        eager = _norm(x, y, scale, 1e-8, torch.empty_like(x))
+        traced(monkeypatch)
+        got = _norm(x, y, scale, 1e-8, torch.empty_like(x))
+        monkeypatch.undo()
+        assert got.dtype == dtype and not got.isnan().any()
+        assert torch.equal(got == math.inf, want == math.inf) and torch.equal(got == 0, want == 0)
+        finite = want.isfinite()
+        assert torch.allclose(got[finite], want[finite], rtol=4 * finfo.eps, atol=0)
+        assert torch.allclose(eager[finite], want[finite], rtol=4 * finfo.eps, atol=0)
+
+
+@pytest.mark.parametrize("rule", [adam_rule, adam_fixed_rule])
+def test_traced_rules_give_the_eager_P_where_adams_second_moment_overflowed(rule, monkeypatch):
+    """float32: where torch's exp_avg_sq is inf its step is 0, so P = 0 there; elsewhere in the same
+    segment, small and huge gradients alike, P is the eager one (not NaN for the whole segment)."""
+    g = torch.tensor([1e-3, 0.5, 1e20, -2e18, 3.0, 1e-30])
+    m = torch.tensor([1e-4, -0.1, 1e19, 1e18, 0.0, 0.0])
+    v = torch.tensor([1e-6, 0.2, math.inf, 1e36, math.inf, 0.0])
+    r = torch.tensor([0.0, 1e-3, 1.0, -5.0, 1e20, 0.0])
+    for decay in (None, r):
+        state = AdamState(1e-3, g, decay, 0.9, 0.999, 1e-8, 5, m, v)
+        want = rule(state, 0.5)
+        traced(monkeypatch)
+        got = rule(state, 0.5)
+        monkeypatch.undo()
+        assert want.isfinite().all() and (want[v == math.inf] == 0).all()
+        assert torch.equal(got == 0, want == 0)
+        assert torch.allclose(got, want, rtol=1e-5, atol=0)
