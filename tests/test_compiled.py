@@ -208,9 +208,11 @@ def fake_compile(fail_on_call, compiling=False):
         def graph(*args):
             calls.append(1)
             fails = fn.__name__ == "rows_gradients" and len(calls) == fail_on_call
-            if fails and compiling:
-                torch._dynamo.callback_handler.run_start_callbacks(None)
-                raise RuntimeError("the graph failed")
+            if fails and compiling:  # as torch's compiler does: start callbacks, then fail
+                from torch._dynamo.callback import CallbackTrigger
+
+                with torch._dynamo.callback_handler.install_callbacks(CallbackTrigger.DYNAMO, "0/1"):
+                    raise RuntimeError("the graph failed")
             out = fn(*args)
             if fails:
                 raise RuntimeError("the graph failed")
