@@ -184,7 +184,8 @@ def adam_rule(s: ParamState, k: float) -> torch.Tensor | float:
     # traced, the check would read a value: the fill is a no-op wherever D0 is finite
     if torch.compiler.is_compiling() or _overflowed(D0):
         # torch's own second moment overflowed: its step there is m̂/inf = 0 for both g0 and g1
-        P.masked_fill_(D0 == math.inf, 0.0)  # D0 > 0: isinf (which does not vectorise)
+        # D0 >= eps > 0, so == inf finds every overflow; unlike isinf it vectorises when compiled
+        P.masked_fill_(D0 == math.inf, 0.0)
     return P
 
 
@@ -198,11 +199,12 @@ def _add_scaled(x: torch.Tensor, y: torch.Tensor, alpha: Scalar) -> torch.Tensor
 def _norm(x: torch.Tensor, y: torch.Tensor, scale: Scalar, eps: float, out: torch.Tensor) -> torch.Tensor:
     """√(x² + (scale·y)²) into ``out``, for x ≥ 0: a plain multiply-add where that is safe
     (five times faster than hypot on a CPU), else a hypot. Safe: no square overflows, and a
-    square that underflows shifts S by under √tiny, far below ε (so S + ε is unchanged)."""
+    square that underflows shifts S by under √tiny, far below ε (so S + ε is unchanged).
+    Traced (a compiled valuation), a fresh tensor from ``_norm_scaled``."""
+    if torch.compiler.is_compiling():  # traced code cannot branch on a value
+        return _norm_scaled(x, y * scale)
     finfo = torch.finfo(y.dtype)
     safe_underflow = eps > 1e6 * finfo.tiny**0.5
-    if torch.compiler.is_compiling():  # traced code cannot branch on a value
-        return _norm_rescaled(x, y, scale) if safe_underflow else torch.hypot(x, y * scale)
     if y.numel():
         lo, hi = torch.aminmax(y)
         big = max(float(x.max()), scale * max(-float(lo), float(hi)))
@@ -213,17 +215,15 @@ def _norm(x: torch.Tensor, y: torch.Tensor, scale: Scalar, eps: float, out: torc
     return torch.hypot(x, torch.mul(y, scale, out=out), out=out)
 
 
-def _norm_rescaled(x: torch.Tensor, y: torch.Tensor, scale: Scalar) -> torch.Tensor:
-    """``_norm``'s multiply-add without reading a value (traced code cannot branch on one): where a
-    square could overflow, everything is first scaled by one power of two (exact), instead of a
-    hypot (which does not vectorise and would run on every element)."""
-    if y.numel() == 0:
-        return x.clone()
-    big = torch.maximum(x.amax(), y.abs().amax() * scale)
-    rescale = torch.exp2(-torch.ceil(torch.log2(big)))
-    sigma = torch.where(big < torch.finfo(y.dtype).max ** 0.5 / 4, 1.0, rescale)
-    xs, ys = x * sigma, y * sigma
-    return torch.sqrt(xs * xs + ys * ys * (scale * scale)) / sigma
+def _norm_scaled(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """hypot(x, y) for x ≥ 0 without reading a value (traced code cannot branch on one) and
+    vectorisable (hypot is not): each element's squares are taken relative to its own larger
+    part m, so none overflows and only a part below m·√tiny underflows (changing S by under an
+    ulp). Where m is 0 the result is 0, where m is inf (the optimizer's own second moment
+    overflowed) inf, as hypot gives: the callers then make P = 0 there."""
+    m = torch.maximum(x, y.abs())
+    scaled = m * torch.sqrt((x / m) ** 2 + (y / m) ** 2)  # NaN where m is 0 or inf, not selected
+    return torch.where((m > 0) & (m < math.inf), scaled, m)
 
 
 def _overflowed(D: torch.Tensor) -> bool:
@@ -269,8 +269,8 @@ Scale = torch.Tensor | float
 
 
 def scales(method: str, segments: Iterable[tuple[Key, ParamState]], clip: float) -> list[tuple[Key, Scale]]:
-    """Per segment (a slice of the flat layout, or a parameter from ``OptimizerView.states``),
-    the multiplier η·c·P of ∇val for this method."""
+    """Per segment (a slice of the flat layout, from ``OptimizerView.segments``), the multiplier
+    η·c·P of ∇val for this method."""
     m = METHODS[method]
     c = clip if m.clipped else 1.0
     return [(where, m.rule(s, s.lr * c)) for where, s in segments]
@@ -282,7 +282,7 @@ def scales(method: str, segments: Iterable[tuple[Key, ParamState]], clip: float)
 class OptimizerView:
     """Reads each parameter's step from a live torch.optim.Adam / AdamW / SGD.
 
-    Validates the optimizer once, up front; ``states()`` is read after the
+    Validates the optimizer once, up front; ``segments`` (or ``reads``) is read after the
     backward pass (and clipping), just before ``optimizer.step()``.
     """
 
@@ -335,15 +335,6 @@ class OptimizerView:
             for key, start, params, n in runs
         ]
 
-    def states(self) -> list[tuple[torch.Tensor, ParamState]]:
-        """Per parameter, in its own shape: for reference code that works tensor by tensor."""
-        return [
-            (p, self._read(group, [p]).state(_own_shape))
-            for group in self.optimizer.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        ]
-
     def _step_count(self, p: torch.Tensor) -> int:
         state = self.optimizer.state.get(p, {})
         if self.kind == "sgd":
@@ -393,11 +384,6 @@ class OptimizerView:
 def flat_join(tensors: list[torch.Tensor], name: str) -> torch.Tensor:
     """Flattens a segment's tensors into a fresh tensor (traced code: the compiler plans the memory)."""
     return torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1)
-
-
-def _own_shape(tensors: list[torch.Tensor], name: str) -> torch.Tensor:
-    """One parameter's tensor as it is (``OptimizerView.states``)."""
-    return tensors[0]
 
 
 def _check_group(kind: str, i: int, group: dict) -> None:

@@ -244,12 +244,12 @@ class InRunShapley:
 
     @property
     def compiled_graphs(self) -> int:
-        """Graphs compiled so far: two per batch shape (one with fused rows) unless a step recompiles."""
+        """Graphs compiled: per batch shape one for the values (none with a rank), one for fused rows."""
         return 0 if self._compiled is None else self._compiled.graphs
 
     def _values(self, val_grads: torch.Tensor, clip: float, B: int, rank: int | None) -> torch.Tensor:
         """This step's values [B, methods, Q], from the state the optimizer is about to step with."""
-        # the low-rank factors of the fast mode draw random numbers: those steps stay eager
+        # with a rank, the fast mode's low-rank factors draw random numbers: then every step stays eager
         if self.compiles and rank is None:
             out = self._compiled_values(val_grads, clip, B)
             if out is not None:

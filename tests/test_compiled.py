@@ -1,6 +1,7 @@
 """attribution.compile: compiled values equal eager ones, training stays plain training's, and
 where compiling fails the run goes on eagerly after one warning."""
 
+import math
 import os
 import shutil
 import warnings
@@ -9,9 +10,10 @@ import pytest
 import torch
 from conftest import rel_err
 
-from adamshap_core import InRunShapley, training_step
+from adamshap_core import InRunShapley, compiled, training_step
 from adamshap_core.errors import UserError
 from adamshap_core.models import GPT, sequence_loss
+from adamshap_core.precond import AdamState, _norm, adam_fixed_rule, adam_rule
 from adamshap_core.recipe import recipe_from_dict
 
 METHODS = ("adam", "adam_fixed", "sgd")
@@ -137,3 +139,153 @@ def test_the_recipe_key_is_off_by_default_and_strict():
     assert on.attribution.compile is True
     with pytest.raises(UserError, match="valid boolean"):
         recipe_from_dict({**base, "attribution": {"compile": "yes"}})
+
+
+# ---- the traced normaliser: plain tensor code, so it is tested here without compiling
+
+
+def traced(monkeypatch):
+    """Run precond's traced branches eagerly (they take no other input from the compiler)."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_traced_normaliser_equals_hypot_at_extreme_values(dtype, monkeypatch):
+    """Per element, whatever the other elements: no square overflows, a small element next to a
+    huge one keeps its value, and inf stays inf (never NaN)."""
+    finfo = torch.finfo(dtype)
+    x = torch.tensor(
+        [1e-3, 0.5, 1e20, 0.0, 0.0, 3.0, finfo.max, math.inf, 0.0, finfo.tiny, 1e30], dtype=dtype
+    )
+    y = torch.tensor(
+        [0.0, 0.0, 0.0, 0.0, 2e-3, -4.0, finfo.max, 1.0, -math.inf, finfo.tiny, -1e30], dtype=dtype
+    )
+    y = torch.cat([y, -y])
+    x = torch.cat([x, x])
+    for scale in (1.0, 0.25, torch.tensor(0.03, dtype=torch.float64)):
+        want = torch.hypot(x, y * scale)
+        eager = _norm(x, y, scale, 1e-8, torch.empty_like(x))
+        traced(monkeypatch)
+        got = _norm(x, y, scale, 1e-8, torch.empty_like(x))
+        monkeypatch.undo()
+        assert got.dtype == dtype and not got.isnan().any()
+        assert torch.equal(got == math.inf, want == math.inf) and torch.equal(got == 0, want == 0)
+        finite = want.isfinite()
+        assert torch.allclose(got[finite], want[finite], rtol=4 * finfo.eps, atol=0)
+        assert torch.allclose(eager[finite], want[finite], rtol=4 * finfo.eps, atol=0)
+
+
+@pytest.mark.parametrize("rule", [adam_rule, adam_fixed_rule])
+def test_traced_rules_give_the_eager_P_where_adams_second_moment_overflowed(rule, monkeypatch):
+    """float32: where torch's exp_avg_sq is inf its step is 0, so P = 0 there; elsewhere in the same
+    segment, small and huge gradients alike, P is the eager one (not NaN for the whole segment)."""
+    g = torch.tensor([1e-3, 0.5, 1e20, -2e18, 3.0, 1e-30])
+    m = torch.tensor([1e-4, -0.1, 1e19, 1e18, 0.0, 0.0])
+    v = torch.tensor([1e-6, 0.2, math.inf, 1e36, math.inf, 0.0])
+    r = torch.tensor([0.0, 1e-3, 1.0, -5.0, 1e20, 0.0])
+    for decay in (None, r):
+        state = AdamState(1e-3, g, decay, 0.9, 0.999, 1e-8, 5, m, v)
+        want = rule(state, 0.5)
+        traced(monkeypatch)
+        got = rule(state, 0.5)
+        monkeypatch.undo()
+        assert want.isfinite().all() and (want[v == math.inf] == 0).all()
+        assert torch.equal(got == 0, want == 0)
+        assert torch.allclose(got, want, rtol=1e-5, atol=0)
+
+
+# ---- what a failure means: compiling (the step goes on eagerly) or a built graph (raised)
+
+
+def fake_compile(fail_on_call, compiling=False):
+    """A ``torch.compile`` whose "graph" runs the function itself. Call number ``fail_on_call`` of
+    the "rows" graph fails: after it ran (its in-place subtraction from .grad done), or with
+    ``compiling``, while compiling (torch starts a compile for a new shape, then fails)."""
+
+    def compile_(fn, **kwargs):
+        calls = []
+
+        def graph(*args):
+            calls.append(1)
+            fails = fn.__name__ == "rows_gradients" and len(calls) == fail_on_call
+            if fails and compiling:  # as torch's compiler does: start callbacks, then fail
+                from torch._dynamo.callback import CallbackTrigger
+
+                with torch._dynamo.callback_handler.install_callbacks(CallbackTrigger.DYNAMO, "0/1"):
+                    raise RuntimeError("the graph failed")
+            out = fn(*args)
+            if fails:
+                raise RuntimeError("the graph failed")
+            return out
+
+        return graph
+
+    return compile_
+
+
+def test_a_graph_that_ran_before_and_then_fails_is_raised_not_rerun(monkeypatch, float64):
+    """The "rows" graph has already taken the rows out of .grad when it fails: rerunning it eagerly
+    would take them out twice, so the step raises."""
+    monkeypatch.setattr(torch, "compile", fake_compile(fail_on_call=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback notice either
+        with pytest.raises(RuntimeError, match="the graph failed"):
+            run([5, 5], adam, {"fuse_validation": True, "compile": True})
+
+
+def test_a_failure_while_compiling_a_new_shape_goes_on_eagerly(monkeypatch, float64):
+    """A failure in a call that compiled (here the second shape's) is compiling's: one warning, and
+    the step's values and update are exactly the eager ones."""
+    monkeypatch.setattr(torch, "compile", fake_compile(fail_on_call=2, compiling=True))
+    eager_model, _, eager = run([5, 3], adam, {"fuse_validation": True})
+    with pytest.warns(RuntimeWarning, match="cannot compile here .*the graph failed"):
+        model, tracker, got = run([5, 3], adam, {"fuse_validation": True, "compile": True})
+    assert tracker.compile_failed == "RuntimeError: the graph failed"
+    for a, b in zip(got, eager, strict=True):
+        assert all(torch.equal(a[m], b[m]) for m in METHODS)
+    for p, q in zip(eager_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+# ---- many trackers, many shapes: torch's recompile limit
+
+
+def mlp_run(sizes, **tracker_kw):
+    """A small MLP's valued steps on batches of ``sizes``; returns the tracker."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    vx, vy = torch.randn(2, 4, generator=gen), torch.randint(0, 3, (2,), generator=gen)
+    tracker = InRunShapley(model, opt, cross_entropy, vx, vy, ("adam",), compile=True, **tracker_kw)
+    for n in sizes:
+        tracker.step(torch.randn(n, 4, generator=gen), torch.randint(0, 3, (n,), generator=gen))
+    tracker.close()
+    return tracker
+
+
+def cross_entropy(out, y):
+    return torch.nn.functional.cross_entropy(out, y, reduction="none")
+
+
+@pytest.mark.slow
+@compiles
+def test_many_trackers_and_shapes_in_one_process_keep_compiling(float64):
+    """Each tracker builds graphs of its own (they are guarded on its engine): more trackers, and
+    more batch shapes for one tracker, than torch's default limit of 8 recompiles."""
+    limit = torch._dynamo.config.recompile_limit
+    for _ in range(limit + 1):
+        tracker = mlp_run([3])
+        assert tracker.compile_failed is None and tracker.compiled_graphs == 1
+    tracker = mlp_run(range(1, limit + 3))
+    assert tracker.compile_failed is None and tracker.compiled_graphs == limit + 2
+
+
+@pytest.mark.slow
+@compiles
+def test_past_the_most_graphs_a_tracker_builds_it_says_so_and_goes_on_eagerly(monkeypatch, float64):
+    monkeypatch.setattr(compiled, "MAX_GRAPHS", 2)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    with pytest.warns(RuntimeWarning, match="'values' needs more than 2 graphs .one per batch shape"):
+        tracker = mlp_run([3, 4, 5, 6])
+    assert tracker.compiled_graphs == 2 and "FailOnRecompileLimitHit" in tracker.compile_failed

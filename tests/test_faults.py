@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import cli, tiny, write_recipe
+from test_compiled import compiles
 
 from adamshap_core import InRunShapley, runio
 from adamshap_core.recipe import recipe_from_dict
@@ -96,7 +97,7 @@ def test_divergence_at_the_first_step_leaves_valid_empty_tables(tmp_path):
 # --------------------------------------------------------------------------- extreme gradient scales
 
 
-def scaled_run(scale: float, dtype: torch.dtype, steps: int = 3, eps: float = 1e-8):
+def scaled_run(scale: float, dtype: torch.dtype, steps: int = 3, eps: float = 1e-8, compile: bool = False):
     """InRunShapley on a small MLP whose loss (so every gradient) is multiplied by ``scale``.
 
     With eps scaled too, Adam's step is exactly scale-invariant: u(s·g; s·ε) = u(g; ε), so the
@@ -113,11 +114,12 @@ def scaled_run(scale: float, dtype: torch.dtype, steps: int = 3, eps: float = 1e
     def loss_fn(out, t):
         return scale * F.cross_entropy(out, t, reduction="none")
 
-    tracker = InRunShapley(model, opt, loss_fn, x[:8], y[:8], methods=("adam", "adam_fixed"))
+    tracker = InRunShapley(model, opt, loss_fn, x[:8], y[:8], methods=("adam", "adam_fixed"), compile=compile)
     values = []
     for k in range(1, steps + 1):
         res = tracker.step(x[8 * k : 8 * (k + 1)], y[8 * k : 8 * (k + 1)])
         values.append({m: v.detach().clone() for m, v in res.values.items()})
+    assert tracker.compile_failed is None
     tracker.close()
     return values, torch.cat([p.detach().flatten() for p in model.parameters()])
 
@@ -148,20 +150,32 @@ def test_adam_values_stay_finite_and_exact_at_extreme_scales_float32_first_step(
         assert rel_err(v / scale, base[0][m]) < 1e-5, m
 
 
-def test_tiny_gradients_float32_later_steps_stay_finite():
+# the compiled valuation normalises without reading a value: the same cases, compiled (slow: compiling
+# takes seconds; skipped without the C++ compiler torch.compile needs on a CPU)
+compiled = pytest.param(True, marks=[pytest.mark.slow, compiles], id="compiled")
+
+
+@pytest.mark.parametrize("compile", [False, compiled])
+def test_tiny_gradients_float32_later_steps_stay_finite(compile):
     """float32, 1e-30: torch's own exp_avg_sq underflows to 0 after the first step (the real Adam
     step then differs from the unscaled one), but the values stay finite numbers."""
-    values, _ = scaled_run(1e-30, torch.float32)
+    values, _ = scaled_run(1e-30, torch.float32, compile=compile)
     for step in values:
         for v in step.values():
             assert torch.isfinite(v).all()
 
 
-def test_huge_gradients_float32_after_adams_state_overflows():
+@pytest.mark.parametrize("compile", [False, compiled])
+def test_huge_gradients_float32_after_adams_state_overflows(compile):
     """torch's own exp_avg_sq overflows to inf after step 1, so its real step there is 0:
     the secant rule must give P = 0 there, not inf/inf."""
-    values, _ = scaled_run(1e30, torch.float32, steps=2)
+    values, _ = scaled_run(1e30, torch.float32, steps=2, compile=compile)
     assert torch.isfinite(values[1]["adam"]).all()
+    if compile:  # exactly the eager values: P = 0 where the second moment overflowed, nowhere else
+        eager, _ = scaled_run(1e30, torch.float32, steps=2)
+        for got, want in zip(values, eager, strict=True):
+            for m in want:  # at step 2 every second moment overflowed: all values are 0
+                assert (got[m] - want[m]).abs().max() <= 1e-5 * want[m].abs().max(), m
 
 
 def test_a_model_too_large_for_memory_is_bad_input(tmp_path):
