@@ -1,8 +1,8 @@
 """``attribution.compile``: the valuation math after the backward pass, run as compiled graphs.
 
 On a small model a valued step is mostly the dispatch of hundreds of tiny tensor ops (the
-validation rows' gradients, their subtraction from ``.grad``, flattening the optimizer's state,
-the rules, M and the contractions), not arithmetic. ``torch.compile`` fuses them into a few
+validation rows' gradients, flattening the optimizer's state, the rules, M and the contractions),
+not arithmetic. ``torch.compile`` fuses them into a few
 kernels. The functions compiled are the eager ones (``fused.rows_gradients`` and
 ``tracker.traced_step_values``), which call the same layer kernels and rules.
 
@@ -75,8 +75,8 @@ class Compiled:
                 return None
             now = _compiles_started()  # None: unknown, so only a function's first call compiles
             compiling = name not in self._ran or (now is not None and now != started)
-            if not compiling:  # a graph built and run before failed: rerunning it eagerly could
-                raise  # repeat what it did in place (the rows' subtraction from .grad)
+            if not compiling:  # a graph that built and ran before failed: an error of the step itself
+                raise  # (out of memory, bad input), which the eager code would meet as well
             self._fail(e, "cannot compile here")
             return None
         self._ran.add(name)

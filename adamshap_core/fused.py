@@ -183,36 +183,34 @@ class ValidationRows:
         # per target: ∇ℓ_r = g_r / w; the mean target: (Σ_r ∇ℓ_r) / V = g / (w·V)
         scale = 1.0 / (self.weight * (1 if self.per_target else len(self)))
         calls = engine.captured(self.batch_size)
-        args = (engine, calls, engine.gradients(), self.batch_size, not self.per_target, scale)
+        args = (engine, calls, self.batch_size, not self.per_target, scale)
         out = None if self.compiled is None else self.compiled("rows", *args)
-        self.gradients = rows_gradients(*args) if out is None else out
+        self.gradients, totals = rows_gradients(*args) if out is None else out
+        # outside the compiled graph, so that a graph that fails and is rerun eagerly cannot
+        # take the rows out of .grad twice
+        _subtract(engine.gradients(), totals)
         self.loss = float(losses.mean())
 
 
 def rows_gradients(
-    engine: GhostEngine,
-    calls: list[Call],
-    grads: dict[int, torch.Tensor],
-    batch_size: int,
-    summed: bool,
-    scale: float,
-) -> torch.Tensor:
-    """The rows' gradients, flat [Q, N] and times ``scale``, from the a and b of ``calls``; their
-    part taken out of ``grads`` (id(param) → ``.grad``, in place). Reads tensors only from its
-    arguments, so that it can be compiled."""
+    engine: GhostEngine, calls: list[Call], batch_size: int, summed: bool, scale: float
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """From the a and b of ``calls``: the rows' gradients, flat [Q, N] and times ``scale``, and
+    their part of each owned parameter's ``.grad`` (id(param) → summed over the rows). Reads
+    tensors only from its arguments and changes none, so that it can be compiled."""
     parts = engine.extra_gradients(batch_size, summed, calls)
-    _subtract(grads, parts)
+    totals = {key: g.sum(dim=0) if g.shape[0] > 1 else g[0] for key, g in parts.items()}
     rows = next(iter(parts.values())).shape[0]
-    return engine.flatten_by_id(parts, rows).mul_(scale)
+    return engine.flatten_by_id(parts, rows).mul_(scale), totals
 
 
-def _subtract(grads: dict[int, torch.Tensor], rows: dict[int, torch.Tensor]) -> None:
-    """``.grad`` −= each parameter's gradient of the rows (summed over them), in one foreach call."""
+def _subtract(grads: dict[int, torch.Tensor], totals: dict[int, torch.Tensor]) -> None:
+    """``.grad`` −= the rows' part, in one foreach call."""
     targets, parts = [], []
-    for key, g in rows.items():
+    for key, total in totals.items():
         grad = grads.get(key)
         if grad is not None:
             targets.append(grad)
-            parts.append((g.sum(dim=0) if g.shape[0] > 1 else g[0]).to(grad.dtype))
+            parts.append(total.to(grad.dtype))
     if targets:  # foreach refuses empty lists
         torch._foreach_sub_(targets, parts)
