@@ -22,9 +22,29 @@ TINY = {
 }
 
 
+# a GPT on a few built-in facts, for what only a language model shows (dropout, token sequences)
+TINY_GPT = {
+    "name": "tiny-gpt",
+    "data": {"source": "builtin:facts", "facts": {"n_facts": 6, "seed": 0}},
+    "model": {"kind": "gpt", "n_layer": 1, "n_head": 2, "d_model": 8},
+    "optim": {"name": "adamw", "lr": 1.0e-2},
+    "train": {"epochs": 1, "batch_size": 4, "seed": 0, "device": "cpu"},
+    "attribution": {"methods": ["adam"], "record_steps": 0},
+}
+
+
 def tiny(**sections) -> dict:
     """TINY with sections updated: tiny(optim={"lr": 0.1}) merges into TINY["optim"]."""
-    r = copy.deepcopy(TINY)
+    return merged(TINY, sections)
+
+
+def tiny_gpt(**sections) -> dict:
+    """TINY_GPT with sections updated, as ``tiny``."""
+    return merged(TINY_GPT, sections)
+
+
+def merged(base: dict, sections: dict) -> dict:
+    r = copy.deepcopy(base)
     for k, v in sections.items():
         if isinstance(v, dict) and isinstance(r.get(k), dict):
             r[k].update(v)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import rel_err
-from helpers import TINY, cli, tiny, write_recipe
+from helpers import TINY, cli, tiny, tiny_gpt, write_recipe
 
 from adamshap_core import InRunShapley, bench_worker
 from adamshap_core import bench as bm
@@ -117,15 +117,7 @@ def test_fidelity_compares_on_the_same_updates_also_with_fused_rows(tmp_path):
 def test_a_bench_of_fused_rows_that_took_the_separate_pass_says_so(tmp_path):
     from adamshap_cli.bench import fusion_lines
 
-    recipe = {
-        "name": "gpt-dropout",
-        "data": {"source": "builtin:facts", "facts": {"n_facts": 6, "seed": 0}},
-        "model": {"kind": "gpt", "n_layer": 1, "n_head": 2, "d_model": 8, "dropout": 0.2},
-        "optim": {"name": "adamw", "lr": 1.0e-2},
-        "train": {"epochs": 1, "batch_size": 4, "seed": 0, "device": "cpu"},
-        "attribution": {"methods": ["adam"], "fuse_validation": True},
-    }
-    spec = _spec(tmp_path, recipe)
+    spec = _spec(tmp_path, tiny_gpt(model={"dropout": 0.2}, attribution={"fuse_validation": True}))
     assert "drops out with p=0.2" in bm.measure(spec, "attribution")["fusion_blocked"]
     assert bm.measure(spec, "plain")["fusion_blocked"] == ""
     assert "took the separate pass (why)" in fusion_lines({"fusion_blocked": "why"})[0]

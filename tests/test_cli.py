@@ -11,7 +11,7 @@ import sys
 import pandas as pd
 import pytest
 import yaml
-from helpers import TINY, cli, tiny, write_recipe
+from helpers import TINY, cli, tiny, tiny_gpt, write_recipe
 
 
 @pytest.fixture
@@ -133,14 +133,7 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
 
 
 def test_train_says_when_fused_validation_rows_take_the_separate_pass(tmp_path, runs):
-    recipe = {
-        "name": "gpt-dropout",
-        "data": {"source": "builtin:facts", "facts": {"n_facts": 6, "seed": 0}},
-        "model": {"kind": "gpt", "n_layer": 1, "n_head": 2, "d_model": 8, "dropout": 0.2},
-        "optim": {"name": "adamw", "lr": 1.0e-2},
-        "train": {"epochs": 1, "batch_size": 4, "seed": 0, "device": "cpu"},
-        "attribution": {"methods": ["adam"], "fuse_validation": True, "record_steps": 0},
-    }
+    recipe = tiny_gpt(name="gpt-dropout", model={"dropout": 0.2}, attribution={"fuse_validation": True})
     res = cli("train", write_recipe(tmp_path, recipe))
     assert res.exit_code == 0, res.output
     assert "attribution.fuse_validation: the validation rows take the separate pass" in res.stderr

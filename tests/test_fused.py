@@ -44,25 +44,22 @@ class TrainDraws(nn.Module):
         return self.lin(x)
 
 
-class TiedOutsideForward(nn.Module):
-    """Uses the first layer's weight again through ``F.linear``, where no hook sees it."""
-
+class TwoLinear(nn.Module):
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(5, 5)
         self.out = nn.Linear(5, 3)
+
+
+class TiedOutsideForward(TwoLinear):
+    """Uses the first layer's weight again through ``F.linear``, where no hook sees it."""
 
     def forward(self, x):
         return self.out(torch.nn.functional.linear(torch.tanh(self.lin(x)), self.lin.weight))
 
 
-class CallsForwardDirectly(nn.Module):
+class CallsForwardDirectly(TwoLinear):
     """Calls a submodule's ``forward`` itself, which skips the module's hooks."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(5, 5)
-        self.out = nn.Linear(5, 3)
 
     def forward(self, x):
         return self.out(self.lin.forward(self.lin(x)))
