@@ -5,20 +5,18 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import cli, tiny, write_recipe
+from helpers import cli, tiny, tiny_gpt, write_recipe
 
 from adamshap_core.attribute import bm25_scores, ranks, score_mask, source_rank
 from adamshap_core.data.facts import LEVELS
 from adamshap_core.errors import UserError
 
-FACTS = {
-    "name": "facts",
-    "data": {"source": "builtin:facts", "facts": {"n_facts": 12, "seed": 0}},
-    "model": {"kind": "gpt", "n_layer": 1, "n_head": 2, "d_model": 8},
-    "optim": {"name": "adamw", "lr": 1.0e-2},
-    "train": {"epochs": 2, "batch_size": 4, "seed": 0, "device": "cpu"},
-    "attribution": {"methods": ["adam", "sgd"], "record_steps": 0},
-}
+FACTS = tiny_gpt(
+    name="facts",
+    data={"facts": {"n_facts": 12, "seed": 0}},
+    train={"epochs": 2},
+    attribution={"methods": ["adam", "sgd"]},
+)
 METHODS = ["adam", "adam_fixed", "sgd", "bm25", "random"]
 CORPUS = [
     "the river runs to the sea",
