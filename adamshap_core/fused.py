@@ -20,6 +20,7 @@ not, the step takes the separate pass; the blockers below say why.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -56,21 +57,28 @@ def probe_blocker(model: nn.Module, loss_fn, inputs, targets) -> str | None:
     row depends on the other rows of the batch (None: none of these)."""
     if not (isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
         return "the validation inputs or targets are not a tensor"
+    with torch.no_grad(), _probing(model, inputs.device) as modules:
+        eval_out = _run_in_mode(model, modules, inputs, training=False)
+        before = _rng_state(inputs.device)
+        train_out = _run_in_mode(model, modules, inputs, training=True)
+        if any(not torch.equal(x, y) for x, y in zip(before, _rng_state(inputs.device), strict=True)):
+            return "the model draws random numbers in train mode"
+        if not (isinstance(eval_out, torch.Tensor) and isinstance(train_out, torch.Tensor)):
+            return "the model's output is not a tensor"
+        if not torch.equal(eval_out, train_out):
+            return "the model's outputs in train mode differ from those in eval mode"
+        return _loss_blocker(loss_fn, eval_out, targets)
+
+
+@contextmanager
+def _probing(model: nn.Module, device: torch.device):
+    """Yields the model's modules; afterwards their train/eval modes and torch's random state are
+    as before, so that a probe changes nothing training will see."""
     modules = list(model.modules())
     modes = [m.training for m in modules]
-    cuda = [inputs.device] if inputs.device.type == "cuda" else []
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-            eval_out = _run_in_mode(model, modules, inputs, training=False)
-            before = _rng_state(inputs.device)
-            train_out = _run_in_mode(model, modules, inputs, training=True)
-            if any(not torch.equal(x, y) for x, y in zip(before, _rng_state(inputs.device), strict=True)):
-                return "the model draws random numbers in train mode"
-            if not (isinstance(eval_out, torch.Tensor) and isinstance(train_out, torch.Tensor)):
-                return "the model's output is not a tensor"
-            if not torch.equal(eval_out, train_out):
-                return "the model's outputs in train mode differ from those in eval mode"
-            return _loss_blocker(loss_fn, eval_out, targets)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield modules
     finally:
         for m, mode in zip(modules, modes, strict=True):
             m.training = mode
@@ -101,19 +109,13 @@ def gradient_blocker(engine: GhostEngine, model: nn.Module, loss_fn, inputs, tar
     skipping the hooks; fused rows would then leave part of their gradient in the update.
     One forward and backward of the rows in train mode, with torch's random state restored."""
     params = [p for p in model.parameters() if p.requires_grad]
-    modules = list(model.modules())
-    modes = [m.training for m in modules]
-    cuda = [inputs.device] if inputs.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=cuda), engine.capture(extra_rows=len(targets)):
+        with _probing(model, inputs.device) as modules, engine.capture(extra_rows=len(targets)):
             loss = loss_fn(_run_in_mode(model, modules, inputs, training=True), targets).sum()
             want = torch.autograd.grad(loss, params, allow_unused=True)
             got = engine.extra_gradients(0, summed=True)
     except UserError as e:  # rows that cannot be told apart: the training step will say so too
         return str(e)
-    finally:
-        for m, mode in zip(modules, modes, strict=True):
-            m.training = mode
     for p, w in zip(params, want, strict=True):
         g = got.get(id(p))
         w = torch.zeros_like(p) if w is None else w
