@@ -18,8 +18,8 @@ graphs; a new tracker in the same process reuses torch's cached kernels and take
 it pays on long runs. It needs a C++ compiler on a CPU. Where compiling fails, one warning says
 why and every step computes eagerly, exactly as without ``compile`` (a run does not stop for a
 speed-up it cannot have; whether it can is only known by compiling, which takes seconds). A
-failure while a graph that was built earlier runs is raised instead: the "rows" graph updates
-``.grad`` in place, so computing the step again eagerly could take the rows out twice.
+failure while a graph that was built earlier runs is raised instead: it is an error of the step
+itself (out of memory, say), not a missing compiler. The graphs change no tensor in place.
 """
 
 from __future__ import annotations
