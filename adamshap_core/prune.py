@@ -84,8 +84,8 @@ def check_methods(
     for m in out:
         if m not in BASELINES and m not in METHOD_NAMES:
             raise UserError(f"--by names the unknown method {m!r}; expected some of: {METHOD_CHOICES}.")
-        if m == ORACLE and not (noisy and direction == "low"):
-            why = "the run's data has no flipped labels" if not noisy else "it has no values to rank high"
+        why = oracle_blocker(noisy, direction) if m == ORACLE else None
+        if why:
             raise UserError(
                 f"--by oracle removes the examples whose label was flipped first, but {why}; expected "
                 "a run with data.label_noise > 0 and --remove low."
@@ -97,6 +97,15 @@ def check_methods(
                 f"its valued methods are: {have}. Pick among those or retrain with that method."
             )
     return out
+
+
+def oracle_blocker(noisy: bool, direction: str) -> str | None:
+    """Why the oracle has nothing to do here (None: it has)."""
+    if not noisy:
+        return "the run's data has no flipped labels"
+    if direction != "low":
+        return "it has no values to rank high"
+    return None
 
 
 def check_direction(direction: str) -> str:
@@ -295,7 +304,7 @@ def plan_for_run(
     is_noisy = data.is_noisy.numpy().astype(bool)
     noisy = bool(is_noisy.any())
     if methods is None:
-        methods = [*available, RANDOM, *([ORACLE] if noisy and direction == "low" else [])]
+        methods = [*available, RANDOM, *([ORACLE] if oracle_blocker(noisy, direction) is None else [])]
     methods = check_methods(methods, available, noisy=noisy, direction=direction)
     values = aligned_values(folder, data, [m for m in methods if m not in BASELINES])
     jobs = plan_retrains(

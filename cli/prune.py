@@ -24,8 +24,8 @@ def prune(
         "--by",
         help="methods to prune by: adam, adam_fixed, sgd, random, oracle (comma-separated or repeated; "
         "default: every method the run valued, random, and oracle where labels were flipped and --remove "
-        "is low). oracle "
-        "removes the flipped-label examples first, then random clean ones: a perfect mislabel detector",
+        "is low). oracle removes the flipped-label examples first, then random clean ones: a perfect "
+        "mislabel detector",
     ),
     seeds: int = typer.Option(
         3,
