@@ -482,6 +482,8 @@ def _max_parameter_gap(m1, m2) -> float:
 # The phases of an attribution step that --profile times by name (when the tracker has them):
 # GhostEngine methods, OptimizerView.segments (reading Adam's state) and precond.scales (P).
 ENGINE_PHASES = ("validation_gradients", "extra_gradients", "matrices", "contract")
+# phases timed inside another (M is built a block at a time, each block's state read and scored first)
+INNER_PHASES = {"matrices: state": "matrices", "matrices: rules": "matrices"}
 PHASE = "phase::"  # prefix of the profiler ranges that time one phase
 
 
@@ -527,21 +529,22 @@ def profile(spec: BenchSpec, n_steps: int = 5) -> dict:
 @contextmanager
 def _phases_labelled(session: Session):
     """Wrap the tracker's phases in profiler ranges for the duration of the block (then restore)."""
+    from . import precond
     from . import tracker as tracker_module
 
     tracker = getattr(session.stepper, "tracker", None)
     if tracker is None or tracker.compiles:  # compiled phases run inside graphs: nothing to wrap
         yield
         return
-    targets = [(tracker.engine, name) for name in ENGINE_PHASES]
-    targets += [(tracker.view, "segments"), (tracker_module, "scales")]
+    targets = [(tracker.engine, name, name) for name in ENGINE_PHASES]
+    targets += [(precond.AdamRead, "state", "matrices: state"), (tracker_module, "scale", "matrices: rules")]
     patched = []
     try:
-        for owner, name in targets:
+        for owner, name, label in targets:
             if hasattr(owner, name):
                 original = getattr(owner, name)
                 patched.append((owner, name, original, name in vars(owner)))
-                setattr(owner, name, _labelled(PHASE + name, original))
+                setattr(owner, name, _labelled(PHASE + label, original))
         yield
     finally:
         for owner, name, original, own in reversed(patched):
@@ -572,7 +575,7 @@ def phase_table(prof: dict) -> pd.DataFrame:
     named = [k for k in att["phase_us"] if k != "step"]
     rows = [("step", per_step(att, "step"), per_step(plain, "step"))]
     rows += [(k, per_step(att, k), float("nan")) for k in named]
-    rest = per_step(att, "step") - sum(per_step(att, k) for k in named)
+    rest = per_step(att, "step") - sum(per_step(att, k) for k in named if k not in INNER_PHASES)
     rows.append(("rest: forward, backward (with hooks), optimizer", rest, float("nan")))
     return pd.DataFrame(rows, columns=["phase", "attribution_ms", "plain_ms"])
 

@@ -10,7 +10,7 @@ means a new ``*State`` here, never a new layer kernel.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -22,6 +22,11 @@ from .workspace import Workspace
 # a step's scalar: a float, or a 0-d float64 tensor inside a compiled valuation (a float there would be
 # baked into the graph, and a new learning rate or step count would compile a new one)
 Scalar = float | torch.Tensor
+
+# floats of the flat layout one block of ``OptimizerView.blocks`` holds: whole parameters packed together,
+# a larger one in pieces. A rule's dozen passes then run over a few blocks' worth of scratch that stays in
+# cache, and its extra memory does not grow with the model (measured best on a CPU at 2^15–2^16)
+BLOCK = 1 << 16
 
 # ---- what the optimizer is about to do to one parameter -----------------------------------------
 
@@ -268,12 +273,16 @@ Key = TypeVar("Key")
 Scale = torch.Tensor | float
 
 
+def scale(method: str, state: ParamState, clip: Scalar) -> Scale:
+    """The multiplier η·c·P of ∇val for this method over one segment's ``state``."""
+    m = METHODS[method]
+    return m.rule(state, state.lr * (clip if m.clipped else 1.0))
+
+
 def scales(method: str, segments: Iterable[tuple[Key, ParamState]], clip: float) -> list[tuple[Key, Scale]]:
     """Per segment (a slice of the flat layout, from ``OptimizerView.segments``), the multiplier
     η·c·P of ∇val for this method."""
-    m = METHODS[method]
-    c = clip if m.clipped else 1.0
-    return [(where, m.rule(s, s.lr * c)) for where, s in segments]
+    return [(where, scale(method, s, clip)) for where, s in segments]
 
 
 # ---- reading the live optimizer ---------------------------------------------------------------
@@ -313,9 +322,19 @@ class OptimizerView:
             for where, read in self.reads(layout)
         ]
 
-    def reads(self, layout: Sequence[torch.Tensor]) -> list[tuple[slice, StepRead]]:
+    def blocks(self, layout: Sequence[torch.Tensor], size: int | None = None) -> Iterator[Segment]:
+        """``segments`` a block of at most ``size`` (default ``BLOCK``) floats at a time (an SGD
+        segment whole: its rules are scalars). All blocks flatten into the same scratch, and the
+        rules reuse theirs too, so a block's state and the scales computed from it are valid only
+        until the next block is taken: use each before asking for the next."""
+        join = self._joiner("block")
+        for where, read in self.reads(layout, size or BLOCK):
+            yield where, read.state(join, self.workspace, "block")
+
+    def reads(self, layout: Sequence[torch.Tensor], block: int | None = None) -> list[tuple[slice, StepRead]]:
         """``segments`` before flattening: each segment's step with its tensors still per parameter,
-        as read from the optimizer's dicts (which a compiled valuation cannot read itself)."""
+        as read from the optimizer's dicts (which a compiled valuation cannot read itself).
+        ``block``: split Adam segments into blocks of at most that many floats (``blocks``)."""
         groups = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
         runs: list[list] = []  # [key, start, params, numel]
         offset = 0
@@ -330,10 +349,15 @@ class OptimizerView:
                 else:
                     runs.append([key, offset, [p], n])
             offset += n
-        return [
-            (slice(start, start + n), self._read(self.optimizer.param_groups[key[0]], params))
-            for key, start, params, n in runs
-        ]
+        out = []
+        for key, start, params, _ in runs:
+            group = self.optimizer.param_groups[key[0]]
+            split = block is not None and self.kind == "adam"
+            for pieces in _packed(params, block) if split else [[(p, 0, p.numel()) for p in params]]:
+                n = sum(hi - lo for _, lo, hi in pieces)
+                out.append((slice(start, start + n), self._read(group, pieces)))
+                start += n
+        return out
 
     def _step_count(self, p: torch.Tensor) -> int:
         state = self.optimizer.state.get(p, {})
@@ -341,9 +365,10 @@ class OptimizerView:
             return int(state.get("momentum_buffer") is not None)
         return int(state["step"]) if "step" in state else 0
 
-    def _read(self, group: dict, params: list[torch.Tensor]) -> StepRead:
-        """The step the optimizer is about to make for ``params`` (one param group, one step count)."""
+    def _read(self, group: dict, pieces: list[Piece]) -> StepRead:
+        """The step the optimizer is about to make for ``pieces`` (one param group, one step count)."""
         lr = float(group["lr"])
+        params = [p for p, _, _ in pieces]
         first = self.optimizer.state.get(params[0], {})
         if self.kind == "sgd":
             return SGDState(lr, _sgd_gain(group, first))
@@ -354,11 +379,11 @@ class OptimizerView:
         moments = None
         if t > 1:
             state = self.optimizer.state
-            moments = ([state[p]["exp_avg"] for p in params], [state[p]["exp_avg_sq"] for p in params])
+            moments = tuple(_cut(pieces, lambda p, k=k: state[p][k]) for k in ("exp_avg", "exp_avg_sq"))
         return AdamRead(
             lr,
-            [p.grad.detach() for p in params],
-            [p.detach() for p in params] if wd and not decoupled else None,
+            _cut(pieces, lambda p: p.grad.detach()),
+            _cut(pieces, lambda p: p.detach()) if wd and not decoupled else None,
             wd,
             beta1,
             beta2,
@@ -379,6 +404,37 @@ class OptimizerView:
             return torch.cat(flat, out=out)
 
         return join
+
+
+Piece = tuple[torch.Tensor, int, int]  # (parameter, start, stop): a range of its flattened elements
+
+
+def _packed(params: list[torch.Tensor], size: int) -> Iterator[list[Piece]]:
+    """``params`` as blocks of at most ``size`` elements: whole parameters packed in order, one
+    larger than ``size`` alone in pieces of ``size`` (so that its blocks need no copy)."""
+    block: list[Piece] = []
+    n = 0
+    for p in params:
+        numel = p.numel()
+        if block and (n + numel > size or numel > size):
+            yield block
+            block, n = [], 0
+        if numel > size:
+            yield from ([(p, lo, min(numel, lo + size))] for lo in range(0, numel, size))
+            continue
+        block.append((p, 0, numel))
+        n += numel
+    if block:
+        yield block
+
+
+def _cut(pieces: list[Piece], tensor_of: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """Each piece's range of the parameter's tensor ``tensor_of(p)`` (the tensor itself where whole)."""
+    out = []
+    for p, lo, hi in pieces:
+        t = tensor_of(p)
+        out.append(t if hi - lo == t.numel() else t.reshape(-1)[lo:hi])
+    return out
 
 
 def flat_join(tensors: list[torch.Tensor], name: str) -> torch.Tensor:

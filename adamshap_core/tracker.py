@@ -8,7 +8,7 @@ the same pass, returns each example's per-step value under every method.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +26,7 @@ from .fused import (
     probe_blocker,
     rows_gradients,
 )
-from .precond import OptimizerView, Segment, StepRead, check_methods, flat_join, scales
+from .precond import OptimizerView, Segment, StepRead, check_methods, flat_join, scale
 
 
 @dataclass
@@ -96,16 +96,17 @@ def _checked(losses: torch.Tensor) -> torch.Tensor:
 def step_values(
     engine: GhostEngine,
     val_grads: torch.Tensor,
-    segments: list[Segment],
+    segments: Iterable[Segment],
     methods: Sequence[str],
     clip: float | torch.Tensor,
     batch_size: int,
     rank: int | None = None,
     calls: list[Call] | None = None,
 ) -> torch.Tensor:
-    """φ [B, methods, Q] from ∇val and the optimizer's step per segment (``engine.values``)."""
-    per_method = [scales(m, segments, clip) for m in methods]
-    return engine.values(val_grads, per_method, batch_size, rank, calls)
+    """φ [B, methods, Q] from ∇val and the optimizer's step per segment (``engine.values``).
+    ``segments`` may be ``OptimizerView.blocks``: each block's scales are used before the next is read."""
+    per_segment = ((where, [scale(m, s, clip) for m in methods]) for where, s in segments)
+    return engine.values(val_grads, per_segment, len(methods), batch_size, rank, calls)
 
 
 def traced_step_values(
@@ -254,8 +255,8 @@ class InRunShapley:
             out = self._compiled_values(val_grads, clip, B)
             if out is not None:
                 return out
-        segments = self.view.segments(self.engine.parameters)
-        return step_values(self.engine, val_grads, segments, self.methods, clip, B, rank)
+        blocks = self.view.blocks(self.engine.parameters)
+        return step_values(self.engine, val_grads, blocks, self.methods, clip, B, rank)
 
     def _compiled_values(self, val_grads: torch.Tensor, clip: float, B: int) -> torch.Tensor | None:
         reads = [(where, read.traced()) for where, read in self.view.reads(self.engine.parameters)]

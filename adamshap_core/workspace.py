@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -16,7 +18,10 @@ class Workspace:
     def get(
         self, key: object, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
+        """A tensor of ``shape`` to be overwritten: the front of ``key``'s buffer, which grows to the
+        largest shape asked for (blocks of different sizes share one)."""
+        numel = math.prod(shape)
         buf = self._buffers.get(key)
-        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
-            buf = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
-        return buf
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)

@@ -315,7 +315,12 @@ def test_profile_reports_phases_ops_and_the_extra_over_plain(tmp_path):
     assert extra["extra_ms"].is_monotonic_decreasing and len(extra) <= bm.PROFILE_ROWS
     phases = bm.phase_table(prof).set_index("phase")
     assert phases.loc["step", "attribution_ms"] > 0 and phases.loc["step", "plain_ms"] > 0
-    assert {"validation_gradients", "scales"} <= set(phases.index)  # the tracker's phases were timed
-    named = phases.drop(index=["step", phases.index[-1]])["attribution_ms"]
+    # the tracker's phases were timed, the rules and the state inside the building of M
+    assert {"validation_gradients", "matrices", "matrices: state", "matrices: rules"} <= set(phases.index)
+    inner = phases.loc[list(bm.INNER_PHASES), "attribution_ms"]
+    assert inner.sum() <= phases.loc["matrices", "attribution_ms"]
+    named = phases.drop(index=["step", phases.index[-1], *bm.INNER_PHASES])["attribution_ms"]
     assert named.sum() <= phases.loc["step", "attribution_ms"]
-    assert tracker.scales is precond.scales  # the phase labels are gone after the profile
+    # the phase labels are gone after the profile
+    assert tracker.scale is precond.scale and "state" in vars(precond.AdamRead)
+    assert precond.AdamRead.state.__qualname__ == "AdamRead.state"

@@ -25,14 +25,14 @@ def test_kernel_matches_per_example_gradients(case, batch, chunked, float64):
     Q = 3
     val = [torch.randn(Q, *p.shape, generator=gen) for p in engine.parameters]
     elementwise = [torch.rand(p.shape, generator=gen) for p in engine.parameters]
-    # one segment per parameter for the elementwise scale, one for the whole layout for the scalar
+    # per parameter: a scalar scale for method 0, an elementwise one for method 1
     scales = [
-        [(slice(0, engine.numel), 1.0)],
-        [(engine.slice_of(p), s.reshape(-1)) for p, s in zip(engine.parameters, elementwise, strict=True)],
+        (engine.slice_of(p), [1.0, s.reshape(-1)])
+        for p, s in zip(engine.parameters, elementwise, strict=True)
     ]
     with engine.capture():
         case.loss(model(x), y).mean().backward()
-        got = engine.values(engine.flatten(val, rows=Q), scales, batch)  # [B, 2, Q]
+        got = engine.values(engine.flatten(val, rows=Q), scales, 2, batch)  # [B, 2, Q]
     G = per_example_grads(model, case.loss, x, y)
     want = torch.zeros(batch, 2, Q)
     for p, v, s in zip(engine.parameters, val, elementwise, strict=True):
@@ -60,9 +60,9 @@ def test_contraction_splits_the_batch_where_intermediates_exceed_the_budget(floa
     val = engine.flatten([torch.randn(1, *p.shape) for p in engine.parameters], rows=1)
     with engine.capture():
         model(x).sum().backward()
-        chunked = engine.values(val, [[(slice(0, engine.numel), 1.0)]] * 2, 7)
+        chunked = engine.values(val, [(slice(0, engine.numel), [1.0, 1.0])], 2, 7)
         engine.contract_chunk = 1 << 26
-        whole = engine.values(val, [[(slice(0, engine.numel), 1.0)]] * 2, 7)
+        whole = engine.values(val, [(slice(0, engine.numel), [1.0, 1.0])], 2, 7)
     assert seen == [3, 3, 1, 7]
     assert rel_err(chunked, whole) <= 1e-12
 

@@ -71,9 +71,11 @@ def test_low_rank_contraction_is_exact_when_m_has_that_rank(float64):
     G, _ = engine.validation_gradients(loss, vx, vy, per_target=False)
     with engine.capture():
         loss(model(x), y).mean().backward()
-        per_method = [scales("sgd", OptimizerView(opt).segments(engine.parameters), 1.0)]
-        M_exact = engine.matrices(G, per_method)
-        M_low = engine.matrices(G, per_method, rank=16)
+        per_segment = [
+            (where, [s]) for where, s in scales("sgd", OptimizerView(opt).segments(engine.parameters), 1.0)
+        ]
+        M_exact = engine.matrices(G, per_segment, 1)
+        M_low = engine.matrices(G, per_segment, 1, rank=16)
         assert id(model.up.weight) in M_low.factors  # the factored path really ran
         assert id(model.down.weight) not in M_low.factors  # too small to pay
         assert rel_err(engine.contract(M_low, 32), engine.contract(M_exact, 32)) <= 1e-9

@@ -95,6 +95,36 @@ def test_validation_rows_in_the_training_batch_match_brute_force(case, per_targe
     assert res.clip_factor < 1.0
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("block", [1, 7, 64])
+def test_rules_run_block_by_block_exactly(case, block, float64, monkeypatch):
+    """The rules score the flat layout a block at a time: parameters packed into blocks, a larger one
+    in pieces, every block in the same scratch. Coupled L2 (the weights are read too), two groups."""
+    from adamshap_core import precond
+
+    monkeypatch.setattr(precond, "BLOCK", block)
+    run_and_check(case, OPTIMIZERS["adam-l2"], split_groups=True)
+
+
+def test_blocks_pack_whole_parameters_and_split_only_larger_ones():
+    from adamshap_core.precond import _packed
+
+    params = [torch.zeros(n) for n in (3, 4, 10, 2, 2, 5)]
+    blocks = list(_packed(params, 5))
+    sizes = [[(p.numel(), lo, hi) for p, lo, hi in b] for b in blocks]
+    assert sizes == [
+        [(3, 0, 3)],
+        [(4, 0, 4)],
+        [(10, 0, 5)],
+        [(10, 5, 10)],
+        [(2, 0, 2), (2, 0, 2)],
+        [(5, 0, 5)],
+    ]
+    # every element of every parameter once, in layout order
+    covered = [(id(p), i) for b in blocks for p, lo, hi in b for i in range(lo, hi)]
+    assert covered == [(id(p), i) for p in params for i in range(p.numel())]
+
+
 def test_scheduler_and_param_groups(float64):
     sched = lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # noqa: E731
     run_and_check(CASES[0], OPTIMIZERS["adam-l2"], steps=5, scheduler=sched, split_groups=True)

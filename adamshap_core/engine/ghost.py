@@ -11,7 +11,7 @@ Or the validation rows ride along in the training batch (``capture(extra_rows=V)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -36,7 +36,6 @@ from .registry import (
 CONTRACT_CHUNK = 1 << 26
 
 Scale = torch.Tensor | float  # multiplier of ∇val over a segment (tensor: elementwise)
-SegmentScales = Sequence[tuple[slice, Scale]]  # one method's scales, per segment of the flat layout
 
 
 @dataclass
@@ -249,47 +248,51 @@ class GhostEngine:
     def values(
         self,
         val_grads: torch.Tensor,
-        scales: Sequence[SegmentScales],
+        scales: Iterable[tuple[slice, Sequence[Scale]]],
+        n_methods: int,
         batch_size: int,
         rank: int | None = None,
         calls: list[Call] | None = None,
     ) -> torch.Tensor:
         """φ[i, m, q] = Σ_W ⟨scale_m,W ⊙ ∇val_q,W, g_i,W⟩ / B, from the captured a and b.
 
-        ``val_grads`` is the flat [Q, N] validation gradient; ``scales[m]`` lists,
-        per segment of the layout, that method's multiplier of ∇val (lr, clip
-        factor and preconditioner P together); parameters outside every segment
-        are not valued (the optimizer does not move them). ``b`` is the gradient
-        of the *mean* loss, which supplies the 1/B. ``rank``: see ``matrices``; ``calls``:
-        see ``extra_gradients``.
+        ``val_grads`` is the flat [Q, N] validation gradient; ``scales`` lists, per segment of
+        the layout, each of the ``n_methods`` methods' multiplier of ∇val there (lr, clip
+        factor and preconditioner P together); parameters outside every segment are not valued
+        (the optimizer does not move them). ``b`` is the gradient of the *mean* loss, which
+        supplies the 1/B. ``rank``: see ``matrices``; ``calls``: see ``extra_gradients``.
         """
-        M = self.matrices(val_grads, scales, rank)
-        return self.contract(M, batch_size, calls).view(batch_size, len(scales), val_grads.shape[0])
+        M = self.matrices(val_grads, scales, n_methods, rank)
+        return self.contract(M, batch_size, calls).view(batch_size, n_methods, val_grads.shape[0])
 
     def matrices(
-        self, val_grads: torch.Tensor, scales: Sequence[SegmentScales], rank: int | None = None
+        self,
+        val_grads: torch.Tensor,
+        scales: Iterable[tuple[slice, Sequence[Scale]]],
+        n_methods: int,
+        rank: int | None = None,
     ) -> Matrices:
         """M = scale ⊙ ∇val per parameter, [n_methods·Q, *shape], in float32 or wider.
 
-        Built in one flat [n_methods·Q, N] buffer, one multiply per segment; each
-        parameter's M is a view of it, valid until the next call (the buffer is reused,
-        so no step pays for a fresh allocation). With ``rank``, weight matrices that a kernel
-        can contract in factored form also get rank-``rank`` factors (fast mode),
-        where that is cheaper.
+        Built in one flat [n_methods·Q, N] buffer, one multiply per segment and method, each
+        segment's scales used as soon as they are read (so they may live in scratch that the
+        next segment reuses); each parameter's M is a view of the buffer, valid until the next
+        call (the buffer is reused, so no step pays for a fresh allocation). With ``rank``,
+        weight matrices that a kernel can contract in factored form also get rank-``rank``
+        factors (fast mode), where that is cheaper.
         """
         Q = val_grads.shape[0]
         G = val_grads.to(torch.promote_types(val_grads.dtype, torch.float32))
-        shape = (len(scales) * Q, self.numel)
+        shape = (n_methods * Q, self.numel)
         if torch.compiler.is_compiling():  # a fresh buffer, whose memory the compiler plans
             flat = G.new_zeros(shape)
         else:
             flat = self._workspace.get("M", shape, G.dtype, G.device).zero_()
-        covered: list[slice] = []  # segments hold whole parameters
-        for k, segments in enumerate(scales):
-            rows = flat[k * Q : (k + 1) * Q]
-            for where, scale in segments:
-                torch.mul(G[:, where], scale, out=rows[:, where])
-                covered.append(where)
+        covered: list[slice] = []
+        for where, per_method in scales:
+            for k, scale in enumerate(per_method):
+                torch.mul(G[:, where], scale, out=flat[k * Q : (k + 1) * Q, where])
+            covered.append(where)
         full = self._views(flat, covered)
         factors = {} if rank is None else self._factorize(full, rank)
         return Matrices(full, factors)
