@@ -66,6 +66,28 @@ class TinyLM(nn.Module):
         return self.head(self.ln_f(h))
 
 
+class Stacked(nn.Module):
+    """Layers of equal shapes, which the engine contracts together (stacked); one layer called twice,
+    and a bias-free one that stacks apart from the others."""
+
+    def __init__(self, d=5, k=3):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+        self.c = nn.Linear(d, d, bias=False)
+        self.rms1, self.rms2 = (
+            (nn.RMSNorm(d), nn.RMSNorm(d)) if hasattr(nn, "RMSNorm") else (nn.Identity(),) * 2
+        )
+        self.head = nn.Linear(d, k)
+
+    def forward(self, x):
+        h = x + torch.tanh(self.a(self.ln1(x)))
+        h = h + torch.tanh(self.b(self.ln2(h)))
+        h = h + torch.tanh(self.a(self.rms1(h)))
+        h = self.rms2(self.c(h))
+        return self.head(h).mean(1)
+
+
 @dataclass
 class Case:
     name: str
@@ -109,4 +131,5 @@ CASES = [
     Case("conv2d", ConvNet, _images),
     Case("lm-tied", lambda: TinyLM(tied=True), _tokens(), sequence_cross_entropy),
     Case("lm-untied", lambda: TinyLM(tied=False, padding_idx=None), _tokens(), sequence_cross_entropy),
+    Case("stacked", Stacked, _sequence(5, 4, 3)),
 ]

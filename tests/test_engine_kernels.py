@@ -140,15 +140,62 @@ def test_kernel_rejects_configurations_it_cannot_value(module):
 
 @pytest.mark.parametrize("T,K", [(1, 1), (1, 5), (7, 1), (7, 5)])
 @pytest.mark.parametrize("d_in,d_out", [(3, 8), (8, 3)])
-def test_linear_contraction_orders_agree_with_the_definition(T, K, d_in, d_out, float64, monkeypatch):
-    """Both orders of Σ_t b_tᵀ M_k a_t (through M, through per-example gradients), chunked too."""
+@pytest.mark.parametrize("G", [1, 3])
+def test_linear_contraction_orders_agree_with_the_definition(T, K, d_in, d_out, G, float64, monkeypatch):
+    """Both orders of Σ_g Σ_t b_tᵀ M_k a_t (through M, through per-example gradients), chunked too,
+    for one layer and for G stacked ones."""
     from adamshap_core.engine import linear
 
     gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(6, T, d_in, generator=gen), torch.randn(6, T, d_out, generator=gen)
-    M = torch.randn(K, d_out, d_in, generator=gen)
-    want = torch.einsum("bto,koi,bti->bk", b, M, a)
-    assert rel_err(linear.contract(a, b, M), want) <= 1e-12
+    a, b = torch.randn(G, 6, T, d_in, generator=gen), torch.randn(G, 6, T, d_out, generator=gen)
+    M = torch.randn(G, K, d_out, d_in, generator=gen)
+    want = torch.einsum("gbto,gkoi,gbti->bk", b, M, a)
+    assert rel_err(linear.contract_stacked(a, b, M), want) <= 1e-12
     assert rel_err(linear._through_per_example_gradients(a, b, M), want) <= 1e-12
-    monkeypatch.setattr(linear, "PER_EXAMPLE_CHUNK", d_in * d_out * 4)  # chunks of 4 examples
+    if G == 1:
+        assert rel_err(linear.contract(a[0], b[0], M[0]), want) <= 1e-12
+    monkeypatch.setattr(linear, "PER_EXAMPLE_CHUNK", G * d_in * d_out * 4)  # chunks of 4 examples
     assert rel_err(linear._through_per_example_gradients(a, b, M), want) <= 1e-12
+
+
+@pytest.mark.parametrize("summed", [False, True], ids=["per-row", "summed"])
+def test_calls_of_equal_shapes_are_stacked_and_value_as_alone(summed, float64, monkeypatch):
+    """Stacked contraction and rows' gradients equal every call alone; the stacks really form."""
+    from cases import Stacked
+
+    from adamshap_core.engine.registry import LayerKernel
+
+    torch.manual_seed(0)
+    model = Stacked()
+    x = torch.randn(9, 4, 5)
+    engine = GhostEngine(model)
+    val = engine.flatten([torch.randn(2, *p.shape) for p in engine.parameters], rows=2)
+    scales = [(slice(0, engine.numel), [1.0, 0.5])]
+    seen = []  # (method, calls stacked)
+
+    def counted(name, original):
+        return lambda self, modules, *rest: (
+            seen.append((name, len(modules))) or original(self, modules, *rest)
+        )
+
+    kernels = {type(k) for k, _ in engine._owned.values()}
+    for name in ("values_stacked", "gradients_stacked"):
+        owners = {c for k in kernels for c in k.__mro__ if name in vars(c) and c is not LayerKernel}
+        for owner in owners:
+            monkeypatch.setattr(owner, name, counted(name, vars(owner)[name]))
+    results = {}
+    for stack_floats in (engine.stack_floats, 0):
+        engine.stack_floats = stack_floats
+        with engine.capture(extra_rows=3):
+            model(x).sum().backward()
+            v = engine.values(val, scales, 2, 6)
+            g = engine.extra_gradients(6, summed)
+        results[stack_floats] = (v, g)
+    (v1, g1), (v0, g0) = results.values()
+    assert rel_err(v1, v0) <= 1e-12
+    assert g1.keys() == g0.keys() and all(rel_err(g1[k], g0[k]) <= 1e-12 for k in g0)
+    # Linear a, b (three calls, one module twice), the two LayerNorms, the two RMSNorms; c stacks alone
+    stacks = sorted(seen)
+    assert ("values_stacked", 3) in stacks and ("gradients_stacked", 3) in stacks
+    assert stacks.count(("values_stacked", 2)) == (2 if hasattr(torch.nn, "RMSNorm") else 1)
+    assert LayerKernel.group_key(None, None, None, None) is None  # a custom kernel stacks nothing

@@ -78,7 +78,7 @@ def test_methods_match_brute_force(case, opt, float64):
     run_and_check(case, OPTIMIZERS[opt])
 
 
-@pytest.mark.parametrize("case", CASES[:1] + CASES[-2:], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", CASES[:1] + CASES[5:], ids=lambda c: c.name)
 def test_clipping_active_and_per_target(case, float64):
     _, res = run_and_check(case, OPTIMIZERS["adamw"], max_grad_norm=0.05, per_target=True)
     assert res.clip_factor < 1.0  # clipping really was active

@@ -34,6 +34,9 @@ from .registry import (
 
 # the default of ``GhostEngine.contract_chunk``
 CONTRACT_CHUNK = 1 << 26
+# the default of ``GhostEngine.stack_floats``: calls are stacked where that saves dispatching small
+# products; a stack's copies of a, b and M stay within this many floats (16 MiB in float32)
+STACK_FLOATS = 1 << 22
 
 Scale = torch.Tensor | float  # multiplier of ∇val over a segment (tensor: elementwise)
 
@@ -58,6 +61,8 @@ class GhostEngine:
         self.val_chunk = val_chunk  # validation targets per vmap call
         # floats a kernel's intermediate tensors may hold at once in the contraction (256 MiB in float32)
         self.contract_chunk = CONTRACT_CHUNK
+        # floats a stack of calls contracted together may copy (0: every call alone)
+        self.stack_floats = STACK_FLOATS
         self.parameters: list[nn.Parameter] = []
         # For each valued module: its kernel and {param name: parameter} it values.
         self._owned: dict[nn.Module, tuple[LayerKernel, dict[str, nn.Parameter]]] = {}
@@ -208,14 +213,22 @@ class GhostEngine:
         one outside the layout, since its ``.grad`` holds their part as well. ``calls``: those of
         ``captured(batch_size)``, passed in by compiled code (which cannot read them itself)."""
         out: dict[int, torch.Tensor] = {}
+        parts = []
         for call in self.captured(batch_size) if calls is None else calls:
-            kernel, own = self._owned[call.module]
             dtype = torch.promote_types(call.b.dtype, torch.float32)  # as ∇val is used: float32 or wider
             a, b = _cast(call.a[batch_size:], dtype), _cast(call.b[batch_size:], dtype)
-            grads = kernel.gradients(call.module, a, b, own, summed)
-            for name, g in grads.items():
-                key = id(own[name])
-                out[key] = g if key not in out else out[key] + g
+            parts.append(Part(call, a, b, self._owned[call.module][1]))
+        for stack in self._stacks(parts, intermediate=False):
+            kernel, first = stack[0].call.kernel, stack[0]
+            if len(stack) == 1:
+                grads = [kernel.gradients(first.call.module, first.a, first.b, first.params, summed)]
+            else:
+                a, b = _stack(stack)
+                grads = kernel.gradients_stacked([p.call.module for p in stack], a, b, first.params, summed)
+            for part, by_name in zip(stack, grads, strict=True):
+                for name, g in by_name.items():
+                    key = id(part.params[name])
+                    out[key] = g if key not in out else out[key] + g
         return out
 
     def gradients(self) -> dict[int, torch.Tensor]:
@@ -348,25 +361,67 @@ class GhostEngine:
         """[B, K]: every captured call's ⟨M_k, g_i⟩ for the B training rows, summed over calls."""
         calls = self.captured(batch_size) if calls is None else calls
         B = batch_size
-        total = None
+        parts = []
         for call in calls:
             Mc = M.for_call(call.module, call.kernel, self._owned[call.module][1])
             if not Mc:
                 continue
             dtype = matrix_dtype(Mc)  # float32 or wider, also under autocast
             a, b = (call.a, call.b) if not self._extra_rows else (call.a[:B], call.b[:B])
-            v = self._values_in_chunks(call, _cast(a, dtype), _cast(b, dtype), Mc)
+            parts.append(Part(call, _cast(a, dtype), _cast(b, dtype), Mc))
+        total = None
+        for stack in self._stacks(parts, intermediate=True):
+            if len(stack) == 1:
+                v = self._values_in_chunks(stack[0])
+            else:
+                a, b = _stack(stack)
+                Ms = {name: torch.stack([p.params[name] for p in stack]) for name in stack[0].params}
+                v = stack[0].call.kernel.values_stacked([p.call.module for p in stack], a, b, Ms)
             total = v if total is None else total + v
         if total is None:
             total = torch.zeros(B, M.n_targets, device=calls[0].a.device)
         return total
 
-    def _values_in_chunks(self, call: Call, a: torch.Tensor, b: torch.Tensor, Mc: dict) -> torch.Tensor:
+    def _stacks(self, parts: list[Part], intermediate: bool) -> list[list[Part]]:
+        """The parts in stacks of one kernel ``group_key`` (and one set of parameters, dtypes and
+        whether M is exact), each stack's copies of a, b and M within ``stack_floats`` and, with
+        ``intermediate``, the kernel's intermediates within ``contract_chunk``; a part without a
+        key, or too big to share, alone (and contracted in chunks where it must be)."""
+        stacks: list[list[Part]] = []
+        open_stacks: dict[
+            object, tuple[list[Part], list[int]]
+        ] = {}  # key -> (stack, [copies, intermediates])
+        for part in parts:
+            key = _stack_key(part)
+            copies = part.a.numel() + part.b.numel() + sum(_floats(m) for m in part.params.values())
+            inter = self._intermediate_floats(part) if intermediate else 0
+            if key is None or copies > self.stack_floats or inter > self.contract_chunk:
+                stacks.append([part])
+                continue
+            stack, size = open_stacks.get(key, (None, None))
+            if stack is None or size[0] + copies > self.stack_floats or size[1] + inter > self.contract_chunk:
+                stack, size = [], [0, 0]
+                open_stacks[key] = (stack, size)
+                stacks.append(stack)
+            stack.append(part)
+            size[0] += copies
+            size[1] += inter
+        return stacks
+
+    def _intermediate_floats(self, part: Part) -> int:
+        """Floats the kernel's intermediates for all of the part's examples take at once."""
+        return self._per_example_floats(part) * part.a.shape[0]
+
+    def _per_example_floats(self, part: Part) -> int:
+        call = part.call
+        return call.kernel.intermediate_floats(call.module, part.a, part.b, n_targets(part.params))
+
+    def _values_in_chunks(self, part: Part) -> torch.Tensor:
         """The kernel's [B, K] values, a chunk of examples at a time where its intermediate tensors
         would exceed ``contract_chunk`` floats (long sequences, big batches, many targets). Each
         example's value depends on its own rows only, so chunking changes no value."""
-        per_example = call.kernel.intermediate_floats(call.module, a, b, n_targets(Mc))
-        chunk = max(1, self.contract_chunk // max(1, per_example))
+        call, a, b, Mc = part.call, part.a, part.b, part.params
+        chunk = max(1, self.contract_chunk // max(1, self._per_example_floats(part)))
         B = a.shape[0]
         if chunk >= B:
             return call.kernel.values(call.module, a, b, Mc)
@@ -390,6 +445,38 @@ class GhostEngine:
                     "input broadcast over the batch, such as positions from arange(T)? expand it first)"
                 )
         return calls
+
+
+@dataclass
+class Part:
+    """One captured call's a and b (the rows it is asked about, cast) and its parameters: their M
+    (``contract``) or the parameters themselves (``extra_gradients``), by name."""
+
+    call: Call
+    a: torch.Tensor
+    b: torch.Tensor
+    params: dict
+
+
+def _stack_key(part: Part) -> object | None:
+    """Parts of equal keys may be stacked (None: never): one kernel and ``group_key``, the same
+    parameter names, dtypes, and exact M (a low-rank factorisation is contracted alone)."""
+    if any(isinstance(m, LowRank) for m in part.params.values()):
+        return None
+    call = part.call
+    key = call.kernel.group_key(call.module, part.a, part.b)
+    if key is None:
+        return None
+    return (type(call.kernel), key, tuple(part.params), part.a.dtype, part.b.dtype)
+
+
+def _stack(stack: list[Part]) -> tuple[torch.Tensor, torch.Tensor]:
+    """a and b of the stack's parts, stacked on a new leading dimension."""
+    return torch.stack([p.a for p in stack]), torch.stack([p.b for p in stack])
+
+
+def _floats(m: torch.Tensor | LowRank) -> int:
+    return m.numel() if isinstance(m, torch.Tensor) else 0
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

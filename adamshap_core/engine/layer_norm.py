@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import LayerKernel, n_targets, register
+from .registry import LayerKernel, n_targets, register, split_stacked
 
 
 def _affine_gradients(module, x_hat: torch.Tensor, b: torch.Tensor, names, summed: bool) -> dict:
@@ -33,19 +33,53 @@ def _affine_values(module, x_hat: torch.Tensor, b: torch.Tensor, M) -> torch.Ten
     return out
 
 
+def _affine_values_stacked(module, x_hat: torch.Tensor, b: torch.Tensor, M) -> torch.Tensor:
+    """``_affine_values`` of G stacked calls (x̂, b [G, B, ...], M {name: [G, K, ...]}), summed over them."""
+    G, B = b.shape[:2]
+    grads = _affine_gradients(module, x_hat.flatten(0, 1), b.flatten(0, 1), M, summed=False)  # [G·B, n]
+    out = None
+    for name, g in grads.items():
+        v = (g.view(G, B, -1) @ M[name].reshape(G, -1, g.shape[1]).transpose(1, 2)).sum(dim=0)
+        out = v if out is None else out + v
+    return out
+
+
 def _shaped(module, grads: dict) -> dict:
     return {name: g.view(g.shape[0], *module.normalized_shape) for name, g in grads.items()}
 
 
-@register(nn.LayerNorm)
-class LayerNormKernel(LayerKernel):
-    param_names = ("weight", "bias")
+class _AffineKernel(LayerKernel):
+    """A norm layer's affine parameters, from its input normalised again (``normalized``)."""
+
+    def normalized(self, module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def values(self, module, a, b, M):
-        return _affine_values(module, _normalized(module, a), b, M)
+        return _affine_values(module, self.normalized(module, a), b, M)
 
     def gradients(self, module, a, b, names, summed):
-        return _shaped(module, _affine_gradients(module, _normalized(module, a), b, names, summed))
+        return _shaped(module, _affine_gradients(module, self.normalized(module, a), b, names, summed))
+
+    def group_key(self, module, a, b):
+        return (a.shape, b.shape, module.normalized_shape, module.eps)
+
+    def values_stacked(self, modules, a, b, M):
+        return _affine_values_stacked(modules[0], self.normalized(modules[0], a), b, M)
+
+    def gradients_stacked(self, modules, a, b, names, summed):
+        G = a.shape[0]
+        rows = G if summed else G * a.shape[1]  # per call one summed row, or each of its rows
+        x_hat = self.normalized(modules[0], a).reshape(rows, -1)
+        grads = _affine_gradients(modules[0], x_hat, b.reshape(rows, -1), names, summed=False)
+        return split_stacked(_shaped(modules[0], grads), G)
+
+
+@register(nn.LayerNorm)
+class LayerNormKernel(_AffineKernel):
+    param_names = ("weight", "bias")
+
+    def normalized(self, module, a):
+        return _normalized(module, a)
 
 
 def _normalized(module: nn.LayerNorm, a: torch.Tensor) -> torch.Tensor:
@@ -55,14 +89,11 @@ def _normalized(module: nn.LayerNorm, a: torch.Tensor) -> torch.Tensor:
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
 
     @register(nn.RMSNorm)
-    class RMSNormKernel(LayerKernel):
+    class RMSNormKernel(_AffineKernel):
         param_names = ("weight",)
 
-        def values(self, module, a, b, M):
-            return _affine_values(module, _rms_normalized(module, a), b, M)
-
-        def gradients(self, module, a, b, names, summed):
-            return _shaped(module, _affine_gradients(module, _rms_normalized(module, a), b, names, summed))
+        def normalized(self, module, a):
+            return _rms_normalized(module, a)
 
     def _rms_normalized(module: nn.RMSNorm, a: torch.Tensor) -> torch.Tensor:
         # eps=None: torch uses the input dtype's machine epsilon (the model's, for float32)

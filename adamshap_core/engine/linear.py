@@ -1,5 +1,7 @@
 """nn.Linear: ⟨M, g_i⟩ = Σ_t b_{i,t}ᵀ M a_{i,t}, for all K matrices at once, in the cheaper exact order;
-per-row gradients Σ_t b_{r,t} a_{r,t}ᵀ for the validation rows."""
+per-row gradients Σ_t b_{r,t} a_{r,t}ᵀ for the validation rows. Calls of equal shapes (the attention
+projections of every block, say) are contracted together, stacked: one batched product instead of one
+small product each, which on a small model is most of the cost."""
 
 from __future__ import annotations
 
@@ -7,41 +9,47 @@ import torch
 from torch import nn
 
 from .low_rank import LowRank
-from .registry import LayerKernel, register
+from .registry import LayerKernel, register, split_stacked
 
 # per-example weight gradients of one layer are formed in chunks of at most this many floats
 PER_EXAMPLE_CHUNK = 1 << 24
 
 
 def contract(a: torch.Tensor, b: torch.Tensor, Mw: torch.Tensor) -> torch.Tensor:
-    """Σ_t b_{i,t}ᵀ M_k a_{i,t} for a [B,T,d_in], b [B,T,d_out], Mw [K,d_out,d_in] → [B,K].
+    """Σ_t b_{i,t}ᵀ M_k a_{i,t} for a [B,T,d_in], b [B,T,d_out], Mw [K,d_out,d_in] → [B,K]."""
+    return contract_stacked(a[None], b[None], Mw[None])
+
+
+def contract_stacked(a: torch.Tensor, b: torch.Tensor, Mw: torch.Tensor) -> torch.Tensor:
+    """Σ_g Σ_t b_{g,i,t}ᵀ M_{g,k} a_{g,i,t} for G stacked layers (or layer groups): a [G,B,T,d_in],
+    b [G,B,T,d_out], Mw [G,K,d_out,d_in] → [B,K].
 
     Two exact orders, the cheaper one taken (as an einsum path optimiser would):
-    through M, B·T·K·d_in·d_out multiply-adds; or through this layer's per-example
+    through M, B·T·K·d_in·d_out multiply-adds per layer; or through the layer's per-example
     gradients Σ_t b_t a_tᵀ, formed a chunk of examples at a time and dropped at once,
     B·(T + K)·d_in·d_out. The second wins when both T and K exceed 1 (sequences valued
     for several methods or queries).
     """
-    B, T, d_in = a.shape
-    d_out, K = b.shape[-1], Mw.shape[0]
+    G, B, T, d_in = a.shape
+    d_out, K = b.shape[-1], Mw.shape[1]
     if T + K < T * K:
         return _through_per_example_gradients(a, b, Mw)
-    if d_in <= d_out:  # one GEMM for all K; the intermediate is [B,T,K,min(d_in,d_out)]
-        bm = b.reshape(B * T, d_out) @ Mw.permute(1, 0, 2).reshape(d_out, K * d_in)
-        return (bm.view(B, T, K, d_in) * a.unsqueeze(2)).sum(dim=(1, 3))
-    am = a.reshape(B * T, d_in) @ Mw.permute(2, 0, 1).reshape(d_in, K * d_out)
-    return (am.view(B, T, K, d_out) * b.unsqueeze(2)).sum(dim=(1, 3))
+    if d_in <= d_out:  # one batched GEMM for all K; the intermediate is [G,B,T,K,min(d_in,d_out)]
+        bm = b.reshape(G, B * T, d_out) @ Mw.permute(0, 2, 1, 3).reshape(G, d_out, K * d_in)
+        return (bm.view(G, B, T, K, d_in) * a.unsqueeze(3)).sum(dim=(0, 2, 4))
+    am = a.reshape(G, B * T, d_in) @ Mw.permute(0, 3, 1, 2).reshape(G, d_in, K * d_out)
+    return (am.view(G, B, T, K, d_out) * b.unsqueeze(3)).sum(dim=(0, 2, 4))
 
 
 def _through_per_example_gradients(a: torch.Tensor, b: torch.Tensor, Mw: torch.Tensor) -> torch.Tensor:
-    B, _, d_in = a.shape
-    d_out, K = b.shape[-1], Mw.shape[0]
-    flat_M = Mw.reshape(K, d_out * d_in).T  # [d_out·d_in, K]
-    chunk = max(1, PER_EXAMPLE_CHUNK // (d_out * d_in))
+    G, B, _, d_in = a.shape
+    d_out, K = b.shape[-1], Mw.shape[1]
+    flat_M = Mw.reshape(G, K, d_out * d_in).transpose(1, 2)  # [G, d_out·d_in, K]
+    chunk = max(1, PER_EXAMPLE_CHUNK // (G * d_out * d_in))
     parts = []
     for s in range(0, B, chunk):
-        g = b[s : s + chunk].transpose(1, 2) @ a[s : s + chunk]  # [chunk, d_out, d_in]
-        parts.append(g.reshape(g.shape[0], -1) @ flat_M)
+        g = b[:, s : s + chunk].transpose(2, 3) @ a[:, s : s + chunk]  # [G, chunk, d_out, d_in]
+        parts.append((g.reshape(G, g.shape[1], -1) @ flat_M).sum(dim=0))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
@@ -81,14 +89,37 @@ class LinearKernel(LayerKernel):
             out = bias if out is None else out + bias
         return out
 
+    def group_key(self, module, a, b):
+        return (a.shape, b.shape)
+
+    def values_stacked(self, modules, a, b, M):
+        G, B = a.shape[:2]
+        a = a.reshape(G, B, -1, a.shape[-1])
+        b = b.reshape(G, B, -1, b.shape[-1])
+        out = contract_stacked(a, b, M["weight"]) if "weight" in M else None
+        if "bias" in M:  # Σ_g Σ_t ⟨m_{g,k}, b_{g,i,t}⟩
+            bias = (b.sum(dim=2) @ M["bias"].transpose(1, 2)).sum(dim=0)
+            out = bias if out is None else out + bias
+        return out
+
     def gradients(self, module, a, b, names, summed):
         # summed: the rows as more positions of one row, so each sum over rows is one product
         R = 1 if summed else a.shape[0]
-        a = a.reshape(R, -1, a.shape[-1])
-        b = b.reshape(R, -1, b.shape[-1])
-        out = {}
-        if "weight" in names:
-            out["weight"] = b.transpose(1, 2) @ a  # [R, d_out, d_in]
-        if "bias" in names:
-            out["bias"] = b.sum(dim=1)
-        return out
+        return _row_gradients(a.reshape(R, -1, a.shape[-1]), b.reshape(R, -1, b.shape[-1]), names)
+
+    def gradients_stacked(self, modules, a, b, names, summed):
+        G = a.shape[0]
+        rows = G if summed else G * a.shape[1]  # per call one summed row, or each of its rows
+        grads = _row_gradients(a.reshape(rows, -1, a.shape[-1]), b.reshape(rows, -1, b.shape[-1]), names)
+        return split_stacked(grads, G)
+
+
+def _row_gradients(a: torch.Tensor, b: torch.Tensor, names) -> dict[str, torch.Tensor]:
+    """{weight: Σ_t b_{r,t} a_{r,t}ᵀ [R, d_out, d_in], bias: Σ_t b_{r,t} [R, d_out]}
+    for a [R,T,d_in], b [R,T,d_out]."""
+    out = {}
+    if "weight" in names:
+        out["weight"] = b.transpose(1, 2) @ a
+    if "bias" in names:
+        out["bias"] = b.sum(dim=1)
+    return out

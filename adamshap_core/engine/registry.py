@@ -9,7 +9,7 @@ few validation rows that share the training batch, how to build their gradients.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Hashable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ class LayerKernel:
         engine contracts a chunk of examples at a time where the batch would exceed its budget.
         By default two tensors (a product and the operand it is formed from) of K times the larger
         of an example's input and output-gradient."""
-        return 2 * K * max(a[0].numel(), b[0].numel()) if len(a) else 0
+        return 2 * K * max(a.numel(), b.numel()) // a.shape[0] if len(a) else 0
 
     def values(
         self, module: nn.Module, a: torch.Tensor, b: torch.Tensor, M: Mapping[str, torch.Tensor]
@@ -62,6 +62,40 @@ class LayerKernel:
         ``a`` and ``b`` of R rows; with ``summed``, their sum over the rows ([1, *shape], one
         product instead of R). Used for validation rows appended to the training batch."""
         raise NotImplementedError
+
+    # ---- optional: calls of equal shapes valued together ------------------------------------------
+    # On a small model a kernel call is mostly the dispatch of a few tiny products; the calls of one
+    # key (the same projection in every block, say) are then stacked on a new leading dimension G and
+    # valued in one call of batched products.
+
+    def group_key(self, module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> Hashable | None:
+        """Calls of this kernel whose keys are equal (not None) may go to ``values_stacked`` and
+        ``gradients_stacked`` together. None (the default): every call alone."""
+        return None
+
+    def values_stacked(
+        self, modules: Sequence[nn.Module], a: torch.Tensor, b: torch.Tensor, M: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """``values`` summed over G calls of one ``group_key``: a [G, B, ...], b [G, B, ...] and
+        M {name: [G, K, *shape]} (exact matrices, never low-rank) → [B, K]."""
+        raise NotImplementedError
+
+    def gradients_stacked(
+        self,
+        modules: Sequence[nn.Module],
+        a: torch.Tensor,
+        b: torch.Tensor,
+        names: Collection[str],
+        summed: bool,
+    ) -> list[dict[str, torch.Tensor]]:
+        """``gradients`` of G calls of one ``group_key``, a and b stacked [G, R, ...]: one dict per call."""
+        raise NotImplementedError
+
+
+def split_stacked(grads: Mapping[str, torch.Tensor], G: int) -> list[dict[str, torch.Tensor]]:
+    """{name: [G·R, *shape]}, the rows of G stacked calls one after another → per call {name: [R, *shape]}."""
+    parts = {name: g.view(G, -1, *g.shape[1:]).unbind(0) for name, g in grads.items()}
+    return [{name: p[i] for name, p in parts.items()} for i in range(G)]
 
 
 def has_gradients(kernel: LayerKernel) -> bool:
