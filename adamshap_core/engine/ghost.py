@@ -387,6 +387,8 @@ class GhostEngine:
         whether M is exact), each stack's copies of a, b and M within ``stack_floats`` and, with
         ``intermediate``, the kernel's intermediates within ``contract_chunk``; a part without a
         key, or too big to share, alone (and contracted in chunks where it must be)."""
+        if torch.compiler.is_compiling():  # a compiled graph has no dispatch to save: stacking only copies
+            return [[part] for part in parts]
         stacks: list[list[Part]] = []
         open_stacks: dict[
             object, tuple[list[Part], list[int]]
