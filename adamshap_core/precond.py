@@ -353,9 +353,9 @@ class OptimizerView:
         for key, start, params, _ in runs:
             group = self.optimizer.param_groups[key[0]]
             split = block is not None and self.kind == "adam"
-            for pieces in _packed(params, block) if split else [[(p, 0, p.numel()) for p in params]]:
-                n = sum(hi - lo for _, lo, hi in pieces)
-                out.append((slice(start, start + n), self._read(group, pieces)))
+            for members, part in _packed(params, block) if split else [(params, None)]:
+                n = sum(p.numel() for p in members) if part is None else part.stop - part.start
+                out.append((slice(start, start + n), self._read(group, members, part)))
                 start += n
         return out
 
@@ -365,10 +365,10 @@ class OptimizerView:
             return int(state.get("momentum_buffer") is not None)
         return int(state["step"]) if "step" in state else 0
 
-    def _read(self, group: dict, pieces: list[Piece]) -> StepRead:
-        """The step the optimizer is about to make for ``pieces`` (one param group, one step count)."""
+    def _read(self, group: dict, params: list[torch.Tensor], part: slice | None = None) -> StepRead:
+        """The step the optimizer is about to make for ``params`` (one param group, one step count);
+        ``part``: the range of the one parameter given, where only that is read."""
         lr = float(group["lr"])
-        params = [p for p, _, _ in pieces]
         first = self.optimizer.state.get(params[0], {})
         if self.kind == "sgd":
             return SGDState(lr, _sgd_gain(group, first))
@@ -379,11 +379,11 @@ class OptimizerView:
         moments = None
         if t > 1:
             state = self.optimizer.state
-            moments = tuple(_cut(pieces, lambda p, k=k: state[p][k]) for k in ("exp_avg", "exp_avg_sq"))
+            moments = tuple(_ranged([state[p][k] for p in params], part) for k in ("exp_avg", "exp_avg_sq"))
         return AdamRead(
             lr,
-            _cut(pieces, lambda p: p.grad.detach()),
-            _cut(pieces, lambda p: p.detach()) if wd and not decoupled else None,
+            _ranged([p.grad.detach() for p in params], part),
+            _ranged([p.detach() for p in params], part) if wd and not decoupled else None,
             wd,
             beta1,
             beta2,
@@ -406,35 +406,31 @@ class OptimizerView:
         return join
 
 
-Piece = tuple[torch.Tensor, int, int]  # (parameter, start, stop): a range of its flattened elements
+Block = tuple[list[torch.Tensor], slice | None]  # parameters, and the range of the one split (None: whole)
 
 
-def _packed(params: list[torch.Tensor], size: int) -> Iterator[list[Piece]]:
+def _packed(params: list[torch.Tensor], size: int) -> Iterator[Block]:
     """``params`` as blocks of at most ``size`` elements: whole parameters packed in order, one
-    larger than ``size`` alone in pieces of ``size`` (so that its blocks need no copy)."""
-    block: list[Piece] = []
+    larger than ``size`` alone in ranges of ``size`` (so that its blocks need no copy)."""
+    block: list[torch.Tensor] = []
     n = 0
     for p in params:
         numel = p.numel()
         if block and (n + numel > size or numel > size):
-            yield block
+            yield block, None
             block, n = [], 0
         if numel > size:
-            yield from ([(p, lo, min(numel, lo + size))] for lo in range(0, numel, size))
+            yield from (([p], slice(lo, min(numel, lo + size))) for lo in range(0, numel, size))
             continue
-        block.append((p, 0, numel))
+        block.append(p)
         n += numel
     if block:
-        yield block
+        yield block, None
 
 
-def _cut(pieces: list[Piece], tensor_of: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
-    """Each piece's range of the parameter's tensor ``tensor_of(p)`` (the tensor itself where whole)."""
-    out = []
-    for p, lo, hi in pieces:
-        t = tensor_of(p)
-        out.append(t if hi - lo == t.numel() else t.reshape(-1)[lo:hi])
-    return out
+def _ranged(tensors: list[torch.Tensor], part: slice | None) -> list[torch.Tensor]:
+    """The tensors, or the range ``part`` of the one flattened tensor of a split parameter."""
+    return tensors if part is None else [tensors[0].reshape(-1)[part]]
 
 
 def flat_join(tensors: list[torch.Tensor], name: str) -> torch.Tensor:

@@ -111,17 +111,10 @@ def test_blocks_pack_whole_parameters_and_split_only_larger_ones():
 
     params = [torch.zeros(n) for n in (3, 4, 10, 2, 2, 5)]
     blocks = list(_packed(params, 5))
-    sizes = [[(p.numel(), lo, hi) for p, lo, hi in b] for b in blocks]
-    assert sizes == [
-        [(3, 0, 3)],
-        [(4, 0, 4)],
-        [(10, 0, 5)],
-        [(10, 5, 10)],
-        [(2, 0, 2), (2, 0, 2)],
-        [(5, 0, 5)],
-    ]
+    sizes = [([p.numel() for p in ps], part and (part.start, part.stop)) for ps, part in blocks]
+    assert sizes == [([3], None), ([4], None), ([10], (0, 5)), ([10], (5, 10)), ([2, 2], None), ([5], None)]
     # every element of every parameter once, in layout order
-    covered = [(id(p), i) for b in blocks for p, lo, hi in b for i in range(lo, hi)]
+    covered = [(id(p), i) for ps, part in blocks for p in ps for i in range(p.numel())[part or slice(None)]]
     assert covered == [(id(p), i) for p in params for i in range(p.numel())]
 
 

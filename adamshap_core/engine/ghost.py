@@ -35,8 +35,9 @@ from .registry import (
 # the default of ``GhostEngine.contract_chunk``
 CONTRACT_CHUNK = 1 << 26
 # the default of ``GhostEngine.stack_floats``: calls are stacked where that saves dispatching small
-# products; a stack's copies of a, b and M stay within this many floats (16 MiB in float32)
-STACK_FLOATS = 1 << 22
+# products; a stack's copies of a, b and M and its intermediates stay within this many floats (1 MiB in
+# float32, about what stays in a core's cache: beyond it, stacking slows the products more than it saves)
+STACK_FLOATS = 1 << 18
 
 Scale = torch.Tensor | float  # multiplier of ∇val over a segment (tensor: elementwise)
 
@@ -61,7 +62,7 @@ class GhostEngine:
         self.val_chunk = val_chunk  # validation targets per vmap call
         # floats a kernel's intermediate tensors may hold at once in the contraction (256 MiB in float32)
         self.contract_chunk = CONTRACT_CHUNK
-        # floats a stack of calls contracted together may copy (0: every call alone)
+        # floats a stack of calls contracted together may copy and hold (0: every call alone)
         self.stack_floats = STACK_FLOATS
         self.parameters: list[nn.Parameter] = []
         # For each valued module: its kernel and {param name: parameter} it values.
@@ -384,39 +385,40 @@ class GhostEngine:
 
     def _stacks(self, parts: list[Part], intermediate: bool) -> list[list[Part]]:
         """The parts in stacks of one kernel ``group_key`` (and one set of parameters, dtypes and
-        whether M is exact), each stack's copies of a, b and M within ``stack_floats`` and, with
-        ``intermediate``, the kernel's intermediates within ``contract_chunk``; a part without a
-        key, or too big to share, alone (and contracted in chunks where it must be)."""
+        whether M is exact), each within ``stack_floats``: its copies of a, b and M and, with
+        ``intermediate``, the kernel's intermediates for all its examples. Stacking pays only for
+        small calls, whose cost is their dispatch: a bigger part is valued alone (in chunks where
+        it must be), as is a part without a key."""
         if torch.compiler.is_compiling():  # a compiled graph has no dispatch to save: stacking only copies
             return [[part] for part in parts]
         stacks: list[list[Part]] = []
-        open_stacks: dict[
-            object, tuple[list[Part], list[int]]
-        ] = {}  # key -> (stack, [copies, intermediates])
+        open_stacks: dict[object, tuple[list[Part], list[int]]] = {}  # key -> (stack, [its floats])
         for part in parts:
             key = _stack_key(part)
-            copies = part.a.numel() + part.b.numel() + sum(_floats(m) for m in part.params.values())
-            inter = self._intermediate_floats(part) if intermediate else 0
-            if key is None or copies > self.stack_floats or inter > self.contract_chunk:
+            floats = 0
+            if key is not None:
+                floats = part.a.numel() + part.b.numel() + sum(_floats(m) for m in part.params.values())
+                floats += self._per_example_floats(part) * part.a.shape[0] if intermediate else 0
+            if key is None or floats > self.stack_floats:
                 stacks.append([part])
                 continue
             stack, size = open_stacks.get(key, (None, None))
-            if stack is None or size[0] + copies > self.stack_floats or size[1] + inter > self.contract_chunk:
-                stack, size = [], [0, 0]
+            if stack is None or size[0] + floats > self.stack_floats:
+                stack, size = [], [0]
                 open_stacks[key] = (stack, size)
                 stacks.append(stack)
             stack.append(part)
-            size[0] += copies
-            size[1] += inter
+            size[0] += floats
         return stacks
 
-    def _intermediate_floats(self, part: Part) -> int:
-        """Floats the kernel's intermediates for all of the part's examples take at once."""
-        return self._per_example_floats(part) * part.a.shape[0]
-
     def _per_example_floats(self, part: Part) -> int:
-        call = part.call
-        return call.kernel.intermediate_floats(call.module, part.a, part.b, n_targets(part.params))
+        """Floats the kernel's intermediates take per example (kept on the part: asked for twice)."""
+        if part.per_example is None:
+            call = part.call
+            part.per_example = call.kernel.intermediate_floats(
+                call.module, part.a, part.b, n_targets(part.params)
+            )
+        return part.per_example
 
     def _values_in_chunks(self, part: Part) -> torch.Tensor:
         """The kernel's [B, K] values, a chunk of examples at a time where its intermediate tensors
@@ -458,6 +460,7 @@ class Part:
     a: torch.Tensor
     b: torch.Tensor
     params: dict
+    per_example: int | None = None  # floats of the kernel's intermediates per example, once asked
 
 
 def _stack_key(part: Part) -> object | None:

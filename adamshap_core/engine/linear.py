@@ -48,8 +48,10 @@ def _through_per_example_gradients(a: torch.Tensor, b: torch.Tensor, Mw: torch.T
     chunk = max(1, PER_EXAMPLE_CHUNK // (G * d_out * d_in))
     parts = []
     for s in range(0, B, chunk):
-        g = b[:, s : s + chunk].transpose(2, 3) @ a[:, s : s + chunk]  # [G, chunk, d_out, d_in]
-        parts.append((g.reshape(G, g.shape[1], -1) @ flat_M).sum(dim=0))
+        bs, as_ = b[:, s : s + chunk], a[:, s : s + chunk]
+        rows = G * bs.shape[1]  # (layer, example) pairs, as one batch of 3-D products
+        g = bs.reshape(rows, -1, d_out).transpose(1, 2) @ as_.reshape(rows, -1, d_in)  # [rows, d_out, d_in]
+        parts.append((g.view(G, bs.shape[1], -1) @ flat_M).sum(dim=0))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
