@@ -183,19 +183,25 @@ def test_calls_of_equal_shapes_are_stacked_and_value_as_alone(summed, float64, m
         owners = {c for k in kernels for c in k.__mro__ if name in vars(c) and c is not LayerKernel}
         for owner in owners:
             monkeypatch.setattr(owner, name, counted(name, vars(owner)[name]))
-    results = {}
-    for stack_floats in (engine.stack_floats, 0):
+    results, stacked = {}, {}
+    # the default budget, every call alone, and a budget that splits the three-call stack
+    for stack_floats in (engine.stack_floats, 0, 3000):
         engine.stack_floats = stack_floats
+        seen.clear()
         with engine.capture(extra_rows=3):
             model(x).sum().backward()
             v = engine.values(val, scales, 2, 6)
             g = engine.extra_gradients(6, summed)
-        results[stack_floats] = (v, g)
-    (v1, g1), (v0, g0) = results.values()
-    assert rel_err(v1, v0) <= 1e-12
-    assert g1.keys() == g0.keys() and all(rel_err(g1[k], g0[k]) <= 1e-12 for k in g0)
+        results[stack_floats], stacked[stack_floats] = (v, g), sorted(seen)
+    (v1, g1), (v0, g0), (v2, g2) = results.values()
+    for v, g in ((v1, g1), (v2, g2)):
+        assert rel_err(v, v0) <= 1e-12
+        assert g.keys() == g0.keys() and all(rel_err(g[k], g0[k]) <= 1e-12 for k in g0)
     # Linear a, b (three calls, one module twice), the two LayerNorms, the two RMSNorms; c stacks alone
-    stacks = sorted(seen)
-    assert ("values_stacked", 3) in stacks and ("gradients_stacked", 3) in stacks
-    assert stacks.count(("values_stacked", 2)) == (2 if hasattr(torch.nn, "RMSNorm") else 1)
+    default, alone, small = stacked.values()
+    assert ("values_stacked", 3) in default and ("gradients_stacked", 3) in default
+    assert default.count(("values_stacked", 2)) == (2 if hasattr(torch.nn, "RMSNorm") else 1)
+    assert alone == []
+    # the three Linear calls' contraction no longer fits one stack of 3000 floats: two and one
+    assert ("values_stacked", 3) not in small and ("values_stacked", 2) in small
     assert LayerKernel.group_key(None, None, None, None) is None  # a custom kernel stacks nothing
