@@ -116,11 +116,14 @@ def gradient_blocker(engine: GhostEngine, model: nn.Module, loss_fn, inputs, tar
             got = engine.extra_gradients(0, summed=True)
     except UserError as e:  # rows that cannot be told apart: the training step will say so too
         return str(e)
+    # a parameter whose gradient cancels to rounding noise (an attention key's bias: softmax ignores a
+    # shift common to all keys) differs by noise of its own size, so the floor is set by the whole gradient
+    floor = 1e-6 * math.sqrt(sum(float(w.norm()) ** 2 for w in want if w is not None)) + 1e-30
     for p, w in zip(params, want, strict=True):
         g = got.get(id(p))
         w = torch.zeros_like(p) if w is None else w
         g = torch.zeros_like(w) if g is None else g[0].to(w.dtype)
-        if float((g - w).norm()) > 1e-4 * float(w.norm()) + 1e-30:
+        if float((g - w).norm()) > 1e-4 * float(w.norm()) + floor:
             name = next(n for n, q in model.named_parameters() if q is p)
             return (
                 f"the hooks see only part of the gradient of '{name}' (is it used outside its module's "
