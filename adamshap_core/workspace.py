@@ -18,10 +18,13 @@ class Workspace:
     def get(
         self, key: object, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
-        """A tensor of ``shape`` to be overwritten: the front of ``key``'s buffer, which grows to the
-        largest shape asked for (blocks of different sizes share one)."""
-        numel = math.prod(shape)
+        """A tensor of ``shape`` to be overwritten: ``key``'s buffer, or the front of it where a smaller
+        shape is asked for (blocks of different sizes share one); it grows to the largest asked for."""
         buf = self._buffers.get(key)
+        if buf is not None and buf.shape == shape and buf.dtype == dtype and buf.device == device:
+            return buf  # the common case: the shape of the step before
+        numel = math.prod(shape)
         if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
-            buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
-        return buf[:numel].view(shape)
+            buf = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+            return buf
+        return buf.view(-1)[:numel].view(shape)
