@@ -112,6 +112,7 @@ class GhostEngine:
         self._workspace = Workspace()  # the flat M buffer, reused every step
         self._views_of: tuple[object, dict[int, torch.Tensor]] = (None, {})  # (key, views) of M's buffer
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self._owned]
+        self._twinned = _twinned(self._owned)  # the modules whose calls may be stacked with another's
 
     # ---- hooks ---------------------------------------------------------------------------
 
@@ -394,7 +395,7 @@ class GhostEngine:
         stacks: list[list[Part]] = []
         open_stacks: dict[object, tuple[list[Part], list[int]]] = {}  # key -> (stack, [its floats])
         for part in parts:
-            key = _stack_key(part)
+            key = _stack_key(part) if part.call.module in self._twinned else None
             floats = 0
             if key is not None:
                 floats = part.a.numel() + part.b.numel() + sum(_floats(m) for m in part.params.values())
@@ -461,6 +462,17 @@ class Part:
     b: torch.Tensor
     params: dict
     per_example: int | None = None  # floats of the kernel's intermediates per example, once asked
+
+
+def _twinned(owned: Mapping[nn.Module, tuple[LayerKernel, dict[str, nn.Parameter]]]) -> set[nn.Module]:
+    """The valued modules that share their kernel and parameter shapes with another (only their
+    calls can have equal ``group_key``s, so only theirs are keyed each step)."""
+    by_shape: dict[object, list[nn.Module]] = {}
+    for module, (kernel, own) in owned.items():
+        if type(kernel).group_key is not LayerKernel.group_key:
+            shapes = tuple((name, tuple(p.shape)) for name, p in own.items())
+            by_shape.setdefault((type(kernel), shapes), []).append(module)
+    return {m for group in by_shape.values() if len(group) > 1 for m in group}
 
 
 def _stack_key(part: Part) -> object | None:
