@@ -465,8 +465,9 @@ class Part:
 
 
 def _twinned(owned: Mapping[nn.Module, tuple[LayerKernel, dict[str, nn.Parameter]]]) -> set[nn.Module]:
-    """The valued modules that share their kernel and parameter shapes with another (only their
-    calls can have equal ``group_key``s, so only theirs are keyed each step)."""
+    """The valued modules that share their kernel and parameter shapes with another: only their
+    calls are keyed for stacking each step. (Two calls of one module without such a twin could
+    stack too; that is rare, and they are valued one at a time.)"""
     by_shape: dict[object, list[nn.Module]] = {}
     for module, (kernel, own) in owned.items():
         if type(kernel).group_key is not LayerKernel.group_key:
