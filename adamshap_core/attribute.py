@@ -28,8 +28,9 @@ Cost: per training step, the step itself, the Q per-query validation gradients
 (``torch.func.vmap``, 64 queries per call), and the value contraction, which for a
 Linear layer is ≈ 2·B·T·d_in·d_out·K flops with K = methods × Q (T× the cost of
 K per-example-gradient dot products, the price of never building them), and K × (number
-of parameters) floats for the matrices M. Queries are valued ``chunk`` at a time; each
-further chunk replays the run again, so memory stays bounded and the time grows with Q.
+of parameters) floats for the matrices M. Queries are valued ``chunk`` at a time (by
+default 256, fewer where their M would pass ``M_BUDGET``); each further chunk replays
+the run again, so memory stays bounded and the time grows with Q.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from .data import TextDataset, load_dataset
 from .data.facts import LEVELS
 from .data.text import check_ids, read_jsonl, record_text
 from .errors import UserError
-from .models import context_length
+from .models import build_model, context_length
 from .precond import METHODS
 from .recipe import Recipe
 from .runio import RunFolder, atomic_write_json, atomic_write_parquet
@@ -57,7 +58,8 @@ from .tokenizer import IGNORE, WordTokenizer, split_words
 BASELINES = ("bm25", "random")
 ALL_METHODS = (*METHODS, *BASELINES)
 RECALL_AT = (1, 10)
-DEFAULT_CHUNK = 256
+DEFAULT_CHUNK = 256  # queries per replay, unless their matrices M would pass M_BUDGET
+M_BUDGET = 1 << 28  # floats the matrices M of one replay may take (1 GiB in float32): methods × queries × N
 SCORES = ("answer", "text")  # what a query's utility scores: its answer words, or its whole text
 
 
@@ -471,10 +473,11 @@ def plan(
     texts: Sequence[str] | None = None,
     queries_file: str | None = None,
     methods: Sequence[str] | None = None,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
     score: str = "answer",
 ) -> Plan:
-    """Load the run, its data and the queries; check everything a replay needs."""
+    """Load the run, its data and the queries; check everything a replay needs. ``chunk``: queries
+    per replay (None: ``auto_chunk``)."""
     metrics = folder.require_complete().metrics()
     recipe = folder.recipe()
     if recipe.model.kind != "gpt":
@@ -482,7 +485,7 @@ def plan(
             f"run {folder.name!r} trained a {recipe.model.kind} on {recipe.data.source!r}; attribution "
             "needs a language-model run (model.kind: gpt on a text source such as builtin:facts)."
         )
-    if chunk < 1:
+    if chunk is not None and chunk < 1:
         raise UserError(f"--chunk is {chunk}; expected at least 1 query per replay.")
     data = load_dataset(recipe.data)
     check_tokenizer(folder, data.tokenizer)
@@ -490,6 +493,7 @@ def plan(
     qx, qy = encode_queries(queries, data.tokenizer, context_length(recipe.model, data), score)
     names = check_methods(methods)
     valued = [m for m in names if m in METHODS]
+    chunk = chunk or auto_chunk(recipe, data, len(valued))
     steps = int(metrics.get("total_steps") or 0)
     return Plan(
         folder,
@@ -504,6 +508,17 @@ def plan(
         score,
         steps * -(-len(queries) // chunk) if valued else 0,
     )
+
+
+def auto_chunk(recipe: Recipe, data: TextDataset, n_methods: int) -> int:
+    """Queries per replay: ``DEFAULT_CHUNK``, or fewer where their matrices M (methods × queries
+    × the model's parameters, in floats) would pass ``M_BUDGET``; at least one."""
+    if n_methods == 0:
+        return DEFAULT_CHUNK
+    with torch.device("meta"):  # the shapes only: nothing allocated, no random numbers drawn
+        model = build_model(recipe.model, data)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # a tied weight once
+    return max(1, min(DEFAULT_CHUNK, M_BUDGET // (n_methods * n_params)))
 
 
 def pick_queries(data: TextDataset, recipe: Recipe, texts, queries_file) -> Queries:

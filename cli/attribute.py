@@ -44,7 +44,11 @@ def attribute(
         "built-in ones do), else of its whole text; text: always the whole text",
     ),
     chunk: int = typer.Option(
-        256, "--chunk", min=1, help="queries valued per replay of the run (memory bound)"
+        None,
+        "--chunk",
+        min=1,
+        help="queries valued per replay of the run (default: 256, fewer where their matrices M would "
+        "pass 1 GiB)",
     ),
     runs_dir: Path = typer.Option(None, "--runs-dir", help="runs folder (default: $ADAMSHAP_RUNS or ./runs)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),

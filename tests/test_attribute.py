@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from helpers import cli, tiny, tiny_gpt, write_recipe
 
 from adamshap_core.attribute import bm25_scores, ranks, score_mask, source_rank
@@ -194,3 +195,25 @@ def test_a_jsonl_corpus_run_keeps_its_ids(runs):
     for args, fragment in [((), "no queries"), (("--queries", "builtin"), "no built-in queries")]:
         res = attribute(runs, "--run", "corpus", *args)
         assert res.exit_code == 2 and fragment in " ".join(res.output.split()), res.output
+
+
+def test_the_default_chunk_keeps_one_replays_matrices_within_the_budget(runs, monkeypatch):
+    """By default a replay values at most 256 queries, fewer where methods × queries × parameters
+    floats of M would pass the budget; a given --chunk is taken as it is."""
+    from adamshap_core import attribute as at
+    from adamshap_core import runio
+    from adamshap_core.models import build_model
+
+    folder = runio.open_run(runs, "facts")
+    rng = torch.get_rng_state()
+    plan = at.plan(folder)
+    assert torch.equal(torch.get_rng_state(), rng)  # sizing the model drew no random numbers
+    assert plan.chunk == at.DEFAULT_CHUNK  # a tiny model: far within the budget
+    n_params = sum(p.numel() for p in build_model(plan.recipe.model, plan.data).parameters())
+    monkeypatch.setattr(at, "M_BUDGET", 7 * 3 * n_params + 1)  # room for 7 queries of 3 methods
+    assert at.plan(folder).chunk == 7
+    assert at.plan(folder, methods=["adam"]).chunk == 21
+    assert at.plan(folder, methods=["bm25"]).chunk == at.DEFAULT_CHUNK  # no matrices at all
+    monkeypatch.setattr(at, "M_BUDGET", 1)
+    assert at.plan(folder).chunk == 1
+    assert at.plan(folder, chunk=5).chunk == 5
