@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import LayerKernel, n_targets, register, split_stacked
+from .registry import LayerKernel, register, split_stacked
 
 
-def _affine_gradients(module, x_hat: torch.Tensor, b: torch.Tensor, names, summed: bool) -> dict:
-    """{weight: Σ_t b ⊙ x̂, bias: Σ_t b} per row, [R, n] over the n normalised elements
-    (summed over the rows too: [1, n])."""
+def _affine_gradients(module, x_hat: torch.Tensor, b: torch.Tensor, names) -> dict:
+    """{weight: Σ_t b ⊙ x̂, bias: Σ_t b} per row, [R, n] over the n normalised elements, for the
+    R rows of b (and x̂) along their first dimension."""
     n = math.prod(module.normalized_shape)
-    R = 1 if summed else b.shape[0]
+    R = b.shape[0]
     b = b.reshape(R, -1, n)
     out = {}
     if "weight" in names:
@@ -25,18 +25,11 @@ def _affine_gradients(module, x_hat: torch.Tensor, b: torch.Tensor, names, summe
     return out
 
 
-def _affine_values(module, x_hat: torch.Tensor, b: torch.Tensor, M) -> torch.Tensor:
-    """Σ_t ⟨M_w, b ⊙ x̂⟩ + Σ_t ⟨M_b, b⟩: each example's gradient dotted with M."""
-    out = b.new_zeros(b.shape[0], n_targets(M))
-    for name, g in _affine_gradients(module, x_hat, b, M, summed=False).items():
-        out += g @ M[name].reshape(-1, g.shape[1]).T
-    return out
-
-
 def _affine_values_stacked(module, x_hat: torch.Tensor, b: torch.Tensor, M) -> torch.Tensor:
-    """``_affine_values`` of G stacked calls (x̂, b [G, B, ...], M {name: [G, K, ...]}), summed over them."""
+    """Σ_g Σ_t ⟨M_w, b ⊙ x̂⟩ + Σ_t ⟨M_b, b⟩, each example's gradient dotted with M, summed over G
+    stacked calls: x̂, b [G, B, ...], M {name: [G, K, ...]} → [B, K]."""
     G, B = b.shape[:2]
-    grads = _affine_gradients(module, x_hat.flatten(0, 1), b.flatten(0, 1), M, summed=False)  # [G·B, n]
+    grads = _affine_gradients(module, x_hat.flatten(0, 1), b.flatten(0, 1), M)  # [G·B, n]
     out = None
     for name, g in grads.items():
         v = (g.view(G, B, -1) @ M[name].reshape(G, -1, g.shape[1]).transpose(1, 2)).sum(dim=0)
@@ -55,10 +48,13 @@ class _AffineKernel(LayerKernel):
         raise NotImplementedError
 
     def values(self, module, a, b, M):
-        return _affine_values(module, self.normalized(module, a), b, M)
+        x_hat = self.normalized(module, a)
+        return _affine_values_stacked(module, x_hat[None], b[None], {name: m[None] for name, m in M.items()})
 
     def gradients(self, module, a, b, names, summed):
-        return _shaped(module, _affine_gradients(module, self.normalized(module, a), b, names, summed))
+        R = 1 if summed else a.shape[0]  # summed: the rows as more positions of one row
+        x_hat = self.normalized(module, a).reshape(R, -1)
+        return _shaped(module, _affine_gradients(module, x_hat, b.reshape(R, -1), names))
 
     def group_key(self, module, a, b):
         return (a.shape, b.shape, module.normalized_shape, module.eps)
@@ -70,7 +66,7 @@ class _AffineKernel(LayerKernel):
         G = a.shape[0]
         rows = G if summed else G * a.shape[1]  # per call one summed row, or each of its rows
         x_hat = self.normalized(modules[0], a).reshape(rows, -1)
-        grads = _affine_gradients(modules[0], x_hat, b.reshape(rows, -1), names, summed=False)
+        grads = _affine_gradients(modules[0], x_hat, b.reshape(rows, -1), names)
         return split_stacked(_shaped(modules[0], grads), G)
 
 

@@ -71,7 +71,12 @@ def contract_weight(a: torch.Tensor, b: torch.Tensor, Mw: torch.Tensor | LowRank
 
 def contract_bias(b: torch.Tensor, Mb: torch.Tensor) -> torch.Tensor:
     """Σ_t ⟨m_k, b_{i,t}⟩ for b [B,T,d_out], Mb [K,d_out] → [B,K]."""
-    return b.sum(dim=1) @ Mb.T
+    return contract_bias_stacked(b[None], Mb[None])
+
+
+def contract_bias_stacked(b: torch.Tensor, Mb: torch.Tensor) -> torch.Tensor:
+    """Σ_g Σ_t ⟨m_{g,k}, b_{g,i,t}⟩ for b [G,B,T,d_out], Mb [G,K,d_out] → [B,K]."""
+    return (b.sum(dim=2) @ Mb.transpose(1, 2)).sum(dim=0)
 
 
 @register(nn.Linear)
@@ -99,8 +104,8 @@ class LinearKernel(LayerKernel):
         a = a.reshape(G, B, -1, a.shape[-1])
         b = b.reshape(G, B, -1, b.shape[-1])
         out = contract_stacked(a, b, M["weight"]) if "weight" in M else None
-        if "bias" in M:  # Σ_g Σ_t ⟨m_{g,k}, b_{g,i,t}⟩
-            bias = (b.sum(dim=2) @ M["bias"].transpose(1, 2)).sum(dim=0)
+        if "bias" in M:
+            bias = contract_bias_stacked(b, M["bias"])
             out = bias if out is None else out + bias
         return out
 
