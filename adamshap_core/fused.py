@@ -29,7 +29,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from .compiled import Compiled
 from .engine import GhostEngine
-from .engine.ghost import Call
+from .engine.ghost import Call, modes_kept, set_modes
 from .errors import UserError
 
 
@@ -75,18 +75,12 @@ def _probing(model: nn.Module, device: torch.device):
     """Yields the model's modules; afterwards their train/eval modes and torch's random state are
     as before, so that a probe changes nothing training will see."""
     modules = list(model.modules())
-    modes = [m.training for m in modules]
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            yield modules
-    finally:
-        for m, mode in zip(modules, modes, strict=True):
-            m.training = mode
+    with modes_kept(modules), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield modules
 
 
 def _run_in_mode(model: nn.Module, modules: list[nn.Module], inputs: torch.Tensor, training: bool):
-    for m in modules:  # set directly, as validation_gradients does
-        m.training = training
+    set_modes(modules, training)
     return model(inputs)
 
 

@@ -173,19 +173,14 @@ class GhostEngine:
         every row is its own target. Computed in eval mode (no dropout noise, no
         random numbers drawn) and without touching ``.grad``.
         """
-        modes = [m.training for m in self._modules]
-        for m in self._modules:  # eval mode, set directly: model.eval() recursion costs more here
-            m.training = False
-        try:
+        with modes_kept(self._modules):
+            set_modes(self._modules, training=False)
             if per_target:
                 return self._per_target_gradients(loss_fn, inputs, targets)
             loss = loss_fn(self.model(inputs), targets).mean()
             grads = torch.autograd.grad(loss, self.parameters, allow_unused=True)
             by_id = {id(p): g for p, g in zip(self.parameters, grads, strict=True)}
             return self.flatten_by_id(by_id, rows=1).detach(), float(loss.detach())
-        finally:
-            for m, mode in zip(self._modules, modes, strict=True):
-                m.training = mode
 
     def _per_target_gradients(self, loss_fn, inputs, targets):
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -450,6 +445,23 @@ class GhostEngine:
                     "input broadcast over the batch, such as positions from arange(T)? expand it first)"
                 )
         return calls
+
+
+@contextmanager
+def modes_kept(modules: Sequence[nn.Module]):
+    """Afterwards every module's train/eval mode is as before the block."""
+    modes = [m.training for m in modules]
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.training = mode
+
+
+def set_modes(modules: Sequence[nn.Module], training: bool) -> None:
+    """Train or eval mode for every module, set directly: ``model.eval()``'s recursion costs more."""
+    for m in modules:
+        m.training = training
 
 
 @dataclass
