@@ -480,7 +480,7 @@ def _max_parameter_gap(m1, m2) -> float:
 
 
 # The phases of an attribution step that --profile times by name (when the tracker has them):
-# GhostEngine methods, OptimizerView.segments (reading Adam's state) and precond.scales (P).
+# GhostEngine methods; inside "matrices", AdamRead.state (reading Adam's state) and tracker.scale (P).
 ENGINE_PHASES = ("validation_gradients", "extra_gradients", "matrices", "contract")
 # phases timed inside another (M is built a block at a time, each block's state read and scored first)
 INNER_PHASES = {"matrices: state": "matrices", "matrices: rules": "matrices"}

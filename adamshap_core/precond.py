@@ -392,8 +392,9 @@ class OptimizerView:
             moments,
         )
 
-    def _joiner(self, segment: int) -> Join:
-        """Flattens a segment's tensors into scratch of its own, reused from step to step."""
+    def _joiner(self, segment: object) -> Join:
+        """Flattens a segment's tensors into scratch keyed by ``segment`` (its start, or "block" for
+        the scratch all blocks share), reused from step to step."""
 
         def join(tensors: list[torch.Tensor], name: str) -> torch.Tensor:
             if len(tensors) == 1:
