@@ -15,12 +15,17 @@ the values, so across seeds only the training randomness changes.
 
 ``pruning.parquet`` holds one row per (method, direction, fraction, seed); the
 rows of one direction are replaced as a whole each time that direction is run, so
-``low`` and ``high`` results live side by side.
+``low`` and ``high`` results live side by side. Each finished retrain is also appended to a
+journal in the run folder (``pruning-<direction>.partial.jsonl``) until the table is written,
+so that a prune stopped part-way (Ctrl-C, a crash) continues where it stopped when run again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,13 +354,66 @@ def retrain(job: Retrain, recipe: Recipe, data) -> dict:
     }
 
 
+def job_key(job: Retrain) -> str:
+    """What determines a retrain's result within one run: method, fraction, seeds and the subset."""
+    subset = hashlib.sha256(np.sort(job.removed).astype(np.int64).tobytes()).hexdigest()[:16]
+    return f"{job.method}|{job.direction}|{job.frac!r}|{job.seed}|{job.train_seed}|{subset}"
+
+
+class Journal:
+    """The finished retrains of one prune, one JSON line each (key and row), appended as they end."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def load(self) -> dict[str, dict]:
+        done = {}
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                    done[entry["key"]] = entry["row"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line torn by a kill mid-write: that retrain runs again
+        return done
+
+    def add(self, key: str, row: dict) -> None:
+        line = json.dumps({"key": key, "row": row}) + "\n"
+        with open(self.path, "ab+") as f:
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = "\n" + line  # after a torn line, start a fresh one (appends go to the end)
+            f.write(line.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def journal_for(folder: RunFolder, direction: str) -> Journal:
+    return Journal(folder.file(f"pruning-{direction}.partial.jsonl"))
+
+
 def run_plan(
-    jobs: Sequence[Retrain], recipe: Recipe, data, on_done: Callable[[Retrain, dict], None] | None = None
+    jobs: Sequence[Retrain],
+    recipe: Recipe,
+    data,
+    on_done: Callable[[Retrain, dict], None] | None = None,
+    journal: Journal | None = None,
 ) -> pd.DataFrame:
-    """Retrain every job in turn; ``on_done(job, row)`` after each (progress)."""
+    """Retrain every job in turn, reusing those ``journal`` already holds; ``on_done(job, row)``
+    after each (progress)."""
+    done = journal.load() if journal is not None else {}
     rows = []
     for job in jobs:
-        row = retrain(job, recipe, data)
+        key = job_key(job)
+        row = done.get(key)
+        if row is None:
+            row = retrain(job, recipe, data)
+            if journal is not None:
+                journal.add(key, row)
         rows.append(row)
         if on_done is not None:
             on_done(job, row)

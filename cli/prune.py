@@ -64,8 +64,26 @@ def prune(
             f"{plan.direction}est-valued {', '.join(f'{f:.0%}' for f in plan.fracs)} by "
             f"{', '.join(plan.methods)}; {plan.seeds} seed(s) from train.seed {plan.recipe.train.seed}"
         )
-    df = run_with_progress(plan, quiet)
+    journal = pr.journal_for(folder, plan.direction)
+    keys = {pr.job_key(job) for job in plan.jobs}
+    resumed = len(keys & journal.load().keys())
+    if resumed:  # said even with --quiet: these rows are not retrained now
+        err_console.print(
+            f"continuing: {resumed} of {len(plan.jobs)} retrains were finished by an earlier prune "
+            "that stopped"
+        )
+    try:
+        df = run_with_progress(plan, quiet, journal)
+    except KeyboardInterrupt:
+        finished = len(keys & journal.load().keys())
+        err_console.print(
+            f"[yellow]stopped after {finished} of {len(plan.jobs)} retrains; they are kept in "
+            f"{escape(str(journal.path))}, and the same command continues from there.[/]",
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
     table_path, png_path = pr.write_outputs(folder, df, plan.direction)
+    journal.remove()
     console.print(pruning_table(pr.summarise(df), plan))
     console.print(table_notes(plan), highlight=False)
     console.print(f"wrote [bold]{escape(str(table_path))}[/] and [bold]{escape(str(png_path))}[/]")
@@ -85,14 +103,15 @@ def parse_fracs(items: list[str]) -> list[float]:
     return out
 
 
-def run_with_progress(plan, quiet: bool) -> pd.DataFrame:
-    """Run every retrain of ``plan`` under a rich progress bar (none when ``quiet``)."""
+def run_with_progress(plan, quiet: bool, journal) -> pd.DataFrame:
+    """Run every retrain of ``plan`` under a rich progress bar (none when ``quiet``), keeping each
+    finished one in ``journal``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from adamshap_core.prune import run_plan
 
     if quiet:
-        return run_plan(plan.jobs, plan.recipe, plan.data)
+        return run_plan(plan.jobs, plan.recipe, plan.data, journal=journal)
     progress = Progress(
         TextColumn("[bold]retrain[/]"),
         BarColumn(),
@@ -111,7 +130,7 @@ def run_with_progress(plan, quiet: bool) -> pd.DataFrame:
             nxt = jobs[done[0]].label if done[0] < len(jobs) else "done"
             progress.update(task, advance=1, description=f"{nxt}  (last: acc {row['test_accuracy']:.3f})")
 
-        return run_plan(jobs, plan.recipe, plan.data, on_done=advance)
+        return run_plan(jobs, plan.recipe, plan.data, on_done=advance, journal=journal)
 
 
 def cell(mean: float, std: float, seeds: int) -> str:

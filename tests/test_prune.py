@@ -169,6 +169,48 @@ def test_prune_high_keeps_the_low_rows_and_defaults_to_the_latest_run(tmp_path):
     assert (latest / "pruning-high.png").is_file()
 
 
+def test_a_stopped_prune_keeps_its_retrains_and_the_same_command_continues(tmp_path, monkeypatch):
+    """Ctrl-C part-way: exit 130, no table, the finished retrains kept; the rerun retrains only the rest
+    and writes the same table as an uninterrupted prune."""
+    stopped, straight = train_tiny(tmp_path, "stopped"), train_tiny(tmp_path, "straight")
+    args = ["--frac", "0.2,0.3", "--by", "adam,random", "--seeds", "2", "--runs-dir", tmp_path / "runs", "-q"]
+    assert cli("prune", "--run", "straight", *args).exit_code == 0
+    real, calls, stop_at = pr.retrain, [], [4]
+
+    def stop_at_the_fourth(job, recipe, data):
+        calls.append(job)
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        return real(job, recipe, data)
+
+    monkeypatch.setattr(pr, "retrain", stop_at_the_fourth)
+    res = cli("prune", "--run", "stopped", *args)
+    assert res.exit_code == 130 and "stopped after 3 of 10 retrains" in res.output, res.output
+    assert not (stopped / "pruning.parquet").exists()
+    assert len((stopped / "pruning-low.partial.jsonl").read_text().splitlines()) == 3
+
+    calls.clear()
+    stop_at[0] = None
+    res = cli("prune", "--run", "stopped", *args)
+    assert res.exit_code == 0 and "continuing: 3 of 10" in res.output, res.output
+    assert len(calls) == 10 - 3
+    assert not (stopped / "pruning-low.partial.jsonl").exists()
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(stopped / "pruning.parquet"), pd.read_parquet(straight / "pruning.parquet")
+    )
+
+
+def test_a_torn_journal_line_is_retrained(tmp_path):
+    journal = pr.Journal(tmp_path / "j.jsonl")
+    journal.add("a", {"test_accuracy": 0.5, "noisy_share_removed": float("nan")})
+    with open(journal.path, "a") as f:
+        f.write('{"key": "b", "row": {"test_acc')  # killed mid-write
+    assert list(journal.load()) == ["a"]
+    journal.add("c", {"test_accuracy": 0.75})
+    done = journal.load()
+    assert list(done) == ["a", "c"] and np.isnan(done["a"]["noisy_share_removed"])
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
