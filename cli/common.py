@@ -15,7 +15,8 @@ err_console = Console(stderr=True)  # progress and errors
 
 
 def user_errors(fn):
-    """Print ``UserError`` (and YAML/validation errors) as one red paragraph on stderr; exit 2."""
+    """Print ``UserError`` (and YAML/validation errors) as one red paragraph on stderr; exit 2.
+    Ctrl-C (where a command does not handle it itself) says so in one line; exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -30,6 +31,9 @@ def user_errors(fn):
             _fail(" ".join(str(e).split()))
         except yaml.YAMLError as e:
             _fail("invalid YAML: " + " ".join(str(e).split()))
+        except KeyboardInterrupt:
+            err_console.print("[yellow]stopped (Ctrl-C) before it finished.[/]")
+            raise typer.Exit(code=130) from None
 
     return wrapper
 

@@ -139,3 +139,19 @@ def test_train_says_when_fused_validation_rows_take_the_separate_pass(tmp_path, 
     assert "attribution.fuse_validation: the validation rows take the separate pass" in res.stderr
     metrics = json.loads((runs / "gpt-dropout" / "metrics.json").read_text())
     assert "drops out with p=0.2" in metrics["fusion_blocked"]
+
+
+def test_ctrl_c_outside_train_exits_130_with_one_line_and_no_traceback(tmp_path, runs, monkeypatch):
+    from adamshap_core import compare
+
+    recipe = write_recipe(tmp_path, TINY)
+    assert cli("train", recipe, "--quiet", "--set", "train.epochs=1").exit_code == 0
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "compare_run", interrupted)
+    res = cli("compare", "--quiet")
+    assert res.exit_code == 130
+    assert "stopped (Ctrl-C)" in res.output and "Traceback" not in res.output
+    assert not (runs / "tiny" / "compare.parquet").exists()
