@@ -149,9 +149,7 @@ def _train_into(folder, header: dict, prep, quiet: bool, resume: bool):
         where = f" after step {e.step} of {e.total}" if isinstance(e, TrainingInterrupted) else ""
         err_console.print(f"[yellow]stopped{where}; run {folder.name!r} is marked incomplete.[/]")
         if ckpt.exists():
-            cmd = f"adamshap train --resume {shlex.quote(folder.name)}"
-            if folder.path.parent.resolve() != runio.runs_root(None).resolve():  # not found by default
-                cmd += f" --runs-dir {shlex.quote(str(folder.path.parent))}"
+            cmd = f"adamshap train --resume {shlex.quote(folder.name)}{runs_dir_option(folder.path)}"
             err_console.print(f"resume from the last checkpoint with: [bold]{escape(cmd)}[/]", soft_wrap=True)
         else:
             err_console.print("no checkpoint was written yet; train it again with --force.")
@@ -209,6 +207,26 @@ def print_summary(result, metrics: dict, path: Path) -> None:
         console.print("[bold]mislabel detection[/] (share of noisy examples in the lowest-valued 20%):")
         console.print("\n".join(lines), highlight=False)
     console.print(f"run folder: [bold]{escape(str(path))}[/]")
+    if result.methods:
+        hint = next_commands(path, text=about == "text")
+        console.print(f"next: {escape(hint)}", highlight=False, soft_wrap=True)
+
+
+def runs_dir_option(run_path: Path) -> str:
+    """`` --runs-dir DIR`` where a command would not find the run by default, else nothing."""
+    from adamshap_core import runio
+
+    if run_path.parent.resolve() == runio.runs_root(None).resolve():
+        return ""
+    return f" --runs-dir {shlex.quote(str(run_path.parent))}"
+
+
+def next_commands(path: Path, text: bool) -> str:
+    """What to run on a finished run: source attribution for a language model, else compare and prune."""
+    where = f"--run {shlex.quote(path.name)}{runs_dir_option(path)}"
+    if text:
+        return f"adamshap attribute {where}"
+    return f"adamshap compare {where}   |   adamshap prune {where} --frac 0.3"
 
 
 def _row(table: Table, rank: int, row, col: str, noisy: bool, about: str) -> None:

@@ -25,6 +25,8 @@ def test_train_writes_the_run_folder(tmp_path, runs):
     recipe = write_recipe(tmp_path, TINY)
     res = cli("train", recipe, "--quiet", "--set", "train.epochs=2")
     assert res.exit_code == 0, res.output
+    hint = "next: adamshap compare --run tiny | adamshap prune --run tiny --frac 0.3"
+    assert hint in " ".join(res.output.split())
     run = runs / "tiny"
     assert sorted(os.listdir(run)) == sorted(
         ["recipe.yaml", "values.parquet", "steps.parquet", "steps_values.parquet", "metrics.json"]
