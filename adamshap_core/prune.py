@@ -377,6 +377,11 @@ class Journal:
                     continue  # a line torn by a kill mid-write: that retrain runs again
         return done
 
+    def finished(self, jobs: Sequence[Retrain]) -> int:
+        """How many of ``jobs`` the journal already holds."""
+        done = self.load()
+        return sum(job_key(job) in done for job in jobs)
+
     def add(self, key: str, row: dict) -> None:
         line = json.dumps({"key": key, "row": row}) + "\n"
         with open(self.path, "ab+") as f:

@@ -65,8 +65,7 @@ def prune(
             f"{', '.join(plan.methods)}; {plan.seeds} seed(s) from train.seed {plan.recipe.train.seed}"
         )
     journal = pr.journal_for(folder, plan.direction)
-    keys = {pr.job_key(job) for job in plan.jobs}
-    resumed = len(keys & journal.load().keys())
+    resumed = journal.finished(plan.jobs)
     if resumed:  # said even with --quiet: these rows are not retrained now
         err_console.print(
             f"continuing: {resumed} of {len(plan.jobs)} retrains were finished by an earlier prune "
@@ -75,10 +74,9 @@ def prune(
     try:
         df = run_with_progress(plan, quiet, journal)
     except KeyboardInterrupt:
-        finished = len(keys & journal.load().keys())
         err_console.print(
-            f"[yellow]stopped after {finished} of {len(plan.jobs)} retrains; they are kept in "
-            f"{escape(str(journal.path))}, and the same command continues from there.[/]",
+            f"[yellow]stopped after {journal.finished(plan.jobs)} of {len(plan.jobs)} retrains; they are "
+            f"kept in {escape(str(journal.path))}, and the same command continues from there.[/]",
             soft_wrap=True,
         )
         raise typer.Exit(130) from None
