@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -90,6 +91,18 @@ def runs_root(runs_dir: str | Path | None = None) -> Path:
         return Path(runs_dir)
     env = os.environ.get("ADAMSHAP_RUNS")
     return Path(env) if env else Path.cwd() / "runs"
+
+
+def runs_dir_option(run_path: Path) -> str:
+    """`` --runs-dir DIR`` where a command would not find the run by default, else nothing."""
+    if run_path.parent.resolve() == runs_root(None).resolve():
+        return ""
+    return f" --runs-dir {shlex.quote(str(run_path.parent))}"
+
+
+def resume_command(run_path: Path) -> str:
+    """The command that finishes an interrupted run from its checkpoint."""
+    return f"adamshap train --resume {shlex.quote(run_path.name)}{runs_dir_option(run_path)}"
 
 
 def check_run_name(name: str) -> str:

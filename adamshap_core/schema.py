@@ -158,12 +158,13 @@ def _read_metrics(folder: RunFolder) -> dict:
 
 def _incomplete_hint(folder: RunFolder) -> str:
     from .checkpoint import CHECKPOINT_FILE
+    from .runio import resume_command
 
     metrics = _read_metrics(folder)
     why = f"it stopped with: {metrics['error']} " if metrics.get("error") else ""
     if folder.file(CHECKPOINT_FILE).is_file():
         return (
-            f"{why}Finish it with `adamshap train --resume {folder.name}` first; commands that read a "
+            f"{why}Finish it with `{resume_command(folder.path)}` first; commands that read a "
             "run need a complete one."
         )
     return (

@@ -72,12 +72,7 @@ def training_step(
     else:
         n = len(targets)
         both = loss_fn(model(torch.cat([inputs, extra.inputs])), torch.cat([targets, extra.targets]))
-        if both.dim() != 1 or len(both) != n + len(extra):
-            raise ValueError(
-                f"loss_fn must return one loss per row: {n} training and {len(extra)} validation rows "
-                f"gave shape {tuple(both.shape)}"
-            )
-        losses = both[:n]
+        losses = _checked(both, n, len(extra))[:n]
         (losses.mean() + both[n:].sum() * extra.weight).backward()
         extra.remove(both[n:].detach())
     clip = 1.0 if max_grad_norm is None else clip_gradients(model.parameters(), max_grad_norm)
@@ -87,10 +82,12 @@ def training_step(
     return losses.detach(), clip
 
 
-def _checked(losses: torch.Tensor) -> torch.Tensor:
-    if losses.dim() != 1:
-        raise ValueError(f"loss_fn must return per-example losses of shape [B], got {tuple(losses.shape)}")
-    return losses
+def _checked(losses: torch.Tensor, rows: int | None = None, extra: int = 0) -> torch.Tensor:
+    """``losses``, checked to hold one loss per row: shape [B], or [rows + extra] where ``rows`` is given."""
+    if losses.dim() == 1 and (rows is None or len(losses) == rows + extra):
+        return losses
+    what = f"{rows} training and {extra} validation rows" if rows is not None else "the batch"
+    raise ValueError(f"loss_fn must return one loss per row: {what} gave shape {tuple(losses.shape)}")
 
 
 def step_values(

@@ -149,7 +149,7 @@ def _train_into(folder, header: dict, prep, quiet: bool, resume: bool):
         where = f" after step {e.step} of {e.total}" if isinstance(e, TrainingInterrupted) else ""
         err_console.print(f"[yellow]stopped{where}; run {folder.name!r} is marked incomplete.[/]")
         if ckpt.exists():
-            cmd = f"adamshap train --resume {shlex.quote(folder.name)}{runs_dir_option(folder.path)}"
+            cmd = runio.resume_command(folder.path)
             err_console.print(f"resume from the last checkpoint with: [bold]{escape(cmd)}[/]", soft_wrap=True)
         else:
             err_console.print("no checkpoint was written yet; train it again with --force.")
@@ -212,18 +212,11 @@ def print_summary(result, metrics: dict, path: Path) -> None:
         console.print(f"next: {escape(hint)}", highlight=False, soft_wrap=True)
 
 
-def runs_dir_option(run_path: Path) -> str:
-    """`` --runs-dir DIR`` where a command would not find the run by default, else nothing."""
-    from adamshap_core import runio
-
-    if run_path.parent.resolve() == runio.runs_root(None).resolve():
-        return ""
-    return f" --runs-dir {shlex.quote(str(run_path.parent))}"
-
-
 def next_commands(path: Path, text: bool) -> str:
     """What to run on a finished run: source attribution for a language model, else compare and prune."""
-    where = f"--run {shlex.quote(path.name)}{runs_dir_option(path)}"
+    from adamshap_core import runio
+
+    where = f"--run {shlex.quote(path.name)}{runio.runs_dir_option(path)}"
     if text:
         return f"adamshap attribute {where}"
     return f"adamshap compare {where}   |   adamshap prune {where} --frac 0.3"

@@ -145,6 +145,20 @@ def test_a_loss_that_is_not_one_per_row_takes_the_separate_pass():
     assert "not one loss per row" in tracker._rows_blocker
 
 
+def test_a_loss_not_one_per_row_of_the_joined_batch_is_refused_in_both_passes():
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Linear(5, 3)
+    vx, vy = tabular(2, gen)
+    # one loss per row for the validation rows alone (so they may join), but never more than 4
+    capped = lambda out, y: cross_entropy(out, y)[:4]  # noqa: E731
+    tracker = InRunShapley(model, torch.optim.Adam(model.parameters()), capped, vx, vy, fuse_validation=True)
+    with pytest.raises(ValueError, match=r"5 training and 2 validation rows gave shape \(4,\)"):
+        tracker.step(*tabular(5, gen))
+    mean = lambda out, y: cross_entropy(out, y).mean()  # noqa: E731
+    with pytest.raises(ValueError, match=r"one loss per row: the batch gave shape \(\)"):
+        training_step(model, torch.optim.SGD(model.parameters()), mean, vx, vy)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no-dropout-fused", "dropout-separate"])
 def test_training_draws_the_random_numbers_plain_training_draws(dropout, float64):
     make = lambda: gpt(dropout)  # noqa: E731

@@ -97,12 +97,15 @@ def test_refuses_an_unknown_schema_version(run_copy):
     assert "schema version None" in refusal(run_copy)
 
 
-def test_refuses_an_incomplete_run_and_says_how_to_finish_it(run_copy):
+def test_refuses_an_incomplete_run_and_says_how_to_finish_it(run_copy, monkeypatch):
     edit_metrics(run_copy, status="incomplete", error="training interrupted after step 3 of 14")
     msg = refusal(run_copy)
     assert "is incomplete" in msg and "interrupted after step 3" in msg and "train it again" in msg
     run_copy.file(checkpoint.CHECKPOINT_FILE).write_bytes(b"")
-    assert "adamshap train --resume tiny" in refusal(run_copy)
+    # the command names the runs folder where the run is not in the default one
+    assert f"`adamshap train --resume tiny --runs-dir {run_copy.path.parent}` first" in refusal(run_copy)
+    monkeypatch.setenv("ADAMSHAP_RUNS", str(run_copy.path.parent))
+    assert "`adamshap train --resume tiny` first" in refusal(run_copy)
 
 
 def test_refuses_a_diverged_run_with_partial_tables(tmp_path):
