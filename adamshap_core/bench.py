@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -327,7 +328,12 @@ class PerExampleStep:
 
 
 def measure(spec: BenchSpec, mode: str, fast: bool = False) -> dict:
-    """Time ``spec.steps`` steps of ``mode`` after ``spec.warmup`` untimed ones; peak memory."""
+    """Time ``spec.steps`` steps of ``mode`` after ``spec.warmup`` untimed ones; peak memory.
+
+    The fast mode's own warm-up steps (``attribution.fast.warmup``, which compute ∇val every step)
+    are untimed as well, so that its timed steps show the steady state a long run sees."""
+    if fast:
+        spec = replace(spec, warmup=spec.warmup + fast_settings(spec)["warmup"])
     load_before = os.getloadavg()[0]
     session = Session.build(spec, mode, fast=fast)
     batches = session.batches()
@@ -349,6 +355,7 @@ def measure(spec: BenchSpec, mode: str, fast: bool = False) -> dict:
         "examples_per_s": bs * len(seconds) / sum(seconds),
         "step_ms": 1000 * float(np.median(seconds)),
         "seconds": float(sum(seconds)),
+        "warmup_steps": spec.warmup,  # untimed, before the timed ones
         **memory.report(),
         **compiling.report(),
         "fusion_blocked": fusion_blocked(session),
@@ -449,14 +456,16 @@ def fidelity(spec: BenchSpec) -> dict:
     exact = Session.build(spec, "attribution", fast=False)
     fast = Session.build(spec, "attribution", fast=True)
     per_step: dict[str, list[float]] = {m: [] for m in spec.methods}
+    reused: list[bool] = []  # per step: whether the fast mode reused an earlier ∇val (no validation loss)
     for x, y in exact.batches():
         want, got = exact.step(x, y), fast.step(x, y)
+        reused.append(math.isnan(got.val_loss))
         for m in spec.methods:
             per_step[m].append(pearson(got.values[m], want.values[m]))
     drift = _max_parameter_gap(exact.prep.model, fast.prep.model)
     exact.close()
     fast.close()
-    return {"pearson": per_step, "max_parameter_gap": drift}
+    return {"pearson": per_step, "reused": reused, "max_parameter_gap": drift}
 
 
 def _without_fused_rows(spec: BenchSpec) -> BenchSpec:
@@ -751,18 +760,27 @@ def compile_summary(frame: pd.DataFrame) -> dict | None:
 
 
 def fidelity_summary(fid: dict) -> dict[str, dict]:
-    """Per method: median and minimum of the per-step Pearson, and the number of steps."""
+    """Per method: median and minimum of the per-step Pearson, and the number of steps; and the median
+    over the steps that reused ∇val alone (the others compute what the exact mode does, so that their
+    Pearson of 1 would flatter a median over all steps)."""
     out = {}
     for m, values in fid["pearson"].items():
         v = np.asarray(values, dtype=float)
-        finite = v[np.isfinite(v)]
+        reused = np.asarray(fid.get("reused", [False] * v.size), dtype=bool)
+        finite = np.isfinite(v)
         out[m] = {
-            "median": float(np.median(finite)) if finite.size else float("nan"),
-            "min": float(finite.min()) if finite.size else float("nan"),
+            "median": _median(v[finite]),
+            "min": float(v[finite].min()) if finite.any() else float("nan"),
             "steps": int(v.size),
-            "undefined_steps": int(v.size - finite.size),
+            "undefined_steps": int(v.size - finite.sum()),
+            "median_reused": _median(v[finite & reused]),
+            "reused_steps": int(reused.sum()),
         }
     return out
+
+
+def _median(v: np.ndarray) -> float:
+    return float(np.median(v)) if v.size else float("nan")
 
 
 def write(plan: BenchPlan, result: BenchResult, profile_text: str | None = None) -> Path:
@@ -784,7 +802,7 @@ def write(plan: BenchPlan, result: BenchResult, profile_text: str | None = None)
         "val_rows": plan.val_rows,
         "methods": plan.spec.methods,
         "fast": plan.spec.fast,
-        "fast_settings": fast_settings(plan) if plan.spec.fast else None,
+        "fast_settings": fast_settings(plan.spec) if plan.spec.fast else None,
         "steps": plan.spec.steps,
         "warmup": plan.spec.warmup,
         "repeats": plan.repeats,
@@ -804,11 +822,11 @@ def write(plan: BenchPlan, result: BenchResult, profile_text: str | None = None)
     return path
 
 
-def fast_settings(plan: BenchPlan) -> dict:
+def fast_settings(spec: BenchSpec) -> dict:
     """The fast mode's settings as measured: the recipe's attribution.fast, else the defaults."""
     from .fast import FastMode
 
-    given = plan.spec.recipe.get("attribution", {}).get("fast")
+    given = spec.recipe.get("attribution", {}).get("fast")
     return FastMode(**(given or {})).model_dump()
 
 
@@ -833,13 +851,23 @@ def collect(folder: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values("created", kind="stable").reset_index(drop=True)
 
 
+def _worst(values) -> float | None:
+    """The lowest of the methods' figures (NaN where any is NaN; None without a fast mode)."""
+    values = list(values)
+    if not values:
+        return None
+    return math.nan if any(math.isnan(v) for v in values) else min(values)
+
+
 def _collected_rows(name: Path, s: dict) -> list[dict]:
     med = s["median"]
     # the fast mode's worst method: its per-step minimum and its median Pearson against exact
     pearson = list((s.get("fast_pearson") or {}).values())
     worst = {
-        "fast_pearson_min": min((p["min"] for p in pearson), default=None),
-        "fast_pearson_median": min((p["median"] for p in pearson), default=None),
+        "fast_pearson_min": _worst(p["min"] for p in pearson),
+        "fast_pearson_median": _worst(p["median"] for p in pearson),
+        # summaries written before the reused steps were counted have only the median over all steps
+        "fast_pearson_median_reused": _worst(p.get("median_reused", math.nan) for p in pearson),
     }
     rows = []
     for variant, ratios in s["variants"].items():

@@ -112,7 +112,9 @@ def describe(plan) -> str:
     spec = plan.spec
     fast = ""
     if spec.fast:
-        fast = ", exact and fast (" + ", ".join(f"{k} {v}" for k, v in bm.fast_settings(plan).items()) + ")"
+        settings = bm.fast_settings(spec)
+        fast = ", exact and fast (" + ", ".join(f"{k} {v}" for k, v in settings.items()) + ")"
+        fast += f"; the fast mode's {settings['warmup']} warm-up steps are untimed too"
     return (
         f"{plan.recipe_name} on {plan.device}: batch {plan.batch_size}, {plan.val_rows} validation row(s), "
         f"methods {','.join(spec.methods)}{fast}; {spec.warmup} warm-up + {spec.steps} timed steps, "
@@ -180,7 +182,8 @@ def fidelity_lines(result) -> list[str]:
         )
         lines.append(
             f"fast vs exact Pearson per step, {m}: median {s['median']:.4f}, min {s['min']:.4f} "
-            f"over {s['steps']} steps{undefined}"
+            f"over {s['steps']} steps{undefined}; median {s['median_reused']:.4f} over the "
+            f"{s['reused_steps']} steps that reused ∇val"
         )
     gap = result.fidelity["max_parameter_gap"]
     lines.append(f"fast vs exact largest parameter difference after training: {gap:.2e}")
@@ -278,7 +281,7 @@ def print_summary(folder: Path) -> None:
         table.add_column(col, justify=just)
     for _, r in frame.iterrows():
         fast = r["variant"] == "fast"
-        pearson = f"{r['fast_pearson_min']:.3f} / {r['fast_pearson_median']:.3f}" if fast else "-"
+        pearson = f"{r['fast_pearson_min']:.3f} / {r['fast_pearson_median_reused']:.3f}" if fast else "-"
         table.add_row(
             escape(r["name"]),
             r["variant"],
@@ -296,7 +299,8 @@ def print_summary(folder: Path) -> None:
     table.caption = (
         "throughput and memory: attribution / plain (medians); +MB: the same ratio of the peak over the "
         "memory before the first step; vs per-ex.: attribution / per-example examples per second; fast "
-        f"Pearson: per-step minimum / median of the worst method. 1-minute load average up to "
+        "Pearson: per-step minimum / median over the steps that reused ∇val, of the worst method. 1-minute "
+        f"load average up to "
         f"{frame['load_1m'].max():.1f}."
     )
     # wide rather than wrapped, so that the table reads (and pastes) as one row per bench

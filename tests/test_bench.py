@@ -7,6 +7,7 @@ import copy
 import json
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -98,12 +99,18 @@ def test_a_missing_recipe_exits_2(tmp_path, runs):
 
 
 def test_fidelity_compares_fast_with_exact_values(tmp_path):
-    spec = _spec(tmp_path, tiny(), methods=["adam", "sgd"], fast=True)
+    fast = {"warmup": 1, "refresh_every": 3, "rank": None}
+    spec = _spec(tmp_path, tiny(attribution={"fast": fast}), methods=["adam", "sgd"], fast=True, steps=5)
     fid = bm.fidelity(spec)
+    # ∇val is computed at the warm-up step and every third step after it, and reused in between
+    assert fid["reused"] == [False, True, True, False, True, True]
+    pearson = np.asarray(fid["pearson"]["adam"])
+    assert np.allclose(pearson[~np.asarray(fid["reused"])], 1.0)  # those steps compute the exact values
     summary = bm.fidelity_summary(fid)
     assert set(summary) == {"adam", "sgd"}
-    assert all(s["steps"] == spec.total_steps for s in summary.values())
+    assert all(s["steps"] == spec.total_steps and s["reused_steps"] == 4 for s in summary.values())
     assert all(-1.0 <= s["min"] <= s["median"] <= 1.0 for s in summary.values())
+    assert summary["adam"]["median_reused"] == pytest.approx(np.median(pearson[np.asarray(fid["reused"])]))
 
 
 def test_fidelity_compares_on_the_same_updates_also_with_fused_rows(tmp_path):
@@ -160,6 +167,18 @@ def test_fast_uses_the_recipes_fast_settings_and_exact_stays_exact(tmp_path):
     assert default.stepper.tracker.fast == FastMode()
     for session in (fast, exact, default):
         session.close()
+
+
+def test_the_fast_mode_is_timed_past_its_own_warm_up(tmp_path, monkeypatch):
+    attribution = {"fast": {"refresh_every": 2, "warmup": 3, "rank": None}}
+    spec = _spec(tmp_path, tiny(attribution=attribution), steps=2, warmup=1)
+    stepped = []
+    step = bm.Session.step
+    monkeypatch.setattr(bm.Session, "step", lambda self, x, y: stepped.append(1) or step(self, x, y))
+    assert bm.measure(spec, "attribution", fast=True)["warmup_steps"] == 1 + 3
+    assert len(stepped) == 1 + 3 + 2
+    assert bm.measure(spec, "attribution", fast=False)["warmup_steps"] == 1
+    assert len(stepped) == 1 + 3 + 2 + 1 + 2
 
 
 def _spec(tmp_path, recipe: dict, methods=("adam",), fast=False, steps=2, warmup=1) -> bm.BenchSpec:
