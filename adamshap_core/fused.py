@@ -210,6 +210,6 @@ def _subtract(grads: dict[int, torch.Tensor], totals: dict[int, torch.Tensor]) -
         grad = grads.get(key)
         if grad is not None:
             targets.append(grad)
-            parts.append(total.to(grad.dtype))
+            parts.append(total if total.dtype == grad.dtype else total.to(grad.dtype))
     if targets:  # foreach refuses empty lists
         torch._foreach_sub_(targets, parts)

@@ -308,6 +308,7 @@ class OptimizerView:
         for i, group in enumerate(optimizer.param_groups):
             _check_group(self.kind, i, group)
         self.workspace = Workspace()  # flattened state and the rules' scratch, reused every step
+        self._kept_views: dict[tuple, tuple] = {}  # views of the workspace's flat state (``_views``)
 
     def segments(self, layout: Sequence[torch.Tensor]) -> list[Segment]:
         """The optimizer's step for the parameters of ``layout``, flattened in that order.
@@ -336,12 +337,14 @@ class OptimizerView:
         as read from the optimizer's dicts (which a compiled valuation cannot read itself).
         ``block``: split Adam segments into blocks of at most that many floats (``blocks``)."""
         groups = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
+        stepped = [p for p in layout if id(p) in groups and p.grad is not None]
+        counts = dict(zip(map(id, stepped), self._step_counts(stepped), strict=True))
         runs: list[list] = []  # [key, start, params, numel]
         offset = 0
         for p in layout:
             n = p.numel()
-            if id(p) in groups and p.grad is not None:
-                key = (groups[id(p)], self._step_count(p))
+            if id(p) in counts:
+                key = (groups[id(p)], counts[id(p)])
                 last = runs[-1] if runs else None
                 if last and last[0] == key and last[1] + last[3] == offset:
                     last[2].append(p)
@@ -355,19 +358,28 @@ class OptimizerView:
             split = block is not None and self.kind == "adam"
             for members, part in _packed(params, block) if split else [(params, None)]:
                 n = sum(p.numel() for p in members) if part is None else part.stop - part.start
-                out.append((slice(start, start + n), self._read(group, members, part)))
+                out.append((slice(start, start + n), self._read(group, members, key[1], part)))
                 start += n
         return out
 
-    def _step_count(self, p: torch.Tensor) -> int:
-        state = self.optimizer.state.get(p, {})
+    def _step_counts(self, params: list[torch.Tensor]) -> list[int]:
+        """Per parameter, the steps the optimizer has taken (SGD: whether it has a momentum buffer)."""
+        states = [self.optimizer.state.get(p, {}) for p in params]
         if self.kind == "sgd":
-            return int(state.get("momentum_buffer") is not None)
-        return int(state["step"]) if "step" in state else 0
+            return [int(state.get("momentum_buffer") is not None) for state in states]
+        steps = [state.get("step", 0) for state in states]
+        tensors = [t for t in steps if isinstance(t, torch.Tensor)]
+        if len(tensors) > 1 and len({(t.device, t.dtype) for t in tensors}) == 1:
+            read = iter(torch.stack(tensors).tolist())  # one read instead of one per parameter
+            steps = [next(read) if isinstance(t, torch.Tensor) else t for t in steps]
+        return [int(t) for t in steps]
 
-    def _read(self, group: dict, params: list[torch.Tensor], part: slice | None = None) -> StepRead:
-        """The step the optimizer is about to make for ``params`` (one param group, one step count);
-        ``part``: the range of the one parameter given, where only that is read."""
+    def _read(
+        self, group: dict, params: list[torch.Tensor], steps: int, part: slice | None = None
+    ) -> StepRead:
+        """The step the optimizer is about to make for ``params`` (one param group, each having taken
+        ``steps`` steps, or for SGD whether it has a momentum buffer); ``part``: the range of the one
+        parameter given, where only that is read."""
         lr = float(group["lr"])
         first = self.optimizer.state.get(params[0], {})
         if self.kind == "sgd":
@@ -375,14 +387,14 @@ class OptimizerView:
         wd = float(group.get("weight_decay", 0.0))
         decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
         beta1, beta2 = (float(b) for b in group["betas"])
-        t = int(first["step"]) + 1 if "step" in first else 1
+        t = steps + 1
         moments = None
         if t > 1:
             state = self.optimizer.state
             moments = tuple(_ranged([state[p][k] for p in params], part) for k in ("exp_avg", "exp_avg_sq"))
         return AdamRead(
             lr,
-            _ranged([p.grad.detach() for p in params], part),
+            _ranged([_detached(p.grad) for p in params], part),
             _ranged([p.detach() for p in params], part) if wd and not decoupled else None,
             wd,
             beta1,
@@ -394,17 +406,29 @@ class OptimizerView:
 
     def _joiner(self, segment: object) -> Join:
         """Flattens a segment's tensors into scratch keyed by ``segment`` (its start, or "block" for
-        the scratch all blocks share), reused from step to step."""
+        the scratch all blocks share), reused from step to step, in one copy of them all."""
 
         def join(tensors: list[torch.Tensor], name: str) -> torch.Tensor:
             if len(tensors) == 1:
                 return tensors[0].reshape(-1)
-            flat = [t.reshape(-1) for t in tensors]
-            total = sum(t.numel() for t in flat)
-            out = self.workspace.get((segment, name), (total,), flat[0].dtype, flat[0].device)
-            return torch.cat(flat, out=out)
+            shapes = tuple(t.shape for t in tensors)
+            total = sum(map(math.prod, shapes))
+            out = self.workspace.get((segment, name), (total,), tensors[0].dtype, tensors[0].device)
+            torch._foreach_copy_(self._views(out, (segment, name, shapes)), tensors)
+            return out
 
         return join
+
+    def _views(self, flat: torch.Tensor, key: tuple) -> list[torch.Tensor]:
+        """``flat`` as views shaped as ``key``'s last item (a tuple of shapes), kept while ``flat``
+        stays where it is: a view per tensor per step would cost more than the copy on a small model."""
+        shapes = key[-1]
+        where = (flat.data_ptr(), flat.dtype)
+        kept = self._kept_views.get(key)
+        if kept is None or kept[0] != where:
+            parts = flat.split([math.prod(shape) for shape in shapes])
+            kept = self._kept_views[key] = (where, [v.view(s) for v, s in zip(parts, shapes, strict=True)])
+        return kept[1]
 
 
 Block = tuple[list[torch.Tensor], slice | None]  # parameters, and the range of the one split (None: whole)
@@ -427,6 +451,11 @@ def _packed(params: list[torch.Tensor], size: int) -> Iterator[Block]:
         n += numel
     if block:
         yield block, None
+
+
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    """``t`` out of the graph (a gradient is already, unless made with create_graph)."""
+    return t.detach() if t.requires_grad else t
 
 
 def _ranged(tensors: list[torch.Tensor], part: slice | None) -> list[torch.Tensor]:
