@@ -852,8 +852,9 @@ def collect(folder: str | Path) -> pd.DataFrame:
 
 
 def _worst(values) -> float | None:
-    """The lowest of the methods' figures (NaN where any is NaN; None without a fast mode)."""
-    values = list(values)
+    """The lowest of the methods' figures (NaN where any is undefined: NaN, null in bench.json; None
+    without a fast mode)."""
+    values = [math.nan if v is None else v for v in values]
     if not values:
         return None
     return math.nan if any(math.isnan(v) for v in values) else min(values)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 
 import numpy as np
@@ -153,6 +154,12 @@ def test_bench_fast_end_to_end_measures_exact_and_fast(tmp_path, runs):
     listed = bm.collect(tmp_path)
     assert listed["variant"].tolist() == ["exact", "fast"]
     assert pd.isna(listed["fast_pearson_min"].iloc[0]) and listed["fast_pearson_min"].iloc[1] <= 1.0
+
+
+def test_an_undefined_pearson_in_a_summary_reads_as_nan():
+    # bench.json writes NaN as null: a fast mode timed before any step reused ∇val has no such median
+    assert math.isnan(bm._worst([0.5, None])) and math.isnan(bm._worst([math.nan, 0.5]))
+    assert bm._worst([0.7, 0.5]) == 0.5 and bm._worst([]) is None
 
 
 def test_fast_uses_the_recipes_fast_settings_and_exact_stays_exact(tmp_path):
