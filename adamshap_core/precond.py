@@ -308,7 +308,6 @@ class OptimizerView:
         for i, group in enumerate(optimizer.param_groups):
             _check_group(self.kind, i, group)
         self.workspace = Workspace()  # flattened state and the rules' scratch, reused every step
-        self._kept_views: dict[tuple, tuple] = {}  # views of the workspace's flat state (``_views``)
 
     def segments(self, layout: Sequence[torch.Tensor]) -> list[Segment]:
         """The optimizer's step for the parameters of ``layout``, flattened in that order.
@@ -414,21 +413,17 @@ class OptimizerView:
             shapes = tuple(t.shape for t in tensors)
             total = sum(map(math.prod, shapes))
             out = self.workspace.get((segment, name), (total,), tensors[0].dtype, tensors[0].device)
-            torch._foreach_copy_(self._views(out, (segment, name, shapes)), tensors)
+            views = self.workspace.views((segment, name, shapes), out, lambda flat: _shaped_as(flat, shapes))
+            torch._foreach_copy_(views, tensors)
             return out
 
         return join
 
-    def _views(self, flat: torch.Tensor, key: tuple) -> list[torch.Tensor]:
-        """``flat`` as views shaped as ``key``'s last item (a tuple of shapes), kept while ``flat``
-        stays where it is: a view per tensor per step would cost more than the copy on a small model."""
-        shapes = key[-1]
-        where = (flat.data_ptr(), flat.dtype)
-        kept = self._kept_views.get(key)
-        if kept is None or kept[0] != where:
-            parts = flat.split([math.prod(shape) for shape in shapes])
-            kept = self._kept_views[key] = (where, [v.view(s) for v, s in zip(parts, shapes, strict=True)])
-        return kept[1]
+
+def _shaped_as(flat: torch.Tensor, shapes: tuple[torch.Size, ...]) -> list[torch.Tensor]:
+    """A flat tensor cut into consecutive views of ``shapes``."""
+    parts = flat.split([math.prod(shape) for shape in shapes])
+    return [v.view(shape) for v, shape in zip(parts, shapes, strict=True)]
 
 
 Block = tuple[list[torch.Tensor], slice | None]  # parameters, and the range of the one split (None: whole)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+Views = TypeVar("Views")
 
 
 class Workspace:
@@ -14,6 +18,7 @@ class Workspace:
 
     def __init__(self):
         self._buffers: dict[object, torch.Tensor] = {}
+        self._views: dict[object, tuple[tuple, object]] = {}  # key -> (where the buffer was, its views)
 
     def get(
         self, key: object, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
@@ -28,3 +33,14 @@ class Workspace:
             buf = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
             return buf
         return buf.view(-1)[:numel].view(shape)
+
+    def views(self, key: object, buf: torch.Tensor, make: Callable[[torch.Tensor], Views]) -> Views:
+        """``make(buf)``, views of a buffer from ``get``, kept under ``key`` and made again only when
+        the buffer has moved or changed shape or dtype: on a small model a view per tensor per step
+        costs more than the arithmetic done in it. A kept view holds its storage, so no other
+        buffer can take its address."""
+        where = (buf.data_ptr(), buf.shape, buf.dtype)
+        kept = self._views.get(key)
+        if kept is None or kept[0] != where:
+            kept = self._views[key] = (where, make(buf))
+        return kept[1]

@@ -110,7 +110,6 @@ class GhostEngine:
         self._generator = torch.Generator(device=self.parameters[0].device).manual_seed(0)
         self._modules = list(model.modules())
         self._workspace = Workspace()  # the flat M buffer, reused every step
-        self._views_of: tuple[object, dict[int, torch.Tensor]] = (None, {})  # (key, views) of M's buffer
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self._owned]
         self._twinned = _twinned(self._owned)  # the modules whose calls may be stacked with another's
 
@@ -313,10 +312,8 @@ class GhostEngine:
         per step costs more than the multiplies on a small model)."""
         if torch.compiler.is_compiling():  # traced once per graph: nothing to reuse, no address to read
             return self._new_views(flat, covered)
-        key = (flat.data_ptr(), flat.shape, flat.dtype, tuple((c.start, c.stop) for c in covered))
-        if self._views_of[0] != key:
-            self._views_of = (key, self._new_views(flat, covered))
-        return self._views_of[1]
+        key = ("M", tuple((c.start, c.stop) for c in covered))
+        return self._workspace.views(key, flat, lambda buf: self._new_views(buf, covered))
 
     def _new_views(self, flat: torch.Tensor, covered: list[slice]) -> dict[int, torch.Tensor]:
         full = {}
