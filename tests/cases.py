@@ -126,6 +126,13 @@ CASES = [
         lambda: nn.Sequential(nn.Linear(4, 9, bias=False), nn.Tanh(), nn.Linear(9, 2, bias=False)),
         _tabular(4, 2),
     ),
+    Case(  # activations that overwrite the layers' outputs: b is the gradient of each layer's own output
+        "mlp-in-place",
+        lambda: nn.Sequential(
+            nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 3), nn.LeakyReLU(0.5, inplace=True)
+        ),
+        _tabular(5, 3),
+    ),
     Case("linear-seq", lambda: SeqLinear(5, 3, 4, bias=True), _sequence(5, 4, 4)),
     Case("linear-seq-nobias", lambda: SeqLinear(3, 8, 2, bias=False), _sequence(3, 5, 2)),
     Case("conv2d", ConvNet, _images),

@@ -1,5 +1,8 @@
 """Every layer kernel against brute-force per-example gradients (float64)."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from bruteforce import per_example_grads
@@ -96,6 +99,70 @@ def test_tied_parameter_is_valued_once_through_both_uses(float64):
     model = case.model()
     engine = GhostEngine(model)
     assert sum(p is model.tok.weight for p in engine.parameters) == 1
+
+
+def _values_of(model, loss_fn, x, y, val):
+    engine = GhostEngine(model)
+    with engine.capture():
+        loss_fn(model(x), y).mean().backward()
+        return engine.values(val, [(slice(0, engine.numel), [1.0])], 1, len(y))
+
+
+def test_a_loss_that_changes_the_model_output_in_place_is_valued_as_one_that_does_not(float64):
+    """The last layer's output is what the model returns; a loss that scales it in place must not make
+    the engine read the gradient of the scaled tensor."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    val = torch.randn(1, sum(p.numel() for p in model.parameters()))
+
+    def scaled(out, y, in_place):
+        out = out.mul_(3.0) if in_place else out * 3.0
+        return nn.functional.cross_entropy(out, y, reduction="none")
+
+    got = _values_of(model, lambda o, t: scaled(o, t, True), x, y, val)
+    want = _values_of(model, lambda o, t: scaled(o, t, False), x, y, val)
+    assert rel_err(got, want) <= 1e-12
+
+
+def test_a_layer_output_the_loss_changes_in_place_is_valued_as_if_it_did_not(float64):
+    """Changed after the model returned, by the loss, through a tensor the model kept: b is still the
+    gradient of the layer's output as the layer made it."""
+
+    class Keeps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hidden, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            self.kept = self.hidden(x)
+            return self.head(torch.tanh(self.kept))
+
+    torch.manual_seed(0)
+    model = Keeps()
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    val = torch.randn(1, sum(p.numel() for p in model.parameters()))
+
+    def loss(out, y, in_place):
+        if in_place:
+            model.kept.mul_(2.0)  # tanh kept its output, not its input: autograd allows this
+        return nn.functional.cross_entropy(out, y, reduction="none")
+
+    got = _values_of(model, lambda o, t: loss(o, t, True), x, y, val)
+    want = _values_of(model, lambda o, t: loss(o, t, False), x, y, val)
+    assert rel_err(got, want) <= 1e-12
+
+
+def test_no_captured_call_outlives_its_capture():
+    """A call is held by the hook that receives its b: nothing the hook's tensor or node keeps may hold it
+    in turn, or every step would leak its tensors (a cycle through autograd's C++ that no collector frees)."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3))
+    engine = GhostEngine(model)
+    with engine.capture():
+        nn.functional.cross_entropy(model(torch.randn(6, 4)), torch.randint(0, 3, (6,))).backward()
+        calls = [weakref.ref(call) for call in engine.captured(6)]
+    gc.collect()
+    assert len(calls) == 2 and all(call() is None for call in calls)
 
 
 def test_unsupported_layer_is_a_startup_error():
