@@ -42,6 +42,8 @@ FAST_KEY = "attribution_fast"  # how the fast attribution measurement is named i
 COLUMNS = ["recipe", "device", "mode", "methods", "batch_size", "repeat", "examples_per_s", "peak_mb"]
 DEFAULT_RECIPE = "recipes/digits-mlp.yaml"
 PROFILE_ROWS = 15  # ops shown by --profile
+# after its timed steps, an attribution process times its contraction alone this many times, in one step
+CONTRACT_RUNS = 20
 
 
 # ---- the plan: everything checked before anything runs or is written ------------------------------
@@ -349,6 +351,8 @@ def measure(spec: BenchSpec, mode: str, fast: bool = False) -> dict:
         memory.sync()
         if i >= spec.warmup:
             seconds.append(time.perf_counter() - t0)
+    peak = memory.report()  # before the step that times the contraction, which is no training step
+    contract_ms = contraction_ms(session, batches[-1], memory)
     session.close()
     bs = session.prep.recipe.train.batch_size
     return {
@@ -356,12 +360,39 @@ def measure(spec: BenchSpec, mode: str, fast: bool = False) -> dict:
         "step_ms": 1000 * float(np.median(seconds)),
         "seconds": float(sum(seconds)),
         "warmup_steps": spec.warmup,  # untimed, before the timed ones
-        **memory.report(),
+        "contract_ms": contract_ms,
+        **peak,
         **compiling.report(),
         "fusion_blocked": fusion_blocked(session),
         "threads": _threads(),
         "load_1m": (load_before + os.getloadavg()[0]) / 2,
     }
+
+
+def contraction_ms(session: Session, batch: tuple, memory: _Memory) -> float:
+    """The median time (ms) of an eager tracker's contraction alone (``GhostEngine.contract``: every
+    example's a and b with M), run ``CONTRACT_RUNS`` times over inside one more step, on that step's
+    M, a and b: the part of a valued step that no exact method can leave out (NaN without one)."""
+    tracker = getattr(session.stepper, "tracker", None)
+    if tracker is None or tracker.compiles:  # a compiled contraction runs inside its graph
+        return math.nan
+    engine, contract, runs = tracker.engine, tracker.engine.contract, []
+
+    def contract_timed(*args, **kwargs):
+        result = contract(*args, **kwargs)
+        for _ in range(CONTRACT_RUNS):
+            start = time.perf_counter()
+            contract(*args, **kwargs)
+            memory.sync()
+            runs.append(time.perf_counter() - start)
+        return result
+
+    engine.contract = contract_timed
+    try:
+        session.step(*batch)
+    finally:
+        del engine.contract  # the class's method again
+    return 1000 * float(np.median(runs)) if runs else math.nan
 
 
 def fusion_blocked(session: Session) -> str:
@@ -716,18 +747,24 @@ def summarize(frame: pd.DataFrame) -> dict:
 
     The top-level ratios are the headline: the fast mode's when it was measured, else the exact's.
     """
-    cols = ["examples_per_s", "peak_mb", "peak_increase_mb", "step_ms"]
-    med = frame.assign(key=measurement_keys(frame)).groupby("key")[cols].median()
+    cols = ["examples_per_s", "peak_mb", "peak_increase_mb", "step_ms", "contract_ms"]
+    frame = frame.assign(key=measurement_keys(frame))
+    if "contract_ms" not in frame:  # parquet files written before the contraction was timed
+        frame = frame.assign(contract_ms=math.nan)
+    med = frame.groupby("key")[cols].median()
 
     def ratio(col: str, num: str, den: str) -> float:
         return float(med.loc[num, col] / med.loc[den, col]) if med.loc[den, col] > 0 else float("nan")
 
     def ratios(key: str) -> dict:
+        plain_ms = med.loc["plain", "step_ms"]
         return {
             "throughput_ratio": ratio("examples_per_s", key, "plain"),
             "memory_ratio": ratio("peak_mb", key, "plain"),
             "memory_increase_ratio": ratio("peak_increase_mb", key, "plain"),
             "speedup_over_per_example": ratio("examples_per_s", key, "per_example"),
+            # the throughput ratio a valued step would have if all but its contraction cost nothing
+            "contraction_bound": float(plain_ms / (plain_ms + med.loc[key, "contract_ms"])),
         }
 
     variants = {"exact": ratios("attribution")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -213,14 +214,26 @@ def render_profile(prof: dict) -> str:
 
 
 def ratio_lines(plan, summary: dict) -> list[str]:
-    """Each attribution variant's ratios (exact; fast if measured), memory also over the pre-step baseline."""
+    """Each attribution variant's ratios (exact; fast if measured), memory also over the pre-step baseline,
+    and what its contraction alone would allow."""
+    from adamshap_core import bench as bm
+
     before = "the RSS" if plan.device == "cpu" else "the memory allocated"
-    return [
-        f"{variant} mode: throughput ratio {r['throughput_ratio']:.3f}, memory ratio {r['memory_ratio']:.3f} "
-        f"({r['memory_increase_ratio']:.3f} over {before} before the first step), speed-up over per-example "
-        f"{r['speedup_over_per_example']:.1f}"
-        for variant, r in summary["variants"].items()
-    ]
+    lines = []
+    for variant, r in summary["variants"].items():
+        lines.append(
+            f"{variant} mode: throughput ratio {r['throughput_ratio']:.3f}, memory ratio "
+            f"{r['memory_ratio']:.3f} ({r['memory_increase_ratio']:.3f} over {before} before the first "
+            f"step), speed-up over per-example {r['speedup_over_per_example']:.1f}"
+        )
+        bound = r.get("contraction_bound", math.nan)
+        if bound == bound:  # not NaN: the contraction was timed (an eager tracker)
+            contract = summary["median"][bm.FAST_KEY if variant == "fast" else "attribution"]["contract_ms"]
+            lines.append(
+                f"  its contraction alone takes {contract:.3f} ms a step: were the rest of valuation free, "
+                f"the throughput ratio would be {bound:.3f}"
+            )
+    return lines
 
 
 def compile_lines(plan, summary: dict) -> list[str]:
@@ -256,6 +269,10 @@ def closing_lines(summary: dict) -> list[str]:
     ]
 
 
+def _fmt(x: float) -> str:
+    return "-" if x != x else f"{x:.3f}"  # NaN: not measured
+
+
 def print_summary(folder: Path) -> None:
     """The benches under ``folder`` side by side; also written to ``folder/summary.parquet``."""
     from adamshap_core import bench as bm
@@ -275,6 +292,7 @@ def print_summary(folder: Path) -> None:
         ("memory", "right"),
         ("+MB", "right"),
         ("vs per-ex.", "right"),
+        ("bound", "right"),
         ("fast Pearson", "right"),
     ]
     for col, just in columns:
@@ -294,11 +312,13 @@ def print_summary(folder: Path) -> None:
             f"{r['memory_ratio']:.3f}",
             f"{r['memory_increase_ratio']:.2f}",
             f"{r['speedup_over_per_example']:.1f}",
+            _fmt(r.get("contraction_bound", math.nan)),
             pearson,
         )
     table.caption = (
         "throughput and memory: attribution / plain (medians); +MB: the same ratio of the peak over the "
-        "memory before the first step; vs per-ex.: attribution / per-example examples per second; fast "
+        "memory before the first step; vs per-ex.: attribution / per-example examples per second; bound: the "
+        "throughput ratio if all of valuation but the contraction were free (- where not timed); fast "
         "Pearson: per-step minimum / median over the steps that reused ∇val, of the worst method. 1-minute "
         f"load average up to "
         f"{frame['load_1m'].max():.1f}."

@@ -17,6 +17,7 @@ from helpers import TINY, cli, tiny, tiny_gpt, write_recipe
 
 from adamshap_core import InRunShapley, bench_worker
 from adamshap_core import bench as bm
+from adamshap_core.engine import GhostEngine
 from adamshap_core.models import GPT, per_example_loss, sequence_loss
 from adamshap_core.recipe import recipe_from_dict
 
@@ -51,7 +52,12 @@ def test_bench_end_to_end_writes_the_table_and_closing_lines(tmp_path, runs):
     assert (frame["repeat"] == 1).all() and (frame["val_rows"] == 20).all()
     assert (frame["examples_per_s"] > 0).all() and (frame["peak_mb"] > 0).all()
     assert (frame["threads"] == 1).all() and (frame["fusion_blocked"] == "").all()
+    contract = frame.set_index("mode")["contract_ms"]
+    assert contract["attribution"] > 0 and contract.drop("attribution").isna().all()
     summary = json.loads((folder / "bench.json").read_text())
+    bound = summary["variants"]["exact"]["contraction_bound"]
+    assert f"its contraction alone takes {contract['attribution']:.3f} ms a step" in res.stdout
+    assert f"the throughput ratio would be {bound:.3f}" in res.stdout
     med = frame.set_index("mode")["examples_per_s"]
     assert summary["throughput_ratio"] == pytest.approx(med["attribution"] / med["plain"])
     assert f"throughput ratio: {summary['throughput_ratio']:.3f}" == lines[-3]
@@ -63,6 +69,7 @@ def test_bench_end_to_end_writes_the_table_and_closing_lines(tmp_path, runs):
     table = pd.read_parquet(runs / "bench" / "summary.parquet")
     assert table["name"].tolist() == [folder.name]
     assert table["speedup_over_per_example"].iloc[0] == pytest.approx(summary["speedup_over_per_example"])
+    assert table["contraction_bound"].iloc[0] == pytest.approx(bound)
 
 
 def test_summary_refuses_a_recipe_and_an_empty_folder(tmp_path, runs):
@@ -182,10 +189,26 @@ def test_the_fast_mode_is_timed_past_its_own_warm_up(tmp_path, monkeypatch):
     stepped = []
     step = bm.Session.step
     monkeypatch.setattr(bm.Session, "step", lambda self, x, y: stepped.append(1) or step(self, x, y))
+    # then one more step, untimed, that times the contraction alone
     assert bm.measure(spec, "attribution", fast=True)["warmup_steps"] == 1 + 3
-    assert len(stepped) == 1 + 3 + 2
+    assert len(stepped) == 1 + 3 + 2 + 1
     assert bm.measure(spec, "attribution", fast=False)["warmup_steps"] == 1
-    assert len(stepped) == 1 + 3 + 2 + 1 + 2
+    assert len(stepped) == 1 + 3 + 2 + 1 + 1 + 2 + 1
+
+
+def test_the_contraction_alone_is_timed_on_a_valued_step_and_the_engine_left_as_it_was(tmp_path, monkeypatch):
+    spec = _spec(tmp_path, tiny(), steps=2, warmup=1)
+    contracted = []
+    contract = GhostEngine.contract
+    monkeypatch.setattr(GhostEngine, "contract", lambda *a, **k: contracted.append(1) or contract(*a, **k))
+    session = bm.Session.build(spec, "attribution")
+    memory = bm._Memory(session.prep.device)
+    assert bm.contraction_ms(session, session.batches()[0], memory) > 0
+    assert len(contracted) == 1 + bm.CONTRACT_RUNS  # the step's own, then the timed ones
+    assert "contract" not in vars(session.stepper.tracker.engine)
+    session.close()
+    plain = bm.Session.build(spec, "plain")
+    assert math.isnan(bm.contraction_ms(plain, plain.batches()[0], memory))
 
 
 def _spec(tmp_path, recipe: dict, methods=("adam",), fast=False, steps=2, warmup=1) -> bm.BenchSpec:
@@ -269,6 +292,7 @@ def _frame(per_repeat: list[dict]) -> pd.DataFrame:
             rows.append(
                 {"mode": mode, "fast": fast, "repeat": repeat, "examples_per_s": eps, "peak_mb": peak}
                 | {"peak_increase_mb": peak - 380, "step_ms": 1000 / eps}
+                | {"contract_ms": 2.0 if mode == "attribution" else math.nan}
             )
     return pd.DataFrame(rows)
 
@@ -286,7 +310,11 @@ def test_summary_ratios_are_of_medians():
     assert s["memory_ratio"] == pytest.approx(422 / 402)
     assert s["memory_increase_ratio"] == pytest.approx(42 / 22)
     assert s["speedup_over_per_example"] == pytest.approx(85 / 9)
+    # the plain step's median time over itself plus the contraction's
+    assert s["contraction_bound"] == pytest.approx((1000 / 120) / (1000 / 120 + 2.0))
     assert list(s["variants"]) == ["exact"]
+    # a bench.parquet written before the contraction was timed still summarises
+    assert math.isnan(bm.summarize(frame.drop(columns="contract_ms"))["contraction_bound"])
 
 
 def test_with_fast_the_headline_ratios_are_the_fast_modes():
