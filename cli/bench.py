@@ -196,19 +196,15 @@ def render_profile(prof: dict) -> str:
     from adamshap_core import bench as bm
 
     att = prof["attribution"]
-
-    def fmt(v: float) -> str:
-        return "-" if v != v else f"{v:.3f}"  # NaN: not measured in that mode
-
     lines = [
         f"profile: {att['steps']} attribution step(s) beside as many plain steps (torch.profiler)",
         "time per step in each phase (ms, children included):",
-        bm.phase_table(prof).to_string(index=False, float_format=fmt),
+        bm.phase_table(prof).to_string(index=False, float_format=_fmt),
         "",
         "top ops of the attribution steps by self time (key_averages):",
         att["table"],
         "ops that cost most beyond a plain step (self ms per step):",
-        bm.profile_extra(prof).to_string(index=False, float_format=fmt),
+        bm.profile_extra(prof).to_string(index=False, float_format=_fmt),
     ]
     return "\n".join(lines)
 
@@ -270,7 +266,7 @@ def closing_lines(summary: dict) -> list[str]:
 
 
 def _fmt(x: float) -> str:
-    return "-" if x != x else f"{x:.3f}"  # NaN: not measured
+    return "-" if x != x else f"{x:.3f}"  # NaN: not measured (in that mode, or by that bench)
 
 
 def print_summary(folder: Path) -> None:
