@@ -29,7 +29,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from .compiled import Compiled
 from .engine import GhostEngine
-from .engine.ghost import Call, modes_kept, set_modes
+from .engine.ghost import Call, RowsTarget, modes_kept, set_modes
 from .errors import UserError
 
 
@@ -175,14 +175,17 @@ class ValidationRows:
     def __len__(self) -> int:
         return len(self.targets)
 
+    @property
+    def target(self) -> RowsTarget:
+        """∇val from the rows' gradient g: per target g_r / w; the mean target (Σ_r g_r) / (w·V)."""
+        return RowsTarget(1.0 / (self.weight * (1 if self.per_target else len(self))), not self.per_target)
+
     def remove(self, losses: torch.Tensor) -> None:
         """After the backward pass: ∇val from the rows' captured a and b, and their part of
         ``.grad`` taken out. ``losses``: the rows' own losses."""
         engine = self.engine
-        # per target: ∇ℓ_r = g_r / w; the mean target: (Σ_r ∇ℓ_r) / V = g / (w·V)
-        scale = 1.0 / (self.weight * (1 if self.per_target else len(self)))
         calls = engine.captured(self.batch_size)
-        args = (engine, calls, self.batch_size, not self.per_target, scale)
+        args = (engine, calls, self.batch_size, not self.per_target, self.target.scale)
         out = None if self.compiled is None else self.compiled("rows", *args)
         self.gradients, totals = rows_gradients(*args) if out is None else out
         # outside the compiled graph, so that a graph that fails and is rerun eagerly cannot

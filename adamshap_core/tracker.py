@@ -16,7 +16,7 @@ from torch import nn
 
 from .compiled import Compiled
 from .engine import GhostEngine
-from .engine.ghost import Call
+from .engine.ghost import Call, RowsTarget
 from .fast import FastMode
 from .fused import (
     ValidationRows,
@@ -99,11 +99,13 @@ def step_values(
     batch_size: int,
     rank: int | None = None,
     calls: list[Call] | None = None,
+    rows: RowsTarget | None = None,
 ) -> torch.Tensor:
     """φ [B, methods, Q] from ∇val and the optimizer's step per segment (``engine.values``).
-    ``segments`` may be ``OptimizerView.blocks``: each block's scales are used before the next is read."""
+    ``segments`` may be ``OptimizerView.blocks``: each block's scales are used before the next is read.
+    ``rows``: ∇val is the gradient of the validation rows in this batch (see ``RowsTarget``)."""
     per_segment = ((where, [scale(m, s, clip) for m in methods]) for where, s in segments)
-    return engine.values(val_grads, per_segment, len(methods), batch_size, rank, calls)
+    return engine.values(val_grads, per_segment, len(methods), batch_size, rank, calls, rows)
 
 
 def traced_step_values(
@@ -204,7 +206,7 @@ class InRunShapley:
         def value_batch(losses: torch.Tensor, clip: float) -> None:
             B = len(losses)
             val_grads = self._val_grads if rows is None else rows.gradients  # the rows': built just now
-            values = self._values(val_grads, clip, B, rank)  # [B, methods, Q]
+            values = self._values(val_grads, clip, B, rank, None if rows is None else rows.target)
             for k, m in enumerate(self.methods):
                 v = values[:, k]
                 out[m] = v if self.per_target else v[:, 0]
@@ -245,15 +247,18 @@ class InRunShapley:
         """Graphs compiled: per batch shape one for the values (none with a rank), one for fused rows."""
         return 0 if self._compiled is None else self._compiled.graphs
 
-    def _values(self, val_grads: torch.Tensor, clip: float, B: int, rank: int | None) -> torch.Tensor:
-        """This step's values [B, methods, Q], from the state the optimizer is about to step with."""
+    def _values(
+        self, val_grads: torch.Tensor, clip: float, B: int, rank: int | None, rows: RowsTarget | None
+    ) -> torch.Tensor:
+        """This step's values [B, methods, Q], from the state the optimizer is about to step with;
+        ``rows``: ∇val came from the validation rows in this batch."""
         # with a rank, the fast mode's low-rank factors draw random numbers: then every step stays eager
         if self.compiles and rank is None:
             out = self._compiled_values(val_grads, clip, B)
             if out is not None:
                 return out
         blocks = self.view.blocks(self.engine.parameters)
-        return step_values(self.engine, val_grads, blocks, self.methods, clip, B, rank)
+        return step_values(self.engine, val_grads, blocks, self.methods, clip, B, rank, rows=rows)
 
     def _compiled_values(self, val_grads: torch.Tensor, clip: float, B: int) -> torch.Tensor | None:
         reads = [(where, read.traced()) for where, read in self.view.reads(self.engine.parameters)]

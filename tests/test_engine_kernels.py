@@ -94,6 +94,24 @@ def test_gradients_of_rows_after_the_batch_match_per_example_gradients(case, sum
         assert rel_err(got[id(p)], want) <= 1e-12, names[id(p)]
 
 
+def test_the_ghost_dot_product_with_rows_is_that_of_their_gradients(float64):
+    """⟨G_r, g_i⟩ from a and b alone equals the dot product of the gradients formed outright."""
+    from adamshap_core.engine import linear
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 4, 3, generator=gen), torch.randn(5, 4, 6, generator=gen)
+    a_rows, b_rows = torch.randn(2, 7, 3, generator=gen), torch.randn(2, 7, 6, generator=gen)
+    g = torch.einsum("bto,bti->boi", b, a)
+    g_rows = torch.einsum("rso,rsi->roi", b_rows, a_rows)
+    want = torch.einsum("boi,roi->br", g, g_rows)
+    assert rel_err(linear.contract_rows(a, b, a_rows, b_rows), want) <= 1e-12
+    # chosen where it saves multiply-adds: wide layers and few row positions, not narrow ones or many rows
+    wide, narrow = torch.empty(2, 9, 256), torch.empty(2, 9, 32)
+    assert linear.rows_cheaper(wide, wide, rows=9, K=1)
+    assert not linear.rows_cheaper(narrow, narrow, rows=9, K=1)
+    assert not linear.rows_cheaper(wide, wide, rows=200 * 9, K=1)
+
+
 def test_tied_parameter_is_valued_once_through_both_uses(float64):
     case = next(c for c in CASES if c.name == "lm-tied")
     model = case.model()

@@ -34,6 +34,7 @@ def run_and_check(
     scheduler=None,
     split_groups=False,
     fuse_validation=False,
+    methods=METHODS,
 ):
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -51,7 +52,7 @@ def run_and_check(
         case.loss,
         vx,
         vy,
-        METHODS,
+        methods,
         max_grad_norm=max_grad_norm,
         per_target=per_target,
         fuse_validation=fuse_validation,
@@ -63,7 +64,7 @@ def run_and_check(
         )
         got = tracker.step(x, y)
         assert tracker.fusion_blocked is None if fuse_validation else "off" in tracker.fusion_blocked
-        for m in METHODS:
+        for m in methods:
             g = got.values[m] if per_target else got.values[m].unsqueeze(1)
             assert g.shape == (batch, n_val if per_target else 1)
             assert rel_err(g, want[m]) <= 1e-6, m
@@ -93,6 +94,31 @@ def test_validation_rows_in_the_training_batch_match_brute_force(case, per_targe
         case, OPTIMIZERS[opt], max_grad_norm=0.05, per_target=per_target, fuse_validation=True
     )
     assert res.clip_factor < 1.0
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name != "conv2d"], ids=lambda c: c.name)
+@pytest.mark.parametrize("per_target", [False, True], ids=["mean-target", "per-target"])
+@pytest.mark.parametrize(
+    "opt, methods, block",
+    [("sgd-nesterov", METHODS, 64), ("adamw", ("sgd",), 64), ("adamw", ("sgd",), 7)],
+    ids=["sgd-all-methods", "adamw-sgd-method", "adamw-sgd-method-in-blocks"],
+)
+def test_ghost_dot_products_with_the_validation_rows_match_brute_force(
+    case, per_target, opt, methods, block, float64, monkeypatch
+):
+    """Where P is a scalar (the sgd method; every method under SGD) and ∇val is the validation rows'
+    gradient, a linear layer's values come from the rows' a and b directly, without M (forced here
+    at any cost). Layers that two calls share (a tied head, a layer called twice) still contract M."""
+    from adamshap_core import precond
+    from adamshap_core.engine import linear
+
+    monkeypatch.setattr(precond, "BLOCK", block)
+    monkeypatch.setattr(linear, "ROWS_MARGIN", 0)
+    ghost = []
+    contract_rows = linear.contract_rows
+    monkeypatch.setattr(linear, "contract_rows", lambda *args: ghost.append(1) or contract_rows(*args))
+    run_and_check(case, OPTIMIZERS[opt], per_target=per_target, fuse_validation=True, methods=methods)
+    assert ghost  # every case has a linear layer that one call alone uses
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

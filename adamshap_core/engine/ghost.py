@@ -11,9 +11,10 @@ Or the validation rows ride along in the training batch (``capture(extra_rows=V)
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -50,6 +51,16 @@ class Call:
     kernel: LayerKernel
     a: torch.Tensor
     b: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class RowsTarget:
+    """∇val is the gradient of this capture's extra rows (the validation rows in the training batch)
+    times ``scale``: summed over the rows (one target), or one target per row. Where a parameter's M is
+    that times a scalar per method, ``contract`` may take ⟨M, g_i⟩ from the rows' a and b directly."""
+
+    scale: float
+    summed: bool
 
 
 class GhostEngine:
@@ -262,6 +273,7 @@ class GhostEngine:
         batch_size: int,
         rank: int | None = None,
         calls: list[Call] | None = None,
+        rows: RowsTarget | None = None,
     ) -> torch.Tensor:
         """φ[i, m, q] = Σ_W ⟨scale_m,W ⊙ ∇val_q,W, g_i,W⟩ / B, from the captured a and b.
 
@@ -269,10 +281,11 @@ class GhostEngine:
         the layout, each of the ``n_methods`` methods' multiplier of ∇val there (lr, clip
         factor and preconditioner P together); parameters outside every segment are not valued
         (the optimizer does not move them). ``b`` is the gradient of the *mean* loss, which
-        supplies the 1/B. ``rank``: see ``matrices``; ``calls``: see ``extra_gradients``.
+        supplies the 1/B. ``rank``: see ``matrices``; ``calls``: see ``extra_gradients``; ``rows``:
+        where ∇val comes from (see ``contract``).
         """
         M = self.matrices(val_grads, scales, n_methods, rank)
-        return self.contract(M, batch_size, calls).view(batch_size, n_methods, val_grads.shape[0])
+        return self.contract(M, batch_size, calls, rows).view(batch_size, n_methods, val_grads.shape[0])
 
     def matrices(
         self,
@@ -298,13 +311,16 @@ class GhostEngine:
         else:
             flat = self._workspace.get("M", shape, G.dtype, G.device).zero_()
         covered: list[slice] = []
+        scalars: list[tuple[int, int, tuple[float, ...]]] = []  # runs of the layout scaled by scalars alone
         for where, per_method in scales:
             for k, scale in enumerate(per_method):
                 torch.mul(G[:, where], scale, out=flat[k * Q : (k + 1) * Q, where])
             covered.append(where)
+            if not any(isinstance(scale, torch.Tensor) for scale in per_method):
+                _add_run(scalars, where, tuple(float(scale) for scale in per_method))
         full = self._views(flat, covered)
         factors = {} if rank is None else self._factorize(full, rank)
-        return Matrices(full, factors)
+        return Matrices(full, factors, scalars)
 
     def _views(self, flat: torch.Tensor, covered: list[slice]) -> dict[int, torch.Tensor]:
         """id(param) → its M, a view of ``flat``, for the parameters in ``covered``; the same
@@ -351,19 +367,34 @@ class GhostEngine:
                 factors[id(p)] = factorize(M.reshape(M.shape[0], d_out, d_in), rank, self._generator)
         return factors
 
-    def contract(self, M: Matrices, batch_size: int, calls: list[Call] | None = None) -> torch.Tensor:
-        """[B, K]: every captured call's ⟨M_k, g_i⟩ for the B training rows, summed over calls."""
+    def contract(
+        self, M: Matrices, batch_size: int, calls: list[Call] | None = None, rows: RowsTarget | None = None
+    ) -> torch.Tensor:
+        """[B, K]: every captured call's ⟨M_k, g_i⟩ for the B training rows, summed over calls.
+
+        ``rows``: ∇val is the gradient of the extra rows (see ``RowsTarget``). A parameter whose M is
+        then a scalar per method times it, and that one call alone uses, is valued by its kernel's
+        ``rows_values`` from the rows' a and b, where that costs less than contracting M."""
         calls = self.captured(batch_size) if calls is None else calls
         B = batch_size
-        parts = []
+        uses = (
+            Counter(id(p) for call in calls for p in self._owned[call.module][1].values()) if rows else None
+        )
+        parts, total = [], None
         for call in calls:
             Mc = M.for_call(call.module, call.kernel, self._owned[call.module][1])
             if not Mc:
                 continue
             dtype = matrix_dtype(Mc)  # float32 or wider, also under autocast
             a, b = (call.a, call.b) if not self._extra_rows else (call.a[:B], call.b[:B])
-            parts.append(Part(call, _cast(a, dtype), _cast(b, dtype), Mc))
-        total = None
+            a, b = _cast(a, dtype), _cast(b, dtype)
+            if rows is not None and self._extra_rows:
+                v, Mc = self._rows_values(call, Mc, M, rows, uses, a, b)
+                if v is not None:
+                    total = v if total is None else total + v
+                if not Mc:
+                    continue
+            parts.append(Part(call, a, b, Mc))
         for stack in self._stacks(parts, intermediate=True):
             if len(stack) == 1:
                 v = self._values_in_chunks(stack[0])
@@ -375,6 +406,37 @@ class GhostEngine:
         if total is None:
             total = torch.zeros(B, M.n_targets, device=calls[0].a.device)
         return total
+
+    def _rows_values(
+        self,
+        call: Call,
+        Mc: dict,
+        M: Matrices,
+        rows: RowsTarget,
+        uses: Counter,
+        a: torch.Tensor,
+        b: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, dict]:
+        """This call's [B, K] values of its kernel's ``rows_params`` from the rows' a and b, and the M of
+        its other parameters; (None, Mc) where they do not qualify or M costs less. They qualify where
+        this call alone uses them (no cross terms between calls) and their M is ∇val times a scalar per
+        method (``Matrices.scalars``)."""
+        own = self._owned[call.module][1]
+        names = [n for n in call.kernel.rows_params(call.module) if n in Mc]
+        scalars = {M.scalars(self._slices[id(own[n])]) for n in names if uses[id(own[n])] == 1}
+        if not names or len(scalars) != 1 or None in scalars:
+            return None, Mc
+        (per_method,) = scalars
+        B, K = a.shape[0], M.n_targets
+        a_rows, b_rows = _cast(call.a[B:], a.dtype), _cast(call.b[B:], b.dtype)
+        ghost = call.kernel.rows_values(call.module, a, b, a_rows, b_rows, K)  # [B, R]
+        if ghost is None:
+            return None, Mc
+        if rows.summed:
+            ghost = ghost.sum(dim=1, keepdim=True)
+        per_method = torch.tensor(per_method, dtype=ghost.dtype, device=ghost.device) * rows.scale
+        values = (per_method[None, :, None] * ghost[:, None, :]).reshape(B, K)  # method-major, as M's rows
+        return values, {n: m for n, m in Mc.items() if n not in names}
 
     def _stacks(self, parts: list[Part], intermediate: bool) -> list[list[Part]]:
         """The parts in stacks of one kernel ``group_key`` (and one set of parameters, dtypes and
@@ -502,6 +564,17 @@ def _stack(stack: list[Part]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([p.a for p in stack]), torch.stack([p.b for p in stack])
 
 
+def _add_run(
+    runs: list[tuple[int, int, tuple[float, ...]]], where: slice, scalars: tuple[float, ...]
+) -> None:
+    """Append ``where`` to ``runs``, joined to the last run where it continues it with equal scalars (the
+    blocks of one parameter group)."""
+    if runs and runs[-1][1] == where.start and runs[-1][2] == scalars:
+        runs[-1] = (runs[-1][0], where.stop, scalars)
+    else:
+        runs.append((where.start, where.stop, scalars))
+
+
 def _floats(m: torch.Tensor | LowRank) -> int:
     return m.numel() if isinstance(m, torch.Tensor) else 0
 
@@ -517,6 +590,15 @@ class Matrices:
 
     full: dict[int, torch.Tensor]  # id(param) -> [K, *shape]
     factors: dict[int, LowRank]  # id(param) -> factors of the same stack
+    # runs [start, stop) of the layout where each method's scale is a scalar, with those scalars
+    scalar_runs: list[tuple[int, int, tuple[float, ...]]] = field(default_factory=list)
+
+    def scalars(self, where: slice) -> tuple[float, ...] | None:
+        """Each method's scalar where M is ∇val times a scalar per method all over ``where`` (else None)."""
+        for start, stop, per_method in self.scalar_runs:
+            if start <= where.start and where.stop <= stop:
+                return per_method
+        return None
 
     @property
     def n_targets(self) -> int:

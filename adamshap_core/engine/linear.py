@@ -13,6 +13,8 @@ from .registry import LayerKernel, register, split_stacked
 
 # per-example weight gradients of one layer are formed in chunks of at most this many floats
 PER_EXAMPLE_CHUNK = 1 << 24
+# how many times fewer multiply-adds the rows' ghost dot-product must take to be chosen over M
+ROWS_MARGIN = 4
 
 
 def contract(a: torch.Tensor, b: torch.Tensor, Mw: torch.Tensor) -> torch.Tensor:
@@ -53,6 +55,30 @@ def _through_per_example_gradients(a: torch.Tensor, b: torch.Tensor, Mw: torch.T
         g = bs.reshape(rows, -1, d_out).transpose(1, 2) @ as_.reshape(rows, -1, d_in)  # [rows, d_out, d_in]
         parts.append((g.view(G, bs.shape[1], -1) @ flat_M).sum(dim=0))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def contract_rows(
+    a: torch.Tensor, b: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor
+) -> torch.Tensor:
+    """Σ_t Σ_s (a_{i,t}·a_{r,s})(b_{i,t}·b_{r,s}) = ⟨G_r, g_i⟩, G_r = Σ_s b_{r,s} a_{r,s}ᵀ the weight
+    gradient of row r, without forming either gradient (the ghost dot-product of In-Run Data Shapley):
+    a [B,T,d_in], b [B,T,d_out], a_rows [R,S,d_in], b_rows [R,S,d_out] → [B,R]. It takes
+    B·T·R·S·(d_in + d_out) multiply-adds, against B·T·d_in·d_out for one M: fewer where the rows have
+    few positions beside wide layers."""
+    B, T, d_in = a.shape
+    R, S, d_out = b_rows.shape
+    inputs = a.reshape(B * T, d_in) @ a_rows.reshape(R * S, d_in).T  # [B·T, R·S]
+    grads = b.reshape(B * T, b.shape[-1]) @ b_rows.reshape(R * S, d_out).T
+    return (inputs * grads).view(B, T, R, S).sum(dim=(1, 3))
+
+
+def rows_cheaper(a: torch.Tensor, b: torch.Tensor, rows: int, K: int) -> bool:
+    """Whether ``contract_rows`` against ``rows`` row positions in all costs fewer multiply-adds than
+    the cheaper exact order through K matrices M (``contract_stacked``), by a margin: its products have
+    only ``rows`` columns, which a CPU runs at a fraction of the speed of wider ones."""
+    T, d_in, d_out = a[0].numel() // a.shape[-1], a.shape[-1], b.shape[-1]
+    through_m = min(T * K, T + K) * d_in * d_out
+    return ROWS_MARGIN * T * rows * (d_in + d_out + 1) < through_m
 
 
 def contract_low_rank(a: torch.Tensor, b: torch.Tensor, M: LowRank) -> torch.Tensor:
@@ -108,6 +134,17 @@ class LinearKernel(LayerKernel):
             bias = contract_bias_stacked(b, M["bias"])
             out = bias if out is None else out + bias
         return out
+
+    def rows_params(self, module):
+        return ("weight",)
+
+    def rows_values(self, module, a, b, a_rows, b_rows, K):
+        B, R = a.shape[0], a_rows.shape[0]
+        a, b = a.reshape(B, -1, a.shape[-1]), b.reshape(B, -1, b.shape[-1])
+        a_rows, b_rows = a_rows.reshape(R, -1, a.shape[-1]), b_rows.reshape(R, -1, b.shape[-1])
+        if not rows_cheaper(a, b, a_rows.shape[0] * a_rows.shape[1], K):
+            return None
+        return contract_rows(a, b, a_rows, b_rows)
 
     def gradients(self, module, a, b, names, summed):
         # summed: the rows as more positions of one row, so each sum over rows is one product

@@ -63,6 +63,28 @@ class LayerKernel:
         product instead of R). Used for validation rows appended to the training batch."""
         raise NotImplementedError
 
+    # ---- optional: values straight from the validation rows' a and b ----------------------------------
+    # Where ∇val of a parameter is its validation rows' gradient times a scalar (P = 1: the ``sgd``
+    # method, or an SGD optimizer), ⟨∇val, g_i⟩ needs neither gradient: the classic ghost dot-product.
+
+    def rows_params(self, module: nn.Module) -> tuple[str, ...]:
+        """Parameters ``rows_values`` can value (by default none)."""
+        return ()
+
+    def rows_values(
+        self,
+        module: nn.Module,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        a_rows: torch.Tensor,
+        b_rows: torch.Tensor,
+        K: int,
+    ) -> torch.Tensor | None:
+        """⟨G_r, g_i⟩ [B, R] for the ``rows_params``, G_r the gradient of validation row r from its
+        ``a_rows``/``b_rows`` and g_i that of example i from ``a``/``b``; None where contracting K
+        matrices M would cost less."""
+        return None
+
     # ---- optional: calls of equal shapes valued together ------------------------------------------
     # On a small model a kernel call is mostly the dispatch of a few tiny products; the calls of one
     # key (the same projection in every block, say) are then stacked on a new leading dimension G and
