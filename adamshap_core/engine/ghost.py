@@ -423,8 +423,10 @@ class GhostEngine:
         method (``Matrices.scalars``)."""
         own = self._owned[call.module][1]
         names = [n for n in call.kernel.rows_params(call.module) if n in Mc]
-        scalars = {M.scalars(self._slices[id(own[n])]) for n in names if uses[id(own[n])] == 1}
-        if not names or len(scalars) != 1 or None in scalars:
+        if not names or any(uses[id(own[n])] != 1 for n in names):
+            return None, Mc
+        scalars = {M.scalars(self._slices[id(own[n])]) for n in names}
+        if len(scalars) != 1 or None in scalars:
             return None, Mc
         (per_method,) = scalars
         B, K = a.shape[0], M.n_targets
