@@ -96,7 +96,7 @@ def test_validation_rows_in_the_training_batch_match_brute_force(case, per_targe
     assert res.clip_factor < 1.0
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.name != "conv2d"], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("per_target", [False, True], ids=["mean-target", "per-target"])
 @pytest.mark.parametrize(
     "opt, methods, block",
@@ -107,8 +107,9 @@ def test_ghost_dot_products_with_the_validation_rows_match_brute_force(
     case, per_target, opt, methods, block, float64, monkeypatch
 ):
     """Where P is a scalar (the sgd method; every method under SGD) and ∇val is the validation rows'
-    gradient, a linear layer's values come from the rows' a and b directly, without M (forced here
-    at any cost). Layers that two calls share (a tied head, a layer called twice) still contract M."""
+    gradient, a linear or convolutional layer's values come from the rows' a and b directly, without M
+    (forced here at any cost). Layers that two calls share (a tied head, a layer called twice) still
+    contract M."""
     from adamshap_core import precond
     from adamshap_core.engine import linear
 

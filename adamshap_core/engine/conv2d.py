@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import contract_bias, contract_weight
+from .linear import contract_bias, contract_rows, contract_weight, rows_cheaper
 from .low_rank import LowRank
 from .registry import LayerKernel, n_targets, register, unsupported
 
@@ -55,6 +55,19 @@ class Conv2dKernel(LayerKernel):
         if "bias" in M:
             out += contract_bias(b.reshape(B, -1, L).transpose(1, 2), M["bias"])
         return out
+
+    def rows_params(self, module):
+        return ("weight",)
+
+    def rows_values(self, module, a, b, a_rows, b_rows, K):
+        patches, grads = _per_group(module, a, b)  # a Linear per group, over the L positions
+        row_patches, row_grads = _per_group(module, a_rows, b_rows)
+        if not rows_cheaper(patches[:, 0], grads[:, 0], row_patches.shape[0] * row_patches.shape[2], K):
+            return None
+        return sum(
+            contract_rows(patches[:, g], grads[:, g], row_patches[:, g], row_grads[:, g])
+            for g in range(module.groups)
+        )
 
     def gradients(self, module, a, b, names, summed):
         R, G = a.shape[0], module.groups
