@@ -11,7 +11,8 @@ from torch import nn
 from .low_rank import LowRank
 from .registry import LayerKernel, register, split_stacked
 
-# per-example weight gradients of one layer are formed in chunks of at most this many floats
+# per-example weight gradients of one layer (and the rows' ghost products) are formed in chunks of at
+# most this many floats
 PER_EXAMPLE_CHUNK = 1 << 24
 # how many times fewer multiply-adds the rows' ghost dot-product must take to be chosen over M
 ROWS_MARGIN = 4
@@ -67,9 +68,15 @@ def contract_rows(
     few positions beside wide layers."""
     B, T, d_in = a.shape
     R, S, d_out = b_rows.shape
-    inputs = a.reshape(B * T, d_in) @ a_rows.reshape(R * S, d_in).T  # [B·T, R·S]
-    grads = b.reshape(B * T, b.shape[-1]) @ b_rows.reshape(R * S, d_out).T
-    return (inputs * grads).view(B, T, R, S).sum(dim=(1, 3))
+    a_rows, b_rows = a_rows.reshape(R * S, d_in).T, b_rows.reshape(R * S, d_out).T
+    chunk = max(1, PER_EXAMPLE_CHUNK // (2 * T * R * S))  # examples whose two [T, R·S] products fit
+    parts = []
+    for s in range(0, B, chunk):
+        n = min(chunk, B - s)
+        inputs = a[s : s + n].reshape(n * T, d_in) @ a_rows  # [n·T, R·S]
+        grads = b[s : s + n].reshape(n * T, d_out) @ b_rows
+        parts.append((inputs * grads).view(n, T, R, S).sum(dim=(1, 3)))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def rows_cheaper(a: torch.Tensor, b: torch.Tensor, rows: int, K: int) -> bool:
