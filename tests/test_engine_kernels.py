@@ -108,10 +108,9 @@ def test_the_ghost_dot_product_with_rows_is_that_of_their_gradients(float64, mon
     monkeypatch.setattr(linear, "PER_EXAMPLE_CHUNK", 2 * 4 * 2 * 7 * 2)  # chunks of 2 examples: 3 chunks
     assert rel_err(linear.contract_rows(a, b, a_rows, b_rows), want) <= 1e-12
     # chosen where it saves multiply-adds: wide layers and few row positions, not narrow ones or many rows
-    wide, narrow = torch.empty(2, 9, 256), torch.empty(2, 9, 32)
-    assert linear.rows_cheaper(wide, wide, rows=9, K=1)
-    assert not linear.rows_cheaper(narrow, narrow, rows=9, K=1)
-    assert not linear.rows_cheaper(wide, wide, rows=200 * 9, K=1)
+    assert linear.rows_cheaper(9, 256, 256, rows=9, K=1)
+    assert not linear.rows_cheaper(9, 32, 32, rows=9, K=1)
+    assert not linear.rows_cheaper(9, 256, 256, rows=200 * 9, K=1)
 
 
 def test_tied_parameter_is_valued_once_through_both_uses(float64):

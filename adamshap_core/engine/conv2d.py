@@ -60,13 +60,16 @@ class Conv2dKernel(LayerKernel):
         return ("weight",)
 
     def rows_values(self, module, a, b, a_rows, b_rows, K):
-        patches, grads = _per_group(module, a, b)  # a Linear per group, over the L positions
-        row_patches, row_grads = _per_group(module, a_rows, b_rows)
-        if not rows_cheaper(patches[:, 0], grads[:, 0], row_patches.shape[0] * row_patches.shape[2], K):
+        # a Linear per group over the L positions; the cost is judged from shapes, before unfolding
+        G, positions = module.groups, b[0].numel() // module.out_channels
+        d_in = module.in_channels // G * math.prod(module.kernel_size)
+        rows = len(b_rows) * (b_rows[0].numel() // module.out_channels)
+        if not rows_cheaper(positions, d_in, module.out_channels // G, rows, K):
             return None
+        patches, grads = _per_group(module, a, b)
+        row_patches, row_grads = _per_group(module, a_rows, b_rows)
         return sum(
-            contract_rows(patches[:, g], grads[:, g], row_patches[:, g], row_grads[:, g])
-            for g in range(module.groups)
+            contract_rows(patches[:, g], grads[:, g], row_patches[:, g], row_grads[:, g]) for g in range(G)
         )
 
     def gradients(self, module, a, b, names, summed):

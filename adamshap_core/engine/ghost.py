@@ -377,9 +377,10 @@ class GhostEngine:
         ``rows_values`` from the rows' a and b, where that costs less than contracting M."""
         calls = self.captured(batch_size) if calls is None else calls
         B = batch_size
-        uses = (
-            Counter(id(p) for call in calls for p in self._owned[call.module][1].values()) if rows else None
-        )
+        ghost_rows = rows is not None and self._extra_rows > 0  # the rows' a and b are at hand
+        uses = Counter()  # calls per parameter: the ghost route needs a parameter one call alone uses
+        if ghost_rows:
+            uses.update(id(p) for c in calls for p in self._owned[c.module][1].values())
         parts, total = [], None
         for call in calls:
             Mc = M.for_call(call.module, call.kernel, self._owned[call.module][1])
@@ -388,7 +389,7 @@ class GhostEngine:
             dtype = matrix_dtype(Mc)  # float32 or wider, also under autocast
             a, b = (call.a, call.b) if not self._extra_rows else (call.a[:B], call.b[:B])
             a, b = _cast(a, dtype), _cast(b, dtype)
-            if rows is not None and self._extra_rows:
+            if ghost_rows:
                 v, Mc = self._rows_values(call, Mc, M, rows, uses, a, b)
                 if v is not None:
                     total = v if total is None else total + v

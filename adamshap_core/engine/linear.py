@@ -79,11 +79,11 @@ def contract_rows(
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def rows_cheaper(a: torch.Tensor, b: torch.Tensor, rows: int, K: int) -> bool:
-    """Whether ``contract_rows`` against ``rows`` row positions in all costs fewer multiply-adds than
-    the cheaper exact order through K matrices M (``contract_stacked``), by a margin: its products have
-    only ``rows`` columns, which a CPU runs at a fraction of the speed of wider ones."""
-    T, d_in, d_out = a[0].numel() // a.shape[-1], a.shape[-1], b.shape[-1]
+def rows_cheaper(T: int, d_in: int, d_out: int, rows: int, K: int) -> bool:
+    """Whether ``contract_rows`` of a layer (T positions per example, d_in → d_out) against ``rows`` row
+    positions in all costs fewer multiply-adds than the cheaper exact order through K matrices M
+    (``contract_stacked``), by a margin: its products have only ``rows`` columns, which a CPU runs at a
+    fraction of the speed of wider ones."""
     through_m = min(T * K, T + K) * d_in * d_out
     return ROWS_MARGIN * T * rows * (d_in + d_out + 1) < through_m
 
@@ -149,7 +149,7 @@ class LinearKernel(LayerKernel):
         B, R = a.shape[0], a_rows.shape[0]
         a, b = a.reshape(B, -1, a.shape[-1]), b.reshape(B, -1, b.shape[-1])
         a_rows, b_rows = a_rows.reshape(R, -1, a.shape[-1]), b_rows.reshape(R, -1, b.shape[-1])
-        if not rows_cheaper(a, b, a_rows.shape[0] * a_rows.shape[1], K):
+        if not rows_cheaper(a.shape[1], a.shape[-1], b.shape[-1], R * a_rows.shape[1], K):
             return None
         return contract_rows(a, b, a_rows, b_rows)
 
