@@ -763,6 +763,7 @@ def summarize(frame: pd.DataFrame) -> dict:
             "memory_ratio": ratio("peak_mb", key, "plain"),
             "memory_increase_ratio": ratio("peak_increase_mb", key, "plain"),
             "speedup_over_per_example": ratio("examples_per_s", key, "per_example"),
+            "contract_ms": float(med.loc[key, "contract_ms"]),
             # the throughput ratio a valued step would have if all but its contraction cost nothing
             "contraction_bound": float(plain_ms / (plain_ms + med.loc[key, "contract_ms"])),
         }
