@@ -142,8 +142,10 @@ def _scalar(x: Scalar) -> torch.Tensor:
 # The tensors they return are scratch of their own (one set per rule), valid until the next step.
 
 
-def sgd_rule(s: ParamState, k: float) -> float:
-    """P = 1: the original In-Run Data Shapley, as if the step were plain SGD."""
+def sgd_rule(s: ParamState | StepRead, k: float) -> float:
+    """P = 1: the original In-Run Data Shapley, as if the step were plain SGD. Reads nothing of
+    the optimizer's state but the learning rate (folded into k), so it may be given the unflattened
+    ``StepRead`` (see ``Method.reads_state``)."""
     return k
 
 
@@ -243,6 +245,9 @@ class Method:
     rule: object  # (ParamState, k) -> k·P
     clipped: bool  # x_i carries the clip factor c (sgd ignores clipping by definition)
     summary: str
+    # whether the rule reads the optimizer's gradient and moments; where no method does, they are not
+    # flattened at all, and each rule gets the segment's unflattened ``StepRead`` (it has the lr)
+    reads_state: bool = True
 
 
 METHODS: dict[str, Method] = {
@@ -250,7 +255,7 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("adam", adam_rule, True, "secant (Aumann–Shapley) linearisation of the real Adam step"),
         Method("adam_fixed", adam_fixed_rule, True, "Adam with its normaliser frozen at the full batch"),
-        Method("sgd", sgd_rule, False, "the SGD In-Run Data Shapley formula: lr·⟨∇val, g_i⟩/B"),
+        Method("sgd", sgd_rule, False, "the SGD In-Run Data Shapley formula: lr·⟨∇val, g_i⟩/B", False),
     )
 }
 
@@ -273,7 +278,12 @@ Key = TypeVar("Key")
 Scale = torch.Tensor | float
 
 
-def scale(method: str, state: ParamState, clip: Scalar) -> Scale:
+def reads_state(methods: Iterable[str]) -> bool:
+    """Whether any of ``methods`` reads the optimizer's tensors (else its learning rate alone)."""
+    return any(METHODS[m].reads_state for m in methods)
+
+
+def scale(method: str, state: ParamState | StepRead, clip: Scalar) -> Scale:
     """The multiplier η·c·P of ∇val for this method over one segment's ``state``."""
     m = METHODS[method]
     return m.rule(state, state.lr * (clip if m.clipped else 1.0))
@@ -322,11 +332,18 @@ class OptimizerView:
             for where, read in self.reads(layout)
         ]
 
-    def blocks(self, layout: Sequence[torch.Tensor], size: int | None = None) -> Iterator[Segment]:
+    def blocks(
+        self, layout: Sequence[torch.Tensor], size: int | None = None, flatten: bool = True
+    ) -> Iterator[Segment | tuple[slice, StepRead]]:
         """``segments`` a block of at most ``size`` (default ``BLOCK``) floats at a time (an SGD
         segment whole: its rules are scalars). All blocks flatten into the same scratch, and the
         rules reuse theirs too, so a block's state and the scales computed from it are valid only
-        until the next block is taken: use each before asking for the next."""
+        until the next block is taken: use each before asking for the next. ``flatten=False``
+        (rules that read no tensor of the state, see ``Method.reads_state``): the segments whole and
+        unflattened, as ``reads`` gives them."""
+        if not flatten:
+            yield from self.reads(layout)
+            return
         join = self._joiner("block")
         for where, read in self.reads(layout, size or BLOCK):
             yield where, read.state(join, self.workspace, "block")

@@ -26,7 +26,7 @@ from .fused import (
     probe_blocker,
     rows_gradients,
 )
-from .precond import OptimizerView, Segment, StepRead, check_methods, flat_join, scale
+from .precond import OptimizerView, Segment, StepRead, check_methods, flat_join, reads_state, scale
 
 
 @dataclass
@@ -93,7 +93,7 @@ def _checked(losses: torch.Tensor, rows: int | None = None, extra: int = 0) -> t
 def step_values(
     engine: GhostEngine,
     val_grads: torch.Tensor,
-    segments: Iterable[Segment],
+    segments: Iterable[Segment | tuple[slice, StepRead]],
     methods: Sequence[str],
     clip: float | torch.Tensor,
     batch_size: int,
@@ -119,7 +119,8 @@ def traced_step_values(
 ) -> torch.Tensor:
     """``step_values`` with the optimizer's state flattened here, from tensors in its arguments
     only: what ``compile=True`` compiles."""
-    segments = [(where, read.state(flat_join)) for where, read in reads]
+    flatten = reads_state(methods)
+    segments = [(where, read.state(flat_join) if flatten else read) for where, read in reads]
     return step_values(engine, val_grads, segments, methods, clip, batch_size, calls=calls)
 
 
@@ -257,7 +258,7 @@ class InRunShapley:
             out = self._compiled_values(val_grads, clip, B)
             if out is not None:
                 return out
-        blocks = self.view.blocks(self.engine.parameters)
+        blocks = self.view.blocks(self.engine.parameters, flatten=reads_state(self.methods))
         return step_values(self.engine, val_grads, blocks, self.methods, clip, B, rank, rows=rows)
 
     def _compiled_values(self, val_grads: torch.Tensor, clip: float, B: int) -> torch.Tensor | None:

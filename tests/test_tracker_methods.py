@@ -99,21 +99,19 @@ def test_validation_rows_in_the_training_batch_match_brute_force(case, per_targe
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("per_target", [False, True], ids=["mean-target", "per-target"])
 @pytest.mark.parametrize(
-    "opt, methods, block",
-    [("sgd-nesterov", METHODS, 64), ("adamw", ("sgd",), 64), ("adamw", ("sgd",), 7)],
-    ids=["sgd-all-methods", "adamw-sgd-method", "adamw-sgd-method-in-blocks"],
+    "opt, methods",
+    [("sgd-nesterov", METHODS), ("adamw", ("sgd",))],
+    ids=["sgd-all-methods", "adamw-sgd-method"],
 )
 def test_ghost_dot_products_with_the_validation_rows_match_brute_force(
-    case, per_target, opt, methods, block, float64, monkeypatch
+    case, per_target, opt, methods, float64, monkeypatch
 ):
     """Where P is a scalar (the sgd method; every method under SGD) and ∇val is the validation rows'
     gradient, a linear or convolutional layer's values come from the rows' a and b directly, without M
     (forced here at any cost). Layers that two calls share (a tied head, a layer called twice) still
     contract M."""
-    from adamshap_core import precond
     from adamshap_core.engine import linear
 
-    monkeypatch.setattr(precond, "BLOCK", block)
     monkeypatch.setattr(linear, "ROWS_MARGIN", 0)
     ghost = []
     contract_rows = linear.contract_rows
@@ -131,6 +129,20 @@ def test_rules_run_block_by_block_exactly(case, block, float64, monkeypatch):
 
     monkeypatch.setattr(precond, "BLOCK", block)
     run_and_check(case, OPTIMIZERS["adam-l2"], split_groups=True)
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
+def test_the_sgd_method_alone_reads_no_tensor_of_adams_state(fuse, float64, monkeypatch):
+    """sgd's rule needs only the learning rate, so Adam's gradient and moments are not flattened."""
+    from adamshap_core import precond
+
+    def flattened(*args, **kwargs):
+        raise AssertionError("Adam's state was flattened")
+
+    monkeypatch.setattr(precond.AdamRead, "state", flattened)
+    run_and_check(CASES[0], OPTIMIZERS["adam-l2"], methods=("sgd",), fuse_validation=fuse, split_groups=True)
+    with pytest.raises(AssertionError, match="flattened"):  # a method that reads it still does
+        run_and_check(CASES[0], OPTIMIZERS["adam-l2"], methods=("sgd", "adam_fixed"), fuse_validation=fuse)
 
 
 def test_blocks_pack_whole_parameters_and_split_only_larger_ones():
