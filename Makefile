@@ -21,8 +21,9 @@ test: install
 test-all: install
 	$(PYTHON) -m pytest -q -n 2 -m ""
 
-# `make bench`: the issue-6 configurations, each timed against plain training and the
-# per-example baseline, exact and fast mode (see README, Speed), then one table of them all.
+# `make bench`: the MLP at batch 32 with its whole validation split and the GPT at batch 16 and 64
+# with one validation sequence, each timed against plain training and the per-example baseline,
+# exact and fast mode (see README, Speed), then one table of them all.
 BENCH = $(PYTHON) -m adamshap_cli bench
 BENCH_GPT ?= recipes/facts-gpt.yaml
 BENCH_REPEATS ?= 3
