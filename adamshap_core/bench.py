@@ -488,15 +488,19 @@ def fidelity(spec: BenchSpec) -> dict:
     fast = Session.build(spec, "attribution", fast=True)
     per_step: dict[str, list[float]] = {m: [] for m in spec.methods}
     reused: list[bool] = []  # per step: whether the fast mode reused an earlier ∇val (no validation loss)
+    tracker = fast.stepper.tracker
+    factored: list[int] = []  # per step: weight matrices the fast mode contracted through low-rank factors
     for x, y in exact.batches():
         want, got = exact.step(x, y), fast.step(x, y)
         reused.append(math.isnan(got.val_loss))
+        factored.append(tracker.engine.last_factored)
         for m in spec.methods:
             per_step[m].append(pearson(got.values[m], want.values[m]))
     drift = _max_parameter_gap(exact.prep.model, fast.prep.model)
     exact.close()
     fast.close()
-    return {"pearson": per_step, "reused": reused, "max_parameter_gap": drift}
+    low_rank = {"rank": tracker.fast.rank, "factorable": tracker.engine.factorable, "factored": factored}
+    return {"pearson": per_step, "reused": reused, "max_parameter_gap": drift, "low_rank": low_rank}
 
 
 def _without_fused_rows(spec: BenchSpec) -> BenchSpec:
@@ -817,6 +821,21 @@ def fidelity_summary(fid: dict) -> dict[str, dict]:
     return out
 
 
+def low_rank_summary(fid: dict) -> dict:
+    """How much of the fast mode's error the low-rank M can account for: its rank, the weight matrices a
+    kernel may factorise, the most factorised on one step and the steps with any (a matrix is factorised
+    only where that costs less than its exact contraction, so a small model may have none)."""
+    low_rank = fid["low_rank"]
+    factored = low_rank["factored"]
+    return {
+        "rank": low_rank["rank"],
+        "factorable": low_rank["factorable"],
+        "most_factored": max(factored, default=0),
+        "steps_factored": sum(1 for n in factored if n),
+        "steps": len(factored),
+    }
+
+
 def _median(v: np.ndarray) -> float:
     return float(np.median(v)) if v.size else float("nan")
 
@@ -854,6 +873,7 @@ def write(plan: BenchPlan, result: BenchResult, profile_text: str | None = None)
     if result.fidelity is not None:
         summary["fast_pearson"] = fidelity_summary(result.fidelity)
         summary["fast_max_parameter_gap"] = result.fidelity["max_parameter_gap"]
+        summary["fast_low_rank"] = low_rank_summary(result.fidelity)
     runio.atomic_write_json(plan.out / "bench.json", summary)
     if profile_text is not None:
         runio.atomic_write_text(plan.out / "profile.txt", profile_text)

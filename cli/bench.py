@@ -186,9 +186,25 @@ def fidelity_lines(result) -> list[str]:
             f"over {s['steps']} steps{undefined}; median {s['median_reused']:.4f} over the "
             f"{s['reused_steps']} steps that reused ∇val"
         )
+    lines.append(low_rank_line(bm.low_rank_summary(result.fidelity)))
     gap = result.fidelity["max_parameter_gap"]
     lines.append(f"fast vs exact largest parameter difference after training: {gap:.2e}")
     return lines
+
+
+def low_rank_line(s: dict) -> str:
+    """Whether the low-rank M took part in the fast values measured above."""
+    if s["rank"] is None:
+        return "low-rank M: off (rank null): the differences above are the reused ∇val's alone"
+    line = (
+        f"low-rank M (rank {s['rank']}): at most {s['most_factored']} of the {s['factorable']} weight "
+        f"matrices a kernel may factorise were, on {s['steps_factored']} of {s['steps']} steps"
+    )
+    if s["most_factored"] == 0:
+        line += (
+            " (none costs less factorised at these sizes): the differences above are all the reused ∇val's"
+        )
+    return line
 
 
 def render_profile(prof: dict) -> str:

@@ -121,6 +121,29 @@ def test_fidelity_compares_fast_with_exact_values(tmp_path):
     assert summary["adam"]["median_reused"] == pytest.approx(np.median(pearson[np.asarray(fid["reused"])]))
 
 
+def test_fidelity_says_whether_the_low_rank_M_took_part(tmp_path, monkeypatch):
+    """The bench reports how many weight matrices the fast mode factorised: none where factorising
+    costs more than it saves (the default costs, on this tiny MLP), all where it is free."""
+    from adamshap_cli.bench import low_rank_line
+
+    from adamshap_core.engine import ghost
+
+    def summary(rank):
+        fast = {"warmup": 1, "refresh_every": 2, "rank": rank}
+        spec = _spec(tmp_path, tiny(attribution={"fast": fast}), fast=True, steps=3)
+        return bm.low_rank_summary(bm.fidelity(spec))
+
+    costly = summary(1)
+    assert costly == {"rank": 1, "factorable": 2, "most_factored": 0, "steps_factored": 0, "steps": 4}
+    assert "none costs less factorised" in low_rank_line(costly)
+    monkeypatch.setattr(ghost, "FACTORIZE_PASSES", 0)
+    monkeypatch.setattr(ghost, "FACTORIZE_OVERHEAD", 0)
+    free = summary(1)
+    assert free["most_factored"] == 2 and free["steps_factored"] == 4
+    assert low_rank_line(free).startswith("low-rank M (rank 1): at most 2 of the 2 weight matrices")
+    assert "off (rank null)" in low_rank_line(summary(None))
+
+
 def test_fidelity_compares_on_the_same_updates_also_with_fused_rows(tmp_path):
     """The fast mode makes the exact mode's updates; fused rows (on every exact step, on few fast ones)
     must not make the two copies drift apart by rounding."""
@@ -158,6 +181,7 @@ def test_bench_fast_end_to_end_measures_exact_and_fast(tmp_path, runs):
     summary = json.loads((out / "bench.json").read_text())
     assert summary["throughput_ratio"] == summary["variants"]["fast"]["throughput_ratio"]
     assert set(summary["fast_pearson"]) == {"adam", "adam_fixed", "sgd"}
+    assert summary["fast_low_rank"]["rank"] == 8 and "low-rank M (rank 8)" in res.stdout
     listed = bm.collect(tmp_path)
     assert listed["variant"].tolist() == ["exact", "fast"]
     assert pd.isna(listed["fast_pearson_min"].iloc[0]) and listed["fast_pearson_min"].iloc[1] <= 1.0

@@ -123,6 +123,17 @@ class GhostEngine:
         self._workspace = Workspace()  # the flat M buffer, reused every step
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self._owned]
         self._twinned = _twinned(self._owned)  # the modules whose calls may be stacked with another's
+        # weight matrices a kernel may contract through low-rank factors, and how many the last step with
+        # a rank did (fast mode: only those whose factored contraction costs less than the exact one)
+        self.factorable = len(
+            {
+                id(own[name])
+                for module, (kernel, own) in self._owned.items()
+                for name in kernel.low_rank_params(module)
+                if name in own and id(own[name]) in self._slices
+            }
+        )
+        self.last_factored = 0
 
     # ---- hooks ---------------------------------------------------------------------------
 
@@ -365,6 +376,7 @@ class GhostEngine:
             )
             if factored < exact:
                 factors[id(p)] = factorize(M.reshape(M.shape[0], d_out, d_in), rank, self._generator)
+        self.last_factored = len(factors)
         return factors
 
     def contract(
