@@ -255,7 +255,9 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("adam", adam_rule, True, "secant (Aumann–Shapley) linearisation of the real Adam step"),
         Method("adam_fixed", adam_fixed_rule, True, "Adam with its normaliser frozen at the full batch"),
-        Method("sgd", sgd_rule, False, "the SGD In-Run Data Shapley formula: lr·⟨∇val, g_i⟩/B", False),
+        Method(
+            "sgd", sgd_rule, False, "the SGD In-Run Data Shapley formula: lr·⟨∇val, g_i⟩/B", reads_state=False
+        ),
     )
 }
 
