@@ -242,7 +242,7 @@ def _overflowed(D: torch.Tensor) -> bool:
 @dataclass(frozen=True)
 class Method:
     name: str
-    rule: object  # (ParamState, k) -> k·P
+    rule: object  # (ParamState, k) -> k·P; given a StepRead where no method reads the state
     clipped: bool  # x_i carries the clip factor c (sgd ignores clipping by definition)
     summary: str
     # whether the rule reads the optimizer's gradient and moments; where no method does, they are not
