@@ -399,9 +399,8 @@ class OptimizerView:
         ``steps`` steps, or for SGD whether it has a momentum buffer); ``part``: the range of the one
         parameter given, where only that is read."""
         lr = float(group["lr"])
-        first = self.optimizer.state.get(params[0], {})
         if self.kind == "sgd":
-            return SGDState(lr, _sgd_gain(group, first))
+            return SGDState(lr, _sgd_gain(group, self.optimizer.state.get(params[0], {})))
         wd = float(group.get("weight_decay", 0.0))
         decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
         beta1, beta2 = (float(b) for b in group["betas"])

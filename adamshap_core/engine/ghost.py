@@ -123,9 +123,14 @@ class GhostEngine:
         self._workspace = Workspace()  # the flat M buffer, reused every step
         self._handles = [m.register_forward_hook(self._forward_hook) for m in self._owned]
         self._twinned = _twinned(self._owned)  # the modules whose calls may be stacked with another's
-        # weight matrices a kernel may contract through low-rank factors, and how many the last step with
-        # a rank did (fast mode: only those whose factored contraction costs less than the exact one)
-        self.factorable = len(
+        # weight matrices the last step with a rank contracted through low-rank factors (fast mode: only
+        # those whose factored contraction costs less than the exact one)
+        self.last_factored = 0
+
+    @property
+    def factorable(self) -> int:
+        """How many valued weight matrices a kernel may contract through low-rank factors."""
+        return len(
             {
                 id(own[name])
                 for module, (kernel, own) in self._owned.items()
@@ -133,7 +138,6 @@ class GhostEngine:
                 if name in own and id(own[name]) in self._slices
             }
         )
-        self.last_factored = 0
 
     # ---- hooks ---------------------------------------------------------------------------
 
@@ -582,8 +586,8 @@ def _stack(stack: list[Part]) -> tuple[torch.Tensor, torch.Tensor]:
 def _add_run(
     runs: list[tuple[int, int, tuple[float, ...]]], where: slice, scalars: tuple[float, ...]
 ) -> None:
-    """Append ``where`` to ``runs``, joined to the last run where it continues it with equal scalars (the
-    blocks of one parameter group)."""
+    """Append ``where`` to ``runs``, joined to the last run where it continues it with equal scalars
+    (consecutive segments stepped alike), so that looking a parameter up scans few runs."""
     if runs and runs[-1][1] == where.start and runs[-1][2] == scalars:
         runs[-1] = (runs[-1][0], where.stop, scalars)
     else:
