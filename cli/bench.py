@@ -194,17 +194,14 @@ def fidelity_lines(result) -> list[str]:
 
 def low_rank_line(s: dict) -> str:
     """Whether the low-rank M took part in the fast values measured above."""
+    alone = "the differences above are all the reused ∇val's"
     if s["rank"] is None:
-        return "low-rank M: off (rank null): the differences above are the reused ∇val's alone"
+        return f"low-rank M: off (rank null): {alone}"
     line = (
         f"low-rank M (rank {s['rank']}): at most {s['most_factored']} of the {s['factorable']} weight "
         f"matrices a kernel may factorise were, on {s['steps_factored']} of {s['steps']} steps"
     )
-    if s["most_factored"] == 0:
-        line += (
-            " (none costs less factorised at these sizes): the differences above are all the reused ∇val's"
-        )
-    return line
+    return line if s["most_factored"] else f"{line} (none costs less factorised at these sizes): {alone}"
 
 
 def render_profile(prof: dict) -> str:
