@@ -55,8 +55,8 @@ def attribute(
 ) -> None:
     """Replay a language-model run with the queries as validation targets and rank its training texts.
 
-    Writes attribution.parquet (query_id, example_id, value_<method>, rank_<method>; rank 1 =
-    most helpful), attribution_queries.parquet, attribution.json and, for queries with a
+    Writes attribution.parquet (query_id, example_id, `value_<method>`, `rank_<method>`;
+    rank 1 = most helpful), attribution_queries.parquet, attribution.json and, for queries with a
     source_id, attribution_benchmark.parquet (mean rank of the true source, recall@1, @10).
     """
     from adamshap_core import attribute as at

@@ -15,6 +15,7 @@ app = typer.Typer(
     name="adamshap",
     help="Value every training example during one Adam/AdamW training run (Adam-aware In-Run Data Shapley).",
     no_args_is_help=True,
+    rich_markup_mode="markdown",
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},

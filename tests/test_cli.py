@@ -3,6 +3,7 @@ bad input exits 2 with a message naming the field, no traceback and no run folde
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -157,3 +158,26 @@ def test_ctrl_c_outside_train_exits_130_with_one_line_and_no_traceback(tmp_path,
     assert res.exit_code == 130
     assert "stopped (Ctrl-C)" in res.output and "Traceback" not in res.output
     assert not (runs / "tiny" / "compare.parquet").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "runs", "attribute", "prune", "bench", "compare"])
+def test_help_reflows_each_paragraph_and_keeps_every_word(command, monkeypatch):
+    """A command's description is reflowed to the terminal (not broken where the docstring's lines
+    end), and no word of it is lost to markup (such as ``<method>`` read as a tag)."""
+    from adamshap_cli.main import app
+
+    monkeypatch.setenv("COLUMNS", "80")
+    res = cli(command, "--help")
+    assert res.exit_code == 0, res.output
+    doc = next(c for c in app.registered_commands if c.name == command).callback.__doc__
+    words = doc.replace("`", "").split()
+    shown = res.output.split()
+    at = 0
+    for word in words:  # in order
+        assert word in shown[at:], f"{command} --help lost {word!r}"
+        at = shown.index(word, at) + 1
+    description = res.output.split("╭")[0].splitlines()
+    for line, after in itertools.pairwise(description):
+        if after.strip() and line.strip():  # the next line's first word did not fit on this one
+            width = len(line.rstrip()) + 1 + len(after.split()[0])
+            assert width > 78, f"{command} --help breaks a paragraph early: {line!r}"
