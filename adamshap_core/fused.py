@@ -187,7 +187,7 @@ class ValidationRows:
         calls = engine.captured(self.batch_size)
         args = (engine, calls, self.batch_size, not self.per_target, self.target.scale)
         out = None if self.compiled is None else self.compiled("rows", *args)
-        self.gradients, totals = rows_gradients(*args) if out is None else out
+        self.gradients, totals = eager_rows_gradients(*args) if out is None else out
         # outside the compiled graph, so that a graph that fails and is rerun eagerly cannot
         # take the rows out of .grad twice
         _subtract(engine.gradients(), totals)
@@ -204,6 +204,16 @@ def rows_gradients(
     totals = {key: g.sum(dim=0) if g.shape[0] > 1 else g[0] for key, g in parts.items()}
     rows = next(iter(parts.values())).shape[0]
     return engine.flatten_by_id(parts, rows).mul_(scale), totals
+
+
+def eager_rows_gradients(*args) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """``rows_gradients`` in inference mode, as is the rest of the eager valuation: none of it is
+    differentiated, and skipping autograd's bookkeeping for its hundreds of small ops saves a few
+    percent of a step on a small model. (The compiled graphs have no such ops to save, and run
+    outside it: a graph is guarded on whether its tensors are inference tensors.) The gradients
+    are then inference tensors, for the valuation's own use."""
+    with torch.inference_mode():
+        return rows_gradients(*args)
 
 
 def _subtract(grads: dict[int, torch.Tensor], totals: dict[int, torch.Tensor]) -> None:

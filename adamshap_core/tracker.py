@@ -259,7 +259,9 @@ class InRunShapley:
             if out is not None:
                 return out
         blocks = self.view.blocks(self.engine.parameters, flatten=reads_state(self.methods))
-        return step_values(self.engine, val_grads, blocks, self.methods, clip, B, rank, rows=rows)
+        with torch.inference_mode():  # see ``fused.eager_rows_gradients``
+            values = step_values(self.engine, val_grads, blocks, self.methods, clip, B, rank, rows=rows)
+        return values.clone()  # a normal tensor again, which the caller may change in place
 
     def _compiled_values(self, val_grads: torch.Tensor, clip: float, B: int) -> torch.Tensor | None:
         reads = [(where, read.traced()) for where, read in self.view.reads(self.engine.parameters)]

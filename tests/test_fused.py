@@ -13,6 +13,7 @@ from torch import nn
 from adamshap_core import InRunShapley, training_step
 from adamshap_core.engine import GhostEngine
 from adamshap_core.errors import UserError
+from adamshap_core.fast import FastMode
 from adamshap_core.fused import ValidationRows
 from adamshap_core.models import GPT, sequence_loss
 
@@ -238,3 +239,23 @@ def test_after_the_backward_grad_holds_the_training_gradient_alone(per_target, f
     assert rows.gradients.shape == want_val.shape == (3 if per_target else 1, engine.numel)
     assert rel_err(rows.gradients, want_val) <= 1e-12
     assert abs(rows.loss - want_loss) <= 1e-12
+
+
+FAST = FastMode(refresh_every=2, warmup=1, rank=None)  # reuses ∇val on steps 2 and 4
+
+
+@pytest.mark.parametrize("fast", [None, FAST], ids=["exact", "fast"])
+@pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
+def test_values_are_ordinary_tensors_the_caller_may_change_in_place(fuse, fast):
+    """The eager valuation runs in inference mode; the values a step returns are no inference
+    tensors (which refuse in-place changes outside it), nor are the model's gradients."""
+    model, tracker, values, _ = train(
+        lambda: nn.Linear(5, 3), tabular, cross_entropy, 5, 0, fuse_validation=fuse, fast=fast
+    )
+    for step in values:
+        for v in step.values():
+            assert not v.is_inference()
+            v.mul_(2.0)
+    if fuse:
+        assert tracker.fusion_blocked is None
+    assert not any(p.grad.is_inference() for p in model.parameters())
