@@ -21,9 +21,9 @@ from .low_rank import LowRank
 class LayerKernel:
     """Base class of a layer kernel; subclasses are registered per module type.
 
-    Its ``values`` and ``gradients`` (and their stacked forms) run in ``torch.inference_mode()``
-    (a compiled valuation: in a graph), so they compute from their tensors directly, never
-    through autograd."""
+    Its ``values`` and ``gradients`` (and their stacked forms) run without autograd (in
+    ``torch.inference_mode()``, a check of the fused rows in ``torch.no_grad()``, a compiled
+    valuation in a graph): they compute from their tensors directly."""
 
     #: the module's own parameters this kernel values (e.g. ``("weight", "bias")``)
     param_names: tuple[str, ...] = ()
