@@ -233,11 +233,10 @@ def ratio_lines(plan, summary: dict) -> list[str]:
             f"{r['memory_ratio']:.3f} ({r['memory_increase_ratio']:.3f} over {before} before the first "
             f"step), speed-up over per-example {r['speedup_over_per_example']:.1f}"
         )
-        bound = r.get("contraction_bound", math.nan)
-        if bound == bound:  # not NaN: the contraction was timed (an eager tracker)
+        if not math.isnan(r["contraction_bound"]):  # the contraction was timed (an eager tracker)
             lines.append(
                 f"  its contraction alone takes {r['contract_ms']:.3f} ms a step: were the rest of valuation "
-                f"free, the throughput ratio would be {bound:.3f}"
+                f"free, the throughput ratio would be {r['contraction_bound']:.3f}"
             )
     return lines
 
@@ -276,7 +275,7 @@ def closing_lines(summary: dict) -> list[str]:
 
 
 def _fmt(x: float) -> str:
-    return "-" if x != x else f"{x:.3f}"  # NaN: not measured (in that mode, or by that bench)
+    return "-" if math.isnan(x) else f"{x:.3f}"  # NaN: not measured (in that mode, or by that bench)
 
 
 def print_summary(folder: Path) -> None:
