@@ -70,7 +70,7 @@ def compare(
     try:
         result = compare_run(folder, options, on_progress, on_start)
     finally:
-        if progress is not None:
+        if task is not None:  # stopping a bar that never started prints an empty line
             progress.stop()
     written = write_outputs(folder, result)
     print_report(result)

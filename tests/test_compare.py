@@ -227,6 +227,13 @@ def test_bad_options_exit_2(run, args, words):
     assert not (run / "compare.parquet").exists()
 
 
+def test_a_refusal_without_quiet_is_the_error_line_alone(run):
+    # the progress bar starts only once the replay does: a refusal before it prints nothing else
+    res = cli("compare", "--permutations", "3")
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: --permutations 3"), repr(res.output)
+
+
 def test_resolve_steps():
     assert resolve_steps("auto", [5, 1, 3], 9) == [1, 3, 5]
     assert resolve_steps(" 1-3, 7,2 ", [1], 9) == [1, 2, 3, 7]
