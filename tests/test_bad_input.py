@@ -447,6 +447,22 @@ def test_bad_yaml_and_overrides_are_refused(case, base):
 # --------------------------------------------------------------------------- racing for one run name
 
 
+@pytest.mark.parametrize(
+    "command", [["train", "RECIPE"], ["runs"], ["compare"], ["prune", "--frac", "0.3"], ["attribute"]]
+)
+def test_a_runs_folder_that_is_a_file_is_refused(tmp_path, command):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny()))
+    blocker = tmp_path / "runs"
+    blocker.write_text("not a folder")
+    args = [recipe if a == "RECIPE" else a for a in command]
+    res = cli(*args, "--runs-dir", blocker)
+    assert res.exit_code == 2, res.output
+    flat = " ".join(res.output.split())
+    assert flat.startswith(f"error: the runs folder {blocker} (--runs-dir) is a file; expected a folder.")
+    assert blocker.read_text() == "not a folder"
+
+
 def test_threads_racing_to_create_one_run_folder(tmp_path):
     n = 8
     barrier = threading.Barrier(n)
