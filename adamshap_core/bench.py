@@ -78,6 +78,12 @@ class BenchPlan:
     profile: bool
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def plan(
     recipe_path: str | Path = DEFAULT_RECIPE,
     *,
@@ -107,6 +113,8 @@ def plan(
             raise UserError(f"{name} is {value}; expected an integer >= {least}.")
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device is {device!r}; expected cpu or cuda.")
+    if device == "cuda" and not _cuda_available():  # else the recipe's train.device would be blamed
+        raise UserError("--device is cuda, but no CUDA device is available here; expected cpu.")
     overrides = [*overrides, f"train.device={device}"]  # the options win over --set
     if batch_size is not None:
         overrides.append(f"train.batch_size={batch_size}")

@@ -88,11 +88,16 @@ def test_summary_refuses_a_recipe_and_an_empty_folder(tmp_path, runs):
         (["--batch-size", "500"], "larger than the training split"),
         (["--val-batch", "500"], "--val-batch"),
         (["--device", "tpu"], "--device"),
+        pytest.param(
+            ["--device", "cuda"],
+            "--device is cuda, but no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here"),
+        ),
         (["--batch-size", "0"], "--batch-size is 0"),
         (["--threads", "0"], "--threads is 0"),
         (["--set", "model.hidden=[0]"], "model.hidden"),
     ],
-    ids=["steps", "method", "batch", "val-batch", "device", "batch-0", "threads-0", "set"],
+    ids=["steps", "method", "batch", "val-batch", "device", "no-cuda", "batch-0", "threads-0", "set"],
 )
 def test_bad_options_exit_2_and_write_nothing(tmp_path, runs, args, expected):
     recipe = write_recipe(tmp_path, TINY)
