@@ -78,12 +78,6 @@ class BenchPlan:
     profile: bool
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def plan(
     recipe_path: str | Path = DEFAULT_RECIPE,
     *,
@@ -102,6 +96,8 @@ def plan(
     overrides: Sequence[str] = (),
 ) -> BenchPlan:
     """Validate the options and build (once, then throw away) what every child will build."""
+    import torch
+
     from .precond import check_methods
     from .recipe import load_recipe
 
@@ -113,7 +109,7 @@ def plan(
             raise UserError(f"{name} is {value}; expected an integer >= {least}.")
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device is {device!r}; expected cpu or cuda.")
-    if device == "cuda" and not _cuda_available():  # else the recipe's train.device would be blamed
+    if device == "cuda" and not torch.cuda.is_available():  # else the recipe's train.device would be blamed
         raise UserError("--device is cuda, but no CUDA device is available here; expected cpu.")
     overrides = [*overrides, f"train.device={device}"]  # the options win over --set
     if batch_size is not None:

@@ -88,25 +88,23 @@ def _jsonable(obj):
 
 def runs_root(runs_dir: str | Path | None = None) -> Path:
     """The runs folder: ``runs_dir``, else $ADAMSHAP_RUNS, else ./runs (it need not exist yet)."""
-    root = _root_path(runs_dir)
+    root, source = _root_and_source(runs_dir)
     if root.exists() and not root.is_dir():
-        where = (
-            "--runs-dir" if runs_dir else "$ADAMSHAP_RUNS" if os.environ.get("ADAMSHAP_RUNS") else "./runs"
-        )
-        raise UserError(f"the runs folder {root} ({where}) is a file; expected a folder.")
+        raise UserError(f"the runs folder {root} ({source}) is a file; expected a folder.")
     return root
 
 
-def _root_path(runs_dir: str | Path | None) -> Path:
+def _root_and_source(runs_dir: str | Path | None) -> tuple[Path, str]:
+    """The runs folder and what named it, in the order of precedence."""
     if runs_dir:
-        return Path(runs_dir)
+        return Path(runs_dir), "--runs-dir"
     env = os.environ.get("ADAMSHAP_RUNS")
-    return Path(env) if env else Path.cwd() / "runs"
+    return (Path(env), "$ADAMSHAP_RUNS") if env else (Path.cwd() / "runs", "./runs")
 
 
 def runs_dir_option(run_path: Path) -> str:
     """`` --runs-dir DIR`` where a command would not find the run by default, else nothing."""
-    if run_path.parent.resolve() == _root_path(None).resolve():
+    if run_path.parent.resolve() == _root_and_source(None)[0].resolve():
         return ""
     return f" --runs-dir {shlex.quote(str(run_path.parent))}"
 
