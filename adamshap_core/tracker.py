@@ -166,6 +166,7 @@ class InRunShapley:
         self.fusion_blocked: str | None = "no step has computed ∇val yet"
         self._val_grads: torch.Tensor | None = None  # the last ∇val (reused in fast mode)
         self._steps = 0
+        self._closed = False
         self.view = OptimizerView(optimizer)  # validates the optimizer up front
         # validates every trainable parameter up front; the flat layout follows the optimizer
         self.engine = GhostEngine(model, order=[p for g in optimizer.param_groups for p in g["params"]])
@@ -192,6 +193,10 @@ class InRunShapley:
 
     def step(self, inputs, targets) -> StepResult:
         """Forward, backward, optimizer.step(), and this step's value per example."""
+        if self._closed:
+            raise RuntimeError("this tracker is closed: its hooks are gone, so it can value no more steps")
+        if len(targets) == 0:
+            raise ValueError("the training batch is empty: expected at least one row")
         self._steps += 1
         val_loss = math.nan  # measured on the steps that compute ∇val
         rows = None  # validation rows riding along in this batch
@@ -301,6 +306,7 @@ class InRunShapley:
     def close(self) -> None:
         """Remove the hooks; the model is as it was before the tracker."""
         self.engine.remove()
+        self._closed = True
 
     def __enter__(self) -> InRunShapley:
         return self

@@ -245,6 +245,27 @@ def test_unsupported_optimizers_are_clear_errors(make, match):
         InRunShapley(model, make(model.parameters()), case.loss, x, y)
 
 
+def test_an_optimizer_over_another_model_is_a_clear_error():
+    case = CASES[0]
+    x, y = case.data(3, torch.Generator().manual_seed(0))
+    other = torch.optim.Adam(case.model().parameters())
+    with pytest.raises(UserError, match="none of the model's trainable parameters is in the optimizer"):
+        InRunShapley(case.model(), other, case.loss, x, y)
+
+
+def test_an_empty_batch_and_a_closed_tracker_are_clear_errors():
+    case = CASES[0]
+    model = case.model()
+    x, y = case.data(3, torch.Generator().manual_seed(0))
+    tracker = InRunShapley(model, torch.optim.Adam(model.parameters()), case.loss, x, y)
+    with pytest.raises(ValueError, match="training batch is empty"):
+        tracker.step(x[:0], y[:0])
+    tracker.step(x, y)
+    tracker.close()
+    with pytest.raises(RuntimeError, match="tracker is closed"):
+        tracker.step(x, y)
+
+
 def test_unknown_method_is_a_clear_error():
     case = CASES[0]
     model = case.model()

@@ -106,7 +106,12 @@ class GhostEngine:
                 (p for p in self.parameters if id(p) in position), key=lambda p: position[id(p)]
             )
         if not self.parameters:
-            raise UserError("the model has no trainable parameters to value")
+            raise UserError(
+                "the model has no trainable parameters to value"
+                if order is None or not seen
+                else "none of the model's trainable parameters is in the optimizer: "
+                "expected an optimizer built over model.parameters()"
+            )
         # the flat layout: every per-parameter quantity (∇val, P, M) lives in one [rows, N] tensor
         self._slices: dict[int, slice] = {}
         offset = 0
