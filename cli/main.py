@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from adamshap_core import __version__
+
 from . import attribute as _attribute
 from . import bench as _bench
 from . import compare as _compare
@@ -20,6 +22,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        print(f"adamshap {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_print_version, is_eager=True
+    ),
+) -> None:
+    """The options before the command (the app's help text is set above)."""
+
 
 app.command("train")(_train.train)
 app.command("runs")(_runs.runs)

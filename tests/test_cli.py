@@ -113,6 +113,13 @@ def test_missing_recipe_file_and_bad_option(tmp_path, runs):
     assert not runs.exists()
 
 
+def test_version_is_the_package_version():
+    from importlib.metadata import version
+
+    res = cli("--version")
+    assert res.exit_code == 0 and res.stdout.strip() == f"adamshap {version('adamshap')}"
+
+
 def test_real_process_exit_code_and_no_traceback(tmp_path):
     recipe = write_recipe(tmp_path, tiny(optim={"lr": -1}))
     env = {**os.environ, "ADAMSHAP_RUNS": str(tmp_path / "runs")}
