@@ -131,7 +131,7 @@ def test_fidelity_says_whether_the_low_rank_M_took_part(tmp_path, monkeypatch):
     costs more than it saves (the default costs, on this tiny MLP), all where it is free."""
     from adamshap_cli.bench import low_rank_line
 
-    from adamshap_core.engine import ghost
+    from adamshap_core.engine import low_rank
 
     def summary(rank):
         fast = {"warmup": 1, "refresh_every": 2, "rank": rank}
@@ -141,8 +141,8 @@ def test_fidelity_says_whether_the_low_rank_M_took_part(tmp_path, monkeypatch):
     costly = summary(1)
     assert costly == {"rank": 1, "factorable": 2, "most_factored": 0, "steps_factored": 0, "steps": 4}
     assert "none costs less factorised" in low_rank_line(costly)
-    monkeypatch.setattr(ghost, "FACTORIZE_PASSES", 0)
-    monkeypatch.setattr(ghost, "FACTORIZE_OVERHEAD", 0)
+    monkeypatch.setattr(low_rank, "FACTORIZE_PASSES", 0)
+    monkeypatch.setattr(low_rank, "FACTORIZE_OVERHEAD", 0)
     free = summary(1)
     assert free["most_factored"] == 2 and free["steps_factored"] == 4
     assert low_rank_line(free).startswith("low-rank M (rank 1): at most 2 of the 2 weight matrices")

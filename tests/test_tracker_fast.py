@@ -64,7 +64,8 @@ def test_low_rank_contraction_is_exact_when_m_has_that_rank(float64):
     torch.manual_seed(0)
     model = SeqLinear(128, 128, 3, bias=True)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, y = torch.randn(32, 16, 128, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+    # 192 sequences of 16: enough positions for factorising the 128 × 128 matrix to pay
+    x, y = torch.randn(192, 16, 128, generator=gen), torch.randint(0, 3, (192,), generator=gen)
     vx, vy = x[:1], y[:1]
     engine = GhostEngine(model)
     loss = WIDE.loss
@@ -78,7 +79,17 @@ def test_low_rank_contraction_is_exact_when_m_has_that_rank(float64):
         M_low = engine.matrices(G, per_segment, 1, rank=16)
         assert id(model.up.weight) in M_low.factors  # the factored path really ran
         assert id(model.down.weight) not in M_low.factors  # too small to pay
-        assert rel_err(engine.contract(M_low, 32), engine.contract(M_exact, 32)) <= 1e-9
+        assert rel_err(engine.contract(M_low, 192), engine.contract(M_exact, 192)) <= 1e-9
+
+
+def test_factorising_pays_only_for_large_matrices_contracted_with_many_positions():
+    """Decisions the rule must get right: each was timed by tools/calibrate_low_rank.py."""
+    from adamshap_core.engine.low_rank import factorizing_pays
+
+    assert not factorizing_pays(rows=64 * 9, d_out=185, d_in=32, K=1, rank=8)  # facts-gpt's tied weight, B=64
+    assert not factorizing_pays(rows=192, d_out=1024, d_in=256, K=1, rank=8)
+    assert factorizing_pays(rows=192, d_out=1024, d_in=256, K=3, rank=8)  # one overhead for K matrices
+    assert factorizing_pays(rows=768, d_out=256, d_in=256, K=1, rank=8)
 
 
 @pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])

@@ -22,7 +22,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from ..errors import UserError
 from ..workspace import Workspace
-from .low_rank import FACTORIZE_OVERHEAD, FACTORIZE_PASSES, LowRank, factorize
+from .low_rank import LowRank, factorize, factorizing_pays
 from .registry import (
     LayerKernel,
     has_gradients,
@@ -360,8 +360,8 @@ class GhostEngine:
         return full
 
     def _factorize(self, full: dict[int, torch.Tensor], rank: int) -> dict[int, LowRank]:
-        """Factors of the weight matrices whose low-rank contraction, including the cost of
-        factorising, takes fewer multiply-adds than the exact one for this step's calls."""
+        """Factors of the weight matrices whose low-rank contraction, the factorisation included,
+        costs less than the exact one for this step's calls (``factorizing_pays``)."""
         rows: dict[int, int] = {}  # id(param) -> rows (B·T) it is contracted with this step
         for call in self._calls:
             kernel, own = self._owned[call.module]
@@ -377,13 +377,7 @@ class GhostEngine:
                 continue
             M = full[id(p)]
             d_out, d_in = M.shape[1], M[0].numel() // M.shape[1]
-            exact = rows[id(p)] * d_in * d_out
-            factored = (
-                rows[id(p)] * rank * (d_in + d_out)
-                + FACTORIZE_PASSES * (rank + 4) * d_in * d_out
-                + FACTORIZE_OVERHEAD
-            )
-            if factored < exact:
+            if factorizing_pays(rows[id(p)], d_out, d_in, M.shape[0], rank):
                 factors[id(p)] = factorize(M.reshape(M.shape[0], d_out, d_in), rank, self._generator)
         self.last_factored = len(factors)
         return factors

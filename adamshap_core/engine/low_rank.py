@@ -12,10 +12,21 @@ from dataclasses import dataclass
 import torch
 
 POWER_ITERS = 1
-FACTORIZE_PASSES = 2 * POWER_ITERS + 2  # products with M (each of d_out·d_in·(rank+4) multiply-adds)
-# the dozen small calls of a factorisation (QRs, an SVD, products) cost about as much as this
-# many multiply-adds on a CPU, whatever their size: small matrices are cheaper left exact
-FACTORIZE_OVERHEAD = 2_000_000
+# What a factorisation costs, in multiply-adds of the exact contraction that take as long:
+# FACTORIZE_PASSES·(rank+4)·d_out·d_in per matrix, plus FACTORIZE_OVERHEAD per call. Its QRs and
+# SVD run far below GEMM speed, and its dozen small calls cost about as much as 20 M multiply-adds
+# whatever their size. Fitted on a CPU (one thread) by ``tools/calibrate_low_rank.py``, which also
+# prints how often the rule then chooses wrongly.
+FACTORIZE_PASSES = 12
+FACTORIZE_OVERHEAD = 20_000_000
+
+
+def factorizing_pays(rows: int, d_out: int, d_in: int, K: int, rank: int) -> bool:
+    """Whether contracting K matrices [d_out, d_in] with ``rows`` positions (B·T) through
+    rank-``rank`` factors, the factorisation included, costs less than contracting them exactly."""
+    exact = K * rows * d_out * d_in
+    factored = K * (rows * rank * (d_in + d_out) + FACTORIZE_PASSES * (rank + 4) * d_out * d_in)
+    return factored + FACTORIZE_OVERHEAD < exact
 
 
 @dataclass
