@@ -32,6 +32,7 @@ from .registry import (
     supported_types,
     unsupported,
 )
+from .subnormals import subnormals_flushed
 
 # the default of ``GhostEngine.contract_chunk``
 CONTRACT_CHUNK = 1 << 26
@@ -305,7 +306,9 @@ class GhostEngine:
         where ∇val comes from (see ``contract``).
         """
         M = self.matrices(val_grads, scales, n_methods, rank)
-        return self.contract(M, batch_size, calls, rows).view(batch_size, n_methods, val_grads.shape[0])
+        with subnormals_flushed(val_grads.device):  # sums of products only: see subnormals.py
+            values = self.contract(M, batch_size, calls, rows)
+        return values.view(batch_size, n_methods, val_grads.shape[0])
 
     def matrices(
         self,
