@@ -55,17 +55,12 @@ def sweep() -> list[dict]:
 
 def mistakes(points: list[dict], passes: int, overhead: int) -> tuple[int, float]:
     """How many points the rule decides wrongly with these constants, and the seconds that costs."""
-    saved = (low_rank.FACTORIZE_PASSES, low_rank.FACTORIZE_OVERHEAD)
-    low_rank.FACTORIZE_PASSES, low_rank.FACTORIZE_OVERHEAD = passes, overhead
-    try:
-        wrong = [
-            p
-            for p in points
-            if low_rank.factorizing_pays(p["rows"], p["d_out"], p["d_in"], p["K"], RANK)
-            != (p["factored"] < p["exact"])
-        ]
-    finally:
-        low_rank.FACTORIZE_PASSES, low_rank.FACTORIZE_OVERHEAD = saved
+    wrong = [
+        p
+        for p in points
+        if low_rank.factorizing_pays(p["rows"], p["d_out"], p["d_in"], p["K"], RANK, (passes, overhead))
+        != (p["factored"] < p["exact"])
+    ]
     return len(wrong), sum(abs(p["factored"] - p["exact"]) for p in wrong)
 
 

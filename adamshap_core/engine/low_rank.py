@@ -21,12 +21,16 @@ FACTORIZE_PASSES = 12
 FACTORIZE_OVERHEAD = 20_000_000
 
 
-def factorizing_pays(rows: int, d_out: int, d_in: int, K: int, rank: int) -> bool:
+def factorizing_pays(
+    rows: int, d_out: int, d_in: int, K: int, rank: int, costs: tuple[int, int] | None = None
+) -> bool:
     """Whether contracting K matrices [d_out, d_in] with ``rows`` positions (B·T) through
-    rank-``rank`` factors, the factorisation included, costs less than contracting them exactly."""
+    rank-``rank`` factors, the factorisation included, costs less than contracting them exactly.
+    ``costs``: (passes, overhead) to weigh instead of FACTORIZE_PASSES and FACTORIZE_OVERHEAD."""
+    passes, overhead = costs or (FACTORIZE_PASSES, FACTORIZE_OVERHEAD)
     exact = K * rows * d_out * d_in
-    factored = K * (rows * rank * (d_in + d_out) + FACTORIZE_PASSES * (rank + 4) * d_out * d_in)
-    return factored + FACTORIZE_OVERHEAD < exact
+    factored = K * (rows * rank * (d_in + d_out) + passes * (rank + 4) * d_out * d_in)
+    return factored + overhead < exact
 
 
 @dataclass
