@@ -164,15 +164,29 @@ def test_traced_normaliser_equals_hypot_at_extreme_values(dtype, monkeypatch):
     x = torch.cat([x, x])
     for scale in (1.0, 0.25, torch.tensor(0.03, dtype=torch.float64)):
         want = torch.hypot(x, y * scale)
-        eager = _norm(x, y, scale, 1e-8, torch.empty_like(x))
+        eager, eager_finite = _norm(x, y, scale, 1e-8, torch.empty_like(x))
         traced(monkeypatch)
-        got = _norm(x, y, scale, 1e-8, torch.empty_like(x))
+        got, _ = _norm(x, y, scale, 1e-8, torch.empty_like(x))
         monkeypatch.undo()
         assert got.dtype == dtype and not got.isnan().any()
         assert torch.equal(got == math.inf, want == math.inf) and torch.equal(got == 0, want == 0)
         finite = want.isfinite()
         assert torch.allclose(got[finite], want[finite], rtol=4 * finfo.eps, atol=0)
         assert torch.allclose(eager[finite], want[finite], rtol=4 * finfo.eps, atol=0)
+        assert not eager_finite  # these values overflow a plain multiply-add: the hypot was taken
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normaliser_is_a_multiply_add_where_nothing_overflows(dtype):
+    """The eager fast path: ordinary magnitudes, zeros and subnormal squares give hypot's value and
+    are known to be finite (so the rules skip their check for overflowed second moments)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1000, generator=g, dtype=dtype) * 1e-3
+    y = torch.randn(1000, generator=g, dtype=dtype) * torch.logspace(-30, 3, 1000, dtype=dtype)
+    x[:10], y[5:15] = 0.0, 0.0
+    S, finite = _norm(x, y, 0.03, 1e-8, torch.empty_like(x))
+    assert finite
+    assert torch.allclose(S, torch.hypot(x, y * 0.03), rtol=4 * torch.finfo(dtype).eps, atol=1e-18)
 
 
 @pytest.mark.parametrize("rule", [adam_rule, adam_fixed_rule])

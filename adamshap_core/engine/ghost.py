@@ -331,8 +331,8 @@ class GhostEngine:
         shape = (n_methods * Q, self.numel)
         if torch.compiler.is_compiling():  # a fresh buffer, whose memory the compiler plans
             flat = G.new_zeros(shape)
-        else:
-            flat = self._workspace.get("M", shape, G.dtype, G.device).zero_()
+        else:  # not zeroed: only the covered runs get views (``_views``), and every one is written below
+            flat = self._workspace.get("M", shape, G.dtype, G.device)
         covered: list[slice] = []
         scalars: list[tuple[int, int, tuple[float, ...]]] = []  # runs of the layout scaled by scalars alone
         for where, per_method in scales:
