@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import torch
@@ -55,10 +55,24 @@ class AdamState:
     key: object = None  # which scratch tensors are this state's (its segment)
     # (a, b, √c, √d) when given: 0-d tensors in a compiled valuation, so that one graph serves every step
     coeffs: tuple[Scalar, Scalar, Scalar, Scalar] | None = None
+    # ``normaliser``'s tensors, once a rule asked for them
+    _normaliser: tuple[torch.Tensor, torch.Tensor, bool] | None = field(default=None, repr=False)
 
     def coefficients(self) -> tuple[Scalar, Scalar, Scalar, Scalar]:
         """(a, b, √c, √d): scalars of u(g), with the bias corrections folded in."""
         return self.coeffs if self.coeffs is not None else adam_coefficients(self.beta1, self.beta2, self.t)
+
+    def normaliser(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(√(c·v), √(c·v + d·g²) for the whole gradient g = grad + r, whether the second is known to be
+        finite everywhere): Adam's normaliser before ε, data-independent part and full-batch value.
+        Both ``adam`` and ``adam_fixed`` read it, so it is computed once per state; the rules must not
+        change these tensors."""
+        if self._normaliser is None:
+            _, _, sqrt_c, sqrt_d = self.coefficients()
+            root_cv = self.root_cv(sqrt_c, "root_cv")
+            g = self.grad if self.r is None else torch.add(self.grad, self.r, out=self.scratch("g"))
+            self._normaliser = (root_cv, *_norm(root_cv, g, sqrt_d, self.eps, out=self.scratch("S")))
+        return self._normaliser
 
     def scratch(self, name: str) -> torch.Tensor:
         """A tensor shaped like the gradient, to be overwritten (reused across steps)."""
@@ -153,11 +167,10 @@ def adam_fixed_rule(s: ParamState, k: float) -> torch.Tensor | float:
     """P = b / (√v̂_t + ε): Adam's normaliser frozen at its full-batch value."""
     if isinstance(s, SGDState):
         return k * s.gain
-    _, b, sqrt_c, sqrt_d = s.coefficients()
-    g = s.grad if s.r is None else torch.add(s.grad, s.r, out=s.scratch("fixed.g"))
+    _, b, _, _ = s.coefficients()
     # √v̂ = √(c·v + d·g²); where torch's second moment overflowed it is inf, and P = 0 there
-    root, _ = _norm(s.root_cv(sqrt_c, "fixed.root_cv"), g, sqrt_d, s.eps, out=s.scratch("fixed.P"))
-    return root.add_(s.eps).reciprocal_().mul_(k * b)
+    _, root, _ = s.normaliser()
+    return torch.add(root, s.eps, out=s.scratch("fixed.P")).reciprocal_().mul_(k * b)
 
 
 def adam_rule(s: ParamState, k: float) -> torch.Tensor | float:
@@ -171,11 +184,9 @@ def adam_rule(s: ParamState, k: float) -> torch.Tensor | float:
     """
     if isinstance(s, SGDState):
         return k * s.gain
-    a, b, sqrt_c, sqrt_d = s.coefficients()
-    root_cv = s.root_cv(sqrt_c, "adam.root_cv")
+    a, b, _, sqrt_d = s.coefficients()
+    root_cv, S1, finite = s.normaliser()  # S1: the normaliser of g1 = grad + g0
     g0 = s.r
-    g1 = s.grad if g0 is None else torch.add(s.grad, g0, out=s.scratch("adam.g"))
-    S1, finite = _norm(root_cv, g1, sqrt_d, s.eps, out=s.scratch("adam.S1"))
     if g0 is None:
         S0 = root_cv  # finite wherever S1 is: S1 ≥ S0
     else:
@@ -184,16 +195,17 @@ def adam_rule(s: ParamState, k: float) -> torch.Tensor | float:
     # q′ = (g0+g1)/(S0+S1); S0 + S1 = 0 only where g0 = g1 = 0, and there q′ = 0
     # |q′| <= 1/√d always (S >= √d·|g|); the clamp keeps underflowed S from inflating it
     q = torch.add(S0, S1, out=s.scratch("adam.q")).clamp_min_(torch.finfo(S1.dtype).tiny)
-    g_sum = g1 if g0 is None else g1.add_(g0)  # g1 is no longer needed as such
+    g_sum = s.grad if g0 is None else _add_scaled(s.grad, g0, 2.0, out=s.scratch("adam.g"))
     q = torch.div(g_sum, q, out=q).clamp_(-1 / sqrt_d, 1 / sqrt_d)
-    D0 = S0.add_(s.eps)
+    D0 = torch.add(S0, s.eps, out=s.scratch("adam.D0"))
     P = s.scratch("adam.P")
     # the part of u's numerator that q multiplies, over b: (a/b)·m + g0
     lin = s.m if g0 is None else _add_scaled(g0, s.m, a / b, out=P)
     d = sqrt_d * sqrt_d
     P = _addcmul(D0, lin, q, -(a / b) * d if g0 is None else -d, out=P)
-    # divide twice rather than by D0·D1, which can overflow for huge gradients
-    P.div_(D0).div_(S1.add_(s.eps)).mul_(k * b)
+    # divide twice rather than by D0·D1, which can overflow for huge gradients; D1 = S1 + ε goes
+    # where q was (read for the last time above): one scratch tensor less to keep in cache
+    P.div_(D0).div_(torch.add(S1, s.eps, out=q)).mul_(k * b)
     if not finite:
         # torch's own second moment overflowed: its step there is m̂/inf = 0 for both g0 and g1
         # D0 >= eps > 0, so == inf finds every overflow; unlike isinf it vectorises when compiled

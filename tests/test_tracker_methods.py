@@ -145,6 +145,27 @@ def test_the_sgd_method_alone_reads_no_tensor_of_adams_state(fuse, float64, monk
         run_and_check(CASES[0], OPTIMIZERS["adam-l2"], methods=("sgd", "adam_fixed"), fuse_validation=fuse)
 
 
+@pytest.mark.parametrize("decay", [False, True], ids=["decoupled", "coupled-l2"])
+def test_rules_share_adams_normaliser_without_changing_it(decay, float64):
+    """adam and adam_fixed read one normaliser per state, computed by whichever runs first: each
+    gives on a shared state, in either order and run twice, exactly its P on a state of its own."""
+    from adamshap_core.precond import AdamState, adam_fixed_rule, adam_rule
+    from adamshap_core.workspace import Workspace
+
+    g = torch.Generator().manual_seed(3)
+    grad, m, r = (torch.randn(50, generator=g) for _ in range(3))
+    v = torch.rand(50, generator=g)
+
+    def state(workspace):
+        return AdamState(1e-3, grad, r if decay else None, 0.9, 0.999, 1e-8, 4, m, v, workspace, "k")
+
+    alone = {rule: rule(state(Workspace()), 0.5).clone() for rule in (adam_rule, adam_fixed_rule)}
+    for order in ((adam_rule, adam_fixed_rule), (adam_fixed_rule, adam_rule)):
+        shared = state(Workspace())
+        for rule in order + order:
+            assert torch.equal(rule(shared, 0.5), alone[rule])
+
+
 def test_blocks_pack_whole_parameters_and_split_only_larger_ones():
     from adamshap_core.precond import _packed
 
