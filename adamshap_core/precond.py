@@ -56,7 +56,9 @@ class AdamState:
     # (a, b, √c, √d) when given: 0-d tensors in a compiled valuation, so that one graph serves every step
     coeffs: tuple[Scalar, Scalar, Scalar, Scalar] | None = None
     # ``normaliser``'s tensors, once a rule asked for them
-    _normaliser: tuple[torch.Tensor, torch.Tensor, bool] | None = field(default=None, repr=False)
+    _normaliser: tuple[torch.Tensor, torch.Tensor, bool] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def coefficients(self) -> tuple[Scalar, Scalar, Scalar, Scalar]:
         """(a, b, √c, √d): scalars of u(g), with the bias corrections folded in."""
