@@ -578,14 +578,13 @@ def profile(spec: BenchSpec, n_steps: int = 5) -> dict:
 def _phases_labelled(session: Session):
     """Wrap the tracker's phases in profiler ranges for the duration of the block (then restore)."""
     from . import precond
-    from . import tracker as tracker_module
 
     tracker = getattr(session.stepper, "tracker", None)
     if tracker is None or tracker.compiles:  # compiled phases run inside graphs: nothing to wrap
         yield
         return
     targets = [(tracker.engine, name, name) for name in ENGINE_PHASES]
-    targets += [(precond.AdamRead, "state", "matrices: state"), (tracker_module, "scale", "matrices: rules")]
+    targets += [(precond.AdamRead, "state", "matrices: state"), (precond, "scale", "matrices: rules")]
     patched = []
     try:
         for owner, name, label in targets:

@@ -315,6 +315,15 @@ def scale(method: str, state: ParamState | StepRead, clip: Scalar) -> Scale:
     return m.rule(state, state.lr * (clip if m.clipped else 1.0))
 
 
+def method_scales(
+    methods: Sequence[str], segments: Iterable[tuple[Key, ParamState | StepRead]], clip: Scalar
+) -> Iterator[tuple[Key, list[Scale]]]:
+    """Per segment, each of ``methods``' multiplier η·c·P of ∇val there, as ``GhostEngine.values``
+    takes them. Lazy, so that each segment's scales are used before the next is read (the blocks of
+    ``OptimizerView.blocks`` share their scratch)."""
+    return ((where, [scale(m, s, clip) for m in methods]) for where, s in segments)
+
+
 def scales(method: str, segments: Iterable[tuple[Key, ParamState]], clip: float) -> list[tuple[Key, Scale]]:
     """Per segment (a slice of the flat layout, from ``OptimizerView.segments``), the multiplier
     η·c·P of ∇val for this method."""

@@ -26,7 +26,7 @@ from .fused import (
     probe_blocker,
     rows_gradients,
 )
-from .precond import OptimizerView, Segment, StepRead, check_methods, flat_join, reads_state, scale
+from .precond import OptimizerView, Segment, StepRead, check_methods, flat_join, method_scales, reads_state
 
 
 @dataclass
@@ -104,7 +104,7 @@ def step_values(
     """φ [B, methods, Q] from ∇val and the optimizer's step per segment (``engine.values``).
     ``segments`` may be ``OptimizerView.blocks``: each block's scales are used before the next is read.
     ``rows``: ∇val is the gradient of the validation rows in this batch (see ``RowsTarget``)."""
-    per_segment = ((where, [scale(m, s, clip) for m in methods]) for where, s in segments)
+    per_segment = method_scales(methods, segments, clip)
     return engine.values(val_grads, per_segment, len(methods), batch_size, rank, calls, rows)
 
 

@@ -19,15 +19,14 @@ import torch
 from torch import nn
 
 from adamshap_core.engine import GhostEngine
-from adamshap_core.precond import OptimizerView, check_methods, reads_state, scale
+from adamshap_core.precond import OptimizerView, check_methods, method_scales, reads_state
 
 
 def build_m(engine: GhostEngine, view: OptimizerView, val_grads: torch.Tensor, methods: tuple[str, ...]):
     """One step's M, as the tracker builds it (``tracker.step_values`` before the contraction)."""
     with torch.inference_mode():
         blocks = view.blocks(engine.parameters, flatten=reads_state(methods))
-        per_segment = ((where, [scale(m, s, 1.0) for m in methods]) for where, s in blocks)
-        return engine.matrices(val_grads, per_segment, len(methods))
+        return engine.matrices(val_grads, method_scales(methods, blocks, 1.0), len(methods))
 
 
 def main() -> None:

@@ -329,9 +329,10 @@ class GhostEngine:
         Q = val_grads.shape[0]
         G = val_grads.to(torch.promote_types(val_grads.dtype, torch.float32))
         shape = (n_methods * Q, self.numel)
+        # not zeroed: only the covered runs get views (``_views``), and every one is written below
         if torch.compiler.is_compiling():  # a fresh buffer, whose memory the compiler plans
-            flat = G.new_zeros(shape)
-        else:  # not zeroed: only the covered runs get views (``_views``), and every one is written below
+            flat = G.new_empty(shape)
+        else:
             flat = self._workspace.get("M", shape, G.dtype, G.device)
         covered: list[slice] = []
         scalars: list[tuple[int, int, tuple[float, ...]]] = []  # runs of the layout scaled by scalars alone
