@@ -528,7 +528,7 @@ def _max_parameter_gap(m1, m2) -> float:
 
 
 # The phases of an attribution step that --profile times by name (when the tracker has them):
-# GhostEngine methods; inside "matrices", AdamRead.state (reading Adam's state) and tracker.scale (P).
+# GhostEngine methods; inside "matrices", AdamRead.state (reading Adam's state) and precond.scale (P).
 ENGINE_PHASES = ("validation_gradients", "extra_gradients", "matrices", "contract")
 # phases timed inside another (M is built a block at a time, each block's state read and scored first)
 INNER_PHASES = {"matrices: state": "matrices", "matrices: rules": "matrices"}
