@@ -20,7 +20,6 @@ not, the step takes the separate pass; the blockers below say why.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -28,9 +27,9 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
 from .compiled import Compiled
+from .coverage import probing
 from .engine import GhostEngine
-from .engine.ghost import Call, RowsTarget, modes_kept, set_modes
-from .errors import UserError
+from .engine.ghost import Call, RowsTarget, set_modes
 
 
 def model_blocker(model: nn.Module) -> str | None:
@@ -57,7 +56,7 @@ def probe_blocker(model: nn.Module, loss_fn, inputs, targets) -> str | None:
     row depends on the other rows of the batch (None: none of these)."""
     if not (isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
         return "the validation inputs or targets are not a tensor"
-    with torch.no_grad(), _probing(model, inputs.device) as modules:
+    with torch.no_grad(), probing(model, inputs.device) as modules:
         eval_out = _run_in_mode(model, modules, inputs, training=False)
         before = _rng_state(inputs.device)
         train_out = _run_in_mode(model, modules, inputs, training=True)
@@ -68,15 +67,6 @@ def probe_blocker(model: nn.Module, loss_fn, inputs, targets) -> str | None:
         if not torch.equal(eval_out, train_out):
             return "the model's outputs in train mode differ from those in eval mode"
         return _loss_blocker(loss_fn, eval_out, targets)
-
-
-@contextmanager
-def _probing(model: nn.Module, device: torch.device):
-    """Yields the model's modules; afterwards their train/eval modes and torch's random state are
-    as before, so that a probe changes nothing training will see."""
-    modules = list(model.modules())
-    with modes_kept(modules), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        yield modules
 
 
 def _run_in_mode(model: nn.Module, modules: list[nn.Module], inputs: torch.Tensor, training: bool):
@@ -93,36 +83,6 @@ def _loss_blocker(loss_fn, outputs: torch.Tensor, targets: torch.Tensor) -> str 
     joined = loss_fn(torch.cat([outputs, outputs[:1]]), torch.cat([targets, targets[:1]]))[: len(targets)]
     if alone.shape != joined.shape or not torch.allclose(alone, joined, rtol=1e-5, atol=0.0):
         return "the loss of a row depends on the other rows of the batch"
-    return None
-
-
-def gradient_blocker(engine: GhostEngine, model: nn.Module, loss_fn, inputs, targets) -> str | None:
-    """Whether the layer kernels rebuild the whole gradient of the validation rows' loss from what
-    the hooks capture (None: they do). They do not where a parameter is also used outside its
-    module's forward (``F.linear(h, self.tok.weight)``) or a module's ``forward`` is called directly,
-    skipping the hooks; fused rows would then leave part of their gradient in the update.
-    One forward and backward of the rows in train mode, with torch's random state restored."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        with _probing(model, inputs.device) as modules, engine.capture(extra_rows=len(targets)):
-            loss = loss_fn(_run_in_mode(model, modules, inputs, training=True), targets).sum()
-            want = torch.autograd.grad(loss, params, allow_unused=True)
-            got = engine.extra_gradients(0, summed=True)
-    except UserError as e:  # rows that cannot be told apart: the training step will say so too
-        return str(e)
-    # a parameter whose gradient cancels to rounding noise (an attention key's bias: softmax ignores a
-    # shift common to all keys) differs by noise of its own size, so the floor is set by the whole gradient
-    floor = 1e-6 * math.sqrt(sum(float(w.norm()) ** 2 for w in want if w is not None)) + 1e-30
-    for p, w in zip(params, want, strict=True):
-        g = got.get(id(p))
-        w = torch.zeros_like(p) if w is None else w
-        g = torch.zeros_like(w) if g is None else g[0].to(w.dtype)
-        if float((g - w).norm()) > 1e-4 * float(w.norm()) + floor:
-            name = next(n for n, q in model.named_parameters() if q is p)
-            return (
-                f"the hooks see only part of the gradient of '{name}' (is it used outside its module's "
-                "forward, or is a module's forward called directly?)"
-            )
     return None
 
 

@@ -15,13 +15,14 @@ import torch
 from torch import nn
 
 from .compiled import Compiled
+from .coverage import TrainableWatch, batch_statistics, coupling_problem, coverage_problem, gradient_gap
 from .engine import GhostEngine
 from .engine.ghost import Call, RowsTarget
+from .errors import UserError
 from .fast import FastMode
 from .fused import (
     ValidationRows,
     batch_blocker,
-    gradient_blocker,
     model_blocker,
     probe_blocker,
     rows_gradients,
@@ -124,6 +125,12 @@ def traced_step_values(
     return step_values(engine, val_grads, segments, methods, clip, batch_size, calls=calls)
 
 
+def _refuse(problem: str | None) -> None:
+    """Raise where the engine cannot see every example's whole gradient (``coverage.py``)."""
+    if problem is not None:
+        raise UserError(f"this model cannot be valued: {problem}")
+
+
 class InRunShapley:
     """Values every training example during training (DESIGN.md §2–3, §7).
 
@@ -160,6 +167,8 @@ class InRunShapley:
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.methods = check_methods(methods)
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm is {max_grad_norm}; expected a positive number, or None")
         self.max_grad_norm = max_grad_norm
         self.fast = FastMode() if fast is True else (fast or None)
         self.fuse_validation = fuse_validation
@@ -170,6 +179,9 @@ class InRunShapley:
         self.view = OptimizerView(optimizer)  # validates the optimizer up front
         # validates every trainable parameter up front; the flat layout follows the optimizer
         self.engine = GhostEngine(model, order=[p for g in optimizer.param_groups for p in g["params"]])
+        self._watch = TrainableWatch(optimizer, model, {id(p) for p in self.engine.parameters})
+        self._norms = batch_statistics(model)
+        _refuse(coupling_problem(self._norms))
         self._model_blocker = "fuse_validation is off"
         if fuse_validation:
             self._model_blocker = model_blocker(model) or self.engine.builds_gradients()
@@ -180,6 +192,10 @@ class InRunShapley:
 
     def set_validation(self, val_inputs, val_targets, *, per_target: bool = False) -> None:
         """Change the validation target(s) the next steps are valued against."""
+        if len(val_targets) == 0:
+            raise ValueError("the validation set is empty: expected at least one row to value against")
+        # the rows must show the hooks see every example's whole gradient (else the values would be wrong)
+        _refuse(coverage_problem(self.engine, self.model, self.loss_fn, val_inputs, val_targets))
         self.val_inputs = val_inputs
         self.val_targets = val_targets
         self.per_target = per_target
@@ -188,8 +204,14 @@ class InRunShapley:
         self._rows_blocker = (
             self._model_blocker
             or probe_blocker(self.model, self.loss_fn, val_inputs, val_targets)
-            or gradient_blocker(self.engine, self.model, self.loss_fn, val_inputs, val_targets)
+            or self._rows_gap(val_inputs, val_targets)
         )
+
+    def _rows_gap(self, val_inputs, val_targets) -> str | None:
+        """Where the kernels do not rebuild all of the rows' summed gradient in train mode, as the
+        fused rows' part of ``.grad`` must be (None: they do)."""
+        args = (self.engine, self.model, self.loss_fn, val_inputs, val_targets)
+        return gradient_gap(*args, per_row=False, training=True)
 
     def step(self, inputs, targets) -> StepResult:
         """Forward, backward, optimizer.step(), and this step's value per example."""
@@ -197,6 +219,7 @@ class InRunShapley:
             raise RuntimeError("this tracker is closed: its hooks are gone, so it can value no more steps")
         if len(targets) == 0:
             raise ValueError("the training batch is empty: expected at least one row")
+        _refuse(self._watch.problem() or coupling_problem(self._norms))
         self._steps += 1
         val_loss = math.nan  # measured on the steps that compute ∇val
         rows = None  # validation rows riding along in this batch

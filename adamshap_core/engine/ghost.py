@@ -519,11 +519,14 @@ class GhostEngine:
         rows = batch_size + self._extra_rows
         for call in calls:
             if call.a.shape[0] != rows:
-                extra = f" (+{self._extra_rows} validation rows)" if self._extra_rows else ""
+                batch = f"a batch of {batch_size}" if batch_size else f"{self._extra_rows} validation rows"
+                if batch_size and self._extra_rows:
+                    batch += f" (+{self._extra_rows} validation rows)"
                 raise UserError(
-                    f"a {type(call.module).__name__} layer was called on {call.a.shape[0]} rows in a "
-                    f"batch of {batch_size}{extra}: its per-example gradients cannot be separated (is an "
-                    "input broadcast over the batch, such as positions from arange(T)? expand it first)"
+                    f"a {type(call.module).__name__} layer was called on {call.a.shape[0]} rows for "
+                    f"{batch}: its per-example gradients cannot be separated (is an input broadcast over "
+                    "the batch, such as positions from arange(T), or is the layer applied along another "
+                    "dimension than the batch? expected the batch first)"
                 )
         return calls
 

@@ -1,0 +1,167 @@
+"""Whether the ghost engine sees every example's whole gradient: checked when a tracker starts,
+and cheaply at every step.
+
+A layer kernel values a parameter from what its module's hooks capture, the input a and the
+output-gradient b, one row per example. That is each example's whole gradient of the parameter
+only where every use of it passes through its module's hooked forward, the module computes what
+its kernel assumes, the examples of a batch do not interact, and the optimizer moves no parameter
+the engine does not value. Where one of these fails, the values would be silently wrong, so the
+tracker refuses with an error instead (DESIGN.md §3: never a silent zero).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .engine import GhostEngine
+from .engine.ghost import modes_kept, set_modes
+from .errors import UserError
+
+# rows of the validation set the start-up check takes each gradient of, one at a time: two rows show
+# rows that interact, and a layer applied along another dimension than the rows
+CHECK_ROWS = 2
+
+
+@contextmanager
+def probing(model: nn.Module, device: torch.device):
+    """Yields the model's modules; afterwards their train/eval modes and torch's random state are
+    as before, so that a probe changes nothing training will see."""
+    modules = list(model.modules())
+    with modes_kept(modules), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield modules
+
+
+def gradient_gap(
+    engine: GhostEngine,
+    model: nn.Module,
+    loss_fn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    per_row: bool,
+    training: bool | None = None,
+) -> str | None:
+    """Why the layer kernels do not rebuild autograd's gradient of these rows' loss from what the
+    hooks capture in one forward and backward pass of them (None: they do). ``per_row``: each row's
+    gradient on its own, else their sum. ``training``: the mode to run the model in (None: the
+    modes its modules are in). Torch's random state and the modes are restored afterwards."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = len(targets)
+    try:
+        with probing(model, inputs.device) as modules, engine.capture(extra_rows=rows):
+            if training is not None:
+                set_modes(modules, training)
+            losses = loss_fn(model(inputs), targets)
+            if losses.shape != (rows,):  # the step refuses such a loss itself, with its own message
+                return None
+            separate = per_row and rows > 1
+            total = torch.autograd.grad(losses.sum(), params, allow_unused=True, retain_graph=separate)
+            got = engine.extra_gradients(0, summed=not per_row)
+            wants = [total]
+            if separate:  # after ``got``: these passes overwrite the captured b
+                last = rows - 1
+                wants = [
+                    torch.autograd.grad(losses[r], params, allow_unused=True, retain_graph=r < last)
+                    for r in range(rows)
+                ]
+    except UserError as e:  # rows that cannot be told apart
+        return str(e)
+    for row, want in enumerate(wants):
+        name = _first_gap(model, params, want, {key: g[row] for key, g in got.items()})
+        if name is not None:
+            return (
+                f"the gradient of '{name}' is not what its module's hooks capture (is it used outside "
+                "its module's forward, such as F.linear(h, self.tok.weight), or is a module's forward "
+                "called directly, or does a subclass of a supported layer compute something else in its "
+                "forward, or do the rows of a batch interact?)"
+            )
+    return None
+
+
+def _first_gap(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    want: Sequence[torch.Tensor | None],
+    got: dict[int, torch.Tensor],
+) -> str | None:
+    """The name of the first parameter whose rebuilt gradient ``got`` differs from autograd's ``want``."""
+    # a parameter whose gradient cancels to rounding noise (an attention key's bias: softmax ignores a
+    # shift common to all keys) differs by noise of its own size, so the floor is set by the whole gradient
+    floor = 1e-6 * math.sqrt(sum(float(w.norm()) ** 2 for w in want if w is not None)) + 1e-30
+    for p, w in zip(params, want, strict=True):
+        g = got.get(id(p))
+        w = torch.zeros_like(p) if w is None else w
+        g = torch.zeros_like(w) if g is None else g.to(w.dtype)
+        if float((g - w).norm()) > 1e-4 * float(w.norm()) + floor:
+            return next(n for n, q in model.named_parameters() if q is p)
+    return None
+
+
+def coverage_problem(engine: GhostEngine, model: nn.Module, loss_fn, inputs, targets) -> str | None:
+    """The start-up check on the first ``CHECK_ROWS`` validation rows, each row's gradient on its
+    own, in the modes the model is in (None: nothing found; inputs other than tensors are not
+    checked)."""
+    if not (isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
+        return None
+    return gradient_gap(engine, model, loss_fn, inputs[:CHECK_ROWS], targets[:CHECK_ROWS], per_row=True)
+
+
+def batch_statistics(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    """The model's batch norms, by path: each may normalise with the batch's own statistics."""
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, _BatchNorm)]
+
+
+def coupling_problem(norms: list[tuple[str, _BatchNorm]]) -> str | None:
+    """Why the examples of a training batch would interact (None: they do not): a batch norm that
+    normalises with the batch's statistics makes each example's gradient depend on the others."""
+    for path, m in norms:
+        if m.training or m.running_mean is None:  # torch's own rule for using the batch's statistics
+            return (
+                f"'{path}' ({type(m).__name__}) normalises with the statistics of the batch, so every "
+                "example's gradient depends on the others and per-example values are undefined; expected "
+                "it in eval mode with running statistics, or a LayerNorm"
+            )
+    return None
+
+
+class TrainableWatch:
+    """The optimizer's parameters as when the tracker started. One added later (``add_param_group``),
+    or one that was frozen then and is trainable now, would move without being valued."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, valued: set[int]):
+        self.optimizer = optimizer
+        self.count = _count(optimizer)
+        names = {id(p): n for n, p in model.named_parameters()}
+        held = [p for group in optimizer.param_groups for p in group["params"]]
+        outside = next((p for p in held if p.requires_grad and id(p) not in names), None)
+        if outside is not None:
+            raise UserError(
+                f"the optimizer holds a trainable parameter of shape {tuple(outside.shape)} that is not "
+                "one of the model's, so its part of every step could not be valued; expected an optimizer "
+                "over model parameters only"
+            )
+        self.frozen = [(names[id(p)], p) for p in held if id(p) not in valued]
+
+    def problem(self) -> str | None:
+        """Why the optimizer would move a parameter the tracker does not value (None: it would not)."""
+        if _count(self.optimizer) != self.count:
+            return (
+                "the optimizer's parameters changed after the tracker was built (add_param_group?); "
+                "expected a new InRunShapley for the new parameters"
+            )
+        for name, p in self.frozen:
+            if p.requires_grad:
+                return (
+                    f"'{name}' was frozen when the tracker was built and is trainable now; expected a new "
+                    "InRunShapley after unfreezing"
+                )
+        return None
+
+
+def _count(optimizer: torch.optim.Optimizer) -> int:
+    return sum(len(group["params"]) for group in optimizer.param_groups)

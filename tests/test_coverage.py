@@ -1,0 +1,228 @@
+"""Models and optimizers whose values the engine would get wrong are refused with a clear error, at
+start-up or at the step where they change, never valued silently (coverage.py); the models it can
+value are still valued exactly."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from bruteforce import reference_values
+from cases import cross_entropy, sequence_cross_entropy
+from conftest import rel_err
+from torch import nn
+
+from adamshap_core import InRunShapley
+from adamshap_core.errors import UserError
+
+METHODS = ("adam", "sgd")
+
+
+class TwoLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+
+class TiedOutsideForward(TwoLinear):
+    """Uses the first layer's weight again through ``F.linear``, where no hook sees it."""
+
+    def forward(self, x):
+        return self.out(F.linear(torch.tanh(self.lin(x)), self.lin.weight))
+
+
+class CallsForwardDirectly(TwoLinear):
+    """Calls a submodule's ``forward`` itself, which skips the module's hooks."""
+
+    def forward(self, x):
+        return self.out(self.lin.forward(self.lin(x)))
+
+
+class DoubledLinear(nn.Linear):
+    """A subclass of a supported layer whose forward computes something else than its kernel assumes."""
+
+    def forward(self, x):
+        return F.linear(x, 2 * self.weight, self.bias)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Scales its output by √d, as some language models do."""
+
+    def forward(self, idx):
+        return super().forward(idx) * math.sqrt(self.embedding_dim)
+
+
+class TinyScaledLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = ScaledEmbedding(7, 4)
+        self.head = nn.Linear(4, 7)
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.tok(idx)))
+
+
+class SequenceFirst(nn.Module):
+    """Applies its layer to [T, B, d]: along the positions, not the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):  # x [B, T, 5]
+        return self.out(self.lin(x.transpose(0, 1)).transpose(0, 1).mean(1))
+
+
+class BroadcastPositions(nn.Module):
+    """Positions from arange(T), not expanded to the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Embedding(4, 5)
+        self.lin = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.lin(x + self.pos(torch.arange(x.shape[1]))).mean(1)
+
+
+def tabular(n, gen):
+    return torch.randn(n, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def sequences(T):
+    return lambda n, gen: (torch.randn(n, T, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen))
+
+
+def tokens(n, gen):
+    return torch.randint(0, 7, (n, 3), generator=gen), torch.randint(0, 7, (n, 3), generator=gen)
+
+
+WRONG = {
+    "tied-outside": (TiedOutsideForward, tabular, cross_entropy, "gradient of 'lin.weight'"),
+    "direct-forward": (CallsForwardDirectly, tabular, cross_entropy, "gradient of 'lin.weight'"),
+    "subclass-linear": (
+        lambda: nn.Sequential(DoubledLinear(5, 4), nn.Tanh(), nn.Linear(4, 3)),
+        tabular,
+        cross_entropy,
+        "gradient of '0.weight'",
+    ),
+    "subclass-embedding": (TinyScaledLM, tokens, sequence_cross_entropy, "gradient of 'tok.weight'"),
+    # the layer's rows are positions; with T = 2 rows checked, only their gradients tell
+    "sequence-first": (SequenceFirst, sequences(2), cross_entropy, "gradient of 'lin.weight'"),
+    "sequence-first-T4": (SequenceFirst, sequences(4), cross_entropy, "called on 4 rows for 2 validation"),
+    "broadcast": (BroadcastPositions, sequences(4), cross_entropy, "called on 4 rows for 2 validation"),
+}
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
+@pytest.mark.parametrize("case", list(WRONG))
+def test_a_model_the_hooks_do_not_fully_see_is_refused_at_start_up(case, fuse):
+    make, data, loss, why = WRONG[case]
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = make()
+    vx, vy = data(3, gen)
+    opt = torch.optim.Adam(model.parameters())
+    with pytest.raises(UserError, match=f"this model cannot be valued: .*{why}"):
+        InRunShapley(model, opt, loss, vx, vy, METHODS, fuse_validation=fuse)
+
+
+def test_the_start_up_check_changes_nothing_training_will_see():
+    """It runs the model (dropout draws random numbers): the random state, the modes and .grad stay."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.5), nn.Linear(4, 3))
+    model[1].eval()
+    vx, vy = tabular(3, gen)
+    before = torch.get_rng_state()
+    InRunShapley(model, torch.optim.Adam(model.parameters()), cross_entropy, vx, vy, METHODS)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert model.training and not model[1].training
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _batch_norm_model():
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3))
+    model[1].requires_grad_(False)  # a batch norm's own parameters have no kernel
+    return model
+
+
+def test_a_batch_norm_on_batch_statistics_is_refused():
+    gen = torch.Generator().manual_seed(0)
+    vx, vy = tabular(3, gen)
+    model = _batch_norm_model()
+    with pytest.raises(UserError, match=r"'1' \(BatchNorm1d\) normalises with the statistics of the batch"):
+        InRunShapley(model, torch.optim.Adam(model.parameters()), cross_entropy, vx, vy, METHODS)
+    model[1].eval()
+    model[1].track_running_stats, model[1].running_mean, model[1].running_var = False, None, None
+    with pytest.raises(UserError, match="statistics of the batch"):  # eval mode, but no running statistics
+        InRunShapley(model, torch.optim.Adam(model.parameters()), cross_entropy, vx, vy, METHODS)
+
+
+def test_a_batch_norm_on_running_statistics_is_valued_exactly_until_it_is_put_in_train_mode(float64):
+    gen = torch.Generator().manual_seed(0)
+    vx, vy = tabular(3, gen)
+    model = _batch_norm_model()
+    model[1].eval()
+    model[1].running_mean.uniform_(-1, 1, generator=gen)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    tracker = InRunShapley(model, opt, cross_entropy, vx, vy, METHODS)
+    for _ in range(2):
+        x, y = tabular(6, gen)
+        want = reference_values(model, opt, cross_entropy, x, y, vx, vy, methods=METHODS)
+        got = tracker.step(x, y).values
+        for m in METHODS:
+            assert rel_err(got[m].unsqueeze(1), want[m]) <= 1e-10
+    model.train()
+    weights = [p.clone() for p in model.parameters()]
+    with pytest.raises(UserError, match="statistics of the batch"):
+        tracker.step(*tabular(6, gen))
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))  # no step taken
+
+
+def _tracker(model, opt, gen):
+    vx, vy = tabular(3, gen)
+    return InRunShapley(model, opt, cross_entropy, vx, vy, METHODS)
+
+
+def test_a_parameter_unfrozen_after_start_up_is_refused_at_the_next_step():
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    model[0].requires_grad_(False)
+    tracker = _tracker(model, torch.optim.Adam(model.parameters()), gen)
+    tracker.step(*tabular(6, gen))
+    model[0].requires_grad_(True)
+    with pytest.raises(UserError, match="'0.weight' was frozen when the tracker was built"):
+        tracker.step(*tabular(6, gen))
+
+
+def test_parameters_added_to_the_optimizer_after_start_up_are_refused_at_the_next_step():
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    opt = torch.optim.Adam(model[0].parameters())
+    tracker = _tracker(model, opt, gen)
+    tracker.step(*tabular(6, gen))
+    opt.add_param_group({"params": list(model[2].parameters())})
+    with pytest.raises(UserError, match="add_param_group"):
+        tracker.step(*tabular(6, gen))
+
+
+def test_an_optimizer_over_a_parameter_outside_the_model_is_refused():
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Linear(5, 3)
+    temperature = nn.Parameter(torch.ones(()))
+    with pytest.raises(UserError, match=r"trainable parameter of shape \(\) that is not one of the model's"):
+        _tracker(model, torch.optim.Adam([*model.parameters(), temperature]), gen)
+
+
+def test_an_empty_validation_set_and_a_clip_norm_that_is_not_positive_are_refused():
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Linear(5, 3)
+    opt = torch.optim.Adam(model.parameters())
+    vx, vy = tabular(3, gen)
+    with pytest.raises(ValueError, match="validation set is empty"):
+        InRunShapley(model, opt, cross_entropy, vx[:0], vy[:0], METHODS)
+    for norm in (0.0, -1.0):
+        with pytest.raises(ValueError, match=f"max_grad_norm is {norm}; expected a positive number"):
+            InRunShapley(model, opt, cross_entropy, vx, vy, METHODS, max_grad_norm=norm)
