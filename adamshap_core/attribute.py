@@ -75,6 +75,9 @@ class Queries:
     levels: list[str]  # "" where not given
     source_ids: list[int | None]
     answers: list[str | None]  # the words whose loss is the utility (see ``score_mask``); None: all
+    places: list[str] = field(
+        default_factory=list
+    )  # where each query was read ("line 3 of q.jsonl"), if a file
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -84,7 +87,8 @@ class Queries:
         return any(s is not None for s in self.source_ids)
 
     def where(self, i: int) -> str:
-        return f"query {self.ids[i]!r}" if isinstance(self.ids[i], str) else f"query {self.ids[i]}"
+        query = f"query {self.ids[i]!r}" if isinstance(self.ids[i], str) else f"query {self.ids[i]}"
+        return f"{query} ({self.places[i]})" if self.places else query
 
 
 def queries_from_texts(texts: Sequence[str]) -> Queries:
@@ -102,6 +106,7 @@ def queries_from_file(path: str | Path) -> Queries:
     q = Queries([], [], [], [], [])
     for pos, (row, rec) in enumerate(records):
         name = f"line {row + 1} of {path}"
+        q.places.append(name)
         q.texts.append(record_text(rec, name, what))
         q.ids.append(rec.get("id", pos))
         level = rec.get("level", "")
@@ -464,6 +469,12 @@ def check_methods(methods: Sequence[str] | None) -> list[str]:
     unknown = [m for m in names if m not in ALL_METHODS]
     if unknown:
         raise UserError(f"--methods: unknown method(s) {unknown}; expected some of {', '.join(ALL_METHODS)}.")
+    if names == ["random"]:
+        scoring = ", ".join(m for m in ALL_METHODS if m != "random")
+        raise UserError(
+            "--methods random alone ranks nothing: it is the chance level the benchmark lists beside the "
+            f"methods that score the training texts; expected at least one of {scoring} with it."
+        )
     return names
 
 

@@ -41,6 +41,8 @@ MODES = ("plain", "attribution", "per_example")
 FAST_KEY = "attribution_fast"  # how the fast attribution measurement is named in medians and summaries
 COLUMNS = ["recipe", "device", "mode", "methods", "batch_size", "repeat", "examples_per_s", "peak_mb"]
 DEFAULT_RECIPE = "recipes/digits-mlp.yaml"
+# where the shipped recipes sit in a checkout: beside the package (for a bench started in another folder)
+SHIPPED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 PROFILE_ROWS = 15  # ops shown by --profile
 # after its timed steps, an attribution process times its contraction alone this many times, in one step
 CONTRACT_RUNS = 20
@@ -116,6 +118,7 @@ def plan(
         overrides.append(f"train.batch_size={batch_size}")
     if val_batch is not None:
         overrides.append(f"attribution.val_batch={val_batch}")
+    recipe_path = _found(recipe_path)
     recipe = load_recipe(recipe_path, overrides)
     methods = list(check_methods(methods or recipe.attribution.methods))
     spec = BenchSpec(recipe.to_dict(), steps, warmup, methods, fast, threads)
@@ -144,6 +147,14 @@ def plan(
         _out_folder(out, runs_dir, recipe.name),
         profile,
     )
+
+
+def _found(recipe_path: str | Path) -> str | Path:
+    """The default recipe from the project's own recipes folder where this folder has none."""
+    shipped = SHIPPED_RECIPES / Path(DEFAULT_RECIPE).name
+    if str(recipe_path) == DEFAULT_RECIPE and not Path(recipe_path).is_file() and shipped.is_file():
+        return shipped
+    return recipe_path
 
 
 def _out_folder(out: str | Path | None, runs_dir: str | Path | None, recipe_name: str) -> Path:

@@ -240,9 +240,9 @@ class Checkpointer:
         except FileNotFoundError:
             raise UserError(f"no checkpoint at {self.path}.") from None
         except Exception as e:  # noqa: BLE001 -- any unreadable file is the same problem for the user
-            detail = " ".join(str(e).split())[:200] or type(e).__name__
             raise UserError(
-                f"checkpoint {self.path} cannot be read ({detail}); start the run over with --force."
+                f"checkpoint {self.path} cannot be read: it is damaged or not a checkpoint "
+                f"({type(e).__name__}); start the run over with --force."
             ) from None
         if not isinstance(blob, dict) or "loop" not in blob:
             raise UserError(f"{self.path} is not an adamshap checkpoint; start the run over with --force.")

@@ -601,4 +601,6 @@ def write_outputs(folder: RunFolder, result: CompareResult) -> list[str]:
     atomic_write_json(folder.file("compare.json"), result.summary)
     for name, png in plots.items():
         report.write_bytes(folder.file(name), png)
+    for name in set(report.COMPARE_PLOTS) - set(plots):  # an earlier compare's, which this one replaces
+        folder.file(name).unlink(missing_ok=True)
     return ["compare.parquet", "groundtruth.parquet", "compare_layers.parquet", "compare.json", *plots]

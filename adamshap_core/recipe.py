@@ -132,6 +132,15 @@ class DataCfg(_Strict):
         return self
 
 
+# the model kinds each model field shapes (``kind`` and the others apply to every kind)
+MODEL_FIELD_KINDS = {
+    "hidden": ("mlp", "cnn"),
+    "channels": ("cnn",),
+    **{name: ("gpt",) for name in ("n_layer", "n_head", "d_model", "mlp_ratio", "block_size", "tie_weights")},
+    "dropout": ("gpt",),
+}
+
+
 class ModelCfg(_Strict):
     kind: Literal["mlp", "cnn", "gpt"] = "mlp"
     hidden: list[Annotated[Int, Field(ge=1)]] = Field(default_factory=lambda: [128])
@@ -144,6 +153,16 @@ class ModelCfg(_Strict):
     block_size: Annotated[Int, Field(ge=1)] | None = None  # context length; null = the longest text
     tie_weights: StrictBool = True  # LM head shares the token embedding
     dropout: Num = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _applies(self) -> ModelCfg:
+        # (compared with the defaults, not "was it given", so a saved recipe.yaml loads again)
+        for name, kinds in MODEL_FIELD_KINDS.items():
+            default = type(self).model_fields[name].get_default(call_default_factory=True)
+            if self.kind not in kinds and getattr(self, name) != default:
+                only = " and ".join(kinds)
+                raise ValueError(f"`model.{name}` is for {only} only (model.kind is {self.kind}); remove it")
+        return self
 
     @model_validator(mode="after")
     def _heads(self) -> ModelCfg:
@@ -347,12 +366,29 @@ def recipe_from_dict(raw: Any, *, base_dir: Path | None = None, origin: str = "(
             p = (base_dir or Path.cwd()) / p
         p = p.resolve()
         if not p.is_file():
+            what = "is a folder" if p.is_dir() else "does not exist"
             raise UserError(
-                f"invalid recipe {origin}: `data.source` names the file {rest!r}, which does not exist "
-                f"(looked at {p}; relative paths are taken from the recipe's folder)."
+                f"invalid recipe {origin}: `data.source` names the file {rest!r}, which {what} (looked at "
+                f"{p}; relative paths are taken from the recipe's folder); expected a file."
             )
         recipe.data.source = f"{scheme}:{p}"
     return recipe
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: by default
+    the last one would silently win (a second ``train:`` section replacing the first, say)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -367,7 +403,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read recipe file {path}: {e}.") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         detail = " ".join(str(e).split())
         raise UserError(f"recipe file {path} is not valid YAML: {detail}.") from None

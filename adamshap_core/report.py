@@ -196,6 +196,9 @@ def divergence_table(result: CompareResult) -> Table | None:
     return table
 
 
+COMPARE_PLOTS = ("compare_values.png", "compare_steps.png", "compare_pearson.png")  # all compare_plots draws
+
+
 def compare_plots(result: CompareResult) -> dict[str, bytes]:
     """``compare_values.png`` (baseline vs adam, one dot per example), ``compare_steps.png`` (each
     method against MC Shapley at an early and a late step, and cumulative), ``compare_pearson.png``."""

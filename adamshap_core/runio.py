@@ -137,13 +137,16 @@ def create_run_dir(root: str | Path, name: str, *, force: bool = False) -> Path:
         os.mkdir(path)
         return path
     except FileExistsError:
+        if not (path.is_dir() and (_is_run(path) or not any(path.iterdir()))):
+            # --force replaces runs only: never a folder of other files (a bench's results, say)
+            raise UserError(
+                f"{path} exists and is not a run folder; pick another --name, or move it away yourself."
+            ) from None
         if not force:
             raise UserError(
                 f"run {name!r} already exists at {path}; pass --force to replace it or --name to pick "
                 "another name."
             ) from None
-    if not path.is_dir():
-        raise UserError(f"{path} exists and is not a run folder; remove it or pick another --name.")
     aside = root / f".{name}.old-{os.getpid()}"
     os.replace(path, aside)
     try:
@@ -215,6 +218,19 @@ class RunFolder:
         if not p.is_file():
             raise UserError(f"run {self.name!r} has no {name} (looked at {p}); is the run complete?")
         return pd.read_parquet(p)
+
+
+def require_writable(folder: str | Path) -> None:
+    """A ``UserError`` now, where files could not be written into ``folder`` later (after minutes of
+    work): a temporary file is created there and removed."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".writable.", suffix=".tmp")
+    except OSError as e:
+        raise UserError(
+            f"cannot write into {folder}: {e.strerror or e}; expected a folder this user can write to."
+        ) from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def now_iso() -> str:

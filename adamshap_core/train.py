@@ -381,7 +381,8 @@ def run(
             problem = non_finite_problem(loss, model, step_values, float(val_loss))
             if problem:
                 raise TrainingDiverged(
-                    f"training diverged at step {step} (epoch {epoch}): {problem}. {_kept(state.step)} "
+                    f"training diverged at step {step} (epoch {epoch}): {problem}. "
+                    f"{_kept(state.step, tracker is not None)} "
                     "Try a smaller optim.lr or set train.grad_clip.",
                     partial=_result(
                         prep, state, {"steps": state.step, "total_steps": prep.total_steps}, wall()
@@ -462,11 +463,12 @@ def non_finite_problem(loss: float, model: nn.Module, values: dict[str, np.ndarr
     return ""
 
 
-def _kept(steps_done: int) -> str:
+def _kept(steps_done: int, valued: bool) -> str:
+    what = "values" if valued else "step rows"  # without attribution there are no values to keep
     if steps_done == 0:
-        return "No step finished, so no values are kept."
+        return f"No step finished, so no {what} are kept."
     which = "step 1" if steps_done == 1 else f"steps 1-{steps_done}"
-    return f"The values of {which} are kept (the run is marked incomplete)."
+    return f"The {what} of {which} are kept (the run is marked incomplete)."
 
 
 def _result(prep: Prepared, state: LoopState, metrics: dict, wall_seconds: float) -> TrainResult:

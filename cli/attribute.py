@@ -63,6 +63,7 @@ def attribute(
     from adamshap_core import runio
 
     folder = runio.open_run(runio.runs_root(runs_dir), run)
+    runio.require_writable(folder.path)  # before the work, not after it
     plan = at.plan(
         folder,
         texts=query or None,

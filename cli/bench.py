@@ -16,10 +16,19 @@ from adamshap_core.errors import UserError
 from .common import console, err_console, split_list, user_errors
 
 SUMMARY_WIDTH = 400  # room for the summary table's natural width: never wrapped or cut
+SUMMARY_OPTIONS = {"summary", "quiet", "recipe"}  # the options --summary reads (RECIPE: said apart)
+
+
+def _given(ctx: typer.Context) -> list[str]:
+    """The parameters given on the command line (not left at their defaults)."""
+    # by name: typer may bring a click of its own, whose enum is another class than click's
+    sources = {name: getattr(ctx.get_parameter_source(name), "name", "") for name in ctx.params}
+    return [name for name, source in sources.items() if source == "COMMANDLINE"]
 
 
 @user_errors
 def bench(
+    ctx: typer.Context,
     recipe: Path = typer.Argument(
         None, metavar="[RECIPE]", help="YAML recipe (default: recipes/digits-mlp.yaml)", show_default=False
     ),
@@ -53,7 +62,10 @@ def bench(
     runs_dir: Path = typer.Option(None, "--runs-dir", help="runs folder (default: $ADAMSHAP_RUNS or ./runs)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     summary: Path = typer.Option(
-        None, "--summary", metavar="DIR", help="measure nothing: one table of every bench.json under DIR"
+        None,
+        "--summary",
+        metavar="DIR",
+        help="measure nothing: one table of every bench.json under DIR, also written to DIR/summary.parquet",
     ),
 ) -> None:
     """Time plain training, attribution and a per-example-gradient baseline on the same batches.
@@ -65,9 +77,13 @@ def bench(
     from adamshap_core import bench as bm
 
     if summary is not None:
-        if recipe is not None:
+        given = [
+            f"--{name.rstrip('_').replace('_', '-')}" for name in _given(ctx) if name not in SUMMARY_OPTIONS
+        ]
+        if recipe is not None or given:
+            what = ", ".join((["RECIPE"] if recipe is not None else []) + given)
             raise UserError(
-                "--summary reads finished benches and measures nothing; expected no RECIPE with it."
+                f"--summary reads finished benches and measures nothing; expected no {what} with it."
             )
         print_summary(summary)
         return
@@ -181,10 +197,15 @@ def fidelity_lines(result) -> list[str]:
         undefined = (
             f" ({s['undefined_steps']} step(s) with constant values left out)" if s["undefined_steps"] else ""
         )
+        reused = (
+            f"median {s['median_reused']:.4f} over the {s['reused_steps']} steps that reused ∇val"
+            if s["reused_steps"]
+            else "no step reused ∇val (the fast mode's warm-up is longer than --warmup + --steps), "
+            "so these steps say nothing about it"
+        )
         lines.append(
             f"fast vs exact Pearson per step, {m}: median {s['median']:.4f}, min {s['min']:.4f} "
-            f"over {s['steps']} steps{undefined}; median {s['median_reused']:.4f} over the "
-            f"{s['reused_steps']} steps that reused ∇val"
+            f"over {s['steps']} steps{undefined}; {reused}"
         )
     lines.append(low_rank_line(bm.low_rank_summary(result.fidelity)))
     gap = result.fidelity["max_parameter_gap"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 
 import typer
@@ -9,6 +10,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from adamshap_core.errors import UserError
+
+# the file system's refusals that are the user's to fix (not a bug of the program): exit 2, not a traceback
+FILE_SYSTEM_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 console = Console()  # results, on stdout
 err_console = Console(stderr=True)  # progress and errors
@@ -31,6 +35,11 @@ def user_errors(fn):
             _fail(" ".join(str(e).split()))
         except yaml.YAMLError as e:
             _fail("invalid YAML: " + " ".join(str(e).split()))
+        except OSError as e:
+            if e.errno not in FILE_SYSTEM_ERRORS:
+                raise
+            where = f" ({e.filename})" if e.filename else ""
+            _fail(f"{e.strerror or e}{where}: expected a folder this user can write to, with space left.")
         except KeyboardInterrupt:
             err_console.print("[yellow]stopped (Ctrl-C) before it finished.[/]")
             raise typer.Exit(code=130) from None

@@ -46,6 +46,7 @@ def compare(
     from adamshap_core.compare import CompareOptions, compare_run, write_outputs
 
     folder = runio.open_run(runio.runs_root(runs_dir), run)
+    runio.require_writable(folder.path)  # before the work, not after it
     options = CompareOptions(baseline, steps, permutations, cumulative, cumulative_permutations, seed)
     progress = None if quiet else _progress()
     task = None

@@ -50,6 +50,7 @@ def prune(
     from adamshap_core import runio
 
     folder = runio.open_complete_run(runio.runs_root(runs_dir), run)
+    runio.require_writable(folder.path)  # before the work, not after it
     plan = pr.plan_for_run(
         folder,
         fracs=parse_fracs(frac),
@@ -148,7 +149,7 @@ def pruning_table(summary: pd.DataFrame, plan) -> Table:
     table = Table(title=f"test accuracy, {plan.direction}est-valued removed", title_justify="left")
     table.add_column("method")
     for f in plan.fracs:
-        table.add_column(f"{f:.0%} removed\n(n={n - n_to_remove(n, f)})", justify="right")
+        table.add_column(f"{f:.0%} removed\n({n - n_to_remove(n, f)} kept)", justify="right")
         if noisy_known:
             table.add_column(f"{f:.0%}\nnoisy", justify="right")
     full = summary[summary["method"] == FULL].iloc[0]

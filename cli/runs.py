@@ -15,7 +15,7 @@ from .common import console, user_errors
 def runs(
     runs_dir: Path = typer.Option(None, "--runs-dir", help="runs folder (default: $ADAMSHAP_RUNS or ./runs)"),
 ) -> None:
-    """List runs: name, recipe, date, test accuracy, status."""
+    """List runs: name, recipe, date, test accuracy, methods, status."""
     from adamshap_core import runio
 
     root = runio.runs_root(runs_dir)

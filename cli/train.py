@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import shlex
+import shutil
 from pathlib import Path
 
 import typer
@@ -56,7 +57,7 @@ def train(
                 "or --resume RUN to continue a stopped run."
             )
         rec, prep = _prepared(recipe, set_)
-        folder = _new_run_folder(root, runio.check_run_name(name or rec.name), force)
+        folder = _new_run_folder(root, runio.check_run_name(rec.name if name is None else name), force)
     with run_lock(folder.path):
         if resume is not None:
             _resumable_run(root, resume)  # again, now that no other process can finish it meanwhile
@@ -64,7 +65,11 @@ def train(
             rec, prep = _prepared(folder.file("recipe.yaml"), [])
             header = runio.reopen_run(folder)
         else:
-            header = runio.start_run(folder, rec, recipe_path=str(recipe))
+            try:
+                header = runio.start_run(folder, rec, recipe_path=str(recipe))
+            except BaseException:  # a folder it could not write into: leave none behind
+                shutil.rmtree(folder.path, ignore_errors=True)
+                raise
         if not quiet:
             for note in prep.data.notes:
                 err_console.print(f"note: {escape(note)}", highlight=False)
@@ -180,14 +185,16 @@ def print_summary(result, metrics: dict, path: Path) -> None:
     for m in result.methods:
         col = f"value_{m}"
         ranked = df.sort_values(col, ascending=False, kind="stable")
-        table = Table(title=f"{m}: 5 highest and 5 lowest valued examples", title_justify="left")
+        k = min(5, len(ranked) // 2)  # the two lists never share a row, however small the set
+        title = f"{m}: {k} highest and {k} lowest valued examples" if k else f"{m}: the valued example"
+        table = Table(title=title, title_justify="left")
         table.add_column("rank", justify="right")
         table.add_column("example_id", justify="right")
         table.add_column("value", justify="right")
         table.add_column(about, justify="right" if about == "label" else "left")
         if noisy:
             table.add_column("noisy")
-        top, bottom = ranked.head(5), ranked.tail(5)
+        top, bottom = (ranked.head(k), ranked.tail(k)) if k else (ranked, ranked.head(0))
         for rank, (_, row) in enumerate(top.iterrows(), start=1):
             _row(table, rank, row, col, noisy, about)
         table.add_section()

@@ -44,9 +44,12 @@ def tiny_gpt(**sections) -> dict:
 
 
 def merged(base: dict, sections: dict) -> dict:
+    """``base`` with sections updated; a model section of another kind replaces the base's (whose
+    fields, such as an mlp's ``hidden``, would not apply to it)."""
     r = copy.deepcopy(base)
     for k, v in sections.items():
-        if isinstance(v, dict) and isinstance(r.get(k), dict):
+        other_kind = k == "model" and isinstance(v, dict) and v.get("kind", r[k]["kind"]) != r[k]["kind"]
+        if isinstance(v, dict) and isinstance(r.get(k), dict) and not other_kind:
             r[k].update(v)
         else:
             r[k] = v

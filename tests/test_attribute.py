@@ -122,6 +122,7 @@ def test_a_queries_file_with_ids_levels_and_sources(runs, tmp_path):
         (["--query", "the pet of", "--queries", "builtin"], "not both"),
         (["--query", " ".join(["pet"] * 40)], "more than the model's context"),
         (["--methods", "adam,lasso"], "unknown method"),
+        (["--methods", "random"], "--methods random alone ranks nothing"),
         (["--run", "tab"], "needs a language-model run"),
         (["--run", "facts", "--queries", "missing.jsonl"], "does not exist"),
     ],
@@ -139,6 +140,15 @@ def test_a_source_id_must_be_a_training_example(runs, tmp_path):
     p.write_text(json.dumps({"text": "the pet of", "source_id": 999}) + "\n")
     res = attribute(runs, "--run", "facts", "--queries", p)
     assert res.exit_code == 2 and "source_id 999" in res.output
+
+
+def test_a_query_of_a_file_is_named_by_its_line(runs, tmp_path):
+    p = tmp_path / "q.jsonl"
+    long = " ".join(["pet"] * 40)
+    p.write_text(json.dumps({"id": "a", "text": "the pet of"}) + "\n" + json.dumps({"id": "b", "text": long}))
+    res = attribute(runs, "--run", "facts", "--queries", p)
+    assert res.exit_code == 2, res.output
+    assert f"query 'b' (line 2 of {p}) is 41 tokens long" in " ".join(res.output.split())
 
 
 # ---------------------------------------------------------------- ranks and baselines

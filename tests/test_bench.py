@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -75,9 +76,34 @@ def test_bench_end_to_end_writes_the_table_and_closing_lines(tmp_path, runs):
 def test_summary_refuses_a_recipe_and_an_empty_folder(tmp_path, runs):
     res = cli("bench", write_recipe(tmp_path, TINY), "--summary", tmp_path)
     assert res.exit_code == 2 and "no RECIPE" in res.stderr
+    res = cli("bench", "--summary", tmp_path, "--steps", "5", "--fast")  # options it would not read
+    assert res.exit_code == 2 and "expected no --steps, --fast with it" in res.stderr
     (tmp_path / "empty").mkdir()
     res = cli("bench", "--summary", tmp_path / "empty")
     assert res.exit_code == 2 and "no bench.json" in res.stderr
+
+
+def test_the_fidelity_lines_say_when_no_step_reused_the_validation_gradient(monkeypatch):
+    from types import SimpleNamespace
+
+    from adamshap_cli import bench as cb
+
+    from adamshap_core import bench as bm
+
+    summary = {"median": 1.0, "min": 1.0, "steps": 5, "undefined_steps": 0, "median_reused": math.nan}
+    monkeypatch.setattr(bm, "fidelity_summary", lambda fid: {"adam": {**summary, "reused_steps": 0}})
+    monkeypatch.setattr(bm, "low_rank_summary", lambda fid: {"rank": None})
+    line = cb.fidelity_lines(SimpleNamespace(fidelity={"max_parameter_gap": 0.0}))[0]
+    assert "no step reused ∇val (the fast mode's warm-up is longer" in line and "nan" not in line
+
+
+def test_the_default_recipe_is_found_from_another_folder(tmp_path, monkeypatch):
+    from adamshap_core import bench as bm
+
+    monkeypatch.chdir(tmp_path)  # no recipes/ here: the project's own is taken
+    plan = bm.plan(steps=1, repeats=1, out=tmp_path / "out")
+    assert Path(plan.recipe_path) == bm.SHIPPED_RECIPES / "digits-mlp.yaml"
+    assert plan.recipe_name == "digits-mlp"
 
 
 @pytest.mark.parametrize(

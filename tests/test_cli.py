@@ -167,6 +167,73 @@ def test_ctrl_c_outside_train_exits_130_with_one_line_and_no_traceback(tmp_path,
     assert not (runs / "tiny" / "compare.parquet").exists()
 
 
+def test_a_file_system_refusal_is_a_clear_error_not_a_traceback(tmp_path, runs, monkeypatch):
+    """A folder the user cannot write to (or a full disk) is the user's to fix: exit 2, one line."""
+    import errno
+
+    from adamshap_core import runio
+
+    def refused(path, write):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(runio, "atomic_write", refused)
+    res = cli("train", write_recipe(tmp_path, TINY), "--quiet")
+    assert res.exit_code == 2, res.output
+    assert "Permission denied" in res.stderr and str(runs / "tiny") in res.stderr.replace("\n", "")
+    assert "Traceback" not in res.output
+    assert os.listdir(runs) == []  # no run folder left behind
+
+
+def test_compare_and_prune_refuse_a_run_folder_they_cannot_write_before_any_work(tmp_path, runs, monkeypatch):
+    from adamshap_core import compare, prune, runio
+
+    assert cli("train", write_recipe(tmp_path, TINY), "--quiet").exit_code == 0
+    worked = []
+    monkeypatch.setattr(compare, "compare_run", lambda *a, **k: worked.append("compare"))
+    monkeypatch.setattr(prune, "run_plan", lambda *a, **k: worked.append("prune"))
+    real = runio.require_writable
+
+    def read_only(folder):
+        real(folder / "missing")  # as a folder that cannot be written into
+
+    monkeypatch.setattr(runio, "require_writable", read_only)
+    for command in (["compare", "--quiet"], ["prune", "--frac", "0.3", "--quiet"]):
+        res = cli(*command)
+        assert res.exit_code == 2 and "cannot write into" in res.stderr, res.output
+    assert worked == []
+
+
+def test_a_tiny_training_set_lists_each_example_once(tmp_path, runs):
+    """Fewer than ten examples: the highest and the lowest valued lists share no row."""
+    recipe = tiny(data={"source": "sklearn:iris", "val_size": 70, "test_size": 74}, train={"batch_size": 6})
+    res = cli("train", write_recipe(tmp_path, recipe))
+    assert res.exit_code == 0, res.output
+    assert "3 highest and 3 lowest valued examples" in res.stdout
+
+
+def test_a_recipe_key_given_twice_is_refused(tmp_path, runs):
+    text = yaml.safe_dump(TINY, sort_keys=False) + "train:\n  epochs: 50\n"
+    res = cli("train", write_recipe(tmp_path, text))
+    assert res.exit_code == 2 and "the key 'train' is given twice" in res.stderr
+    assert not runs.exists()
+
+
+def test_model_fields_of_another_kind_are_refused(tmp_path, runs):
+    res = cli("train", write_recipe(tmp_path, TINY), "--set", "model.n_layer=4")
+    assert res.exit_code == 2 and "`model.n_layer` is for gpt only (model.kind is mlp)" in res.stderr
+
+
+def test_train_refuses_an_empty_name_and_force_never_replaces_a_folder_that_is_not_a_run(tmp_path, runs):
+    recipe = write_recipe(tmp_path, TINY)
+    res = cli("train", recipe, "--name", "")
+    assert res.exit_code == 2 and "run name ''" in res.stderr
+    (runs / "bench").mkdir(parents=True)
+    (runs / "bench" / "notes.txt").write_text("precious")
+    res = cli("train", recipe, "--name", "bench", "--force")
+    assert res.exit_code == 2 and "exists and is not a run folder" in res.stderr
+    assert (runs / "bench" / "notes.txt").read_text() == "precious"
+
+
 @pytest.mark.parametrize("command", ["train", "runs", "attribute", "prune", "bench", "compare"])
 def test_help_reflows_each_paragraph_and_keeps_every_word(command, monkeypatch):
     """A command's description is reflowed to the terminal (not broken where the docstring's lines

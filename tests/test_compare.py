@@ -140,6 +140,10 @@ def test_no_cumulative_and_a_step_list(run):
     assert sorted(truth_rows.scope.unique()) == ["2", "5"]
     assert (table[table.scope == "cumulative"].ground_truth.isin(["sgd", "is_noisy"])).all()
     assert json.loads((run / "compare.json").read_text())["ground_truth_steps"] == 2
+    assert (run / "compare_pearson.png").is_file()  # two steps: Pearson by step
+    res = cli("compare", "--permutations", "2", "--steps", "2", "--no-cumulative", "-q")
+    assert res.exit_code == 0, res.output
+    assert not (run / "compare_pearson.png").exists()  # one step draws none: the last compare's is gone
 
 
 def assert_refused(res, *words):

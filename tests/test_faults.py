@@ -64,6 +64,13 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_steps_before(fault, says)
     assert np.array_equal(partial.n_steps, clean.n_steps)
 
 
+def test_without_attribution_a_divergence_keeps_the_step_rows_and_says_so():
+    recipe = recipe_from_dict(tiny(train={"epochs": 2}, attribution={"enabled": False}))
+    with pytest.raises(TrainingDiverged, match="The step rows of steps 1-2 are kept") as info:
+        run(prepare(recipe, attribution=False), quiet=True, on_step=diverge_at(3, poison_gradient))
+    assert "values" not in str(info.value) and info.value.partial.steps["step"].tolist() == [1, 2]
+
+
 def test_cli_divergence_exits_2_names_the_step_and_keeps_finite_values(tmp_path):
     runs = tmp_path / "runs"
     recipe = write_recipe(tmp_path, tiny(optim={"name": "sgd", "lr": 1e30}, train={"epochs": 3}))

@@ -124,6 +124,8 @@ def test_prune_end_to_end(tiny_run):
     n = len(values)
     full = df[df["method"] == "full"]
     assert (full["n_kept"] == n).all() and full["noisy_share_removed"].isna().all()
+    kept = df.loc[(df["method"] == "adam") & (df["frac"] == 0.3), "n_kept"].iloc[0]
+    assert f"({kept} kept)" in res.stdout  # the table's header counts what each fraction keeps
     assert df["test_accuracy"].between(0, 1).all() and np.isfinite(df["test_loss"]).all()
 
     # the seed-0 full-data retrain (valuation off) reproduces the run itself (valuation on)

@@ -39,6 +39,7 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
 
 def test_create_run_dir_is_exclusive(tmp_path):
     p = runio.create_run_dir(tmp_path, "r1")
+    (p / "metrics.json").write_text("{}")  # a run
     (p / "keep.txt").write_text("old")
     with pytest.raises(UserError, match="already exists.*--force"):
         runio.create_run_dir(tmp_path, "r1")
@@ -46,6 +47,27 @@ def test_create_run_dir_is_exclusive(tmp_path):
     p2 = runio.create_run_dir(tmp_path, "r1", force=True)
     assert p2 == p and list(p.iterdir()) == []
     assert sorted(os.listdir(tmp_path)) == ["r1"]  # the old folder is gone, nothing aside left
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+def test_a_folder_that_is_not_a_run_is_never_replaced(tmp_path, force):
+    """--force replaces runs: a folder of other files (a bench's results, say) is refused, kept whole."""
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "notes.txt").write_text("precious")
+    with pytest.raises(UserError, match="exists and is not a run folder"):
+        runio.create_run_dir(tmp_path, "bench", force=force)
+    assert (tmp_path / "bench" / "notes.txt").read_text() == "precious"
+    (tmp_path / "empty").mkdir()  # what a run stopped before its first file leaves: may be replaced
+    assert runio.create_run_dir(tmp_path, "empty", force=True) == tmp_path / "empty"
+
+
+def test_a_folder_that_cannot_be_written_is_a_clear_error_before_any_work(tmp_path):
+    runio.require_writable(tmp_path)
+    assert os.listdir(tmp_path) == []  # the probe leaves nothing behind
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("")
+    with pytest.raises(UserError, match=f"cannot write into {not_a_folder}: Not a directory"):
+        runio.require_writable(not_a_folder)
 
 
 @pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "a b"])
