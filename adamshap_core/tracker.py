@@ -146,6 +146,10 @@ class InRunShapley:
 
     ``compile=True`` runs the valuation math after the backward pass as compiled graphs (see
     ``compiled.py``); ``compile_failed`` says why it fell back to eager (None: it has not).
+
+    Where the values would be wrong, it raises a ``UserError`` instead, at construction or at the
+    step where that becomes so (``coverage.py``): a parameter use the hooks do not see, examples
+    that interact through a batch norm, a parameter the optimizer moves unvalued.
     """
 
     def __init__(
