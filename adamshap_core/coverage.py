@@ -138,12 +138,12 @@ class TrainableWatch:
         self.count = _count(optimizer)
         names = {id(p): n for n, p in model.named_parameters()}
         held = [p for group in optimizer.param_groups for p in group["params"]]
-        outside = next((p for p in held if p.requires_grad and id(p) not in names), None)
-        if outside is not None:
+        outside = next((p for p in held if id(p) not in names), None)
+        if outside is not None:  # trainable, or it could become so unseen
             raise UserError(
-                f"the optimizer holds a trainable parameter of shape {tuple(outside.shape)} that is not "
-                "one of the model's, so its part of every step could not be valued; expected an optimizer "
-                "over model parameters only"
+                f"the optimizer holds a parameter of shape {tuple(outside.shape)} that is not one of the "
+                "model's, so its part of a step could not be valued; expected an optimizer over model "
+                "parameters only"
             )
         self.frozen = [(names[id(p)], p) for p in held if id(p) not in valued]
 

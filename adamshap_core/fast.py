@@ -1,5 +1,5 @@
 """Fast-mode settings, shared by the library API (``InRunShapley(fast=...)``) and recipes
-(``attribution.fast``). Kept free of torch so that reading a recipe stays light."""
+(``attribution.fast``). It needs pydantic only, as the recipe schema does."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
-from .precond import AdamState, OptimizerView, ParamState, SGDState, _sgd_gain, scales
+from .precond import AdamState, OptimizerView, ParamState, SGDState, scales, sgd_gain
 
 DTYPE = torch.float64
 Game = Callable[[torch.Tensor], torch.Tensor]  # coalition masks [K, n] (0/1) -> utilities [K]
@@ -497,7 +497,7 @@ def _param_state(kind: str, s: ParamSlot, update: Update, data_grad: torch.Tenso
     """``precond``'s view of one parameter's step, with the gradient given rather than read from .grad."""
     lr = float(s.group["lr"])
     if kind == "sgd":
-        return SGDState(lr, _sgd_gain(s.group, s.state))
+        return SGDState(lr, sgd_gain(s.group, s.state))
     u, sl = update, s.span
     beta1, beta2 = (float(b) for b in s.group["betas"])
     r = u.r[sl] if bool(u.r[sl].any()) else None

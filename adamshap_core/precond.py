@@ -433,7 +433,7 @@ class OptimizerView:
         parameter given, where only that is read."""
         lr = float(group["lr"])
         if self.kind == "sgd":
-            return SGDState(lr, _sgd_gain(group, self.optimizer.state.get(params[0], {})))
+            return SGDState(lr, sgd_gain(group, self.optimizer.state.get(params[0], {})))
         wd = float(group.get("weight_decay", 0.0))
         decoupled = group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
         beta1, beta2 = (float(b) for b in group["betas"])
@@ -525,7 +525,7 @@ def _check_group(kind: str, i: int, group: dict) -> None:
             raise UserError(f"{where}: eps must be > 0 for Adam-aware values, got {group['eps']}")
 
 
-def _sgd_gain(group: dict, state: dict) -> float:
+def sgd_gain(group: dict, state: dict) -> float:
     """Coefficient of g in torch's SGD direction (the fixed-state analogue of momentum)."""
     mu = float(group.get("momentum", 0.0))
     if mu == 0.0:

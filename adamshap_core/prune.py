@@ -479,12 +479,10 @@ def merge_direction(folder: RunFolder, df: pd.DataFrame) -> pd.DataFrame:
 
 def plot_accuracy(summary: pd.DataFrame, path: Path, title: str) -> Path:
     """Test accuracy against the fraction removed, one line per method (mean ± std), PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from .report import figure
 
-    fig = Figure(figsize=(6.4, 4.2), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, axes = figure(1, 1, (6.4, 4.2), dpi=120)
+    ax = axes[0, 0]
     full = summary[summary["method"] == FULL]
     full_mean = float(full["acc_mean"].iloc[0]) if len(full) else None
     if full_mean is not None:

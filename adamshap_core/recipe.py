@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -31,7 +31,11 @@ from .data.registry import check_source, split_source, takes_path
 from .errors import UserError
 from .fast import FastMode
 
-METHOD_NAMES = ("adam", "adam_fixed", "sgd")
+# a run's name, which is also its folder's: no separators, no leading dot
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+RUN_NAME_RULE = "letters, digits, '.', '_' or '-', starting with a letter or digit"
+MethodName = Literal["adam", "adam_fixed", "sgd"]  # precond.METHODS holds their rules (a test: the same)
+METHOD_NAMES = get_args(MethodName)
 
 
 def _number(v: Any) -> Any:
@@ -211,7 +215,7 @@ class TrainCfg(_Strict):
 
 class AttributionCfg(_Strict):
     enabled: StrictBool = True
-    methods: list[Literal["adam", "adam_fixed", "sgd"]] = Field(default_factory=lambda: list(METHOD_NAMES))
+    methods: list[MethodName] = Field(default_factory=lambda: list(METHOD_NAMES))
     val_batch: Annotated[Int, Field(ge=1)] | None = None  # null = the whole validation split
     record_steps: Int = Field(8, ge=0)  # steps whose per-step values are kept; 0 = off
     fast: FastMode | None = None  # null = exact values; true or a mapping = the fast mode
@@ -250,10 +254,8 @@ class Recipe(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", v):
-            raise ValueError(
-                "expected a run name of letters, digits, '.', '_' or '-', starting with a letter or digit"
-            )
+        if not RUN_NAME.match(v):
+            raise ValueError(f"expected a run name of {RUN_NAME_RULE}")
         return v
 
     def to_dict(self) -> dict:

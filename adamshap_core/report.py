@@ -52,23 +52,21 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic_write(path, w)
 
 
-def _figure(nrows: int, ncols: int, size: tuple[float, float]):
-    import matplotlib
+def figure(nrows: int, ncols: int, size: tuple[float, float], dpi: float = 110):
+    """A figure on an Agg canvas of its own, and its axes [nrows, ncols]. pyplot is not involved, so
+    a caller's backend and open figures (a notebook's, say) stay as they were."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
-    return fig, axes
+    fig = Figure(figsize=size, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
 def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
+    fig.savefig(buf, format="png")
     return buf.getvalue()
 
 
@@ -216,7 +214,7 @@ def _baseline_plot(result: CompareResult, method: str) -> bytes:
     truth = result.truth
     cum = truth[truth["scope"] == "cumulative"]
     values = cum if len(cum) else None
-    fig, axes = _figure(1, 1, (5.5, 5))
+    fig, axes = figure(1, 1, (5.5, 5))
     ax = axes[0, 0]
     if values is None:  # no cumulative ground truth: use the per-step rows' run values
         values = truth.drop_duplicates("example_id")
@@ -240,7 +238,7 @@ def _truth_grid(result: CompareResult) -> bytes:
     if (result.truth["scope"] == "cumulative").any():
         scopes.append("cumulative")
     methods = result.methods
-    fig, axes = _figure(len(scopes), len(methods), (3.6 * len(methods), 3.3 * len(scopes)))
+    fig, axes = figure(len(scopes), len(methods), (3.6 * len(methods), 3.3 * len(scopes)))
     for i, scope in enumerate(scopes):
         df = result.truth[result.truth["scope"] == scope]
         for j, m in enumerate(methods):
@@ -264,7 +262,7 @@ def _truth_grid(result: CompareResult) -> bytes:
 
 
 def _pearson_by_step(result: CompareResult) -> bytes:
-    fig, axes = _figure(1, 1, (6, 4))
+    fig, axes = figure(1, 1, (6, 4))
     ax = axes[0, 0]
     for m in result.methods:
         ys = [_corr(result.table, m, "shapley", str(s))[0] for s in result.evaluated]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import shutil
 import tempfile
@@ -26,9 +25,9 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import UserError
+from .recipe import RUN_NAME, RUN_NAME_RULE
 from .schema import SCHEMA_VERSION, check_frame
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 RUN_FILES = ("recipe.yaml", "values.parquet", "steps.parquet", "steps_values.parquet", "metrics.json")
 
 
@@ -115,11 +114,8 @@ def resume_command(run_path: Path) -> str:
 
 
 def check_run_name(name: str) -> str:
-    if not NAME_RE.match(name or ""):
-        raise UserError(
-            f"run name {name!r} is not allowed; expected letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit."
-        )
+    if not RUN_NAME.match(name or ""):
+        raise UserError(f"run name {name!r} is not allowed; expected {RUN_NAME_RULE}.")
     return name
 
 

@@ -68,9 +68,6 @@ class WordTokenizer:
         """The words of ``text`` the vocabulary lacks (each once, in order)."""
         return list(dict.fromkeys(w for w in split_words(text) if w not in self.index))
 
-    def decode(self, ids: Iterable[int]) -> str:
-        return " ".join(self.vocab[i] for i in ids if i not in (PAD_ID, BOS_ID, EOS_ID))
-
     def batch(
         self, texts: Sequence[str], names: Sequence[str] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -212,7 +212,10 @@ def test_an_optimizer_over_a_parameter_outside_the_model_is_refused():
     gen = torch.Generator().manual_seed(0)
     model = nn.Linear(5, 3)
     temperature = nn.Parameter(torch.ones(()))
-    with pytest.raises(UserError, match=r"trainable parameter of shape \(\) that is not one of the model's"):
+    with pytest.raises(UserError, match=r"a parameter of shape \(\) that is not one of the model's"):
+        _tracker(model, torch.optim.Adam([*model.parameters(), temperature]), gen)
+    temperature.requires_grad_(False)  # frozen now, but it could be unfrozen later unseen
+    with pytest.raises(UserError, match=r"a parameter of shape \(\) that is not one of the model's"):
         _tracker(model, torch.optim.Adam([*model.parameters(), temperature]), gen)
 
 

@@ -155,3 +155,10 @@ def test_schema_forbids_extra_keys_everywhere():
         *[f.annotation for f in Recipe.model_fields.values() if hasattr(f.annotation, "model_config")],
     ]:
         assert model.model_config.get("extra") == "forbid", model
+
+
+def test_the_recipe_names_exactly_the_methods_that_have_rules():
+    from adamshap_core.precond import METHODS
+    from adamshap_core.recipe import METHOD_NAMES
+
+    assert tuple(METHODS) == METHOD_NAMES

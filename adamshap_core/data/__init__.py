@@ -10,9 +10,7 @@ from .dataset import Dataset
 from .registry import (
     SOURCES,
     check_source,
-    known_sources,
     register_source,
-    source_kind,
     split_source,
     takes_path,
 )
@@ -26,10 +24,8 @@ __all__ = [
     "SOURCES",
     "TextDataset",
     "check_source",
-    "known_sources",
     "load_dataset",
     "register_source",
-    "source_kind",
     "split_source",
     "takes_path",
 ]

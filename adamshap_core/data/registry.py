@@ -16,18 +16,15 @@ class Source:
     scheme: str
     loader: Callable
     names: tuple[str, ...] | None  # the values ``rest`` may take; None = any (a path, say)
-    help: str
-    kind: str = "tabular"  # "tabular" (features and class labels) or "text" (a corpus for a language model)
+    help: str  # what it is, in the error that lists the sources
 
 
 SOURCES: dict[str, Source] = {}
 
 
-def register_source(
-    scheme: str, *, names: tuple[str, ...] | None = None, help: str = "", kind: str = "tabular"
-):
+def register_source(scheme: str, *, names: tuple[str, ...] | None = None, help: str = ""):
     def deco(fn: Callable) -> Callable:
-        SOURCES[scheme] = Source(scheme, fn, names, help, kind)
+        SOURCES[scheme] = Source(scheme, fn, names, help)
         return fn
 
     return deco
@@ -36,19 +33,6 @@ def register_source(
 def split_source(source: str) -> tuple[str, str]:
     scheme, sep, rest = source.partition(":")
     return (scheme.strip(), rest.strip()) if sep else ("", source.strip())
-
-
-def known_sources() -> list[str]:
-    out = []
-    for s in SOURCES.values():
-        out += [f"{s.scheme}:{n}" for n in s.names] if s.names else [f"{s.scheme}:PATH"]
-    return out
-
-
-def source_kind(source: str) -> str:
-    """ "tabular" or "text" for a registered source ("" for an unknown one)."""
-    src = SOURCES.get(split_source(source)[0])
-    return src.kind if src else ""
 
 
 def takes_path(source: str) -> bool:
@@ -62,4 +46,8 @@ def check_source(source: str) -> None:
     scheme, rest = split_source(source)
     src = SOURCES.get(scheme)
     if src is None or not rest or (src.names is not None and rest not in src.names):
-        raise ValueError(f"unknown dataset {source!r}; expected one of: {', '.join(known_sources())}")
+        forms = [
+            f"{s.scheme}:{'|'.join(s.names) if s.names else 'PATH'}" + (f" ({s.help})" if s.help else "")
+            for s in SOURCES.values()
+        ]
+        raise ValueError(f"unknown dataset {source!r}; expected one of: {'; '.join(forms)}")

@@ -125,7 +125,7 @@ def tabular_dataset(
     )
 
 
-@register_source("sklearn", names=SKLEARN_NAMES, help="datasets bundled with scikit-learn (no download)")
+@register_source("sklearn", names=SKLEARN_NAMES, help="datasets bundled with scikit-learn, no download")
 def load_sklearn(rest: str, cfg: DataCfg, *, image: bool = False) -> Dataset:
     from sklearn import datasets
 

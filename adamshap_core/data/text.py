@@ -146,9 +146,7 @@ def _read_lines(path: str, what: str) -> list[str]:
         raise UserError(f"{what}: cannot read {path} as UTF-8 text: {e}.") from None
 
 
-@register_source(
-    "text", kind="text", help="a UTF-8 text file, one training text per line (blank lines skipped)"
-)
+@register_source("text", help="a UTF-8 text file, one training text per line, blank lines skipped")
 def load_text(rest: str, cfg: DataCfg, *, image: bool = False) -> TextDataset:
     source = f"text:{rest}"
     _no_image(image, source)
@@ -166,7 +164,7 @@ def load_text(rest: str, cfg: DataCfg, *, image: bool = False) -> TextDataset:
     return text_dataset(source, *_split(corpus, cfg, rest), notes=notes)
 
 
-@register_source("jsonl", kind="text", help="JSON lines with a `text` field and optionally an integer `id`")
+@register_source("jsonl", help="JSON lines with a `text` field and optionally an integer `id`")
 def load_jsonl(rest: str, cfg: DataCfg, *, image: bool = False) -> TextDataset:
     source = f"jsonl:{rest}"
     _no_image(image, source)
