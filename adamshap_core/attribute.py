@@ -461,9 +461,9 @@ class Plan:
     total_steps: int  # steps of all replays together
 
 
-def check_methods(methods: Sequence[str] | None) -> list[str]:
-    """Requested methods, given as names or comma-separated lists (default: all), validated."""
-    names = list(dict.fromkeys(p.strip() for item in methods or () for p in item.split(",") if p.strip()))
+def check_attribution_methods(methods: Sequence[str] | None) -> list[str]:
+    """The requested methods (default: all), validated, each once."""
+    names = list(dict.fromkeys(methods or ()))
     if not names:
         return list(ALL_METHODS)
     unknown = [m for m in names if m not in ALL_METHODS]
@@ -502,7 +502,7 @@ def plan(
     check_tokenizer(folder, data.tokenizer)
     queries = pick_queries(data, recipe, texts, queries_file)
     qx, qy = encode_queries(queries, data.tokenizer, context_length(recipe.model, data), score)
-    names = check_methods(methods)
+    names = check_attribution_methods(methods)
     valued = [m for m in names if m in METHODS]
     chunk = chunk or auto_chunk(recipe, data, len(valued))
     steps = int(metrics.get("total_steps") or 0)

@@ -218,30 +218,16 @@ class Session:
 
 
 def _stepper(mode: str, prep, methods: Sequence[str], fast: bool):
-    from .tracker import InRunShapley
+    from . import train
 
     clip = prep.recipe.train.grad_clip
     if mode == "plain":
         return _PlainStep(prep.model, prep.optimizer, prep.loss_fn, clip)
     if mode == "attribution":
-        # passed only when asked (the exact mode needs no such option): the recipe's fast-mode
-        # settings (attribution.fast) where it has them, else the tracker's defaults
-        extra = {"fast": prep.recipe.attribution.fast or True} if fast else {}
-        try:
-            tracker = InRunShapley(
-                prep.model,
-                prep.optimizer,
-                prep.loss_fn,
-                prep.val_x,
-                prep.val_y,
-                methods=tuple(methods),
-                max_grad_norm=clip,
-                fuse_validation=prep.recipe.attribution.fuse_validation,
-                compile=prep.recipe.attribution.compile,
-                **extra,
-            )
-        except (ValueError, TypeError, NotImplementedError) as e:
-            raise UserError(f"attribution cannot run on this model/optimizer: {e}") from None
+        # the exact mode is never fast; the fast one takes the recipe's settings (attribution.fast)
+        # where it has them, else the tracker's defaults
+        fast_mode = (prep.recipe.attribution.fast or True) if fast else False
+        tracker = train.build_tracker(prep, methods=methods, fast=fast_mode)
         return _TrackerStep(tracker)
     if mode == "per_example":
         return PerExampleStep(prep.model, prep.optimizer, prep.loss_fn, prep.val_x, prep.val_y, methods, clip)

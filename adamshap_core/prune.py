@@ -77,7 +77,7 @@ def check_fracs(fracs: Iterable[float]) -> list[float]:
     return out
 
 
-def check_methods(
+def check_prune_methods(
     methods: Iterable[str], available: Sequence[str], *, noisy: bool, direction: str = "low"
 ) -> list[str]:
     """The requested methods in order, without repeats; each must be a baseline or valued in the run.
@@ -230,9 +230,9 @@ def aligned_values(folder: RunFolder, data, methods: Sequence[str]) -> dict[str,
 
 
 def valued_methods(folder: RunFolder) -> list[str]:
-    """The methods whose ``value_<method>`` column values.parquet holds."""
-    cols = folder.values().columns
-    return [m for m in METHOD_NAMES if f"value_{m}" in cols]
+    """The methods the run valued, as its metrics.json records them (``require_complete`` checked that
+    values.parquet holds their columns)."""
+    return [m for m in folder.metrics().get("methods") or [] if m in METHOD_NAMES]
 
 
 def plan_retrains(
@@ -310,7 +310,7 @@ def plan_for_run(
     noisy = bool(is_noisy.any())
     if methods is None:
         methods = [*available, RANDOM, *([ORACLE] if oracle_blocker(noisy, direction) is None else [])]
-    methods = check_methods(methods, available, noisy=noisy, direction=direction)
+    methods = check_prune_methods(methods, available, noisy=noisy, direction=direction)
     values = aligned_values(folder, data, [m for m in methods if m not in BASELINES])
     jobs = plan_retrains(
         values,

@@ -40,6 +40,7 @@ from torch import nn
 from .checkpoint import Checkpointer, LoopState, TrainingInterrupted, params_digest
 from .data import Dataset, load_dataset
 from .errors import UserError
+from .fast import FastMode
 from .models import build_model, loss_for, per_example_loss
 from .recipe import OptimCfg, Recipe
 
@@ -206,42 +207,48 @@ def prepare(
     n_val = recipe.attribution.val_batch or len(data.y_val)
     val_x = data.x_val[:n_val].to(device)
     val_y = data.y_val[:n_val].to(device)
-    enabled = recipe.attribution.enabled if attribution is None else attribution
-    tracker, methods = None, []
-    if enabled:
-        from .tracker import InRunShapley
-
-        methods = list(recipe.attribution.methods)
-        try:
-            tracker = InRunShapley(
-                model,
-                optimizer,
-                loss_fn,
-                val_x,
-                val_y,
-                methods=tuple(methods),
-                max_grad_norm=recipe.train.grad_clip,
-                fast=recipe.attribution.fast or False,
-                fuse_validation=recipe.attribution.fuse_validation,
-                compile=recipe.attribution.compile,
-            )
-        except (ValueError, TypeError, NotImplementedError) as e:
-            raise UserError(f"attribution cannot run on this model/optimizer: {e}") from None
-    return Prepared(
-        recipe,
-        data,
-        device,
-        model,
-        optimizer,
-        scheduler,
-        tracker,
-        methods,
-        steps_per_epoch,
-        total,
-        val_x,
-        val_y,
-        loss_fn,
+    prep = Prepared(
+        recipe=recipe,
+        data=data,
+        device=device,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        tracker=None,
+        methods=[],
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        val_x=val_x,
+        val_y=val_y,
+        loss_fn=loss_fn,
     )
+    if recipe.attribution.enabled if attribution is None else attribution:
+        prep.methods = list(recipe.attribution.methods)
+        prep.tracker = build_tracker(prep)
+    return prep
+
+
+def build_tracker(prep: Prepared, methods: Sequence[str] | None = None, fast: bool | FastMode | None = None):
+    """The ``InRunShapley`` of ``prep``'s model, optimizer and validation rows, as its recipe asks;
+    ``methods`` and ``fast`` override the recipe's (``adamshap bench`` times each mode)."""
+    from .tracker import InRunShapley
+
+    a = prep.recipe.attribution
+    try:
+        return InRunShapley(
+            prep.model,
+            prep.optimizer,
+            prep.loss_fn,
+            prep.val_x,
+            prep.val_y,
+            methods=tuple(a.methods if methods is None else methods),
+            max_grad_norm=prep.recipe.train.grad_clip,
+            fast=(a.fast or False) if fast is None else fast,
+            fuse_validation=a.fuse_validation,
+            compile=a.compile,
+        )
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise UserError(f"attribution cannot run on this model/optimizer: {e}") from None
 
 
 def _build_on(device: torch.device, recipe: Recipe, data: Dataset) -> nn.Module:

@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .common import console, err_console, user_errors
+from .common import console, err_console, split_list, user_errors
 
 SHOW_ALL_UP_TO = 10  # by default, print every query's top texts when there are at most this many
 SHOW_OTHERWISE = 4  # ... else the first four (for builtin:facts: one fact at every level)
@@ -68,7 +68,7 @@ def attribute(
         folder,
         texts=query or None,
         queries_file=queries,
-        methods=methods,
+        methods=split_list(methods),
         chunk=chunk,
         score=score,
     )

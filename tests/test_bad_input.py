@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from adamshap_core import runio
 from adamshap_core.errors import UserError
-from adamshap_core.recipe import Recipe
+from adamshap_core.recipe import RUN_NAME, Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -247,7 +247,7 @@ def missing_field(draw) -> Case:
 @st.composite
 def bad_name_or_source(draw) -> Case:
     if draw(st.booleans()):
-        name = draw(st.one_of(st.just(""), words.filter(lambda w: not runio.NAME_RE.match(w))))
+        name = draw(st.one_of(st.just(""), words.filter(lambda w: not RUN_NAME.match(w))))
         return Case(at(tiny(), "name", name), ["`name`"])
     source = draw(
         st.one_of(

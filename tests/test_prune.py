@@ -80,17 +80,17 @@ def test_check_fracs_rejects_out_of_range(fracs):
         pr.check_fracs(fracs)
 
 
-def test_check_methods_names_the_option():
-    assert pr.check_methods(["sgd", "random", "sgd"], ["adam", "sgd"], noisy=True) == ["sgd", "random"]
+def test_check_prune_methods_names_the_option():
+    assert pr.check_prune_methods(["sgd", "random", "sgd"], ["adam", "sgd"], noisy=True) == ["sgd", "random"]
     with pytest.raises(UserError, match="--by.*unknown method 'lion'"):
-        pr.check_methods(["lion"], ["adam"], noisy=True)
+        pr.check_prune_methods(["lion"], ["adam"], noisy=True)
     with pytest.raises(UserError, match="--by.*no value_sgd column"):
-        pr.check_methods(["sgd"], ["adam"], noisy=True)
-    assert pr.check_methods(["oracle"], ["adam"], noisy=True) == ["oracle"]
+        pr.check_prune_methods(["sgd"], ["adam"], noisy=True)
+    assert pr.check_prune_methods(["oracle"], ["adam"], noisy=True) == ["oracle"]
     with pytest.raises(UserError, match="--by oracle.*no flipped labels"):
-        pr.check_methods(["oracle"], ["adam"], noisy=False)
+        pr.check_prune_methods(["oracle"], ["adam"], noisy=False)
     with pytest.raises(UserError, match="--by oracle.*--remove low"):
-        pr.check_methods(["oracle"], ["adam"], noisy=True, direction="high")
+        pr.check_prune_methods(["oracle"], ["adam"], noisy=True, direction="high")
 
 
 # --------------------------------------------------------------------------- the command end to end
