@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -61,24 +61,8 @@ class Dataset:
         return {}
 
     def subset(self, keep) -> Dataset:
-        """The same dataset with only the training rows ``keep`` (positions, not ids)."""
+        """The same dataset with only the training rows ``keep`` (positions, not ids); every other
+        field, a subclass's too, is kept as it is."""
         keep = torch.as_tensor(keep, dtype=torch.long)
-        return Dataset(
-            source=self.source,
-            x_train=self.x_train[keep],
-            y_train=self.y_train[keep],
-            x_val=self.x_val,
-            y_val=self.y_val,
-            x_test=self.x_test,
-            y_test=self.y_test,
-            example_id=self.example_id[keep],
-            is_noisy=self.is_noisy[keep],
-            clean_label=self.clean_label[keep],
-            source_row=self.source_row[keep],
-            n_classes=self.n_classes,
-            input_shape=self.input_shape,
-            is_image=self.is_image,
-            class_names=self.class_names,
-            feature_names=self.feature_names,
-            notes=self.notes,
-        )
+        per_row = ("x_train", "y_train", "example_id", "is_noisy", "clean_label", "source_row")
+        return replace(self, **{name: getattr(self, name)[keep] for name in per_row})

@@ -63,10 +63,8 @@ class TextDataset(Dataset):
         return {"tokenizer.json": self.tokenizer.to_dict()}
 
     def subset(self, keep) -> TextDataset:
-        base = super().subset(keep)
         rows = torch.as_tensor(keep, dtype=torch.long).tolist()
-        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(Dataset)}
-        return dataclasses.replace(self, **fields, texts=[self.texts[i] for i in rows])
+        return dataclasses.replace(super().subset(keep), texts=[self.texts[i] for i in rows])
 
 
 @dataclass
