@@ -120,3 +120,28 @@ def test_unparseable_csv(tmp_path):
     p.write_text("not parquet")
     with pytest.raises(UserError, match="`data.source`: cannot read"):
         load_dataset(DataCfg(source=f"parquet:{p}", target="y"))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        DataCfg(source="sklearn:iris", val_size=20, test_size=30, label_noise=0.2),
+        DataCfg(source="builtin:facts"),
+    ],
+    ids=["tabular", "text"],
+)
+def test_a_subset_keeps_the_chosen_training_rows_and_every_other_field(cfg):
+    import dataclasses
+
+    data = load_dataset(cfg)
+    keep = [5, 0, 3]
+    sub = data.subset(keep)
+    assert type(sub) is type(data)
+    per_row = {"x_train", "y_train", "example_id", "is_noisy", "clean_label", "source_row", "texts"}
+    for f in dataclasses.fields(data):
+        got, full = getattr(sub, f.name), getattr(data, f.name)
+        if f.name in per_row:
+            want = [full[i] for i in keep] if isinstance(full, list) else full[torch.tensor(keep)]
+            assert (got == want) if isinstance(full, list) else torch.equal(got, want), f.name
+        else:
+            assert got is full, f.name
