@@ -42,7 +42,6 @@ from .runio import atomic_write
 if TYPE_CHECKING:
     from .train import Prepared
 
-CHECKPOINT_FILE = "checkpoint.pt"
 LOCK_FILE = ".lock"
 FORMAT = 1  # bump when the checkpoint layout changes
 

@@ -26,8 +26,9 @@ import pandas as pd
 
 from .errors import UserError
 from .recipe import RUN_NAME, RUN_NAME_RULE
-from .schema import SCHEMA_VERSION, check_frame
+from .schema import KNOWN_SCHEMA_VERSIONS, SCHEMA_VERSION, TABLES, check_frame, table_problems
 
+CHECKPOINT_FILE = "checkpoint.pt"  # while a run is being trained (see checkpoint.py)
 RUN_FILES = ("recipe.yaml", "values.parquet", "steps.parquet", "steps_values.parquet", "metrics.json")
 
 
@@ -180,10 +181,28 @@ class RunFolder:
 
     # reads
     def metrics(self) -> dict:
+        """metrics.json, or {} where it is missing or unreadable: for listing runs. A command that needs
+        the run intact calls ``require_complete`` (or ``require_resumable``) first, which says why not."""
         try:
-            return json.loads(self.file("metrics.json").read_text())
+            metrics = json.loads(self.file("metrics.json").read_text())
         except (OSError, ValueError):
             return {}
+        return metrics if isinstance(metrics, dict) else {}
+
+    def read_metrics(self) -> dict:
+        """metrics.json, or a ``UserError`` saying why it cannot be read."""
+        p = self.file("metrics.json")
+        try:
+            metrics = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise UserError(f"{self.path} has no metrics.json; expected an adamshap run folder.") from None
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"run {self.name!r}: metrics.json cannot be read ({e}); train it again."
+            ) from None
+        if not isinstance(metrics, dict):
+            raise UserError(f"run {self.name!r}: metrics.json is not a JSON object; train it again.")
+        return metrics
 
     def recipe(self):
         from .recipe import load_recipe
@@ -200,14 +219,75 @@ class RunFolder:
         return self._parquet("steps_values.parquet")
 
     def require_complete(self) -> RunFolder:
-        """This run, if it is complete and readable by this version (else a ``UserError`` saying why).
-
-        Commands that read a finished run call this (or ``open_complete_run``) before anything else.
-        """
-        from .schema import check_complete_run
-
-        check_complete_run(self)
+        """This run, if it is complete and readable by this version (else a ``UserError`` saying why):
+        metrics.json of a known schema version saying ``complete``, and every table there and matching
+        its schema. Commands that read a finished run call this (or ``open_complete_run``) first."""
+        metrics = self._known_metrics()
+        status = metrics.get("status")
+        if status != "complete":
+            raise UserError(
+                f"run {self.name!r} is {status or 'of unknown status'}: {self._incomplete_hint(metrics)}"
+            )
+        missing = [f for f in RUN_FILES if not self.file(f).is_file()]
+        if missing:
+            raise UserError(
+                f"run {self.name!r} says it is complete but lacks {', '.join(missing)} (in {self.path}); "
+                "train it again."
+            )
+        methods = list(metrics.get("methods") or [])
+        for name in TABLES:
+            problems = table_problems(name, self._empty_frame(name), methods)
+            if problems:
+                why = "; ".join(problems)
+                raise UserError(
+                    f"run {self.name!r}: {name} does not match the run-folder schema ({why}); train the run "
+                    "again."
+                )
         return self
+
+    def require_resumable(self) -> RunFolder:
+        """This run, if it stopped before completing and has a checkpoint to resume from (else a
+        ``UserError`` saying why)."""
+        if self._known_metrics().get("status") == "complete":
+            raise UserError(f"run {self.name!r} is already complete; there is nothing to resume.")
+        if not self.file(CHECKPOINT_FILE).is_file():
+            raise UserError(
+                f"run {self.name!r} has no checkpoint (it stopped before its first one; checkpoints are "
+                "written every `train.checkpoint_every` steps); train it again with --force."
+            )
+        return self
+
+    def _known_metrics(self) -> dict:
+        metrics = self.read_metrics()
+        version = metrics.get("schema_version")
+        if version not in KNOWN_SCHEMA_VERSIONS:
+            raise UserError(
+                f"run {self.name!r} was written with run-folder schema version {version!r}; this adamshap "
+                f"reads version {', '.join(map(str, KNOWN_SCHEMA_VERSIONS))}. Train the run again with this "
+                "adamshap, or use the adamshap version that wrote it."
+            )
+        return metrics
+
+    def _incomplete_hint(self, metrics: dict) -> str:
+        why = f"it stopped with: {metrics['error']} " if metrics.get("error") else ""
+        if self.file(CHECKPOINT_FILE).is_file():
+            return (
+                f"{why}Finish it with `{resume_command(self.path)}` first; commands that read a "
+                "run need a complete one."
+            )
+        return (
+            f"{why}It has no checkpoint to resume from; train it again. Commands that read a run need a "
+            "complete one."
+        )
+
+    def _empty_frame(self, name: str) -> pd.DataFrame:
+        """The table's columns and types without reading its rows (cheap for any size of run)."""
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_schema(self.file(name)).empty_table().to_pandas()
+        except Exception as e:  # noqa: BLE001 -- an unreadable file is one problem for the user
+            raise UserError(f"run {self.name!r}: {name} cannot be read ({e}); train the run again.") from None
 
     def _parquet(self, name: str) -> pd.DataFrame:
         p = self.file(name)

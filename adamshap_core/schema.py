@@ -3,26 +3,16 @@
 ``check_frame(name, df)`` checks one table against its schema: the required columns, their
 kinds, unique example ids and (where the frame has rows) that no value is NaN or infinite.
 ``runio.RunFolder.write_parquet`` calls it on every table it knows before writing, so a
-malformed table or a NaN value is never written silently. ``check_complete_run(folder)`` is
-what commands that read a finished run (``compare``, ``prune``, ``attribute``) call, through
-``runio.open_complete_run`` / ``RunFolder.require_complete``: it refuses a run whose
-``metrics.json`` is missing, carries an unknown ``schema_version`` or says the run is not
-complete, and a run whose tables are missing or do not match their schema.
+malformed table or a NaN value is never written silently. ``RunFolder.require_complete`` checks
+a finished run's tables with ``table_problems`` before a command reads it.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-
-from .errors import UserError
-
-if TYPE_CHECKING:
-    from .runio import RunFolder
 
 SCHEMA_VERSION = 1  # written into every run's metrics.json
 KNOWN_SCHEMA_VERSIONS = (1,)
@@ -106,78 +96,3 @@ def check_frame(name: str, df: pd.DataFrame, methods: list[str] | None = None) -
     problems = table_problems(name, df, methods)
     if problems:
         raise ValueError(f"refusing to write {name}: " + "; ".join(problems))
-
-
-# --------------------------------------------------------------------------- reading a finished run
-
-
-def check_complete_run(folder: RunFolder) -> dict:
-    """The run's metrics when it is complete and its files match the schema; else a ``UserError``."""
-    metrics = _read_metrics(folder)
-    version = metrics.get("schema_version")
-    if version not in KNOWN_SCHEMA_VERSIONS:
-        raise UserError(
-            f"run {folder.name!r} was written with run-folder schema version {version!r}; this adamshap "
-            f"reads version {', '.join(map(str, KNOWN_SCHEMA_VERSIONS))}. Train the run again with this "
-            "adamshap, or use the adamshap version that wrote it."
-        )
-    status = metrics.get("status")
-    if status != "complete":
-        raise UserError(f"run {folder.name!r} is {status or 'of unknown status'}: {_incomplete_hint(folder)}")
-    from .runio import RUN_FILES
-
-    missing = [f for f in RUN_FILES if not folder.file(f).is_file()]
-    if missing:
-        raise UserError(
-            f"run {folder.name!r} says it is complete but lacks {', '.join(missing)} (in {folder.path}); "
-            "train it again."
-        )
-    methods = list(metrics.get("methods") or [])
-    for name in TABLES:
-        problems = table_problems(name, _empty_frame(folder, name), methods)
-        if problems:
-            raise UserError(
-                f"run {folder.name!r}: {name} does not match the run-folder schema ({'; '.join(problems)}); "
-                "train the run again."
-            )
-    return metrics
-
-
-def _read_metrics(folder: RunFolder) -> dict:
-    p = folder.file("metrics.json")
-    try:
-        metrics = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{folder.path} has no metrics.json; expected an adamshap run folder.") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"run {folder.name!r}: metrics.json cannot be read ({e}); train it again.") from None
-    if not isinstance(metrics, dict):
-        raise UserError(f"run {folder.name!r}: metrics.json is not a JSON object; train it again.")
-    return metrics
-
-
-def _incomplete_hint(folder: RunFolder) -> str:
-    from .checkpoint import CHECKPOINT_FILE
-    from .runio import resume_command
-
-    metrics = _read_metrics(folder)
-    why = f"it stopped with: {metrics['error']} " if metrics.get("error") else ""
-    if folder.file(CHECKPOINT_FILE).is_file():
-        return (
-            f"{why}Finish it with `{resume_command(folder.path)}` first; commands that read a "
-            "run need a complete one."
-        )
-    return (
-        f"{why}It has no checkpoint to resume from; train it again. Commands that read a run need a "
-        "complete one."
-    )
-
-
-def _empty_frame(folder: RunFolder, name: str) -> pd.DataFrame:
-    """The table's columns and types without reading its rows (cheap for any size of run)."""
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_schema(folder.file(name)).empty_table().to_pandas()
-    except Exception as e:  # noqa: BLE001 -- an unreadable file is one problem for the user
-        raise UserError(f"run {folder.name!r}: {name} cannot be read ({e}); train the run again.") from None

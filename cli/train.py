@@ -114,32 +114,19 @@ def _new_run_folder(root: Path, run_name: str, force: bool):
 def _resumable_run(root: Path, name: str):
     """The run ``name``, if it stopped before completing and has a checkpoint to resume from."""
     from adamshap_core import runio
-    from adamshap_core.checkpoint import CHECKPOINT_FILE
-    from adamshap_core.schema import KNOWN_SCHEMA_VERSIONS
 
     folder = runio.open_run(root, name)
-    metrics = folder.metrics()
-    if metrics.get("schema_version") not in KNOWN_SCHEMA_VERSIONS:
-        raise UserError(
-            f"--resume {name}: {folder.path} has no metrics.json of a known schema version "
-            f"(found {metrics.get('schema_version')!r}); expected a run started by this adamshap."
-        )
-    if metrics.get("status") == "complete":
-        raise UserError(
-            f"--resume {name}: run {folder.name!r} is already complete; there is nothing to resume."
-        )
-    if not folder.file(CHECKPOINT_FILE).is_file():
-        raise UserError(
-            f"--resume {name}: run {folder.name!r} has no checkpoint (it stopped before its first one; "
-            "checkpoints are written every `train.checkpoint_every` steps); train it again with --force."
-        )
-    return folder
+    try:
+        return folder.require_resumable()
+    except UserError as e:
+        raise UserError(f"--resume {name}: {e}") from None
 
 
 def _train_into(folder, header: dict, prep, quiet: bool, resume: bool):
     """Run the training loop into ``folder``; on a stop or failure, leave it incomplete and say why."""
     from adamshap_core import runio
-    from adamshap_core.checkpoint import CHECKPOINT_FILE, Checkpointer, TrainingInterrupted, stop_on_interrupt
+    from adamshap_core.checkpoint import Checkpointer, TrainingInterrupted, stop_on_interrupt
+    from adamshap_core.runio import CHECKPOINT_FILE
     from adamshap_core.train import TrainingDiverged, run
 
     ckpt = Checkpointer(folder.file(CHECKPOINT_FILE), prep)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from helpers import cli, tiny, write_recipe
 
-from adamshap_core import checkpoint, runio, schema
+from adamshap_core import runio, schema
 from adamshap_core.errors import UserError
 
 GPT_RECIPE = tiny(
@@ -101,7 +101,7 @@ def test_refuses_an_incomplete_run_and_says_how_to_finish_it(run_copy, monkeypat
     edit_metrics(run_copy, status="incomplete", error="training interrupted after step 3 of 14")
     msg = refusal(run_copy)
     assert "is incomplete" in msg and "interrupted after step 3" in msg and "train it again" in msg
-    run_copy.file(checkpoint.CHECKPOINT_FILE).write_bytes(b"")
+    run_copy.file(runio.CHECKPOINT_FILE).write_bytes(b"")
     # the command names the runs folder where the run is not in the default one
     assert f"`adamshap train --resume tiny --runs-dir {run_copy.path.parent}` first" in refusal(run_copy)
     monkeypatch.setenv("ADAMSHAP_RUNS", str(run_copy.path.parent))

@@ -21,7 +21,6 @@ import torch
 from helpers import cli, tiny, write_recipe
 
 from adamshap_core.checkpoint import (
-    CHECKPOINT_FILE,
     Checkpointer,
     TrainingInterrupted,
     run_lock,
@@ -29,6 +28,7 @@ from adamshap_core.checkpoint import (
 )
 from adamshap_core.errors import UserError
 from adamshap_core.recipe import recipe_from_dict
+from adamshap_core.runio import CHECKPOINT_FILE
 from adamshap_core.train import prepare, run
 
 REPO = Path(__file__).resolve().parents[1]
