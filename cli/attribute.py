@@ -6,10 +6,10 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import TextColumn
 from rich.table import Table
 
-from .common import console, err_console, split_list, user_errors
+from .common import console, err_console, progress_bar, split_list, user_errors
 
 SHOW_ALL_UP_TO = 10  # by default, print every query's top texts when there are at most this many
 SHOW_OTHERWISE = 4  # ... else the first four (for builtin:facts: one fact at every level)
@@ -101,14 +101,7 @@ def _run_with_progress(plan, quiet: bool):
 
     if quiet or not plan.total_steps:
         return at.attribute(plan)
-    progress = Progress(
-        TextColumn("[bold]replay[/]"),
-        BarColumn(),
-        TextColumn("step {task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-    )
+    progress = progress_bar("replay", TextColumn("step {task.completed}/{task.total}"))
     with progress:
         task = progress.add_task("replay", total=plan.total_steps)
         return at.attribute(plan, on_step=lambda: progress.advance(task))

@@ -8,12 +8,12 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import TextColumn
 from rich.table import Table
 
 from adamshap_core.errors import UserError
 
-from .common import console, err_console, split_list, user_errors
+from .common import console, err_console, progress_bar, split_list, user_errors
 
 SUMMARY_WIDTH = 400  # room for the summary table's natural width: never wrapped or cut
 SUMMARY_OPTIONS = {"summary", "quiet", "recipe"}  # the options --summary reads (RECIPE: said apart)
@@ -144,14 +144,8 @@ def _run_with_progress(plan, quiet: bool):
 
     if quiet:
         return bm.run(plan)
-    progress = Progress(
-        TextColumn("[bold]bench[/]"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} runs"),
-        TextColumn("{task.fields[last]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
+    progress = progress_bar(
+        "bench", TextColumn("{task.completed}/{task.total} runs"), TextColumn("{task.fields[last]}")
     )
     with progress:
         task = progress.add_task("bench", total=bm.n_children(plan), last="")

@@ -55,6 +55,14 @@ def _fail(message: str):
     raise typer.Exit(code=2)
 
 
+def progress_bar(label: str, *columns, remaining: bool = True):
+    """A progress bar on stderr: the label, the bar, ``columns``, the time taken and (``remaining``) left."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    ends = [TimeElapsedColumn(), *([TimeRemainingColumn()] if remaining else [])]
+    return Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), *columns, *ends, console=err_console)
+
+
 def split_list(items: list[str] | None) -> list[str]:
     """Repeated and comma-separated option values: ``["adam,sgd", "random"]`` -> three names."""
     return [part.strip() for item in items or () for part in item.split(",") if part.strip()]

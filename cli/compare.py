@@ -9,7 +9,7 @@ from rich.markup import escape
 
 from adamshap_core.compare import DEFAULT_CUMULATIVE_PERMUTATIONS, DEFAULT_PERMUTATIONS
 
-from .common import console, err_console, user_errors
+from .common import console, err_console, progress_bar, user_errors
 
 
 @user_errors
@@ -109,14 +109,6 @@ def _steps_text(steps) -> str:
 
 
 def _progress():
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import TextColumn
 
-    return Progress(
-        TextColumn("[bold]ground truth[/]"),
-        BarColumn(),
-        TextColumn("step {task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=False,
-    )
+    return progress_bar("ground truth", TextColumn("step {task.completed}/{task.total}"))

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .common import console, err_console, split_list, user_errors
+from .common import console, err_console, progress_bar, split_list, user_errors
 
 
 @user_errors
@@ -105,20 +105,14 @@ def parse_fracs(items: list[str]) -> list[float]:
 def run_with_progress(plan, quiet: bool, journal) -> pd.DataFrame:
     """Run every retrain of ``plan`` under a rich progress bar (none when ``quiet``), keeping each
     finished one in ``journal``."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import MofNCompleteColumn, TextColumn
 
     from adamshap_core.prune import run_plan
 
     if quiet:
         return run_plan(plan.jobs, plan.recipe, plan.data, journal=journal)
-    progress = Progress(
-        TextColumn("[bold]retrain[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-        console=err_console,
-    )
+    columns = (MofNCompleteColumn(), TextColumn("{task.description}"))
+    progress = progress_bar("retrain", *columns, remaining=False)
     with progress:
         jobs = plan.jobs
         task = progress.add_task(jobs[0].label, total=len(jobs))
