@@ -366,7 +366,7 @@ def _cumulative_truth(inputs: RunInputs, rep: Replay) -> pd.DataFrame:
     for step, t in rep.truths.items():
         pos = pos_of.loc[rep.batch_ids[step]].to_numpy()
         np.add.at(shap, pos, t.shapley)
-        np.add.at(var, pos, np.nan_to_num(t.shapley_se) ** 2)
+        np.add.at(var, pos, t.shapley_se**2)  # NaN (one pair per step: no spread) stays unknown, not 0
         np.add.at(loo, pos, t.loo)
     perms = {t.permutations for t in rep.truths.values()}
     df = pd.DataFrame(
@@ -577,8 +577,8 @@ def compare_run(
         "per_step": step_summaries(rep, evaluated),
         "cumulative": {
             "steps": len(rep.truths),
-            "median_se": float(cum["shapley_se"].median()),
-            "se_over_sd": float(cum["shapley_se"].median() / cum["shapley"].std()),
+            "median_se": float(cum["shapley_se"].median(skipna=False)),
+            "se_over_sd": float(cum["shapley_se"].median(skipna=False) / cum["shapley"].std()),
         }
         if len(cum)
         else None,

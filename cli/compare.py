@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -92,7 +93,16 @@ def print_report(result) -> None:
     if worst:
         console.print(f"{div['baseline']} is furthest from MC Shapley at {worst}.", highlight=False)
     cum = s.get("cumulative")
-    noise = f"; cumulative se/sd {cum['se_over_sd']:.4f} over {cum['steps']} steps" if cum else ""
+    noise = ""
+    if cum:
+        ratio = cum["se_over_sd"]
+        known = ratio is not None and math.isfinite(ratio)
+        noise = (
+            f"; cumulative se/sd {ratio:.4f}"
+            if known
+            else "; cumulative se unknown (one pair a step has no spread)"
+        )
+        noise += f" over {cum['steps']} steps"
     check = s["replay_check"]
     console.print(
         f"replay reproduced the run (recorded steps {_steps_text(check['checked_steps'])}: largest relative "

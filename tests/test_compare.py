@@ -132,6 +132,16 @@ def test_cumulative_truth_is_the_sum_of_every_steps_truth(run):
     assert got == pytest.approx(want, rel=1e-9)
 
 
+def test_one_pair_a_step_leaves_the_cumulative_standard_error_unknown_not_zero(run):
+    res = cli("compare", "--steps", "1-2", "--permutations", "2", "--cumulative-permutations", "2")
+    assert res.exit_code == 0, res.output
+    truth = pd.read_parquet(run / "groundtruth.parquet")
+    cum = truth[truth.scope == "cumulative"]
+    assert len(cum) and cum.shapley_se.isna().all()  # one antithetic pair has no spread to measure
+    assert json.loads((run / "compare.json").read_text())["cumulative"]["median_se"] is None
+    assert "cumulative se unknown" in " ".join(res.stdout.split())
+
+
 def test_no_cumulative_and_a_step_list(run):
     res = cli("compare", "--permutations", "2", "--steps", "2,5", "--no-cumulative", "-q")
     assert res.exit_code == 0, res.output
