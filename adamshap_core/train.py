@@ -332,7 +332,6 @@ def run(
     """
     r, d, dev = prep.recipe, prep.data, prep.device
     model, opt, sched, tracker = prep.model, prep.optimizer, prep.scheduler, prep.tracker
-    loss_fn = prep.loss_fn
     n = d.n_train
     x_train, y_train = d.x_train.to(dev), d.y_train.to(dev)
     ids = d.example_id.numpy()
@@ -371,19 +370,7 @@ def run(
                     StepContext(step, epoch, batch, inputs, targets, lr, model, opt, sched, tracker, d, r),
                 )
             t0 = time.perf_counter()
-            if tracker is not None:
-                res = tracker.step(inputs, targets)
-                loss, val_loss, clip = res.loss, res.val_loss, res.clip_factor
-                step_values = {
-                    m: res.values[m].detach().to("cpu", torch.float64).numpy() for m in prep.methods
-                }
-            else:
-                from .tracker import training_step
-
-                with torch.no_grad():
-                    val_loss = float(loss_fn(model(prep.val_x), prep.val_y).mean())
-                losses, clip = training_step(model, opt, loss_fn, inputs, targets, r.train.grad_clip)
-                loss, step_values = float(losses.mean()), {}
+            loss, val_loss, clip, step_values = _take_step(prep, inputs, targets)
             sched.step()
             problem = non_finite_problem(loss, model, step_values, float(val_loss))
             if problem:
@@ -396,14 +383,7 @@ def run(
                     ),
                 )
             pos = batch.numpy()
-            state.n_steps[pos] += 1
-            for m, v in step_values.items():
-                state.values[m][pos] += v
-                if step in record:
-                    state.rec_rows[f"value_{m}"].extend(v.tolist())
-            if step in record:
-                state.rec_rows["step"].extend([step] * len(pos))
-                state.rec_rows["example_id"].extend(ids[pos].tolist())
+            _add_values(state, step, ids[pos], pos, step_values, recorded=step in record)
             secs = time.perf_counter() - t0
             state.step_rows.append((step, epoch, lr, loss, float(val_loss), float(clip), secs))
             state.step, state.pos, state.seen = step, state.pos + len(pos), state.seen + len(pos)
@@ -419,22 +399,62 @@ def run(
         if progress:
             progress.stop()
     wall_seconds = wall()
+    return _result(prep, state, _final_metrics(prep, state), wall_seconds)
 
+
+def _take_step(prep: Prepared, inputs, targets) -> tuple[float, float, float, dict[str, np.ndarray]]:
+    """One training step, valued where the run values: (loss, validation loss, clip factor, each
+    method's values of the batch)."""
+    if prep.tracker is not None:
+        res = prep.tracker.step(inputs, targets)
+        values = {m: res.values[m].detach().to("cpu", torch.float64).numpy() for m in prep.methods}
+        return res.loss, res.val_loss, res.clip_factor, values
+    from .tracker import training_step
+
+    model, loss_fn = prep.model, prep.loss_fn
+    with torch.no_grad():
+        val_loss = float(loss_fn(model(prep.val_x), prep.val_y).mean())
+    losses, clip = training_step(model, prep.optimizer, loss_fn, inputs, targets, prep.recipe.train.grad_clip)
+    return float(losses.mean()), val_loss, clip, {}
+
+
+def _add_values(
+    state: LoopState,
+    step: int,
+    ids: np.ndarray,
+    pos: np.ndarray,
+    values: dict[str, np.ndarray],
+    recorded: bool,
+) -> None:
+    """A step's values added to each example's sum (rows ``pos``), and to the recorded rows where the
+    step is one of them (``ids``: the examples' ids)."""
+    state.n_steps[pos] += 1
+    for m, v in values.items():
+        state.values[m][pos] += v
+        if recorded:
+            state.rec_rows[f"value_{m}"].extend(v.tolist())
+    if recorded:
+        state.rec_rows["step"].extend([step] * len(pos))
+        state.rec_rows["example_id"].extend(ids.tolist())
+
+
+def _final_metrics(prep: Prepared, state: LoopState) -> dict:
+    """metrics.json's figures after the last step: loss and accuracy on each split, counts, provenance."""
+    d, dev, model, loss_fn, tracker = prep.data, prep.device, prep.model, prep.loss_fn, prep.tracker
     model.eval()
-    xv, yv = d.x_val.to(dev), d.y_val.to(dev)
-    xt, yt = d.x_test.to(dev), d.y_test.to(dev)
-    val_loss_f, val_acc = evaluate(model, xv, yv, loss_fn)
-    test_loss_f, test_acc = evaluate(model, xt, yt, loss_fn)
-    train_loss_f, train_acc = evaluate(model, x_train, y_train, loss_fn)
+    split_metrics = {}
+    for split, x, y in (
+        ("train", d.x_train, d.y_train),
+        ("val", d.x_val, d.y_val),
+        ("test", d.x_test, d.y_test),
+    ):
+        split_metrics[f"{split}_loss"], split_metrics[f"{split}_accuracy"] = evaluate(
+            model, x.to(dev), y.to(dev), loss_fn
+        )
     model.train()
-    metrics = {
-        "train_loss": train_loss_f,
-        "train_accuracy": train_acc,
-        "val_loss": val_loss_f,
-        "val_accuracy": val_acc,
-        "test_loss": test_loss_f,
-        "test_accuracy": test_acc,
-        "n_train": n,
+    return {
+        **split_metrics,
+        "n_train": d.n_train,
         "n_val": len(d.y_val),
         "n_test": len(d.y_test),
         "n_noisy": int(d.is_noisy.sum()),
@@ -447,7 +467,6 @@ def run(
         # (a replay's stand-in for the tracker never fuses)
         "fusion_blocked": tracker.fusion_blocked if getattr(tracker, "fuse_validation", False) else None,
     }
-    return _result(prep, state, metrics, wall_seconds)
 
 
 def non_finite_problem(loss: float, model: nn.Module, values: dict[str, np.ndarray], val_loss: float) -> str:
