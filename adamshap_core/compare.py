@@ -48,7 +48,7 @@ from .runio import RunFolder
 
 # Permutations per step: the evaluated steps are compared one by one, so their estimates must be
 # precise; the cumulative sums add ~10 steps per example, which averages the noise away (on the
-# default recipe, se/sd of the sums is ~4e-4 with 4 permutations per step), and there are hundreds.
+# default recipe, se/sd of the sums is ~5e-5 with 4 permutations per step), and there are hundreds.
 DEFAULT_PERMUTATIONS = 32
 DEFAULT_CUMULATIVE_PERMUTATIONS = 4
 REPLAY_RTOL = 1e-5  # replayed vs recorded per-step values, relative to the step's largest |value|

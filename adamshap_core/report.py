@@ -29,6 +29,11 @@ def fmt(x: float, digits: int = 3) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def fmt_ratio(x: float | None) -> str:
+    """A small ratio (a noise level, say) to two significant digits: 4.5e-05 rather than 0.0000."""
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2g}"
+
+
 def fmt_pair(pearson: float, spearman: float) -> str:
     """A correlation cell: Pearson, with Spearman in grey."""
     if math.isnan(pearson) and math.isnan(spearman):
@@ -159,7 +164,7 @@ def compare_steps_table(result: CompareResult) -> Table:
     noise = {s["step"]: s["se_over_sd"] for s in result.summary["per_step"]}
     for step in result.evaluated:
         cells = [fmt(_corr(t, m, "shapley", str(step))[0]) for m in result.methods]
-        table.add_row(str(step), *cells, fmt(noise.get(step, math.nan), 4))
+        table.add_row(str(step), *cells, fmt_ratio(noise.get(step, math.nan)))
     return table
 
 

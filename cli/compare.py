@@ -98,7 +98,7 @@ def print_report(result) -> None:
         ratio = cum["se_over_sd"]
         known = ratio is not None and math.isfinite(ratio)
         noise = (
-            f"; cumulative se/sd {ratio:.4f}"
+            f"; cumulative se/sd {report.fmt_ratio(ratio)}"
             if known
             else "; cumulative se unknown (one pair a step has no spread)"
         )

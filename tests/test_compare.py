@@ -4,6 +4,7 @@ and the runs and options it must refuse (exit 2, nothing written)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -282,3 +283,10 @@ def test_shipped_recipes_compare(runs, recipe):
     if recipe == "digits-mlp":
         adam = per_step[per_step.method == "adam"].pearson
         assert adam.median() >= 0.99
+
+
+def test_noise_levels_print_with_their_digits_not_as_zero():
+    from adamshap_core.report import fmt_ratio
+
+    assert fmt_ratio(4.49e-5) == "4.5e-05" and fmt_ratio(0.104) == "0.1" and fmt_ratio(0.0214) == "0.021"
+    assert fmt_ratio(math.nan) == "–" and fmt_ratio(None) == "–"
