@@ -75,9 +75,8 @@ class Queries:
     levels: list[str]  # "" where not given
     source_ids: list[int | None]
     answers: list[str | None]  # the words whose loss is the utility (see ``score_mask``); None: all
-    places: list[str] = field(
-        default_factory=list
-    )  # where each query was read ("line 3 of q.jsonl"), if a file
+    # where each query was read ("line 3 of q.jsonl"), for a query file
+    places: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.texts)

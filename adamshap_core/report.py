@@ -25,13 +25,15 @@ if TYPE_CHECKING:
 # ---- generic helpers ----------------------------------------------------------------------------------
 
 
-def fmt(x: float, digits: int = 3) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+def fmt(x: float | None, digits: int = 3, spec: str | None = None) -> str:
+    """``x`` to ``digits`` decimals (or to the format ``spec``); "–" where it is missing or NaN."""
+    missing = x is None or (isinstance(x, float) and math.isnan(x))
+    return "–" if missing else format(x, spec or f".{digits}f")
 
 
 def fmt_ratio(x: float | None) -> str:
     """A small ratio (a noise level, say) to two significant digits: 4.5e-05 rather than 0.0000."""
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2g}"
+    return fmt(x, spec=".2g")
 
 
 def fmt_pair(pearson: float, spearman: float) -> str:

@@ -184,10 +184,9 @@ class RunFolder:
         """metrics.json, or {} where it is missing or unreadable: for listing runs. A command that needs
         the run intact calls ``require_complete`` (or ``require_resumable``) first, which says why not."""
         try:
-            metrics = json.loads(self.file("metrics.json").read_text())
-        except (OSError, ValueError):
+            return self.read_metrics()
+        except UserError:
             return {}
-        return metrics if isinstance(metrics, dict) else {}
 
     def read_metrics(self) -> dict:
         """metrics.json, or a ``UserError`` saying why it cannot be read."""
