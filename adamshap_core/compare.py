@@ -43,28 +43,14 @@ import pandas as pd
 import torch
 
 from . import groundtruth as gt
+from .compare_options import CompareOptions
 from .errors import UserError
 from .runio import RunFolder
 
-# Permutations per step: the evaluated steps are compared one by one, so their estimates must be
-# precise; the cumulative sums add ~10 steps per example, which averages the noise away (on the
-# default recipe, se/sd of the sums is ~5e-5 with 4 permutations per step), and there are hundreds.
-DEFAULT_PERMUTATIONS = 32
-DEFAULT_CUMULATIVE_PERMUTATIONS = 4
 REPLAY_RTOL = 1e-5  # replayed vs recorded per-step values, relative to the step's largest |value|
 VAL_LOSS_RTOL = 1e-4  # float64 ground-truth validation loss vs the run's float32 one
 TRUTHS = ("shapley", "loo")
 COMPARE_COLUMNS = ["method", "ground_truth", "scope", "pearson", "spearman", "n", "auroc"]
-
-
-@dataclass
-class CompareOptions:
-    baseline: str = "sgd"
-    steps: str = "auto"  # "auto" (the recorded steps) or a list such as "1-5,50,100"
-    permutations: int = DEFAULT_PERMUTATIONS  # at the evaluated steps
-    cumulative: bool = True
-    cumulative_permutations: int = DEFAULT_CUMULATIVE_PERMUTATIONS  # at the other steps of the run
-    seed: int = 0  # seeds the permutations (one generator per step)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from adamshap_core.compare import DEFAULT_CUMULATIVE_PERMUTATIONS, DEFAULT_PERMUTATIONS
+from adamshap_core.compare_options import DEFAULT_CUMULATIVE_PERMUTATIONS, DEFAULT_PERMUTATIONS
 
 from .common import console, err_console, progress_bar, user_errors
 

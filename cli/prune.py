@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from .common import console, err_console, progress_bar, split_list, user_errors
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @user_errors
