@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import errno
 import functools
+import signal
+import threading
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from adamshap_core.errors import UserError
+
+from .__main__ import STOPPED
 
 # the file system's refusals that are the user's to fix (not a bug of the program): exit 2, not a traceback
 FILE_SYSTEM_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
@@ -24,27 +28,34 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        import yaml
-        from pydantic import ValidationError
-
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # from __main__'s stop-while-loading
         try:
-            return fn(*args, **kwargs)
-        except UserError as e:
-            _fail(str(e))
-        except ValidationError as e:
-            _fail(" ".join(str(e).split()))
-        except yaml.YAMLError as e:
-            _fail("invalid YAML: " + " ".join(str(e).split()))
-        except OSError as e:
-            if e.errno not in FILE_SYSTEM_ERRORS:
-                raise
-            where = f" ({e.filename})" if e.filename else ""
-            _fail(f"{e.strerror or e}{where}: expected a folder this user can write to, with space left.")
-        except KeyboardInterrupt:
-            err_console.print("[yellow]stopped (Ctrl-C) before it finished.[/]")
+            return _reporting_user_errors(fn, *args, **kwargs)
+        except KeyboardInterrupt:  # also while the imports below load (pydantic: ~0.1 s)
+            err_console.print(f"[yellow]{STOPPED}[/]")
             raise typer.Exit(code=130) from None
 
     return wrapper
+
+
+def _reporting_user_errors(fn, *args, **kwargs):
+    import yaml
+    from pydantic import ValidationError
+
+    try:
+        return fn(*args, **kwargs)
+    except UserError as e:
+        _fail(str(e))
+    except ValidationError as e:
+        _fail(" ".join(str(e).split()))
+    except yaml.YAMLError as e:
+        _fail("invalid YAML: " + " ".join(str(e).split()))
+    except OSError as e:
+        if e.errno not in FILE_SYSTEM_ERRORS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        _fail(f"{e.strerror or e}{where}: expected a folder this user can write to, with space left.")
 
 
 def _fail(message: str):

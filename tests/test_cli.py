@@ -142,6 +142,30 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     assert usage.returncode == 2 and "RECIPE" in usage.stderr
 
 
+def test_help_imports_no_heavy_library():
+    """``adamshap --help`` (and loading any command) must not import torch or pandas: ~2 s on a CPU."""
+    code = (
+        "import sys, adamshap_cli.main; "
+        "print(sorted(m for m in ('torch', 'pandas', 'numpy', 'matplotlib', 'sklearn') if m in sys.modules))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+
+
+def test_ctrl_c_while_the_cli_loads_exits_130_with_one_line():
+    """Ctrl-C before a command starts (imports, typer's parsing) stops at once, without a traceback
+    and without typer's silent exit; the app is replaced by one that interrupts itself."""
+    code = (
+        "import os, signal, sys, time, types; "
+        "stub = types.ModuleType('adamshap_cli.main'); "
+        "stub.app = lambda **kwargs: (os.kill(os.getpid(), signal.SIGINT), time.sleep(30)); "
+        "sys.modules['adamshap_cli.main'] = stub; "
+        "from adamshap_cli.__main__ import main; main()"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 130 and p.stderr.strip() == "stopped (Ctrl-C) before it finished.", p.stderr
+
+
 def test_train_says_when_fused_validation_rows_take_the_separate_pass(tmp_path, runs):
     recipe = tiny_gpt(name="gpt-dropout", model={"dropout": 0.2}, attribution={"fuse_validation": True})
     res = cli("train", write_recipe(tmp_path, recipe))
