@@ -45,6 +45,7 @@ import torch
 from . import groundtruth as gt
 from .compare_options import CompareOptions
 from .errors import UserError
+from .fused import random_draws
 from .runio import RunFolder
 
 REPLAY_RTOL = 1e-5  # replayed vs recorded per-step values, relative to the step's largest |value|
@@ -252,17 +253,15 @@ def replay(
 
 
 def check_no_dropout(model: torch.nn.Module, run_name: str) -> None:
-    """Refuse models that draw dropout masks: the real step's gradient depends on the masks of that
-    step, which the ground truth (per-example gradients by vmap) cannot reproduce."""
-    active = [
-        n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0
-    ]
-    if active:
+    """Refuse models that draw random numbers in training (dropout masks, random slopes): the real
+    step's gradient depends on that step's draws, which the ground truth (per-example gradients by
+    vmap) cannot reproduce."""
+    if draws := random_draws(model):
         raise UserError(
-            f"run {run_name!r} trains with dropout (in {', '.join(active[:3])}"
-            f"{', ...' if len(active) > 3 else ''}); the ground truth of a step "
-            "needs that step's exact dropout masks, which compare cannot reproduce per example. Compare a "
-            "run with model.dropout: 0."
+            f"run {run_name!r} trains with random draws ({'; '.join(draws[:3])}"
+            f"{'; ...' if len(draws) > 3 else ''}); the ground truth of a step "
+            "needs that step's exact draws, such as dropout masks, which compare cannot reproduce per "
+            "example. Compare a run with model.dropout: 0."
         )
 
 

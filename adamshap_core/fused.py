@@ -36,17 +36,35 @@ def model_blocker(model: nn.Module) -> str | None:
     """Why the model may compute another function, or draw random numbers, in train mode than in
     eval mode, as far as its modules tell (None: nothing found)."""
     for path, m in model.named_modules():
-        name = f"'{path or '<root>'}' ({type(m).__name__})"
-        if isinstance(m, _DropoutNd) and m.p > 0:
-            return f"{name} drops out with p={m.p} in training"
+        name = _module_name(path, m)
         if isinstance(m, _NormBase):
             return f"{name} is a batch or instance norm, which in train mode may use batch statistics"
-        if isinstance(m, nn.RReLU):
-            return f"{name} draws random slopes in training"
-        p = getattr(m, "dropout", None)  # nn.MultiheadAttention, nn.LSTM, ... keep a float
-        if isinstance(p, float) and p > 0:
-            return f"{name} has dropout={p}"
+        if draw := random_draw(m):
+            return f"{name} {draw}"
     return None
+
+
+def random_draws(model: nn.Module) -> list[str]:
+    """The modules that draw random numbers in train mode, each with what it draws."""
+    return [
+        f"{_module_name(path, m)} {draw}" for path, m in model.named_modules() if (draw := random_draw(m))
+    ]
+
+
+def random_draw(m: nn.Module) -> str | None:
+    """What the module itself draws at random in train mode (None: nothing, as far as it tells)."""
+    if isinstance(m, _DropoutNd) and m.p > 0:
+        return f"drops out with p={m.p} in training"
+    if isinstance(m, nn.RReLU):
+        return "draws random slopes in training"
+    p = getattr(m, "dropout", None)  # nn.MultiheadAttention, nn.LSTM, ... keep a float
+    if isinstance(p, float) and p > 0:
+        return f"has dropout={p}"
+    return None
+
+
+def _module_name(path: str, m: nn.Module) -> str:
+    return f"'{path or '<root>'}' ({type(m).__name__})"
 
 
 def probe_blocker(model: nn.Module, loss_fn, inputs, targets) -> str | None:

@@ -10,9 +10,10 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from helpers import cli, tiny, write_recipe
 
-from adamshap_core.compare import COMPARE_COLUMNS, resolve_steps
+from adamshap_core.compare import COMPARE_COLUMNS, check_no_dropout, resolve_steps
 from adamshap_core.errors import UserError
 
 OUTPUTS = ("compare.parquet", "groundtruth.parquet", "compare_layers.parquet", "compare.json")
@@ -206,6 +207,21 @@ def test_a_language_model_run_compares_and_dropout_is_refused(tmp_path, runs):
     dropout = {**GPT, "name": "gptdrop", "model": {**GPT["model"], "dropout": 0.1}}
     assert cli("train", write_recipe(tmp_path, dropout), "--quiet").exit_code == 0
     assert_refused(cli("compare", "--run", "gptdrop", "-q"), "dropout", "model.dropout: 0")
+
+
+@pytest.mark.parametrize(
+    "module, drawn",
+    [
+        (lambda: torch.nn.Dropout(0.1), "drops out with p=0.1"),
+        (lambda: torch.nn.MultiheadAttention(4, 2, dropout=0.2), "has dropout=0.2"),  # an attribute only
+        (lambda: torch.nn.RReLU(), "random slopes"),
+    ],
+)
+def test_every_random_draw_in_training_is_refused(module, drawn):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), module())
+    with pytest.raises(UserError, match=drawn):
+        check_no_dropout(model, "r")
+    check_no_dropout(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.0)), "r")
 
 
 def test_a_replay_that_does_not_reproduce_the_run_is_refused(run):
