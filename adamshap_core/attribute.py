@@ -219,7 +219,9 @@ class QueryValues:
 
 
 @dataclass
-class Replay:
+class QueryReplay:
+    """What replaying a run against the queries gives: each training text's value per query."""
+
     values: dict[str, np.ndarray]  # method -> [n_train, Q]
     model: torch.nn.Module  # the replayed run's final model
     params_sha256: str
@@ -248,7 +250,7 @@ def replay_values(
     chunk: int = DEFAULT_CHUNK,
     expected_sha256: str | None = None,
     on_step: Callable[[], None] | None = None,
-) -> Replay:
+) -> QueryReplay:
     """Each training example's value for each query, summed over the replayed run."""
     from .train import prepare, run
 
@@ -278,7 +280,7 @@ def replay_values(
         digests.add(result.metrics["params_sha256"])
     digest = digests.pop() if len(digests) == 1 else "differs between replays"
     matches = None if expected_sha256 is None else digest == expected_sha256
-    return Replay(values, result.model, digest, matches, -(-Q // chunk))
+    return QueryReplay(values, result.model, digest, matches, -(-Q // chunk))
 
 
 # --------------------------------------------------------------------------- scores and ranks
@@ -322,7 +324,7 @@ class Attribution:
     with_random: bool = True  # the benchmark lists the random baseline
     scored: list[str] = field(default_factory=list)  # per query: "answer" or "text"
     source_ranks: dict[str, np.ndarray] = field(default_factory=dict)  # method -> [Q] (NaN: no source)
-    replay: Replay | None = None
+    replay: QueryReplay | None = None
     fact_recall: float | None = None
     wall_seconds: float = 0.0
 

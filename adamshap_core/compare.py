@@ -75,7 +75,9 @@ class RunInputs:
 
 
 @dataclass
-class Replay:
+class TruthReplay:
+    """What replaying a run gives compare: the ground truth at its steps and the values to check."""
+
     truths: dict[int, gt.StepTruth]
     batch_ids: dict[int, np.ndarray]  # step -> example ids of its batch, in batch order
     steps_values: pd.DataFrame  # replayed per-step values at the recorded and evaluated steps
@@ -181,7 +183,7 @@ def replay(
     evaluated: Sequence[int],
     options: CompareOptions,
     on_progress: Callable[[int, int], None] | None = None,
-) -> Replay:
+) -> TruthReplay:
     """Replay the run, computing the ground truth just before each step that needs it."""
     from .train import prepare, run
 
@@ -242,7 +244,7 @@ def replay(
         if prep.tracker is not None:
             prep.tracker.close()
     full = result.steps_done == inputs.last_step
-    return Replay(
+    return TruthReplay(
         truths,
         batch_ids,
         result.steps_values,
@@ -273,7 +275,7 @@ def _unfaithful(inputs: RunInputs, what: str) -> UserError:
     )
 
 
-def check_replay(inputs: RunInputs, rep: Replay) -> dict:
+def check_replay(inputs: RunInputs, rep: TruthReplay) -> dict:
     """Replayed per-step values at the recorded steps (and summed values) against the run's files."""
     worst, worst_where = 0.0, ""
     recorded = inputs.steps_values
@@ -317,7 +319,9 @@ def _rel_diff(a: np.ndarray, b: np.ndarray) -> float:
 # ---- tables -------------------------------------------------------------------------------------
 
 
-def truth_frame(inputs: RunInputs, rep: Replay, evaluated: Sequence[int], cumulative: bool) -> pd.DataFrame:
+def truth_frame(
+    inputs: RunInputs, rep: TruthReplay, evaluated: Sequence[int], cumulative: bool
+) -> pd.DataFrame:
     """Ground truth beside each method's values: per evaluated step, and summed over the run."""
     noisy = inputs.values.set_index("example_id")["is_noisy"] if "is_noisy" in inputs.values else None
     frames = []
@@ -343,7 +347,7 @@ def truth_frame(inputs: RunInputs, rep: Replay, evaluated: Sequence[int], cumula
     return out
 
 
-def _cumulative_truth(inputs: RunInputs, rep: Replay) -> pd.DataFrame:
+def _cumulative_truth(inputs: RunInputs, rep: TruthReplay) -> pd.DataFrame:
     """Σ over the run's steps of per-step Shapley and LOO; the standard errors add in quadrature."""
     n = len(rep.example_id)
     shap, var, loo = np.zeros(n), np.zeros(n), np.zeros(n)
@@ -442,7 +446,7 @@ def cumulative_from_step_2(truth: pd.DataFrame, methods: Sequence[str]) -> dict 
     return out
 
 
-def layer_frame(rep: Replay, evaluated: Sequence[int], methods: Sequence[str]) -> pd.DataFrame:
+def layer_frame(rep: TruthReplay, evaluated: Sequence[int], methods: Sequence[str]) -> pd.DataFrame:
     """Per evaluated step and parameter tensor: each method's share of |value| there, the correlation
     of its contribution there with adam's, and the spread of Adam's per-coordinate scale."""
     rows = []
@@ -494,7 +498,7 @@ def divergence(table: pd.DataFrame, layers: pd.DataFrame, baseline: str) -> dict
     return out
 
 
-def step_summaries(rep: Replay, evaluated: Sequence[int]) -> list[dict]:
+def step_summaries(rep: TruthReplay, evaluated: Sequence[int]) -> list[dict]:
     out = []
     for step in evaluated:
         t = rep.truths[step]
@@ -514,7 +518,7 @@ def step_summaries(rep: Replay, evaluated: Sequence[int]) -> list[dict]:
     return out
 
 
-def engine_vs_bruteforce(rep: Replay, evaluated: Sequence[int], methods: Sequence[str]) -> float:
+def engine_vs_bruteforce(rep: TruthReplay, evaluated: Sequence[int], methods: Sequence[str]) -> float:
     """Largest relative gap between the run's (ghost engine) values and the same rule from
     materialised per-example gradients: a cross-check of the two implementations."""
     worst = 0.0

@@ -301,7 +301,7 @@ def check_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
 
 Segment = tuple[slice, ParamState]  # a run of the flat layout the optimizer steps with the same scalars
 Key = TypeVar("Key")
-Scale = torch.Tensor | float
+Scale = torch.Tensor | float  # multiplier of ∇val over a segment (tensor: elementwise)
 
 
 def reads_state(methods: Iterable[str]) -> bool:

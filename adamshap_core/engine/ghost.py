@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -34,14 +35,15 @@ from .registry import (
 )
 from .subnormals import subnormals_flushed
 
+if TYPE_CHECKING:
+    from ..precond import Scale  # the scoring rule's output, which the kernels take
+
 # the default of ``GhostEngine.contract_chunk``
 CONTRACT_CHUNK = 1 << 26
 # the default of ``GhostEngine.stack_floats``: calls are stacked where that saves dispatching small
 # products; a stack's copies of a, b and M and its intermediates stay within this many floats (1 MiB in
 # float32, about what stays in a core's cache: beyond it, stacking slows the products more than it saves)
 STACK_FLOATS = 1 << 18
-
-Scale = torch.Tensor | float  # multiplier of ∇val over a segment (tensor: elementwise)
 
 
 @dataclass

@@ -61,7 +61,7 @@ class CausalSelfAttention(nn.Module):
         return self.out_drop(self.out(y.transpose(1, 2).reshape(B, T, D)))
 
 
-class MLP(nn.Module):
+class FeedForward(nn.Module):
     def __init__(self, d_model: int, hidden: int, dropout: float):
         super().__init__()
         self.up = nn.Linear(d_model, hidden)
@@ -78,7 +78,7 @@ class Block(nn.Module):
         self.ln_attn = nn.LayerNorm(d_model)
         self.attn = CausalSelfAttention(d_model, n_head, dropout)
         self.ln_mlp = nn.LayerNorm(d_model)
-        self.mlp = MLP(d_model, mlp_hidden, dropout)
+        self.mlp = FeedForward(d_model, mlp_hidden, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_attn(x))
