@@ -53,6 +53,7 @@ from .models import build_model, context_length
 from .precond import METHODS
 from .recipe import Recipe
 from .runio import RunFolder, atomic_write_json, atomic_write_parquet
+from .schema import value_column
 from .tokenizer import IGNORE, WordTokenizer, split_words
 
 BASELINES = ("bm25", "random")
@@ -344,7 +345,7 @@ class Attribution:
             "example_id": np.tile(self.example_ids, Q),
         }
         for m, s in self.scores.items():
-            cols[f"value_{m}"] = s.T.reshape(-1)
+            cols[value_column(m)] = s.T.reshape(-1)
             cols[f"rank_{m}"] = ranks(s).T.reshape(-1)
         if self.queries.has_sources:
             src = np.array([-1 if s is None else s for s in self.queries.source_ids])

@@ -38,6 +38,7 @@ import torch
 
 from .errors import UserError
 from .runio import atomic_write
+from .schema import value_column
 
 if TYPE_CHECKING:
     from .train import Prepared
@@ -78,7 +79,7 @@ class LoopState:
         return cls(
             values={m: np.zeros(n_train, dtype=np.float64) for m in methods},
             n_steps=np.zeros(n_train, dtype=np.int64),
-            rec_rows={"step": [], "example_id": []} | {f"value_{m}": [] for m in methods},
+            rec_rows={"step": [], "example_id": []} | {value_column(m): [] for m in methods},
         )
 
     def to_blob(self, wall_seconds: float) -> dict:

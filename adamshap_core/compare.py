@@ -47,6 +47,7 @@ from .compare_options import CompareOptions
 from .errors import UserError
 from .fused import random_draws
 from .runio import RunFolder
+from .schema import VALUE_PREFIX, value_column
 
 REPLAY_RTOL = 1e-5  # replayed vs recorded per-step values, relative to the step's largest |value|
 VAL_LOSS_RTOL = 1e-4  # float64 ground-truth validation loss vs the run's float32 one
@@ -117,13 +118,13 @@ def load_run(folder: RunFolder) -> RunInputs:
             "(the default is 8)."
         )
     values, steps, steps_values = folder.values(), folder.steps(), folder.steps_values()
-    methods = [c.removeprefix("value_") for c in values.columns if c.startswith("value_")]
+    methods = [c.removeprefix(VALUE_PREFIX) for c in values.columns if c.startswith(VALUE_PREFIX)]
     if not methods or steps_values.empty or steps.empty:
         raise UserError(
             f"run {name!r} has no per-step values in steps_values.parquet (or no values/steps), so compare "
             "cannot check its replay; retrain it with attribution on and attribution.record_steps > 0."
         )
-    missing = [f"value_{m}" for m in methods if f"value_{m}" not in steps_values.columns]
+    missing = [value_column(m) for m in methods if value_column(m) not in steps_values.columns]
     if missing:
         raise UserError(
             f"run {name!r}: steps_values.parquet lacks the columns {missing}; is the run complete?"
@@ -286,14 +287,14 @@ def check_replay(inputs: RunInputs, rep: TruthReplay) -> dict:
     for step, rec in recorded.groupby("step"):
         rep_step = replayed[replayed["step"] == step]
         for m in inputs.methods:
-            rel = _rel_diff(rep_step[f"value_{m}"].to_numpy(), rec[f"value_{m}"].to_numpy())
+            rel = _rel_diff(rep_step[value_column(m)].to_numpy(), rec[value_column(m)].to_numpy())
             if rel > worst:
                 worst, worst_where = rel, f"value_{m} at step {step}"
     if rep.values is not None:
         pos = pd.Series(np.arange(len(rep.example_id)), index=rep.example_id)
         order = pos.loc[inputs.values["example_id"].to_numpy()].to_numpy()
         for m in inputs.methods:
-            rel = _rel_diff(rep.values[m][order], inputs.values[f"value_{m}"].to_numpy())
+            rel = _rel_diff(rep.values[m][order], inputs.values[value_column(m)].to_numpy())
             if rel > worst:
                 worst, worst_where = rel, f"value_{m} summed over the run"
     if worst > REPLAY_RTOL:
@@ -368,7 +369,7 @@ def _cumulative_truth(inputs: RunInputs, rep: TruthReplay) -> pd.DataFrame:
             "permutations": perms.pop() if len(perms) == 1 else -1,
         }
     )
-    run_values = inputs.values[["example_id", *[f"value_{m}" for m in inputs.methods]]]
+    run_values = inputs.values[["example_id", *[value_column(m) for m in inputs.methods]]]
     return df.merge(run_values, on="example_id", how="left", validate="one_to_one")
 
 
@@ -406,17 +407,17 @@ def compare_table(truth: pd.DataFrame, inputs: RunInputs, baseline: str) -> pd.D
     for scope, df in truth.groupby("scope", sort=False):
         for m in methods:
             for g in TRUTHS:
-                add(m, g, scope, df[f"value_{m}"], df[g])
+                add(m, g, scope, df[value_column(m)], df[g])
             if m != baseline and scope != "cumulative":
-                add(m, baseline, scope, df[f"value_{m}"], df[f"value_{baseline}"])
+                add(m, baseline, scope, df[value_column(m)], df[value_column(baseline)])
     run_values = inputs.values
     for m in methods:
         if m != baseline:  # method vs method on the run's own summed values
-            add(m, baseline, "cumulative", run_values[f"value_{m}"], run_values[f"value_{baseline}"])
+            add(m, baseline, "cumulative", run_values[value_column(m)], run_values[value_column(baseline)])
     if "is_noisy" in run_values and run_values["is_noisy"].any():
         noisy = run_values["is_noisy"].to_numpy()
         for m in methods:
-            auc = auroc_low_value_noisy(run_values[f"value_{m}"].to_numpy(), noisy)
+            auc = auroc_low_value_noisy(run_values[value_column(m)].to_numpy(), noisy)
             rows.append((m, "is_noisy", "cumulative", float("nan"), float("nan"), len(noisy), auc))
         cum = truth[truth["scope"] == "cumulative"]
         for g in TRUTHS if len(cum) else ():
@@ -438,8 +439,8 @@ def cumulative_from_step_2(truth: pd.DataFrame, methods: Sequence[str]) -> dict 
         return None
     out = {}
     for m in methods:
-        values, shapley = cum[f"value_{m}"].copy(), cum["shapley"].copy()
-        values.loc[first.index] -= first[f"value_{m}"]
+        values, shapley = cum[value_column(m)].copy(), cum["shapley"].copy()
+        values.loc[first.index] -= first[value_column(m)]
         shapley.loc[first.index] -= first["shapley"]
         p, s = correlation(values.to_numpy(), shapley.to_numpy())
         out[m] = {"pearson": p, "spearman": s}
@@ -526,7 +527,7 @@ def engine_vs_bruteforce(rep: TruthReplay, evaluated: Sequence[int], methods: Se
         t = rep.truths[step]
         sv = rep.steps_values[rep.steps_values["step"] == step].set_index("example_id")
         for m in methods:
-            engine = sv.loc[rep.batch_ids[step], f"value_{m}"].to_numpy()
+            engine = sv.loc[rep.batch_ids[step], value_column(m)].to_numpy()
             worst = max(worst, _rel_diff(engine, t.by_param[m].sum(1)))
     return worst
 

@@ -36,6 +36,7 @@ import pandas as pd
 from .errors import UserError
 from .recipe import METHOD_NAMES, Recipe
 from .runio import RunFolder, atomic_write
+from .schema import value_column
 
 FULL = "full"
 RANDOM = "random"
@@ -219,7 +220,7 @@ def aligned_values(folder: RunFolder, data, methods: Sequence[str]) -> dict[str,
             )
     out = {}
     for m in methods:
-        v = df[f"value_{m}"].to_numpy(dtype=np.float64)
+        v = df[value_column(m)].to_numpy(dtype=np.float64)
         if not np.isfinite(v).all():
             raise UserError(
                 f"value_{m} of run {folder.name!r} holds non-finite values; expected a finite value for "

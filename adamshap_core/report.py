@@ -17,6 +17,7 @@ import pandas as pd
 from rich.table import Table
 
 from .runio import atomic_write
+from .schema import value_column
 
 if TYPE_CHECKING:
     from .compare import CompareResult
@@ -225,13 +226,13 @@ def _baseline_plot(result: CompareResult, method: str) -> bytes:
     ax = axes[0, 0]
     if values is None:  # no cumulative ground truth: use the per-step rows' run values
         values = truth.drop_duplicates("example_id")
-    x, y = values[f"value_{result.baseline}"], values[f"value_{method}"]
+    x, y = values[value_column(result.baseline)], values[value_column(method)]
     scatter_marked(
         ax, x, y, values["is_noisy"] if "is_noisy" in values and values["is_noisy"].any() else None
     )
     p, s = _corr(result.table, method, result.baseline, "cumulative")
-    ax.set_xlabel(f"value_{result.baseline}")
-    ax.set_ylabel(f"value_{method}")
+    ax.set_xlabel(value_column(result.baseline))
+    ax.set_ylabel(value_column(method))
     ax.set_title(f"{method} vs {result.baseline}, summed over the run\nPearson {fmt(p)}, Spearman {fmt(s)}")
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
@@ -252,7 +253,7 @@ def _truth_grid(result: CompareResult) -> bytes:
             ax = axes[i, j]
             ax.errorbar(
                 df["shapley"],
-                df[f"value_{m}"],
+                df[value_column(m)],
                 xerr=df["shapley_se"],
                 fmt="o",
                 ms=3,
@@ -263,7 +264,7 @@ def _truth_grid(result: CompareResult) -> bytes:
             where = "summed over the run" if scope == "cumulative" else f"step {scope}"
             ax.set_title(f"{m}, {where}: r = {fmt(p)}", fontsize=9)
             ax.set_xlabel("MC Shapley (± se)", fontsize=8)
-            ax.set_ylabel(f"value_{m}", fontsize=8)
+            ax.set_ylabel(value_column(m), fontsize=8)
             ax.tick_params(labelsize=7)
     return _png(fig)
 

@@ -19,6 +19,11 @@ KNOWN_SCHEMA_VERSIONS = (1,)
 VALUE_PREFIX = "value_"
 
 
+def value_column(method: str) -> str:
+    """The column of ``method``'s values in values.parquet and steps_values.parquet."""
+    return VALUE_PREFIX + method
+
+
 @dataclass(frozen=True)
 class Column:
     name: str
@@ -80,7 +85,7 @@ def table_problems(name: str, df: pd.DataFrame, methods: list[str] | None = None
 
 
 def _value_problems(df: pd.DataFrame, methods: list[str]) -> list[str]:
-    problems = [f"column `{VALUE_PREFIX}{m}` is missing" for m in methods if VALUE_PREFIX + m not in df]
+    problems = [f"column `{value_column(m)}` is missing" for m in methods if value_column(m) not in df]
     for c in (c for c in df.columns if str(c).startswith(VALUE_PREFIX)):
         if not pd.api.types.is_float_dtype(df[c].dtype):
             problems.append(f"column `{c}` has type {df[c].dtype}; expected float")

@@ -43,6 +43,7 @@ from .errors import UserError
 from .fast import FastMode
 from .models import build_model, loss_for, per_example_loss
 from .recipe import OptimCfg, Recipe
+from .schema import value_column
 
 
 class TrainingDiverged(UserError):
@@ -284,7 +285,7 @@ class TrainResult:
         d = self.data
         cols: dict[str, object] = {"example_id": d.example_id.numpy().astype(np.int64)}
         for m in self.methods:
-            cols[f"value_{m}"] = self.values[m]
+            cols[value_column(m)] = self.values[m]
         cols["n_steps"] = self.n_steps
         cols.update(d.example_columns())  # label, is_noisy, ... (a text corpus gives its texts)
         return pd.DataFrame(cols)
@@ -432,7 +433,7 @@ def _add_values(
     for m, v in values.items():
         state.values[m][pos] += v
         if recorded:
-            state.rec_rows[f"value_{m}"].extend(v.tolist())
+            state.rec_rows[value_column(m)].extend(v.tolist())
     if recorded:
         state.rec_rows["step"].extend([step] * len(pos))
         state.rec_rows["example_id"].extend(ids.tolist())

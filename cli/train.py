@@ -158,6 +158,8 @@ def _train_into(folder, header: dict, prep, quiet: bool, resume: bool):
 
 
 def print_summary(result, metrics: dict, path: Path) -> None:
+    from adamshap_core.schema import value_column
+
     df = result.values_frame()
     noisy = bool(df["is_noisy"].any())
     about = "text" if "text" in df.columns else "label"  # a text corpus has texts, not labels
@@ -170,7 +172,7 @@ def print_summary(result, metrics: dict, path: Path) -> None:
         "examples)"
     )
     for m in result.methods:
-        col = f"value_{m}"
+        col = value_column(m)
         ranked = df.sort_values(col, ascending=False, kind="stable")
         k = min(5, len(ranked) // 2)  # the two lists never share a row, however small the set
         title = f"{m}: {k} highest and {k} lowest valued examples" if k else f"{m}: the valued example"
@@ -193,7 +195,7 @@ def print_summary(result, metrics: dict, path: Path) -> None:
         base = df["is_noisy"].mean()
         lines = []
         for m in result.methods:
-            low = df.nsmallest(n_low, f"value_{m}", keep="first")
+            low = df.nsmallest(n_low, value_column(m), keep="first")
             share = low["is_noisy"].mean()
             lines.append(
                 f"  {m:<11} {share:6.1%} noisy among the {n_low} lowest-valued (base rate {base:.1%})"
