@@ -30,7 +30,7 @@ def _given(ctx: typer.Context) -> list[str]:
 def bench(
     ctx: typer.Context,
     recipe: Path = typer.Argument(
-        None, metavar="[RECIPE]", help="YAML recipe (default: recipes/digits-mlp.yaml)", show_default=False
+        None, metavar="RECIPE", help="YAML recipe (default: recipes/digits-mlp.yaml)", show_default=False
     ),
     set_: list[str] = typer.Option(
         None, "--set", help="override a recipe field: --set model.d_model=256 (repeatable)"

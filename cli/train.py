@@ -166,10 +166,10 @@ def print_summary(result, metrics: dict, path: Path) -> None:
     acc_name = "next-token accuracy" if about == "text" else "accuracy"
     acc = metrics.get("test_accuracy")
     console.print(
-        f"\n[bold green]done[/] in {metrics['wall_seconds']:.1f}s: test {acc_name} [bold]{acc:.3f}[/], "
-        f"test loss {metrics['test_loss']:.4f}, val {acc_name} {metrics['val_accuracy']:.3f}, "
-        f"train loss {metrics['train_loss']:.4f} ({result.steps_done} steps, {metrics['n_train']} training "
-        "examples)"
+        f"\n[bold green]done[/]: trained in {metrics['wall_seconds']:.1f}s; "
+        f"test {acc_name} [bold]{acc:.3f}[/], test loss {metrics['test_loss']:.4f}, "
+        f"val {acc_name} {metrics['val_accuracy']:.3f}, train loss {metrics['train_loss']:.4f} "
+        f"({result.steps_done} steps, {metrics['n_train']} training examples)"
     )
     for m in result.methods:
         col = value_column(m)
