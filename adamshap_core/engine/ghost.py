@@ -398,7 +398,8 @@ class GhostEngine:
         ``rows_values`` from the rows' a and b, where that costs less than contracting M."""
         calls = self.captured(batch_size) if calls is None else calls
         B = batch_size
-        ghost_rows = rows is not None and self._extra_rows > 0  # the rows' a and b are at hand
+        # the rows' a and b are at hand, and some parameter's M is ∇val times scalars (else none qualifies)
+        ghost_rows = rows is not None and self._extra_rows > 0 and bool(M.scalar_runs)
         uses = Counter()  # calls per parameter: the ghost route needs a parameter one call alone uses
         if ghost_rows:
             uses.update(id(p) for c in calls for p in self._owned[c.module][1].values())
