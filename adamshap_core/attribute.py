@@ -273,7 +273,7 @@ def replay_values(
                 on_step()
 
         try:
-            result = run(prep, quiet=True, on_step=observe, record=[])
+            result = run(prep, on_step=observe, record=[])
         finally:
             valuer.close()
         for m in methods:

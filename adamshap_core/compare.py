@@ -240,7 +240,7 @@ def replay(
 
     t0 = time.perf_counter()
     try:
-        result = run(prep, quiet=True, on_step=observe, max_steps=horizon, record=record)
+        result = run(prep, on_step=observe, max_steps=horizon, record=record)
     finally:
         if prep.tracker is not None:
             prep.tracker.close()

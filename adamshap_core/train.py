@@ -73,6 +73,9 @@ class StepContext:
 
 
 OnStep = Callable[[int, torch.Tensor, StepContext], None]
+# run's report of its progress: (steps done, steps in all, the last step's loss, examples per second);
+# called once before the first step (loss NaN) and after every step, for a progress bar
+OnProgress = Callable[[int, int, float, float], None]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -291,30 +294,11 @@ class TrainResult:
         return pd.DataFrame(cols)
 
 
-def _progress(quiet: bool, total: int):
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    if quiet:
-        return None
-    return Progress(
-        TextColumn("[bold]train[/]"),
-        BarColumn(),
-        TextColumn("step {task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("{task.fields[eps]:,.0f} ex/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=False,
-    )
-
-
 def run(
     prep: Prepared,
     *,
-    quiet: bool = False,
     on_step: OnStep | None = None,
+    on_progress: OnProgress | None = None,
     max_steps: int | None = None,
     checkpointer: Checkpointer | None = None,
     resume: bool = False,
@@ -345,60 +329,50 @@ def run(
     state = checkpointer.load(gen) if resume and checkpointer else LoopState.fresh(n, prep.methods)
     bs = r.train.batch_size
     model.train()
-    progress = _progress(quiet, limit)
-    task = progress.add_task("train", total=limit, loss=float("nan"), eps=0.0) if progress else None
     t_start = time.perf_counter()
 
     def wall() -> float:
         return state.wall_before + time.perf_counter() - t_start
 
-    try:
-        if progress:
-            progress.start()
-            progress.update(task, completed=state.step)
-        while state.step < limit:
-            if state.order is None or state.pos >= n:
-                state.epoch += 1
-                state.order, state.pos = torch.randperm(n, generator=gen), 0
-            step, epoch = state.step + 1, state.epoch
-            batch = state.order[state.pos : state.pos + bs]
-            inputs, targets = x_train[batch.to(dev)], y_train[batch.to(dev)]
-            lr = float(opt.param_groups[0]["lr"])
-            if on_step is not None:
-                on_step(
-                    step,
-                    batch,
-                    StepContext(step, epoch, batch, inputs, targets, lr, model, opt, sched, tracker, d, r),
-                )
-            t0 = time.perf_counter()
-            loss, val_loss, clip, step_values = _take_step(prep, inputs, targets)
-            sched.step()
-            problem = non_finite_problem(loss, model, step_values, float(val_loss))
-            if problem:
-                raise TrainingDiverged(
-                    f"training diverged at step {step} (epoch {epoch}): {problem}. "
-                    f"{_kept(state.step, tracker is not None)} "
-                    "Try a smaller optim.lr or set train.grad_clip.",
-                    partial=_result(
-                        prep, state, {"steps": state.step, "total_steps": prep.total_steps}, wall()
-                    ),
-                )
-            pos = batch.numpy()
-            _add_values(state, step, ids[pos], pos, step_values, recorded=step in record)
-            secs = time.perf_counter() - t0
-            state.step_rows.append((step, epoch, lr, loss, float(val_loss), float(clip), secs))
-            state.step, state.pos, state.seen = step, state.pos + len(pos), state.seen + len(pos)
-            if progress:
-                eps = state.seen / max(time.perf_counter() - t_start, 1e-9)
-                progress.update(task, completed=step, loss=loss, eps=eps)
-            stopping = stop is not None and stop() and step < limit
-            if checkpointer is not None and step < limit and (stopping or checkpointer.due(step)):
-                checkpointer.save(state, gen, wall())
-            if stopping:
-                raise TrainingInterrupted(step, limit, checkpointer.path if checkpointer else None)
-    finally:
-        if progress:
-            progress.stop()
+    if on_progress is not None:
+        on_progress(state.step, limit, float("nan"), 0.0)
+    while state.step < limit:
+        if state.order is None or state.pos >= n:
+            state.epoch += 1
+            state.order, state.pos = torch.randperm(n, generator=gen), 0
+        step, epoch = state.step + 1, state.epoch
+        batch = state.order[state.pos : state.pos + bs]
+        inputs, targets = x_train[batch.to(dev)], y_train[batch.to(dev)]
+        lr = float(opt.param_groups[0]["lr"])
+        if on_step is not None:
+            on_step(
+                step,
+                batch,
+                StepContext(step, epoch, batch, inputs, targets, lr, model, opt, sched, tracker, d, r),
+            )
+        t0 = time.perf_counter()
+        loss, val_loss, clip, step_values = _take_step(prep, inputs, targets)
+        sched.step()
+        problem = non_finite_problem(loss, model, step_values, float(val_loss))
+        if problem:
+            raise TrainingDiverged(
+                f"training diverged at step {step} (epoch {epoch}): {problem}. "
+                f"{_kept(state.step, tracker is not None)} "
+                "Try a smaller optim.lr or set train.grad_clip.",
+                partial=_result(prep, state, {"steps": state.step, "total_steps": prep.total_steps}, wall()),
+            )
+        pos = batch.numpy()
+        _add_values(state, step, ids[pos], pos, step_values, recorded=step in record)
+        secs = time.perf_counter() - t0
+        state.step_rows.append((step, epoch, lr, loss, float(val_loss), float(clip), secs))
+        state.step, state.pos, state.seen = step, state.pos + len(pos), state.seen + len(pos)
+        if on_progress is not None:
+            on_progress(step, limit, loss, state.seen / max(time.perf_counter() - t_start, 1e-9))
+        stopping = stop is not None and stop() and step < limit
+        if checkpointer is not None and step < limit and (stopping or checkpointer.due(step)):
+            checkpointer.save(state, gen, wall())
+        if stopping:
+            raise TrainingInterrupted(step, limit, checkpointer.path if checkpointer else None)
     wall_seconds = wall()
     return _result(prep, state, _final_metrics(prep, state), wall_seconds)
 
@@ -528,15 +502,15 @@ def _result(prep: Prepared, state: LoopState, metrics: dict, wall_seconds: float
 def train(
     recipe: Recipe,
     *,
-    quiet: bool = False,
     on_step: OnStep | None = None,
+    on_progress: OnProgress | None = None,
     max_steps: int | None = None,
     **prepare_kw,
 ) -> TrainResult:
     """``run(prepare(recipe, **prepare_kw), ...)``; closes the tracker afterwards."""
     prep = prepare(recipe, **prepare_kw)
     try:
-        return run(prep, quiet=quiet, on_step=on_step, max_steps=max_steps)
+        return run(prep, on_step=on_step, on_progress=on_progress, max_steps=max_steps)
     finally:
         if prep.tracker is not None:
             prep.tracker.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shlex
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -13,7 +14,7 @@ from rich.table import Table
 
 from adamshap_core.errors import UserError
 
-from .common import console, err_console, user_errors
+from .common import console, err_console, progress_bar, user_errors
 
 
 @user_errors
@@ -131,8 +132,8 @@ def _train_into(folder, header: dict, prep, quiet: bool, resume: bool):
 
     ckpt = Checkpointer(folder.file(CHECKPOINT_FILE), prep)
     try:
-        with stop_on_interrupt() as stop:
-            result = run(prep, quiet=quiet, checkpointer=ckpt, resume=resume, stop=stop)
+        with stop_on_interrupt() as stop, _training_bar(quiet) as on_progress:
+            result = run(prep, on_progress=on_progress, checkpointer=ckpt, resume=resume, stop=stop)
     except TrainingDiverged as e:
         runio.fail_run(folder, header, e, partial=e.partial)
         raise
@@ -155,6 +156,29 @@ def _train_into(folder, header: dict, prep, quiet: bool, resume: bool):
     metrics = runio.finish_run(folder, header, result)
     ckpt.remove()  # a complete run is never resumed; metrics.json keeps params_sha256
     return result, metrics
+
+
+@contextmanager
+def _training_bar(quiet: bool):
+    """``run``'s ``on_progress`` drawing the training bar on stderr (None where ``quiet``)."""
+    if quiet:
+        yield None
+        return
+    from rich.progress import TextColumn
+
+    bar = progress_bar(
+        "train",
+        TextColumn("step {task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[eps]:,.0f} ex/s"),
+    )
+    task = bar.add_task("train", total=None, loss=float("nan"), eps=0.0)
+
+    def on_progress(done: int, total: int, loss: float, examples_per_s: float) -> None:
+        bar.update(task, completed=done, total=total, loss=loss, eps=examples_per_s)
+
+    with bar:
+        yield on_progress
 
 
 def print_summary(result, metrics: dict, path: Path) -> None:

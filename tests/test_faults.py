@@ -53,10 +53,10 @@ def poison_validation(ctx):
 def test_a_non_finite_step_stops_the_run_and_keeps_the_steps_before(fault, says):
     recipe = recipe_from_dict(tiny(train={"epochs": 2}))
     with pytest.raises(TrainingDiverged, match=r"training diverged at step 3 \(epoch 1\): " + says) as info:
-        run(prepare(recipe), quiet=True, on_step=diverge_at(3, fault))
+        run(prepare(recipe), on_step=diverge_at(3, fault))
     assert "The values of steps 1-2 are kept" in str(info.value)
     partial = info.value.partial
-    clean = run(prepare(recipe), quiet=True, max_steps=2)  # the same two steps, no fault
+    clean = run(prepare(recipe), max_steps=2)  # the same two steps, no fault
     assert partial.steps_done == 2 and partial.steps["step"].tolist() == [1, 2]
     for m in clean.methods:
         assert np.isfinite(partial.values[m]).all()
@@ -67,7 +67,7 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_steps_before(fault, says)
 def test_without_attribution_a_divergence_keeps_the_step_rows_and_says_so():
     recipe = recipe_from_dict(tiny(train={"epochs": 2}, attribution={"enabled": False}))
     with pytest.raises(TrainingDiverged, match="The step rows of steps 1-2 are kept") as info:
-        run(prepare(recipe, attribution=False), quiet=True, on_step=diverge_at(3, poison_gradient))
+        run(prepare(recipe, attribution=False), on_step=diverge_at(3, poison_gradient))
     assert "values" not in str(info.value) and info.value.partial.steps["step"].tolist() == [1, 2]
 
 
@@ -91,7 +91,7 @@ def test_cli_divergence_exits_2_names_the_step_and_keeps_finite_values(tmp_path)
 def test_divergence_at_the_first_step_leaves_valid_empty_tables(tmp_path):
     recipe = recipe_from_dict(tiny())
     with pytest.raises(TrainingDiverged, match="at step 1 .* No step finished") as info:
-        run(prepare(recipe), quiet=True, on_step=diverge_at(1, poison_gradient))
+        run(prepare(recipe), on_step=diverge_at(1, poison_gradient))
     folder = runio.RunFolder(runio.create_run_dir(tmp_path, "r"))
     header = runio.start_run(folder, recipe)
     runio.fail_run(folder, header, info.value, partial=info.value.partial)  # checks every table's schema

@@ -22,12 +22,12 @@ RECIPE = {
 @pytest.fixture(scope="module")
 def run():
     recipe = recipe_from_dict(RECIPE)
-    return recipe, train(recipe, quiet=True)
+    return recipe, train(recipe)
 
 
 def test_training_is_deterministic(run):
     recipe, first = run
-    again = train(recipe, quiet=True)
+    again = train(recipe)
     assert again.metrics["params_sha256"] == first.metrics["params_sha256"]
     for m in first.methods:
         assert np.array_equal(again.values[m], first.values[m])

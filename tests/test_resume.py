@@ -181,7 +181,6 @@ def train_in_segments(recipe, path: Path, stops: list[int]):
         with pytest.raises(TrainingInterrupted) as info:
             run(
                 prep,
-                quiet=True,
                 checkpointer=Checkpointer(path, prep),
                 resume=done > 0,
                 stop=stop_after(at - done),
@@ -189,7 +188,7 @@ def train_in_segments(recipe, path: Path, stops: list[int]):
         assert info.value.step == at
         done = at
     prep = prepare(recipe)
-    return run(prep, quiet=True, checkpointer=Checkpointer(path, prep), resume=True)
+    return run(prep, checkpointer=Checkpointer(path, prep), resume=True)
 
 
 @pytest.mark.parametrize(
@@ -217,7 +216,7 @@ def test_stop_anywhere_and_resume_is_bitwise_equal(tmp_path, sections):
     """Stopping after the first step, the last step of an epoch, the first of the next, or several
     times in a row, then resuming, ends exactly where the uninterrupted run ends."""
     recipe = recipe_from_dict(tiny(**sections))
-    full = run(prepare(recipe), quiet=True)
+    full = run(prepare(recipe))
     per_epoch = full.total_steps // recipe.train.epochs
     for stops in ([1], [per_epoch], [per_epoch + 1], [2, 3, per_epoch - 1, per_epoch + 2]):
         res = train_in_segments(recipe, tmp_path / f"ck-{stops[0]}.pt", stops)
@@ -247,7 +246,7 @@ def test_gpt_with_dropout_resumes_bitwise_equal(tmp_path):
             train={"epochs": 2, "batch_size": 3},
         )
     )
-    full = run(prepare(recipe), quiet=True)
+    full = run(prepare(recipe))
     res = train_in_segments(recipe, tmp_path / CHECKPOINT_FILE, [2, 5])
     assert res.metrics["params_sha256"] == full.metrics["params_sha256"]
     for m in full.methods:
@@ -261,11 +260,11 @@ def test_periodic_checkpoints_follow_checkpoint_every(tmp_path):
     ck = Checkpointer(tmp_path / CHECKPOINT_FILE, prep)
     original = ck.save
     ck.save = lambda state, gen, wall: (saved.append(state.step), original(state, gen, wall))
-    res = run(prep, quiet=True, checkpointer=ck)
+    res = run(prep, checkpointer=ck)
     assert saved == [s for s in range(4, res.total_steps, 4)]  # never at the last step: the run completes
     off = prepare(recipe_from_dict(tiny(train={"epochs": 2, "checkpoint_every": 0})))
     ck_off = Checkpointer(tmp_path / "off.pt", off)
-    run(off, quiet=True, checkpointer=ck_off)
+    run(off, checkpointer=ck_off)
     assert not ck_off.exists()
 
 
@@ -351,11 +350,11 @@ def test_resume_refuses_changed_training_data(tmp_path):
     prep = prepare(recipe)
     path = tmp_path / CHECKPOINT_FILE
     with pytest.raises(TrainingInterrupted):
-        run(prep, quiet=True, checkpointer=Checkpointer(path, prep), stop=stop_after(1))
+        run(prep, checkpointer=Checkpointer(path, prep), stop=stop_after(1))
     write_data(2)
     again = prepare(recipe)
     with pytest.raises(UserError, match="different training data"):
-        run(again, quiet=True, checkpointer=Checkpointer(path, again), resume=True)
+        run(again, checkpointer=Checkpointer(path, again), resume=True)
 
 
 def _truncate(p: Path) -> None:
@@ -416,7 +415,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monke
     from adamshap_core import checkpoint
 
     recipe = recipe_from_dict(tiny(train={"epochs": 2, "checkpoint_every": 2}))
-    full = run(prepare(recipe), quiet=True)
+    full = run(prepare(recipe))
     path = tmp_path / CHECKPOINT_FILE
     real_save, calls = torch.save, {"n": 0}
 
@@ -431,11 +430,11 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monke
     with monkeypatch.context() as m:
         m.setattr(checkpoint.torch, "save", save_then_fail)
         with pytest.raises(OSError, match="No space left"):
-            run(prep, quiet=True, checkpointer=Checkpointer(path, prep))
+            run(prep, checkpointer=Checkpointer(path, prep))
     assert os.listdir(tmp_path) == [CHECKPOINT_FILE]  # no temp file left
     assert torch.load(path, weights_only=True)["loop"]["step"] == 2
     again = prepare(recipe)
-    res = run(again, quiet=True, checkpointer=Checkpointer(path, again), resume=True)
+    res = run(again, checkpointer=Checkpointer(path, again), resume=True)
     assert res.metrics["params_sha256"] == full.metrics["params_sha256"]
     for m in full.methods:
         assert np.array_equal(full.values[m], res.values[m])

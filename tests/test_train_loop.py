@@ -24,26 +24,38 @@ def params(model):
 
 def test_plain_training_is_deterministic():
     r = R(attribution={"enabled": False}, train={"epochs": 2})
-    a, b = train(r, quiet=True), train(r, quiet=True)
+    a, b = train(r), train(r)
     assert torch.equal(params(a.model), params(b.model))
     assert a.steps["train_loss"].tolist() == b.steps["train_loss"].tolist()
     assert a.steps_done == 2 * math.ceil(a.data.n_train / 16) == len(a.steps)
-    c = train(R(attribution={"enabled": False}, train={"epochs": 2, "seed": 1}), quiet=True)
+    c = train(R(attribution={"enabled": False}, train={"epochs": 2, "seed": 1}))
     assert not torch.equal(params(a.model), params(c.model))
+
+
+def test_training_reports_its_progress_and_prints_nothing(capfd):
+    calls = []
+    result = train(R(train={"epochs": 2}), on_progress=lambda *args: calls.append(args))
+    total = result.steps_done
+    assert calls[0][:2] == (0, total) and math.isnan(calls[0][2]) and calls[0][3] == 0.0
+    assert [c[0] for c in calls[1:]] == list(range(1, total + 1)) and {c[1] for c in calls} == {total}
+    assert [c[2] for c in calls[1:]] == result.steps["train_loss"].tolist()
+    assert all(c[3] > 0 for c in calls[1:])
+    out, err = capfd.readouterr()
+    assert out == err == ""
 
 
 @pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
 def test_attribution_does_not_change_training(fuse):
-    off = train(R(attribution={"enabled": False}), quiet=True)
-    on = train(R(attribution={"fuse_validation": fuse}), quiet=True)
+    off = train(R(attribution={"enabled": False}))
+    on = train(R(attribution={"fuse_validation": fuse}))
     assert torch.allclose(params(off.model), params(on.model), atol=1e-6, rtol=0)
     assert np.allclose(off.steps["train_loss"], on.steps["train_loss"], atol=1e-6)
 
 
 def test_fused_validation_rows_give_the_separate_pass_values():
-    separate = train(R(), quiet=True)
+    separate = train(R())
     fused_prep = prepare(R(attribution={"fuse_validation": True}))
-    fused = run(fused_prep, quiet=True)
+    fused = run(fused_prep)
     assert fused_prep.tracker.fusion_blocked is None  # the recipe key reached the tracker
     for m in separate.methods:
         scale = np.abs(separate.values[m]).max()
@@ -53,7 +65,7 @@ def test_fused_validation_rows_give_the_separate_pass_values():
 
 def test_values_accumulate_over_steps():
     r = R(train={"epochs": 1}, attribution={"record_steps": 1000})
-    res = train(r, quiet=True)
+    res = train(r)
     assert (res.n_steps == 1).all()  # one epoch: every example in exactly one batch
     sv = res.steps_values
     assert sorted(sv["step"].unique()) == list(range(1, res.steps_done + 1))
@@ -67,7 +79,7 @@ def test_values_accumulate_over_steps():
 
 
 def test_two_epochs_count_steps_per_example():
-    res = train(R(train={"epochs": 2}, attribution={"methods": ["sgd"], "record_steps": 0}), quiet=True)
+    res = train(R(train={"epochs": 2}, attribution={"methods": ["sgd"], "record_steps": 0}))
     assert (res.n_steps == 2).all() and res.steps_values.empty
     assert list(res.steps_values.columns) == ["step", "example_id", "value_sgd"]
 
@@ -88,7 +100,7 @@ def test_schedules(schedule):
         train={"epochs": 3},
         attribution={"enabled": False},
     )
-    res = train(r, quiet=True)
+    res = train(r)
     lrs = res.steps["lr"].to_numpy()
     f = lr_factor(schedule, 3, res.total_steps)
     assert np.allclose(lrs, [0.01 * f(s) for s in range(res.total_steps)])
@@ -106,7 +118,7 @@ def test_on_step_sees_the_state_before_each_step():
         done = int(state["step"]) if "step" in state else 0
         seen.append((step, len(batch), done, ctx.lr, ctx.tracker is not None, ctx.inputs.shape[0]))
 
-    res = train(R(train={"epochs": 1}), quiet=True, on_step=hook, max_steps=4)
+    res = train(R(train={"epochs": 1}), on_step=hook, max_steps=4)
     assert res.steps_done == 4 and len(res.steps) == 4
     assert [s[0] for s in seen] == [1, 2, 3, 4]
     assert all(s[2] == s[0] - 1 for s in seen)  # the optimizer has made step-1 updates
@@ -115,7 +127,7 @@ def test_on_step_sees_the_state_before_each_step():
 
 def test_keep_subset_and_optimizers():
     r = R(optim={"name": "sgd", "lr": 0.1, "momentum": 0.9}, attribution={"enabled": False})
-    res = train(r, quiet=True, keep=list(range(0, 100, 2)))
+    res = train(r, keep=list(range(0, 100, 2)))
     assert res.data.n_train == 50 and res.data.example_id.tolist() == list(range(0, 100, 2))
     assert isinstance(prepare(r).optimizer, torch.optim.SGD)
     aw = prepare(R(optim={"name": "adamw", "weight_decay": 0.1}))
@@ -137,7 +149,7 @@ def test_cnn_on_digits():
             model={"kind": "cnn", "channels": [4, 8], "hidden": []},
         )
     )
-    res = train(r, quiet=True, max_steps=3)
+    res = train(r, max_steps=3)
     assert res.steps_done == 3 and all(np.isfinite(res.values[m]).all() for m in res.methods)
     assert tuple(res.data.x_train.shape[1:]) == (1, 8, 8)
 
@@ -151,4 +163,4 @@ def test_cuda_absent_is_a_user_error():
 def test_divergence_is_reported_with_the_step():
     r = R(optim={"name": "sgd", "lr": 1e30}, attribution={"enabled": False}, train={"epochs": 3})
     with pytest.raises(UserError, match="at step"):
-        train(r, quiet=True)
+        train(r)
