@@ -188,12 +188,15 @@ def score_mask(text: str, answer: str, length: int, where: str = "the query") ->
 
 
 class QueryValues:
-    """Stands in for the run's tracker during a replay.
+    """Stands in for the run's tracker during a replay (a ``train.StepValuer``).
 
     Values every batch example against each query (values [B, Q]), adds them up per
     training example, and hands the training loop their mean over the queries (the
     value against the mean query loss), so the loop itself needs no change.
     """
+
+    fuse_validation = False  # the replay never fuses: its steps must equal plain training's bit for bit
+    fusion_blocked = None
 
     def __init__(self, tracker, queries_x: torch.Tensor, queries_y: torch.Tensor, n_train: int):
         self.tracker = tracker

@@ -31,6 +31,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -44,6 +45,25 @@ from .fast import FastMode
 from .models import build_model, loss_for, per_example_loss
 from .recipe import OptimCfg, Recipe
 from .schema import value_column
+
+if TYPE_CHECKING:
+    from .tracker import StepResult
+
+
+@runtime_checkable
+class StepValuer(Protocol):
+    """What the training loop asks of its tracker: ``InRunShapley``, or a stand-in that wraps one
+    (``attribute.QueryValues``, which values each step against many queries)."""
+
+    methods: list[str]
+    fuse_validation: bool  # whether the validation rows may ride in the training batch
+    fusion_blocked: str | None  # with fuse_validation: why the last step took the separate pass
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult: ...
+
+    def set_validation(self, val_inputs, val_targets, *, per_target: bool = False) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class TrainingDiverged(UserError):
@@ -67,7 +87,7 @@ class StepContext:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    tracker: object | None  # the InRunShapley tracker, or None without attribution
+    tracker: StepValuer | None  # None without attribution
     data: Dataset
     recipe: Recipe
 
@@ -172,7 +192,7 @@ class Prepared:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    tracker: object | None
+    tracker: StepValuer | None
     methods: list[str]
     steps_per_epoch: int
     total_steps: int
@@ -439,8 +459,7 @@ def _final_metrics(prep: Prepared, state: LoopState) -> dict:
         "params_sha256": params_digest(model),
         "resumed_at_steps": state.resumed_at,
         # with attribution.fuse_validation: why the last step that computed ∇val took the separate pass
-        # (a replay's stand-in for the tracker never fuses)
-        "fusion_blocked": tracker.fusion_blocked if getattr(tracker, "fuse_validation", False) else None,
+        "fusion_blocked": tracker.fusion_blocked if tracker is not None and tracker.fuse_validation else None,
     }
 
 

@@ -164,3 +164,15 @@ def test_divergence_is_reported_with_the_step():
     r = R(optim={"name": "sgd", "lr": 1e30}, attribution={"enabled": False}, train={"epochs": 3})
     with pytest.raises(UserError, match="at step"):
         train(r)
+
+
+def test_the_tracker_and_the_replay_stand_in_are_what_the_loop_asks_for():
+    from adamshap_core.attribute import QueryValues
+    from adamshap_core.train import StepValuer
+
+    prep = prepare(R())
+    assert isinstance(prep.tracker, StepValuer)
+    x, y = prep.val_x[:2], prep.val_y[:2]
+    stand_in = QueryValues(prep.tracker, x, y, prep.data.n_train)
+    assert isinstance(stand_in, StepValuer) and not stand_in.fuse_validation
+    stand_in.close()
