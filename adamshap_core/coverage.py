@@ -71,6 +71,14 @@ def gradient_gap(
                 ]
     except UserError as e:  # rows that cannot be told apart
         return str(e)
+    except RuntimeError as e:
+        if "use_reentrant" not in str(e):  # torch's refusal of autograd.grad through a reentrant checkpoint
+            raise
+        return (
+            "it uses torch.utils.checkpoint with use_reentrant=True, whose backward cannot give the "
+            "gradient of chosen tensors (torch.autograd.grad), as valuing a step needs; pass "
+            "use_reentrant=False (torch's recommended setting), which computes the same"
+        )
     for row, want in enumerate(wants):
         name = _first_gap(model, params, want, {key: g[row] for key, g in got.items()})
         if name is not None:

@@ -229,3 +229,38 @@ def test_an_empty_validation_set_and_a_clip_norm_that_is_not_positive_are_refuse
     for norm in (0.0, -1.0):
         with pytest.raises(ValueError, match=f"max_grad_norm is {norm}; expected a positive number"):
             InRunShapley(model, opt, cross_entropy, vx, vy, METHODS, max_grad_norm=norm)
+
+
+class Checkpointed(TwoLinear):
+    """Its hidden layer under torch.utils.checkpoint: recomputed in the backward pass."""
+
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.pre, self.reentrant = nn.Linear(5, 5), reentrant
+
+    def forward(self, x):
+        hidden = lambda h: torch.tanh(self.lin(h))  # noqa: E731
+        h = torch.utils.checkpoint.checkpoint(hidden, self.pre(x), use_reentrant=self.reentrant)
+        return self.out(h)
+
+
+def test_checkpointing_is_valued_as_without_it_and_its_reentrant_form_is_refused(float64):
+    gen = torch.Generator().manual_seed(0)
+    vx, vy = tabular(3, gen)
+    torch.manual_seed(0)
+    model = Checkpointed(reentrant=False)
+    plain = Checkpointed(reentrant=False)
+    plain.load_state_dict(model.state_dict())
+    plain.forward = lambda x: plain.out(torch.tanh(plain.lin(plain.pre(x))))  # the same function, unchecked
+    trackers = [
+        InRunShapley(m, torch.optim.Adam(m.parameters(), lr=1e-2), cross_entropy, vx, vy, METHODS)
+        for m in (model, plain)
+    ]
+    for _ in range(2):
+        x, y = tabular(6, gen)
+        got, want = (t.step(x, y).values for t in trackers)
+        for m in METHODS:
+            assert rel_err(got[m], want[m]) <= 1e-12
+    model.reentrant = True
+    with pytest.raises(UserError, match="use_reentrant=True.*pass use_reentrant=False"):
+        InRunShapley(model, torch.optim.Adam(model.parameters()), cross_entropy, vx, vy, METHODS)
