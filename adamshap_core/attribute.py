@@ -196,7 +196,8 @@ class QueryValues:
     """
 
     fuse_validation = False  # the replay never fuses: its steps must equal plain training's bit for bit
-    fusion_blocked = None
+    fusion_blocked: str | None = None
+    rows_blocked: str | None = None  # (a property of the tracker)
 
     def __init__(self, tracker, queries_x: torch.Tensor, queries_y: torch.Tensor, n_train: int):
         self.tracker = tracker
@@ -217,6 +218,16 @@ class QueryValues:
 
     def set_validation(self, *args, **kwargs) -> None:
         self.tracker.set_validation(*args, **kwargs)
+
+    def state_dict(self) -> dict:
+        return {
+            "tracker": self.tracker.state_dict(),
+            "sums": {m: torch.from_numpy(s) for m, s in self.sums.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tracker.load_state_dict(state["tracker"])
+        self.sums = {m: s.numpy().copy() for m, s in state["sums"].items()}
 
     def close(self) -> None:
         self.tracker.close()

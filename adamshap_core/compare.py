@@ -189,7 +189,7 @@ def replay(
     from .train import prepare, run
 
     prep = prepare(inputs.recipe)
-    check_no_dropout(prep.model, inputs.folder.name)
+    check_no_random_draws(prep.model, inputs.folder.name)
     example_id = prep.data.example_id.numpy()
     if not np.array_equal(np.sort(example_id), np.sort(inputs.values["example_id"].to_numpy())):
         raise UserError(
@@ -255,7 +255,7 @@ def replay(
     )
 
 
-def check_no_dropout(model: torch.nn.Module, run_name: str) -> None:
+def check_no_random_draws(model: torch.nn.Module, run_name: str) -> None:
     """Refuse models that draw random numbers in training (dropout masks, random slopes): the real
     step's gradient depends on that step's draws, which the ground truth (per-example gradients by
     vmap) cannot reproduce."""
@@ -289,14 +289,14 @@ def check_replay(inputs: RunInputs, rep: TruthReplay) -> dict:
         for m in inputs.methods:
             rel = _rel_diff(rep_step[value_column(m)].to_numpy(), rec[value_column(m)].to_numpy())
             if rel > worst:
-                worst, worst_where = rel, f"value_{m} at step {step}"
+                worst, worst_where = rel, f"{value_column(m)} at step {step}"
     if rep.values is not None:
         pos = pd.Series(np.arange(len(rep.example_id)), index=rep.example_id)
         order = pos.loc[inputs.values["example_id"].to_numpy()].to_numpy()
         for m in inputs.methods:
             rel = _rel_diff(rep.values[m][order], inputs.values[value_column(m)].to_numpy())
             if rel > worst:
-                worst, worst_where = rel, f"value_{m} summed over the run"
+                worst, worst_where = rel, f"{value_column(m)} summed over the run"
     if worst > REPLAY_RTOL:
         raise _unfaithful(
             inputs,

@@ -99,7 +99,7 @@ def check_prune_methods(
         if m not in BASELINES and m not in available:
             have = ", ".join(available) if available else "none (it was trained with attribution off)"
             raise UserError(
-                f"--by asks for {m!r}, but the run has no value_{m} column in values.parquet; "
+                f"--by asks for {m!r}, but the run has no {value_column(m)} column in values.parquet; "
                 f"its valued methods are: {have}. Pick among those or retrain with that method."
             )
     return out
@@ -223,8 +223,8 @@ def aligned_values(folder: RunFolder, data, methods: Sequence[str]) -> dict[str,
         v = df[value_column(m)].to_numpy(dtype=np.float64)
         if not np.isfinite(v).all():
             raise UserError(
-                f"value_{m} of run {folder.name!r} holds non-finite values; expected a finite value for "
-                "every training example."
+                f"{value_column(m)} of run {folder.name!r} holds non-finite values; expected a finite "
+                "value for every training example."
             )
         out[m] = v
     return out

@@ -55,13 +55,21 @@ class StepValuer(Protocol):
     """What the training loop asks of its tracker: ``InRunShapley``, or a stand-in that wraps one
     (``attribute.QueryValues``, which values each step against many queries)."""
 
-    methods: list[str]
+    methods: Sequence[str]
     fuse_validation: bool  # whether the validation rows may ride in the training batch
     fusion_blocked: str | None  # with fuse_validation: why the last step took the separate pass
+
+    @property
+    def rows_blocked(self) -> str | None:  # with fuse_validation: why no step can fuse (None: some may)
+        ...
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult: ...
 
     def set_validation(self, val_inputs, val_targets, *, per_target: bool = False) -> None: ...
+
+    def state_dict(self) -> dict: ...  # what a checkpoint keeps of it
+
+    def load_state_dict(self, state: dict) -> None: ...
 
     def close(self) -> None: ...
 
@@ -328,7 +336,8 @@ def run(
     """Train ``prep`` for its recipe's epochs (or ``max_steps`` steps); see the module doc.
 
     ``record``: the steps whose per-step values go to ``steps_values`` (default: the recipe's
-    ``attribution.record_steps`` sample); a replay passes the steps it compares.
+    ``attribution.record_steps`` sample); a replay passes the steps it compares. ``on_progress``
+    (``OnProgress``) hears of the steps done; the loop prints nothing itself.
 
     ``checkpointer`` saves a checkpoint every ``train.checkpoint_every`` steps; with ``resume``
     the run continues from its checkpoint. ``stop()`` is polled after every step: once it is

@@ -1,1 +1,3 @@
 """The ``adamshap`` command line (imported as ``adamshap_cli``)."""
+
+STOPPED = "stopped (Ctrl-C) before it finished."  # what Ctrl-C says outside train's own stop

@@ -4,7 +4,7 @@
 import signal
 import sys
 
-STOPPED = "stopped (Ctrl-C) before it finished."
+from adamshap_cli import STOPPED
 
 
 def _stop_while_loading(signum, frame):

@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from adamshap_core.errors import UserError
 
-from .__main__ import STOPPED
+from . import STOPPED
 
 # the file system's refusals that are the user's to fix (not a bug of the program): exit 2, not a traceback
 FILE_SYSTEM_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
@@ -28,9 +28,9 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # from __main__'s stop-while-loading
         try:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # from __main__'s stop-while-loading
             return _reporting_user_errors(fn, *args, **kwargs)
         except KeyboardInterrupt:  # also while the imports below load (pydantic: ~0.1 s)
             err_console.print(f"[yellow]{STOPPED}[/]")

@@ -172,13 +172,20 @@ def _training_bar(quiet: bool):
         TextColumn("loss {task.fields[loss]:.4f}"),
         TextColumn("{task.fields[eps]:,.0f} ex/s"),
     )
-    task = bar.add_task("train", total=None, loss=float("nan"), eps=0.0)
+    task = None
 
     def on_progress(done: int, total: int, loss: float, examples_per_s: float) -> None:
-        bar.update(task, completed=done, total=total, loss=loss, eps=examples_per_s)
+        nonlocal task
+        if task is None:  # shown from run's first report on, so never without its total
+            task = bar.add_task("train", total=total, completed=done, loss=loss, eps=examples_per_s)
+            bar.start()
+        else:
+            bar.update(task, completed=done, loss=loss, eps=examples_per_s)
 
-    with bar:
+    try:
         yield on_progress
+    finally:
+        bar.stop()
 
 
 def print_summary(result, metrics: dict, path: Path) -> None:

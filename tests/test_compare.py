@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import cli, tiny, write_recipe
 
-from adamshap_core.compare import COMPARE_COLUMNS, check_no_dropout, resolve_steps
+from adamshap_core.compare import COMPARE_COLUMNS, check_no_random_draws, resolve_steps
 from adamshap_core.errors import UserError
 
 OUTPUTS = ("compare.parquet", "groundtruth.parquet", "compare_layers.parquet", "compare.json")
@@ -220,8 +220,8 @@ def test_a_language_model_run_compares_and_dropout_is_refused(tmp_path, runs):
 def test_every_random_draw_in_training_is_refused(module, drawn):
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), module())
     with pytest.raises(UserError, match=drawn):
-        check_no_dropout(model, "r")
-    check_no_dropout(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.0)), "r")
+        check_no_random_draws(model, "r")
+    check_no_random_draws(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.0)), "r")
 
 
 def test_a_replay_that_does_not_reproduce_the_run_is_refused(run):

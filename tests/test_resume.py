@@ -188,7 +188,12 @@ def train_in_segments(recipe, path: Path, stops: list[int]):
         assert info.value.step == at
         done = at
     prep = prepare(recipe)
-    return run(prep, checkpointer=Checkpointer(path, prep), resume=True)
+    reports = []
+    result = run(
+        prep, checkpointer=Checkpointer(path, prep), resume=True, on_progress=lambda *r: reports.append(r)
+    )
+    assert reports[0][0] == stops[-1] and reports[-1][0] == reports[0][1]  # a bar resumes where it stopped
+    return result
 
 
 @pytest.mark.parametrize(

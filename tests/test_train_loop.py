@@ -167,6 +167,8 @@ def test_divergence_is_reported_with_the_step():
 
 
 def test_the_tracker_and_the_replay_stand_in_are_what_the_loop_asks_for():
+    """Both have every member of ``StepValuer`` (isinstance checks their presence, not their types),
+    and the stand-in's checkpoint state brings back its sums."""
     from adamshap_core.attribute import QueryValues
     from adamshap_core.train import StepValuer
 
@@ -174,5 +176,13 @@ def test_the_tracker_and_the_replay_stand_in_are_what_the_loop_asks_for():
     assert isinstance(prep.tracker, StepValuer)
     x, y = prep.val_x[:2], prep.val_y[:2]
     stand_in = QueryValues(prep.tracker, x, y, prep.data.n_train)
-    assert isinstance(stand_in, StepValuer) and not stand_in.fuse_validation
+    assert isinstance(stand_in, StepValuer) and not stand_in.fuse_validation and stand_in.rows_blocked is None
+    prep.tracker = stand_in
+    result = run(prep, max_steps=3, on_step=lambda step, batch, ctx: stand_in.observe(batch))
+    assert result.steps_done == 3 and stand_in.sums["adam"].any()
+    state = stand_in.state_dict()
+    again = QueryValues(prepare(R()).tracker, x, y, prep.data.n_train)
+    again.load_state_dict(state)
+    assert all(np.array_equal(again.sums[m], stand_in.sums[m]) for m in stand_in.methods)
     stand_in.close()
+    again.close()
