@@ -55,13 +55,20 @@ class StepValuer(Protocol):
     """What the training loop asks of its tracker: ``InRunShapley``, or a stand-in that wraps one
     (``attribute.QueryValues``, which values each step against many queries)."""
 
-    methods: Sequence[str]
-    fuse_validation: bool  # whether the validation rows may ride in the training batch
-    fusion_blocked: str | None  # with fuse_validation: why the last step took the separate pass
+    # read-only properties, so that any attribute of a narrower type (a tuple of methods) qualifies
+    @property
+    def methods(self) -> Sequence[str]: ...
 
     @property
-    def rows_blocked(self) -> str | None:  # with fuse_validation: why no step can fuse (None: some may)
-        ...
+    def fuse_validation(self) -> bool: ...  # whether the validation rows may ride in the training batch
+
+    @property
+    def fusion_blocked(
+        self,
+    ) -> str | None: ...  # with fuse_validation: why the last step took the separate pass
+
+    @property
+    def rows_blocked(self) -> str | None: ...  # with fuse_validation: why no step can fuse (None: some may)
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult: ...
 
@@ -118,11 +125,11 @@ def build_optimizer(cfg: OptimCfg, params) -> torch.optim.Optimizer:
     params = list(params)
     if cfg.name == "adam":
         return torch.optim.Adam(
-            params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
         )
     if cfg.name == "adamw":
         return torch.optim.AdamW(
-            params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
         )
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -351,7 +358,7 @@ def run(
     ids = d.example_id.numpy()
     if record is None:
         record = sample_record_steps(prep.total_steps, r.attribution.record_steps)
-    record = set(record) if tracker else set()
+    recorded_steps = set(record) if tracker else set()
     limit = prep.total_steps if max_steps is None else min(max_steps, prep.total_steps)
 
     gen = torch.Generator().manual_seed(r.train.seed)  # the data order of each epoch
@@ -391,7 +398,7 @@ def run(
                 partial=_result(prep, state, {"steps": state.step, "total_steps": prep.total_steps}, wall()),
             )
         pos = batch.numpy()
-        _add_values(state, step, ids[pos], pos, step_values, recorded=step in record)
+        _add_values(state, step, ids[pos], pos, step_values, recorded=step in recorded_steps)
         secs = time.perf_counter() - t0
         state.step_rows.append((step, epoch, lr, loss, float(val_loss), float(clip), secs))
         state.step, state.pos, state.seen = step, state.pos + len(pos), state.seen + len(pos)
