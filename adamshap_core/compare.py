@@ -47,7 +47,7 @@ from .compare_options import CompareOptions
 from .errors import UserError
 from .fused import random_draws
 from .runio import RunFolder
-from .schema import VALUE_PREFIX, value_column
+from .schema import value_column
 
 REPLAY_RTOL = 1e-5  # replayed vs recorded per-step values, relative to the step's largest |value|
 VAL_LOSS_RTOL = 1e-4  # float64 ground-truth validation loss vs the run's float32 one
@@ -118,16 +118,11 @@ def load_run(folder: RunFolder) -> RunInputs:
             "(the default is 8)."
         )
     values, steps, steps_values = folder.values(), folder.steps(), folder.steps_values()
-    methods = [c.removeprefix(VALUE_PREFIX) for c in values.columns if c.startswith(VALUE_PREFIX)]
+    methods = folder.methods()  # require_complete checked both tables hold their value columns
     if not methods or steps_values.empty or steps.empty:
         raise UserError(
             f"run {name!r} has no per-step values in steps_values.parquet (or no values/steps), so compare "
             "cannot check its replay; retrain it with attribution on and attribution.record_steps > 0."
-        )
-    missing = [value_column(m) for m in methods if value_column(m) not in steps_values.columns]
-    if missing:
-        raise UserError(
-            f"run {name!r}: steps_values.parquet lacks the columns {missing}; is the run complete?"
         )
     return RunInputs(folder, recipe, methods, values, steps, steps_values)
 

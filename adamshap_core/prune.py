@@ -230,12 +230,6 @@ def aligned_values(folder: RunFolder, data, methods: Sequence[str]) -> dict[str,
     return out
 
 
-def valued_methods(folder: RunFolder) -> list[str]:
-    """The methods the run valued, as its metrics.json records them (``require_complete`` checked that
-    values.parquet holds their columns)."""
-    return [m for m in folder.metrics().get("methods") or [] if m in METHOD_NAMES]
-
-
 def plan_retrains(
     values: dict[str, np.ndarray],
     is_noisy: np.ndarray,
@@ -299,7 +293,7 @@ def plan_for_run(
     direction = check_direction(direction)
     seeds = check_seeds(seeds)
     folder.require_complete()
-    available = valued_methods(folder)
+    available = folder.methods()
     if not available:
         raise UserError(
             f"run {folder.name!r} has no values (values.parquet holds no value_<method> column; was it "

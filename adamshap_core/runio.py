@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import UserError
-from .recipe import RUN_NAME, RUN_NAME_RULE
+from .recipe import METHOD_NAMES, RUN_NAME, RUN_NAME_RULE
 from .schema import KNOWN_SCHEMA_VERSIONS, SCHEMA_VERSION, TABLES, check_frame, table_problems
 
 CHECKPOINT_FILE = "checkpoint.pt"  # while a run is being trained (see checkpoint.py)
@@ -187,6 +187,11 @@ class RunFolder:
             return self.read_metrics()
         except UserError:
             return {}
+
+    def methods(self) -> list[str]:
+        """The methods the run valued, as its metrics.json records them (``require_complete`` checks
+        that its tables hold their value columns)."""
+        return [m for m in self.metrics().get("methods") or [] if m in METHOD_NAMES]
 
     def read_metrics(self) -> dict:
         """metrics.json, or a ``UserError`` saying why it cannot be read."""
