@@ -59,16 +59,17 @@ class StepValuer(Protocol):
     @property
     def methods(self) -> Sequence[str]: ...
 
+    # whether the validation rows may ride in the training batch
     @property
-    def fuse_validation(self) -> bool: ...  # whether the validation rows may ride in the training batch
+    def fuse_validation(self) -> bool: ...
 
+    # with fuse_validation: why the last step took the separate pass
     @property
-    def fusion_blocked(
-        self,
-    ) -> str | None: ...  # with fuse_validation: why the last step took the separate pass
+    def fusion_blocked(self) -> str | None: ...
 
+    # with fuse_validation: why no step can fuse (None: some may)
     @property
-    def rows_blocked(self) -> str | None: ...  # with fuse_validation: why no step can fuse (None: some may)
+    def rows_blocked(self) -> str | None: ...
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult: ...
 
