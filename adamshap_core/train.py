@@ -411,7 +411,7 @@ def run(
         if stopping:
             raise TrainingInterrupted(step, limit, checkpointer.path if checkpointer else None)
     wall_seconds = wall()
-    return _result(prep, state, _final_metrics(prep, state), wall_seconds)
+    return _result(prep, state, _final_metrics(prep, state, x_train, y_train), wall_seconds)
 
 
 def _take_step(prep: Prepared, inputs, targets) -> tuple[float, float, float, dict[str, np.ndarray]]:
@@ -450,19 +450,17 @@ def _add_values(
         state.rec_rows["example_id"].extend(ids.tolist())
 
 
-def _final_metrics(prep: Prepared, state: LoopState) -> dict:
+def _final_metrics(prep: Prepared, state: LoopState, x_train: torch.Tensor, y_train: torch.Tensor) -> dict:
     """metrics.json's figures after the last step: loss and accuracy on each split, counts, provenance."""
     d, dev, model, loss_fn, tracker = prep.data, prep.device, prep.model, prep.loss_fn, prep.tracker
     model.eval()
     split_metrics = {}
     for split, x, y in (
-        ("train", d.x_train, d.y_train),
-        ("val", d.x_val, d.y_val),
-        ("test", d.x_test, d.y_test),
+        ("train", x_train, y_train),  # already on the device, for the loop
+        ("val", d.x_val.to(dev), d.y_val.to(dev)),
+        ("test", d.x_test.to(dev), d.y_test.to(dev)),
     ):
-        split_metrics[f"{split}_loss"], split_metrics[f"{split}_accuracy"] = evaluate(
-            model, x.to(dev), y.to(dev), loss_fn
-        )
+        split_metrics[f"{split}_loss"], split_metrics[f"{split}_accuracy"] = evaluate(model, x, y, loss_fn)
     model.train()
     return {
         **split_metrics,
