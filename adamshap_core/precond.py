@@ -332,6 +332,8 @@ def scales(method: str, segments: Iterable[tuple[Key, ParamState]], clip: float)
 
 # ---- reading the live optimizer ---------------------------------------------------------------
 
+MOMENTS = ("exp_avg", "exp_avg_sq")  # where torch's Adam keeps its moments
+
 
 class OptimizerView:
     """Reads each parameter's step from a live torch.optim.Adam / AdamW / SGD.
@@ -441,7 +443,14 @@ class OptimizerView:
         moments = None
         if t > 1:
             state = self.optimizer.state
-            moments = tuple(_ranged([state[p][k] for p in params], part) for k in ("exp_avg", "exp_avg_sq"))
+            try:
+                moments = tuple(_ranged([state[p][k] for p in params], part) for k in MOMENTS)
+            except KeyError as e:
+                raise UserError(
+                    f"optimizer {type(self.optimizer).__name__} is read as torch.optim.Adam, and its state "
+                    f"after a step holds no {e} (does a subclass keep its moments under other names?); "
+                    "expected Adam's state: exp_avg, exp_avg_sq and step"
+                ) from None
         return AdamRead(
             lr,
             _ranged([_detached(p.grad) for p in params], part),

@@ -27,6 +27,7 @@ from .fused import (
     probe_blocker,
     rows_gradients,
 )
+from .optimizer_check import CHECKED_STEPS, StepSample
 from .precond import OptimizerView, Segment, StepRead, check_methods, flat_join, method_scales, reads_state
 
 
@@ -149,7 +150,8 @@ class InRunShapley:
 
     Where the values would be wrong, it raises a ``UserError`` instead, at construction or at the
     step where that becomes so (``coverage.py``): a parameter use the hooks do not see, examples
-    that interact through a batch norm, a parameter the optimizer moves unvalued.
+    that interact through a batch norm, a parameter the optimizer moves unvalued; or, on its first
+    steps, an optimizer whose step is not its torch base class's (``optimizer_check.py``).
     """
 
     def __init__(
@@ -179,6 +181,7 @@ class InRunShapley:
         self.fusion_blocked: str | None = "no step has computed ∇val yet"
         self._val_grads: torch.Tensor | None = None  # the last ∇val (reused in fast mode)
         self._steps = 0
+        self._checked_steps = 0  # steps compared with the optimizer's base class (a new tracker starts again)
         self._closed = False
         self.view = OptimizerView(optimizer)  # validates the optimizer up front
         # validates every trainable parameter up front; the flat layout follows the optimizer
@@ -235,8 +238,11 @@ class InRunShapley:
                 )
         rank = self.fast.rank if self.fast else None
         out: dict[str, torch.Tensor] = {}
+        sample: list[StepSample] = []  # this step's, where it is compared with the optimizer's base class
 
         def value_batch(losses: torch.Tensor, clip: float) -> None:
+            if self._checked_steps < CHECKED_STEPS:
+                sample.append(StepSample(self.optimizer, self.model))
             B = len(losses)
             val_grads = self._val_grads if rows is None else rows.gradients  # the rows': built just now
             values = self._values(val_grads, clip, B, rank, None if rows is None else rows.target)
@@ -247,6 +253,11 @@ class InRunShapley:
         with self.engine.capture(extra_rows=0 if rows is None else len(rows)):
             step = (self.model, self.optimizer, self.loss_fn, inputs, targets, self.max_grad_norm)
             losses, clip = training_step(*step, before_update=value_batch, extra=rows)
+        if sample:
+            self._checked_steps += 1
+            problem = sample[0].gap()
+            if problem is not None:
+                raise UserError(f"these values would be wrong: {problem}")
         if rows is not None:
             self._val_grads, val_loss = rows.gradients, rows.loss
         if self.fast is None:

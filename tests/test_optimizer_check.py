@@ -1,0 +1,184 @@
+"""An optimizer is valued by the rule of its torch base class (Adam, AdamW or SGD); one whose step
+computes another update is refused on the tracker's first steps (optimizer_check.py), and one that
+steps as its base class is valued as it."""
+
+import pytest
+import torch
+from cases import cross_entropy
+from torch import nn
+
+from adamshap_core import InRunShapley
+from adamshap_core.errors import UserError
+from adamshap_core.optimizer_check import CHECKED_STEPS, SAMPLE
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 3))
+
+
+def _batch(gen, n=6):
+    return torch.randn(n, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def _batches(n_steps, gen):
+    return [_batch(gen) for _ in range(n_steps)]
+
+
+def _train(model, opt, n_steps, methods=("adam", "sgd")):
+    gen = torch.Generator().manual_seed(1)
+    val = _batches(1, gen)[0]
+    tracker = InRunShapley(model, opt, cross_entropy, *val, methods)
+    return [tracker.step(x, y).values for x, y in _batches(n_steps, gen)]
+
+
+class LoggedAdamW(torch.optim.AdamW):
+    """Wraps the step without changing it."""
+
+    def step(self, closure=None):
+        self.logged = getattr(self, "logged", 0) + 1
+        return super().step(closure)
+
+
+class ScaledAdam(torch.optim.Adam):
+    """Steps 1% further than Adam: a departure of the size rounding never makes."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["lr"] *= 1.01
+        out = super().step(closure)
+        for group in self.param_groups:
+            group["lr"] /= 1.01
+        return out
+
+
+class DepartsFrom(ScaledAdam):
+    """Adam until step ``start``, then 1% further on every step from there."""
+
+    start = 2
+
+    def step(self, closure=None):
+        self.taken = getattr(self, "taken", 0) + 1
+        return super().step(closure) if self.taken >= self.start else torch.optim.Adam.step(self, closure)
+
+
+class MomentsElsewhere(torch.optim.Adam):
+    """Adam's rule with its first moment kept under another name: the base class cannot read its state."""
+
+    def step(self, closure=None):
+        for state in self.state.values():
+            state["exp_avg"] = state.pop("first")
+        out = super().step(closure)
+        for state in self.state.values():
+            state["first"] = state.pop("exp_avg")
+        return out
+
+
+class StepCountElsewhere(torch.optim.Adam):
+    """Adam's rule with its step count kept under another name: the base class cannot step its state."""
+
+    def step(self, closure=None):
+        for state in self.state.values():
+            state["step"] = state.pop("count")
+        out = super().step(closure)
+        for state in self.state.values():
+            state["count"] = state.pop("step")
+        return out
+
+
+class CenteredSGD(torch.optim.SGD):
+    """Subtracts each gradient's mean before the step (a gradient-centralising optimizer)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.dim() > 1:
+                    p.grad.sub_(p.grad.mean(dim=1, keepdim=True))
+        return super().step(closure)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.Adam(ps, lr=1e-2),
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1, foreach=True),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, betas=(0.8, 0.9), eps=1e-6),
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+    ],
+    ids=["adam", "adam-l2-foreach", "adamw", "adam-fused", "sgd-momentum", "sgd-nesterov"],
+)
+def test_the_torch_optimizers_pass_the_check(make):
+    model = _model()
+    first, rest = model[0].parameters(), model[2].parameters()
+    opt = make([{"params": list(first)}, {"params": list(rest), "lr": 3e-3}])  # groups of their own
+    _train(model, opt, CHECKED_STEPS + 1, methods=("sgd",))
+
+
+def test_a_subclass_that_steps_as_its_base_class_is_valued_as_it():
+    model = _model()
+    want = _train(model, torch.optim.AdamW(model.parameters(), lr=1e-2), 4)
+    model = _model()
+    opt = LoggedAdamW(model.parameters(), lr=1e-2)
+    got = _train(model, opt, 4)
+    assert opt.logged == 4
+    for w, g in zip(want, got, strict=True):
+        for method in w:
+            assert torch.equal(w[method], g[method])
+
+
+@pytest.mark.parametrize(
+    ("cls", "step", "match"),
+    [
+        (
+            ScaledAdam,
+            1,
+            r"optimizer ScaledAdam is valued by the rule of torch\.optim\.Adam, and it moved "
+            r"'0\.weight' otherwise than torch\.optim\.Adam's step would",
+        ),
+        (DepartsFrom, 2, "optimizer DepartsFrom .* moved '0.weight' otherwise"),
+        (MomentsElsewhere, 2, r"its state after a step holds no 'exp_avg'"),
+        (StepCountElsewhere, 2, r"and its state is not torch\.optim\.Adam's \(KeyError: 'step'\)"),
+        (CenteredSGD, 1, r"optimizer CenteredSGD is valued by the rule of torch\.optim\.SGD"),
+    ],
+)
+def test_a_subclass_that_changes_the_update_is_refused_on_a_checked_step(cls, step, match):
+    model = _model()
+    opt = cls(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    tracker = InRunShapley(model, opt, cross_entropy, *_batches(1, gen)[0], ("adam", "sgd"))
+    batches = _batches(step, gen)
+    for x, y in batches[:-1]:
+        tracker.step(x, y)
+    with pytest.raises(UserError, match=match):
+        tracker.step(*batches[-1])
+
+
+def test_only_the_first_steps_are_checked_and_a_new_tracker_checks_again():
+    model = _model()
+    opt = DepartsFrom(model.parameters(), lr=1e-2)
+    opt.start = CHECKED_STEPS + 1
+    _train(model, opt, CHECKED_STEPS + 2)  # departs unseen: the check is a sample of steps, not all
+    with pytest.raises(UserError, match="DepartsFrom"):
+        _train(model, opt, 1)  # as after a resume: a new tracker samples its first steps again
+
+
+def test_the_sample_is_spread_over_large_parameters():
+    """A departure on the last coordinates of a large weight is in the sample too."""
+
+    class LastRowOff(torch.optim.Adam):
+        @torch.no_grad()
+        def step(self, closure=None):
+            out = super().step(closure)
+            self.param_groups[0]["params"][0].view(-1)[-1] += 1e-2
+            return out
+
+    model = nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 3))
+    assert model[0].weight.numel() > 10 * SAMPLE
+    gen = torch.Generator().manual_seed(1)
+    vx, vy = torch.randn(2, 40, generator=gen), torch.randint(0, 3, (2,), generator=gen)
+    tracker = InRunShapley(model, LastRowOff(model.parameters(), lr=1e-3), cross_entropy, vx, vy, ("adam",))
+    with pytest.raises(UserError, match="'0.weight'"):
+        tracker.step(torch.randn(4, 40, generator=gen), torch.randint(0, 3, (4,), generator=gen))
