@@ -1,4 +1,4 @@
-# adamshap: `make demo` runs the default recipe end to end; `make test` runs the test suite.
+# adamshap: `make demo` runs the default recipe end to end; `make test` runs the type check and the test suite.
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 DEMO_RECIPE ?= recipes/digits-mlp.yaml
@@ -6,7 +6,7 @@ DEMO_RECIPE ?= recipes/digits-mlp.yaml
 # pytest -n 2 (two workers) and a busy machine from oversubscribing the cores.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-all bench lint
+.PHONY: install demo test test-all typecheck bench lint
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
@@ -15,7 +15,11 @@ install:
 demo: install
 	$(PYTHON) -m adamshap_cli train $(DEMO_RECIPE) --name demo --force
 
-test: install
+# the static type check of adamshap_core and cli (settings: pyproject.toml, [tool.mypy]); part of `make test`
+typecheck: install
+	$(PYTHON) -m mypy
+
+test: typecheck
 	$(PYTHON) -m pytest -q -n 2
 
 test-all: install

@@ -269,6 +269,8 @@ def replay_values(
     """Each training example's value for each query, summed over the replayed run."""
     from .train import prepare, run
 
+    if len(queries_y) == 0:
+        raise ValueError("no queries to value the training examples for: expected at least one")
     rec = replay_recipe(recipe, methods)
     Q, n = len(queries_y), data.n_train
     values = {m: np.zeros((n, Q)) for m in methods}
@@ -293,6 +295,7 @@ def replay_values(
         for m in methods:
             values[m][:, part] = valuer.sums[m]
         digests.add(result.metrics["params_sha256"])
+    assert result is not None  # Q >= 1: at least one replay ran
     digest = digests.pop() if len(digests) == 1 else "differs between replays"
     matches = None if expected_sha256 is None else digest == expected_sha256
     return QueryReplay(values, result.model, digest, matches, -(-Q // chunk))
@@ -441,6 +444,8 @@ def fact_recall(model: torch.nn.Module, data: TextDataset, recipe: Recipe) -> fl
         return None
     from .data.facts import generate
 
+    assert recipe.data.facts is not None  # DataCfg fills in the defaults for builtin:facts
+    assert data.tokenizer is not None  # text_dataset gives every TextDataset its tokenizer
     facts, _ = generate(recipe.data.facts.n_facts, recipe.data.facts.seed)
     value = {f.id: data.tokenizer.index[f.value] for f in facts}
     was_training = model.training
@@ -515,6 +520,12 @@ def plan(
     if chunk is not None and chunk < 1:
         raise UserError(f"--chunk is {chunk}; expected at least 1 query per replay.")
     data = load_dataset(recipe.data)
+    if not isinstance(data, TextDataset):  # (a gpt trains on text only: its recipe was edited since)
+        raise UserError(
+            f"run {folder.name!r} trained a gpt, but its recipe's data {recipe.data.source!r} is not text; "
+            "attribution replays the run on the texts it trained on."
+        )
+    assert data.tokenizer is not None  # text_dataset gives every TextDataset its tokenizer
     check_tokenizer(folder, data.tokenizer)
     queries = pick_queries(data, recipe, texts, queries_file)
     qx, qy = encode_queries(queries, data.tokenizer, context_length(recipe.model, data), score)
@@ -602,6 +613,7 @@ def attribute(p: Plan, on_step: Callable[[], None] | None = None) -> Attribution
     if "bm25" in p.baselines:
         scores["bm25"] = bm25_scores(d.texts, q.texts)
     example_ids = d.example_id.numpy().astype(np.int64)
+    assert d.tokenizer is not None  # text_dataset gives every TextDataset its tokenizer
     result = Attribution(
         q,
         example_ids,

@@ -31,11 +31,17 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .tracker import InRunShapley
 
 MODES = ("plain", "attribution", "per_example")
 FAST_KEY = "attribution_fast"  # how the fast attribution measurement is named in medians and summaries
@@ -197,10 +203,12 @@ class Session:
         n, bs = p.data.n_train, p.recipe.train.batch_size
         gen = torch.Generator().manual_seed(p.recipe.train.seed)
         x, y = p.data.x_train.to(p.device), p.data.y_train.to(p.device)
-        out, order, pos = [], None, n
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        order, pos = None, n
         while len(out) < self.spec.total_steps:
             if pos + bs > n:  # only full batches, so every timed step has the same size
                 order, pos = torch.randperm(n, generator=gen).to(p.device), 0
+            assert order is not None  # drawn on the first pass: pos starts at n
             idx = order[pos : pos + bs]
             out.append((x[idx], y[idx]))
             pos += bs
@@ -249,7 +257,7 @@ class _PlainStep:
 
 @dataclass
 class _TrackerStep:
-    tracker: object
+    tracker: InRunShapley
 
     def __call__(self, inputs, targets):
         return self.tracker.step(inputs, targets)

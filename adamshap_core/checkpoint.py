@@ -142,7 +142,8 @@ def data_digest(data) -> str:
 
 
 def _rng_states(device: torch.device, gen: torch.Generator) -> dict:
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)  # the default, given so that numpy's stub types the result
+    assert isinstance(np_state, tuple)  # the legacy form: numpy's global generator is an MT19937
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,

@@ -37,6 +37,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -49,6 +50,9 @@ from .fused import random_draws
 from .runio import RunFolder
 from .schema import value_column
 
+if TYPE_CHECKING:
+    from .recipe import Recipe
+
 REPLAY_RTOL = 1e-5  # replayed vs recorded per-step values, relative to the step's largest |value|
 VAL_LOSS_RTOL = 1e-4  # float64 ground-truth validation loss vs the run's float32 one
 TRUTHS = ("shapley", "loo")
@@ -60,7 +64,7 @@ class RunInputs:
     """A finished run's files, checked to support a comparison."""
 
     folder: RunFolder
-    recipe: object
+    recipe: Recipe
     methods: list[str]
     values: pd.DataFrame
     steps: pd.DataFrame
@@ -448,6 +452,8 @@ def layer_frame(rep: TruthReplay, evaluated: Sequence[int], methods: Sequence[st
     rows = []
     for step in evaluated:
         t = rep.truths[step]
+        # an evaluated step's truth splits each method's value by parameter
+        assert t.by_param is not None and t.param_names is not None and t.scale_spread is not None
         for m in methods:
             terms = t.by_param[m]
             total = np.abs(terms).sum()
@@ -467,7 +473,7 @@ def divergence(table: pd.DataFrame, layers: pd.DataFrame, baseline: str) -> dict
         & (table["scope"] != "cumulative")
     ]
     worst = per_step.sort_values("pearson").head(3)
-    out = {
+    out: dict[str, Any] = {
         "baseline": baseline,
         "worst_steps": [
             {"step": int(r.scope), "pearson_vs_shapley": r.pearson} for r in worst.itertuples(index=False)
@@ -520,6 +526,7 @@ def engine_vs_bruteforce(rep: TruthReplay, evaluated: Sequence[int], methods: Se
     worst = 0.0
     for step in evaluated:
         t = rep.truths[step]
+        assert t.by_param is not None  # an evaluated step's truth splits each method's value by parameter
         sv = rep.steps_values[rep.steps_values["step"] == step].set_index("example_id")
         for m in methods:
             engine = sv.loc[rep.batch_ids[step], value_column(m)].to_numpy()

@@ -28,6 +28,7 @@ import time
 import types
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -35,8 +36,8 @@ from .errors import UserError
 
 # cpp_wrapper: the graph's launcher in C++ (a Python launcher costs ~1 µs per intermediate tensor,
 # which here is as much as the arithmetic); no size asserts (a check per tensor per call); the
-# many small independent loops fused into as few kernels as possible
-OPTIONS = {
+# many small independent loops fused into as few kernels as possible (typed as torch.compile's options)
+OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {
     "cpp_wrapper": True,
     "size_asserts": False,
     "aggressive_fusion": True,

@@ -499,6 +499,7 @@ def _param_state(kind: str, s: ParamSlot, update: Update, data_grad: torch.Tenso
     if kind == "sgd":
         return SGDState(lr, sgd_gain(s.group, s.state))
     u, sl = update, s.span
+    assert isinstance(u, AdamStep)  # read from the same optimizer as kind
     beta1, beta2 = (float(b) for b in s.group["betas"])
     r = u.r[sl] if bool(u.r[sl].any()) else None
     return AdamState(

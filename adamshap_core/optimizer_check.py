@@ -22,12 +22,14 @@ CHECKED_STEPS = 2
 UPDATE_RTOL = 1e-3
 WEIGHT_RTOL = 1e-6
 
-BASES = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
+Base = type[torch.optim.Adam] | type[torch.optim.SGD]  # AdamW is an Adam
+BASES: tuple[Base, ...] = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
 
 
-def base_class(optimizer: torch.optim.Optimizer) -> type[torch.optim.Optimizer]:
-    """The torch class whose rule ``OptimizerView`` reads this optimizer by."""
-    return next(t for t in type(optimizer).__mro__ if t in BASES)
+def base_class(optimizer: torch.optim.Optimizer) -> Base:
+    """The torch class whose rule ``OptimizerView`` reads this optimizer by: the first of its MRO that
+    is one of ``BASES``."""
+    return next(base for t in type(optimizer).__mro__ for base in BASES if t is base)
 
 
 class StepSample:

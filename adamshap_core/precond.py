@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -31,7 +31,7 @@ BLOCK = 1 << 16
 # ---- what the optimizer is about to do to one parameter -----------------------------------------
 
 
-def adam_coefficients(beta1: float, beta2: float, t: int) -> tuple[float, float, float, float]:
+def adam_coefficients(beta1: float, beta2: float, t: Scalar) -> tuple[Scalar, Scalar, Scalar, Scalar]:
     """(a, b, √c, √d) of Adam's step t: u(g) = (a·m + b·g) / (√(c·v + d·g²) + ε)."""
     bc1 = 1.0 - beta1**t
     bc2 = 1.0 - beta2**t
@@ -83,7 +83,7 @@ class AdamState:
         g = self.grad
         return self.workspace.get((self.key, name), g.shape, g.dtype, g.device)
 
-    def root_cv(self, sqrt_c: float, name: str) -> torch.Tensor:
+    def root_cv(self, sqrt_c: Scalar, name: str) -> torch.Tensor:
         """√(c·v), the data-independent part of the normaliser, in scratch tensor ``name``."""
         return torch.sqrt(self.v, out=self.scratch(name)).mul_(sqrt_c)
 
@@ -142,8 +142,9 @@ class AdamRead:
         zero moments before the first step as tensors of their own."""
         moments = self.moments
         if moments is None:
-            moments = tuple([torch.zeros_like(g) for g in self.grads] for _ in range(2))
-        coeffs = tuple(_scalar(c) for c in adam_coefficients(self.beta1, self.beta2, self.t))
+            moments = ([torch.zeros_like(g) for g in self.grads], [torch.zeros_like(g) for g in self.grads])
+        a, b, sqrt_c, sqrt_d = adam_coefficients(self.beta1, self.beta2, self.t)
+        coeffs = (_scalar(a), _scalar(b), _scalar(sqrt_c), _scalar(sqrt_d))
         return replace(self, lr=_scalar(self.lr), t=_scalar(self.t), moments=moments, coeffs=coeffs)
 
 
@@ -158,14 +159,14 @@ def _scalar(x: Scalar) -> torch.Tensor:
 # The tensors they return are scratch of their own (one set per rule), valid until the next step.
 
 
-def sgd_rule(s: ParamState | StepRead, k: float) -> float:
+def sgd_rule(s: ParamState | StepRead, k: Scalar) -> Scalar:
     """P = 1: the original In-Run Data Shapley, as if the step were plain SGD. Reads nothing of
     the optimizer's state but the learning rate (folded into k), so it may be given the unflattened
     ``StepRead`` (see ``Method.reads_state``)."""
     return k
 
 
-def adam_fixed_rule(s: ParamState, k: float) -> torch.Tensor | float:
+def adam_fixed_rule(s: ParamState, k: Scalar) -> torch.Tensor | float:
     """P = b / (√v̂_t + ε): Adam's normaliser frozen at its full-batch value."""
     if isinstance(s, SGDState):
         return k * s.gain
@@ -175,7 +176,7 @@ def adam_fixed_rule(s: ParamState, k: float) -> torch.Tensor | float:
     return torch.add(root, s.eps, out=s.scratch("fixed.P")).reciprocal_().mul_(k * b)
 
 
-def adam_rule(s: ParamState, k: float) -> torch.Tensor | float:
+def adam_rule(s: ParamState, k: Scalar) -> torch.Tensor | float:
     """P = (u(g_N) − u(g_∅)) / (g_N − g_∅): the secant of the real Adam step.
 
     Written without the difference quotient (DESIGN.md §2), so it is exact in
@@ -198,7 +199,8 @@ def adam_rule(s: ParamState, k: float) -> torch.Tensor | float:
     # |q′| <= 1/√d always (S >= √d·|g|); the clamp keeps underflowed S from inflating it
     q = torch.add(S0, S1, out=s.scratch("adam.q")).clamp_min_(torch.finfo(S1.dtype).tiny)
     g_sum = s.grad if g0 is None else _add_scaled(s.grad, g0, 2.0, out=s.scratch("adam.g"))
-    q = torch.div(g_sum, q, out=q).clamp_(-1 / sqrt_d, 1 / sqrt_d)
+    # both bounds are floats, or both 0-d tensors (traced), which torch's overloads say apart
+    q = torch.div(g_sum, q, out=q).clamp_(-1 / sqrt_d, 1 / sqrt_d)  # type: ignore[arg-type]
     D0 = torch.add(S0, s.eps, out=s.scratch("adam.D0"))
     P = s.scratch("adam.P")
     # the part of u's numerator that q multiplies, over b: (a/b)·m + g0
@@ -246,7 +248,8 @@ def _norm(
         return _norm_scaled(x, y * scale), False
     safe_underflow = eps > 1e6 * torch.finfo(y.dtype).tiny ** 0.5
     if safe_underflow:
-        S = torch.mul(x, x, out=out).addcmul_(y, y, value=scale * scale).sqrt_()
+        # a 0-d tensor scale is taken as the number it holds (torch's stub allows only a number)
+        S = torch.mul(x, x, out=out).addcmul_(y, y, value=scale * scale).sqrt_()  # type: ignore[arg-type]
         if not S.numel() or math.isfinite(float(S.max())):
             return S, True
     return torch.hypot(x, torch.mul(y, scale, out=out), out=out), False
@@ -266,7 +269,8 @@ def _norm_scaled(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Method:
     name: str
-    rule: object  # (ParamState, k) -> k·P; given a StepRead where no method reads the state
+    # (ParamState, k) -> k·P; given a StepRead where no method reads the state (``reads_state``)
+    rule: Callable[[Any, Scalar], Scale]
     clipped: bool  # x_i carries the clip factor c (sgd ignores clipping by definition)
     summary: str
     # whether the rule reads the optimizer's gradient and moments; where no method does, they are not
@@ -408,8 +412,8 @@ class OptimizerView:
         out = []
         for key, start, params, _ in runs:
             group = self.optimizer.param_groups[key[0]]
-            split = block is not None and self.kind == "adam"
-            for members, part in _packed(params, block) if split else [(params, None)]:
+            pieces = _packed(params, block) if block is not None and self.kind == "adam" else [(params, None)]
+            for members, part in pieces:
                 n = sum(p.numel() for p in members) if part is None else part.stop - part.start
                 out.append((slice(start, start + n), self._read(group, members, key[1], part)))
                 start += n
@@ -444,7 +448,8 @@ class OptimizerView:
         if t > 1:
             state = self.optimizer.state
             try:
-                moments = tuple(_ranged([state[p][k] for p in params], part) for k in MOMENTS)
+                exp_avg, exp_avg_sq = (_ranged([state[p][k] for p in params], part) for k in MOMENTS)
+                moments = (exp_avg, exp_avg_sq)
             except KeyError as e:
                 raise UserError(
                     f"optimizer {type(self.optimizer).__name__} is read as torch.optim.Adam, and its state "
@@ -508,8 +513,9 @@ def _packed(params: list[torch.Tensor], size: int) -> Iterator[Block]:
         yield block, None
 
 
-def _detached(t: torch.Tensor) -> torch.Tensor:
+def _detached(t: torch.Tensor | None) -> torch.Tensor:
     """``t`` out of the graph (a gradient is already, unless made with create_graph)."""
+    assert t is not None  # a parameter's gradient: ``reads`` keeps only parameters that have one
     return t.detach() if t.requires_grad else t
 
 

@@ -29,6 +29,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -37,6 +38,9 @@ from .errors import UserError
 from .recipe import METHOD_NAMES, Recipe
 from .runio import RunFolder, atomic_write
 from .schema import value_column
+
+if TYPE_CHECKING:
+    from .data import Dataset
 
 FULL = "full"
 RANDOM = "random"
@@ -266,7 +270,7 @@ class PrunePlan:
 
     folder: RunFolder
     recipe: Recipe
-    data: object  # the run's Dataset, on the CPU
+    data: Dataset  # on the CPU
     methods: list[str]
     fracs: list[float]
     seeds: int

@@ -28,7 +28,7 @@ from .fused import (
     rows_gradients,
 )
 from .optimizer_check import CHECKED_STEPS, StepSample
-from .precond import OptimizerView, Segment, StepRead, check_methods, flat_join, method_scales, reads_state
+from .precond import OptimizerView, ParamState, StepRead, check_methods, flat_join, method_scales, reads_state
 
 
 @dataclass
@@ -95,7 +95,7 @@ def _checked(losses: torch.Tensor, rows: int | None = None, extra: int = 0) -> t
 def step_values(
     engine: GhostEngine,
     val_grads: torch.Tensor,
-    segments: Iterable[Segment | tuple[slice, StepRead]],
+    segments: Iterable[tuple[slice, ParamState | StepRead]],
     methods: Sequence[str],
     clip: float | torch.Tensor,
     batch_size: int,
@@ -189,10 +189,10 @@ class InRunShapley:
         self._watch = TrainableWatch(optimizer, model, {id(p) for p in self.engine.parameters})
         self._norms = batch_statistics(model)
         _refuse(coupling_problem(self._norms))
-        self._model_blocker = "fuse_validation is off"
+        self._model_blocker: str | None = "fuse_validation is off"
         if fuse_validation:
             self._model_blocker = model_blocker(model) or self.engine.builds_gradients()
-        self._compiled = None
+        self._compiled: Compiled | None = None
         if compile:
             self._compiled = Compiled({"rows": rows_gradients, "values": traced_step_values})
         self.set_validation(val_inputs, val_targets, per_target=per_target)
@@ -245,6 +245,7 @@ class InRunShapley:
                 sample.append(StepSample(self.optimizer, self.model))
             B = len(losses)
             val_grads = self._val_grads if rows is None else rows.gradients  # the rows': built just now
+            assert val_grads is not None  # or kept from an earlier step: see _needs_refresh
             values = self._values(val_grads, clip, B, rank, None if rows is None else rows.target)
             for k, m in enumerate(self.methods):
                 v = values[:, k]
@@ -307,6 +308,7 @@ class InRunShapley:
         return values.clone()  # a normal tensor again, which the caller may change in place
 
     def _compiled_values(self, val_grads: torch.Tensor, clip: float, B: int) -> torch.Tensor | None:
+        assert self._compiled is not None  # called where self.compiles
         reads = [(where, read.traced()) for where, read in self.view.reads(self.engine.parameters)]
         clip_t = torch.tensor(clip, dtype=torch.float64)  # a tensor: a float would be compiled in
         args = (self.engine, self.engine.captured(B), val_grads, reads, self.methods, clip_t, B)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -16,9 +16,10 @@ class Workspace:
     after the first step: a fresh large CPU allocation is page-faulted in, which costs more
     than the arithmetic done in it."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._buffers: dict[object, torch.Tensor] = {}
-        self._views: dict[object, tuple[tuple, object]] = {}  # key -> (where the buffer was, its views)
+        # key -> (where the buffer was, its views): each key's views are what its own make returns
+        self._views: dict[object, tuple[tuple, Any]] = {}
 
     def get(
         self, key: object, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import JustifyMethod
 from rich.markup import escape
 from rich.progress import TextColumn
 from rich.table import Table
@@ -142,14 +143,15 @@ def benchmark_table(bench) -> Table:
         title=f"rank of the true source among {n_train} training texts (1 = top)",
         title_justify="left",
     )
-    for col, just in [
+    columns: list[tuple[str, JustifyMethod]] = [
         ("level", "left"),
         ("method", "left"),
         ("queries", "right"),
         ("mean rank", "right"),
         ("recall@1", "right"),
         ("recall@10", "right"),
-    ]:
+    ]
+    for col, just in columns:
         table.add_column(col, justify=just)
     best = bench[bench["method"] != "random"].groupby("level")["mean_rank"].min()
     previous = None

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 import typer
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.markup import escape
 from rich.progress import TextColumn
 from rich.table import Table
@@ -300,7 +300,7 @@ def print_summary(folder: Path) -> None:
 
     frame = bm.collect(folder)
     table = Table(title=f"benches under {escape(str(folder))}", title_justify="left")
-    columns = [
+    columns: list[tuple[str, JustifyMethod]] = [
         ("bench", "left"),
         ("mode", "left"),
         ("device", "left"),

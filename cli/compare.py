@@ -72,7 +72,8 @@ def compare(
     try:
         result = compare_run(folder, options, on_progress, on_start)
     finally:
-        if task is not None:  # stopping a bar that never started prints an empty line
+        # stopping a bar that never started prints an empty line
+        if progress is not None and task is not None:
             progress.stop()
     written = write_outputs(folder, result)
     print_report(result)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import JustifyMethod
 from rich.markup import escape
 from rich.table import Table
 
@@ -26,14 +27,15 @@ def runs(
         )
         return
     table = Table(title=f"runs in {root}", title_justify="left")
-    for col, just in [
+    columns: list[tuple[str, JustifyMethod]] = [
         ("name", "left"),
         ("recipe", "left"),
         ("date", "left"),
         ("test acc", "right"),
         ("methods", "left"),
         ("status", "left"),
-    ]:
+    ]
+    for col, just in columns:
         table.add_column(col, justify=just)
     for f in folders:
         m = f.metrics()

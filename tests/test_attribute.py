@@ -151,6 +151,34 @@ def test_a_query_of_a_file_is_named_by_its_line(runs, tmp_path):
     assert f"query 'b' (line 2 of {p}) is 41 tokens long" in " ".join(res.output.split())
 
 
+def test_a_gpt_run_whose_recipe_now_loads_data_other_than_text_is_refused(runs, tmp_path):
+    """A gpt trains on text only, so such a recipe was edited after the run: a clear error, not a
+    crash on the tokenizer a tabular dataset lacks."""
+    import shutil
+
+    import yaml
+
+    edited = tmp_path / "runs"
+    shutil.copytree(runs / "facts", edited / "facts")
+    path = edited / "facts" / "recipe.yaml"
+    recipe = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**recipe, "data": {"source": "sklearn:digits"}}, sort_keys=False))
+    res = attribute(edited, "--run", "facts")
+    assert res.exit_code == 2, res.output
+    assert "'sklearn:digits' is not text" in " ".join(res.output.split()), res.output
+
+
+def test_replay_values_needs_a_query(runs):
+    """No query to value against is an error that says so (no replay runs at all)."""
+    from adamshap_core import attribute as at
+    from adamshap_core import runio
+
+    plan = at.plan(runio.open_run(runs, "facts"))
+    none_x, none_y = plan.queries_x[:0], plan.queries_y[:0]
+    with pytest.raises(ValueError, match="no queries"):
+        at.replay_values(plan.recipe, plan.data, none_x, none_y, plan.valued)
+
+
 # ---------------------------------------------------------------- ranks and baselines
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import numpy as np
 import torch
+
+DatasetT = TypeVar("DatasetT", bound="Dataset")  # a subset is of the same class
 
 
 @dataclass
@@ -60,7 +63,7 @@ class Dataset:
         """JSON files the run folder keeps for this dataset ({file name: object}), e.g. a tokenizer."""
         return {}
 
-    def subset(self, keep) -> Dataset:
+    def subset(self: DatasetT, keep) -> DatasetT:
         """The same dataset with only the training rows ``keep`` (positions, not ids); every other
         field, a subclass's too, is kept as it is."""
         keep = torch.as_tensor(keep, dtype=torch.long)

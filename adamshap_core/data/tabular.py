@@ -97,7 +97,7 @@ def tabular_dataset(
     std = x[train].std(axis=0)
     std[std < 1e-12] = 1.0
     xs = ((x - mean) / std).astype(np.float32)
-    shape = tuple(image_shape) if image else (x.shape[1],)
+    shape = tuple(image_shape) if image and image_shape is not None else (x.shape[1],)  # (refused above)
 
     def tx(rows):
         return torch.from_numpy(np.ascontiguousarray(xs[rows])).reshape(len(rows), *shape)

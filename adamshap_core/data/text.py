@@ -60,6 +60,7 @@ class TextDataset(Dataset):
         }
 
     def run_files(self) -> dict[str, object]:
+        assert self.tokenizer is not None  # text_dataset gives every TextDataset its tokenizer
         return {"tokenizer.json": self.tokenizer.to_dict()}
 
     def subset(self, keep) -> TextDataset:
@@ -232,6 +233,7 @@ def load_builtin(rest: str, cfg: DataCfg, *, image: bool = False) -> TextDataset
     source = f"builtin:{rest}"
     _no_image(image, source)
     _check_text_options(cfg, source)
+    assert cfg.facts is not None  # DataCfg fills in the defaults for builtin:facts
     facts, queries = generate(cfg.facts.n_facts, cfg.facts.seed)
     ids = [f.id for f in facts]
     train = Texts([f.text for f in facts], ids, ids, [f"fact {f.id}" for f in facts])

@@ -97,7 +97,7 @@ def _per_group(module: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -> tuple[tor
 
 
 def _patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    padding = module.padding
+    padding: str | int | tuple[int, ...] = module.padding
     if padding == "valid":
         padding = 0
     elif padding == "same":
@@ -108,4 +108,5 @@ def _patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
             pads += [total // 2, total - total // 2]
         x = F.pad(x, pads)
         padding = 0
+    assert not isinstance(padding, str)  # Conv2d takes no padding string but these two
     return F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)

@@ -245,6 +245,7 @@ class GhostEngine:
         out: dict[int, torch.Tensor] = {}
         parts = []
         for call in self.captured(batch_size) if calls is None else calls:
+            assert call.b is not None  # captured() keeps the calls that got an output-gradient
             dtype = torch.promote_types(call.b.dtype, torch.float32)  # as ∇val is used: float32 or wider
             a, b = _cast(call.a[batch_size:], dtype), _cast(call.b[batch_size:], dtype)
             parts.append(Part(call, a, b, self._owned[call.module][1]))
@@ -400,7 +401,8 @@ class GhostEngine:
         B = batch_size
         # the rows' a and b are at hand, and some parameter's M is ∇val times scalars (else none qualifies)
         ghost_rows = rows is not None and self._extra_rows > 0 and bool(M.scalar_runs)
-        uses = Counter()  # calls per parameter: the ghost route needs a parameter one call alone uses
+        # calls per parameter: the ghost route needs a parameter one call alone uses
+        uses: Counter[int] = Counter()
         if ghost_rows:
             uses.update(id(p) for c in calls for p in self._owned[c.module][1].values())
         parts, total = [], None
@@ -409,9 +411,11 @@ class GhostEngine:
             if not Mc:
                 continue
             dtype = matrix_dtype(Mc)  # float32 or wider, also under autocast
+            assert call.b is not None  # captured() keeps the calls that got an output-gradient
             a, b = (call.a, call.b) if not self._extra_rows else (call.a[:B], call.b[:B])
             a, b = _cast(a, dtype), _cast(b, dtype)
             if ghost_rows:
+                assert rows is not None  # ghost_rows says so
                 v, Mc = self._rows_values(call, Mc, M, rows, uses, a, b)
                 if v is not None:
                     total = v if total is None else total + v
@@ -453,14 +457,15 @@ class GhostEngine:
             return None, Mc
         (per_method,) = scalars
         B, K = a.shape[0], M.n_targets
+        assert call.b is not None  # the caller cut b from it
         a_rows, b_rows = _cast(call.a[B:], a.dtype), _cast(call.b[B:], b.dtype)
         ghost = call.kernel.rows_values(call.module, a, b, a_rows, b_rows, K)  # [B, R]
         if ghost is None:
             return None, Mc
         if rows.summed:
             ghost = ghost.sum(dim=1, keepdim=True)
-        per_method = torch.tensor(per_method, dtype=ghost.dtype, device=ghost.device) * rows.scale
-        values = (per_method[None, :, None] * ghost[:, None, :]).reshape(B, K)  # method-major, as M's rows
+        scales = torch.tensor(per_method, dtype=ghost.dtype, device=ghost.device) * rows.scale
+        values = (scales[None, :, None] * ghost[:, None, :]).reshape(B, K)  # method-major, as M's rows
         return values, {n: m for n, m in Mc.items() if n not in names}
 
     def _stacks(self, parts: list[Part], intermediate: bool) -> list[list[Part]]:
@@ -482,11 +487,11 @@ class GhostEngine:
             if key is None or floats > self.stack_floats:
                 stacks.append([part])
                 continue
-            stack, size = open_stacks.get(key, (None, None))
-            if stack is None or size[0] + floats > self.stack_floats:
-                stack, size = [], [0]
-                open_stacks[key] = (stack, size)
-                stacks.append(stack)
+            kept = open_stacks.get(key)
+            if kept is None or kept[1][0] + floats > self.stack_floats:
+                kept = open_stacks[key] = ([], [0])
+                stacks.append(kept[0])
+            stack, size = kept
             stack.append(part)
             size[0] += floats
         return stacks
@@ -634,7 +639,7 @@ class Matrices:
 
     def for_call(self, module: nn.Module, kernel: LayerKernel, own: dict[str, nn.Parameter]) -> dict:
         factored = kernel.low_rank_params(module)
-        out = {}
+        out: dict[str, torch.Tensor | LowRank] = {}
         for name, p in own.items():
             if name in factored and id(p) in self.factors:
                 out[name] = self.factors[id(p)]

@@ -34,6 +34,7 @@ def _affine_values_stacked(module, x_hat: torch.Tensor, b: torch.Tensor, M) -> t
     for name, g in grads.items():
         v = (g.view(G, B, -1) @ M[name].reshape(G, -1, g.shape[1]).transpose(1, 2)).sum(dim=0)
         out = v if out is None else out + v
+    assert out is not None  # M holds the weight's or the bias's: a call without either is not valued
     return out
 
 

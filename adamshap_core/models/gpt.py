@@ -124,6 +124,7 @@ class GPT(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
         for block in self.blocks:
+            assert isinstance(block, Block)  # (a ModuleList's items are typed as any module)
             for proj in (block.attn.out, block.mlp.down):
                 nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
 
