@@ -62,28 +62,20 @@ class DepartsFrom(ScaledAdam):
         return super().step(closure) if self.taken >= self.start else torch.optim.Adam.step(self, closure)
 
 
-class MomentsElsewhere(torch.optim.Adam):
-    """Adam's rule with its first moment kept under another name: the base class cannot read its state."""
+def state_renamed(key: str, name: str) -> type[torch.optim.Adam]:
+    """Adam's rule with one entry of its state, ``key``, kept under another ``name`` between steps."""
 
-    def step(self, closure=None):
-        for state in self.state.values():
-            state["exp_avg"] = state.pop("first")
-        out = super().step(closure)
-        for state in self.state.values():
-            state["first"] = state.pop("exp_avg")
-        return out
+    class Renamed(torch.optim.Adam):
+        def step(self, closure=None):
+            for state in self.state.values():
+                state[key] = state.pop(name)
+            out = super().step(closure)
+            for state in self.state.values():
+                state[name] = state.pop(key)
+            return out
 
-
-class StepCountElsewhere(torch.optim.Adam):
-    """Adam's rule with its step count kept under another name: the base class cannot step its state."""
-
-    def step(self, closure=None):
-        for state in self.state.values():
-            state["step"] = state.pop("count")
-        out = super().step(closure)
-        for state in self.state.values():
-            state["count"] = state.pop("step")
-        return out
+    Renamed.__name__ = f"{key.title().replace('_', '')}Renamed"
+    return Renamed
 
 
 class CenteredSGD(torch.optim.SGD):
@@ -139,8 +131,8 @@ def test_a_subclass_that_steps_as_its_base_class_is_valued_as_it():
             r"'0\.weight' otherwise than torch\.optim\.Adam's step would",
         ),
         (DepartsFrom, 2, "optimizer DepartsFrom .* moved '0.weight' otherwise"),
-        (MomentsElsewhere, 2, r"its state after a step holds no 'exp_avg'"),
-        (StepCountElsewhere, 2, r"and its state is not torch\.optim\.Adam's \(KeyError: 'step'\)"),
+        (state_renamed("exp_avg", "first"), 2, r"its state after a step holds no 'exp_avg'"),
+        (state_renamed("step", "count"), 2, r"its state is not torch\.optim\.Adam's \(KeyError: 'step'\)"),
         (CenteredSGD, 1, r"optimizer CenteredSGD is valued by the rule of torch\.optim\.SGD"),
     ],
 )
