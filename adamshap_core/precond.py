@@ -31,7 +31,7 @@ BLOCK = 1 << 16
 # ---- what the optimizer is about to do to one parameter -----------------------------------------
 
 
-def adam_coefficients(beta1: float, beta2: float, t: Scalar) -> tuple[Scalar, Scalar, Scalar, Scalar]:
+def adam_coefficients(beta1: Scalar, beta2: Scalar, t: Scalar) -> tuple[Scalar, Scalar, Scalar, Scalar]:
     """(a, b, √c, √d) of Adam's step t: u(g) = (a·m + b·g) / (√(c·v + d·g²) + ε)."""
     bc1 = 1.0 - beta1**t
     bc2 = 1.0 - beta2**t
@@ -45,8 +45,8 @@ class AdamState:
     lr: Scalar
     grad: torch.Tensor  # the data part of the gradient (after clipping): g_N − r
     r: torch.Tensor | None  # data-independent part: coupled L2 term λ·w, else None (zero)
-    beta1: float
-    beta2: float
+    beta1: Scalar
+    beta2: Scalar
     eps: float
     t: Scalar  # the step about to be taken, from 1
     m: torch.Tensor  # first moment before this step (zeros at t = 1)
@@ -118,8 +118,8 @@ class AdamRead:
     grads: list[torch.Tensor]
     decayed: list[torch.Tensor] | None  # the weights, where coupled L2 decay adds wd·w to the gradient
     wd: float
-    beta1: float
-    beta2: float
+    beta1: Scalar
+    beta2: Scalar
     eps: float
     t: Scalar
     moments: tuple[list[torch.Tensor], list[torch.Tensor]] | None  # (exp_avg, exp_avg_sq); None at t = 1
@@ -145,7 +145,9 @@ class AdamRead:
             moments = ([torch.zeros_like(g) for g in self.grads], [torch.zeros_like(g) for g in self.grads])
         a, b, sqrt_c, sqrt_d = adam_coefficients(self.beta1, self.beta2, self.t)
         coeffs = (_scalar(a), _scalar(b), _scalar(sqrt_c), _scalar(sqrt_d))
-        return replace(self, lr=_scalar(self.lr), t=_scalar(self.t), moments=moments, coeffs=coeffs)
+        # β1 and β2 too (a schedule may cycle them, as OneCycleLR does), though only the coefficients use them
+        lr, t, beta1, beta2 = (_scalar(x) for x in (self.lr, self.t, self.beta1, self.beta2))
+        return replace(self, lr=lr, t=t, beta1=beta1, beta2=beta2, moments=moments, coeffs=coeffs)
 
 
 StepRead = AdamRead | SGDState

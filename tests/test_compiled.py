@@ -98,12 +98,15 @@ def test_compiled_values_and_updates_equal_eager_ones(optimizer, tracker_kw, cli
 @pytest.mark.slow
 @compiles
 def test_one_graph_serves_every_step_of_a_batch_shape(float64):
-    """The learning rate and the step count change every step: they must not compile new graphs."""
+    """The learning rate, Adam's betas (OneCycleLR cycles β1) and the step count change every step: they
+    must not compile new graphs."""
     _, tracker, _ = run([5], adam, {"fuse_validation": True, "compile": True})
     assert tracker.compiled_graphs == 2 and tracker.compile_failed is None
     x, y = batches([5], seed=3)[0]
-    for _ in range(3):
-        tracker.optimizer.param_groups[0]["lr"] *= 0.5
+    for i in range(3):
+        group = tracker.optimizer.param_groups[0]
+        group["lr"] *= 0.5
+        group["betas"] = (0.85 + 0.01 * i, 0.99 - 0.001 * i)
         tracker.step(x, y)
     assert tracker.compiled_graphs == 2
 
