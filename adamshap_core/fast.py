@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
@@ -24,3 +25,20 @@ class FastMode(BaseModel):
     refresh_every: StrictInt = Field(4, ge=1)
     warmup: StrictInt = Field(10, ge=0)
     rank: Annotated[StrictInt, Field(ge=1)] | None = 8
+
+    @classmethod
+    def of(cls, value: bool | FastMode | Mapping | None) -> FastMode | None:
+        """The fast mode ``InRunShapley(fast=value)`` asks for: True its defaults, a mapping its settings
+        (as the recipe key takes them), False or None none (exact values)."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            return cls.model_validate(dict(value))  # pydantic's ValidationError is a ValueError
+        raise TypeError(
+            f"fast is {value!r}; expected True, False, a FastMode or a mapping of its settings "
+            f"({', '.join(cls.model_fields)})"
+        )

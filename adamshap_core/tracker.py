@@ -8,7 +8,7 @@ the same pass, returns each example's per-step value under every method.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -165,7 +165,7 @@ class InRunShapley:
         *,
         max_grad_norm: float | None = None,
         per_target: bool = False,
-        fast: bool | FastMode = False,
+        fast: bool | FastMode | Mapping = False,
         fuse_validation: bool = False,
         compile: bool = False,
     ):
@@ -176,7 +176,7 @@ class InRunShapley:
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm is {max_grad_norm}; expected a positive number, or None")
         self.max_grad_norm = max_grad_norm
-        self.fast = FastMode() if fast is True else (fast or None)
+        self.fast = FastMode.of(fast)
         self.fuse_validation = fuse_validation
         self.fusion_blocked: str | None = "no step has computed ∇val yet"
         self._val_grads: torch.Tensor | None = None  # the last ∇val (reused in fast mode)
@@ -186,16 +186,20 @@ class InRunShapley:
         self.view = OptimizerView(optimizer)  # validates the optimizer up front
         # validates every trainable parameter up front; the flat layout follows the optimizer
         self.engine = GhostEngine(model, order=[p for g in optimizer.param_groups for p in g["params"]])
-        self._watch = TrainableWatch(optimizer, model, {id(p) for p in self.engine.parameters})
-        self._norms = batch_statistics(model)
-        _refuse(coupling_problem(self._norms))
-        self._model_blocker: str | None = "fuse_validation is off"
-        if fuse_validation:
-            self._model_blocker = model_blocker(model) or self.engine.builds_gradients()
-        self._compiled: Compiled | None = None
-        if compile:
-            self._compiled = Compiled({"rows": rows_gradients, "values": traced_step_values})
-        self.set_validation(val_inputs, val_targets, per_target=per_target)
+        try:
+            self._watch = TrainableWatch(optimizer, model, {id(p) for p in self.engine.parameters})
+            self._norms = batch_statistics(model)
+            _refuse(coupling_problem(self._norms))
+            self._model_blocker: str | None = "fuse_validation is off"
+            if fuse_validation:
+                self._model_blocker = model_blocker(model) or self.engine.builds_gradients()
+            self._compiled: Compiled | None = None
+            if compile:
+                self._compiled = Compiled({"rows": rows_gradients, "values": traced_step_values})
+            self.set_validation(val_inputs, val_targets, per_target=per_target)
+        except BaseException:
+            self.engine.remove()  # a refused tracker leaves the model without its hooks, as it found it
+            raise
 
     def set_validation(self, val_inputs, val_targets, *, per_target: bool = False) -> None:
         """Change the validation target(s) the next steps are valued against."""

@@ -127,6 +127,7 @@ def test_a_model_the_hooks_do_not_fully_see_is_refused_at_start_up(case, fuse):
     opt = torch.optim.Adam(model.parameters())
     with pytest.raises(UserError, match=f"this model cannot be valued: .*{why}"):
         InRunShapley(model, opt, loss, vx, vy, METHODS, fuse_validation=fuse)
+    assert not any(m._forward_hooks for m in model.modules())  # the refused tracker took its hooks away
 
 
 def test_the_start_up_check_changes_nothing_training_will_see():

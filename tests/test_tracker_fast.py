@@ -127,3 +127,21 @@ def test_bad_fast_settings_are_clear_errors():
         FastMode(rank=0)
     with pytest.raises(ValidationError, match="refresh_every"):
         FastMode(refresh_every=0)
+
+
+def test_fast_takes_a_mapping_as_the_recipe_key_does_and_refuses_anything_else_at_construction(float64):
+    settings = {"refresh_every": 2, "warmup": 1, "rank": None}
+    as_mapping, _ = _pair(settings, ("adam",), steps=4)
+    as_model, _ = _pair(FastMode(**settings), ("adam",), steps=4)
+    for (_, a), (_, b) in zip(as_mapping, as_model, strict=True):
+        assert torch.equal(a.values["adam"], b.values["adam"])
+    model = WIDE.model()
+    gen = torch.Generator().manual_seed(0)
+    args = (model, torch.optim.Adam(model.parameters()), WIDE.loss, *WIDE.data(3, gen))
+    with pytest.raises(ValueError, match="refresh_every"):
+        InRunShapley(*args, fast={"refresh_every": 0})
+    with pytest.raises(ValueError, match="refresh_evry"):
+        InRunShapley(*args, fast={"refresh_evry": 2})
+    with pytest.raises(TypeError, match="fast is 'true'; expected True, False, a FastMode or a mapping"):
+        InRunShapley(*args, fast="true")
+    assert not any(m._forward_hooks for m in model.modules())
