@@ -14,11 +14,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .batches import n_rows, row_tensors, take_rows
 from .engine import GhostEngine
 from .engine.ghost import modes_kept, set_modes
 from .errors import UserError
@@ -26,6 +28,12 @@ from .errors import UserError
 # rows of the validation set the start-up check takes each gradient of, one at a time: two rows show
 # rows that interact, and a layer applied along another dimension than the rows
 CHECK_ROWS = 2
+# how far a rebuilt gradient may be from autograd's: relative to the parameter's gradient, at least
+# GAP_RTOL or ROUNDING_UNITS rounding units of its dtype; and at least GAP_FLOOR (or one unit) of
+# the whole gradient. A use the hooks miss, or a layer computing something else, is off by far more.
+GAP_RTOL = 1e-4
+ROUNDING_UNITS = 16
+GAP_FLOOR = 1e-6
 
 
 @contextmanager
@@ -41,8 +49,8 @@ def gradient_gap(
     engine: GhostEngine,
     model: nn.Module,
     loss_fn,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
+    inputs: Any,
+    targets: Any,
     per_row: bool,
     training: bool | None = None,
 ) -> str | None:
@@ -51,9 +59,12 @@ def gradient_gap(
     gradient on its own, else their sum. ``training``: the mode to run the model in (None: the
     modes its modules are in). Torch's random state and the modes are restored afterwards."""
     params = [p for p in model.parameters() if p.requires_grad]
-    rows = len(targets)
+    rows = n_rows(targets)
+    first = next(row_tensors(inputs), None)
+    if rows is None or first is None:
+        return None  # nothing with rows to check (batches.py)
     try:
-        with probing(model, inputs.device) as modules, engine.capture(extra_rows=rows):
+        with probing(model, first.device) as modules, engine.capture(extra_rows=rows):
             if training is not None:
                 set_modes(modules, training)
             losses = loss_fn(model(inputs), targets)
@@ -100,23 +111,26 @@ def _first_gap(
     """The name of the first parameter whose rebuilt gradient ``got`` differs from autograd's ``want``."""
     # a parameter whose gradient cancels to rounding noise (an attention key's bias: softmax ignores a
     # shift common to all keys) differs by noise of its own size, so the floor is set by the whole gradient
-    floor = 1e-6 * math.sqrt(sum(float(w.norm()) ** 2 for w in want if w is not None)) + 1e-30
+    whole = math.sqrt(sum(float(w.double().norm()) ** 2 for w in want if w is not None)) + 1e-30
     for p, w in zip(params, want, strict=True):
         g = got.get(id(p))
         w = torch.zeros_like(p) if w is None else w
         g = torch.zeros_like(w) if g is None else g.to(w.dtype)
-        if float((g - w).norm()) > 1e-4 * float(w.norm()) + floor:
+        # autograd's own gradient is only as exact as the parameter's dtype: in bfloat16 or float16 it is
+        # off by about one rounding unit, where the kernels (in float32) are closer to the truth
+        unit = torch.finfo(w.dtype).eps
+        rtol, floor = max(GAP_RTOL, ROUNDING_UNITS * unit), max(GAP_FLOOR, unit) * whole
+        if float((g - w).double().norm()) > rtol * float(w.double().norm()) + floor:
             return next(n for n, q in model.named_parameters() if q is p)
     return None
 
 
 def coverage_problem(engine: GhostEngine, model: nn.Module, loss_fn, inputs, targets) -> str | None:
     """The start-up check on the first ``CHECK_ROWS`` validation rows, each row's gradient on its
-    own, in the modes the model is in (None: nothing found; inputs other than tensors are not
-    checked)."""
-    if not (isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
-        return None
-    return gradient_gap(engine, model, loss_fn, inputs[:CHECK_ROWS], targets[:CHECK_ROWS], per_row=True)
+    own, in the modes the model is in (None: nothing found; inputs or targets that hold no tensor
+    with rows, see ``batches.py``, are not checked)."""
+    inputs, targets = take_rows(inputs, 0, CHECK_ROWS), take_rows(targets, 0, CHECK_ROWS)
+    return gradient_gap(engine, model, loss_fn, inputs, targets, per_row=True)
 
 
 def batch_statistics(model: nn.Module) -> list[tuple[str, _BatchNorm]]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .batches import is_empty
 from .compiled import Compiled
 from .coverage import TrainableWatch, batch_statistics, coupling_problem, coverage_problem, gradient_gap
 from .engine import GhostEngine
@@ -203,7 +204,7 @@ class InRunShapley:
 
     def set_validation(self, val_inputs, val_targets, *, per_target: bool = False) -> None:
         """Change the validation target(s) the next steps are valued against."""
-        if len(val_targets) == 0:
+        if is_empty(val_targets):
             raise ValueError("the validation set is empty: expected at least one row to value against")
         # the rows must show the hooks see every example's whole gradient (else the values would be wrong)
         _refuse(coverage_problem(self.engine, self.model, self.loss_fn, val_inputs, val_targets))
@@ -228,7 +229,7 @@ class InRunShapley:
         """Forward, backward, optimizer.step(), and this step's value per example."""
         if self._closed:
             raise RuntimeError("this tracker is closed: its hooks are gone, so it can value no more steps")
-        if len(targets) == 0:
+        if is_empty(targets):
             raise ValueError("the training batch is empty: expected at least one row")
         _refuse(self._watch.problem() or coupling_problem(self._norms))
         self._steps += 1

@@ -265,3 +265,36 @@ def test_checkpointing_is_valued_as_without_it_and_its_reentrant_form_is_refused
     model.reentrant = True
     with pytest.raises(UserError, match="use_reentrant=True.*pass use_reentrant=False"):
         InRunShapley(model, torch.optim.Adam(model.parameters()), cross_entropy, vx, vy, METHODS)
+
+
+class NormedLM(nn.Module):
+    """An embedding and a layer norm, whose gradients autograd sums in the parameters' own dtype."""
+
+    def __init__(self, tied_outside: bool = False):
+        super().__init__()
+        self.tied_outside = tied_outside
+        self.tok = nn.Embedding(50, 64)
+        self.ln = nn.LayerNorm(64)
+        self.head = nn.Linear(64, 50)
+
+    def forward(self, idx):
+        h = torch.tanh(self.ln(self.tok(idx)))
+        return F.linear(h, self.tok.weight) if self.tied_outside else self.head(h)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_half_precision_models_are_checked_to_their_own_precision(dtype):
+    """Autograd's gradient in bfloat16 or float16 is itself off by about a rounding unit: a model valued
+    correctly passes the start-up check, and a use the hooks miss is still refused."""
+
+    def loss(out, y):
+        return F.cross_entropy(out.float().transpose(1, 2), y, reduction="none").mean(1)
+
+    gen = torch.Generator().manual_seed(0)
+    vx, vy = torch.randint(0, 50, (4, 64), generator=gen), torch.randint(0, 50, (4, 64), generator=gen)
+    torch.manual_seed(0)
+    model = NormedLM().to(dtype)
+    InRunShapley(model, torch.optim.Adam(model.parameters(), lr=1e-3), loss, vx, vy, METHODS)
+    wrong = NormedLM(tied_outside=True).to(dtype)
+    with pytest.raises(UserError, match="gradient of 'tok.weight' is not what its module's hooks capture"):
+        InRunShapley(wrong, torch.optim.Adam(wrong.parameters(), lr=1e-3), loss, vx, vy, METHODS)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from ..batches import n_rows, pick_rows, row_tensors
 from ..errors import UserError
 from ..workspace import Workspace
 from .low_rank import LowRank, factorize, factorizing_pays
@@ -220,16 +221,18 @@ class GhostEngine:
         params = {names[id(p)]: p.detach() for p in self.parameters}
         buffers = dict(self.model.named_buffers())
 
-        def one_loss(ps, x, y):
-            out = functional_call(self.model, (ps, buffers), (x.unsqueeze(0),))
-            return loss_fn(out, y.unsqueeze(0)).mean()
+        def one_loss(ps, row):  # row: one row's index, a batch of one (inputs may be a dict or tuple)
+            out = functional_call(self.model, (ps, buffers), (pick_rows(inputs, row[None]),))
+            return loss_fn(out, pick_rows(targets, row[None])).mean()
 
-        per_row = vmap(grad_and_value(one_loss), in_dims=(None, 0, 0))
+        per_row = vmap(grad_and_value(one_loss), in_dims=(None, 0))
+        rows = n_rows(targets)
+        if rows is None:
+            raise UserError("per_target needs validation targets that hold a tensor with one row per target")
+        device = next(row_tensors(targets)).device
         chunks, losses = [], []
-        for start in range(0, len(targets), self.val_chunk):
-            g, loss = per_row(
-                params, inputs[start : start + self.val_chunk], targets[start : start + self.val_chunk]
-            )
+        for start in range(0, rows, self.val_chunk):
+            g, loss = per_row(params, torch.arange(start, min(start + self.val_chunk, rows), device=device))
             losses.append(loss)
             chunks.append(self.flatten([g[names[id(p)]] for p in self.parameters], rows=len(loss)))
         return torch.cat(chunks), float(torch.cat(losses).mean())
