@@ -263,6 +263,7 @@ class InRunShapley:
             self._checked_steps += 1
             problem = sample[0].gap()
             if problem is not None:
+                self.close()  # the later steps go unchecked: none of them may be valued either
                 raise UserError(f"these values would be wrong: {problem}")
         if rows is not None:
             self._val_grads, val_loss = rows.gradients, rows.loss
