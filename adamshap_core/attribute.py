@@ -413,12 +413,10 @@ def ordered_levels(levels: Sequence[str], sources: Sequence[int | None]) -> list
     return [lv for lv in LEVELS if lv in present] + sorted(present - set(LEVELS))
 
 
-def rank_sources(
-    scores: dict[str, np.ndarray], queries: Queries, example_ids: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Per method, the rank of each query's true source (NaN where the query has none)."""
-    pos = {int(e): i for i, e in enumerate(example_ids)}
-    missing = [i for i, s in enumerate(queries.source_ids) if s is not None and s not in pos]
+def check_sources(queries: Queries, example_ids: np.ndarray) -> None:
+    """Every query's true source (where given) is one of the run's training examples."""
+    known = {int(e) for e in example_ids}
+    missing = [i for i, s in enumerate(queries.source_ids) if s is not None and s not in known]
     if missing:
         i = missing[0]
         raise UserError(
@@ -426,6 +424,14 @@ def rank_sources(
             "of this run (held-out texts and unknown ids cannot be a source); expected an example_id "
             "from values.parquet."
         )
+
+
+def rank_sources(
+    scores: dict[str, np.ndarray], queries: Queries, example_ids: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Per method, the rank of each query's true source (NaN where the query has none)."""
+    check_sources(queries, example_ids)
+    pos = {int(e): i for i, e in enumerate(example_ids)}
     out = {}
     for m, s in scores.items():
         out[m] = np.array(
@@ -528,6 +534,7 @@ def plan(
     assert data.tokenizer is not None  # text_dataset gives every TextDataset its tokenizer
     check_tokenizer(folder, data.tokenizer)
     queries = pick_queries(data, recipe, texts, queries_file)
+    check_sources(queries, data.example_id.numpy())  # before the replay, not minutes after it
     qx, qy = encode_queries(queries, data.tokenizer, context_length(recipe.model, data), score)
     names = check_attribution_methods(methods)
     valued = [m for m in names if m in METHODS]

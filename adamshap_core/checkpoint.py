@@ -37,13 +37,12 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .runio import atomic_write
+from .runio import LOCK_FILE, atomic_write
 from .schema import value_column
 
 if TYPE_CHECKING:
     from .train import Prepared
 
-LOCK_FILE = ".lock"
 FORMAT = 1  # bump when the checkpoint layout changes
 
 

@@ -131,7 +131,12 @@ def load_run(folder: RunFolder) -> RunInputs:
     return RunInputs(folder, recipe, methods, values, steps, steps_values)
 
 
-def check_baseline(baseline: str, methods: Sequence[str]) -> str:
+def check_baseline(baseline: str | None, methods: Sequence[str]) -> str:
+    """The method the others are set against: ``baseline``, which the run must have valued, or by default
+    ``sgd`` (the formula the Adam-aware methods correct), else the run's first method other than adam."""
+    if baseline is None:
+        others = [m for m in methods if m != "adam"]
+        return "sgd" if "sgd" in methods else (others or list(methods))[0]
     if baseline not in methods:
         raise UserError(
             f"--baseline {baseline!r} is not a method of this run; expected one of {', '.join(methods)}."

@@ -14,7 +14,7 @@ DEFAULT_CUMULATIVE_PERMUTATIONS = 4
 
 @dataclass
 class CompareOptions:
-    baseline: str = "sgd"
+    baseline: str | None = None  # None: sgd where the run valued it, else its first method after adam
     steps: str = "auto"  # "auto" (the recorded steps) or a list such as "1-5,50,100"
     permutations: int = DEFAULT_PERMUTATIONS  # at the evaluated steps
     cumulative: bool = True

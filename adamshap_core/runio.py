@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .errors import UserError
 from .recipe import METHOD_NAMES, RUN_NAME, RUN_NAME_RULE
-from .schema import KNOWN_SCHEMA_VERSIONS, SCHEMA_VERSION, TABLES, check_frame, table_problems
+from .schema import KNOWN_SCHEMA_VERSIONS, SCHEMA_VERSION, TABLES, check_frame, table_problems, value_column
 
 CHECKPOINT_FILE = "checkpoint.pt"  # while a run is being trained (see checkpoint.py)
 RUN_FILES = ("recipe.yaml", "values.parquet", "steps.parquet", "steps_values.parquet", "metrics.json")
@@ -120,6 +121,10 @@ def check_run_name(name: str) -> str:
     return name
 
 
+# the lock file of a run folder that a process is writing (``checkpoint.run_lock``)
+LOCK_FILE = ".lock"
+
+
 def create_run_dir(root: str | Path, name: str, *, force: bool = False) -> Path:
     """Create ``root/name`` exclusively. An existing run is a ``UserError`` unless ``force``,
     in which case the old folder is moved aside and removed once the new one exists."""
@@ -134,7 +139,8 @@ def create_run_dir(root: str | Path, name: str, *, force: bool = False) -> Path:
         os.mkdir(path)
         return path
     except FileExistsError:
-        if not (path.is_dir() and (_is_run(path) or not any(path.iterdir()))):
+        # a folder holding only the lock is a run another process is creating (or was, when it died)
+        if not (path.is_dir() and (_is_run(path) or {p.name for p in path.iterdir()} <= {LOCK_FILE})):
             # --force replaces runs only: never a folder of other files (a bench's results, say)
             raise UserError(
                 f"{path} exists and is not a run folder; pick another --name, or move it away yourself."
@@ -191,7 +197,14 @@ class RunFolder:
     def methods(self) -> list[str]:
         """The methods the run valued, as its metrics.json records them (``require_complete`` checks
         that its tables hold their value columns)."""
-        return [m for m in self.metrics().get("methods") or [] if m in METHOD_NAMES]
+        methods = self.metrics().get("methods")
+        return [m for m in methods if m in METHOD_NAMES] if isinstance(methods, list) else []
+
+    def text_field(self, key: str) -> str | None:
+        """A text field of metrics.json (``created``, ``status``, ``recipe``) for listing runs: None where
+        it is missing or not text (a hand-edited or foreign file)."""
+        value = self.metrics().get(key)
+        return value if isinstance(value, str) else None
 
     def read_metrics(self) -> dict:
         """metrics.json, or a ``UserError`` saying why it cannot be read."""
@@ -247,7 +260,22 @@ class RunFolder:
                     f"run {self.name!r}: {name} does not match the run-folder schema ({why}); train the run "
                     "again."
                 )
+        self._check_finite_values(methods)
         return self
+
+    def _check_finite_values(self, methods: list[str]) -> None:
+        """Training refuses a step with a non-finite value, so a complete run holding one in
+        values.parquet was changed since (read: only its value columns, one float per example each)."""
+        columns = [value_column(m) for m in methods]
+        values = pd.read_parquet(self.file("values.parquet"), columns=columns)
+        for col in columns:
+            bad = int((~np.isfinite(values[col].to_numpy(dtype=np.float64))).sum())
+            if bad:
+                raise UserError(
+                    f"run {self.name!r}: {col} of values.parquet holds {bad} non-finite value(s), which "
+                    "training never writes (was the file changed?); expected a finite value for every "
+                    "training example. Train the run again."
+                )
 
     def require_resumable(self) -> RunFolder:
         """This run, if it stopped before completing and has a checkpoint to resume from (else a
@@ -273,7 +301,12 @@ class RunFolder:
         return metrics
 
     def _incomplete_hint(self, metrics: dict) -> str:
-        why = f"it stopped with: {metrics['error']} " if metrics.get("error") else ""
+        from .checkpoint import is_locked  # (checkpoint reads and writes through this module)
+
+        if is_locked(self.path):
+            return "it is being trained by another process right now; wait for it to finish."
+        error = str(metrics["error"]).rstrip(".") if metrics.get("error") else ""
+        why = f"it stopped with: {error}. " if error else ""
         if self.file(CHECKPOINT_FILE).is_file():
             return (
                 f"{why}Finish it with `{resume_command(self.path)}` first; commands that read a "
@@ -328,7 +361,7 @@ def list_runs(root: str | Path) -> list[RunFolder]:
     runs = [RunFolder(p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and _is_run(p)]
 
     def key(r: RunFolder):
-        return (r.metrics().get("created") or "", r.path.stat().st_mtime)
+        return (r.text_field("created") or "", r.path.stat().st_mtime)
 
     return sorted(runs, key=key)
 

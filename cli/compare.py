@@ -16,7 +16,12 @@ from .common import console, err_console, progress_bar, user_errors
 @user_errors
 def compare(
     run: str = typer.Option(None, "--run", help="run name or folder (default: the latest run)"),
-    baseline: str = typer.Option("sgd", "--baseline", help="the method the others are set against"),
+    baseline: str | None = typer.Option(
+        None,
+        "--baseline",
+        help="the method the others are set against (default: sgd, or the run's first method after adam "
+        "where it did not value sgd)",
+    ),
     steps: str = typer.Option(
         "auto", "--steps", help="steps to evaluate: auto (the run's recorded steps) or a list such as 1-5,50"
     ),

@@ -38,17 +38,15 @@ def runs(
     for col, just in columns:
         table.add_column(col, justify=just)
     for f in folders:
-        m = f.metrics()
-        acc = m.get("test_accuracy")
-        status = m.get("status", "unknown")
+        acc = f.metrics().get("test_accuracy")
+        status = f.text_field("status") or "unknown"
         style = {"complete": "green", "incomplete": "yellow"}.get(status, "red")
-        created = (m.get("created") or "")[:19].replace("T", " ")
         table.add_row(
             escape(f.name),
-            escape(str(m.get("recipe", "?"))),
-            created,
+            escape(f.text_field("recipe") or "?"),
+            (f.text_field("created") or "")[:19].replace("T", " "),
             f"{acc:.3f}" if isinstance(acc, int | float) else "-",
-            ", ".join(m.get("methods") or []) or "-",
-            f"[{style}]{status}[/]",
+            ", ".join(f.methods()) or "-",
+            f"[{style}]{escape(status)}[/]",
         )
     console.print(table)

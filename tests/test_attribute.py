@@ -135,11 +135,26 @@ def test_bad_queries_and_options_exit_2(runs, args, fragment):
     assert fragment in " ".join(res.output.split()), res.output
 
 
-def test_a_source_id_must_be_a_training_example(runs, tmp_path):
+def test_a_source_id_must_be_a_training_example_and_is_checked_before_the_replay(runs, tmp_path):
+    from adamshap_core import runio
+    from adamshap_core.attribute import plan
+
     p = tmp_path / "q.jsonl"
     p.write_text(json.dumps({"text": "the pet of", "source_id": 999}) + "\n")
     res = attribute(runs, "--run", "facts", "--queries", p)
     assert res.exit_code == 2 and "source_id 999" in res.output
+    with pytest.raises(UserError, match="source_id 999, which is not a training example"):
+        plan(runio.open_run(runs, "facts"), queries_file=str(p))  # the plan, before any replay
+
+
+def test_query_ids_must_differ_as_the_tables_write_them(tmp_path):
+    """The tables write query ids as text, so 7 and "7" would be one query_id there."""
+    from adamshap_core.attribute import queries_from_file
+
+    p = tmp_path / "q.jsonl"
+    p.write_text(json.dumps({"id": "7", "text": "a b"}) + "\n" + json.dumps({"id": 7, "text": "c"}) + "\n")
+    with pytest.raises(UserError, match="lines 1 and 2 of .* share the id '7'"):
+        queries_from_file(p)
 
 
 def test_a_query_of_a_file_is_named_by_its_line(runs, tmp_path):

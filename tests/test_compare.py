@@ -306,3 +306,14 @@ def test_noise_levels_print_with_their_digits_not_as_zero():
 
     assert fmt_ratio(4.49e-5) == "4.5e-05" and fmt_ratio(0.104) == "0.1" and fmt_ratio(0.0214) == "0.021"
     assert fmt_ratio(math.nan) == "–" and fmt_ratio(None) == "–"
+
+
+def test_the_default_baseline_is_sgd_or_else_a_method_the_run_valued():
+    from adamshap_core.compare import check_baseline
+
+    assert check_baseline(None, ["adam", "adam_fixed", "sgd"]) == "sgd"
+    assert check_baseline(None, ["adam", "adam_fixed"]) == "adam_fixed"
+    assert check_baseline(None, ["adam"]) == "adam"
+    assert check_baseline("adam", ["adam", "sgd"]) == "adam"
+    with pytest.raises(UserError, match="--baseline 'sgd' is not a method of this run; expected one of adam"):
+        check_baseline("sgd", ["adam", "adam_fixed"])

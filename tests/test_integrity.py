@@ -100,12 +100,17 @@ def test_refuses_an_unknown_schema_version(run_copy):
 def test_refuses_an_incomplete_run_and_says_how_to_finish_it(run_copy, monkeypatch):
     edit_metrics(run_copy, status="incomplete", error="training interrupted after step 3 of 14")
     msg = refusal(run_copy)
-    assert "is incomplete" in msg and "interrupted after step 3" in msg and "train it again" in msg
+    assert "is incomplete" in msg and "interrupted after step 3 of 14. It has no checkpoint" in msg
+    assert "train it again" in msg
     run_copy.file(runio.CHECKPOINT_FILE).write_bytes(b"")
     # the command names the runs folder where the run is not in the default one
     assert f"`adamshap train --resume tiny --runs-dir {run_copy.path.parent}` first" in refusal(run_copy)
     monkeypatch.setenv("ADAMSHAP_RUNS", str(run_copy.path.parent))
     assert "`adamshap train --resume tiny` first" in refusal(run_copy)
+    from adamshap_core.checkpoint import run_lock
+
+    with run_lock(run_copy.path):  # a train of it still running: not "finish it with --resume"
+        assert "is being trained by another process right now; wait for it to finish" in refusal(run_copy)
 
 
 def test_refuses_a_diverged_run_with_partial_tables(tmp_path):
@@ -149,6 +154,19 @@ def test_refuses_a_table_that_breaks_its_schema(run_copy, damage, says):
     df.to_parquet(run_copy.file("values.parquet"), index=False)  # behind the schema check's back
     msg = refusal(run_copy)
     assert "values.parquet does not match the run-folder schema" in msg and says in msg
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_refuses_a_complete_run_whose_values_were_changed_to_non_finite(run_copy, bad):
+    """compare crashed in scikit-learn's AUROC on such a file; every reader now refuses it up front."""
+    df = pd.read_parquet(run_copy.file("values.parquet"))
+    df.loc[3, "value_sgd"] = bad
+    df.to_parquet(run_copy.file("values.parquet"), index=False)  # behind the writer's check
+    assert "value_sgd of values.parquet holds 1 non-finite value(s), which training never writes" in (
+        refusal(run_copy)
+    )
+    res = cli("compare", "--run", run_copy.path, "--no-cumulative", "--steps", "1")
+    assert res.exit_code == 2 and "non-finite" in res.output
 
 
 def test_refuses_a_folder_that_is_not_a_run(tmp_path):

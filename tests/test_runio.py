@@ -61,6 +61,17 @@ def test_a_folder_that_is_not_a_run_is_never_replaced(tmp_path, force):
     assert runio.create_run_dir(tmp_path, "empty", force=True) == tmp_path / "empty"
 
 
+def test_a_folder_holding_only_its_lock_is_a_run_being_created(tmp_path):
+    """Another train of the same name holds only the lock until its recipe is written; one killed then
+    leaves that behind. Either way it is that run's folder: "already exists", and --force replaces it."""
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / runio.LOCK_FILE).write_text("process 1")
+    with pytest.raises(UserError, match="run 'r' already exists.*--force"):
+        runio.create_run_dir(tmp_path, "r")
+    assert runio.create_run_dir(tmp_path, "r", force=True) == tmp_path / "r"
+    assert list((tmp_path / "r").iterdir()) == []
+
+
 def test_a_folder_that_cannot_be_written_is_a_clear_error_before_any_work(tmp_path):
     runio.require_writable(tmp_path)
     assert os.listdir(tmp_path) == []  # the probe leaves nothing behind
@@ -105,3 +116,20 @@ def test_folders_that_are_not_runs_are_not_listed(tmp_path):
     f.write_metrics({"status": "complete", "created": "2030-01-01T00:00:00"})
     assert [r.name for r in runio.list_runs(tmp_path)] == ["real"]
     assert runio.latest_run(tmp_path).name == "real"
+
+
+def test_a_metrics_file_with_fields_of_other_types_is_listed_as_unknown(tmp_path):
+    """A hand-edited or foreign metrics.json: the run is listed, without what cannot be read from it."""
+    from helpers import cli
+
+    good = runio.RunFolder(runio.create_run_dir(tmp_path, "good"))
+    good.write_metrics({"status": "complete", "created": "2030-01-01T00:00:00", "methods": ["adam"]})
+    (tmp_path / "odd").mkdir()
+    fields = {"status": ["x"], "created": 12345, "methods": "adam", "recipe": 3}
+    (tmp_path / "odd" / "metrics.json").write_text(json.dumps(fields))
+    assert [r.name for r in runio.list_runs(tmp_path)] == ["odd", "good"]
+    odd = runio.open_run(tmp_path, "odd")
+    assert odd.methods() == [] and odd.text_field("created") is None and odd.text_field("status") is None
+    res = cli("runs", "--runs-dir", tmp_path)
+    assert res.exit_code == 0, res.output
+    assert "odd" in res.output and "unknown" in res.output and "good" in res.output

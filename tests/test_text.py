@@ -144,7 +144,7 @@ def test_jsonl_without_ids_uses_line_numbers(tmp_path):
             ['{"text": "a", "id": 1}', '{"text": "b"}', '{"text": "c", "id": 3}'],
             "has no `id`, but other lines do",
         ),
-        (['{"text": "a", "id": 1}', '{"text": "b", "id": 1}', '{"text": "c", "id": 3}'], "share the id 1"),
+        (['{"text": "a", "id": 1}', '{"text": "b", "id": 1}', '{"text": "c", "id": 3}'], "share the id '1'"),
         (
             ['{"text": "a", "id": "x"}', '{"text": "b", "id": "y"}', '{"text": "c", "id": "z"}'],
             "expected an integer",

@@ -219,11 +219,13 @@ def check_ids(records: list[tuple[int, dict]], path: str, what: str, kinds: tupl
         if isinstance(v, bool) or not isinstance(v, kinds):
             expected = " or ".join({int: "an integer", str: "a string"}[k] for k in kinds)
             raise UserError(f"{what}: line {row + 1} of {path} has `id` {v!r}; expected {expected}.")
-        if v in seen:
+        key = str(v)  # the tables write ids as text: 7 and "7" would be one id there
+        if key in seen:
             raise UserError(
-                f"{what}: lines {seen[v] + 1} and {row + 1} of {path} share the id {v!r}; ids must be unique."
+                f"{what}: lines {seen[key] + 1} and {row + 1} of {path} share the id {key!r}; ids must be "
+                'unique (as text: 7 and "7" are one id).'
             )
-        seen[v] = row
+        seen[key] = row
 
 
 @register_source(
