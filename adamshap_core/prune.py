@@ -202,6 +202,20 @@ class Retrain:
         return f"{self.method} {self.direction} {self.frac:.0%}, seed {self.seed}"
 
 
+def check_same_data(folder: RunFolder, data) -> None:
+    """The recipe's data source still gives the training split the run valued (its digest in
+    metrics.json; runs written before it was recorded are checked by their example columns only)."""
+    from .checkpoint import data_digest
+
+    recorded = folder.text_field("data_sha256")
+    if recorded is not None and data_digest(data) != recorded:
+        raise UserError(
+            f"the training split the recipe of run {folder.name!r} loads now differs from the one it valued "
+            "(its digest in metrics.json); the data source changed since the run was trained. Retrain it "
+            "first."
+        )
+
+
 def aligned_values(folder: RunFolder, data, methods: Sequence[str]) -> dict[str, np.ndarray]:
     """``value_<method>`` of values.parquet in the order of the training split ``data``.
 
@@ -297,6 +311,7 @@ def plan_for_run(
         )
     recipe = folder.recipe()
     data = load_dataset(recipe.data, image=recipe.model.kind == "cnn")
+    check_same_data(folder, data)
     is_noisy = data.is_noisy.numpy().astype(bool)
     noisy = bool(is_noisy.any())
     if methods is None:

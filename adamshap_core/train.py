@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .checkpoint import Checkpointer, LoopState, TrainingInterrupted, params_digest
+from .checkpoint import Checkpointer, LoopState, TrainingInterrupted, data_digest, params_digest
 from .data import Dataset, load_dataset
 from .errors import UserError
 from .fast import FastMode
@@ -472,6 +472,7 @@ def _final_metrics(prep: Prepared, state: LoopState, x_train: torch.Tensor, y_tr
         "total_steps": prep.total_steps,
         "device": str(dev),
         "params_sha256": params_digest(model),
+        "data_sha256": data_digest(d),  # the training split it valued (prune retrains on the same)
         "resumed_at_steps": state.resumed_at,
         # with attribution.fuse_validation: why the last step that computed ∇val took the separate pass
         "fusion_blocked": tracker.fusion_blocked if tracker is not None and tracker.fuse_validation else None,

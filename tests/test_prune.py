@@ -272,3 +272,18 @@ def test_default_recipe_pruning_by_adam_beats_full_data_and_random(tmp_path):
     assert mean["high", "adam"] < mean["high", "random"] - 0.05
     assert noisy["low", "adam"] > 0.5 > 0.3 > noisy["low", "random"]
     assert noisy["high", "adam"] < 0.1
+
+
+def test_a_run_whose_data_source_changed_is_refused(tmp_path):
+    """A CSV whose feature columns changed since the run keeps its labels, so the example columns match;
+    the digest of the training split in metrics.json does not."""
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame(rng.normal(size=(60, 4)), columns=list("abcd")).assign(y=rng.integers(0, 3, 60))
+    table.to_csv(tmp_path / "d.csv", index=False)
+    run = train_tiny(tmp_path, "csv", data={"source": f"csv:{tmp_path / 'd.csv'}", "target": "y"})
+    assert json.loads((run / "metrics.json").read_text())["data_sha256"]
+    table.assign(a=table["b"], b=table["a"]).to_csv(tmp_path / "d.csv", index=False)  # features swapped
+    res = cli("prune", "--frac", "0.3", "--seeds", "1", "--runs-dir", run.parent)
+    assert res.exit_code == 2, res.output
+    assert "the data source changed since the run was trained" in " ".join(res.output.split())
+    assert not (run / "pruning.parquet").exists()
