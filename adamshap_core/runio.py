@@ -139,8 +139,7 @@ def create_run_dir(root: str | Path, name: str, *, force: bool = False) -> Path:
         os.mkdir(path)
         return path
     except FileExistsError:
-        # a folder holding only the lock is a run another process is creating (or was, when it died)
-        if not (path.is_dir() and (_is_run(path) or {p.name for p in path.iterdir()} <= {LOCK_FILE})):
+        if not (path.is_dir() and (_is_run(path) or _is_starting(path))):
             # --force replaces runs only: never a folder of other files (a bench's results, say)
             raise UserError(
                 f"{path} exists and is not a run folder; pick another --name, or move it away yourself."
@@ -368,6 +367,13 @@ def list_runs(root: str | Path) -> list[RunFolder]:
 
 def _is_run(path: Path) -> bool:
     return (path / "metrics.json").is_file() or (path / "recipe.yaml").is_file()
+
+
+def _is_starting(path: Path) -> bool:
+    """Whether ``path`` holds no more than a run another process is creating (or was, when it died)
+    holds before its first file: nothing, its lock, the temporary file of its first atomic write."""
+    names = [p.name for p in path.iterdir()]
+    return all(n == LOCK_FILE or (n.startswith(".") and n.endswith(".tmp")) for n in names)
 
 
 def latest_run(root: str | Path) -> RunFolder:

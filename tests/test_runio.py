@@ -66,6 +66,7 @@ def test_a_folder_holding_only_its_lock_is_a_run_being_created(tmp_path):
     leaves that behind. Either way it is that run's folder: "already exists", and --force replaces it."""
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / runio.LOCK_FILE).write_text("process 1")
+    (tmp_path / "r" / ".recipe.yaml.x1y2.tmp").write_text("name: r")  # its first write, not renamed yet
     with pytest.raises(UserError, match="run 'r' already exists.*--force"):
         runio.create_run_dir(tmp_path, "r")
     assert runio.create_run_dir(tmp_path, "r", force=True) == tmp_path / "r"
