@@ -306,14 +306,25 @@ def remove_stale_temp_files(run_dir: str | Path) -> list[str]:
 
 
 def is_locked(run_dir: str | Path) -> bool:
-    """Whether a live process holds ``run_lock`` on ``run_dir``."""
+    """Whether a live process holds ``run_lock`` on ``run_dir``. Asked without taking the lock and
+    without writing: a command that only reads the run leaves its folder as it was."""
     try:
-        with run_lock(run_dir):
-            return False
-    except UserError:
-        return True
-    except OSError:  # no such folder (or not a folder): nobody can be writing it
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
         return False
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file (or no such folder): nobody is writing it
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- Ctrl-C

@@ -100,8 +100,10 @@ def _agree(got: torch.Tensor, want: torch.Tensor, before: torch.Tensor) -> bool:
 
 
 def _spread(n: int, device: torch.device) -> torch.Tensor:
-    """At most ``SAMPLE`` flat indices, spread evenly over n coordinates."""
-    return torch.linspace(0, n - 1, min(n, SAMPLE), device=device).round().long().unique()
+    """At most ``SAMPLE`` flat indices, spread evenly over n coordinates (whole numbers throughout: a
+    float32 ``linspace`` rounds n − 1 up to n past 2^24 coordinates)."""
+    k = min(n, SAMPLE)
+    return (torch.arange(k, device=device) * (n - 1) // max(k - 1, 1)).unique()
 
 
 def _take(t: torch.Tensor, at: torch.Tensor) -> torch.Tensor:

@@ -174,7 +174,7 @@ def compare_steps_table(result: CompareResult) -> Table:
 def divergence_table(result: CompareResult) -> Table | None:
     """Per layer: how the baseline's value splits over the layers vs adam's, and how well they agree there."""
     div = result.summary["divergence"]
-    if not div["layers"]:
+    if not div["layers"] or div["baseline"] == "adam":  # a run valued by adam alone: nothing to set against
         return None
     base = div["baseline"]
     table = new_table(

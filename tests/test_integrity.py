@@ -99,7 +99,9 @@ def test_refuses_an_unknown_schema_version(run_copy):
 
 def test_refuses_an_incomplete_run_and_says_how_to_finish_it(run_copy, monkeypatch):
     edit_metrics(run_copy, status="incomplete", error="training interrupted after step 3 of 14")
+    before = sorted(os.listdir(run_copy.path)), run_copy.path.stat().st_mtime_ns
     msg = refusal(run_copy)
+    assert (sorted(os.listdir(run_copy.path)), run_copy.path.stat().st_mtime_ns) == before  # read only
     assert "is incomplete" in msg and "interrupted after step 3 of 14. It has no checkpoint" in msg
     assert "train it again" in msg
     run_copy.file(runio.CHECKPOINT_FILE).write_bytes(b"")

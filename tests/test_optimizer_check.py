@@ -179,3 +179,14 @@ def test_the_sample_is_spread_over_large_parameters():
     tracker = InRunShapley(model, LastRowOff(model.parameters(), lr=1e-3), cross_entropy, vx, vy, ("adam",))
     with pytest.raises(UserError, match="'0.weight'"):
         tracker.step(torch.randn(4, 40, generator=gen), torch.randint(0, 3, (4,), generator=gen))
+
+
+@pytest.mark.parametrize("n", [1, 2, 63, 64, 65, 1000, 50257 * 768, 2**31 + 7])
+def test_the_sample_stays_inside_parameters_of_any_size(n):
+    """Past 2^24 coordinates a float32 linspace rounds n − 1 up to n, one past the end (a GPT-2-sized
+    output layer, 50257 × 768, crashed its first step)."""
+    from adamshap_core.optimizer_check import _spread
+
+    at = _spread(n, torch.device("cpu"))
+    assert len(at) == min(n, SAMPLE) and int(at.min()) == 0 and int(at.max()) == n - 1
+    assert bool((at[1:] > at[:-1]).all())
