@@ -451,7 +451,6 @@ def fact_recall(model: torch.nn.Module, data: TextDataset, recipe: Recipe) -> fl
     from .data.facts import generate
 
     assert recipe.data.facts is not None  # DataCfg fills in the defaults for builtin:facts
-    assert data.tokenizer is not None  # text_dataset gives every TextDataset its tokenizer
     facts, _ = generate(recipe.data.facts.n_facts, recipe.data.facts.seed)
     value = {f.id: data.tokenizer.index[f.value] for f in facts}
     was_training = model.training
@@ -531,7 +530,6 @@ def plan(
             f"run {folder.name!r} trained a gpt, but its recipe's data {recipe.data.source!r} is not text; "
             "attribution replays the run on the texts it trained on."
         )
-    assert data.tokenizer is not None  # text_dataset gives every TextDataset its tokenizer
     check_tokenizer(folder, data.tokenizer)
     queries = pick_queries(data, recipe, texts, queries_file)
     check_sources(queries, data.example_id.numpy())  # before the replay, not minutes after it
@@ -620,7 +618,6 @@ def attribute(p: Plan, on_step: Callable[[], None] | None = None) -> Attribution
     if "bm25" in p.baselines:
         scores["bm25"] = bm25_scores(d.texts, q.texts)
     example_ids = d.example_id.numpy().astype(np.int64)
-    assert d.tokenizer is not None  # text_dataset gives every TextDataset its tokenizer
     result = Attribution(
         q,
         example_ids,

@@ -49,7 +49,8 @@ class TextDataset(Dataset):
     """A ``Dataset`` of token sequences that also keeps its texts, tokenizer and built-in queries."""
 
     texts: list[str] = field(default_factory=list)  # training texts, row i ↔ example_id[i]
-    tokenizer: WordTokenizer | None = None
+    # keyword-only: a field without a default after the Dataset's defaulted ones
+    tokenizer: WordTokenizer = field(kw_only=True)
     queries: list[Query] = field(default_factory=list)  # built-in queries (builtin:facts), else []
 
     def example_columns(self) -> dict[str, object]:
@@ -60,7 +61,6 @@ class TextDataset(Dataset):
         }
 
     def run_files(self) -> dict[str, object]:
-        assert self.tokenizer is not None  # text_dataset gives every TextDataset its tokenizer
         return {"tokenizer.json": self.tokenizer.to_dict()}
 
     def subset(self, keep) -> TextDataset:
