@@ -196,14 +196,11 @@ class RunFolder:
     def methods(self) -> list[str]:
         """The methods the run valued, as its metrics.json records them (``require_complete`` checks
         that its tables hold their value columns)."""
-        methods = self.metrics().get("methods")
-        return [m for m in methods if m in METHOD_NAMES] if isinstance(methods, list) else []
+        return recorded_methods(self.metrics())
 
     def text_field(self, key: str) -> str | None:
-        """A text field of metrics.json (``created``, ``status``, ``recipe``) for listing runs: None where
-        it is missing or not text (a hand-edited or foreign file)."""
-        value = self.metrics().get(key)
-        return value if isinstance(value, str) else None
+        """A text field of metrics.json: see ``text_field``."""
+        return text_field(self.metrics(), key)
 
     def read_metrics(self) -> dict:
         """metrics.json, or a ``UserError`` saying why it cannot be read."""
@@ -363,6 +360,19 @@ def list_runs(root: str | Path) -> list[RunFolder]:
         return (r.text_field("created") or "", r.path.stat().st_mtime)
 
     return sorted(runs, key=key)
+
+
+def recorded_methods(metrics: dict) -> list[str]:
+    """The valued methods a run's metrics.json lists (none where the field is not a list of them)."""
+    methods = metrics.get("methods")
+    return [m for m in methods if m in METHOD_NAMES] if isinstance(methods, list) else []
+
+
+def text_field(metrics: dict, key: str) -> str | None:
+    """A text field of a run's metrics.json (``created``, ``status``, ``recipe``): None where it is
+    missing or not text (a hand-edited or foreign file)."""
+    value = metrics.get(key)
+    return value if isinstance(value, str) else None
 
 
 def _is_run(path: Path) -> bool:

@@ -38,15 +38,16 @@ def runs(
     for col, just in columns:
         table.add_column(col, justify=just)
     for f in folders:
-        acc = f.metrics().get("test_accuracy")
-        status = f.text_field("status") or "unknown"
+        m = f.metrics()  # read once per run
+        acc = m.get("test_accuracy")
+        status = runio.text_field(m, "status") or "unknown"
         style = {"complete": "green", "incomplete": "yellow"}.get(status, "red")
         table.add_row(
             escape(f.name),
-            escape(f.text_field("recipe") or "?"),
-            (f.text_field("created") or "")[:19].replace("T", " "),
+            escape(runio.text_field(m, "recipe") or "?"),
+            (runio.text_field(m, "created") or "")[:19].replace("T", " "),
             f"{acc:.3f}" if isinstance(acc, int | float) else "-",
-            ", ".join(f.methods()) or "-",
+            ", ".join(runio.recorded_methods(m)) or "-",
             f"[{style}]{escape(status)}[/]",
         )
     console.print(table)
