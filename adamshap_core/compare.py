@@ -316,6 +316,8 @@ def check_replay(inputs: RunInputs, rep: TruthReplay) -> dict:
 
 
 def _rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return math.inf  # a NaN compares as no difference at all: report it as the largest instead
     scale = float(np.abs(b).max()) if len(b) else 0.0
     diff = float(np.abs(a - b).max()) if len(b) else 0.0
     return diff / scale if scale > 0 else diff

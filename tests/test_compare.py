@@ -317,3 +317,12 @@ def test_the_default_baseline_is_sgd_or_else_a_method_the_run_valued():
     assert check_baseline("adam", ["adam", "sgd"]) == "adam"
     with pytest.raises(UserError, match="--baseline 'sgd' is not a method of this run; expected one of adam"):
         check_baseline("sgd", ["adam", "adam_fixed"])
+
+
+def test_a_non_finite_value_in_the_replay_check_is_the_largest_difference():
+    """``nan > worst`` is False, so a NaN once passed the replay check as no difference at all."""
+    from adamshap_core.compare import _rel_diff
+
+    assert _rel_diff(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.0
+    assert _rel_diff(np.array([1.0, np.nan]), np.array([1.0, 2.0])) == math.inf
+    assert _rel_diff(np.array([1.0, 2.0]), np.array([np.inf, 2.0])) == math.inf
