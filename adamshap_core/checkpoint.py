@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import random
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -170,6 +171,37 @@ def _tuples(x):
 # --------------------------------------------------------------------------- save / load
 
 
+class _RecordingFile(io.BufferedWriter):
+    """A file opened for writing that keeps the file system's error where a write fails."""
+
+    error: OSError | None = None
+
+    def write(self, data: Any, /) -> int:
+        return self._recording(super().write, data)
+
+    def flush(self) -> None:
+        self._recording(super().flush)
+
+    def _recording(self, call: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return call(*args)
+        except OSError as e:
+            self.error = e
+            raise
+
+
+def save_tensors(obj, path: str | Path) -> None:
+    """``torch.save(obj, path)``, raising the file system's own error where a write fails: torch
+    reports one (no space left, say) as a RuntimeError that names neither the cause nor the file."""
+    with _RecordingFile(io.FileIO(path, "wb")) as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError:
+            if f.error is None:
+                raise
+            raise f.error from None
+
+
 class Checkpointer:
     """Saves and restores one run's checkpoint file; ``every`` steps (0 = only when stopping)."""
 
@@ -204,7 +236,7 @@ class Checkpointer:
             "loop": state.to_blob(wall_seconds),
             "tracker": p.tracker.state_dict() if p.tracker is not None else None,
         }
-        atomic_write(self.path, lambda tmp: torch.save(blob, tmp))
+        atomic_write(self.path, lambda tmp: save_tensors(blob, tmp))
 
     def load(self, gen: torch.Generator) -> LoopState:
         """Restore model, optimizer, scheduler and RNGs from the file; return the loop state."""

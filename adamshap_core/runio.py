@@ -13,6 +13,7 @@ The runs root is ``--runs-dir``, else ``$ADAMSHAP_RUNS``, else ``./runs``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -36,8 +37,21 @@ RUN_FILES = ("recipe.yaml", "values.parquet", "steps.parquet", "steps_values.par
 # --------------------------------------------------------------------------- atomic writes
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: read once, at import, and put back
+    os.umask(mask)
+    return mask
+
+
+# the permissions a file written here gets: those of a file opened for writing (mkstemp's are 0o600)
+FILE_MODE = 0o666 & ~_process_umask()
+
+
 def atomic_write(path: str | Path, write) -> Path:
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, then rename it onto ``path``."""
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, then rename it onto ``path``.
+
+    A file system error (no space left, say) that names no file is given ``path``, so the message
+    the user reads says which file could not be written."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -45,12 +59,14 @@ def atomic_write(path: str | Path, write) -> Path:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
-        try:
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        # (only an error made with an errno prints its file name)
+        if isinstance(e, OSError) and e.errno is not None and str(e.filename or tmp) == tmp:
+            e.filename = str(path)  # not the temp file's name either
         raise
     return path
 
@@ -149,6 +165,7 @@ def create_run_dir(root: str | Path, name: str, *, force: bool = False) -> Path:
                 f"run {name!r} already exists at {path}; pass --force to replace it or --name to pick "
                 "another name."
             ) from None
+    _check_removable(path)
     aside = root / f".{name}.old-{os.getpid()}"
     os.replace(path, aside)
     try:
@@ -158,6 +175,18 @@ def create_run_dir(root: str | Path, name: str, *, force: bool = False) -> Path:
     finally:
         shutil.rmtree(aside, ignore_errors=True)
     return path
+
+
+def _check_removable(run: Path) -> None:
+    """Refuse to replace a run this user cannot delete whole, before touching it: the deletion would
+    stop halfway and leave the rest hidden beside the runs (``.<name>.old-<pid>``)."""
+    folders = [run, *(p for p in run.rglob("*") if p.is_dir() and not p.is_symlink())]
+    for folder in folders:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UserError(
+                f"--force cannot replace run {run.name!r}: this user may not delete the files in "
+                f"{folder}; expected a run folder this user can write to (or pick another --name)."
+            )
 
 
 @dataclass
@@ -463,7 +492,10 @@ def fail_run(folder: RunFolder, header: dict, error: BaseException, partial=None
     steps finished before the failure, whose tables are kept for inspection."""
     msg = " ".join(str(error).split()) or type(error).__name__
     done = {}
-    if partial is not None:
-        _write_tables(folder, partial)
-        done = {"wall_seconds": partial.wall_seconds, "methods": list(partial.methods), **partial.metrics}
-    folder.write_metrics({**header, **done, "status": "incomplete", "error": msg, "stopped": now_iso()})
+    # best effort: the failure being recorded (no space left, say) may be why it cannot be, and the
+    # caller raises that failure, which a second one here would hide
+    with contextlib.suppress(OSError):
+        if partial is not None:
+            _write_tables(folder, partial)
+            done = {"wall_seconds": partial.wall_seconds, "methods": list(partial.methods), **partial.metrics}
+        folder.write_metrics({**header, **done, "status": "incomplete", "error": msg, "stopped": now_iso()})

@@ -52,10 +52,19 @@ def _reporting_user_errors(fn, *args, **kwargs):
     except yaml.YAMLError as e:
         _fail("invalid YAML: " + " ".join(str(e).split()))
     except OSError as e:
-        if e.errno not in FILE_SYSTEM_ERRORS:
+        problem = file_system_problem(e)
+        if problem is None:
             raise
-        where = f" ({e.filename})" if e.filename else ""
-        _fail(f"{e.strerror or e}{where}: expected a folder this user can write to, with space left.")
+        _fail(problem)
+
+
+def file_system_problem(error: BaseException) -> str | None:
+    """What the user is told of a file system refusal that is theirs to mend (no space left, no
+    permission), naming the file; None for any other error."""
+    if not isinstance(error, OSError) or error.errno not in FILE_SYSTEM_ERRORS:
+        return None
+    where = f" ({error.filename})" if error.filename else ""
+    return f"{error.strerror or error}{where}: expected a folder this user can write to, with space left."
 
 
 def _fail(message: str):

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from adamshap_core.errors import UserError
 
-from .common import console, err_console, progress_bar, user_errors
+from .common import console, err_console, file_system_problem, progress_bar, user_errors
 
 
 @user_errors
@@ -141,21 +141,41 @@ def _train_into(folder, header: dict, prep, quiet: bool, resume: bool):
         runio.fail_run(folder, header, e)
         where = f" after step {e.step} of {e.total}" if isinstance(e, TrainingInterrupted) else ""
         err_console.print(f"[yellow]stopped{where}; run {folder.name!r} is marked incomplete.[/]")
-        if ckpt.exists():
-            cmd = runio.resume_command(folder.path)
-            err_console.print(f"resume from the last checkpoint with: [bold]{escape(cmd)}[/]", soft_wrap=True)
-        else:
-            err_console.print("no checkpoint was written yet; train it again with --force.")
+        err_console.print(escape(_how_to_continue(folder, ckpt)), soft_wrap=True)
         raise typer.Exit(130) from None
     except BaseException as e:
-        runio.fail_run(folder, header, e)
+        _record_failure(folder, header, ckpt, e)
         raise
     finally:
         if prep.tracker is not None:
             prep.tracker.close()
-    metrics = runio.finish_run(folder, header, result)
+    try:
+        metrics = runio.finish_run(folder, header, result)
+    except BaseException as e:  # no space left for the tables, say: the run stays resumable
+        _record_failure(folder, header, ckpt, e)
+        raise
     ckpt.remove()  # a complete run is never resumed; metrics.json keeps params_sha256
     return result, metrics
+
+
+def _record_failure(folder, header: dict, ckpt, error: BaseException) -> None:
+    """Mark the run incomplete with ``error``. Where the user can mend the cause (a full disk, a
+    permission), raise it as their error, saying how to continue once they have."""
+    from adamshap_core import runio
+
+    runio.fail_run(folder, header, error)
+    problem = file_system_problem(error)
+    if problem is not None:
+        raise UserError(f"{problem} Once mended, {_how_to_continue(folder, ckpt)}") from None
+
+
+def _how_to_continue(folder, ckpt) -> str:
+    """How to go on with a run that stopped: resume it, or train it again where it cannot be."""
+    from adamshap_core import runio
+
+    if ckpt.exists():
+        return f"resume from the last checkpoint with: {runio.resume_command(folder.path)}"
+    return "train it again with --force (no checkpoint was written yet)."
 
 
 @contextmanager

@@ -427,15 +427,16 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monke
     def save_then_fail(obj, f):
         calls["n"] += 1
         if calls["n"] == 2:
-            Path(f).write_bytes(b"half a checkpoint")
+            f.write(b"half a checkpoint")
             raise OSError(28, "No space left on device")
         real_save(obj, f)
 
     prep = prepare(recipe)
     with monkeypatch.context() as m:
         m.setattr(checkpoint.torch, "save", save_then_fail)
-        with pytest.raises(OSError, match="No space left"):
+        with pytest.raises(OSError, match="No space left") as info:
             run(prep, checkpointer=Checkpointer(path, prep))
+    assert info.value.filename == str(path)  # the message names the file it could not write
     assert os.listdir(tmp_path) == [CHECKPOINT_FILE]  # no temp file left
     assert torch.load(path, weights_only=True)["loop"]["step"] == 2
     again = prepare(recipe)
@@ -443,3 +444,39 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monke
     assert res.metrics["params_sha256"] == full.metrics["params_sha256"]
     for m in full.methods:
         assert np.array_equal(full.values[m], res.values[m])
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_full_disk_under_torch_save_is_the_file_systems_error():
+    """torch.save reports a failed write as a RuntimeError that names neither cause nor file; the
+    checkpoint's writer raises the file system's own error instead (exit 2 with the path, in the CLI)."""
+    from adamshap_core.checkpoint import save_tensors
+
+    with pytest.raises(OSError) as info:
+        save_tensors({"w": torch.zeros(1 << 16)}, "/dev/full")  # every write: no space left
+    assert info.value.errno == 28
+
+
+def test_tables_that_do_not_fit_leave_the_run_resumable_and_say_how(tmp_path, monkeypatch):
+    """A disk that fills up while the finished run's tables are written: exit 2 with the file, the
+    run marked incomplete with the error, and resuming once there is space completes it."""
+    runs = tmp_path / "runs"
+    recipe = write_recipe(tmp_path, tiny(train={"epochs": 2, "checkpoint_every": 2}))
+    reference = cli("train", recipe, "--quiet", "--runs-dir", tmp_path / "reference")
+    assert reference.exit_code == 0, reference.output
+
+    def no_space(self, path, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(pd.DataFrame, "to_parquet", no_space)
+        res = cli("train", recipe, "--quiet", "--runs-dir", runs)
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2
+    assert f"No space left on device ({runs / 'tiny' / 'values.parquet'})" in said
+    assert "Once mended, resume from the last checkpoint with: adamshap train --resume tiny" in said
+    assert "Traceback" not in res.output
+    metrics = json.loads((runs / "tiny" / "metrics.json").read_text())
+    assert metrics["status"] == "incomplete" and "No space left" in metrics["error"]
+    assert resume(runs).exit_code == 0
+    assert_same_run(runs / "tiny", tmp_path / "reference" / "tiny")

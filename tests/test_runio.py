@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -37,6 +38,28 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["values.parquet"]
 
 
+@pytest.mark.parametrize("named", [None, "temp"])
+def test_a_failed_write_names_the_file_it_was_writing(tmp_path, monkeypatch, named):
+    """No space left (say) while writing: the error names the target, not nothing or the temp file."""
+    p = tmp_path / "values.parquet"
+
+    def no_space(self, path, **kw):
+        raise OSError(28, "No space left on device", *([path] if named else []))
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", no_space)
+    with pytest.raises(OSError) as info:
+        runio.atomic_write_parquet(p, pd.DataFrame({"x": [3]}))
+    assert info.value.errno == 28 and info.value.filename == str(p)
+
+
+def test_a_written_file_has_the_permissions_of_any_new_file(tmp_path):
+    """As ``open`` would create it (0o666 less the umask), not the temp file's private 0o600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    p = runio.atomic_write_text(tmp_path / "recipe.yaml", "name: x\n")
+    assert p.stat().st_mode & 0o777 == runio.FILE_MODE == 0o666 & ~mask
+
+
 def test_create_run_dir_is_exclusive(tmp_path):
     p = runio.create_run_dir(tmp_path, "r1")
     (p / "metrics.json").write_text("{}")  # a run
@@ -59,6 +82,19 @@ def test_a_folder_that_is_not_a_run_is_never_replaced(tmp_path, force):
     assert (tmp_path / "bench" / "notes.txt").read_text() == "precious"
     (tmp_path / "empty").mkdir()  # what a run stopped before its first file leaves: may be replaced
     assert runio.create_run_dir(tmp_path, "empty", force=True) == tmp_path / "empty"
+
+
+def test_force_refuses_a_run_it_could_not_delete_whole_before_touching_it(tmp_path, monkeypatch):
+    """A run with a folder this user may not write: the deletion would stop halfway, leaving the old
+    run hidden beside the runs. (As root every folder is writable, so the refusal is simulated.)"""
+    run = runio.create_run_dir(tmp_path, "r1")
+    (run / "metrics.json").write_text("{}")
+    (run / "plots").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(runio.os, "access", lambda p, mode: Path(p).name != "plots" and real_access(p, mode))
+    with pytest.raises(UserError, match=f"may not delete the files in {run / 'plots'}"):
+        runio.create_run_dir(tmp_path, "r1", force=True)
+    assert sorted(os.listdir(tmp_path)) == ["r1"] and (run / "metrics.json").exists()
 
 
 def test_a_folder_holding_only_its_lock_is_a_run_being_created(tmp_path):
