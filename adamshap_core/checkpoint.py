@@ -16,8 +16,8 @@ run completes (a complete run is never resumed, and a model's checkpoint can be 
 ``metrics.json`` then records ``params_sha256``, a digest of the final parameters.
 
 ``LoopState`` is the part of the state the loop itself owns; ``Checkpointer`` saves and
-restores it together with the model, optimizer, scheduler and RNGs; ``run_lock`` keeps two
-processes from writing one run folder; ``stop_on_interrupt`` turns Ctrl-C into a clean stop.
+restores it together with the model, optimizer, scheduler and RNGs; ``stop_on_interrupt``
+turns Ctrl-C into a clean stop. (``locks.run_lock`` keeps two processes from writing one run.)
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .runio import LOCK_FILE, atomic_write
+from .runio import atomic_write
 from .schema import value_column
 
 if TYPE_CHECKING:
@@ -285,43 +285,7 @@ class Checkpointer:
             os.unlink(self.path)
 
 
-# --------------------------------------------------------------------------- one writer per run folder
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock on a run folder while training writes it.
-
-    An advisory ``flock`` on ``<run>/.lock``: the kernel releases it when the process
-    dies, even by SIGKILL, so a killed run never leaves a stale lock. Another process
-    that tries to take it gets a ``UserError``. Where ``fcntl`` is missing (Windows),
-    the exclusive creation of run folders is the only guard.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    path = Path(run_dir) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = Path(path).read_text().strip() or "another process"
-            raise UserError(
-                f"run {Path(run_dir).name!r} is being written by {holder} right now; wait for it to "
-                "finish or stop it first."
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"process {os.getpid()}".encode())
-        try:
-            yield
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # tidy: the lock is still held until the close below
-    finally:
-        os.close(fd)  # releases the lock
+# --------------------------------------------------------------------------- what a killed run leaves
 
 
 def remove_stale_temp_files(run_dir: str | Path) -> list[str]:
@@ -335,28 +299,6 @@ def remove_stale_temp_files(run_dir: str | Path) -> list[str]:
             p.unlink()
             removed.append(p.name)
     return removed
-
-
-def is_locked(run_dir: str | Path) -> bool:
-    """Whether a live process holds ``run_lock`` on ``run_dir``. Asked without taking the lock and
-    without writing: a command that only reads the run leaves its folder as it was."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        return False
-    try:
-        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
-    except OSError:  # no lock file (or no such folder): nobody is writing it
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- Ctrl-C

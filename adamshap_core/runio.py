@@ -19,6 +19,7 @@ import os
 import shlex
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
+from .locks import LOCK_FILE, is_locked, reading, replacing
 from .recipe import METHOD_NAMES, RUN_NAME, RUN_NAME_RULE
 from .schema import KNOWN_SCHEMA_VERSIONS, SCHEMA_VERSION, TABLES, check_frame, table_problems, value_column
 
@@ -137,10 +139,6 @@ def check_run_name(name: str) -> str:
     return name
 
 
-# the lock file of a run folder that a process is writing (``checkpoint.run_lock``)
-LOCK_FILE = ".lock"
-
-
 def create_run_dir(root: str | Path, name: str, *, force: bool = False) -> Path:
     """Create ``root/name`` exclusively. An existing run is a ``UserError`` unless ``force``,
     in which case the old folder is moved aside and removed once the new one exists."""
@@ -165,15 +163,16 @@ def create_run_dir(root: str | Path, name: str, *, force: bool = False) -> Path:
                 f"run {name!r} already exists at {path}; pass --force to replace it or --name to pick "
                 "another name."
             ) from None
-    _check_removable(path)
-    aside = root / f".{name}.old-{os.getpid()}"
-    os.replace(path, aside)
-    try:
-        os.mkdir(path)
-    except FileExistsError:
-        raise UserError(f"run {name!r} was created by another process meanwhile; try again.") from None
-    finally:
-        shutil.rmtree(aside, ignore_errors=True)
+    with replacing(path):  # no command is reading the old run, and none starts to
+        _check_removable(path)
+        aside = root / f".{name}.old-{os.getpid()}"
+        os.replace(path, aside)
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            raise UserError(f"run {name!r} was created by another process meanwhile; try again.") from None
+        finally:
+            shutil.rmtree(aside, ignore_errors=True)
     return path
 
 
@@ -326,8 +325,6 @@ class RunFolder:
         return metrics
 
     def _incomplete_hint(self, metrics: dict) -> str:
-        from .checkpoint import is_locked  # (checkpoint reads and writes through this module)
-
         if is_locked(self.path):
             return "it is being trained by another process right now; wait for it to finish."
         error = str(metrics["error"]).rstrip(".") if metrics.get("error") else ""
@@ -432,6 +429,20 @@ def open_run(root: str | Path, name: str | None = None) -> RunFolder:
     if not p.is_dir():
         raise UserError(f"no run {name!r} under {root}; `adamshap runs` lists the runs there.")
     return RunFolder(p)
+
+
+@contextlib.contextmanager
+def reading_run(root: str | Path, name: str | None = None, *, complete: bool = False) -> Iterator[RunFolder]:
+    """``open_run`` (``open_complete_run`` where ``complete``) for a command that reads a run and
+    writes its results into it (``compare``, ``prune``, ``attribute``): holds the run's reader lock
+    until the command ends, so ``train --force`` cannot replace it meanwhile, and checks first that
+    the folder can be written."""
+    folder = open_run(root, name)
+    with reading(folder.path):
+        if complete:
+            folder.require_complete()
+        require_writable(folder.path)  # before the work, not after it
+        yield folder
 
 
 def open_complete_run(root: str | Path, name: str | None = None) -> RunFolder:

@@ -63,38 +63,37 @@ def attribute(
     from adamshap_core import attribute as at
     from adamshap_core import runio
 
-    folder = runio.open_run(runio.runs_root(runs_dir), run)
-    runio.require_writable(folder.path)  # before the work, not after it
-    plan = at.plan(
-        folder,
-        texts=query or None,
-        queries_file=queries,
-        methods=split_list(methods),
-        chunk=chunk,
-        score=score,
-    )
-    if not quiet:
-        err_console.print(
-            f"[bold]{escape(folder.name)}[/]: {len(plan.queries)} queries against {plan.data.n_train} "
-            f"training texts; replaying {plan.total_steps} steps for "
-            f"{', '.join(plan.valued) or 'no value method'}"
+    with runio.reading_run(runio.runs_root(runs_dir), run) as folder:
+        plan = at.plan(
+            folder,
+            texts=query or None,
+            queries_file=queries,
+            methods=split_list(methods),
+            chunk=chunk,
+            score=score,
         )
-    result = _run_with_progress(plan, quiet)
-    paths = at.write_outputs(plan, result)
-    _print_unknown_words(result)
-    n_show = (
-        show
-        if show is not None
-        else (len(result.queries) if len(result.queries) <= SHOW_ALL_UP_TO else SHOW_OTHERWISE)
-    )
-    for q in range(min(n_show, len(result.queries))):
-        console.print(query_table(result, q, top))
-    if result.queries.has_sources:
-        console.print(benchmark_table(result.benchmark()))
-    _print_replay(result)
-    console.print(
-        f"wrote [bold]{escape(str(paths['values']))}[/] and {len(paths) - 1} more file(s) beside it"
-    )
+        if not quiet:
+            err_console.print(
+                f"[bold]{escape(folder.name)}[/]: {len(plan.queries)} queries against {plan.data.n_train} "
+                f"training texts; replaying {plan.total_steps} steps for "
+                f"{', '.join(plan.valued) or 'no value method'}"
+            )
+        result = _run_with_progress(plan, quiet)
+        paths = at.write_outputs(plan, result)
+        _print_unknown_words(result)
+        n_show = (
+            show
+            if show is not None
+            else (len(result.queries) if len(result.queries) <= SHOW_ALL_UP_TO else SHOW_OTHERWISE)
+        )
+        for q in range(min(n_show, len(result.queries))):
+            console.print(query_table(result, q, top))
+        if result.queries.has_sources:
+            console.print(benchmark_table(result.benchmark()))
+        _print_replay(result)
+        console.print(
+            f"wrote [bold]{escape(str(paths['values']))}[/] and {len(paths) - 1} more file(s) beside it"
+        )
 
 
 def _run_with_progress(plan, quiet: bool):

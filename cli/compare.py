@@ -51,38 +51,37 @@ def compare(
     from adamshap_core import runio
     from adamshap_core.compare import CompareOptions, compare_run, write_outputs
 
-    folder = runio.open_run(runio.runs_root(runs_dir), run)
-    runio.require_writable(folder.path)  # before the work, not after it
-    options = CompareOptions(baseline, steps, permutations, cumulative, cumulative_permutations, seed)
-    progress = None if quiet else _progress()
-    task = None
+    with runio.reading_run(runio.runs_root(runs_dir), run) as folder:
+        options = CompareOptions(baseline, steps, permutations, cumulative, cumulative_permutations, seed)
+        progress = None if quiet else _progress()
+        task = None
 
-    def on_start(inputs, evaluated):
-        nonlocal task
-        n = inputs.last_step if cumulative else len(evaluated)
-        if progress is not None:
-            err_console.print(
-                f"[bold]compare[/] {escape(folder.name)}: replaying {inputs.last_step} steps; ground "
-                f"truth at {n} steps: {options.permutations} permutations at the evaluated steps "
-                f"{_steps_text(evaluated)}"
-                + (f", {options.cumulative_permutations} at the others" if cumulative else "")
-            )
-            task = progress.add_task("ground truth", total=n)
-            progress.start()
+        def on_start(inputs, evaluated):
+            nonlocal task
+            n = inputs.last_step if cumulative else len(evaluated)
+            if progress is not None:
+                err_console.print(
+                    f"[bold]compare[/] {escape(folder.name)}: replaying {inputs.last_step} steps; ground "
+                    f"truth at {n} steps: {options.permutations} permutations at the evaluated steps "
+                    f"{_steps_text(evaluated)}"
+                    + (f", {options.cumulative_permutations} at the others" if cumulative else "")
+                )
+                task = progress.add_task("ground truth", total=n)
+                progress.start()
 
-    def on_progress(done, total):
-        if progress is not None:
-            progress.update(task, completed=done)
+        def on_progress(done, total):
+            if progress is not None:
+                progress.update(task, completed=done)
 
-    try:
-        result = compare_run(folder, options, on_progress, on_start)
-    finally:
-        # stopping a bar that never started prints an empty line
-        if progress is not None and task is not None:
-            progress.stop()
-    written = write_outputs(folder, result)
-    print_report(result)
-    console.print(f"wrote {', '.join(written)} to [bold]{escape(str(folder.path))}[/]")
+        try:
+            result = compare_run(folder, options, on_progress, on_start)
+        finally:
+            # stopping a bar that never started prints an empty line
+            if progress is not None and task is not None:
+                progress.stop()
+        written = write_outputs(folder, result)
+        print_report(result)
+        console.print(f"wrote {', '.join(written)} to [bold]{escape(str(folder.path))}[/]")
 
 
 def print_report(result) -> None:

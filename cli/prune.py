@@ -52,43 +52,42 @@ def prune(
     from adamshap_core import prune as pr
     from adamshap_core import runio
 
-    folder = runio.open_complete_run(runio.runs_root(runs_dir), run)
-    runio.require_writable(folder.path)  # before the work, not after it
-    plan = pr.plan_for_run(
-        folder,
-        fracs=parse_fracs(frac),
-        methods=split_list(by) if by else None,
-        seeds=seeds,
-        direction=remove,
-    )
-    if not quiet:
-        err_console.print(
-            f"[bold]{escape(folder.name)}[/]: {len(plan.jobs)} retrains of {escape(plan.recipe.name)} "
-            f"({plan.data.n_train} training examples, {plan.recipe.train.epochs} epochs), removing the "
-            f"{plan.direction}est-valued {', '.join(f'{f:.0%}' for f in plan.fracs)} by "
-            f"{', '.join(plan.methods)}; {plan.seeds} seed(s) from train.seed {plan.recipe.train.seed}"
+    with runio.reading_run(runio.runs_root(runs_dir), run, complete=True) as folder:
+        plan = pr.plan_for_run(
+            folder,
+            fracs=parse_fracs(frac),
+            methods=split_list(by) if by else None,
+            seeds=seeds,
+            direction=remove,
         )
-    journal = pr.journal_for(folder, plan.direction)
-    resumed = journal.finished(plan.jobs)
-    if resumed:  # said even with --quiet: these rows are not retrained now
-        err_console.print(
-            f"continuing: {resumed} of {len(plan.jobs)} retrains were finished by an earlier prune "
-            "that stopped"
-        )
-    try:
-        df = run_with_progress(plan, quiet, journal)
-    except KeyboardInterrupt:
-        err_console.print(
-            f"[yellow]stopped after {journal.finished(plan.jobs)} of {len(plan.jobs)} retrains; they are "
-            f"kept in {escape(str(journal.path))}, and the same command continues from there.[/]",
-            soft_wrap=True,
-        )
-        raise typer.Exit(130) from None
-    table_path, png_path = pr.write_outputs(folder, df, plan.direction)
-    journal.remove()
-    console.print(pruning_table(pr.summarise(df), plan))
-    console.print(table_notes(plan), highlight=False)
-    console.print(f"wrote [bold]{escape(str(table_path))}[/] and [bold]{escape(str(png_path))}[/]")
+        if not quiet:
+            err_console.print(
+                f"[bold]{escape(folder.name)}[/]: {len(plan.jobs)} retrains of {escape(plan.recipe.name)} "
+                f"({plan.data.n_train} training examples, {plan.recipe.train.epochs} epochs), removing the "
+                f"{plan.direction}est-valued {', '.join(f'{f:.0%}' for f in plan.fracs)} by "
+                f"{', '.join(plan.methods)}; {plan.seeds} seed(s) from train.seed {plan.recipe.train.seed}"
+            )
+        journal = pr.journal_for(folder, plan.direction)
+        resumed = journal.finished(plan.jobs)
+        if resumed:  # said even with --quiet: these rows are not retrained now
+            err_console.print(
+                f"continuing: {resumed} of {len(plan.jobs)} retrains were finished by an earlier prune "
+                "that stopped"
+            )
+        try:
+            df = run_with_progress(plan, quiet, journal)
+        except KeyboardInterrupt:
+            err_console.print(
+                f"[yellow]stopped after {journal.finished(plan.jobs)} of {len(plan.jobs)} retrains; they are "
+                f"kept in {escape(str(journal.path))}, and the same command continues from there.[/]",
+                soft_wrap=True,
+            )
+            raise typer.Exit(130) from None
+        table_path, png_path = pr.write_outputs(folder, df, plan.direction)
+        journal.remove()
+        console.print(pruning_table(pr.summarise(df), plan))
+        console.print(table_notes(plan), highlight=False)
+        console.print(f"wrote [bold]{escape(str(table_path))}[/] and [bold]{escape(str(png_path))}[/]")
 
 
 def parse_fracs(items: list[str]) -> list[float]:

@@ -38,7 +38,8 @@ def train(
     Ctrl-C stops after the current step and saves a checkpoint; `--resume RUN` continues from it.
     """
     from adamshap_core import runio
-    from adamshap_core.checkpoint import remove_stale_temp_files, run_lock
+    from adamshap_core.checkpoint import remove_stale_temp_files
+    from adamshap_core.locks import run_lock
 
     root = runio.runs_root(runs_dir)
     if resume is not None:
@@ -102,7 +103,7 @@ def _prepared(recipe: Path, overrides: list[str] | None):
 
 def _new_run_folder(root: Path, run_name: str, force: bool):
     from adamshap_core import runio
-    from adamshap_core.checkpoint import is_locked
+    from adamshap_core.locks import is_locked
 
     if force and is_locked(root / run_name):
         raise UserError(

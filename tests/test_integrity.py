@@ -109,7 +109,7 @@ def test_refuses_an_incomplete_run_and_says_how_to_finish_it(run_copy, monkeypat
     assert f"`adamshap train --resume tiny --runs-dir {run_copy.path.parent}` first" in refusal(run_copy)
     monkeypatch.setenv("ADAMSHAP_RUNS", str(run_copy.path.parent))
     assert "`adamshap train --resume tiny` first" in refusal(run_copy)
-    from adamshap_core.checkpoint import run_lock
+    from adamshap_core.locks import run_lock
 
     with run_lock(run_copy.path):  # a train of it still running: not "finish it with --resume"
         assert "is being trained by another process right now; wait for it to finish" in refusal(run_copy)

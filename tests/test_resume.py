@@ -20,13 +20,9 @@ import pytest
 import torch
 from helpers import cli, tiny, write_recipe
 
-from adamshap_core.checkpoint import (
-    Checkpointer,
-    TrainingInterrupted,
-    run_lock,
-    stop_on_interrupt,
-)
+from adamshap_core.checkpoint import Checkpointer, TrainingInterrupted, stop_on_interrupt
 from adamshap_core.errors import UserError
+from adamshap_core.locks import run_lock
 from adamshap_core.recipe import recipe_from_dict
 from adamshap_core.runio import CHECKPOINT_FILE
 from adamshap_core.train import prepare, run
