@@ -78,29 +78,24 @@ def is_locked(run_dir: str | Path) -> bool:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def reading(run_dir: str | Path) -> Iterator[None]:
+def reading(run_dir: str | Path) -> contextlib.AbstractContextManager[None]:
     """Hold a shared lock on a run folder while a command reads it and writes its results beside
     it, so that ``train --force`` cannot replace the run meanwhile. Any number may hold it."""
-    name = Path(run_dir).name
     refused = (
-        f"run {name!r} is being replaced by `train --force` right now; run this command again once "
-        "that training has finished."
+        f"run {Path(run_dir).name!r} is being replaced by `train --force` right now; run this command "
+        "again once that training has finished."
     )
-    with _folder_lock(run_dir, exclusive=False, refused=refused):
-        yield
+    return _folder_lock(run_dir, exclusive=False, refused=refused)
 
 
-@contextlib.contextmanager
-def replacing(run_dir: str | Path) -> Iterator[None]:
+def replacing(run_dir: str | Path) -> contextlib.AbstractContextManager[None]:
     """Hold an exclusive lock on a run folder while ``train --force`` moves it away and deletes it;
     refused while any command is reading it."""
     refused = (
         f"run {Path(run_dir).name!r} is being read by another adamshap command (compare, prune or "
         "attribute) right now, so --force cannot replace it; wait for that command to finish or stop it."
     )
-    with _folder_lock(run_dir, exclusive=True, refused=refused):
-        yield
+    return _folder_lock(run_dir, exclusive=True, refused=refused)
 
 
 @contextlib.contextmanager
