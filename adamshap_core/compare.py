@@ -23,7 +23,8 @@ Outputs, beside the run's files (written only once everything is computed):
   ``auroc`` is that of "low value ⇒ noisy"; the other rows leave it empty); ``scope`` is
   a step number as text or ``cumulative``.
 - ``groundtruth.parquet``: the ground truth itself beside the methods' values, one row
-  per (scope, example_id); ``compare_layers.parquet``: each method's per-step value split
+  per (scope, example_id), with the Monte-Carlo permutations drawn (the cumulative rows: the
+  fewest of any step); ``compare_layers.parquet``: each method's per-step value split
   by parameter tensor (share of |value|, correlation with adam's, spread of Adam's scale).
 - ``compare.json``: the settings, the replay check, standard errors, timings.
 - PNG plots (see ``report.py``).
@@ -364,7 +365,6 @@ def _cumulative_truth(inputs: RunInputs, rep: TruthReplay) -> pd.DataFrame:
         np.add.at(shap, pos, t.shapley)
         np.add.at(var, pos, t.shapley_se**2)  # NaN (one pair per step: no spread) stays unknown, not 0
         np.add.at(loo, pos, t.loo)
-    perms = {t.permutations for t in rep.truths.values()}
     df = pd.DataFrame(
         {
             "scope": "cumulative",
@@ -372,7 +372,9 @@ def _cumulative_truth(inputs: RunInputs, rep: TruthReplay) -> pd.DataFrame:
             "shapley": shap,
             "shapley_se": np.sqrt(var),
             "loo": loo,
-            "permutations": perms.pop() if len(perms) == 1 else -1,
+            # the fewest any step drew: the evaluated steps draw --permutations, the others
+            # --cumulative-permutations
+            "permutations": min(t.permutations for t in rep.truths.values()),
         }
     )
     run_values = inputs.values[["example_id", *[value_column(m) for m in inputs.methods]]]
@@ -511,7 +513,6 @@ def step_summaries(rep: TruthReplay, evaluated: Sequence[int]) -> list[dict]:
     out = []
     for step in evaluated:
         t = rep.truths[step]
-        sd = float(np.std(t.shapley))
         se = float(np.median(t.shapley_se)) if np.isfinite(t.shapley_se).all() else float("nan")
         out.append(
             {
@@ -521,10 +522,17 @@ def step_summaries(rep: TruthReplay, evaluated: Sequence[int]) -> list[dict]:
                 "val_loss": t.val_loss,
                 "permutations": t.permutations,
                 "median_se": se,
-                "se_over_sd": se / sd if sd > 0 else float("nan"),
+                "se_over_sd": se_over_sd(se, t.shapley),
             }
         )
     return out
+
+
+def se_over_sd(median_se: float, shapley: np.ndarray) -> float:
+    """The Monte-Carlo noise against the spread of the values it estimates (the examples' std);
+    NaN where the values do not spread."""
+    sd = float(np.std(shapley))
+    return median_se / sd if sd > 0 else float("nan")
 
 
 def engine_vs_bruteforce(rep: TruthReplay, evaluated: Sequence[int], methods: Sequence[str]) -> float:
@@ -577,7 +585,9 @@ def compare_run(
         "cumulative": {
             "steps": len(rep.truths),
             "median_se": float(cum["shapley_se"].median(skipna=False)),
-            "se_over_sd": float(cum["shapley_se"].median(skipna=False) / cum["shapley"].std()),
+            "se_over_sd": se_over_sd(
+                float(cum["shapley_se"].median(skipna=False)), cum["shapley"].to_numpy()
+            ),
         }
         if len(cum)
         else None,

@@ -135,9 +135,10 @@ def cell(mean: float, std: float, seeds: int) -> str:
 
 
 def pruning_table(summary: pd.DataFrame, plan) -> Table:
-    """Methods as rows (full data on top), per fraction the test accuracy and the noisy share removed;
-    the best accuracy of each fraction in bold green, among the full-data model, the methods and
-    random (the oracle is a reference, shown dim and never highlighted)."""
+    """Methods as rows (full data on top), per fraction the test accuracy and the noisy share removed.
+    In bold green, per fraction, the accuracy that shows the values right: removing the lowest-valued,
+    the highest accuracy (full-data model included); removing the highest-valued, the lowest (the
+    removal that hurt most). The oracle is a reference, shown dim and never highlighted."""
     from adamshap_core.prune import FULL, ORACLE, n_to_remove
 
     n = plan.data.n_train
@@ -149,8 +150,11 @@ def pruning_table(summary: pd.DataFrame, plan) -> Table:
         if noisy_known:
             table.add_column(f"{f:.0%}\nnoisy", justify="right")
     full = summary[summary["method"] == FULL].iloc[0]
-    ranked = summary[summary["method"] != ORACLE]
-    best = {f: ranked[ranked["frac"].isin([f, 0.0])]["acc_mean"].max() for f in plan.fracs}
+    low = plan.direction == "low"
+    shown = {FULL, *plan.methods} - {ORACLE} - (set() if low else {FULL})  # the ones highlighted
+    ranked = summary[summary["method"].isin(shown)]
+    in_column = {f: ranked[ranked["frac"].isin([f, 0.0])]["acc_mean"] for f in plan.fracs}
+    best = {f: acc.max() if low else acc.min() for f, acc in in_column.items()}
     rows = [(FULL, {f: full for f in plan.fracs})]
     for m in plan.methods:
         part = summary[summary["method"] == m].set_index("frac")
@@ -160,7 +164,7 @@ def pruning_table(summary: pd.DataFrame, plan) -> Table:
         cells = [f"[dim]{m} (n={n})[/]" if m == FULL else f"[dim]{m}[/]" if reference else m]
         for f, r in by_frac.items():
             text = cell(r["acc_mean"], r["acc_std"], plan.seeds)
-            if r["acc_mean"] == best[f] and m != ORACLE:
+            if r["acc_mean"] == best[f] and m in shown:
                 text = f"[bold green]{text}[/]"
             elif reference:
                 text = f"[dim]{text}[/]"
@@ -180,7 +184,12 @@ def table_notes(plan) -> str:
         f"Each cell: test accuracy on the held-out test split ({len(plan.data.y_test)} examples, never "
         f"used for valuation) after retraining from scratch, {seeds} (train.seed {plan.recipe.train.seed}"
         f"{f'..{plan.recipe.train.seed + plan.seeds - 1}' if plan.seeds > 1 else ''}, the same for every "
-        "row). Best per column in bold green."
+        "row). "
+        + (
+            "Best per column in bold green."
+            if plan.direction == "low"
+            else "Lowest per column in bold green: the removal that hurt most took the most useful examples."
+        )
     )
     if ORACLE in plan.methods:
         notes += (

@@ -134,6 +134,23 @@ def test_cumulative_truth_is_the_sum_of_every_steps_truth(run):
     assert got == pytest.approx(want, rel=1e-9)
 
 
+def test_cumulative_rows_of_mixed_permutation_counts(run):
+    """Steps evaluated with 6 permutations, the others with 4: the cumulative rows say 4 (the
+    fewest any step drew), and its noise ratio takes the values' spread as the per-step one does."""
+    res = cli("compare", "--steps", "1-2", "--permutations", "6", "--cumulative-permutations", "4", "-q")
+    assert res.exit_code == 0, res.output
+    truth = pd.read_parquet(run / "groundtruth.parquet")
+    assert (truth[truth.scope != "cumulative"].permutations == 6).all()
+    cum = truth[truth.scope == "cumulative"]
+    assert (cum.permutations == 4).all()
+    summary = json.loads((run / "compare.json").read_text())
+    for s in summary["per_step"]:
+        rows = truth[truth.scope == str(s["step"])]
+        assert s["se_over_sd"] == pytest.approx(rows.shapley_se.median() / np.std(rows.shapley), rel=1e-12)
+    want = cum.shapley_se.median() / np.std(cum.shapley)
+    assert summary["cumulative"]["se_over_sd"] == pytest.approx(want, rel=1e-12)
+
+
 def test_one_pair_a_step_leaves_the_cumulative_standard_error_unknown_not_zero(run):
     res = cli("compare", "--steps", "1-2", "--permutations", "2", "--cumulative-permutations", "2")
     assert res.exit_code == 0, res.output

@@ -287,3 +287,28 @@ def test_a_run_whose_data_source_changed_is_refused(tmp_path):
     assert res.exit_code == 2, res.output
     assert "the data source changed since the run was trained" in " ".join(res.output.split())
     assert not (run / "pruning.parquet").exists()
+
+
+@pytest.mark.parametrize("direction, bold", [("low", 0.92), ("high", 0.70)])
+def test_the_table_highlights_the_accuracy_that_shows_the_values_right(direction, bold):
+    """Removing the lowest-valued, the best accuracy; removing the highest-valued, the lowest one,
+    never the full-data model's (which removed nothing) nor the oracle's."""
+    from types import SimpleNamespace
+
+    import torch
+    from adamshap_cli.prune import pruning_table
+
+    acc = {"full": 0.90, "adam": 0.92 if direction == "low" else 0.70, "random": 0.85, "oracle": 0.60}
+    rows = [(m, 0.0 if m == "full" else 0.3, a) for m, a in acc.items()]
+    summary = pd.DataFrame(
+        {"method": [r[0] for r in rows], "frac": [r[1] for r in rows], "acc_mean": [r[2] for r in rows]}
+    ).assign(acc_std=float("nan"), noisy_share=0.5)
+    plan = SimpleNamespace(
+        data=SimpleNamespace(n_train=100, is_noisy=torch.zeros(100, dtype=torch.bool)),
+        fracs=[0.3],
+        methods=["adam", "random", "oracle"],
+        direction=direction,
+        seeds=1,
+    )
+    cells = pruning_table(summary, plan).columns[1]._cells
+    assert [c for c in cells if "bold green" in c] == [f"[bold green]{bold:.3f}[/]"]
