@@ -136,12 +136,6 @@ def plan(
             f"the batch size ({recipe.train.batch_size}) is larger than the training split "
             f"({n_train} examples); expected --batch-size <= {n_train}."
         )
-    n_val = len(session.prep.data.y_val)
-    if recipe.attribution.val_batch is not None and recipe.attribution.val_batch > n_val:
-        raise UserError(
-            f"--val-batch (attribution.val_batch) is {recipe.attribution.val_batch}, but the validation "
-            f"split holds {n_val} rows; expected at most {n_val}."
-        )
     return BenchPlan(
         spec,
         recipe.name,

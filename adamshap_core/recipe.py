@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
+import numpy as np
 import yaml
 from pydantic import (
     BaseModel,
@@ -31,11 +32,14 @@ from .data.registry import check_source, split_source, takes_path
 from .errors import UserError
 from .fast import FastMode
 
-# a run's name, which is also its folder's: no separators, no leading dot
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-RUN_NAME_RULE = "letters, digits, '.', '_' or '-', starting with a letter or digit"
+# a run's name, which is also its folder's: no separators, no leading dot, and short enough for a
+# file name (255 bytes) with the ``.<name>.old-<pid>`` that ``train --force`` moves it aside as
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+RUN_NAME_RULE = "letters, digits, '.', '_' or '-', starting with a letter or digit, at most 200 characters"
 MethodName = Literal["adam", "adam_fixed", "sgd"]  # precond.METHODS holds their rules (a test: the same)
 METHOD_NAMES = get_args(MethodName)
+# the range of the models' dtype, float32, which the learning rate and Adam's eps must lie in
+FLOAT32_MAX, FLOAT32_TINY = float(np.finfo(np.float32).max), float(np.finfo(np.float32).tiny)
 
 
 def _number(v: Any) -> Any:
@@ -100,7 +104,7 @@ class DataCfg(_Strict):
     @classmethod
     def _source(cls, v: str) -> str:
         check_source(v)
-        return v
+        return v.strip()  # (the checks after this one compare it with "builtin:facts")
 
     @field_validator("val_size", "test_size")
     @classmethod
@@ -197,10 +201,40 @@ class OptimCfg(_Strict):
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: Int = Field(0, ge=0)
 
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        if v > FLOAT32_MAX:
+            raise ValueError(
+                f"expected at most {FLOAT32_MAX:.3g}, the largest float32 (the model trains in float32)"
+            )
+        return v
+
+    @field_validator("eps")
+    @classmethod
+    def _eps(cls, v: float) -> float:
+        if v < FLOAT32_TINY:
+            raise ValueError(
+                f"expected at least {FLOAT32_TINY:.3g}, the smallest normal float32: a smaller one is "
+                "rounded to 0 (or to a subnormal) in float32, where Adam divides by it"
+            )
+        return v
+
     @model_validator(mode="after")
     def _momentum(self) -> OptimCfg:
         if self.momentum and self.name != "sgd":
             raise ValueError(f"`optim.momentum` only applies to sgd (optim.name is {self.name}); use betas")
+        return self
+
+    @model_validator(mode="after")
+    def _adam_settings(self) -> OptimCfg:
+        # (compared with the defaults, not "was it given", so a saved recipe.yaml loads again)
+        if self.name == "sgd":
+            for name in ("betas", "eps"):
+                if getattr(self, name) != type(self).model_fields[name].default:
+                    raise ValueError(
+                        f"`optim.{name}` only applies to adam and adamw (optim.name is sgd); remove it"
+                    )
         return self
 
 

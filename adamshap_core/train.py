@@ -242,6 +242,8 @@ def prepare(
     optimizer = build_optimizer(recipe.optim, model.parameters())
     steps_per_epoch = math.ceil(data.n_train / recipe.train.batch_size)
     total = steps_per_epoch * recipe.train.epochs
+    if keep is None:  # (a retrain on a kept subset takes fewer steps than the run it prunes)
+        check_sizes(recipe, total, len(data.y_val))
     factor = lr_factor(recipe.optim.schedule, recipe.optim.warmup_steps, total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     n_val = recipe.attribution.val_batch or len(data.y_val)
@@ -266,6 +268,22 @@ def prepare(
         prep.methods = list(recipe.attribution.methods)
         prep.tracker = build_tracker(prep)
     return prep
+
+
+def check_sizes(recipe: Recipe, total_steps: int, n_val: int) -> None:
+    """The recipe's step and row counts that only the data can check: each would be cut silently."""
+    warmup = recipe.optim.warmup_steps
+    if warmup > total_steps:
+        raise UserError(
+            f"`optim.warmup_steps` ({warmup}) is more than the run's {total_steps} steps, so the learning "
+            f"rate would never reach optim.lr; expected at most {total_steps}."
+        )
+    val_batch = recipe.attribution.val_batch
+    if val_batch is not None and val_batch > n_val:
+        raise UserError(
+            f"`attribution.val_batch` ({val_batch}) is more than the {n_val} validation examples; expected "
+            f"at most {n_val}, or null for all of them."
+        )
 
 
 def build_tracker(prep: Prepared, methods: Sequence[str] | None = None, fast: bool | FastMode | None = None):
@@ -296,12 +314,23 @@ def _build_on(device: torch.device, recipe: Recipe, data: Dataset) -> nn.Module:
     try:
         return build_model(recipe.model, data).to(device)
     except (MemoryError, RuntimeError) as e:
-        if "memory" not in str(e).lower() and not isinstance(e, MemoryError):
+        if not is_out_of_memory(e):
             raise
         raise UserError(
             f"`model` ({recipe.model.model_dump(exclude_defaults=True)}) does not fit in memory on {device}: "
             "expected smaller layers (model.hidden, model.d_model, ...)."
         ) from None
+
+
+# what torch's allocators say when an allocation fails (the CPU one raises a plain RuntimeError)
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation that failed (not, say, CUDA's illegal memory access)."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and any(s in str(error).lower() for s in OUT_OF_MEMORY)
 
 
 @dataclass
@@ -388,7 +417,16 @@ def run(
                 StepContext(step, epoch, batch, inputs, targets, lr, model, opt, sched, tracker, d, r),
             )
         t0 = time.perf_counter()
-        loss, val_loss, clip, step_values = _take_step(prep, inputs, targets)
+        try:
+            loss, val_loss, clip, step_values = _take_step(prep, inputs, targets)
+        except (MemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
+            raise UserError(
+                f"out of memory at step {step} on {dev} (a batch of {len(batch)} examples of shape "
+                f"{tuple(inputs.shape[1:])}): expected a smaller train.batch_size, shorter inputs "
+                "(a text's words set a gpt's context) or smaller layers."
+            ) from None
         sched.step()
         problem = non_finite_problem(loss, model, step_values, float(val_loss))
         if problem:

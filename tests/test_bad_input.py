@@ -397,6 +397,72 @@ def test_bad_data_files_are_refused_naming_the_problem(case, base):
     check_refused(case, base)
 
 
+def _training_split_without(cls: int, y: list[int], val_size: int, test_size: int) -> int:
+    """A data.seed whose split leaves every row of class ``cls`` out of training."""
+    import numpy as np
+
+    from adamshap_core.data.tabular import split_indices
+
+    for seed in range(200):
+        train, _, _ = split_indices(np.array(y), val_size, test_size, seed)
+        if cls not in {y[i] for i in train}:
+            return seed
+    raise AssertionError("no such seed")
+
+
+def _data_cases() -> list[Case]:
+    rows = [[i % 7, i % 5, i % 3] for i in range(40)]
+    rare_y = [0] * 39 + [1]
+    rare_seed = _training_split_without(1, rare_y, 5, 5)
+    return [
+        Case(
+            csv_recipe(),
+            ["`data.source`", "a", "too large"],
+            {"d.csv": csv_text([[1e308, 1, y] for *_, y in rows])},
+        ),
+        Case(
+            csv_recipe(),
+            ["`data.target`", "fractional"],
+            {"d.csv": csv_text([[a, b, y + 0.5] for a, b, y in rows])},
+        ),
+        Case(
+            csv_recipe(seed=rare_seed),
+            ["`data.seed`", "only class 0"],
+            {"d.csv": csv_text([[a, b, y] for (a, b, _), y in zip(rows, rare_y, strict=True)])},
+        ),
+        Case(tiny(), ["`optim.warmup_steps`", "more than the run's"], overrides=["optim.warmup_steps=1000"]),
+        Case(
+            tiny(),
+            ["`attribution.val_batch`", "20 validation examples"],
+            overrides=["attribution.val_batch=21"],
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    "case", _data_cases(), ids=["huge-feature", "fractional-target", "rare-class", "warmup", "val-batch"]
+)
+def test_inputs_that_would_be_cut_or_overflow_silently_are_refused(case, base):
+    check_refused(case, base)
+
+
+def test_running_out_of_memory_in_a_step_is_bad_input(tmp_path, monkeypatch):
+    """As the CPU allocator reports it (a RuntimeError): exit 2 naming the step and what to shrink."""
+    from adamshap_core import train
+
+    def no_memory(*args):
+        raise RuntimeError(
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 25602560064 bytes."
+        )
+
+    monkeypatch.setattr(train, "_take_step", no_memory)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny()))
+    res = cli("train", recipe, "--quiet", "--runs-dir", tmp_path / "runs")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "out of memory at step 1" in " ".join(res.output.split())
+
+
 # --------------------------------------------------------------------------- bad YAML and --set
 
 

@@ -63,6 +63,8 @@ def test_string_numbers_from_yaml_are_numbers(tmp_path):
         ("optim.lr=-0.1", "optim.lr", "greater than 0"),
         ("optim.lr=0", "optim.lr", "greater than 0"),
         ("optim.eps=0", "optim.eps", "greater than 0"),
+        ("optim.lr=1e39", "optim.lr", "the largest float32"),
+        ("optim.eps=1e-50", "optim.eps", "the smallest normal float32"),
         ("optim.betas=[0.9, 1.0]", "optim.betas[1]", "less than 1"),
         ("optim.name=rmsprop", "optim.name", "'adam', 'adamw' or 'sgd'"),
         ("optim.weight_decay=-1", "optim.weight_decay", "greater than or equal to 0"),
@@ -88,6 +90,7 @@ def test_string_numbers_from_yaml_are_numbers(tmp_path):
         ("attribution.enabled=maybe", "attribution.enabled", "valid boolean"),
         ("attribution.fuse_validation=1", "attribution.fuse_validation", "valid boolean"),
         ("name=a/b", "name", "run name"),
+        ("name=" + "a" * 201, "name", "at most 200 characters"),
         ("data=3", "data", "section"),
     ],
 )
@@ -99,6 +102,23 @@ def test_bad_values_name_the_field(tmp_path, override, field, fragment):
     assert f"`{field}`" in msg, msg
     assert fragment in msg, msg
     assert str(p) in msg
+
+
+@pytest.mark.parametrize("setting", ["optim.betas=[0.5, 0.5]", "optim.eps=0.1"])
+def test_adam_settings_with_sgd_are_refused_and_an_sgd_recipe_loads_again(tmp_path, setting):
+    p = write_recipe(tmp_path, TINY)
+    with pytest.raises(
+        UserError, match=f"`optim.{setting.split('=')[0].split('.')[1]}` only applies to adam"
+    ):
+        load_recipe(p, ["optim.name=sgd", setting])
+    saved = write_recipe(tmp_path, load_recipe(p, ["optim.name=sgd"]).to_yaml(), "saved.yaml")
+    assert load_recipe(saved).optim.name == "sgd"  # its saved betas and eps are the defaults
+
+
+def test_a_source_is_read_without_its_surrounding_spaces(tmp_path):
+    """ "builtin:facts " is builtin:facts: its generator settings are filled in, not refused."""
+    rec = recipe_from_dict({"name": "t", "data": {"source": " builtin:facts "}, "model": {"kind": "gpt"}})
+    assert rec.data.source == "builtin:facts" and rec.data.facts is not None
 
 
 def test_missing_required_fields(tmp_path):

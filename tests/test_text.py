@@ -149,6 +149,10 @@ def test_jsonl_without_ids_uses_line_numbers(tmp_path):
             ['{"text": "a", "id": "x"}', '{"text": "b", "id": "y"}', '{"text": "c", "id": "z"}'],
             "expected an integer",
         ),
+        (
+            ['{"text": "a", "id": 1}', '{"text": "b", "id": 2}', f'{{"text": "c", "id": {2**63}}}'],
+            "within int64",
+        ),
         (['{"text": "a"}', '{"txt": "b"}', '{"text": "c"}'], "no `text` string"),
         (['{"text": "a"}', '{"text": "  "}', '{"text": "c"}', '{"text": "d"}', '{"text": "e"}'], "is empty"),
         (['["a"]', '{"text": "b"}', '{"text": "c"}'], "not a JSON object"),
@@ -170,6 +174,21 @@ def test_text_source_skips_blank_lines_with_a_note(tmp_path):
     assert ds.n_train == 3
     assert all(lines[int(e)] == t for e, t in zip(ds.example_id, ds.texts, strict=True))
     assert any("skipped 2 blank line" in n for n in ds.notes)
+
+
+def test_lines_are_split_at_line_feeds_only(tmp_path):
+    """A form feed or U+2028 inside a line (which str.splitlines splits at) leaves the ids the
+    line numbers; a raw U+2028 inside a JSON string is valid JSON; CRLF line ends are dropped."""
+    lines = ["page one\x0cpage two", "next\u2028line", *(f"line number {i}" for i in range(2, 8))]
+    p = tmp_path / "c.txt"
+    p.write_bytes("\r\n".join(lines).encode() + b"\r\n")
+    ds = load_dataset(_recipe(f"text:{p}").data)
+    assert ds.n_train == 6 and not ds.notes
+    assert all(lines[int(e)] == t for e, t in zip(ds.example_id, ds.texts, strict=True))
+    j = tmp_path / "c.jsonl"
+    j.write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in lines) + "\n")
+    ds = load_dataset(_recipe(f"jsonl:{j}").data)
+    assert all(lines[int(e)] == t for e, t in zip(ds.example_id, ds.texts, strict=True))
 
 
 def test_text_source_paths_resolve_against_the_recipe_folder(tmp_path):

@@ -92,11 +92,10 @@ def tabular_dataset(
             "expected model.kind: mlp (or an image source such as sklearn:digits)."
         )
     x = np.asarray(x, dtype=np.float64)
+    names = list(feature_names or [f"x{i}" for i in range(x.shape[1])])
     train, val, test = split_indices(y, cfg.val_size, cfg.test_size, cfg.seed)
-    mean = x[train].mean(axis=0)
-    std = x[train].std(axis=0)
-    std[std < 1e-12] = 1.0
-    xs = ((x - mean) / std).astype(np.float32)
+    _check_training_classes(y[train], classes, source, cfg)
+    xs = _standardised(x, train, names, source)
     shape = tuple(image_shape) if image and image_shape is not None else (x.shape[1],)  # (refused above)
 
     def tx(rows):
@@ -121,8 +120,38 @@ def tabular_dataset(
         input_shape=shape,
         is_image=image,
         class_names=[str(c) for c in classes],
-        feature_names=list(feature_names or [f"x{i}" for i in range(x.shape[1])]),
+        feature_names=names,
     )
+
+
+def _check_training_classes(y_train: np.ndarray, classes: np.ndarray, source: str, cfg: DataCfg) -> None:
+    """A classifier needs two classes to learn from: the split may leave a rare one out of training."""
+    present = np.unique(y_train)
+    if len(present) < 2:
+        raise UserError(
+            f"`data.seed` {cfg.seed}: the training split of {source!r} holds only class "
+            f"{classes[present[0]]!s} (the others fell into the validation and test splits); expected "
+            "at least 2 classes there: more rows of the rare classes, smaller data.val_size / "
+            "data.test_size, or another data.seed."
+        )
+
+
+def _standardised(x: np.ndarray, train: np.ndarray, names: list[str], source: str) -> np.ndarray:
+    """``x`` standardised with the training rows' mean and std, as float32 (a constant column: centred)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = x[train].mean(axis=0)
+        std = x[train].std(axis=0)
+        std[std < 1e-12] = 1.0
+        xs = ((x - mean) / std).astype(np.float32)
+    bad = [names[c] for c in np.flatnonzero(~np.isfinite(xs).all(axis=0))]
+    if bad:
+        more = " ..." if len(bad) > 5 else ""
+        raise UserError(
+            f"`data.source` {source!r}: feature column(s) {', '.join(bad[:5])}{more} hold values too "
+            "large to standardise (their squares overflow a float64); expected values within about "
+            "±1e150: rescale them."
+        )
+    return xs
 
 
 @register_source("sklearn", names=SKLEARN_NAMES, help="datasets bundled with scikit-learn, no download")
@@ -156,6 +185,12 @@ def _frame_dataset(df, path: str, cfg: DataCfg, image: bool, source: str) -> Dat
     if labels.isna().any():
         raise UserError(
             f"`data.target` column {cfg.target!r} of {path} has empty cells; expected a label in each row."
+        )
+    if pd.api.types.is_float_dtype(labels) and not (labels % 1 == 0).all():
+        example = labels[labels % 1 != 0].iloc[0]
+        raise UserError(
+            f"`data.target` column {cfg.target!r} of {path} holds fractional numbers (such as {example:g}); "
+            "expected class labels (whole numbers or text): adamshap trains classifiers."
         )
     feats = df.drop(columns=[cfg.target])
     if feats.shape[1] == 0:

@@ -43,6 +43,8 @@ from .registry import register_source
 if TYPE_CHECKING:
     from ..recipe import DataCfg
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the ids a table's example_id column holds
+
 
 @dataclass
 class TextDataset(Dataset):
@@ -137,12 +139,19 @@ def _split(corpus: Texts, cfg: DataCfg, path: str) -> tuple[Texts, Texts, Texts]
 
 
 def _read_lines(path: str, what: str) -> list[str]:
+    """The file's lines, split at line feeds only (a carriage return before one dropped), so that
+    line i is the i-th line an editor or ``wc -l`` counts: ``str.splitlines`` also splits at form
+    feeds, U+2028 and five others, which would number texts off the file's lines and cut JSON
+    strings that hold them."""
     try:
-        return Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
     except FileNotFoundError:
         raise UserError(f"{what}: the file {path} does not exist.") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{what}: cannot read {path} as UTF-8 text: {e}.") from None
+    if lines[-1] == "":  # the file's last line feed ends a line, it does not start one
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
 
 
 @register_source("text", help="a UTF-8 text file, one training text per line, blank lines skipped")
@@ -216,8 +225,12 @@ def check_ids(records: list[tuple[int, dict]], path: str, what: str, kinds: tupl
         )
     seen: dict = {}
     for row, v in with_id:
-        if isinstance(v, bool) or not isinstance(v, kinds):
-            expected = " or ".join({int: "an integer", str: "a string"}[k] for k in kinds)
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, kinds)
+            or (isinstance(v, int) and not INT64_MIN <= v <= INT64_MAX)
+        ):
+            expected = " or ".join({int: "an integer within int64", str: "a string"}[k] for k in kinds)
             raise UserError(f"{what}: line {row + 1} of {path} has `id` {v!r}; expected {expected}.")
         key = str(v)  # the tables write ids as text: 7 and "7" would be one id there
         if key in seen:
