@@ -13,7 +13,7 @@ from conftest import rel_err
 from adamshap_core import InRunShapley, compiled, training_step
 from adamshap_core.errors import UserError
 from adamshap_core.models import GPT, sequence_loss
-from adamshap_core.precond import AdamState, _norm, adam_fixed_rule, adam_rule
+from adamshap_core.precond import AdamState, _norm, adam_coefficients, adam_fixed_rule, adam_rule
 from adamshap_core.recipe import recipe_from_dict
 
 METHODS = ("adam", "adam_fixed", "sgd")
@@ -209,6 +209,28 @@ def test_traced_rules_give_the_eager_P_where_adams_second_moment_overflowed(rule
         assert want.isfinite().all() and (want[v == math.inf] == 0).all()
         assert torch.equal(got == 0, want == 0)
         assert torch.allclose(got, want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("rule", [adam_rule, adam_fixed_rule])
+@pytest.mark.parametrize("decay", [False, True], ids=["decoupled", "coupled-l2"])
+def test_rules_give_the_same_P_with_the_step_scalars_as_tensors(rule, decay, float64):
+    """A compiled valuation passes lr, the coefficients and k as 0-d tensors (one graph for every
+    step), which take other branches of the rules' arithmetic; run eagerly, they give the same P."""
+    gen = torch.Generator().manual_seed(0)
+    g, m, r = (torch.randn(50, generator=gen, dtype=torch.float64) for _ in range(3))
+    v = torch.rand(50, generator=gen, dtype=torch.float64)
+    coeffs = adam_coefficients(0.9, 0.999, 5)
+
+    def state(as_tensor):
+        scalar = torch.tensor if as_tensor else float
+        return AdamState(
+            scalar(1e-3), g, r if decay else None, 0.9, 0.999, 1e-8, 5, m, v,
+            coeffs=tuple(scalar(c) for c in coeffs),
+        )  # fmt: skip
+
+    want = rule(state(False), 0.5)
+    got = rule(state(True), torch.tensor(0.5, dtype=torch.float64))
+    assert rel_err(got, want) <= 1e-13
 
 
 # ---- what a failure means: compiling (the step goes on eagerly) or a built graph (raised)

@@ -113,6 +113,20 @@ def test_the_ghost_dot_product_with_rows_is_that_of_their_gradients(float64, mon
     assert not linear.rows_cheaper(9, 256, 256, rows=200 * 9, K=1)
 
 
+def test_per_target_validation_gradients_in_chunks_equal_one_pass(float64):
+    """Per target, the validation rows are taken ``val_chunk`` at a time: 7 rows in chunks of 2 (the
+    last one short) give the gradients of one pass over all 7."""
+    case = next(c for c in CASES if c.name == "lm-tied")
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = case.model()
+    vx, vy = case.data(7, gen)
+    whole, loss = GhostEngine(model).validation_gradients(case.loss, vx, vy, per_target=True)
+    chunked, loss_c = GhostEngine(model, val_chunk=2).validation_gradients(case.loss, vx, vy, per_target=True)
+    assert whole.shape[0] == 7
+    assert rel_err(chunked, whole) <= 1e-12 and abs(float(loss_c) - float(loss)) <= 1e-12
+
+
 def test_tied_parameter_is_valued_once_through_both_uses(float64):
     case = next(c for c in CASES if c.name == "lm-tied")
     model = case.model()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -101,10 +100,13 @@ def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(tmp_path, refe
     proc = start_subprocess(recipe, runs, "cut")
     run = runs / "cut"
     wait_for(run / CHECKPOINT_FILE, proc)
-    time.sleep(random.uniform(0.0, 0.25))  # a random moment after the first checkpoint
+    # frozen within a poll of its first checkpoint (however fast the machine: a sleep here would let
+    # a fast one finish the run first), then killed
+    proc.send_signal(signal.SIGSTOP)
+    assert proc.poll() is None, "the run ended before it could be stopped"
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed; lengthen LONG"
+    assert proc.returncode == -signal.SIGKILL
     assert json.loads((run / "metrics.json").read_text())["status"] == "incomplete"
     assert not (run / "values.parquet").exists()
     killed_at = torch.load(run / CHECKPOINT_FILE, weights_only=True)["loop"]["step"]

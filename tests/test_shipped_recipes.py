@@ -50,3 +50,21 @@ def test_recipe_trains_end_to_end(tmp_path, path):
     if values["is_noisy"].any():
         low = values.nsmallest(len(values) // 5, "value_adam")
         assert low["is_noisy"].mean() > 0.4  # far above the 20% base rate
+    listed = cli("runs", "--runs-dir", tmp_path)
+    assert listed.exit_code == 0 and run.name in listed.output and "complete" in listed.output
+    if load_recipe(path).model.kind == "gpt":  # the command a language-model run leads to
+        queries = [values["text"].iloc[0], values["text"].iloc[1]]  # two of its own training texts
+        res = cli(
+            "attribute",
+            "--run",
+            run.name,
+            "--runs-dir",
+            tmp_path,
+            "--quiet",
+            *(a for q in queries for a in ("--query", q)),
+            "--score",
+            "text",
+        )
+        assert res.exit_code == 0, res.output
+        ranks = pd.read_parquet(run / "attribution.parquet")
+        assert ranks["query_id"].nunique() == 2 and {"rank_adam", "rank_bm25"} <= set(ranks.columns)

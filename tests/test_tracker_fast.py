@@ -82,6 +82,38 @@ def test_low_rank_contraction_is_exact_when_m_has_that_rank(float64):
         assert rel_err(engine.contract(M_low, 192), engine.contract(M_exact, 192)) <= 1e-9
 
 
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.name in ("linear-seq", "conv2d", "stacked")], ids=lambda c: c.name
+)
+def test_factored_contraction_at_full_rank_is_exact(case, float64, monkeypatch):
+    """Every weight a kernel may factor, factored at a rank that holds it whole: the contraction
+    equals the exact one, for several matrices at once (two methods × three validation targets) and
+    for convolutions (a grouped one is not factored: its kernel contracts it per group)."""
+    from adamshap_core.engine import GhostEngine, ghost
+    from adamshap_core.precond import OptimizerView, scales
+
+    monkeypatch.setattr(ghost, "factorizing_pays", lambda *args: True)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = case.model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = case.data(6, gen)
+    vx, vy = case.data(3, gen)
+    engine = GhostEngine(model)
+    G, _ = engine.validation_gradients(case.loss, vx, vy, per_target=True)
+    with engine.capture():
+        case.loss(model(x), y).mean().backward()
+        segments = OptimizerView(opt).segments(engine.parameters)
+        two_methods = [(where, [s, 0.5 * s]) for where, s in scales("sgd", segments, 1.0)]
+        exact = engine.contract(engine.matrices(G, two_methods, 2), 6).clone()
+        M_low = engine.matrices(G, two_methods, 2, rank=64)  # 64: above every dimension here
+        factored = {n for n, p in model.named_parameters() if id(p) in M_low.factors}
+        assert factored and exact.shape == (6, 6)
+        assert rel_err(engine.contract(M_low, 6), exact) <= 1e-9
+    grouped = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert not any(n + ".weight" in factored for n in grouped)
+
+
 def test_factorising_pays_only_for_large_matrices_contracted_with_many_positions():
     """Decisions the rule must get right: each was timed by tools/calibrate_low_rank.py."""
     from adamshap_core.engine.low_rank import factorizing_pays
