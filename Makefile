@@ -50,5 +50,5 @@ bench: install
 	done; \
 	$(BENCH) --summary $$suite
 
-lint:
+lint: install
 	$(PYTHON) -m ruff check .

@@ -1,4 +1,5 @@
-"""Source attribution (DESIGN.md §5): which training texts taught the model what a query says.
+"""Source attribution: which training texts taught the model what a query says (README: Language
+models and source attribution).
 
 ``attribute`` replays a finished language-model run with the queries as validation
 targets. At every step each example of the batch is valued against every query

@@ -13,7 +13,7 @@ float tolerance. A run without recorded steps (``attribution.record_steps: 0``)
 or without attribution cannot be checked and is refused.
 
 Ground truth, per evaluated step: exact leave-one-out and antithetic Monte-Carlo
-Shapley of U_t (DESIGN.md §4); cumulative: their sums over every step of the run.
+Shapley of U_t (``groundtruth.py``); cumulative: their sums over every step of the run.
 
 Outputs, beside the run's files (written only once everything is computed):
 

@@ -6,7 +6,7 @@ output-gradient b, one row per example. That is each example's whole gradient of
 only where every use of it passes through its module's hooked forward, the module computes what
 its kernel assumes, the examples of a batch do not interact, and the optimizer moves no parameter
 the engine does not value. Where one of these fails, the values would be silently wrong, so the
-tracker refuses with an error instead (DESIGN.md §3: never a silent zero).
+tracker refuses with an error instead (never a silent zero).
 """
 
 from __future__ import annotations

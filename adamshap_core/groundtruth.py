@@ -1,6 +1,6 @@
-"""Ground truth for ``compare`` (DESIGN.md §4): the real per-step game and its values.
+"""Ground truth for ``compare`` (README: `adamshap compare`): the real per-step game and its values.
 
-The game of step t (DESIGN.md §2): for a coalition S of the batch,
+The game of step t: for a coalition S of the batch,
 U_t(S) = ℓ_val(w_t) − ℓ_val(w_{t+1}(S)), where w_{t+1}(S) is the optimizer's
 real update (Adam/AdamW with bias correction and weight decay, or SGD with
 momentum) applied to g_S = c_S·Σ_{i∈S} g_i/B + r, with the clip factor c_S

@@ -1,4 +1,4 @@
-"""The scoring rules of DESIGN.md §2: each method is a diagonal preconditioner P.
+"""The scoring rules (README: How it works): each method is a diagonal preconditioner P.
 
 Every method values example i at step t as φ_i = η_t·⟨P ⊙ ∇val, x_i⟩ with
 x_i = c·g_i/B. This module turns the live optimizer (its param groups and
@@ -181,7 +181,7 @@ def adam_fixed_rule(s: ParamState, k: Scalar) -> torch.Tensor | float:
 def adam_rule(s: ParamState, k: Scalar) -> torch.Tensor | float:
     """P = (u(g_N) − u(g_∅)) / (g_N − g_∅): the secant of the real Adam step.
 
-    Written without the difference quotient (DESIGN.md §2), so it is exact in
+    Written without the difference quotient, so it is exact in
     float32 where g_N ≈ g_∅, and equals u′(g_∅) there:
     P = (b·(D0 − g0·q) − a·m·q) / (D0·D1), q = d·(g0 + g1)/(S0 + S1),
     computed as b·(D0 − d·(g0 + (a/b)·m)·q′) / D0 / D1 with q′ = q/d (b > 0: torch's β1 < 1),

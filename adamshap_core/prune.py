@@ -1,4 +1,4 @@
-"""Pruning by value (DESIGN.md §5): drop a fraction of the training set, retrain, test.
+"""Pruning by value: drop a fraction of the training set, retrain, test.
 
 For each fraction and each method, the examples a method values lowest (or, with
 ``direction="high"``, highest) are removed and the run's recipe is retrained from

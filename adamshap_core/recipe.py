@@ -235,6 +235,11 @@ class OptimCfg(_Strict):
                     raise ValueError(
                         f"`optim.{name}` only applies to adam and adamw (optim.name is sgd); remove it"
                     )
+        elif self.lr / (1.0 - self.betas[0]) > FLOAT32_MAX:
+            raise ValueError(
+                f"`optim.lr` {self.lr:g} over 1 − betas[0] ({1.0 - self.betas[0]:g}), Adam's first step "
+                f"size, exceeds the largest float32 ({FLOAT32_MAX:.3g}); expected a smaller optim.lr"
+            )
         return self
 
 

@@ -193,6 +193,7 @@ class RunFolder:
     """Reads and writes the files of one run folder."""
 
     path: Path
+    latest: bool = False  # picked as the latest run (no --run given): refusals say how to pick another
 
     @property
     def name(self) -> str:
@@ -266,9 +267,13 @@ class RunFolder:
         metrics = self._known_metrics()
         status = metrics.get("status")
         if status != "complete":
-            raise UserError(
-                f"run {self.name!r} is {status or 'of unknown status'}: {self._incomplete_hint(metrics)}"
+            which = (
+                " (the latest run; --run NAME picks another, `adamshap runs` lists them)"
+                if self.latest
+                else ""
             )
+            state = status or "of unknown status"
+            raise UserError(f"run {self.name!r}{which} is {state}: {self._incomplete_hint(metrics)}")
         missing = [f for f in RUN_FILES if not self.file(f).is_file()]
         if missing:
             raise UserError(
@@ -416,7 +421,7 @@ def latest_run(root: str | Path) -> RunFolder:
     runs = list_runs(root)
     if not runs:
         raise UserError(f"no runs under {root}; run `adamshap train RECIPE` first.")
-    return runs[-1]
+    return RunFolder(runs[-1].path, latest=True)
 
 
 def open_run(root: str | Path, name: str | None = None) -> RunFolder:

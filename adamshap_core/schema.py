@@ -1,4 +1,4 @@
-"""The schema of a run folder's files (DESIGN.md §7), checked on write and before a run is read.
+"""The schema of a run folder's files (README: Run folders), checked on write and before a run is read.
 
 ``check_frame(name, df)`` checks one table against its schema: the required columns, their
 kinds, unique example ids and (where the frame has rows) that no value is NaN or infinite.

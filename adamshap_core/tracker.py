@@ -134,7 +134,7 @@ def _refuse(problem: str | None) -> None:
 
 
 class InRunShapley:
-    """Values every training example during training (DESIGN.md §2–3, §7).
+    """Values every training example during training (README: Library, How it works).
 
     ``loss_fn(outputs, targets)`` returns per-example losses [B]. The
     validation utility is the mean validation loss; with ``per_target=True``

@@ -28,7 +28,7 @@ def train(
     ),
     force: bool = typer.Option(False, "--force", help="replace an existing run of the same name"),
     runs_dir: Path = typer.Option(None, "--runs-dir", help="runs folder (default: $ADAMSHAP_RUNS or ./runs)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar, notes or opening line"),
     resume: str = typer.Option(
         None, "--resume", metavar="RUN", help="continue the stopped run RUN from its last checkpoint"
     ),

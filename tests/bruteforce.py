@@ -1,6 +1,6 @@
 """Brute-force references: per-example gradients materialised with torch.func.
 
-Everything here is written from DESIGN.md §2 directly, independently of the
+Everything here is written from the definitions directly, independently of the
 package's engine and preconditioner code, so that tests compare two
 implementations rather than one with itself.
 """

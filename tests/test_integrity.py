@@ -97,6 +97,15 @@ def test_refuses_an_unknown_schema_version(run_copy):
     assert "schema version None" in refusal(run_copy)
 
 
+def test_the_latest_run_when_incomplete_is_refused_saying_how_to_pick_another(run_copy):
+    edit_metrics(run_copy, status="incomplete")
+    with pytest.raises(UserError) as info:
+        runio.open_complete_run(run_copy.path.parent)  # no name: the latest run, this one
+    said = " ".join(str(info.value).split())
+    assert "run 'tiny' (the latest run; --run NAME picks another" in said and "is incomplete" in said
+    assert "the latest run" not in refusal(run_copy)  # named: nothing to pick
+
+
 def test_refuses_an_incomplete_run_and_says_how_to_finish_it(run_copy, monkeypatch):
     edit_metrics(run_copy, status="incomplete", error="training interrupted after step 3 of 14")
     before = sorted(os.listdir(run_copy.path)), run_copy.path.stat().st_mtime_ns

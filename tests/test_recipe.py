@@ -64,6 +64,7 @@ def test_string_numbers_from_yaml_are_numbers(tmp_path):
         ("optim.lr=0", "optim.lr", "greater than 0"),
         ("optim.eps=0", "optim.eps", "greater than 0"),
         ("optim.lr=1e39", "optim.lr", "the largest float32"),
+        ("optim.lr=1e38", "optim.lr", "Adam's first step size"),
         ("optim.eps=1e-50", "optim.eps", "the smallest normal float32"),
         ("optim.betas=[0.9, 1.0]", "optim.betas[1]", "less than 1"),
         ("optim.name=rmsprop", "optim.name", "'adam', 'adamw' or 'sgd'"),

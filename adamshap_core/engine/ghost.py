@@ -1,5 +1,5 @@
 """The ghost engine: hooks that keep each layer's input and output-gradient, and
-the contraction of those with the per-parameter matrices M (DESIGN.md §3).
+the contraction of those with the per-parameter matrices M (README: How it works).
 
 Per step: ``validation_gradients`` (a separate pass that never touches
 ``.grad``), then the training forward/backward inside ``capture()``, then
