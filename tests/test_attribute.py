@@ -113,6 +113,8 @@ def test_a_queries_file_with_ids_levels_and_sources(runs, tmp_path):
     assert [c for c in df.columns if c.startswith("value_")] == ["value_sgd", "value_bm25"]
     bench = pd.read_parquet(runs / "facts" / "attribution_benchmark.parquet")
     assert bench["level"].tolist() == ["mine", "mine"] and bench["method"].tolist() == ["sgd", "bm25"]
+    source = df["query_id"].map({"first": 3, "second": 1})  # each row: is it its query's source?
+    assert (df["is_source"] == (df["example_id"] == source)).all() and df["is_source"].sum() == 2
 
 
 @pytest.mark.parametrize(
@@ -213,6 +215,7 @@ def test_bm25_prefers_the_text_sharing_the_rare_words():
     texts = ["the cat sat on the mat", "the dog sat on the log", "a bird flew"]
     s = bm25_scores(texts, ["where did the dog sit ?", "bird"])
     assert s.shape == (3, 2) and s[:, 0].argmax() == 1 and s[:, 1].argmax() == 2
+    assert not bm25_scores(["a , b .", "c d", "e f"], [", ."]).any()  # punctuation is no evidence
 
 
 def test_score_mask_keeps_the_answer_targets():

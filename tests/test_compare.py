@@ -15,6 +15,7 @@ from helpers import cli, tiny, write_recipe
 
 from adamshap_core.compare import COMPARE_COLUMNS, check_no_random_draws, resolve_steps
 from adamshap_core.errors import UserError
+from adamshap_core.schema import value_column
 
 OUTPUTS = ("compare.parquet", "groundtruth.parquet", "compare_layers.parquet", "compare.json")
 PLOTS = ("compare_values.png", "compare_steps.png", "compare_pearson.png")
@@ -134,6 +135,48 @@ def test_cumulative_truth_is_the_sum_of_every_steps_truth(run):
     assert got == pytest.approx(want, rel=1e-9)
 
 
+def test_every_figure_of_the_report_is_recomputed_from_its_tables(run):
+    """compare.parquet's correlations and AUROCs, the cumulative standard errors and the worst
+    steps, recomputed with scipy and scikit-learn from groundtruth.parquet and values.parquet."""
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import roc_auc_score
+
+    res = cli("compare", "--permutations", "4", "--steps", "1-7", "-q")
+    assert res.exit_code == 0, res.output
+    truth = pd.read_parquet(run / "groundtruth.parquet")
+    table = pd.read_parquet(run / "compare.parquet")
+    values = pd.read_parquet(run / "values.parquet")
+    summary = json.loads((run / "compare.json").read_text())
+    checked = 0
+    for r in table.itertuples(index=False):
+        if r.ground_truth == "is_noisy":  # low value ⇒ noisy, on the run's values or the summed truth
+            source = values if r.method in METHODS else truth[truth.scope == "cumulative"]
+            score = source[value_column(r.method) if r.method in METHODS else r.method]
+            assert r.auroc == pytest.approx(roc_auc_score(source.is_noisy, -score), abs=1e-12)
+        else:
+            rows = truth[truth.scope == r.scope]
+            if r.ground_truth in METHODS and r.scope == "cumulative":  # method vs method: the run's values
+                rows = values
+            other = value_column(r.ground_truth) if r.ground_truth in METHODS else r.ground_truth
+            a, b = rows[value_column(r.method)], rows[other]
+            assert (r.pearson, r.spearman) == pytest.approx(
+                (pearsonr(a, b)[0], spearmanr(a, b)[0]), abs=1e-12
+            )
+            assert r.n == len(rows)
+        checked += 1
+    assert checked == len(table) and {"shapley", "loo", "is_noisy", "sgd"} <= set(table.ground_truth)
+    per_step = truth[truth.scope != "cumulative"]
+    se = np.sqrt((per_step.shapley_se**2).groupby(per_step.example_id).sum())
+    cum = truth[truth.scope == "cumulative"].set_index("example_id")
+    assert np.allclose(cum.loc[se.index, "shapley_se"], se, rtol=1e-12)
+    baseline = summary["divergence"]["baseline"]
+    steps = table[
+        (table.method == baseline) & (table.ground_truth == "shapley") & (table.scope != "cumulative")
+    ]
+    worst = steps.nsmallest(3, "pearson")
+    assert [w["step"] for w in summary["divergence"]["worst_steps"]] == [int(s) for s in worst.scope]
+
+
 def test_cumulative_rows_of_mixed_permutation_counts(run):
     """Steps evaluated with 6 permutations, the others with 4: the cumulative rows say 4 (the
     fewest any step drew), and its noise ratio takes the values' spread as the per-step one does."""
@@ -249,6 +292,17 @@ def test_a_replay_that_does_not_reproduce_the_run_is_refused(run):
         cli("compare", "--permutations", "2", "--no-cumulative", "-q"), "does not reproduce", "step 3"
     )
     assert not any((run / name).exists() for name in OUTPUTS + PLOTS)
+
+
+def test_a_replay_whose_validation_loss_differs_from_the_run_is_refused(run):
+    steps = pd.read_parquet(run / "steps.parquet")
+    steps.loc[steps.step == 4, "val_loss"] *= 1.01
+    steps.to_parquet(run / "steps.parquet", index=False)
+    assert_refused(
+        cli("compare", "--permutations", "2", "--steps", "4", "--no-cumulative", "-q"),
+        "does not reproduce",
+        "before step 4",
+    )
 
 
 def test_a_replay_with_other_batches_is_refused_at_once(run):

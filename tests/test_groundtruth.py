@@ -210,6 +210,18 @@ def test_monte_carlo_converges_as_permutations_grow():
     )
 
 
+def test_the_standard_error_is_the_spread_of_the_pair_averages_over_root_pairs():
+    """Two pairs: their averages e1 (the first pair alone, drawn first from the same seed) and e2;
+    the standard error is their sample std over √2, |e1 − e2| / 2."""
+    n = 6
+    game = quadratic_sign_game(n, seed=3)
+    e1 = gt.monte_carlo_shapley(game, n, 2, torch.Generator().manual_seed(5)).values
+    both = gt.monte_carlo_shapley(game, n, 4, torch.Generator().manual_seed(5))
+    e2 = 2 * both.values - e1
+    assert torch.allclose(both.se, (e1 - e2).abs() / 2, rtol=1e-12, atol=1e-15)
+    assert float(both.se.max()) > 0
+
+
 def test_one_player_and_bad_permutation_counts():
     game = table_game({(): 1.0, (0,): 3.0}, 1)
     est = gt.monte_carlo_shapley(game, 1, 2, torch.Generator())

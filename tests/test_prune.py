@@ -11,6 +11,8 @@ from helpers import cli, tiny, write_recipe
 
 from adamshap_core import prune as pr
 from adamshap_core.errors import UserError
+from adamshap_core.recipe import load_recipe
+from adamshap_core.train import train
 
 # --------------------------------------------------------------------------- selection logic
 
@@ -74,6 +76,36 @@ def test_plan_uses_the_same_training_seeds_for_every_method():
     assert [j.removed.tolist() for j in adam] == [[0, 1], [0, 1]]  # values fix the subset
 
 
+def test_random_and_oracle_subsets_are_drawn_from_each_seeds_training_seed():
+    noisy = np.arange(20) % 3 == 0
+    jobs = pr.plan_retrains(
+        {}, noisy, methods=["random", "oracle"], fracs=[0.5], seeds=3, direction="low", base_seed=7
+    )
+    for j in (j for j in jobs if j.method != "full"):
+        draw = (
+            pr.random_removed
+            if j.method == "random"
+            else lambda n, k, seed: pr.oracle_removed(noisy, k, seed)
+        )
+        assert j.removed.tolist() == draw(20, 10, 7 + j.seed).tolist(), (j.method, j.seed)
+    assert len({tuple(j.removed) for j in jobs if j.method == "random"}) == 3  # one subset per seed
+
+
+def test_a_journal_entry_is_reused_only_for_the_same_subset():
+    base = pr.Retrain("adam", "low", 0.3, 0, 7, np.array([1, 2, 3]))
+    assert pr.job_key(base) == pr.job_key(pr.Retrain("adam", "low", 0.3, 0, 7, np.array([3, 2, 1])))
+    assert pr.job_key(base) != pr.job_key(pr.Retrain("adam", "low", 0.3, 0, 7, np.array([1, 2, 4])))
+
+
+def test_the_summary_std_is_the_sample_std_over_seeds():
+    rows = pd.DataFrame(
+        {"method": "adam", "frac": 0.3, "seed": [0, 1, 2], "test_accuracy": [0.5, 0.7, 0.9],
+         "test_loss": 1.0, "noisy_share_removed": 0.5, "n_kept": 7}
+    )  # fmt: skip
+    summary = pr.summarise(rows).iloc[0]
+    assert summary.acc_mean == pytest.approx(0.7) and summary.acc_std == pytest.approx(0.2)  # ddof=1
+
+
 @pytest.mark.parametrize("fracs", [[0.0], [1.0], [-0.1], [1.5], [0.3, float("nan")], []])
 def test_check_fracs_rejects_out_of_range(fracs):
     with pytest.raises(UserError, match="--frac"):
@@ -128,11 +160,16 @@ def test_prune_end_to_end(tiny_run):
     assert f"({kept} kept)" in res.stdout  # the table's header counts what each fraction keeps
     assert df["test_accuracy"].between(0, 1).all() and np.isfinite(df["test_loss"]).all()
 
-    # the seed-0 full-data retrain (valuation off) reproduces the run itself (valuation on)
+    # the seed-0 full-data retrain (valuation off) reproduces the run itself (valuation on), and
+    # seed 1's is the recipe trained with train.seed + 1
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     f0 = full[full["seed"] == 0].iloc[0]
     assert f0["test_accuracy"] == metrics["test_accuracy"]
     assert f0["test_loss"] == pytest.approx(metrics["test_loss"], rel=1e-5)
+    recipe = load_recipe(tiny_run / "recipe.yaml")
+    seed_1 = train(pr.with_seed(recipe, recipe.train.seed + 1), attribution=False).metrics["test_loss"]
+    assert full[full["seed"] == 1].iloc[0]["test_loss"] == pytest.approx(seed_1, rel=1e-6)
+    assert seed_1 != pytest.approx(f0["test_loss"], rel=1e-6)
 
     # adam's subset is the lowest-valued 30%, and its noisy share is that subset's
     k = pr.n_to_remove(n, 0.3)

@@ -53,6 +53,33 @@ def test_refresh_steps_are_exact_and_reuse_steps_stay_close(fuse, float64):
                 assert np.isnan(approx.val_loss)
 
 
+@pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
+def test_a_new_validation_target_is_used_from_the_next_step_on(fuse, float64):
+    """set_validation between two steps that would reuse ∇val: the next step values against the
+    new target exactly, as an exact tracker given the same target does."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model_a = WIDE.model()
+    model_b = copy.deepcopy(model_a)
+    opt_a, opt_b = (
+        torch.optim.Adam(model_a.parameters(), lr=1e-2),
+        torch.optim.Adam(model_b.parameters(), lr=1e-2),
+    )
+    vx, vy = WIDE.data(3, gen)
+    exact = InRunShapley(model_a, opt_a, WIDE.loss, vx, vy, ("adam",), fuse_validation=fuse)
+    fast = FastMode(refresh_every=10, warmup=1, rank=None)
+    approx = InRunShapley(model_b, opt_b, WIDE.loss, vx, vy, ("adam",), fast=fast, fuse_validation=fuse)
+    for _ in range(3):
+        x, y = WIDE.data(8, gen)
+        exact.step(x, y), approx.step(x, y)
+    new_x, new_y = WIDE.data(4, gen)
+    for tracker in (exact, approx):
+        tracker.set_validation(new_x, new_y)
+    x, y = WIDE.data(8, gen)
+    want, got = exact.step(x, y), approx.step(x, y)
+    assert rel_err(got.values["adam"], want.values["adam"]) <= 1e-10
+
+
 def test_low_rank_contraction_is_exact_when_m_has_that_rank(float64):
     """sgd's M = lr·∇val has rank <= T for one validation sequence of T positions."""
     from cases import SeqLinear

@@ -11,7 +11,7 @@ from helpers import tiny
 
 from adamshap_core.errors import UserError
 from adamshap_core.recipe import recipe_from_dict
-from adamshap_core.train import lr_factor, prepare, run, sample_record_steps, train
+from adamshap_core.train import evaluate, lr_factor, prepare, run, sample_record_steps, train
 
 
 def R(**sections):
@@ -138,8 +138,28 @@ def test_keep_subset_and_optimizers():
 
 def test_val_batch_limits_the_validation_target():
     prep = prepare(R(attribution={"val_batch": 5}))
-    assert prep.val_x.shape[0] == 5
+    assert torch.equal(prep.val_x, prep.data.x_val[:5]) and torch.equal(prep.val_y, prep.data.y_val[:5])
     prep.tracker.close()
+
+
+def test_evaluate_is_the_mean_loss_per_example_and_the_accuracy_of_every_real_target():
+    """A classifier: every label counts, class 0 included. A language model: the mean of the
+    per-sequence losses, and next-token accuracy over the tokens that are not padding (-100)."""
+    from adamshap_core.models import per_example_loss, sequence_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 3, generator=gen)
+    y = torch.arange(50) % 3
+    loss, acc = evaluate(lambda x: x, logits, y, batch=16)
+    assert loss == pytest.approx(float(per_example_loss(logits, y).mean()))
+    assert acc == pytest.approx(float((logits.argmax(1) == y).float().mean()))
+    seq = torch.randn(6, 5, 7, generator=gen)
+    ty = torch.randint(0, 7, (6, 5), generator=gen)
+    ty[:, 3:] = -100  # the last two positions are padding
+    loss, acc = evaluate(lambda x: x, seq, ty, loss_fn=sequence_loss, batch=4)
+    assert loss == pytest.approx(float(sequence_loss(seq, ty).mean()))
+    real = ty >= 0
+    assert acc == pytest.approx(float((seq.argmax(-1) == ty)[real].float().mean()))
 
 
 def test_cnn_on_digits():
