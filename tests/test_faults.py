@@ -185,6 +185,20 @@ def test_huge_gradients_float32_after_adams_state_overflows(compile):
                 assert (got[m] - want[m]).abs().max() <= 1e-5 * want[m].abs().max(), m
 
 
+def test_adams_secant_where_the_normaliser_underflows_float32():
+    """v = 0 with a momentum left and gradients whose squares underflow float32: the normaliser's
+    sum underflows, and the secant's ratio is bounded by its clamp (|q′| ≤ 1/√d) where it would
+    otherwise blow up by 1e14; P then equals the float64 one."""
+    from adamshap_core.precond import AdamState, adam_rule
+
+    def P(dtype):
+        g = torch.tensor([1e-23, -3e-23, 5e-24, 1e-30], dtype=dtype)
+        m = torch.tensor([1e-3, -2e-3, 3e-3, 1e-6], dtype=dtype)
+        return adam_rule(AdamState(1e-3, g, None, 0.9, 0.999, 1e-8, 3, m, torch.zeros(4, dtype=dtype)), 1.0)
+
+    assert rel_err(P(torch.float32).double(), P(torch.float64)) <= 1e-6
+
+
 def test_a_model_too_large_for_memory_is_bad_input(tmp_path):
     recipe = write_recipe(tmp_path, tiny(model={"kind": "mlp", "hidden": [10**10]}))
     res = cli("train", recipe, "--quiet", "--runs-dir", tmp_path / "runs")

@@ -311,6 +311,15 @@ def test_resume_after_ctrl_c_in_process(stopped, tmp_path):
     assert json.loads((stopped / "tiny" / "metrics.json").read_text())["resumed_at_steps"] == [1]
 
 
+def test_a_resumed_runs_wall_time_counts_the_time_before_the_stop(stopped):
+    path = stopped / "tiny" / CHECKPOINT_FILE
+    blob = torch.load(path, weights_only=True)
+    blob["loop"]["wall_seconds"] = 1000.0  # as if the steps before the stop had taken that long
+    torch.save(blob, path)
+    assert resume(stopped).exit_code == 0
+    assert json.loads((stopped / "tiny" / "metrics.json").read_text())["wall_seconds"] >= 1000.0
+
+
 def test_resume_refuses_a_complete_run(tmp_path):
     runs = tmp_path / "runs"
     cli("train", write_recipe(tmp_path, tiny()), "--quiet", "--runs-dir", runs)
@@ -358,6 +367,19 @@ def test_resume_refuses_changed_training_data(tmp_path):
     again = prepare(recipe)
     with pytest.raises(UserError, match="different training data"):
         run(again, checkpointer=Checkpointer(path, again), resume=True)
+
+
+@pytest.mark.parametrize("part", ["x_train", "y_train", "example_id"])
+def test_the_data_digest_covers_inputs_labels_and_ids(part):
+    """Any of them changed (the labels alone, say), and a resume is refused as other training data."""
+    from adamshap_core.checkpoint import data_digest
+
+    data = prepare(recipe_from_dict(tiny(attribution={"enabled": False}))).data
+    before = data_digest(data)
+    changed = getattr(data, part).clone()
+    changed[0] = changed[0] + 1
+    setattr(data, part, changed)
+    assert data_digest(data) != before
 
 
 def _truncate(p: Path) -> None:
