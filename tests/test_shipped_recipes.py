@@ -34,7 +34,7 @@ def test_recipe_validates_and_builds(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_recipe_trains_end_to_end(tmp_path, path):
+def test_recipe_trains_end_to_end(tmp_path, path, monkeypatch):
     res = cli("train", path, "--quiet", "--runs-dir", tmp_path)
     assert res.exit_code == 0, res.output
     run = tmp_path / load_recipe(path).name
@@ -50,6 +50,7 @@ def test_recipe_trains_end_to_end(tmp_path, path):
     if values["is_noisy"].any():
         low = values.nsmallest(len(values) // 5, "value_adam")
         assert low["is_noisy"].mean() > 0.4  # far above the 20% base rate
+    monkeypatch.setenv("COLUMNS", "200")  # the listing's cells unwrapped
     listed = cli("runs", "--runs-dir", tmp_path)
     assert listed.exit_code == 0 and run.name in listed.output and "complete" in listed.output
     if load_recipe(path).model.kind == "gpt":  # the command a language-model run leads to

@@ -19,12 +19,17 @@ WIDE = CASES[0].__class__(
 )
 
 
-def _pair(fast, methods, opt=torch.optim.Adam, steps=6, n_val=3, sched=False, fuse=False):
+def _twins(opt=torch.optim.Adam):
+    """A seeded data generator and two equal WIDE models, each with its optimizer."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model_a = WIDE.model()
     model_b = copy.deepcopy(model_a)
-    opt_a, opt_b = opt(model_a.parameters(), lr=1e-2), opt(model_b.parameters(), lr=1e-2)
+    return gen, (model_a, opt(model_a.parameters(), lr=1e-2)), (model_b, opt(model_b.parameters(), lr=1e-2))
+
+
+def _pair(fast, methods, opt=torch.optim.Adam, steps=6, n_val=3, sched=False, fuse=False):
+    gen, (model_a, opt_a), (model_b, opt_b) = _twins(opt)
     vx, vy = WIDE.data(n_val, gen)
     exact = InRunShapley(model_a, opt_a, WIDE.loss, vx, vy, methods, fuse_validation=fuse)
     approx = InRunShapley(model_b, opt_b, WIDE.loss, vx, vy, methods, fast=fast, fuse_validation=fuse)
@@ -57,14 +62,7 @@ def test_refresh_steps_are_exact_and_reuse_steps_stay_close(fuse, float64):
 def test_a_new_validation_target_is_used_from_the_next_step_on(fuse, float64):
     """set_validation between two steps that would reuse ∇val: the next step values against the
     new target exactly, as an exact tracker given the same target does."""
-    gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model_a = WIDE.model()
-    model_b = copy.deepcopy(model_a)
-    opt_a, opt_b = (
-        torch.optim.Adam(model_a.parameters(), lr=1e-2),
-        torch.optim.Adam(model_b.parameters(), lr=1e-2),
-    )
+    gen, (model_a, opt_a), (model_b, opt_b) = _twins()
     vx, vy = WIDE.data(3, gen)
     exact = InRunShapley(model_a, opt_a, WIDE.loss, vx, vy, ("adam",), fuse_validation=fuse)
     fast = FastMode(refresh_every=10, warmup=1, rank=None)
