@@ -50,7 +50,9 @@ def test_recipe_trains_end_to_end(tmp_path, path, monkeypatch):
     if values["is_noisy"].any():
         low = values.nsmallest(len(values) // 5, "value_adam")
         assert low["is_noisy"].mean() > 0.4  # far above the 20% base rate
-    monkeypatch.setenv("COLUMNS", "200")  # the listing's cells unwrapped
+    from adamshap_cli.common import console
+
+    monkeypatch.setattr(console, "width", 200)  # the listing's cells unwrapped
     listed = cli("runs", "--runs-dir", tmp_path)
     assert listed.exit_code == 0 and run.name in listed.output and "complete" in listed.output
     if load_recipe(path).model.kind == "gpt":  # the command a language-model run leads to
