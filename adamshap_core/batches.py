@@ -30,6 +30,17 @@ def n_rows(batch: Any) -> int | None:
     return None if first is None else first.shape[0]
 
 
+def check_rows(inputs: Any, targets: Any, what: str) -> None:
+    """Raise ``ValueError`` unless ``targets`` hold one row per row of ``inputs``: the valuation
+    takes examples apart by row, as a per-row loss does."""
+    n_in, n_out = n_rows(inputs), n_rows(targets)
+    if n_in is not None and n_out is not None and n_in != n_out:
+        raise ValueError(
+            f"{what}'s inputs hold {n_in} rows but its targets {n_out}: expected one target row per "
+            "input row (targets flattened over positions, say, must keep the batch dimension)"
+        )
+
+
 def is_empty(batch: Any) -> bool:
     """Whether ``batch`` holds no row (a container without tensors: whether it holds nothing)."""
     rows = n_rows(batch)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .batches import is_empty
+from .batches import check_rows, is_empty
 from .compiled import Compiled
 from .coverage import TrainableWatch, batch_statistics, coupling_problem, coverage_problem, gradient_gap
 from .engine import GhostEngine
@@ -206,6 +206,7 @@ class InRunShapley:
         """Change the validation target(s) the next steps are valued against."""
         if is_empty(val_targets):
             raise ValueError("the validation set is empty: expected at least one row to value against")
+        check_rows(val_inputs, val_targets, "the validation set")
         # the rows must show the hooks see every example's whole gradient (else the values would be wrong)
         _refuse(coverage_problem(self.engine, self.model, self.loss_fn, val_inputs, val_targets))
         self.val_inputs = val_inputs
@@ -231,6 +232,7 @@ class InRunShapley:
             raise RuntimeError("this tracker is closed: its hooks are gone, so it can value no more steps")
         if is_empty(targets):
             raise ValueError("the training batch is empty: expected at least one row")
+        check_rows(inputs, targets, "the training batch")
         _refuse(self._watch.problem() or coupling_problem(self._norms))
         self._steps += 1
         val_loss = math.nan  # measured on the steps that compute ∇val

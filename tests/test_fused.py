@@ -137,6 +137,21 @@ def test_a_loss_not_one_per_row_of_the_joined_batch_is_refused_in_both_passes():
         training_step(model, torch.optim.SGD(model.parameters()), mean, vx, vy)
 
 
+def test_targets_of_another_row_count_than_the_inputs_are_a_clear_error():
+    """Targets flattened over the positions ([B·T] for inputs [B, T, d]) cannot be taken apart by
+    example: refused, for the validation set and for a training batch, before any work."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Linear(5, 4)
+    x, y = torch.randn(4, 3, 5, generator=gen), torch.randint(0, 4, (4,), generator=gen)
+    flat = torch.randint(0, 4, (12,), generator=gen)
+    with pytest.raises(ValueError, match="the validation set's inputs hold 4 rows but its targets 12"):
+        InRunShapley(model, torch.optim.Adam(model.parameters()), cross_entropy, x, flat)
+    per_seq = lambda out, t: cross_entropy(out.mean(1), t)  # noqa: E731
+    tracker = InRunShapley(model, torch.optim.Adam(model.parameters()), per_seq, x, y)
+    with pytest.raises(ValueError, match="the training batch's inputs hold 4 rows but its targets 12"):
+        tracker.step(x, flat)
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no-dropout-fused", "dropout-separate"])
 def test_training_draws_the_random_numbers_plain_training_draws(dropout, float64):
     make = lambda: gpt(dropout)  # noqa: E731
