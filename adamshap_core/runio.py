@@ -437,15 +437,13 @@ def open_run(root: str | Path, name: str | None = None) -> RunFolder:
 
 
 @contextlib.contextmanager
-def reading_run(root: str | Path, name: str | None = None, *, complete: bool = False) -> Iterator[RunFolder]:
-    """``open_run`` (``open_complete_run`` where ``complete``) for a command that reads a run and
-    writes its results into it (``compare``, ``prune``, ``attribute``): holds the run's reader lock
-    until the command ends, so ``train --force`` cannot replace it meanwhile, and checks first that
-    the folder can be written."""
+def reading_run(root: str | Path, name: str | None = None) -> Iterator[RunFolder]:
+    """``open_run`` for a command that reads a run and writes its results into it (``compare``,
+    ``prune``, ``attribute``, each of which then checks it with ``require_complete``): holds the
+    run's reader lock until the command ends, so ``train --force`` cannot replace it meanwhile, and
+    checks first that the folder can be written."""
     folder = open_run(root, name)
     with reading(folder.path):
-        if complete:
-            folder.require_complete()
         require_writable(folder.path)  # before the work, not after it
         yield folder
 

@@ -52,7 +52,7 @@ def prune(
     from adamshap_core import prune as pr
     from adamshap_core import runio
 
-    with runio.reading_run(runio.runs_root(runs_dir), run, complete=True) as folder:
+    with runio.reading_run(runio.runs_root(runs_dir), run) as folder:
         plan = pr.plan_for_run(
             folder,
             fracs=parse_fracs(frac),
