@@ -135,6 +135,7 @@ def _train_into(folder, header: dict, prep, quiet: bool, resume: bool):
     try:
         with stop_on_interrupt() as stop, _training_bar(quiet) as on_progress:
             result = run(prep, on_progress=on_progress, checkpointer=ckpt, resume=resume, stop=stop)
+        metrics = runio.finish_run(folder, header, result)  # failing (no space left, say), it stays resumable
     except TrainingDiverged as e:
         runio.fail_run(folder, header, e, partial=e.partial)
         raise
@@ -150,11 +151,6 @@ def _train_into(folder, header: dict, prep, quiet: bool, resume: bool):
     finally:
         if prep.tracker is not None:
             prep.tracker.close()
-    try:
-        metrics = runio.finish_run(folder, header, result)
-    except BaseException as e:  # no space left for the tables, say: the run stays resumable
-        _record_failure(folder, header, ckpt, e)
-        raise
     ckpt.remove()  # a complete run is never resumed; metrics.json keeps params_sha256
     return result, metrics
 
