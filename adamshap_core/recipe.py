@@ -149,6 +149,20 @@ MODEL_FIELD_KINDS = {
 }
 
 
+def _set_for_another_choice(
+    section: BaseModel, applies: dict[str, tuple[str, ...]], chosen: str
+) -> str | None:
+    """The first field of ``section`` that ``applies`` keeps for choices other than ``chosen`` (model
+    kinds, optimizers) but that is set away from its default; None where there is none. (Compared
+    with the defaults, not "was it given", so that a saved recipe.yaml, which lists every field,
+    loads again.)"""
+    for name, choices in applies.items():
+        default = type(section).model_fields[name].get_default(call_default_factory=True)
+        if chosen not in choices and getattr(section, name) != default:
+            return name
+    return None
+
+
 class ModelCfg(_Strict):
     kind: Literal["mlp", "cnn", "gpt"] = "mlp"
     hidden: list[Annotated[Int, Field(ge=1)]] = Field(default_factory=lambda: [128])
@@ -164,12 +178,10 @@ class ModelCfg(_Strict):
 
     @model_validator(mode="after")
     def _applies(self) -> ModelCfg:
-        # (compared with the defaults, not "was it given", so a saved recipe.yaml loads again)
-        for name, kinds in MODEL_FIELD_KINDS.items():
-            default = type(self).model_fields[name].get_default(call_default_factory=True)
-            if self.kind not in kinds and getattr(self, name) != default:
-                only = " and ".join(kinds)
-                raise ValueError(f"`model.{name}` is for {only} only (model.kind is {self.kind}); remove it")
+        name = _set_for_another_choice(self, MODEL_FIELD_KINDS, self.kind)
+        if name is not None:
+            only = " and ".join(MODEL_FIELD_KINDS[name])
+            raise ValueError(f"`model.{name}` is for {only} only (model.kind is {self.kind}); remove it")
         return self
 
     @model_validator(mode="after")
@@ -189,6 +201,8 @@ class ModelCfg(_Strict):
 
 
 Beta = Annotated[Num, Field(ge=0.0, lt=1.0)]
+# the optimizers each optimizer field shapes (``name`` and the others apply to every optimizer)
+OPTIM_FIELD_NAMES = {"momentum": ("sgd",), "betas": ("adam", "adamw"), "eps": ("adam", "adamw")}
 
 
 class OptimCfg(_Strict):
@@ -221,21 +235,16 @@ class OptimCfg(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _momentum(self) -> OptimCfg:
-        if self.momentum and self.name != "sgd":
-            raise ValueError(f"`optim.momentum` only applies to sgd (optim.name is {self.name}); use betas")
+    def _applies(self) -> OptimCfg:
+        name = _set_for_another_choice(self, OPTIM_FIELD_NAMES, self.name)
+        if name is not None:
+            only = " and ".join(OPTIM_FIELD_NAMES[name])
+            raise ValueError(f"`optim.{name}` only applies to {only} (optim.name is {self.name}); remove it")
         return self
 
     @model_validator(mode="after")
-    def _adam_settings(self) -> OptimCfg:
-        # (compared with the defaults, not "was it given", so a saved recipe.yaml loads again)
-        if self.name == "sgd":
-            for name in ("betas", "eps"):
-                if getattr(self, name) != type(self).model_fields[name].default:
-                    raise ValueError(
-                        f"`optim.{name}` only applies to adam and adamw (optim.name is sgd); remove it"
-                    )
-        elif self.lr / (1.0 - self.betas[0]) > FLOAT32_MAX:
+    def _first_step(self) -> OptimCfg:
+        if self.name != "sgd" and self.lr / (1.0 - self.betas[0]) > FLOAT32_MAX:
             raise ValueError(
                 f"`optim.lr` {self.lr:g} over 1 − betas[0] ({1.0 - self.betas[0]:g}), Adam's first step "
                 f"size, exceeds the largest float32 ({FLOAT32_MAX:.3g}); expected a smaller optim.lr"
