@@ -1,5 +1,5 @@
 """Whether the ghost engine sees every example's whole gradient: checked when a tracker starts,
-and cheaply at every step.
+on a few later steps' training batches (``recheck_due``), and cheaply at every step.
 
 A layer kernel values a parameter from what its module's hooks capture, the input a and the
 output-gradient b, one row per example. That is each example's whole gradient of the parameter
@@ -131,6 +131,17 @@ def coverage_problem(engine: GhostEngine, model: nn.Module, loss_fn, inputs, tar
     with rows, see ``batches.py``, are not checked)."""
     inputs, targets = take_rows(inputs, 0, CHECK_ROWS), take_rows(targets, 0, CHECK_ROWS)
     return gradient_gap(engine, model, loss_fn, inputs, targets, per_row=True)
+
+
+def recheck_due(step: int, rows_checked: int) -> bool:
+    """Whether the step about to be taken (from 1) runs ``coverage_problem`` again, on its training
+    batch. The start-up check sees the weights as they were: a use the hooks miss behind a layer
+    initialised to zero (a zero head, LoRA's B) has no gradient yet, and shows once the weights move.
+    So again at step 2 and at every power of ten (a few checks in a long run); and at step 1 where
+    the start-up check had fewer than ``CHECK_ROWS`` rows, too few to show rows that interact."""
+    if step == 1:
+        return rows_checked < CHECK_ROWS
+    return step == 2 or (step % 10 == 0 and str(step).rstrip("0") == "1")
 
 
 def batch_statistics(model: nn.Module) -> list[tuple[str, _BatchNorm]]:

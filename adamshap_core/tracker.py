@@ -14,9 +14,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .batches import check_rows, is_empty
+from .batches import check_rows, is_empty, n_rows
 from .compiled import Compiled
-from .coverage import TrainableWatch, batch_statistics, coupling_problem, coverage_problem, gradient_gap
+from .coverage import (
+    CHECK_ROWS,
+    TrainableWatch,
+    batch_statistics,
+    coupling_problem,
+    coverage_problem,
+    gradient_gap,
+    recheck_due,
+)
 from .engine import GhostEngine
 from .engine.ghost import Call, RowsTarget
 from .errors import UserError
@@ -209,6 +217,7 @@ class InRunShapley:
         check_rows(val_inputs, val_targets, "the validation set")
         # the rows must show the hooks see every example's whole gradient (else the values would be wrong)
         _refuse(coverage_problem(self.engine, self.model, self.loss_fn, val_inputs, val_targets))
+        self._rows_checked = min(n_rows(val_targets) or 0, CHECK_ROWS)
         self.val_inputs = val_inputs
         self.val_targets = val_targets
         self.per_target = per_target
@@ -234,6 +243,9 @@ class InRunShapley:
             raise ValueError("the training batch is empty: expected at least one row")
         check_rows(inputs, targets, "the training batch")
         _refuse(self._watch.problem() or coupling_problem(self._norms))
+        if recheck_due(self._steps + 1, self._rows_checked):
+            problem = coverage_problem(self.engine, self.model, self.loss_fn, inputs, targets)
+            _refuse(problem and f"{problem}; found at step {self._steps + 1}, on rows of its training batch")
         self._steps += 1
         val_loss = math.nan  # measured on the steps that compute ∇val
         rows = None  # validation rows riding along in this batch

@@ -22,7 +22,7 @@ def sequence_cross_entropy(logits, y):
 
 
 class SeqLinear(nn.Module):
-    """Linear layers applied to a [B, T, d] sequence, pooled at the end."""
+    """Linear layers applied to a [B, T, d] sequence, pooled at the end; the second called by keyword."""
 
     def __init__(self, d_in, d_hidden, n_out, bias):
         super().__init__()
@@ -30,7 +30,8 @@ class SeqLinear(nn.Module):
         self.down = nn.Linear(d_hidden, n_out, bias=not bias)
 
     def forward(self, x):
-        return self.down(torch.tanh(self.up(x))).mean(1)
+        # one layer called by keyword: the hooks must find its input there too
+        return self.down(input=torch.tanh(self.up(x))).mean(1)
 
 
 class ConvNet(nn.Module):

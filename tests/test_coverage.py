@@ -13,6 +13,7 @@ from conftest import rel_err
 from torch import nn
 
 from adamshap_core import InRunShapley
+from adamshap_core.coverage import recheck_due
 from adamshap_core.errors import UserError
 
 METHODS = ("adam", "sgd")
@@ -128,6 +129,71 @@ def test_a_model_the_hooks_do_not_fully_see_is_refused_at_start_up(case, fuse):
     with pytest.raises(UserError, match=f"this model cannot be valued: .*{why}"):
         InRunShapley(model, opt, loss, vx, vy, METHODS, fuse_validation=fuse)
     assert not any(m._forward_hooks for m in model.modules())  # the refused tracker took its hooks away
+
+
+class ZeroHeadOutsideForward(TiedOutsideForward):
+    """``TiedOutsideForward`` with its head initialised to zero: at start-up no gradient flows back
+    through the use the hooks miss, so the start-up check cannot see it; after one step it can."""
+
+    def __init__(self):
+        super().__init__()
+        nn.init.zeros_(self.out.weight)
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
+def test_a_use_the_hooks_miss_behind_a_zero_head_is_refused_once_the_weights_move(fuse):
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = ZeroHeadOutsideForward()
+    vx, vy = tabular(3, gen)
+    tracker = InRunShapley(
+        model, torch.optim.Adam(model.parameters()), cross_entropy, vx, vy, METHODS, fuse_validation=fuse
+    )
+    tracker.step(*tabular(6, gen))  # the head is still zero at step 1: nothing missed yet
+    weights = [p.clone() for p in model.parameters()]
+    with pytest.raises(
+        UserError, match="gradient of 'lin.weight'.*found at step 2, on rows of its training batch"
+    ):
+        tracker.step(*tabular(6, gen))
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))  # no step taken
+
+
+class BatchCentred(TwoLinear):
+    """Centres each feature over the batch: every example's gradient depends on the others."""
+
+    def forward(self, x):
+        h = self.lin(x)
+        return self.out(torch.tanh(h - h.mean(0)))
+
+
+def test_rows_that_interact_are_refused_at_the_first_step_where_one_validation_row_cannot_show_it():
+    gen = torch.Generator().manual_seed(0)
+    model = BatchCentred()
+    vx, vy = tabular(3, gen)
+    with pytest.raises(UserError, match="do the rows of a batch interact"):  # two rows show it at once
+        InRunShapley(model, torch.optim.Adam(model.parameters()), cross_entropy, vx, vy, METHODS)
+    tracker = InRunShapley(
+        model, torch.optim.Adam(model.parameters()), cross_entropy, vx[:1], vy[:1], METHODS
+    )
+    with pytest.raises(UserError, match="do the rows of a batch interact.*found at step 1"):
+        tracker.step(*tabular(6, gen))
+
+
+def test_the_check_runs_again_at_step_2_and_every_power_of_ten(monkeypatch):
+    from adamshap_core import tracker as tracker_module
+
+    assert [s for s in range(1, 2001) if recheck_due(s, rows_checked=2)] == [2, 10, 100, 1000]
+    assert recheck_due(1, rows_checked=1) and not recheck_due(3, rows_checked=1)
+    checked = []
+    real = tracker_module.coverage_problem
+    monkeypatch.setattr(tracker_module, "coverage_problem", lambda *a: checked.append(a[3]) or real(*a))
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    tracker = _tracker(model, torch.optim.Adam(model.parameters()), gen)
+    batches = [tabular(6, gen) for _ in range(12)]
+    for x, y in batches:
+        tracker.step(x, y)
+    assert [next(i for i, (x, _) in enumerate(batches) if x is c) + 1 for c in checked[1:]] == [2, 10]
 
 
 def test_the_start_up_check_changes_nothing_training_will_see():

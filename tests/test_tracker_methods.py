@@ -97,6 +97,43 @@ def test_clipping_active_and_per_target(case, float64):
     assert res.clip_factor < 1.0  # clipping really was active
 
 
+class Guarded(torch.nn.Module):
+    """A model that branches on a tensor's value (an input guard), which vmap cannot batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = CASES[0].model()
+
+    def forward(self, x):
+        if x.abs().max() > 1e9:
+            raise ValueError("input out of range")
+        return self.net(x)
+
+
+def test_per_target_values_of_a_model_vmap_cannot_batch(float64):
+    """Each validation row's gradient then takes a backward pass of its own, and the values equal
+    those of the same model without the guard (whose ∇val vmap batches; checked against brute force
+    above)."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    guarded = Guarded()
+    plain = copy.deepcopy(guarded.net)
+    vx, vy = CASES[0].data(3, gen)
+    trackers = [
+        InRunShapley(
+            m, torch.optim.AdamW(m.parameters(), lr=1e-2), CASES[0].loss, vx, vy, METHODS, per_target=True
+        )
+        for m in (guarded, plain)
+    ]
+    for _ in range(3):
+        x, y = CASES[0].data(5, gen)
+        got, want = (t.step(x, y) for t in trackers)
+        for m in METHODS:
+            assert got.values[m].shape == (5, 3)
+            assert rel_err(got.values[m], want.values[m]) <= 1e-12, m
+    assert trackers[0].engine._row_by_row and not trackers[1].engine._row_by_row
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("per_target", [False, True], ids=["mean-target", "per-target"])
 @pytest.mark.parametrize("opt", ["adamw", "sgd-momentum"])

@@ -11,6 +11,7 @@ Or the validation rows ride along in the training batch (``capture(extra_rows=V)
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
@@ -75,6 +76,7 @@ class GhostEngine:
         the optimizer's); by default every trainable parameter, in model order."""
         self.model = model
         self.val_chunk = val_chunk  # validation targets per vmap call
+        self._row_by_row = False  # whether per-target gradients need a pass per row (vmap failed)
         # floats a kernel's intermediate tensors may hold at once in the contraction (256 MiB in float32)
         self.contract_chunk = CONTRACT_CHUNK
         # floats a stack of calls contracted together may copy and hold (0: every call alone)
@@ -130,7 +132,7 @@ class GhostEngine:
         self._generator = torch.Generator(device=self.parameters[0].device).manual_seed(0)
         self._modules = list(model.modules())
         self._workspace = Workspace()  # the flat M buffer, reused every step
-        self._handles = [m.register_forward_hook(self._forward_hook) for m in self._owned]
+        self._handles = [m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self._owned]
         self._twinned = _twinned(self._owned)  # the modules whose calls may be stacked with another's
         # weight matrices the last step with a rank contracted through low-rank factors (fast mode: only
         # those whose factored contraction costs less than the exact one)
@@ -150,11 +152,11 @@ class GhostEngine:
 
     # ---- hooks ---------------------------------------------------------------------------
 
-    def _forward_hook(self, module: nn.Module, inputs: tuple, output) -> None:
+    def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         if not self._capturing or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         kernel = self._owned[module][0]
-        call = Call(module, kernel, kernel.keep(module, inputs))
+        call = Call(module, kernel, kernel.keep(module, _positional(module, args, kwargs)))
         self._calls.append(call)
 
         def keep_grad(grad: torch.Tensor) -> None:
@@ -217,6 +219,23 @@ class GhostEngine:
             return self.flatten_by_id(by_id, rows=1).detach(), float(loss.detach())
 
     def _per_target_gradients(self, loss_fn, inputs, targets):
+        rows = n_rows(targets)
+        if rows is None:
+            raise UserError("per_target needs validation targets that hold a tensor with one row per target")
+        device = next(row_tensors(targets)).device
+        if not self._row_by_row:
+            try:
+                return self._vmapped_gradients(loss_fn, inputs, targets, rows, device)
+            except RuntimeError as e:
+                if "vmap" not in str(e):
+                    raise
+                # a model vmap cannot batch (Python branching on a tensor's value, .item()): one row at
+                # a time computes the same, more slowly; a real error of the model shows there again
+                self._row_by_row = True
+        return self._looped_gradients(loss_fn, inputs, targets, rows, device)
+
+    def _vmapped_gradients(self, loss_fn, inputs, targets, rows: int, device) -> tuple[torch.Tensor, float]:
+        """Each validation row's gradient, ``val_chunk`` rows per vmap call."""
         names = {id(p): n for n, p in self.model.named_parameters()}
         params = {names[id(p)]: p.detach() for p in self.parameters}
         buffers = dict(self.model.named_buffers())
@@ -226,16 +245,24 @@ class GhostEngine:
             return loss_fn(out, pick_rows(targets, row[None])).mean()
 
         per_row = vmap(grad_and_value(one_loss), in_dims=(None, 0))
-        rows = n_rows(targets)
-        if rows is None:
-            raise UserError("per_target needs validation targets that hold a tensor with one row per target")
-        device = next(row_tensors(targets)).device
         chunks, losses = [], []
         for start in range(0, rows, self.val_chunk):
             g, loss = per_row(params, torch.arange(start, min(start + self.val_chunk, rows), device=device))
             losses.append(loss)
             chunks.append(self.flatten([g[names[id(p)]] for p in self.parameters], rows=len(loss)))
         return torch.cat(chunks), float(torch.cat(losses).mean())
+
+    def _looped_gradients(self, loss_fn, inputs, targets, rows: int, device) -> tuple[torch.Tensor, float]:
+        """Each validation row's gradient, one backward pass per row."""
+        grads, losses = [], []
+        for r in range(rows):
+            row = torch.tensor([r], device=device)
+            loss = loss_fn(self.model(pick_rows(inputs, row)), pick_rows(targets, row)).mean()
+            grads_r = torch.autograd.grad(loss, self.parameters, allow_unused=True)
+            by_id = {id(p): g for p, g in zip(self.parameters, grads_r, strict=True)}
+            grads.append(self.flatten_by_id(by_id, rows=1).detach())
+            losses.append(loss.detach())
+        return torch.cat(grads), float(torch.stack(losses).mean())
 
     def extra_gradients(
         self, batch_size: int, summed: bool, calls: list[Call] | None = None
@@ -540,6 +567,14 @@ class GhostEngine:
                     "dimension than the batch? expected the batch first)"
                 )
         return calls
+
+
+def _positional(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """A call's inputs in the order of its forward's parameters, whether passed by position or by
+    name (``lin(input=x)``), as a kernel's ``keep`` reads them."""
+    if not kwargs:  # the usual call: nothing to bind (binding costs more than the rest of the hook)
+        return args
+    return inspect.signature(module.forward).bind(*args, **kwargs).args
 
 
 @contextmanager
