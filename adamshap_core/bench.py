@@ -805,8 +805,8 @@ def compile_summary(frame: pd.DataFrame) -> dict | None:
 
 def fidelity_summary(fid: dict) -> dict[str, dict]:
     """Per method: median and minimum of the per-step Pearson, and the number of steps; and the median
-    over the steps that reused ∇val alone (the others compute what the exact mode does, so that their
-    Pearson of 1 would flatter a median over all steps)."""
+    over the steps that reused ∇val alone (the others use the exact ∇val, so that their Pearson, 1
+    without a factorised matrix, would flatter a median over all steps)."""
     out = {}
     for m, values in fid["pearson"].items():
         v = np.asarray(values, dtype=float)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from .engine import GhostEngine
 from .engine.ghost import modes_kept, set_modes
 from .errors import UserError
 
+AUTOCAST_DEVICES = ("cpu", "cuda")  # where a probe turns torch.autocast off
 # rows of the validation set the start-up check takes each gradient of, one at a time: two rows show
 # rows that interact, and a layer applied along another dimension than the rows
 CHECK_ROWS = 2
@@ -39,9 +40,16 @@ GAP_FLOOR = 1e-6
 @contextmanager
 def probing(model: nn.Module, device: torch.device):
     """Yields the model's modules; afterwards their train/eval modes and torch's random state are
-    as before, so that a probe changes nothing training will see."""
+    as before, so that a probe changes nothing training will see. Inside, autocast is off: a probe
+    asks what the model computes, and a step under ``torch.autocast`` (whose bfloat16 gradients are
+    off by far more than the checks allow a float32 parameter) must find what the start-up check,
+    outside it, found."""
     modules = list(model.modules())
-    with modes_kept(modules), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with (
+        modes_kept(modules),
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        torch.autocast(device.type, enabled=False) if device.type in AUTOCAST_DEVICES else nullcontext(),
+    ):
         yield modules
 
 

@@ -475,11 +475,12 @@ class OptimizerView:
         the scratch all blocks share), reused from step to step, in one copy of them all."""
 
         def join(tensors: list[torch.Tensor], name: str) -> torch.Tensor:
+            dtype = rule_dtype(tensors[0].dtype)
             if len(tensors) == 1:
-                return tensors[0].reshape(-1)
+                return tensors[0].reshape(-1).to(dtype)
             shapes = tuple(t.shape for t in tensors)
             total = sum(map(math.prod, shapes))
-            out = self.workspace.get((segment, name), (total,), tensors[0].dtype, tensors[0].device)
+            out = self.workspace.get((segment, name), (total,), dtype, tensors[0].device)
             views = self.workspace.views((segment, name, shapes), out, lambda flat: _shaped_as(flat, shapes))
             torch._foreach_copy_(views, tensors)
             return out
@@ -528,7 +529,15 @@ def _ranged(tensors: list[torch.Tensor], part: slice | None) -> list[torch.Tenso
 
 def flat_join(tensors: list[torch.Tensor], name: str) -> torch.Tensor:
     """Flattens a segment's tensors into a fresh tensor (traced code: the compiler plans the memory)."""
-    return torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1)
+    flat = torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1)
+    return flat.to(rule_dtype(flat.dtype))
+
+
+def rule_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the rules compute in: float32, or wider where the optimizer's state is. In float16 or
+    bfloat16 the smallest normal number (6e-5 in float16) is a common gradient size, and each of a
+    rule's dozen passes would round to a few bits; M is formed in float32 or wider anyway."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _check_group(kind: str, i: int, group: dict) -> None:

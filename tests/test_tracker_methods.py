@@ -380,3 +380,57 @@ def test_a_parameter_without_gradient_splits_its_group_and_is_not_valued(float64
     tracker, _ = run_and_check(case, OPTIMIZERS["adam-l2"], steps=3)
     segments = tracker.view.segments(tracker.engine.parameters)
     assert len(segments) == 2  # first.* | last.*, split around the gradient-less unused.*
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_the_rules_of_a_half_precision_model_compute_in_float32(dtype):
+    """P from a float16 or bfloat16 optimizer's state equals P from the same numbers in float64, to
+    float32's precision: the rules do not round each pass to the state's few bits, and float16's
+    smallest normal number (6e-5, a common gradient size) is no floor for them."""
+    from adamshap_core.precond import OptimizerView, scale
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(40, 30).to(dtype)
+
+    def small_gradients():  # sizes from 1e-7 to 1e-2
+        for p in model.parameters():
+            p.grad = (torch.randn(p.shape) * 10 ** torch.empty(p.shape).uniform_(-7, -2)).to(dtype)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-3, weight_decay=0.1)
+    for _ in range(2):
+        small_gradients()
+        opt.step()
+    small_gradients()
+    twin = copy.deepcopy(model).double()
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-2, eps=1e-3, weight_decay=0.1)
+    twin_opt.load_state_dict(opt.state_dict())  # the state cast to float64, exactly
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        q.grad = p.grad.double()
+    for method in ("adam", "adam_fixed"):
+        (_, got), (_, want) = (
+            (where, scale(method, state, 1.0))
+            for o, m in ((opt, model), (twin_opt, twin))
+            for where, state in OptimizerView(o).segments(list(m.parameters()))
+        )
+        assert got.dtype == torch.float32
+        assert rel_err(got.double(), want) <= 1e-6, method
+
+
+def test_steps_under_autocast_pass_the_checks_and_update_as_plain_training():
+    """The checks run in float32 under the user's autocast, as at start-up outside it: its bfloat16
+    gradients would fail a float32 parameter's tolerance. The update is plain training's under the same
+    autocast, bit for bit."""
+    case = next(c for c in CASES if c.name == "linear-seq")
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = case.model()
+    plain = copy.deepcopy(model)
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (model, plain)]
+    vx, vy = case.data(3, gen)
+    tracker = InRunShapley(model, opts[0], case.loss, vx, vy, METHODS)
+    for _ in range(3):  # step 2 runs the checks again
+        x, y = case.data(6, gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tracker.step(x, y)
+            training_step(plain, opts[1], case.loss, x, y)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters(), strict=True))

@@ -363,7 +363,8 @@ class GhostEngine:
         G = val_grads.to(torch.promote_types(val_grads.dtype, torch.float32))
         shape = (n_methods * Q, self.numel)
         # not zeroed: only the covered runs get views (``_views``), and every one is written below
-        if torch.compiler.is_compiling():  # a fresh buffer, whose memory the compiler plans
+        compiling = torch.compiler.is_compiling()
+        if compiling:  # a fresh buffer, whose memory the compiler plans
             flat = G.new_empty(shape)
         else:
             flat = self._workspace.get("M", shape, G.dtype, G.device)
@@ -371,7 +372,10 @@ class GhostEngine:
         scalars: list[tuple[int, int, tuple[float, ...]]] = []  # runs of the layout scaled by scalars alone
         for where, per_method in scales:
             for k, scale in enumerate(per_method):
-                torch.mul(G[:, where], scale, out=flat[k * Q : (k + 1) * Q, where])
+                if compiling:  # the compiler takes no out= that is not contiguous (Q > 1, a part of N)
+                    flat[k * Q : (k + 1) * Q, where] = G[:, where] * scale
+                else:
+                    torch.mul(G[:, where], scale, out=flat[k * Q : (k + 1) * Q, where])
             covered.append(where)
             if not any(isinstance(scale, torch.Tensor) for scale in per_method):
                 _add_run(scalars, where, tuple(float(scale) for scale in per_method))
