@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .runio import atomic_write
+from .runio import RunFolder, atomic_write
 from .schema import value_column
 
 if TYPE_CHECKING:
@@ -136,6 +136,18 @@ def data_digest(data) -> str:
         h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(_tensor_bytes(t))
     return h.hexdigest()
+
+
+def check_same_data(folder: RunFolder, data) -> None:
+    """The recipe's data source still gives the training split the run valued (its digest in
+    metrics.json; runs written before it was recorded are checked by their example columns only)."""
+    recorded = folder.text_field("data_sha256")
+    if recorded is not None and data_digest(data) != recorded:
+        raise UserError(
+            f"the training split the recipe of run {folder.name!r} loads now differs from the one it valued "
+            "(its digest in metrics.json); the data source changed since the run was trained. Retrain it "
+            "first."
+        )
 
 
 # --------------------------------------------------------------------------- RNG states

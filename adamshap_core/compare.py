@@ -45,6 +45,7 @@ import pandas as pd
 import torch
 
 from . import groundtruth as gt
+from .checkpoint import check_same_data
 from .compare_options import CompareOptions
 from .errors import UserError
 from .fused import random_draws
@@ -145,11 +146,16 @@ def check_baseline(baseline: str | None, methods: Sequence[str]) -> str:
     return baseline
 
 
+# far above the default of 32 per step (compare_options.py): a larger number is more likely a typo than
+# a wish, and would run for days
+MAX_PERMUTATIONS = 100_000
+
+
 def check_permutations(permutations: int, option: str = "--permutations") -> int:
-    if permutations < 2 or permutations % 2:
+    if permutations < 2 or permutations % 2 or permutations > MAX_PERMUTATIONS:
         raise UserError(
-            f"{option} {permutations}: expected an even number >= 2 (permutations are drawn in "
-            "antithetic pairs)."
+            f"{option} {permutations}: expected an even number from 2 to {MAX_PERMUTATIONS:,} "
+            "(permutations are drawn in antithetic pairs)."
         )
     return permutations
 
@@ -172,12 +178,12 @@ def resolve_steps(spec: str, recorded: Sequence[int], last_step: int) -> list[in
             raise UserError(
                 f"--steps {spec!r}: the range {part.strip()} runs backwards; write it as {hi}-{lo}."
             )
+        outside = [s for s in (lo, hi) if not 1 <= s <= last_step]
+        if outside:  # checked before the range is built: a huge one would fill the memory
+            raise UserError(
+                f"--steps {spec!r}: step(s) {outside} are outside the run, whose steps are 1..{last_step}."
+            )
         steps.update(range(lo, hi + 1))
-    outside = sorted(s for s in steps if not 1 <= s <= last_step)
-    if outside:
-        raise UserError(
-            f"--steps {spec!r}: step(s) {outside[:5]} are outside the run, whose steps are 1..{last_step}."
-        )
     return sorted(steps)
 
 
@@ -194,6 +200,7 @@ def replay(
     from .train import prepare, run
 
     prep = prepare(inputs.recipe)
+    check_same_data(inputs.folder, prep.data)  # before the replay, which would stop at the first change
     check_no_random_draws(prep.model, inputs.folder.name)
     example_id = prep.data.example_id.numpy()
     if not np.array_equal(np.sort(example_id), np.sort(inputs.values["example_id"].to_numpy())):

@@ -52,8 +52,11 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
         try:
             yield
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # tidy: the lock is still held until the close below
+            # tidy, at best: the lock is still held until the close below, a lock file left behind locks
+            # nothing, and where it cannot go (a folder made read-only), the error that ended training
+            # is the one to report
+            with contextlib.suppress(OSError):
+                os.unlink(path)
     finally:
         os.close(fd)  # releases the lock
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .checkpoint import check_same_data
 from .errors import UserError
 from .recipe import METHOD_NAMES, Recipe
 from .runio import RunFolder, atomic_write
@@ -127,9 +128,12 @@ def check_direction(direction: str) -> str:
     return direction
 
 
+MAX_SEEDS = 1000  # retrains per method and fraction: more is a typo, which would run for weeks
+
+
 def check_seeds(seeds: int) -> int:
-    if seeds < 1:
-        raise UserError(f"--seeds is {seeds}; expected at least 1 retrain per method and fraction.")
+    if not 1 <= seeds <= MAX_SEEDS:
+        raise UserError(f"--seeds is {seeds}; expected 1 to {MAX_SEEDS} retrains per method and fraction.")
     return seeds
 
 
@@ -200,20 +204,6 @@ class Retrain:
         if self.method == FULL:
             return f"full data, seed {self.seed}"
         return f"{self.method} {self.direction} {self.frac:.0%}, seed {self.seed}"
-
-
-def check_same_data(folder: RunFolder, data) -> None:
-    """The recipe's data source still gives the training split the run valued (its digest in
-    metrics.json; runs written before it was recorded are checked by their example columns only)."""
-    from .checkpoint import data_digest
-
-    recorded = folder.text_field("data_sha256")
-    if recorded is not None and data_digest(data) != recorded:
-        raise UserError(
-            f"the training split the recipe of run {folder.name!r} loads now differs from the one it valued "
-            "(its digest in metrics.json); the data source changed since the run was trained. Retrain it "
-            "first."
-        )
 
 
 def aligned_values(folder: RunFolder, data, methods: Sequence[str]) -> dict[str, np.ndarray]:
@@ -389,7 +379,13 @@ class Journal:
         return sum(job_key(job) in done for job in jobs)
 
     def add(self, key: str, row: dict) -> None:
-        line = json.dumps({"key": key, "row": row}) + "\n"
+        try:
+            self._append(json.dumps({"key": key, "row": row}) + "\n")
+        except OSError as e:
+            e.filename = e.filename or str(self.path)  # a full disk's error names no file of itself
+            raise
+
+    def _append(self, line: str) -> None:
         with open(self.path, "ab+") as f:
             if f.seek(0, os.SEEK_END) > 0:
                 f.seek(-1, os.SEEK_END)

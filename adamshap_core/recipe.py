@@ -76,7 +76,9 @@ def _size(v: Any, field: str) -> int | float:
             raise ValueError(f"a count must be at least 1, got {v}")
         return v
     if isinstance(v, float):
-        if v.is_integer() and v >= 1:
+        if v == 1.0:  # the whole set as a fraction, or one row as a count: neither is meant, likely
+            raise ValueError("1.0 is neither a fraction in (0, 1) nor plainly a count; write 1 for one row")
+        if v.is_integer() and v > 1:
             return int(v)
         if not 0.0 < v < 1.0:
             raise ValueError(f"a fraction must lie strictly between 0 and 1, got {v}")

@@ -163,6 +163,8 @@ def create_run_dir(root: str | Path, name: str, *, force: bool = False) -> Path:
                 f"run {name!r} already exists at {path}; pass --force to replace it or --name to pick "
                 "another name."
             ) from None
+    except OSError as e:  # a parent one cannot create folders in (a file system such as /proc)
+        raise UserError(f"cannot create the run folder {path}: {e.strerror or e}.") from None
     with replacing(path):  # no command is reading the old run, and none starts to
         _check_removable(path)
         aside = root / f".{name}.old-{os.getpid()}"
@@ -371,6 +373,20 @@ def require_writable(folder: str | Path) -> None:
         ) from None
     os.close(fd)
     os.unlink(tmp)
+    shadowing = next((e for e in sorted(Path(folder).iterdir()) if _shadows_a_result(e)), None)
+    if shadowing is not None:
+        raise UserError(
+            f"{shadowing} is a folder where adamshap writes a file of results; expected a file or "
+            "nothing there (move the folder away)."
+        )
+
+
+RESULT_SUFFIXES = (".parquet", ".json", ".png")  # what the commands write into a run folder
+
+
+def _shadows_a_result(entry: Path) -> bool:
+    """A folder under a results file's name, which the command would fail to replace at the end."""
+    return entry.suffix in RESULT_SUFFIXES and entry.is_dir()
 
 
 def now_iso() -> str:

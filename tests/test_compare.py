@@ -321,6 +321,9 @@ def test_a_replay_with_other_batches_is_refused_at_once(run):
         (["--steps", "0,2"], ["--steps", "outside the run", "1..7"]),
         (["--steps", "2-x"], ["--steps", "cannot read"]),
         (["--baseline", "newton"], ["--baseline 'newton'", "adam, adam_fixed, sgd"]),
+        (["--permutations", "100002"], ["--permutations 100002", "2 to 100,000"]),
+        # a range far beyond the run is refused before it is built (it would fill the memory)
+        (["--steps", "1-100000000000000"], ["--steps", "[100000000000000] are outside the run"]),
         (["--run", "nope"], ["no run 'nope'"]),
     ],
 )
@@ -334,6 +337,13 @@ def test_a_refusal_without_quiet_is_the_error_line_alone(run):
     res = cli("compare", "--permutations", "3")
     assert res.exit_code == 2, res.output
     assert res.output.startswith("error: --permutations 3"), repr(res.output)
+
+
+def test_a_run_whose_data_changed_is_refused_before_the_replay(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["data_sha256"] = "0" * 64
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert_refused(cli("compare", "--permutations", "2", "-q"), "differs from the one it valued")
 
 
 def test_resolve_steps():

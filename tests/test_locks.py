@@ -65,3 +65,18 @@ def test_the_commands_and_train_force_refuse_each_other(tmp_path):
             assert res.exit_code == 2, res.output
             assert "being replaced by `train --force`" in " ".join(res.output.split())
     assert sorted(p.name for p in (runs / "tiny").iterdir()) == sorted(runio.RUN_FILES)
+
+
+def test_the_error_that_ended_the_work_is_raised_where_the_lock_file_cannot_be_removed(tmp_path, monkeypatch):
+    """A folder made read-only mid-run: removing the lock file fails too, and must not hide why the
+    run stopped (the lock is released by closing it either way)."""
+
+    def refused(path):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    with pytest.raises(OSError, match="No space left"):
+        with locks.run_lock(tmp_path):
+            monkeypatch.setattr(locks.os, "unlink", refused)
+            raise OSError(28, "No space left on device")
+    monkeypatch.undo()
+    assert not locks.is_locked(tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -259,6 +260,7 @@ def test_a_torn_journal_line_is_retrained(tmp_path):
         (["--frac", "abc"], "--frac"),
         (["--frac", "0.3", "--by", "adam,lion"], "--by"),
         (["--frac", "0.3", "--seeds", "0"], "--seeds"),
+        (["--frac", "0.3", "--seeds", "1001"], "expected 1 to 1000"),
         (["--frac", "0.3", "--remove", "middle"], "--remove"),
         (["--frac", "0.3", "--by", "oracle", "--remove", "high"], "--by oracle"),
         (["--frac", "0.3", "--run", "nope"], "nope"),
@@ -272,6 +274,30 @@ def test_bad_input_exits_2_and_writes_nothing(tiny_run, args, needle):
     assert res.exit_code == 2
     assert needle in res.output and "Traceback" not in res.output
     assert sorted(p.name for p in tiny_run.iterdir()) == before
+
+
+def test_a_folder_where_a_result_file_goes_is_refused_before_the_retrains(tiny_run, tmp_path):
+    run = shutil.copytree(tiny_run, tmp_path / "runs" / tiny_run.name)
+    (run / "pruning.parquet").unlink(missing_ok=True)
+    (run / "pruning.parquet").mkdir()
+    res = cli("prune", "--frac", "0.3", "--run", run.name, "--runs-dir", run.parent)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "pruning.parquet is a folder where adamshap writes a file" in " ".join(res.output.split())
+    assert not list(run.glob("pruning-*.partial.jsonl"))  # no retrain ran
+
+
+def test_a_full_disk_while_a_retrain_is_journaled_names_the_journal(tiny_run, monkeypatch):
+    import errno
+
+    from adamshap_core import prune as pr
+
+    def full(self, line):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pr.Journal, "_append", full)
+    res = cli("prune", "--frac", "0.3", "--run", tiny_run.name, "--runs-dir", tiny_run.parent)
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "No space left on device (" in res.output and "pruning-low.partial.jsonl)" in res.output
 
 
 def test_run_without_values_exits_2(tmp_path):

@@ -78,6 +78,7 @@ def test_string_numbers_from_yaml_are_numbers(tmp_path):
         ("data.source=imagenet", "data.source", "unknown dataset"),
         ("data.val_size=0", "data.val_size", "at least 1"),
         ("data.test_size=1.5", "data.test_size", "between 0 and 1"),
+        ("data.val_size=1.0", "data.val_size", "write 1 for one row"),
         ("model.kind=transformer", "model.kind", "Input should be 'mlp'"),
         ("model.hidden=[0]", "model.hidden[0]", "greater than or equal to 1"),
         ("train.grad_clip=0", "train.grad_clip", "greater than 0"),

@@ -170,3 +170,9 @@ def test_a_metrics_file_with_fields_of_other_types_is_listed_as_unknown(tmp_path
     res = cli("runs", "--runs-dir", tmp_path)
     assert res.exit_code == 0, res.output
     assert "odd" in res.output and "unknown" in res.output and "good" in res.output
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc, where folders cannot be made")
+def test_a_run_folder_that_cannot_be_made_is_a_clear_error():
+    with pytest.raises(UserError, match="cannot create the run folder /proc/self/demo"):
+        runio.create_run_dir("/proc/self", "demo")
