@@ -172,7 +172,7 @@ def _how_to_continue(folder, ckpt) -> str:
 
     if ckpt.exists():
         return f"resume from the last checkpoint with: {runio.resume_command(folder.path)}"
-    return "train it again with --force (no checkpoint was written yet)."
+    return f"train it again (no checkpoint was written yet) with: {runio.restart_command(folder.path)}"
 
 
 @contextmanager
