@@ -37,6 +37,7 @@ the run again, so memory stays bounded and the time grows with Q.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ from .errors import UserError
 from .models import build_model, context_length
 from .precond import METHODS
 from .recipe import Recipe
-from .runio import RunFolder, atomic_write_json, atomic_write_parquet
+from .runio import RunFolder, atomic_write_json, atomic_write_parquet, list_runs, runs_dir_option
 from .schema import value_column
 from .tokenizer import IGNORE, WordTokenizer, split_words
 
@@ -505,6 +506,35 @@ def check_attribution_methods(methods: Sequence[str] | None) -> list[str]:
     return names
 
 
+def _another_run(refused: RunFolder) -> str:
+    """For a run refused that was taken as the latest (no --run given): the most recent run that
+    attribution can replay, with the command for it, or that there is none; nothing for a run named."""
+    if not refused.latest:
+        return ""
+    root = refused.path.parent
+    for folder in reversed(list_runs(root)):
+        if folder.path != refused.path and _is_language_model_run(folder):
+            command = f"adamshap attribute --run {shlex.quote(folder.name)}{runs_dir_option(folder.path)}"
+            return (
+                f" It was taken as the latest run (no --run given); the latest language-model run is "
+                f"{folder.name!r}: {command}"
+            )
+    return (
+        f" It was taken as the latest run (no --run given), and no run under {root} is a language-model "
+        "run; train one with `adamshap train recipes/facts-gpt.yaml`."
+    )
+
+
+def _is_language_model_run(folder: RunFolder) -> bool:
+    """A complete run of a gpt (which trains on text only)."""
+    if folder.text_field("status") != "complete":
+        return False
+    try:
+        return folder.recipe().model.kind == "gpt"
+    except UserError:  # a recipe.yaml that no longer loads: not one to offer
+        return False
+
+
 def plan(
     folder: RunFolder,
     *,
@@ -522,6 +552,7 @@ def plan(
         raise UserError(
             f"run {folder.name!r} trained a {recipe.model.kind} on {recipe.data.source!r}; attribution "
             "needs a language-model run (model.kind: gpt on a text source such as builtin:facts)."
+            + _another_run(folder)
         )
     if chunk is not None and chunk < 1:
         raise UserError(f"--chunk is {chunk}; expected at least 1 query per replay.")
@@ -529,7 +560,7 @@ def plan(
     if not isinstance(data, TextDataset):  # (a gpt trains on text only: its recipe was edited since)
         raise UserError(
             f"run {folder.name!r} trained a gpt, but its recipe's data {recipe.data.source!r} is not text; "
-            "attribution replays the run on the texts it trained on."
+            "attribution replays the run on the texts it trained on." + _another_run(folder)
         )
     check_tokenizer(folder, data.tokenizer)
     queries = pick_queries(data, recipe, texts, queries_file)

@@ -842,8 +842,9 @@ def _median(v: np.ndarray) -> float:
     return float(np.median(v)) if v.size else float("nan")
 
 
-def write(plan: BenchPlan, result: BenchResult, profile_text: str | None = None) -> Path:
-    """bench.parquet (+ bench.json with the summary, + profile.txt) into the plan's folder, atomically."""
+def write(plan: BenchPlan, result: BenchResult, profile_text: str | None = None) -> list[Path]:
+    """bench.parquet, bench.json with the summary (and profile.txt) into the plan's folder, atomically;
+    returns the paths written."""
     import torch
 
     from . import runio
@@ -852,7 +853,7 @@ def write(plan: BenchPlan, result: BenchResult, profile_text: str | None = None)
         plan.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the bench folder {plan.out}: {e.strerror or e}.") from None
-    path = runio.atomic_write_parquet(plan.out / "bench.parquet", result.frame)
+    paths = [runio.atomic_write_parquet(plan.out / "bench.parquet", result.frame)]
     summary = {
         "recipe": plan.recipe_name,
         "recipe_path": plan.recipe_path,
@@ -876,10 +877,10 @@ def write(plan: BenchPlan, result: BenchResult, profile_text: str | None = None)
         summary["fast_pearson"] = fidelity_summary(result.fidelity)
         summary["fast_max_parameter_gap"] = result.fidelity["max_parameter_gap"]
         summary["fast_low_rank"] = low_rank_summary(result.fidelity)
-    runio.atomic_write_json(plan.out / "bench.json", summary)
+    paths.append(runio.atomic_write_json(plan.out / "bench.json", summary))
     if profile_text is not None:
-        runio.atomic_write_text(plan.out / "profile.txt", profile_text)
-    return path
+        paths.append(runio.atomic_write_text(plan.out / "profile.txt", profile_text))
+    return paths
 
 
 def fast_settings(spec: BenchSpec) -> dict:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .runio import RunFolder, atomic_write
+from .runio import RunFolder, atomic_write, restart_command
 from .schema import value_column
 
 if TYPE_CHECKING:
@@ -257,13 +257,13 @@ class Checkpointer:
         if blob.get("format") != FORMAT:
             raise UserError(
                 f"checkpoint {self.path} has format {blob.get('format')!r}; this adamshap reads format "
-                f"{FORMAT}. Start the run over with --force."
+                f"{FORMAT}; {self._start_over()}"
             )
         if blob["recipe"] != p.recipe.to_dict():
             raise UserError(
                 f"checkpoint {self.path} was written for a different recipe than the run's recipe.yaml "
-                "(was recipe.yaml edited?); expected the recipe the run started with. Start the run "
-                "over with --force to use the new recipe."
+                "(was recipe.yaml edited?); expected the recipe the run started with. To use the edited "
+                f"recipe, {self._start_over()}"
             )
         if blob["data_sha256"] != self.data_sha256:
             raise UserError(
@@ -286,11 +286,15 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 -- any unreadable file is the same problem for the user
             raise UserError(
                 f"checkpoint {self.path} cannot be read: it is damaged or not a checkpoint "
-                f"({type(e).__name__}); start the run over with --force."
+                f"({type(e).__name__}); {self._start_over()}"
             ) from None
         if not isinstance(blob, dict) or "loop" not in blob:
-            raise UserError(f"{self.path} is not an adamshap checkpoint; start the run over with --force.")
+            raise UserError(f"{self.path} is not an adamshap checkpoint; {self._start_over()}")
         return blob
+
+    def _start_over(self) -> str:
+        """How to go on where the checkpoint cannot be resumed (it lies in the run's folder)."""
+        return f"start the run over with: {restart_command(self.path.parent)}"
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -329,14 +329,20 @@ def _fmt_loc(loc: tuple) -> str:
 
 
 def _allowed_keys(loc: tuple) -> list[str]:
-    model: type[BaseModel] = Recipe
+    model: type[BaseModel] | None = Recipe
     for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        model = ann
-    return list(model.model_fields)
+        field = model.model_fields.get(str(part)) if model is not None else None
+        model = _section_model(getattr(field, "annotation", None))
+    return list(model.model_fields) if model is not None else []
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The section a field holds: its annotation, or the one in ``Section | None`` (``data.facts``,
+    ``attribution.fast``); None for a field that is no section."""
+    for ann in (annotation, *get_args(annotation)):
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            return ann
+    return None
 
 
 def format_validation_error(err: ValidationError, origin: str) -> str:

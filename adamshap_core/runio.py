@@ -133,6 +133,14 @@ def resume_command(run_path: Path) -> str:
     return f"adamshap train --resume {shlex.quote(run_path.name)}{runs_dir_option(run_path)}"
 
 
+def restart_command(run_path: Path) -> str:
+    """The command that trains a run again from its first step, where ``--resume`` cannot continue it
+    (which refuses --force): ``train`` on the recipe.yaml the run keeps, read before --force replaces
+    the folder, under the run's own name."""
+    recipe = shlex.quote(str(run_path / "recipe.yaml"))
+    return f"adamshap train {recipe} --name {shlex.quote(run_path.name)} --force{runs_dir_option(run_path)}"
+
+
 def check_run_name(name: str) -> str:
     if not RUN_NAME.match(name or ""):
         raise UserError(f"run name {name!r} is not allowed; expected {RUN_NAME_RULE}.")
@@ -316,7 +324,8 @@ class RunFolder:
         if not self.file(CHECKPOINT_FILE).is_file():
             raise UserError(
                 f"run {self.name!r} has no checkpoint (it stopped before its first one; checkpoints are "
-                "written every `train.checkpoint_every` steps); train it again with --force."
+                "written every `train.checkpoint_every` steps); train it again with: "
+                + restart_command(self.path)
             )
         return self
 

@@ -159,7 +159,8 @@ def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
 
 
 def sample_record_steps(total: int, k: int) -> list[int]:
-    """``k`` step numbers in 1..total: steps 1-5 first, then evenly spread later ones."""
+    """``k`` step numbers in 1..total: steps 1-5 first, then the rest spread evenly from step 6 to the
+    last, both included (8 of 4,100 steps: 1-6, 2053, 4100)."""
     if k <= 0 or total <= 0:
         return []
     first = list(range(1, min(5, k, total) + 1))

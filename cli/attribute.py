@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.progress import TextColumn
 from rich.table import Table
 
-from .common import console, err_console, progress_bar, split_list, user_errors
+from .common import console, counted, err_console, progress_bar, split_list, user_errors
 
 SHOW_ALL_UP_TO = 10  # by default, print every query's top texts when there are at most this many
 SHOW_OTHERWISE = 4  # ... else the first four (for builtin:facts: one fact at every level)
@@ -74,8 +74,8 @@ def attribute(
         )
         if not quiet:
             err_console.print(
-                f"[bold]{escape(folder.name)}[/]: {len(plan.queries)} queries against {plan.data.n_train} "
-                f"training texts; replaying {plan.total_steps} steps for "
+                f"[bold]{escape(folder.name)}[/]: {counted(len(plan.queries), 'query', 'queries')} against "
+                f"{plan.data.n_train} training texts; replaying {plan.total_steps} steps for "
                 f"{', '.join(plan.valued) or 'no value method'}"
             )
         result = _run_with_progress(plan, quiet)
@@ -179,8 +179,8 @@ def _print_unknown_words(result) -> None:
     words = sorted({w for _, u in unknown for w in u})
     shown = ", ".join(words[:12]) + (" ..." if len(words) > 12 else "")
     err_console.print(
-        f"note: {len(unknown)} of {len(result.unknown_words)} queries hold words the training corpus never "
-        f"had, read as <unk>: {escape(shown)}",
+        f"note: words the training corpus never had, read as <unk>, in {len(unknown)} of "
+        f"{counted(len(result.unknown_words), 'query', 'queries')}: {escape(shown)}",
         highlight=False,
     )
 

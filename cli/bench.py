@@ -13,9 +13,8 @@ from rich.table import Table
 
 from adamshap_core.errors import UserError
 
-from .common import console, err_console, progress_bar, split_list, user_errors
+from .common import console, err_console, fit_columns, progress_bar, split_list, user_errors
 
-SUMMARY_WIDTH = 400  # room for the summary table's natural width: never wrapped or cut
 SUMMARY_OPTIONS = {"summary", "quiet", "recipe"}  # the options --summary reads (RECIPE: said apart)
 
 
@@ -58,7 +57,9 @@ def bench(
     threads: int = typer.Option(
         None, "--threads", help="torch threads per measurement (default: torch's default, all cores)"
     ),
-    out: Path = typer.Option(None, "--out", help="folder for bench.parquet (default: runs/bench/NAME-TIME)"),
+    out: Path = typer.Option(
+        None, "--out", help="folder for bench.parquet and bench.json (default: runs/bench/NAME-TIME)"
+    ),
     runs_dir: Path = typer.Option(None, "--runs-dir", help="runs folder (default: $ADAMSHAP_RUNS or ./runs)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     summary: Path = typer.Option(
@@ -110,7 +111,7 @@ def bench(
     if result.profile is not None:
         profile_text = render_profile(result.profile)
         console.print(profile_text, highlight=False, markup=False, soft_wrap=True)
-    path = bm.write(plan, result, profile_text)
+    paths = bm.write(plan, result, profile_text)
     console.print(results_table(plan, result))
     for line in fidelity_lines(result):
         console.print(line, highlight=False, soft_wrap=True)
@@ -118,9 +119,16 @@ def bench(
         ratio_lines(plan, result.summary) + compile_lines(plan, result.summary) + fusion_lines(result.summary)
     ):
         console.print(line, highlight=False, soft_wrap=True)
-    console.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)
+    console.print(wrote_line(paths), highlight=False, soft_wrap=True)
     for line in closing_lines(result.summary):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def wrote_line(paths: list[Path]) -> str:
+    """``wrote bench.parquet, bench.json and profile.txt into FOLDER``: every file a bench wrote."""
+    names = [p.name for p in paths]
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return f"wrote {escape(listed)} into {escape(str(paths[0].parent))}"
 
 
 def describe(plan) -> str:
@@ -187,7 +195,8 @@ def fidelity_lines(result) -> list[str]:
     if result.fidelity is None:
         return []
     lines = []
-    for m, s in bm.fidelity_summary(result.fidelity).items():
+    summary = bm.fidelity_summary(result.fidelity)
+    for m, s in summary.items():
         undefined = (
             f" ({s['undefined_steps']} step(s) with constant values left out)" if s["undefined_steps"] else ""
         )
@@ -201,22 +210,24 @@ def fidelity_lines(result) -> list[str]:
             f"fast vs exact Pearson per step, {m}: median {s['median']:.4f}, min {s['min']:.4f} "
             f"over {s['steps']} steps{undefined}; {reused}"
         )
-    lines.append(low_rank_line(bm.low_rank_summary(result.fidelity)))
+    some_reused = any(s["reused_steps"] for s in summary.values())
+    lines.append(low_rank_line(bm.low_rank_summary(result.fidelity), reused=some_reused))
     gap = result.fidelity["max_parameter_gap"]
     lines.append(f"fast vs exact largest parameter difference after training: {gap:.2e}")
     return lines
 
 
-def low_rank_line(s: dict) -> str:
-    """Whether the low-rank M took part in the fast values measured above."""
-    alone = "the differences above are all the reused ∇val's"
+def low_rank_line(s: dict, *, reused: bool) -> str:
+    """Whether the low-rank M took part in the fast values measured above; where it did not, the
+    differences are the reused ∇val's, which is said only where some step ``reused`` it."""
+    alone = ": the differences above are all the reused ∇val's" if reused else ""
     if s["rank"] is None:
-        return f"low-rank M: off (rank null): {alone}"
+        return f"low-rank M: off (rank null){alone}"
     line = (
         f"low-rank M (rank {s['rank']}): at most {s['most_factored']} of the {s['factorable']} weight "
         f"matrices a kernel may factorise were, on {s['steps_factored']} of {s['steps']} steps"
     )
-    return line if s["most_factored"] else f"{line} (none costs less factorised at these sizes): {alone}"
+    return line if s["most_factored"] else f"{line} (none costs less factorised at these sizes){alone}"
 
 
 def render_profile(prof: dict) -> str:
@@ -293,57 +304,87 @@ def _fmt(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.3f}"  # NaN: not measured (in that mode, or by that bench)
 
 
+SUMMARY_COLUMNS: list[tuple[str, JustifyMethod]] = [
+    ("bench", "left"),
+    ("mode", "left"),
+    ("device", "left"),
+    ("B", "right"),
+    ("val", "right"),
+    ("plain ex/s", "right"),
+    ("valued ex/s", "right"),
+    ("throughput", "right"),
+    ("memory", "right"),
+    ("+MB", "right"),
+    ("vs per-ex.", "right"),
+    ("bound", "right"),
+    ("fast Pearson", "right"),
+]
+UNBROKEN = ("bench", "fast Pearson")  # a bench's folder name, and the pair of Pearsons: never broken
+SUMMARY_WIDTH = 400  # where neither layout fits the terminal: the table at its natural width, never cut
+
+
 def print_summary(folder: Path) -> None:
     """The benches under ``folder`` side by side; also written to ``folder/summary.parquet``."""
     from adamshap_core import bench as bm
     from adamshap_core import runio
 
     frame = bm.collect(folder)
-    table = Table(title=f"benches under {escape(str(folder))}", title_justify="left")
-    columns: list[tuple[str, JustifyMethod]] = [
-        ("bench", "left"),
-        ("mode", "left"),
-        ("device", "left"),
-        ("B", "right"),
-        ("val", "right"),
-        ("plain ex/s", "right"),
-        ("valued ex/s", "right"),
-        ("throughput", "right"),
-        ("memory", "right"),
-        ("+MB", "right"),
-        ("vs per-ex.", "right"),
-        ("bound", "right"),
-        ("fast Pearson", "right"),
-    ]
-    for col, just in columns:
-        table.add_column(col, justify=just)
-    for _, r in frame.iterrows():
-        fast = r["variant"] == "fast"
-        pearson = f"{r['fast_pearson_min']:.3f} / {r['fast_pearson_median_reused']:.3f}" if fast else "-"
-        table.add_row(
-            escape(r["name"]),
-            r["variant"],
-            r["device"],
-            str(r["batch_size"]),
-            str(r["val_rows"]),
-            f"{r['plain_examples_per_s']:,.0f}",
-            f"{r['attribution_examples_per_s']:,.0f}",
-            f"{r['throughput_ratio']:.3f}",
-            f"{r['memory_ratio']:.3f}",
-            f"{r['memory_increase_ratio']:.2f}",
-            f"{r['speedup_over_per_example']:.1f}",
-            _fmt(r.get("contraction_bound", math.nan)),
-            pearson,
-        )
-    table.caption = (
+    rows = [_summary_cells(r) for _, r in frame.iterrows()]
+    caption = (
         "throughput and memory: attribution / plain (medians); +MB: the same ratio of the peak over the "
         "memory before the first step; vs per-ex.: attribution / per-example examples per second; bound: the "
         "throughput ratio if all of valuation but the contraction were free (- where not timed); fast "
         "Pearson: per-step minimum / median over the steps that reused ∇val, of the worst method. 1-minute "
-        f"load average up to "
-        f"{frame['load_1m'].max():.1f}."
+        f"load average up to {frame['load_1m'].max():.1f}."
     )
-    # wide rather than wrapped, so that the table reads (and pastes) as one row per bench
-    Console(width=max(console.width, SUMMARY_WIDTH)).print(table)
+    title = f"benches under {escape(str(folder))}"
+    by_row, by_column = _summary_by_row(rows, title, caption), _summary_by_column(rows, title, caption)
+    # a row per bench reads (and pastes) best; where the terminal is too narrow for its thirteen columns,
+    # a column per bench; where too narrow for either, the rows at their natural width
+    table = fit_columns(by_row, console.width) or fit_columns(by_column, console.width)
+    if table is None:
+        Console(width=max(console.width, SUMMARY_WIDTH)).print(by_row)
+    else:
+        console.print(table)
     path = runio.atomic_write_parquet(Path(folder) / "summary.parquet", frame)
     console.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)
+
+
+def _summary_cells(r) -> list[str]:
+    """One bench's cells, in the order of ``SUMMARY_COLUMNS``."""
+    fast = r["variant"] == "fast"
+    return [
+        escape(r["name"]),
+        r["variant"],
+        r["device"],
+        str(r["batch_size"]),
+        str(r["val_rows"]),
+        f"{r['plain_examples_per_s']:,.0f}",
+        f"{r['attribution_examples_per_s']:,.0f}",
+        f"{r['throughput_ratio']:.3f}",
+        f"{r['memory_ratio']:.3f}",
+        f"{r['memory_increase_ratio']:.2f}",
+        f"{r['speedup_over_per_example']:.1f}",
+        _fmt(r.get("contraction_bound", math.nan)),
+        f"{_fmt(r['fast_pearson_min'])} / {_fmt(r['fast_pearson_median_reused'])}" if fast else "-",
+    ]
+
+
+def _summary_by_row(rows: list[list[str]], title: str, caption: str) -> Table:
+    table = Table(title=title, title_justify="left", caption=caption)
+    for col, just in SUMMARY_COLUMNS:
+        table.add_column(col, justify=just, no_wrap=col in UNBROKEN)
+    for cells in rows:
+        table.add_row(*cells)
+    return table
+
+
+def _summary_by_column(rows: list[list[str]], title: str, caption: str) -> Table:
+    """The same cells transposed: a column per bench, headed by its name (folded where room is short)."""
+    table = Table(title=title, title_justify="left", caption=caption)
+    table.add_column("")
+    for cells in rows:
+        table.add_column(cells[0], justify="right", overflow="fold")
+    for i, (col, _) in enumerate(SUMMARY_COLUMNS[1:], start=1):
+        table.add_row(col, *(cells[i] for cells in rows))
+    return table

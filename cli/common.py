@@ -10,6 +10,8 @@ import threading
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
+from rich.table import Table
 
 from adamshap_core.errors import UserError
 
@@ -83,6 +85,51 @@ def progress_bar(label: str, *columns, remaining: bool = True):
     return Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), *columns, *ends, console=err_console)
 
 
+def counted(n: int, one: str, many: str) -> str:
+    """``n`` with the noun that agrees with it: ``counted(1, "query", "queries")`` -> "1 query"."""
+    return f"{n} {one if n == 1 else many}"
+
+
 def split_list(items: list[str] | None) -> list[str]:
     """Repeated and comma-separated option values: ``["adam,sgd", "random"]`` -> three names."""
     return [part.strip() for item in items or () for part in item.split(",") if part.strip()]
+
+
+def fit_columns(table: Table, width: int) -> Table | None:
+    """``table`` with its column widths set to fit ``width`` without breaking a word, or None where
+    that cannot be done: rich alone narrows the widest columns first, cutting a word short
+    ("breast-can…") while a column beside it had room to spare. Each column is given its longest word
+    (its longest line where it is ``no_wrap``), then the columns that need least to fit on one line are
+    given it first. Where even the longest words do not fit, the columns with ``overflow="fold"`` give
+    up room, widest first, folding their words. Assumes the default padding, as every table here has."""
+    columns = table.columns
+    _, right, _, left = table.padding
+    borders = (len(columns) - 1 + 2 * table.show_edge) if table.box else 0
+    room = width - borders - len(columns) * (left + right)
+    lows, highs = zip(*(_column_range(c, width) for c in columns), strict=True)
+    if sum(highs) <= room:
+        return table  # fits as it is
+    widths = list(lows)
+    spare = room - sum(widths)
+    for i in sorted(range(len(columns)), key=lambda i: highs[i] - lows[i]):
+        more = max(0, min(highs[i] - widths[i], spare))
+        widths[i] += more
+        spare -= more
+    foldable = [i for i, c in enumerate(columns) if c.overflow == "fold" and not c.no_wrap]
+    while spare < 0 and foldable and max(widths[i] for i in foldable) > 1:
+        widths[max(foldable, key=lambda i: widths[i])] -= 1
+        spare += 1
+    if spare < 0:
+        return None
+    for column, w in zip(columns, widths, strict=True):
+        column.width = w
+    return table
+
+
+def _column_range(column, width: int) -> tuple[int, int]:
+    """The narrowest width a column's cells (header included) take without breaking a word, and the
+    width that puts each on one line; the same for a ``no_wrap`` column, whose cells never wrap."""
+    options = console.options.update_width(width)
+    sizes = [Measurement.get(console, options, cell) for cell in (column.header, *column.cells)]
+    high = max(m.maximum for m in sizes)
+    return (high if column.no_wrap else max(m.minimum for m in sizes)), high

@@ -135,10 +135,10 @@ def cell(mean: float, std: float, seeds: int) -> str:
 
 
 def pruning_table(summary: pd.DataFrame, plan) -> Table:
-    """Methods as rows (full data on top), per fraction the test accuracy and the noisy share removed.
-    In bold green, per fraction, the accuracy that shows the values right: removing the lowest-valued,
-    the highest accuracy (full-data model included); removing the highest-valued, the lowest (the
-    removal that hurt most). The oracle is a reference, shown dim and never highlighted."""
+    """Methods as rows (full data on top), per fraction the test accuracy and, below it, the noisy share
+    removed. In bold green, per fraction, the accuracy that shows the values right: removing the
+    lowest-valued, the highest accuracy (full-data model included); removing the highest-valued, the
+    lowest (the removal that hurt most). The oracle is a reference, shown dim and never highlighted."""
     from adamshap_core.prune import FULL, ORACLE, n_to_remove
 
     n = plan.data.n_train
@@ -146,9 +146,9 @@ def pruning_table(summary: pd.DataFrame, plan) -> Table:
     table = Table(title=f"test accuracy, {plan.direction}est-valued removed", title_justify="left")
     table.add_column("method")
     for f in plan.fracs:
-        table.add_column(f"{f:.0%} removed\n({n - n_to_remove(n, f)} kept)", justify="right")
-        if noisy_known:
-            table.add_column(f"{f:.0%}\nnoisy", justify="right")
+        # a cell is never broken inside "mean ± std"; the noisy share has a line of its own below it (a
+        # column of its own per fraction would not leave three fractions room on an 80-column terminal)
+        table.add_column(f"{f:.0%} removed\n({n - n_to_remove(n, f)} kept)", justify="right", no_wrap=True)
     full = summary[summary["method"] == FULL].iloc[0]
     low = plan.direction == "low"
     shown = {FULL, *plan.methods} - {ORACLE} - (set() if low else {FULL})  # the ones highlighted
@@ -168,9 +168,9 @@ def pruning_table(summary: pd.DataFrame, plan) -> Table:
                 text = f"[bold green]{text}[/]"
             elif reference:
                 text = f"[dim]{text}[/]"
+            if noisy_known and m != FULL:
+                text += f"\n[dim]{r['noisy_share']:.0%} noisy[/]"
             cells.append(text)
-            if noisy_known:
-                cells.append("-" if m == FULL else f"{r['noisy_share']:.0%}")
         table.add_row(*cells, end_section=i == 0)
     return table
 

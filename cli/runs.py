@@ -9,7 +9,7 @@ from rich.console import JustifyMethod
 from rich.markup import escape
 from rich.table import Table
 
-from .common import console, user_errors
+from .common import console, fit_columns, user_errors
 
 
 @user_errors
@@ -36,7 +36,9 @@ def runs(
         ("status", "left"),
     ]
     for col, just in columns:
-        table.add_column(col, justify=just)
+        # a run name is typed back into --run: never broken; where room is short the other cells fold
+        # (the widest first, a recipe's name before all else), so that no character is hidden
+        table.add_column(col, justify=just, no_wrap=col == "name", overflow="fold")
     for f in folders:
         m = f.metrics()  # read once per run
         acc = m.get("test_accuracy")
@@ -50,4 +52,4 @@ def runs(
             ", ".join(runio.recorded_methods(m)) or "-",
             f"[{style}]{escape(status)}[/]",
         )
-    console.print(table)
+    console.print(fit_columns(table, console.width) or table)  # too narrow: rich's own fitting

@@ -89,7 +89,7 @@ def train(
                 f"{', '.join(prep.methods) or 'none (attribution off)'}"
             )
         result, metrics = _train_into(folder, header, prep, quiet, resume is not None)
-    print_summary(result, metrics, folder.path)
+    print_summary(result, metrics, folder.path, quiet)
 
 
 def _prepared(recipe: Path, overrides: list[str] | None):
@@ -172,7 +172,7 @@ def _how_to_continue(folder, ckpt) -> str:
 
     if ckpt.exists():
         return f"resume from the last checkpoint with: {runio.resume_command(folder.path)}"
-    return "train it again with --force (no checkpoint was written yet)."
+    return f"train it again (no checkpoint was written yet) with: {runio.restart_command(folder.path)}"
 
 
 @contextmanager
@@ -205,7 +205,9 @@ def _training_bar(quiet: bool):
         bar.stop()
 
 
-def print_summary(result, metrics: dict, path: Path) -> None:
+def print_summary(result, metrics: dict, path: Path, quiet: bool) -> None:
+    """The run's results on stdout: a line of metrics, each method's highest and lowest valued examples,
+    the mislabel detection, where the run is and what to run next."""
     from adamshap_core.schema import value_column
 
     df = result.values_frame()
@@ -213,8 +215,10 @@ def print_summary(result, metrics: dict, path: Path) -> None:
     about = "text" if "text" in df.columns else "label"  # a text corpus has texts, not labels
     acc_name = "next-token accuracy" if about == "text" else "accuracy"
     acc = metrics.get("test_accuracy")
+    if not quiet:
+        console.print()  # apart from the progress bar and notes above it (--quiet prints none)
     console.print(
-        f"\n[bold green]done[/]: trained in {metrics['wall_seconds']:.1f}s; "
+        f"[bold green]done[/]: trained in {metrics['wall_seconds']:.1f}s; "
         f"test {acc_name} [bold]{acc:.3f}[/], test loss {metrics['test_loss']:.4f}, "
         f"val {acc_name} {metrics['val_accuracy']:.3f}, train loss {metrics['train_loss']:.4f} "
         f"({result.steps_done} steps, {metrics['n_train']} training examples)"

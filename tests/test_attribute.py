@@ -99,6 +99,36 @@ def test_typed_queries_with_unseen_words(runs):
     assert q["source_id"].isna().all()
 
 
+def test_one_query_is_counted_as_one(runs):
+    res = cli(
+        "attribute", "--runs-dir", runs, "--run", "facts", "--query", "who plays the zither", "--top", "1"
+    )
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.stderr.split())
+    assert "facts: 1 query against 12 training texts" in said
+    assert "never had, read as <unk>, in 1 of 1 query: who, zither" in said
+
+
+def test_the_latest_run_refused_names_the_latest_run_that_attribute_can_replay(runs, tmp_path):
+    """With no --run, the latest run (the tabular one) is refused; the message names the latest
+    language-model run and the command for it, or says that there is none."""
+    import shutil
+
+    res = cli("attribute", "--runs-dir", runs, "-q")
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "run 'tab' trained a mlp" in said
+    assert (
+        f"the latest language-model run is 'corpus': adamshap attribute --run corpus --runs-dir {runs}"
+        in said
+    )
+    named = " ".join(attribute(runs, "--run", "tab").output.split())
+    assert "needs a language-model run" in named and "latest" not in named  # a run asked for by name
+    only_tabular = tmp_path / "runs"
+    shutil.copytree(runs / "tab", only_tabular / "tab")
+    res = cli("attribute", "--runs-dir", only_tabular, "-q")
+    assert res.exit_code == 2 and "is a language-model run; train one with" in " ".join(res.output.split())
+
+
 def test_a_queries_file_with_ids_levels_and_sources(runs, tmp_path):
     p = tmp_path / "q.jsonl"
     lines = [

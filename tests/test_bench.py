@@ -62,6 +62,7 @@ def test_bench_end_to_end_writes_the_table_and_closing_lines(tmp_path, runs):
     med = frame.set_index("mode")["examples_per_s"]
     assert summary["throughput_ratio"] == pytest.approx(med["attribution"] / med["plain"])
     assert f"throughput ratio: {summary['throughput_ratio']:.3f}" == lines[-3]
+    assert f"wrote bench.parquet and bench.json into {folder}" in lines
 
     # --summary: every bench under a folder side by side, from their bench.json
     listed = cli("bench", "--summary", runs / "bench")
@@ -71,6 +72,38 @@ def test_bench_end_to_end_writes_the_table_and_closing_lines(tmp_path, runs):
     assert table["name"].tolist() == [folder.name]
     assert table["speedup_over_per_example"].iloc[0] == pytest.approx(summary["speedup_over_per_example"])
     assert table["contraction_bound"].iloc[0] == pytest.approx(bound)
+
+
+def _bench_json(folder: Path, **fast_pearson) -> None:
+    """A bench.json as ``bm.write`` leaves it: exact and fast modes, the fast one's Pearson per method."""
+    from adamshap_core import runio
+
+    fast = {"plain": (100, 400), "attribution": (50, 420), bm.FAST_KEY: (90, 410), "per_example": (10, 500)}
+    summary = {"recipe": "tiny", "device": "cpu", "batch_size": 16, "val_rows": 20, "methods": ["adam"]}
+    summary |= {"created": "2026-01-01T00:00:00", "load_1m_max": 0.5, "fast_pearson": fast_pearson}
+    runio.atomic_write_json(folder / "bench.json", summary | bm.summarize(_frame([fast])))
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_the_summary_fits_the_terminal_and_cuts_no_cell(tmp_path, monkeypatch, width):
+    """A row per bench where that fits; on a narrower terminal a column per bench (its name folded),
+    rather than 133 columns or cells cut short; the pair of Pearsons is never broken."""
+    from adamshap_cli import common
+
+    names = ["digits-mlp-20260101-000000", "digits-mlp-20260101-000100"]
+    for name in names:
+        (tmp_path / name).mkdir()
+        _bench_json(tmp_path / name, adam={"min": 0.9871, "median": 0.99, "median_reused": 0.9932})
+    monkeypatch.setattr(common.console, "_width", width)
+    res = cli("bench", "--summary", tmp_path)
+    assert res.exit_code == 0, res.output
+    table = [line for line in res.stdout.splitlines() if line[:1] in "┏┃┡│└"]
+    assert max(map(len, table)) <= width and "…" not in res.stdout
+    pearsons = [line for line in table if "0.987 / 0.993" in line]
+    if width == 200:
+        assert len(pearsons) == 2 and all(names[1] in line for line in pearsons[1:])
+    else:  # one row holds both fast modes' Pearsons; a column per bench, the name folded in its header
+        assert len(pearsons) == 1 and pearsons[0].count("0.987 / 0.993") == 2
 
 
 def test_summary_refuses_a_recipe_and_an_empty_folder(tmp_path, runs):
@@ -93,8 +126,9 @@ def test_the_fidelity_lines_say_when_no_step_reused_the_validation_gradient(monk
     summary = {"median": 1.0, "min": 1.0, "steps": 5, "undefined_steps": 0, "median_reused": math.nan}
     monkeypatch.setattr(bm, "fidelity_summary", lambda fid: {"adam": {**summary, "reused_steps": 0}})
     monkeypatch.setattr(bm, "low_rank_summary", lambda fid: {"rank": None})
-    line = cb.fidelity_lines(SimpleNamespace(fidelity={"max_parameter_gap": 0.0}))[0]
-    assert "no step reused ∇val (the fast mode's warm-up is longer" in line and "nan" not in line
+    lines = cb.fidelity_lines(SimpleNamespace(fidelity={"max_parameter_gap": 0.0}))
+    assert "no step reused ∇val (the fast mode's warm-up is longer" in lines[0] and "nan" not in lines[0]
+    assert lines[1] == "low-rank M: off (rank null)"  # so nothing to put the differences down to
 
 
 def test_the_default_recipe_is_found_from_another_folder(tmp_path, monkeypatch):
@@ -166,13 +200,17 @@ def test_fidelity_says_whether_the_low_rank_M_took_part(tmp_path, monkeypatch):
 
     costly = summary(1)
     assert costly == {"rank": 1, "factorable": 2, "most_factored": 0, "steps_factored": 0, "steps": 4}
-    assert "none costs less factorised" in low_rank_line(costly)
+    # none factorised: the differences from the exact values are the reused ∇val's, where a step reused it
+    assert "none costs less factorised at these sizes): the differences" in low_rank_line(costly, reused=True)
+    assert low_rank_line(costly, reused=False).endswith("(none costs less factorised at these sizes)")
     monkeypatch.setattr(low_rank, "FACTORIZE_PASSES", 0)
     monkeypatch.setattr(low_rank, "FACTORIZE_OVERHEAD", 0)
     free = summary(1)
     assert free["most_factored"] == 2 and free["steps_factored"] == 4
-    assert low_rank_line(free).startswith("low-rank M (rank 1): at most 2 of the 2 weight matrices")
-    assert "off (rank null)" in low_rank_line(summary(None))
+    assert low_rank_line(free, reused=True).startswith(
+        "low-rank M (rank 1): at most 2 of the 2 weight matrices"
+    )
+    assert "off (rank null)" in low_rank_line(summary(None), reused=True)
 
 
 def test_fidelity_compares_on_the_same_updates_also_with_fused_rows(tmp_path):

@@ -56,8 +56,9 @@ def test_train_writes_the_run_folder(tmp_path, runs):
     assert metrics["methods"] == ["adam", "adam_fixed", "sgd"] and metrics["wall_seconds"] > 0
     saved = yaml.safe_load((run / "recipe.yaml").read_text())
     assert saved["train"]["epochs"] == 2 and saved["optim"]["betas"] == [0.9, 0.999]
-    # the summary
+    # the summary, from its first line on (--quiet prints nothing above it)
     out = res.stdout
+    assert out.startswith("done: trained in ")
     assert "test accuracy" in out and "5 highest and 5 lowest" in out and "lowest-valued 20%" in out
     assert str(run) in out.replace("\n", "")
 
@@ -71,6 +72,28 @@ def test_train_writes_the_run_folder(tmp_path, runs):
     # runs lists it
     listed = cli("runs")
     assert listed.exit_code == 0 and "tiny" in listed.stdout and "complete" in listed.stdout
+
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_runs_never_cut_a_run_name(tmp_path, runs, monkeypatch, width):
+    """The names are typed back into --run: on an 80-column terminal they stay whole, each on one line,
+    and the other columns wrap between their words instead."""
+    from adamshap_cli import common
+
+    names = ["breast-cancer-mlp", "digits-mlp-clean"]
+    for name in names:
+        (runs / name).mkdir(parents=True)
+        metrics = {"status": "complete", "recipe": "breast-cancer-mlp", "created": "2026-01-01T00:00:00"}
+        metrics |= {"test_accuracy": 0.947, "methods": ["adam", "adam_fixed", "sgd"]}
+        (runs / name / "metrics.json").write_text(json.dumps(metrics))
+    monkeypatch.setattr(common.console, "_width", width)
+    listed = cli("runs")
+    assert listed.exit_code == 0, listed.output
+    table = [line for line in listed.stdout.splitlines() if line[:1] in "┏┃┡│└"]
+    assert max(map(len, table)) <= width and "…" not in listed.stdout
+    for name in names:
+        assert any(line.startswith(f"│ {name} ") for line in table), listed.stdout
+    assert "adam_fixed," in listed.stdout and "2026-01-01" in listed.stdout  # wrapped, not broken
 
 
 def test_train_with_name_and_runs_dir(tmp_path):

@@ -375,3 +375,36 @@ def test_the_table_highlights_the_accuracy_that_shows_the_values_right(direction
     )
     cells = pruning_table(summary, plan).columns[1]._cells
     assert [c for c in cells if "bold green" in c] == [f"[bold green]{bold:.3f}[/]"]
+
+
+def test_the_table_keeps_each_mean_and_std_on_one_line_at_80_columns():
+    """The README's demo (three fractions, ten seeds, flipped labels) on an 80-column terminal: every
+    "mean ± std" whole on its line, every method's name whole, the noisy share below each."""
+    import io
+    from types import SimpleNamespace
+
+    import torch
+    from adamshap_cli.prune import pruning_table
+    from rich.console import Console
+
+    methods, fracs = ["adam", "adam_fixed", "sgd", "random", "oracle"], [0.1, 0.2, 0.3]
+    rows = [("full", 0.0)] + [(m, f) for m in methods for f in fracs]
+    summary = pd.DataFrame(rows, columns=["method", "frac"]).assign(
+        acc_mean=0.858, acc_std=0.018, noisy_share=0.94
+    )
+    noisy = torch.zeros(1297, dtype=torch.bool)
+    noisy[:259] = True
+    plan = SimpleNamespace(
+        data=SimpleNamespace(n_train=1297, is_noisy=noisy),
+        fracs=fracs,
+        methods=methods,
+        direction="low",
+        seeds=10,
+    )
+    out = io.StringIO()
+    Console(file=out, width=80).print(pruning_table(summary, plan))
+    lines = out.getvalue().splitlines()
+    assert max(map(len, lines)) <= 80 and "…" not in out.getvalue()
+    assert sum(line.count("0.858 ± 0.018") for line in lines) == (1 + len(methods)) * len(fracs)
+    assert all(any(f"│ {m} " in line for line in lines) for m in methods)
+    assert sum(line.count("94% noisy") for line in lines) == len(methods) * len(fracs)

@@ -57,6 +57,9 @@ def test_string_numbers_from_yaml_are_numbers(tmp_path):
     [
         ("model.foo=1", "model.foo", "unknown key"),
         ("bogus=1", "bogus", "unknown key"),
+        # a section that may be null lists its keys as the others do
+        ("data.facts.n_fact=3", "data.facts.n_fact", "allowed keys here: n_facts, seed"),
+        ("attribution.fast.rnk=2", "attribution.fast.rnk", "allowed keys here: refresh_every, warmup, rank"),
         ("train.epochs=five", "train.epochs", "'five'"),
         ("train.epochs=0", "train.epochs", "greater than or equal to 1"),
         ("train.batch_size=true", "train.batch_size", "True"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -294,6 +295,25 @@ def resume(runs: Path, *extra):
     return cli("train", "--resume", "tiny", "--runs-dir", runs, "--quiet", *extra)
 
 
+def start_over(refused, runs: Path) -> None:
+    """Run the command that a refusal to resume gives for training the run again (``train`` with the
+    run's recipe and --force, as --resume refuses --force), and check that it completes the run."""
+    command = " ".join(refused.output.split()).split(" with: ")[-1]
+    args = shlex.split(command)
+    assert args[:2] == ["adamshap", "train"] and "--resume" not in args, command
+    assert args[2:] == [
+        str(runs / "tiny" / "recipe.yaml"),
+        "--name",
+        "tiny",
+        "--force",
+        "--runs-dir",
+        str(runs),
+    ]
+    again = cli(*args[1:], "--quiet")
+    assert again.exit_code == 0, again.output
+    assert json.loads((runs / "tiny" / "metrics.json").read_text())["status"] == "complete"
+
+
 def test_resume_after_ctrl_c_in_process(stopped, tmp_path):
     res = resume(stopped)
     assert res.exit_code == 0, res.output
@@ -330,7 +350,8 @@ def test_resume_refuses_a_complete_run(tmp_path):
 def test_resume_refuses_a_run_without_checkpoint(stopped):
     os.unlink(stopped / "tiny" / CHECKPOINT_FILE)
     res = resume(stopped)
-    assert res.exit_code == 2 and "has no checkpoint" in res.output and "--force" in res.output
+    assert res.exit_code == 2 and "has no checkpoint" in res.output
+    start_over(res, stopped)
 
 
 def test_resume_refuses_recipe_options(stopped, tmp_path):
@@ -347,6 +368,8 @@ def test_resume_refuses_an_edited_recipe(stopped):
     res = resume(stopped)
     assert res.exit_code == 2 and "different recipe" in res.output, res.output
     assert json.loads((stopped / "tiny" / "metrics.json").read_text())["status"] == "incomplete"
+    start_over(res, stopped)  # with the edited recipe
+    assert "lr: 0.02" in p.read_text()
 
 
 def test_resume_refuses_changed_training_data(tmp_path):
@@ -409,6 +432,7 @@ def test_resume_refuses_a_damaged_checkpoint(stopped, damage, says):
     res = resume(stopped)
     assert res.exit_code == 2 and says in " ".join(res.output.split()) and "Traceback" not in res.output
     assert json.loads((stopped / "tiny" / "metrics.json").read_text())["status"] == "incomplete"
+    start_over(res, stopped)
 
 
 def test_resume_refuses_while_another_process_writes_the_run(stopped):
@@ -500,3 +524,17 @@ def test_tables_that_do_not_fit_leave_the_run_resumable_and_say_how(tmp_path, mo
     assert metrics["status"] == "incomplete" and "No space left" in metrics["error"]
     assert resume(runs).exit_code == 0
     assert_same_run(runs / "tiny", tmp_path / "reference" / "tiny")
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_says_how_to_train_it_again(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    recipe = write_recipe(tmp_path, tiny(train={"epochs": 2, "checkpoint_every": 0}))
+
+    def no_space(self, path, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(pd.DataFrame, "to_parquet", no_space)
+        res = cli("train", recipe, "--quiet", "--runs-dir", runs)
+    assert res.exit_code == 2 and "no checkpoint was written yet" in res.output, res.output
+    start_over(res, runs)
