@@ -413,7 +413,11 @@ def list_runs(root: str | Path) -> list[RunFolder]:
     runs = [RunFolder(p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and _is_run(p)]
 
     def key(r: RunFolder):
-        return (r.text_field("created") or "", r.path.stat().st_mtime)
+        # created is to the second; within one, the recipe written when the run started tells (the
+        # folder's own time would not: compare or prune writing into an older run moves it)
+        recipe = r.path / "recipe.yaml"
+        started = (recipe if recipe.is_file() else r.path).stat().st_mtime_ns
+        return (r.text_field("created") or "", started)
 
     return sorted(runs, key=key)
 

@@ -176,3 +176,15 @@ def test_a_metrics_file_with_fields_of_other_types_is_listed_as_unknown(tmp_path
 def test_a_run_folder_that_cannot_be_made_is_a_clear_error():
     with pytest.raises(UserError, match="cannot create the run folder /proc/self/demo"):
         runio.create_run_dir("/proc/self", "demo")
+
+
+def test_runs_started_within_one_second_are_ordered_by_their_start_not_by_later_writes(tmp_path):
+    """``created`` is to the second: the recipe written at the start orders two runs of one second,
+    and results written into the older one later (compare, prune) do not make it the latest."""
+    for name, started in (("older", 1_000), ("newer", 2_000)):
+        f = runio.RunFolder(runio.create_run_dir(tmp_path, name))
+        f.write_metrics({"status": "complete", "created": "2030-01-01T00:00:00"})
+        (f.path / "recipe.yaml").write_text("name: x\n")
+        os.utime(f.path / "recipe.yaml", ns=(started, started))
+    (tmp_path / "older" / "compare.json").write_text("{}")  # the older folder changes last
+    assert [r.name for r in runio.list_runs(tmp_path)] == ["older", "newer"]
