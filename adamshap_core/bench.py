@@ -125,10 +125,14 @@ def plan(
     if val_batch is not None:
         overrides.append(f"attribution.val_batch={val_batch}")
     recipe_path = _found(recipe_path)
-    recipe = load_recipe(recipe_path, overrides)
-    methods = list(check_methods(methods or recipe.attribution.methods))
-    spec = BenchSpec(recipe.to_dict(), steps, warmup, methods, fast, threads)
-    session = Session.build(spec, "attribution", fast=fast)  # bad input surfaces here, in the parent
+    given = {"--batch-size": batch_size, "--val-batch": val_batch}
+    try:
+        recipe = load_recipe(recipe_path, overrides)
+        methods = list(check_methods(methods or recipe.attribution.methods))
+        spec = BenchSpec(recipe.to_dict(), steps, warmup, methods, fast, threads)
+        session = Session.build(spec, "attribution", fast=fast)  # bad input surfaces here, in the parent
+    except UserError as e:
+        raise UserError(_naming_options(str(e), given)) from None
     session.close()
     n_train = session.prep.data.n_train
     if n_train < recipe.train.batch_size:
@@ -147,6 +151,18 @@ def plan(
         _out_folder(out, runs_dir, recipe.name),
         profile,
     )
+
+
+# the recipe fields bench's own options set, so that an error about one names the option too
+OPTION_FIELDS = {"--batch-size": "train.batch_size", "--val-batch": "attribution.val_batch"}
+
+
+def _naming_options(message: str, given: dict[str, int | None]) -> str:
+    """``message``, and which of the options ``given`` set a field it names."""
+    for option, name in OPTION_FIELDS.items():
+        if given.get(option) is not None and f"`{name}`" in message:
+            message += f" ({option} sets `{name}` here.)"
+    return message
 
 
 def _found(recipe_path: str | Path) -> str | Path:

@@ -146,7 +146,7 @@ def test_the_default_recipe_is_found_from_another_folder(tmp_path, monkeypatch):
         (["--steps", "0"], "--steps is 0"),
         (["--methods", "adam,newton"], "unknown method"),
         (["--batch-size", "500"], "larger than the training split"),
-        (["--val-batch", "500"], "`attribution.val_batch` (500)"),  # the recipe field --val-batch sets
+        (["--val-batch", "500"], "(--val-batch sets `attribution.val_batch` here.)"),
         (["--device", "tpu"], "--device"),
         pytest.param(
             ["--device", "cuda"],
