@@ -37,7 +37,7 @@ import pandas as pd
 from .checkpoint import check_same_data
 from .errors import UserError
 from .recipe import METHOD_NAMES, Recipe
-from .runio import RunFolder, atomic_write
+from .runio import RunFolder, atomic_write, name_the_file
 from .schema import value_column
 
 if TYPE_CHECKING:
@@ -382,7 +382,7 @@ class Journal:
         try:
             self._append(json.dumps({"key": key, "row": row}) + "\n")
         except OSError as e:
-            e.filename = e.filename or str(self.path)  # a full disk's error names no file of itself
+            name_the_file(e, self.path)
             raise
 
     def _append(self, line: str) -> None:

@@ -66,11 +66,19 @@ def atomic_write(path: str | Path, write) -> Path:
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        # (only an error made with an errno prints its file name)
-        if isinstance(e, OSError) and e.errno is not None and str(e.filename or tmp) == tmp:
-            e.filename = str(path)  # not the temp file's name either
+        name_the_file(e, path, stand_in=tmp)  # not the temp file's name either
         raise
     return path
+
+
+def name_the_file(error: BaseException, path: str | Path, stand_in: str | None = None) -> None:
+    """Give a file system error that names no file (a full disk's), or only ``stand_in`` (a temp file
+    of ours), the name of ``path``, so that the message the user reads says which file could not be
+    written. (Only an error made with an errno prints its file name.)"""
+    if not isinstance(error, OSError) or error.errno is None:
+        return
+    if not error.filename or str(error.filename) == stand_in:
+        error.filename = str(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
