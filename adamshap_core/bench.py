@@ -128,6 +128,11 @@ def plan(
     given = {"--batch-size": batch_size, "--val-batch": val_batch}
     try:
         recipe = load_recipe(recipe_path, overrides)
+        if not recipe.attribution.enabled:  # bench times attribution against plain training
+            raise UserError(
+                f"{recipe_path}: `attribution.enabled` is false; bench times attribution against plain "
+                "training, so expected true (drop the override, or the key from the recipe)."
+            )
         methods = list(check_methods(methods or recipe.attribution.methods))
         spec = BenchSpec(recipe.to_dict(), steps, warmup, methods, fast, threads)
         session = Session.build(spec, "attribution", fast=fast)  # bad input surfaces here, in the parent

@@ -86,10 +86,15 @@ def _size(v: Any, field: str) -> int | float:
     raise ValueError("expected a count (int >= 1) or a fraction in (0, 1)")
 
 
+MAX_FACTS = 100_000
+
+
 class FactsCfg(_Strict):
     """The generator of ``builtin:facts`` (see ``data/facts.py``)."""
 
-    n_facts: Int = Field(100, ge=2)  # training texts, one invented entity each
+    # training texts, one invented entity each; 100,000 take some 10 s to generate (and 400,000
+    # queries), and a bound keeps a typo from generating for minutes before training starts
+    n_facts: Int = Field(100, ge=2, le=MAX_FACTS)
     seed: Seed = 0  # the generator seed: same seed and size, same corpus and queries
 
 

@@ -81,6 +81,17 @@ def name_the_file(error: BaseException, path: str | Path, stand_in: str | None =
         error.filename = str(path)
 
 
+def replaced_note(path: str | Path, what: str) -> str:
+    """Said after writing ``path``, so that results are not replaced silently: "" where there was
+    no such file, else " (replacing the earlier {what} of 2026-11-30 04:20:07)". Call it before
+    writing."""
+    try:
+        written = datetime.fromtimestamp(Path(path).stat().st_mtime)
+    except OSError:
+        return ""
+    return f" (replacing the earlier {what} of {written:%Y-%m-%d %H:%M:%S})"
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     def w(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
@@ -190,8 +201,17 @@ def create_run_dir(root: str | Path, name: str, *, force: bool = False) -> Path:
         except FileExistsError:
             raise UserError(f"run {name!r} was created by another process meanwhile; try again.") from None
         finally:
-            shutil.rmtree(aside, ignore_errors=True)
+            _remove(aside)
     return path
+
+
+def _remove(old_run: Path) -> None:
+    """Delete a run moved aside; where the run was a symbolic link, the link alone (the folder it
+    points to is not inside the runs folder, so not this command's to delete)."""
+    if old_run.is_symlink():
+        old_run.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(old_run, ignore_errors=True)
 
 
 def _check_removable(run: Path) -> None:

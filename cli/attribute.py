@@ -79,6 +79,7 @@ def attribute(
                 f"{', '.join(plan.valued) or 'no value method'}"
             )
         result = _run_with_progress(plan, quiet)
+        earlier = runio.replaced_note(plan.folder.file("attribution.json"), "attribution's results")
         paths = at.write_outputs(plan, result)
         _print_unknown_words(result)
         n_show = (
@@ -93,6 +94,7 @@ def attribute(
         _print_replay(result)
         console.print(
             f"wrote [bold]{escape(str(paths['values']))}[/] and {len(paths) - 1} more file(s) beside it"
+            + escape(earlier)
         )
 
 

@@ -79,9 +79,10 @@ def compare(
             # stopping a bar that never started prints an empty line
             if progress is not None and task is not None:
                 progress.stop()
+        earlier = runio.replaced_note(folder.file("compare.json"), "compare's results")  # written last
         written = write_outputs(folder, result)
         print_report(result)
-        console.print(f"wrote {', '.join(written)} to [bold]{escape(str(folder.path))}[/]")
+        console.print(f"wrote {', '.join(written)} to [bold]{escape(str(folder.path))}[/]{escape(earlier)}")
 
 
 def print_report(result) -> None:

@@ -83,11 +83,15 @@ def prune(
                 soft_wrap=True,
             )
             raise typer.Exit(130) from None
+        what = f"prune's results for --remove {plan.direction}"
+        earlier = runio.replaced_note(pr.plot_path(folder, plan.direction), what)  # the plot: this direction's
         table_path, png_path = pr.write_outputs(folder, df, plan.direction)
         journal.remove()
         console.print(pruning_table(pr.summarise(df), plan))
         console.print(table_notes(plan), highlight=False)
-        console.print(f"wrote [bold]{escape(str(table_path))}[/] and [bold]{escape(str(png_path))}[/]")
+        console.print(
+            f"wrote [bold]{escape(str(table_path))}[/] and [bold]{escape(str(png_path))}[/]{escape(earlier)}"
+        )
 
 
 def parse_fracs(items: list[str]) -> list[float]:

@@ -303,3 +303,11 @@ def test_the_default_chunk_keeps_one_replays_matrices_within_the_budget(runs, mo
     monkeypatch.setattr(at, "M_BUDGET", 1)
     assert at.plan(folder).chunk == 1
     assert at.plan(folder, chunk=5).chunk == 5
+
+
+def test_attribute_says_when_it_replaces_an_earlier_attributes_results(runs):
+    args = ("--run", "corpus", "--query", "owls at night", "--methods", "bm25", "--show", "0")
+    assert attribute(runs, *args).exit_code == 0
+    res = attribute(runs, *args)
+    assert res.exit_code == 0, res.output
+    assert "(replacing the earlier attribution's results of 20" in " ".join(res.stdout.split())

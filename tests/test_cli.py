@@ -286,6 +286,19 @@ def test_train_refuses_an_empty_name_and_force_never_replaces_a_folder_that_is_n
     assert (runs / "bench" / "notes.txt").read_text() == "precious"
 
 
+def test_force_on_a_run_that_is_a_link_replaces_the_link_and_leaves_its_folder(tmp_path, runs):
+    recipe = write_recipe(tmp_path, TINY)
+    elsewhere = tmp_path / "elsewhere"
+    assert cli("train", recipe, "--name", "kept", "--runs-dir", elsewhere, "-q").exit_code == 0
+    runs.mkdir(parents=True)
+    (runs / "linked").symlink_to(elsewhere / "kept")
+    res = cli("train", recipe, "--name", "linked", "--force", "-q")
+    assert res.exit_code == 0, res.output
+    assert (runs / "linked").is_dir() and not (runs / "linked").is_symlink()
+    assert [p.name for p in runs.iterdir()] == ["linked"]  # nothing left beside it
+    assert (elsewhere / "kept" / "values.parquet").is_file()
+
+
 @pytest.mark.parametrize("command", ["train", "runs", "attribute", "prune", "bench", "compare"])
 def test_help_reflows_each_paragraph_and_keeps_every_word(command, monkeypatch):
     """A command's description is reflowed to the terminal (not broken where the docstring's lines

@@ -207,6 +207,7 @@ def test_one_pair_a_step_leaves_the_cumulative_standard_error_unknown_not_zero(r
 def test_no_cumulative_and_a_step_list(run):
     res = cli("compare", "--permutations", "2", "--steps", "2,5", "--no-cumulative", "-q")
     assert res.exit_code == 0, res.output
+    assert "replacing" not in res.stdout
     table = pd.read_parquet(run / "compare.parquet")
     truth_rows = table[table.ground_truth.isin(["shapley", "loo"])]
     assert sorted(truth_rows.scope.unique()) == ["2", "5"]
@@ -216,6 +217,7 @@ def test_no_cumulative_and_a_step_list(run):
     res = cli("compare", "--permutations", "2", "--steps", "2", "--no-cumulative", "-q")
     assert res.exit_code == 0, res.output
     assert not (run / "compare_pearson.png").exists()  # one step draws none: the last compare's is gone
+    assert "(replacing the earlier compare's results of 20" in " ".join(res.stdout.split())  # not silently
 
 
 def assert_refused(res, *words):

@@ -200,6 +200,7 @@ def test_prune_high_keeps_the_low_rows_and_defaults_to_the_latest_run(tmp_path):
         "prune", "--frac", "0.3", "--by", "adam", "--seeds", "1", "--remove", "high", "--runs-dir", runs, "-q"
     )
     assert res.exit_code == 0, res.output
+    assert "replacing" not in res.stdout  # the high direction's first results
     assert not (run / "pruning.parquet").exists()
     df = pd.read_parquet(latest / "pruning.parquet")
     assert sorted(df.groupby("direction").size().items()) == [("high", 2), ("low", 2)]
@@ -207,6 +208,8 @@ def test_prune_high_keeps_the_low_rows_and_defaults_to_the_latest_run(tmp_path):
     high = df[(df["method"] == "adam") & (df["direction"] == "high")].iloc[0]
     assert low["n_kept"] == high["n_kept"]
     assert (latest / "pruning-high.png").is_file()
+    res = cli("prune", "--frac", "0.5", "--by", "adam", "--seeds", "1", "--runs-dir", runs)
+    assert "(replacing the earlier prune's results for --remove low of 20" in " ".join(res.stdout.split())
 
 
 def test_a_stopped_prune_keeps_its_retrains_and_the_same_command_continues(tmp_path, monkeypatch):
