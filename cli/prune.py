@@ -84,7 +84,7 @@ def prune(
             )
             raise typer.Exit(130) from None
         what = f"prune's results for --remove {plan.direction}"
-        earlier = runio.replaced_note(pr.plot_path(folder, plan.direction), what)  # the plot: this direction's
+        earlier = runio.replaced_note(pr.plot_path(folder, plan.direction), what)  # this direction's plot
         table_path, png_path = pr.write_outputs(folder, df, plan.direction)
         journal.remove()
         console.print(pruning_table(pr.summarise(df), plan))

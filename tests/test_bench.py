@@ -158,7 +158,18 @@ def test_the_default_recipe_is_found_from_another_folder(tmp_path, monkeypatch):
         (["--set", "model.hidden=[0]"], "model.hidden"),
         (["--set", "attribution.enabled=false"], "`attribution.enabled` is false"),
     ],
-    ids=["steps", "method", "batch", "val-batch", "device", "no-cuda", "batch-0", "threads-0", "set", "disabled"],
+    ids=[
+        "steps",
+        "method",
+        "batch",
+        "val-batch",
+        "device",
+        "no-cuda",
+        "batch-0",
+        "threads-0",
+        "set",
+        "disabled",
+    ],
 )
 def test_bad_options_exit_2_and_write_nothing(tmp_path, runs, args, expected):
     recipe = write_recipe(tmp_path, TINY)

@@ -219,7 +219,11 @@ def test_text_source_paths_resolve_against_the_recipe_folder(tmp_path):
             "multiple of `model.n_head`",
         ),
         ({"source": "builtin:facts", "facts": {"n_facts": 1}}, {"kind": "gpt"}, "data.facts.n_facts"),
-        ({"source": "builtin:facts", "facts": {"n_facts": 10**9}}, {"kind": "gpt"}, "less than or equal to 100000"),
+        (
+            {"source": "builtin:facts", "facts": {"n_facts": 10**9}},
+            {"kind": "gpt"},
+            "less than or equal to 100000",
+        ),
     ],
 )
 def test_bad_text_recipes_name_the_field(data, model, fragment):
