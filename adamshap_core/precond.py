@@ -358,9 +358,15 @@ class OptimizerView:
             raise UserError(
                 f"optimizer {type(optimizer).__name__} is not supported: use torch.optim.Adam, AdamW or SGD"
             )
-        for i, group in enumerate(optimizer.param_groups):
-            _check_group(self.kind, i, group)
+        self.check()
         self.workspace = Workspace()  # flattened state and the rules' scratch, reused every step
+
+    def check(self) -> None:
+        """Refuse settings the rules do not model (maximize, amsgrad, eps <= 0): up front, and before
+        every step, since a group's keys can change on the way (set by hand, or by a loaded
+        state dict)."""
+        for i, group in enumerate(self.optimizer.param_groups):
+            _check_group(self.kind, i, group)
 
     def segments(self, layout: Sequence[torch.Tensor]) -> list[Segment]:
         """The optimizer's step for the parameters of ``layout``, flattened in that order.

@@ -243,6 +243,7 @@ class InRunShapley:
             raise ValueError("the training batch is empty: expected at least one row")
         check_rows(inputs, targets, "the training batch")
         _refuse(self._watch.problem() or coupling_problem(self._norms))
+        self.view.check()
         if recheck_due(self._steps + 1, self._rows_checked):
             problem = coverage_problem(self.engine, self.model, self.loss_fn, inputs, targets)
             _refuse(problem and f"{problem}; found at step {self._steps + 1}, on rows of its training batch")

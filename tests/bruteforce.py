@@ -75,6 +75,8 @@ def reference_values(
         lr = float(group["lr"])
         for p in group["params"]:
             n = names[id(p)]
+            if n not in G:  # frozen: no gradient, and the optimizer skips it
+                continue
             gi, gv = G[n], V[n]  # [B, ...], [Q, ...]
             P = {"sgd": torch.ones_like(p)}
             if isinstance(optimizer, torch.optim.SGD):

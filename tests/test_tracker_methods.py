@@ -47,10 +47,14 @@ def run_and_check(
     split_groups=False,
     fuse_validation=False,
     methods=METHODS,
+    model=None,
+    freeze_at=None,
 ):
+    """``freeze_at``: the step before which the model's first parameter is frozen (requires_grad
+    False), as a user freezing part of a model part-way through training does."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    model = case.model()
+    model = case.model() if model is None else model
     params = list(model.parameters())
     if split_groups:  # per-group hyperparameters
         opt = make_opt([{"params": params[:2]}, {"params": params[2:], "lr": 3e-3, "betas": (0.5, 0.9)}])
@@ -69,7 +73,9 @@ def run_and_check(
         per_target=per_target,
         fuse_validation=fuse_validation,
     )
-    for _ in range(steps):
+    for step in range(1, steps + 1):
+        if step == freeze_at:
+            next(model.parameters()).requires_grad_(False)
         x, y = case.data(batch, gen)
         want = reference_values(
             model, opt, case.loss, x, y, vx, vy, max_grad_norm=max_grad_norm, per_target=per_target
@@ -110,10 +116,11 @@ class Guarded(torch.nn.Module):
         return self.net(x)
 
 
-def test_per_target_values_of_a_model_vmap_cannot_batch(float64):
+@pytest.mark.parametrize("freeze", [False, True], ids=["", "a-layer-frozen-at-step-2"])
+def test_per_target_values_of_a_model_vmap_cannot_batch(freeze, float64):
     """Each validation row's gradient then takes a backward pass of its own, and the values equal
     those of the same model without the guard (whose ∇val vmap batches; checked against brute force
-    above)."""
+    above, also with a layer frozen part-way)."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     guarded = Guarded()
@@ -125,13 +132,28 @@ def test_per_target_values_of_a_model_vmap_cannot_batch(float64):
         )
         for m in (guarded, plain)
     ]
-    for _ in range(3):
+    for step in range(1, 4):
+        if freeze and step == 2:
+            for m in (guarded.net, plain):
+                next(m.parameters()).requires_grad_(False)
         x, y = CASES[0].data(5, gen)
         got, want = (t.step(x, y) for t in trackers)
         for m in METHODS:
             assert got.values[m].shape == (5, 3)
             assert rel_err(got.values[m], want.values[m]) <= 1e-12, m
     assert trackers[0].engine._row_by_row and not trackers[1].engine._row_by_row
+
+
+@pytest.mark.parametrize("case", CASES[:1] + CASES[-1:], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "per_target, fuse",
+    [(False, False), (True, False), (False, True)],
+    ids=["separate", "per-target", "fused"],
+)
+def test_a_parameter_frozen_part_way_through_training_gets_no_value(case, per_target, fuse, float64):
+    """Freezing a layer after the tracker was built (a backbone after warm-up) leaves it without a
+    gradient, which the optimizer skips; the values are the other parameters' alone."""
+    run_and_check(case, OPTIMIZERS["adamw"], freeze_at=3, per_target=per_target, fuse_validation=fuse)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -236,6 +258,18 @@ def test_scheduler_and_param_groups(float64):
 @pytest.mark.parametrize("opt", ["adam-l2", "adamw", "sgd-nesterov"])
 @pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
 def test_training_with_attribution_updates_parameters_exactly_as_plain(case, opt, fuse, float64):
+    assert_trains_as_plain(case, opt, fuse)
+
+
+@pytest.mark.parametrize("case", CASES[:1] + CASES[-1:], ids=lambda c: c.name)
+@pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
+def test_a_layer_frozen_part_way_trains_as_plain(case, fuse, float64):
+    assert_trains_as_plain(case, "adamw", fuse, freeze_at=3)
+
+
+def assert_trains_as_plain(case, opt, fuse, freeze_at=None):
+    """Six valued steps and six plain ones, side by side, end with the same parameters.
+    ``freeze_at``: the step before which both models' first parameter is frozen."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model_a = case.model()
@@ -245,7 +279,10 @@ def test_training_with_attribution_updates_parameters_exactly_as_plain(case, opt
     tracker = InRunShapley(
         model_a, opt_a, case.loss, vx, vy, METHODS, max_grad_norm=0.5, fuse_validation=fuse
     )
-    for _ in range(6):
+    for step in range(1, 7):
+        if step == freeze_at:
+            for m in (model_a, model_b):
+                next(m.parameters()).requires_grad_(False)
         x, y = case.data(5, gen)
         tracker.step(x, y)
         # the plain step a user would write
@@ -331,6 +368,24 @@ def test_unsupported_optimizers_are_clear_errors(make, match):
     x, y = case.data(3, torch.Generator().manual_seed(0))
     with pytest.raises(UserError, match=match):
         InRunShapley(model, make(model.parameters()), case.loss, x, y)
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [("maximize", True, "maximize"), ("amsgrad", True, "amsgrad"), ("eps", 0.0, "eps must be > 0")],
+)
+def test_an_unsupported_setting_switched_on_later_is_refused_before_the_step(key, value, match):
+    case = CASES[0]
+    model = case.model()
+    opt = torch.optim.Adam(model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    tracker = InRunShapley(model, opt, case.loss, *case.data(3, gen))
+    tracker.step(*case.data(4, gen))
+    opt.param_groups[0][key] = value  # by hand, or from a loaded state dict
+    weights = [p.clone() for p in model.parameters()]
+    with pytest.raises(UserError, match=match):
+        tracker.step(*case.data(4, gen))
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
 
 
 def test_an_optimizer_over_another_model_is_a_clear_error():

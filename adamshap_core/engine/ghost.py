@@ -214,9 +214,17 @@ class GhostEngine:
             if per_target:
                 return self._per_target_gradients(loss_fn, inputs, targets)
             loss = loss_fn(self.model(inputs), targets).mean()
-            grads = torch.autograd.grad(loss, self.parameters, allow_unused=True)
-            by_id = {id(p): g for p, g in zip(self.parameters, grads, strict=True)}
-            return self.flatten_by_id(by_id, rows=1).detach(), float(loss.detach())
+            return self.flatten_by_id(self._gradients_by_id(loss), rows=1).detach(), float(loss.detach())
+
+    def _gradients_by_id(self, loss: torch.Tensor) -> dict[int, torch.Tensor | None]:
+        """id(param) → ∇ of ``loss``, for the layout's parameters that still require gradients. One
+        frozen after the engine was built has none (``flatten_by_id`` gives it zeros), as in plain
+        training, where the optimizer then skips it."""
+        live = [p for p in self.parameters if p.requires_grad]
+        if not live or not loss.requires_grad:
+            return {}
+        grads = torch.autograd.grad(loss, live, allow_unused=True)
+        return {id(p): g for p, g in zip(live, grads, strict=True)}
 
     def _per_target_gradients(self, loss_fn, inputs, targets):
         rows = n_rows(targets)
@@ -258,9 +266,7 @@ class GhostEngine:
         for r in range(rows):
             row = torch.tensor([r], device=device)
             loss = loss_fn(self.model(pick_rows(inputs, row)), pick_rows(targets, row)).mean()
-            grads_r = torch.autograd.grad(loss, self.parameters, allow_unused=True)
-            by_id = {id(p): g for p, g in zip(self.parameters, grads_r, strict=True)}
-            grads.append(self.flatten_by_id(by_id, rows=1).detach())
+            grads.append(self.flatten_by_id(self._gradients_by_id(loss), rows=1).detach())
             losses.append(loss.detach())
         return torch.cat(grads), float(torch.stack(losses).mean())
 
