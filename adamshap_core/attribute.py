@@ -490,10 +490,12 @@ class Plan:
 
 
 def check_attribution_methods(methods: Sequence[str] | None) -> list[str]:
-    """The requested methods (default: all), validated, each once."""
-    names = list(dict.fromkeys(methods or ()))
-    if not names:
+    """The requested methods (None: all), validated, each once."""
+    if methods is None:
         return list(ALL_METHODS)
+    names = list(dict.fromkeys(methods))
+    if not names:
+        raise UserError(f"--methods names no method; expected some of {', '.join(ALL_METHODS)}.")
     unknown = [m for m in names if m not in ALL_METHODS]
     if unknown:
         raise UserError(f"--methods: unknown method(s) {unknown}; expected some of {', '.join(ALL_METHODS)}.")

@@ -133,7 +133,7 @@ def plan(
                 f"{recipe_path}: `attribution.enabled` is false; bench times attribution against plain "
                 "training, so expected true (drop the override, or the key from the recipe)."
             )
-        methods = list(check_methods(methods or recipe.attribution.methods))
+        methods = list(check_methods(recipe.attribution.methods if methods is None else methods))
         spec = BenchSpec(recipe.to_dict(), steps, warmup, methods, fast, threads)
         session = Session.build(spec, "attribution", fast=fast)  # bad input surfaces here, in the parent
     except UserError as e:
@@ -179,7 +179,7 @@ def _found(recipe_path: str | Path) -> str | Path:
 
 
 def _out_folder(out: str | Path | None, runs_dir: str | Path | None, recipe_name: str) -> Path:
-    from .runio import runs_root
+    from .runio import bench_folder, runs_root
 
     if out is not None:
         out = Path(out)
@@ -187,7 +187,7 @@ def _out_folder(out: str | Path | None, runs_dir: str | Path | None, recipe_name
             raise UserError(f"--out {out} is a file; expected a folder (bench.parquet is written into it).")
         return out
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return runs_root(runs_dir) / "bench" / f"{recipe_name}-{stamp}"
+    return bench_folder(runs_root(runs_dir)) / f"{recipe_name}-{stamp}"
 
 
 # ---- one process: build a recipe's training and time it in one mode ---------------------------

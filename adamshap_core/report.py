@@ -48,7 +48,7 @@ def new_table(title: str, first: str, columns: Sequence[str], caption: str | Non
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     table.add_column(first, justify="left")
     for c in columns:
-        table.add_column(c, justify="right")
+        table.add_column(c, justify="right", overflow="fold")
     return table
 
 

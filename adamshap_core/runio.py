@@ -134,6 +134,10 @@ def runs_root(runs_dir: str | Path | None = None) -> Path:
 
 def _root_and_source(runs_dir: str | Path | None) -> tuple[Path, str]:
     """The runs folder and what named it, in the order of precedence."""
+    if runs_dir is not None and not str(runs_dir).strip():
+        raise UserError(
+            "--runs-dir is empty; expected a folder (or leave it out: $ADAMSHAP_RUNS, else ./runs)."
+        )
     if runs_dir:
         return Path(runs_dir), "--runs-dir"
     env = os.environ.get("ADAMSHAP_RUNS")
@@ -160,10 +164,31 @@ def restart_command(run_path: Path) -> str:
     return f"adamshap train {recipe} --name {shlex.quote(run_path.name)} --force{runs_dir_option(run_path)}"
 
 
+# the folder under the runs folder where ``adamshap bench`` keeps its results: no run may take its name
+BENCH_FOLDER = "bench"
+
+
 def check_run_name(name: str) -> str:
     if not RUN_NAME.match(name or ""):
         raise UserError(f"run name {name!r} is not allowed; expected {RUN_NAME_RULE}.")
+    if name == BENCH_FOLDER:
+        raise UserError(
+            f"run name {name!r} is taken by `adamshap bench`, which keeps its results in the runs folder's "
+            f"{BENCH_FOLDER}/; expected another name (--name)."
+        )
     return name
+
+
+def bench_folder(root: Path) -> Path:
+    """``root/bench``, refused where a run has the folder (one named so before the name was taken):
+    its results would go inside the run, and replacing the run would delete them."""
+    folder = root / BENCH_FOLDER
+    if folder.is_dir() and _is_run(folder):
+        raise UserError(
+            f"{folder} is a run's folder, where bench keeps its results; expected --out FOLDER, or move the "
+            "run away."
+        )
+    return folder
 
 
 def create_run_dir(root: str | Path, name: str, *, force: bool = False) -> Path:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 from rich.console import JustifyMethod
 from rich.markup import escape
 from rich.progress import TextColumn
 from rich.table import Table
 
-from .common import console, counted, err_console, progress_bar, split_list, user_errors
+from .common import RUNS_DIR, console, counted, err_console, progress_bar, split_list, user_errors
 
 SHOW_ALL_UP_TO = 10  # by default, print every query's top texts when there are at most this many
 SHOW_OTHERWISE = 4  # ... else the first four (for builtin:facts: one fact at every level)
@@ -51,7 +49,7 @@ def attribute(
         help="queries valued per replay of the run (default: 256, fewer where their matrices M would "
         "pass 1 GiB)",
     ),
-    runs_dir: Path = typer.Option(None, "--runs-dir", help="runs folder (default: $ADAMSHAP_RUNS or ./runs)"),
+    runs_dir: str = RUNS_DIR,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Replay a language-model run with the queries as validation targets and rank its training texts.
@@ -68,7 +66,7 @@ def attribute(
             folder,
             texts=query or None,
             queries_file=queries,
-            methods=split_list(methods),
+            methods=None if methods is None else split_list(methods),
             chunk=chunk,
             score=score,
         )
@@ -153,7 +151,7 @@ def benchmark_table(bench) -> Table:
         ("recall@10", "right"),
     ]
     for col, just in columns:
-        table.add_column(col, justify=just)
+        table.add_column(col, justify=just, overflow="fold")  # a number too wide wraps, never loses its end
     best = bench[bench["method"] != "random"].groupby("level")["mean_rank"].min()
     previous = None
     for _, row in bench.iterrows():

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from adamshap_core.errors import UserError
 
-from .common import console, err_console, fit_columns, progress_bar, split_list, user_errors
+from .common import RUNS_DIR, console, err_console, fit_columns, progress_bar, split_list, user_errors
 
 SUMMARY_OPTIONS = {"summary", "quiet", "recipe"}  # the options --summary reads (RECIPE: said apart)
 
@@ -60,7 +60,7 @@ def bench(
     out: Path = typer.Option(
         None, "--out", help="folder for bench.parquet and bench.json (default: runs/bench/NAME-TIME)"
     ),
-    runs_dir: Path = typer.Option(None, "--runs-dir", help="runs folder (default: $ADAMSHAP_RUNS or ./runs)"),
+    runs_dir: str = RUNS_DIR,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     summary: Path = typer.Option(
         None,
@@ -92,7 +92,7 @@ def bench(
         recipe or bm.DEFAULT_RECIPE,
         steps=steps,
         warmup=warmup,
-        methods=split_list(methods) or None,
+        methods=None if methods is None else split_list(methods),
         repeats=repeats,
         device=device,
         batch_size=batch_size,
@@ -107,11 +107,10 @@ def bench(
     if not quiet:
         err_console.print(f"[bold]bench[/] {escape(describe(plan))}", highlight=False)
     result = _run_with_progress(plan, quiet)
-    profile_text = None
-    if result.profile is not None:
-        profile_text = render_profile(result.profile)
+    profile_text = None if result.profile is None else render_profile(result.profile)
+    paths = bm.write(plan, result, profile_text)  # before any output: a reader that stops early loses nothing
+    if profile_text is not None:
         console.print(profile_text, highlight=False, markup=False, soft_wrap=True)
-    paths = bm.write(plan, result, profile_text)
     console.print(results_table(plan, result))
     for line in fidelity_lines(result):
         console.print(line, highlight=False, soft_wrap=True)
@@ -168,7 +167,7 @@ def results_table(plan, result) -> Table:
     unit = "RSS" if plan.device == "cpu" else "alloc."
     table = Table(title=escape(describe(plan)), title_justify="left")
     for col in ("mode", "examples/s", "range", "ms/step", f"peak {unit} MB", "+MB"):
-        table.add_column(col, justify="left" if col == "mode" else "right")
+        table.add_column(col, justify="left" if col == "mode" else "right", overflow="fold")
     for key in frame["key"].unique():  # in the order measured
         rows = frame[frame["key"] == key]
         eps = rows["examples_per_s"]
@@ -342,11 +341,11 @@ def print_summary(folder: Path) -> None:
     # a row per bench reads (and pastes) best; where the terminal is too narrow for its thirteen columns,
     # a column per bench; where too narrow for either, the rows at their natural width
     table = fit_columns(by_row, console.width) or fit_columns(by_column, console.width)
+    path = runio.atomic_write_parquet(Path(folder) / "summary.parquet", frame)
     if table is None:
         Console(width=max(console.width, SUMMARY_WIDTH)).print(by_row)
     else:
         console.print(table)
-    path = runio.atomic_write_parquet(Path(folder) / "summary.parquet", frame)
     console.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)
 
 

@@ -20,6 +20,9 @@ from . import STOPPED
 # the file system's refusals that are the user's to fix (not a bug of the program): exit 2, not a traceback
 FILE_SYSTEM_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
+# every command's --runs-dir; text, not a Path, since typer reads "" as Path(".") and so as this folder
+RUNS_DIR = typer.Option(None, "--runs-dir", help="runs folder (default: $ADAMSHAP_RUNS or ./runs)")
+
 console = Console()  # results, on stdout
 err_console = Console(stderr=True)  # progress and errors
 
@@ -70,11 +73,16 @@ def file_system_problem(error: BaseException) -> str | None:
 
 
 def _fail(message: str):
+    error_line(message)
+    raise typer.Exit(code=2)
+
+
+def error_line(message: str) -> None:
+    """``error: message`` on stderr, as one paragraph."""
     message = " ".join(message.split())
     err_console.print(
         f"[bold red]error:[/] [red]{escape(message)}[/]", markup=True, highlight=False, soft_wrap=True
     )
-    raise typer.Exit(code=2)
 
 
 def progress_bar(label: str, *columns, remaining: bool = True):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import typer
 from rich.markup import escape
 
 from adamshap_core.compare_options import DEFAULT_CUMULATIVE_PERMUTATIONS, DEFAULT_PERMUTATIONS
 
-from .common import console, err_console, progress_bar, user_errors
+from .common import RUNS_DIR, console, err_console, progress_bar, user_errors
 
 
 @user_errors
@@ -41,7 +40,7 @@ def compare(
         help="Monte-Carlo permutations at each of the other steps, for the cumulative ground truth",
     ),
     seed: int = typer.Option(0, "--seed", help="seed of the permutations"),
-    runs_dir: Path = typer.Option(None, "--runs-dir", help="runs folder (default: $ADAMSHAP_RUNS or ./runs)"),
+    runs_dir: str = RUNS_DIR,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Compare every method with ground truth: exact LOO and Monte-Carlo Shapley of the real step.

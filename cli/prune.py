@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .common import console, err_console, progress_bar, split_list, user_errors
+from .common import RUNS_DIR, console, err_console, progress_bar, split_list, user_errors
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -41,7 +40,7 @@ def prune(
         help="low: remove the lowest-valued examples; high: remove the highest-valued ones (the sanity "
         "check that removing the most valuable data hurts most)",
     ),
-    runs_dir: Path = typer.Option(None, "--runs-dir", help="runs folder (default: $ADAMSHAP_RUNS or ./runs)"),
+    runs_dir: str = RUNS_DIR,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Prune the training set by value, retrain from scratch with the run's recipe, compare on the test split.
@@ -152,7 +151,9 @@ def pruning_table(summary: pd.DataFrame, plan) -> Table:
     for f in plan.fracs:
         # a cell is never broken inside "mean ± std"; the noisy share has a line of its own below it (a
         # column of its own per fraction would not leave three fractions room on an 80-column terminal)
-        table.add_column(f"{f:.0%} removed\n({n - n_to_remove(n, f)} kept)", justify="right", no_wrap=True)
+        table.add_column(
+            f"{f:.0%} removed\n({n - n_to_remove(n, f)} kept)", justify="right", no_wrap=True, overflow="fold"
+        )
     full = summary[summary["method"] == FULL].iloc[0]
     low = plan.direction == "low"
     shown = {FULL, *plan.methods} - {ORACLE} - (set() if low else {FULL})  # the ones highlighted

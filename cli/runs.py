@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import typer
 from rich.console import JustifyMethod
 from rich.markup import escape
 from rich.table import Table
 
-from .common import console, fit_columns, user_errors
+from .common import RUNS_DIR, console, fit_columns, user_errors
 
 
 @user_errors
 def runs(
-    runs_dir: Path = typer.Option(None, "--runs-dir", help="runs folder (default: $ADAMSHAP_RUNS or ./runs)"),
+    runs_dir: str = RUNS_DIR,
 ) -> None:
     """List runs: name, recipe, date, test accuracy, methods, status."""
     from adamshap_core import runio

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from adamshap_core.errors import UserError
 
-from .common import console, err_console, file_system_problem, progress_bar, user_errors
+from .common import RUNS_DIR, console, err_console, file_system_problem, progress_bar, user_errors
 
 
 @user_errors
@@ -27,7 +27,7 @@ def train(
         None, "--set", help="override a recipe field: --set optim.lr=3e-4 (repeatable)"
     ),
     force: bool = typer.Option(False, "--force", help="replace an existing run of the same name"),
-    runs_dir: Path = typer.Option(None, "--runs-dir", help="runs folder (default: $ADAMSHAP_RUNS or ./runs)"),
+    runs_dir: str = RUNS_DIR,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar, notes or opening line"),
     resume: str = typer.Option(
         None, "--resume", metavar="RUN", help="continue the stopped run RUN from its last checkpoint"
@@ -229,9 +229,9 @@ def print_summary(result, metrics: dict, path: Path, quiet: bool) -> None:
         k = min(5, len(ranked) // 2)  # the two lists never share a row, however small the set
         title = f"{m}: {k} highest and {k} lowest valued examples" if k else f"{m}: the valued example"
         table = Table(title=title, title_justify="left")
-        table.add_column("rank", justify="right")
-        table.add_column("example_id", justify="right")
-        table.add_column("value", justify="right")
+        table.add_column("rank", justify="right", overflow="fold")
+        table.add_column("example_id", justify="right", overflow="fold")
+        table.add_column("value", justify="right", overflow="fold")
         table.add_column(about, justify="right" if about == "label" else "left")
         if noisy:
             table.add_column("noisy")

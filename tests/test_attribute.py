@@ -155,6 +155,7 @@ def test_a_queries_file_with_ids_levels_and_sources(runs, tmp_path):
         (["--query", " ".join(["pet"] * 40)], "more than the model's context"),
         (["--methods", "adam,lasso"], "unknown method"),
         (["--methods", "random"], "--methods random alone ranks nothing"),
+        (["--methods", ""], "--methods names no method"),
         (["--run", "tab"], "needs a language-model run"),
         (["--run", "facts", "--queries", "missing.jsonl"], "does not exist"),
     ],

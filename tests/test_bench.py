@@ -145,6 +145,7 @@ def test_the_default_recipe_is_found_from_another_folder(tmp_path, monkeypatch):
     [
         (["--steps", "0"], "--steps is 0"),
         (["--methods", "adam,newton"], "unknown method"),
+        (["--methods", ""], "(none given)"),
         (["--batch-size", "500"], "larger than the training split"),
         (["--val-batch", "500"], "(--val-batch sets `attribution.val_batch` here.)"),
         (["--device", "tpu"], "--device"),
@@ -161,6 +162,7 @@ def test_the_default_recipe_is_found_from_another_folder(tmp_path, monkeypatch):
     ids=[
         "steps",
         "method",
+        "no-method",
         "batch",
         "val-batch",
         "device",

@@ -136,6 +136,23 @@ def test_missing_recipe_file_and_bad_option(tmp_path, runs):
     assert not runs.exists()
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--bogus"], "error: No such option: --bogus (see `adamshap train -h`)"),
+        (["prune"], "error: Missing option '--frac'. (see `adamshap prune -h`)"),
+        (["attribute", "--top", "0"], "error: Invalid value for '--top'"),
+        (["compare", "--permutations", "abc"], "error: Invalid value for '--permutations'"),
+        (["bogus"], "error: No such command 'bogus'. (see `adamshap -h`)"),
+    ],
+)
+def test_options_the_parser_refuses_get_the_same_error_line(args, message):
+    res = cli(*args)
+    assert res.exit_code == 2 and res.stdout == ""
+    assert " ".join(res.stderr.split()).startswith(message), res.stderr
+    assert "─" not in res.stderr and "Usage" not in res.stderr  # one paragraph, not a boxed panel
+
+
 def test_version_is_the_package_version():
     from importlib.metadata import version
 
@@ -279,11 +296,32 @@ def test_train_refuses_an_empty_name_and_force_never_replaces_a_folder_that_is_n
     recipe = write_recipe(tmp_path, TINY)
     res = cli("train", recipe, "--name", "")
     assert res.exit_code == 2 and "run name ''" in res.stderr
-    (runs / "bench").mkdir(parents=True)
-    (runs / "bench" / "notes.txt").write_text("precious")
-    res = cli("train", recipe, "--name", "bench", "--force")
+    (runs / "mine").mkdir(parents=True)
+    (runs / "mine" / "notes.txt").write_text("precious")
+    res = cli("train", recipe, "--name", "mine", "--force")
     assert res.exit_code == 2 and "exists and is not a run folder" in res.stderr
-    assert (runs / "bench" / "notes.txt").read_text() == "precious"
+    assert (runs / "mine" / "notes.txt").read_text() == "precious"
+
+
+def test_no_run_takes_the_bench_folder_and_bench_never_writes_into_a_run(tmp_path, runs):
+    recipe = write_recipe(tmp_path, TINY)
+    res = cli("train", recipe, "--name", "bench")
+    assert res.exit_code == 2 and "taken by `adamshap bench`" in res.stderr
+    assert not runs.exists()
+    assert cli("train", recipe, "--name", "old", "-q").exit_code == 0
+    (runs / "old").rename(runs / "bench")  # a run named so before the name was taken
+    res = cli("bench", recipe, "--steps", "1", "--repeats", "1", "-q")
+    assert res.exit_code == 2 and "is a run's folder, where bench keeps its results" in res.stderr
+    assert not any((runs / "bench").glob("*-*"))  # no bench results inside the run
+
+
+@pytest.mark.parametrize("command", [["train", "RECIPE"], ["runs"], ["compare"], ["prune", "--frac", "0.3"]])
+def test_an_empty_runs_dir_is_refused_not_read_as_this_folder(tmp_path, monkeypatch, command):
+    recipe = write_recipe(tmp_path, TINY)
+    monkeypatch.chdir(tmp_path)
+    res = cli(*[str(recipe) if a == "RECIPE" else a for a in command], "--runs-dir", "")
+    assert res.exit_code == 2 and "--runs-dir is empty; expected a folder" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 
 def test_force_on_a_run_that_is_a_link_replaces_the_link_and_leaves_its_folder(tmp_path, runs):

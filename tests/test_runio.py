@@ -74,12 +74,12 @@ def test_create_run_dir_is_exclusive(tmp_path):
 
 @pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
 def test_a_folder_that_is_not_a_run_is_never_replaced(tmp_path, force):
-    """--force replaces runs: a folder of other files (a bench's results, say) is refused, kept whole."""
-    (tmp_path / "bench").mkdir()
-    (tmp_path / "bench" / "notes.txt").write_text("precious")
+    """--force replaces runs: a folder of other files is refused, kept whole."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
     with pytest.raises(UserError, match="exists and is not a run folder"):
-        runio.create_run_dir(tmp_path, "bench", force=force)
-    assert (tmp_path / "bench" / "notes.txt").read_text() == "precious"
+        runio.create_run_dir(tmp_path, "mine", force=force)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
     (tmp_path / "empty").mkdir()  # what a run stopped before its first file leaves: may be replaced
     assert runio.create_run_dir(tmp_path, "empty", force=True) == tmp_path / "empty"
 
