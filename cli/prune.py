@@ -50,6 +50,7 @@ def prune(
     """
     from adamshap_core import prune as pr
     from adamshap_core import runio
+    from adamshap_core.locks import run_lock
 
     with runio.reading_run(runio.runs_root(runs_dir), run) as folder:
         plan = pr.plan_for_run(
@@ -66,31 +67,41 @@ def prune(
                 f"{plan.direction}est-valued {', '.join(f'{f:.0%}' for f in plan.fracs)} by "
                 f"{', '.join(plan.methods)}; {plan.seeds} seed(s) from train.seed {plan.recipe.train.seed}"
             )
-        journal = pr.journal_for(folder, plan.direction)
-        resumed = journal.finished(plan.jobs)
-        if resumed:  # said even with --quiet: these rows are not retrained now
-            err_console.print(
-                f"continuing: {resumed} of {len(plan.jobs)} retrains were finished by an earlier prune "
-                "that stopped"
-            )
-        try:
-            df = run_with_progress(plan, quiet, journal)
-        except KeyboardInterrupt:
-            err_console.print(
-                f"[yellow]stopped after {journal.finished(plan.jobs)} of {len(plan.jobs)} retrains; they are "
-                f"kept in {escape(str(journal.path))}, and the same command continues from there.[/]",
-                soft_wrap=True,
-            )
-            raise typer.Exit(130) from None
-        what = f"prune's results for --remove {plan.direction}"
-        earlier = runio.replaced_note(pr.plot_path(folder, plan.direction), what)  # this direction's plot
-        table_path, png_path = pr.write_outputs(folder, df, plan.direction)
-        journal.remove()
+        # one prune of a run at a time: another would retrain the same jobs into the same journal, and
+        # merge its rows into pruning.parquet over this one's
+        with run_lock(folder.path):
+            df = _retrain(folder, plan, quiet)
+            what = f"prune's results for --remove {plan.direction}"
+            earlier = runio.replaced_note(pr.plot_path(folder, plan.direction), what)  # this direction's plot
+            table_path, png_path = pr.write_outputs(folder, df, plan.direction)
+            pr.journal_for(folder, plan.direction).remove()
         console.print(pruning_table(pr.summarise(df), plan))
         console.print(table_notes(plan), highlight=False)
-        console.print(
-            f"wrote [bold]{escape(str(table_path))}[/] and [bold]{escape(str(png_path))}[/]{escape(earlier)}"
+        wrote = f"wrote [bold]{escape(str(table_path))}[/] and [bold]{escape(str(png_path))}[/]"
+        console.print(wrote + escape(earlier))
+
+
+def _retrain(folder, plan, quiet: bool) -> pd.DataFrame:
+    """Every retrain of ``plan``, each kept in the direction's journal as it ends, so that a prune
+    stopped part-way (Ctrl-C: exit 130) continues where it stopped when run again."""
+    from adamshap_core import prune as pr
+
+    journal = pr.journal_for(folder, plan.direction)
+    resumed = journal.finished(plan.jobs)
+    if resumed:  # said even with --quiet: these rows are not retrained now
+        err_console.print(
+            f"continuing: {resumed} of {len(plan.jobs)} retrains were finished by an earlier prune "
+            "that stopped"
         )
+    try:
+        return run_with_progress(plan, quiet, journal)
+    except KeyboardInterrupt:
+        err_console.print(
+            f"[yellow]stopped after {journal.finished(plan.jobs)} of {len(plan.jobs)} retrains; they are "
+            f"kept in {escape(str(journal.path))}, and the same command continues from there.[/]",
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
 
 
 def parse_fracs(items: list[str]) -> list[float]:

@@ -243,6 +243,18 @@ def test_a_stopped_prune_keeps_its_retrains_and_the_same_command_continues(tmp_p
     )
 
 
+def test_a_second_prune_of_a_run_that_one_is_pruning_is_refused(tmp_path):
+    from adamshap_core.locks import run_lock
+
+    run = train_tiny(tmp_path, "busy")
+    args = ["--run", "busy", "--frac", "0.3", "--by", "adam", "--seeds", "1", "--runs-dir", tmp_path / "runs"]
+    with run_lock(run):  # as the first prune holds it, in its own process
+        res = cli("prune", *args, "--remove", "high", "-q")
+    assert res.exit_code == 2 and "is being written by process" in res.stderr, res.output
+    assert not any(run.glob("pruning*"))  # neither a journal nor a table
+    assert cli("prune", *args, "-q").exit_code == 0  # once it is free
+
+
 def test_a_torn_journal_line_is_retrained(tmp_path):
     journal = pr.Journal(tmp_path / "j.jsonl")
     journal.add("a", {"test_accuracy": 0.5, "noisy_share_removed": float("nan")})
