@@ -38,7 +38,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -190,11 +190,18 @@ def resolve_steps(spec: str, recorded: Sequence[int], last_step: int) -> list[in
 # ---- the replay -------------------------------------------------------------------------------------
 
 
+class Progress(NamedTuple):
+    """How far the ground truth is (or its total): steps, and work (permutations + 1 per step)."""
+
+    steps: int
+    work: int
+
+
 def replay(
     inputs: RunInputs,
     evaluated: Sequence[int],
     options: CompareOptions,
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[Progress, Progress], None] | None = None,
 ) -> TruthReplay:
     """Replay the run, computing the ground truth just before each step that needs it."""
     from .train import prepare, run
@@ -217,7 +224,12 @@ def replay(
     methods = tuple(dict.fromkeys([*inputs.methods, "adam"]))
     truths: dict[int, gt.StepTruth] = {}
     batch_ids: dict[int, np.ndarray] = {}
-    total = len(truth_steps)
+    # progress counts work, not steps: a step's ground truth costs about its permutations plus one (the
+    # leave-one-out coalitions), so the evaluated steps weigh far more than the others
+    permutations = {
+        s: options.permutations if s in detail else options.cumulative_permutations for s in truth_steps
+    }
+    total, done = Progress(len(truth_steps), sum(permutations.values()) + len(truth_steps)), 0
 
     def observe(step: int, batch: torch.Tensor, ctx) -> None:
         ids = example_id[batch.numpy()]
@@ -235,7 +247,7 @@ def replay(
             prep.val_x,
             prep.val_y,
             max_grad_norm=inputs.recipe.train.grad_clip,
-            permutations=options.permutations if step in detail else options.cumulative_permutations,
+            permutations=permutations[step],
             generator=torch.Generator().manual_seed(options.seed * 1_000_003 + step),
             methods=methods if step in detail else (),
         )
@@ -247,8 +259,10 @@ def replay(
                 f"{recorded_loss:.6g}",
             )
         truths[step], batch_ids[step] = truth, ids
+        nonlocal done
+        done += permutations[step] + 1
         if on_progress is not None:
-            on_progress(len(truths), total)
+            on_progress(Progress(len(truths), done), total)
 
     t0 = time.perf_counter()
     try:
@@ -562,7 +576,7 @@ def engine_vs_bruteforce(rep: TruthReplay, evaluated: Sequence[int], methods: Se
 def compare_run(
     folder: RunFolder,
     options: CompareOptions,
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[Progress, Progress], None] | None = None,
     on_start: Callable[[RunInputs, list[int]], None] | None = None,
 ) -> CompareResult:
     """Everything ``adamshap compare`` computes; nothing is written here (see ``write_outputs``)."""

@@ -65,12 +65,14 @@ def compare(
                     f"{_steps_text(evaluated)}"
                     + (f", {options.cumulative_permutations} at the others" if cumulative else "")
                 )
-                task = progress.add_task("ground truth", total=n)
+                task = progress.add_task("ground truth", total=None, steps=f"0/{n}")
                 progress.start()
 
-        def on_progress(done, total):
+        def on_progress(done, total):  # the bar and its time left follow the work, the text the steps
             if progress is not None:
-                progress.update(task, completed=done)
+                progress.update(
+                    task, completed=done.work, total=total.work, steps=f"{done.steps}/{total.steps}"
+                )
 
         try:
             result = compare_run(folder, options, on_progress, on_start)
@@ -126,4 +128,4 @@ def _steps_text(steps) -> str:
 def _progress():
     from rich.progress import TextColumn
 
-    return progress_bar("ground truth", TextColumn("step {task.completed}/{task.total}"))
+    return progress_bar("ground truth", TextColumn("step {task.fields[steps]}"))

@@ -334,6 +334,20 @@ def test_bad_options_exit_2(run, args, words):
     assert not (run / "compare.parquet").exists()
 
 
+def test_progress_weighs_each_step_by_its_permutations(run):
+    """The bar (and so its time left) follows the work: an evaluated step of 6 permutations weighs 7
+    (its permutations and the leave-one-out coalitions), another step of 2 weighs 3."""
+    from adamshap_core.compare import CompareOptions, compare_run
+    from adamshap_core.runio import RunFolder
+
+    reports = []
+    options = CompareOptions("sgd", "2,5", 6, True, 2, 0)
+    compare_run(RunFolder(run), options, on_progress=lambda done, total: reports.append((done, total)))
+    assert [tuple(total) for _, total in reports] == [(7, 2 * 7 + 5 * 3)] * 7
+    work = [3, 10, 13, 16, 23, 26, 29]  # steps 2 and 5 weigh 7, the others 3
+    assert [tuple(done) for done, _ in reports] == list(zip(range(1, 8), work, strict=True))
+
+
 def test_a_refusal_without_quiet_is_the_error_line_alone(run):
     # the progress bar starts only once the replay does: a refusal before it prints nothing else
     res = cli("compare", "--permutations", "3")
