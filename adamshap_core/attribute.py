@@ -153,11 +153,11 @@ def encode_queries(
     if score not in SCORES:
         raise UserError(f"--score is {score!r}; expected one of {', '.join(SCORES)}.")
     x, y = tok.batch(queries.texts, [queries.where(i) for i in range(len(queries))])
+    lengths = (y >= 0).sum(dim=1)  # every token, before the answer's mask leaves some unscored
     if score == "answer":
         for i, answer in enumerate(queries.answers):
             if answer is not None:
                 y[i, ~score_mask(queries.texts[i], answer, y.shape[1], queries.where(i))] = IGNORE
-    lengths = (y >= 0).sum(dim=1)
     too_long = [i for i in range(len(queries)) if int(lengths[i]) > context]
     if too_long:
         i = too_long[0]

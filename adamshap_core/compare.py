@@ -102,6 +102,7 @@ class CompareResult:
     methods: list[str]
     baseline: str
     evaluated: list[int]
+    values: pd.DataFrame  # the run's values.parquet: each example's values summed over the run
 
 
 # ---- reading and checking the run -----------------------------------------------------------------
@@ -616,7 +617,9 @@ def compare_run(
         "divergence": divergence(table, layers, baseline),
         "seconds": {"replay_and_ground_truth": rep.seconds, "total": time.perf_counter() - t0},
     }
-    return CompareResult(table, truth, layers, summary, inputs.methods, baseline, list(evaluated))
+    return CompareResult(
+        table, truth, layers, summary, inputs.methods, baseline, list(evaluated), inputs.values
+    )
 
 
 def write_outputs(folder: RunFolder, result: CompareResult) -> list[str]:

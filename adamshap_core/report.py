@@ -219,13 +219,11 @@ def compare_plots(result: CompareResult) -> dict[str, bytes]:
 
 
 def _baseline_plot(result: CompareResult, method: str) -> bytes:
-    truth = result.truth
-    cum = truth[truth["scope"] == "cumulative"]
-    values = cum if len(cum) else None
+    """``method`` against the baseline, each example's values summed over the run (values.parquet:
+    also with --no-cumulative, whose ground truth has no summed rows)."""
+    values = result.values
     fig, axes = figure(1, 1, (5.5, 5))
     ax = axes[0, 0]
-    if values is None:  # no cumulative ground truth: use the per-step rows' run values
-        values = truth.drop_duplicates("example_id")
     x, y = values[value_column(result.baseline)], values[value_column(method)]
     scatter_marked(
         ax, x, y, values["is_noisy"] if "is_noisy" in values and values["is_noisy"].any() else None

@@ -197,6 +197,11 @@ def test_a_query_of_a_file_is_named_by_its_line(runs, tmp_path):
     res = attribute(runs, "--run", "facts", "--queries", p)
     assert res.exit_code == 2, res.output
     assert f"query 'b' (line 2 of {p}) is 41 tokens long" in " ".join(res.output.split())
+    # scored by its answer alone, it is still as long: its other words are the model's input
+    p.write_text(json.dumps({"id": "c", "text": long + " cat", "answer": "cat"}))
+    res = attribute(runs, "--run", "facts", "--queries", p)
+    assert res.exit_code == 2, res.output
+    assert f"query 'c' (line 1 of {p}) is 42 tokens long" in " ".join(res.output.split())
 
 
 def test_a_gpt_run_whose_recipe_now_loads_data_other_than_text_is_refused(runs, tmp_path):

@@ -204,6 +204,26 @@ def test_one_pair_a_step_leaves_the_cumulative_standard_error_unknown_not_zero(r
     assert "cumulative se unknown" in " ".join(res.stdout.split())
 
 
+@pytest.mark.parametrize("cumulative", [True, False], ids=["cumulative", "no-cumulative"])
+def test_the_baseline_plot_shows_the_summed_values_its_title_correlates(run, cumulative, monkeypatch):
+    from scipy.stats import pearsonr
+
+    from adamshap_core import report
+
+    plotted = []
+    monkeypatch.setattr(report, "scatter_marked", lambda ax, x, y, marked=None: plotted.append((x, y)))
+    args = ["--permutations", "2", "--steps", "2", "--cumulative-permutations", "2", "-q"]
+    assert cli("compare", *args, *([] if cumulative else ["--no-cumulative"])).exit_code == 0
+    values = pd.read_parquet(run / "values.parquet")
+    table = pd.read_parquet(run / "compare.parquet")
+    for x, y in plotted:  # adam against the baseline (sgd)
+        assert x.tolist() == values["value_sgd"].tolist() and len(x) == len(values)
+        method = values.columns[(values == y.to_numpy()[:, None]).all()].item().removeprefix("value_")
+        row = table[(table.method == method) & (table.ground_truth == "sgd") & (table.scope == "cumulative")]
+        assert pearsonr(x, y)[0] == pytest.approx(row.pearson.item(), rel=1e-9)
+    assert len(plotted) == 1
+
+
 def test_no_cumulative_and_a_step_list(run):
     res = cli("compare", "--permutations", "2", "--steps", "2,5", "--no-cumulative", "-q")
     assert res.exit_code == 0, res.output
