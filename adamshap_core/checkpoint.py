@@ -23,6 +23,7 @@ turns Ctrl-C into a clean stop. (``locks.run_lock`` keeps two processes from wri
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -131,8 +132,18 @@ def params_digest(model: torch.nn.Module) -> str:
 
 def data_digest(data) -> str:
     """SHA-256 of the training split (inputs, labels, example ids), to tie a checkpoint to its data."""
+    return _digest((data.x_train, data.y_train, data.example_id))
+
+
+def held_out_digest(data) -> str:
+    """SHA-256 of the validation and test splits: a resumed run values against the same validation
+    split and reports accuracy on the same test split as the run it continues."""
+    return _digest((data.x_val, data.y_val, data.x_test, data.y_test))
+
+
+def _digest(tensors) -> str:
     h = hashlib.sha256()
-    for t in (data.x_train, data.y_train, data.example_id):
+    for t in tensors:
         h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(_tensor_bytes(t))
     return h.hexdigest()
@@ -221,13 +232,15 @@ class Checkpointer:
         self.path = Path(path)
         self.prep = prep
         self.every = prep.recipe.train.checkpoint_every if every is None else every
-        self._data_digest: str | None = None
 
-    @property
+    # hashing a large split takes a moment: once per run
+    @functools.cached_property
     def data_sha256(self) -> str:
-        if self._data_digest is None:  # hashing a large split takes a moment: once per run
-            self._data_digest = data_digest(self.prep.data)
-        return self._data_digest
+        return data_digest(self.prep.data)
+
+    @functools.cached_property
+    def held_out_sha256(self) -> str:
+        return held_out_digest(self.prep.data)
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -241,6 +254,7 @@ class Checkpointer:
             "format": FORMAT,
             "recipe": p.recipe.to_dict(),
             "data_sha256": self.data_sha256,
+            "held_out_sha256": self.held_out_sha256,
             "model": p.model.state_dict(),
             "optimizer": p.optimizer.state_dict(),
             "scheduler": p.scheduler.state_dict(),
@@ -269,6 +283,12 @@ class Checkpointer:
             raise UserError(
                 f"checkpoint {self.path} was written for different training data than `data.source` "
                 f"({p.recipe.data.source}) holds now; expected the data the run started with."
+            )
+        held_out = blob.get("held_out_sha256")  # None in a checkpoint written before it was recorded
+        if held_out is not None and held_out != self.held_out_sha256:
+            raise UserError(
+                f"checkpoint {self.path} was written for different validation or test data than "
+                f"`data.source` ({p.recipe.data.source}) holds now; expected the data the run started with."
             )
         p.model.load_state_dict(blob["model"])
         p.optimizer.load_state_dict(blob["optimizer"])

@@ -507,6 +507,8 @@ def _final_metrics(prep: Prepared, state: LoopState, x_train: torch.Tensor, y_tr
         "n_val": len(d.y_val),
         "n_test": len(d.y_test),
         "n_noisy": int(d.is_noisy.sum()),
+        # the source's labels in the order of values.parquet's label codes (0, 1, ...); None for text
+        "classes": d.class_names or None,
         "steps": state.step,
         "total_steps": prep.total_steps,
         "device": str(dev),

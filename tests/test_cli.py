@@ -303,6 +303,22 @@ def test_train_refuses_an_empty_name_and_force_never_replaces_a_folder_that_is_n
     assert (runs / "mine" / "notes.txt").read_text() == "precious"
 
 
+def test_metrics_name_the_class_of_each_label_code(tmp_path, runs):
+    rows = [f"{i % 5},{(i * 3) % 7},{['dog', 'cat', 'ant'][i % 3]}" for i in range(60)]
+    (tmp_path / "d.csv").write_text("\n".join(["a,b,animal", *rows]) + "\n")
+    recipe = tiny(
+        data={"source": f"csv:{tmp_path / 'd.csv'}", "target": "animal", "val_size": 9, "test_size": 9}
+    )
+    assert cli("train", write_recipe(tmp_path, recipe), "-q").exit_code == 0
+    run = runs / "tiny"
+    classes = json.loads((run / "metrics.json").read_text())["classes"]
+    assert classes == ["ant", "cat", "dog"]
+    values = pd.read_parquet(run / "values.parquet")
+    source = pd.read_csv(tmp_path / "d.csv")
+    named = [classes[c] for c in values["clean_label"]]
+    assert named == source["animal"].iloc[values["source_row"]].tolist()
+
+
 def test_no_run_takes_the_bench_folder_and_bench_never_writes_into_a_run(tmp_path, runs):
     recipe = write_recipe(tmp_path, TINY)
     res = cli("train", recipe, "--name", "bench")

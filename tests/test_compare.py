@@ -368,6 +368,20 @@ def test_progress_weighs_each_step_by_its_permutations(run):
     assert [tuple(done) for done, _ in reports] == list(zip(range(1, 8), work, strict=True))
 
 
+def test_a_fast_mode_run_compares(tmp_path, runs):
+    """Its steps that reused ∇val record no validation loss (NaN), which the replay check skips."""
+    fast = {"fast": {"warmup": 1, "refresh_every": 3, "rank": None}}
+    train_tiny(tmp_path, name="fast", attribution=fast)
+    steps = pd.read_parquet(runs / "fast" / "steps.parquet")
+    assert steps.val_loss.isna().tolist() == [False, True, True, False, True, True, False]
+    res = cli(
+        "compare", "--run", "fast", "--steps", "3,4", "--permutations", "2", "--cumulative-permutations", "2"
+    )
+    assert res.exit_code == 0, res.output
+    table = pd.read_parquet(runs / "fast" / "compare.parquet")
+    assert set(table[table.ground_truth == "shapley"].scope) == {"3", "4", "cumulative"}  # a reuse, a refresh
+
+
 def test_a_refusal_without_quiet_is_the_error_line_alone(run):
     # the progress bar starts only once the replay does: a refusal before it prints nothing else
     res = cli("compare", "--permutations", "3")

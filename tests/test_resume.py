@@ -392,6 +392,25 @@ def test_resume_refuses_changed_training_data(tmp_path):
         run(again, checkpointer=Checkpointer(path, again), resume=True)
 
 
+def test_resume_refuses_changed_validation_or_test_data(tmp_path):
+    """The training split as it was, the held-out rows changed: the rest of the run would value against
+    another validation split (and test on another test split) than its first steps did."""
+    recipe = recipe_from_dict(tiny())
+    prep = prepare(recipe)
+    path = tmp_path / CHECKPOINT_FILE
+    with pytest.raises(TrainingInterrupted):
+        run(prep, checkpointer=Checkpointer(path, prep), stop=stop_after(1))
+    for part in ("x_val", "y_test"):
+        again = prepare(recipe)
+        changed = getattr(again.data, part).clone()
+        changed[0] = changed[0] + 1
+        setattr(again.data, part, changed)
+        with pytest.raises(UserError, match="different validation or test data"):
+            run(again, checkpointer=Checkpointer(path, again), resume=True)
+    same = prepare(recipe)
+    run(same, checkpointer=Checkpointer(path, same), resume=True)  # unchanged: resumes
+
+
 @pytest.mark.parametrize("part", ["x_train", "y_train", "example_id"])
 def test_the_data_digest_covers_inputs_labels_and_ids(part):
     """Any of them changed (the labels alone, say), and a resume is refused as other training data."""
