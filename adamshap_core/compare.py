@@ -551,6 +551,14 @@ def step_summaries(rep: TruthReplay, evaluated: Sequence[int]) -> list[dict]:
     return out
 
 
+def fresh_steps(inputs: RunInputs, evaluated: Sequence[int]) -> list[int]:
+    """The evaluated steps whose values used the validation gradient of that step, not one the fast
+    mode reused from an earlier step (those record no validation loss): the materialised gradients
+    recompute the former only."""
+    measured = inputs.steps.set_index("step")["val_loss"].notna()
+    return [s for s in evaluated if measured.get(s, False)]
+
+
 def se_over_sd(median_se: float, shapley: np.ndarray) -> float:
     """The Monte-Carlo noise against the spread of the values it estimates (the examples' std);
     NaN where the values do not spread."""
@@ -558,11 +566,12 @@ def se_over_sd(median_se: float, shapley: np.ndarray) -> float:
     return median_se / sd if sd > 0 else float("nan")
 
 
-def engine_vs_bruteforce(rep: TruthReplay, evaluated: Sequence[int], methods: Sequence[str]) -> float:
+def engine_vs_bruteforce(rep: TruthReplay, steps: Sequence[int], methods: Sequence[str]) -> float:
     """Largest relative gap between the run's (ghost engine) values and the same rule from
-    materialised per-example gradients: a cross-check of the two implementations."""
-    worst = 0.0
-    for step in evaluated:
+    materialised per-example gradients: a cross-check of the two implementations, at ``steps``
+    (NaN where there are none)."""
+    worst = 0.0 if steps else float("nan")
+    for step in steps:
         t = rep.truths[step]
         assert t.by_param is not None  # an evaluated step's truth splits each method's value by parameter
         sv = rep.steps_values[rep.steps_values["step"] == step].set_index("example_id")
@@ -603,7 +612,9 @@ def compare_run(
         "evaluated_steps": list(evaluated),
         "ground_truth_steps": len(rep.truths),
         "replay_check": replay_check,
-        "engine_vs_bruteforce_max_relative_difference": engine_vs_bruteforce(rep, evaluated, inputs.methods),
+        "engine_vs_bruteforce_max_relative_difference": engine_vs_bruteforce(
+            rep, fresh_steps(inputs, evaluated), inputs.methods
+        ),
         "per_step": step_summaries(rep, evaluated),
         "cumulative": {
             "steps": len(rep.truths),

@@ -30,9 +30,10 @@ LOCK_FILE = ".lock"  # the file ``run_lock`` locks, in the run folder it guards
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock on a run folder while training writes it (another process that tries
-    to take it gets a ``UserError``); the lock file names the process holding it."""
+def run_lock(run_dir: str | Path, doing: str = "train") -> Iterator[None]:
+    """Hold an exclusive lock on a run folder while a command (``doing``: train, prune) writes it
+    (another process that tries to take it gets a ``UserError``); the lock file names the process
+    holding it and its command."""
     if fcntl is None:  # pragma: no cover - not POSIX
         yield
         return
@@ -42,13 +43,12 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = Path(path).read_text().strip() or "another process"
             raise UserError(
-                f"run {Path(run_dir).name!r} is being written by {holder} right now; wait for it to "
+                f"run {Path(run_dir).name!r} is being written by {holder(run_dir)} right now; wait for it to "
                 "finish or stop it first."
             ) from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"process {os.getpid()}".encode())
+        os.write(fd, f"process {os.getpid()} (adamshap {doing})".encode())
         try:
             yield
         finally:
@@ -59,6 +59,14 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
                 os.unlink(path)
     finally:
         os.close(fd)  # releases the lock
+
+
+def holder(run_dir: str | Path) -> str:
+    """Who holds ``run_lock`` on ``run_dir``, as its lock file says ("process 123 (adamshap prune)")."""
+    try:
+        return (Path(run_dir) / LOCK_FILE).read_text().strip() or "another process"
+    except OSError:
+        return "another process"
 
 
 def is_locked(run_dir: str | Path) -> bool:

@@ -134,6 +134,17 @@ def fit_columns(table: Table, width: int) -> Table | None:
     return table
 
 
+def print_unbroken(table: Table) -> None:
+    """Print ``table`` fitted to the terminal (``fit_columns``), or where it does not fit without
+    cutting a cell, at its natural width (the terminal then wraps its lines; no cell loses its end)."""
+    fitted = fit_columns(table, console.width)
+    if fitted is not None:
+        console.print(fitted)
+        return
+    natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    Console(width=natural, force_terminal=console.is_terminal, no_color=console.no_color).print(table)
+
+
 def _column_range(column, width: int) -> tuple[int, int]:
     """The narrowest width a column's cells (header included) take without breaking a word, and the
     width that puts each on one line; the same for a ``no_wrap`` column, whose cells never wrap."""

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .common import RUNS_DIR, console, err_console, progress_bar, split_list, user_errors
+from .common import RUNS_DIR, console, err_console, print_unbroken, progress_bar, split_list, user_errors
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -69,13 +69,13 @@ def prune(
             )
         # one prune of a run at a time: another would retrain the same jobs into the same journal, and
         # merge its rows into pruning.parquet over this one's
-        with run_lock(folder.path):
+        with run_lock(folder.path, "prune"):
             df = _retrain(folder, plan, quiet)
             what = f"prune's results for --remove {plan.direction}"
             earlier = runio.replaced_note(pr.plot_path(folder, plan.direction), what)  # this direction's plot
             table_path, png_path = pr.write_outputs(folder, df, plan.direction)
             pr.journal_for(folder, plan.direction).remove()
-        console.print(pruning_table(pr.summarise(df), plan))
+        print_unbroken(pruning_table(pr.summarise(df), plan))
         console.print(table_notes(plan), highlight=False)
         wrote = f"wrote [bold]{escape(str(table_path))}[/] and [bold]{escape(str(png_path))}[/]"
         console.print(wrote + escape(earlier))
@@ -162,9 +162,7 @@ def pruning_table(summary: pd.DataFrame, plan) -> Table:
     for f in plan.fracs:
         # a cell is never broken inside "mean ± std"; the noisy share has a line of its own below it (a
         # column of its own per fraction would not leave three fractions room on an 80-column terminal)
-        table.add_column(
-            f"{f:.0%} removed\n({n - n_to_remove(n, f)} kept)", justify="right", no_wrap=True, overflow="fold"
-        )
+        table.add_column(f"{f:.0%} removed\n({n - n_to_remove(n, f)} kept)", justify="right", no_wrap=True)
     full = summary[summary["method"] == FULL].iloc[0]
     low = plan.direction == "low"
     shown = {FULL, *plan.methods} - {ORACLE} - (set() if low else {FULL})  # the ones highlighted

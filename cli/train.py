@@ -103,12 +103,12 @@ def _prepared(recipe: Path, overrides: list[str] | None):
 
 def _new_run_folder(root: Path, run_name: str, force: bool):
     from adamshap_core import runio
-    from adamshap_core.locks import is_locked
+    from adamshap_core.locks import holder, is_locked
 
     if force and is_locked(root / run_name):
         raise UserError(
-            f"run {run_name!r} is being trained by another process right now, so --force cannot replace "
-            "it; stop that process first or pick another --name."
+            f"run {run_name!r} is being written by {holder(root / run_name)} right now, so --force cannot "
+            "replace it; wait for it to finish, or stop it, or pick another --name."
         )
     return runio.RunFolder(runio.create_run_dir(root, run_name, force=force))
 

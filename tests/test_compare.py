@@ -380,6 +380,19 @@ def test_a_fast_mode_run_compares(tmp_path, runs):
     assert res.exit_code == 0, res.output
     table = pd.read_parquet(runs / "fast" / "compare.parquet")
     assert set(table[table.ground_truth == "shapley"].scope) == {"3", "4", "cumulative"}  # a reuse, a refresh
+    # the engine is checked against materialised gradients at the refresh step alone, where both use
+    # this step's ∇val; at a reuse step alone it is not checked
+    summary = json.loads((runs / "fast" / "compare.json").read_text())
+    assert summary["engine_vs_bruteforce_max_relative_difference"] < 1e-3
+    res = cli("compare", "--run", "fast", "--steps", "3", "--no-cumulative", "--permutations", "2")
+    assert res.exit_code == 0, res.output
+    assert "engine vs materialised gradients not checked" in " ".join(res.stdout.split())
+    assert (
+        json.loads((runs / "fast" / "compare.json").read_text())[
+            "engine_vs_bruteforce_max_relative_difference"
+        ]
+        is None
+    )
 
 
 def test_a_refusal_without_quiet_is_the_error_line_alone(run):

@@ -461,11 +461,13 @@ def test_resume_refuses_while_another_process_writes_the_run(stopped):
     assert resume(stopped).exit_code == 0  # once the lock is gone
 
 
-def test_force_refuses_to_replace_a_run_being_trained(stopped, tmp_path):
+@pytest.mark.parametrize("doing", ["train", "prune"])
+def test_force_refuses_to_replace_a_run_being_written(stopped, tmp_path, doing):
     recipe = write_recipe(tmp_path, tiny())
-    with run_lock(stopped / "tiny"):
+    with run_lock(stopped / "tiny", doing):
         res = cli("train", recipe, "--quiet", "--runs-dir", stopped, "--force")
-    assert res.exit_code == 2 and "being trained by another process" in res.output
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and f"is being written by process {os.getpid()} (adamshap {doing})" in said
     assert (stopped / "tiny" / CHECKPOINT_FILE).exists()
 
 
