@@ -407,8 +407,11 @@ def test_resume_refuses_changed_validation_or_test_data(tmp_path):
         setattr(again.data, part, changed)
         with pytest.raises(UserError, match="different validation or test data"):
             run(again, checkpointer=Checkpointer(path, again), resume=True)
-    same = prepare(recipe)
-    run(same, checkpointer=Checkpointer(path, same), resume=True)  # unchanged: resumes
+    blob = torch.load(path, weights_only=True)
+    del blob["held_out_sha256"]  # as a checkpoint written before the digest was recorded
+    torch.save(blob, path)
+    older = prepare(recipe)
+    run(older, checkpointer=Checkpointer(path, older), resume=True)  # resumes: nothing to check it by
 
 
 @pytest.mark.parametrize("part", ["x_train", "y_train", "example_id"])
