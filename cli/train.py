@@ -213,6 +213,8 @@ def print_summary(result, metrics: dict, path: Path, quiet: bool) -> None:
     df = result.values_frame()
     noisy = bool(df["is_noisy"].any())
     about = "text" if "text" in df.columns else "label"  # a text corpus has texts, not labels
+    if about == "label" and metrics.get("classes"):  # the source's labels, not their codes
+        df = df.assign(label=[metrics["classes"][code] for code in df["label"]])
     acc_name = "next-token accuracy" if about == "text" else "accuracy"
     acc = metrics.get("test_accuracy")
     if not quiet:
@@ -271,7 +273,7 @@ def next_commands(path: Path, text: bool) -> str:
 
 
 def _row(table: Table, rank: int, row, col: str, noisy: bool, about: str) -> None:
-    shown = escape(row["text"]) if about == "text" else str(int(row["label"]))
+    shown = escape(str(row[about]))
     cells = [str(rank), str(int(row["example_id"])), f"{row[col]:.3e}", shown]
     if noisy:
         cells.append("yes" if bool(row["is_noisy"]) else "")

@@ -309,7 +309,9 @@ def test_metrics_name_the_class_of_each_label_code(tmp_path, runs):
     recipe = tiny(
         data={"source": f"csv:{tmp_path / 'd.csv'}", "target": "animal", "val_size": 9, "test_size": 9}
     )
-    assert cli("train", write_recipe(tmp_path, recipe), "-q").exit_code == 0
+    res = cli("train", write_recipe(tmp_path, recipe), "-q")
+    assert res.exit_code == 0, res.output
+    assert {"ant", "cat", "dog"} & set(res.stdout.split())  # the tables show labels, not their codes
     run = runs / "tiny"
     classes = json.loads((run / "metrics.json").read_text())["classes"]
     assert classes == ["ant", "cat", "dog"]
