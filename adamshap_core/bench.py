@@ -196,10 +196,11 @@ def _out_folder(out: str | Path | None, runs_dir: str | Path | None, recipe_name
 class Session:
     """One recipe's model, optimizer and batches, stepped in one mode."""
 
-    def __init__(self, spec: BenchSpec, prep, stepper):
+    def __init__(self, spec: BenchSpec, prep, stepper, memory: _Memory):
         self.spec = spec
         self.prep = prep
         self.stepper = stepper  # (inputs, targets) -> anything; one training step
+        self.memory = memory  # its baseline: the model and data built, the mode's stepper not yet
 
     @classmethod
     def build(cls, spec: BenchSpec, mode: str, *, fast: bool = False) -> Session:
@@ -208,10 +209,19 @@ class Session:
 
         recipe = recipe_from_dict(spec.recipe, origin="(bench)")
         prep = train.prepare(recipe, attribution=False)
-        return cls(spec, prep, _stepper(mode, prep, spec.methods, fast))
+        # the same baseline in every mode, so that what a tracker holds counts as valuation's memory
+        memory = _Memory(prep.device)
+        return cls(spec, prep, _stepper(mode, prep, spec.methods, fast), memory)
 
-    def batches(self) -> list[tuple]:
-        """``total_steps`` full batches in the recipe's data order (a fresh permutation per epoch)."""
+    def rechecks(self, step: int) -> bool:
+        """Whether the tracker (if any) re-checks its hooks' coverage before ``step`` (from 1): a
+        few steps of a run (1, 2, 10, 100, ...; ``coverage.recheck_due``), each about a step's cost."""
+        tracker = getattr(self.stepper, "tracker", None)
+        return tracker is not None and tracker.rechecks(step)
+
+    def batches(self, count: int | None = None) -> list[tuple]:
+        """``count`` (default ``total_steps``) full batches in the recipe's data order (a fresh
+        permutation per epoch)."""
         import torch
 
         p = self.prep
@@ -220,7 +230,7 @@ class Session:
         x, y = p.data.x_train.to(p.device), p.data.y_train.to(p.device)
         out: list[tuple[torch.Tensor, torch.Tensor]] = []
         order, pos = None, n
-        while len(out) < self.spec.total_steps:
+        while len(out) < (self.spec.total_steps if count is None else count):
             if pos + bs > n:  # only full batches, so every timed step has the same size
                 order, pos = torch.randperm(n, generator=gen).to(p.device), 0
             assert order is not None  # drawn on the first pass: pos starts at n
@@ -357,23 +367,27 @@ def measure(spec: BenchSpec, mode: str, fast: bool = False) -> dict:
     """Time ``spec.steps`` steps of ``mode`` after ``spec.warmup`` untimed ones; peak memory.
 
     The fast mode's own warm-up steps (``attribution.fast.warmup``, which compute ∇val every step)
-    are untimed as well, so that its timed steps show the steady state a long run sees."""
+    are untimed as well, so that its timed steps show the steady state a long run sees. So are the
+    steps where the tracker re-checks its hooks' coverage (``Session.rechecks``): a run of T steps
+    has about log10(T) of them, a bench of 20 steps would count step 10 as a twentieth of the run."""
     if fast:
         spec = replace(spec, warmup=spec.warmup + fast_settings(spec)["warmup"])
     load_before = os.getloadavg()[0]
     session = Session.build(spec, mode, fast=fast)
-    batches = session.batches()
-    device = session.prep.device
-    memory = _Memory(device)
+    timed_steps = [
+        s for s in range(1, _steps_to_run(session) + 1) if s > spec.warmup and not session.rechecks(s)
+    ]
+    batches = session.batches(timed_steps[-1])
+    memory = session.memory
     seconds = []
     compiling = _CompileTime(session)
-    for i, (x, y) in enumerate(batches):
-        if i == spec.warmup:
+    for step, (x, y) in enumerate(batches, start=1):
+        if step == spec.warmup + 1:
             compiling.warmed_up()
         t0 = time.perf_counter()
         session.step(x, y)
         memory.sync()
-        if i >= spec.warmup:
+        if step in timed_steps:
             seconds.append(time.perf_counter() - t0)
     peak = memory.report()  # before the step that times the contraction, which is no training step
     contract_ms = contraction_ms(session, batches[-1], memory)
@@ -384,6 +398,7 @@ def measure(spec: BenchSpec, mode: str, fast: bool = False) -> dict:
         "step_ms": 1000 * float(np.median(seconds)),
         "seconds": float(sum(seconds)),
         "warmup_steps": spec.warmup,  # untimed, before the timed ones
+        "untimed_rechecks": len(batches) - spec.warmup - len(seconds),  # untimed among the timed ones
         "contract_ms": contract_ms,
         **peak,
         **compiling.report(),
@@ -391,6 +406,16 @@ def measure(spec: BenchSpec, mode: str, fast: bool = False) -> dict:
         "threads": _threads(),
         "load_1m": (load_before + os.getloadavg()[0]) / 2,
     }
+
+
+def _steps_to_run(session: Session) -> int:
+    """The steps (from 1) up to the last timed one: the warm-up, then ``steps`` that are timed, with
+    the tracker's coverage re-checks among them run but not timed."""
+    spec, step, timed = session.spec, session.spec.warmup, 0
+    while timed < spec.steps:
+        step += 1
+        timed += not session.rechecks(step)
+    return step
 
 
 def contraction_ms(session: Session, batch: tuple, memory: _Memory) -> float:
@@ -563,12 +588,15 @@ def profile(spec: BenchSpec, n_steps: int = 5) -> dict:
 
     out = {}
     for mode in ("plain", "attribution"):
-        session = Session.build(spec, mode, fast=spec.fast and mode == "attribution")
-        batches = session.batches()
-        for x, y in batches[: spec.warmup]:
+        fast = spec.fast and mode == "attribution"
+        # past the fast mode's own warm-up too (every step of which computes ∇val), as ``measure``
+        warmup = spec.warmup + (fast_settings(spec)["warmup"] if fast else 0)
+        session = Session.build(spec, mode, fast=fast)
+        batches = session.batches(warmup + min(n_steps, spec.steps))
+        for x, y in batches[:warmup]:
             session.step(x, y)
-        timed = batches[spec.warmup : spec.warmup + min(n_steps, spec.steps)]
-        memory = _Memory(session.prep.device)
+        timed = batches[warmup:]
+        memory = session.memory
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if memory.cuda else [])
         with _phases_labelled(session), torch_profile(activities=activities) as prof:
             for x, y in timed:

@@ -235,6 +235,10 @@ class InRunShapley:
         args = (self.engine, self.model, self.loss_fn, val_inputs, val_targets)
         return gradient_gap(*args, per_row=False, training=True)
 
+    def rechecks(self, step: int) -> bool:
+        """Whether the hooks' coverage is checked again before ``step`` (from 1; ``coverage.recheck_due``)."""
+        return recheck_due(step, self._rows_checked)
+
     def step(self, inputs, targets) -> StepResult:
         """Forward, backward, optimizer.step(), and this step's value per example."""
         if self._closed:
@@ -244,7 +248,7 @@ class InRunShapley:
         check_rows(inputs, targets, "the training batch")
         _refuse(self._watch.problem() or coupling_problem(self._norms))
         self.view.check()
-        if recheck_due(self._steps + 1, self._rows_checked):
+        if self.rechecks(self._steps + 1):
             problem = coverage_problem(self.engine, self.model, self.loss_fn, inputs, targets)
             _refuse(problem and f"{problem}; found at step {self._steps + 1}, on rows of its training batch")
         self._steps += 1

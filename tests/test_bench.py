@@ -297,10 +297,25 @@ def test_the_fast_mode_is_timed_past_its_own_warm_up(tmp_path, monkeypatch):
     step = bm.Session.step
     monkeypatch.setattr(bm.Session, "step", lambda self, x, y: stepped.append(1) or step(self, x, y))
     # then one more step, untimed, that times the contraction alone
-    assert bm.measure(spec, "attribution", fast=True)["warmup_steps"] == 1 + 3
+    fast = bm.measure(spec, "attribution", fast=True)
+    assert (fast["warmup_steps"], fast["untimed_rechecks"]) == (1 + 3, 0)  # timed: steps 5 and 6
     assert len(stepped) == 1 + 3 + 2 + 1
-    assert bm.measure(spec, "attribution", fast=False)["warmup_steps"] == 1
-    assert len(stepped) == 1 + 3 + 2 + 1 + 1 + 2 + 1
+    # exact: step 2 re-checks the hooks' coverage (as steps 10, 100, ... do): run, not timed
+    exact = bm.measure(spec, "attribution", fast=False)
+    assert (exact["warmup_steps"], exact["untimed_rechecks"]) == (1, 1)  # timed: steps 3 and 4
+    assert len(stepped) == 1 + 3 + 2 + 1 + (1 + 1 + 2 + 1)
+    plain = bm.measure(spec, "plain")
+    assert plain["untimed_rechecks"] == 0 and len(stepped) == 7 + 5 + (1 + 2)  # no contraction to time
+
+
+def test_the_steps_of_a_coverage_recheck_are_run_but_not_timed(tmp_path):
+    spec = _spec(tmp_path, tiny(), steps=20, warmup=3)
+    session = bm.Session.build(spec, "attribution")
+    assert [s for s in range(1, 200) if session.rechecks(s)] == [2, 10, 100]
+    assert bm._steps_to_run(session) == 3 + 20 + 1  # step 10 is not timed
+    session.close()
+    plain = bm.Session.build(spec, "plain")
+    assert bm._steps_to_run(plain) == 3 + 20 and not plain.rechecks(10)
 
 
 def test_the_contraction_alone_is_timed_on_a_valued_step_and_the_engine_left_as_it_was(tmp_path, monkeypatch):
@@ -309,7 +324,7 @@ def test_the_contraction_alone_is_timed_on_a_valued_step_and_the_engine_left_as_
     contract = GhostEngine.contract
     monkeypatch.setattr(GhostEngine, "contract", lambda *a, **k: contracted.append(1) or contract(*a, **k))
     session = bm.Session.build(spec, "attribution")
-    memory = bm._Memory(session.prep.device)
+    memory = session.memory
     assert bm.contraction_ms(session, session.batches()[0], memory) > 0
     assert len(contracted) == 1 + bm.CONTRACT_RUNS  # the step's own, then the timed ones
     assert "contract" not in vars(session.stepper.tracker.engine)
