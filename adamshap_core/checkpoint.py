@@ -345,17 +345,24 @@ class StopFlag:
 
     def __init__(self):
         self._event = threading.Event()
+        self.signum: int | None = None  # the signal that set it (SIGINT or SIGTERM)
 
     def __call__(self) -> bool:
         return self._event.is_set()
 
-    def set(self) -> None:
+    def set(self, signum: int | None = None) -> None:
+        self.signum = signum
         self._event.set()
+
+
+# what a second signal of each kind does, once the first has asked to stop: abort at once
+SECOND_SIGNAL = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
 
 @contextlib.contextmanager
 def stop_on_interrupt() -> Iterator[StopFlag]:
-    """The first SIGINT sets the yielded flag (stop after this step); a second one aborts at once.
+    """The first SIGINT (Ctrl-C) or SIGTERM (``kill``, a job scheduler's stop) sets the yielded flag:
+    stop after this step. A second one of either aborts at once, as it would without this.
 
     Outside the main thread signals cannot be caught, and the flag simply never fires.
     """
@@ -365,11 +372,13 @@ def stop_on_interrupt() -> Iterator[StopFlag]:
         return
 
     def handler(signum, frame):
-        flag.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: KeyboardInterrupt
+        flag.set(signum)
+        for sig, second in SECOND_SIGNAL.items():
+            signal.signal(sig, second)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in SECOND_SIGNAL}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler_before in previous.items():
+            signal.signal(sig, handler_before)

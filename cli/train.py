@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shlex
 import shutil
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -132,6 +133,7 @@ def _train_into(folder, header: dict, prep, quiet: bool, resume: bool):
     from adamshap_core.train import TrainingDiverged, run
 
     ckpt = Checkpointer(folder.file(CHECKPOINT_FILE), prep)
+    stop = None
     try:
         with stop_on_interrupt() as stop, _training_bar(quiet) as on_progress:
             result = run(prep, on_progress=on_progress, checkpointer=ckpt, resume=resume, stop=stop)
@@ -144,7 +146,8 @@ def _train_into(folder, header: dict, prep, quiet: bool, resume: bool):
         where = f" after step {e.step} of {e.total}" if isinstance(e, TrainingInterrupted) else ""
         err_console.print(f"[yellow]stopped{where}; run {folder.name!r} is marked incomplete.[/]")
         err_console.print(escape(_how_to_continue(folder, ckpt)), soft_wrap=True)
-        raise typer.Exit(130) from None
+        signum = getattr(stop, "signum", None) or signal.SIGINT
+        raise typer.Exit(128 + signum) from None  # 130 (Ctrl-C) or 143 (SIGTERM), as the shell reports them
     except BaseException as e:
         _record_failure(folder, header, ckpt, e)
         raise

@@ -145,6 +145,37 @@ def test_ctrl_c_stops_after_the_step_saves_and_says_how_to_resume(tmp_path, refe
     assert_same_run(run, reference)
 
 
+def test_sigterm_sets_the_stop_flag_too_and_a_second_one_terminates():
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with stop_on_interrupt() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop() and stop.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # a second one ends the process
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_sigterm_mid_training_exits_143_with_a_checkpoint(tmp_path, monkeypatch):
+    """The CLI path of a stop by SIGTERM: the step finishes, a checkpoint is saved, exit 143."""
+    from adamshap_core import checkpoint
+
+    class TerminatedAtSecondPoll(checkpoint.StopFlag):
+        polls = 0
+
+        def __call__(self) -> bool:
+            self.polls += 1
+            if self.polls == 2:
+                self.set(signal.SIGTERM)  # as the handler does
+            return super().__call__()
+
+    monkeypatch.setattr(
+        checkpoint, "stop_on_interrupt", lambda: contextlib.nullcontext(TerminatedAtSecondPoll())
+    )
+    res = cli("train", write_recipe(tmp_path, LONG), "--name", "t", "--runs-dir", tmp_path / "runs", "-q")
+    assert res.exit_code == 143, res.output
+    assert (tmp_path / "runs" / "t" / CHECKPOINT_FILE).is_file() and "stopped after step 2" in res.output
+
+
 def test_first_ctrl_c_sets_the_stop_flag_and_a_second_aborts():
     before = signal.getsignal(signal.SIGINT)
     with stop_on_interrupt() as stop:
