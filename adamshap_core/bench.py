@@ -374,10 +374,8 @@ def measure(spec: BenchSpec, mode: str, fast: bool = False) -> dict:
         spec = replace(spec, warmup=spec.warmup + fast_settings(spec)["warmup"])
     load_before = os.getloadavg()[0]
     session = Session.build(spec, mode, fast=fast)
-    timed_steps = [
-        s for s in range(1, _steps_to_run(session) + 1) if s > spec.warmup and not session.rechecks(s)
-    ]
-    batches = session.batches(timed_steps[-1])
+    timed = _timed_steps(session)
+    batches = session.batches(max(timed))
     memory = session.memory
     seconds = []
     compiling = _CompileTime(session)
@@ -387,8 +385,9 @@ def measure(spec: BenchSpec, mode: str, fast: bool = False) -> dict:
         t0 = time.perf_counter()
         session.step(x, y)
         memory.sync()
-        if step in timed_steps:
-            seconds.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        if step in timed:
+            seconds.append(elapsed)
     peak = memory.report()  # before the step that times the contraction, which is no training step
     contract_ms = contraction_ms(session, batches[-1], memory)
     session.close()
@@ -408,14 +407,16 @@ def measure(spec: BenchSpec, mode: str, fast: bool = False) -> dict:
     }
 
 
-def _steps_to_run(session: Session) -> int:
-    """The steps (from 1) up to the last timed one: the warm-up, then ``steps`` that are timed, with
-    the tracker's coverage re-checks among them run but not timed."""
-    spec, step, timed = session.spec, session.spec.warmup, 0
-    while timed < spec.steps:
+def _timed_steps(session: Session) -> set[int]:
+    """The ``steps`` steps (from 1) that are timed: those after the warm-up, but for the tracker's
+    coverage re-checks among them, which run untimed."""
+    spec, step = session.spec, session.spec.warmup
+    timed: set[int] = set()
+    while len(timed) < spec.steps:
         step += 1
-        timed += not session.rechecks(step)
-    return step
+        if not session.rechecks(step):
+            timed.add(step)
+    return timed
 
 
 def contraction_ms(session: Session, batch: tuple, memory: _Memory) -> float:
@@ -476,8 +477,9 @@ class _CompileTime:
 class _Memory:
     """Peak memory of this process: RSS on the CPU, allocated memory on CUDA.
 
-    The baseline is taken at construction (just before the first step), so that the increase
-    over it shows what the steps themselves need beside the torch import, data and model.
+    The baseline is taken at construction (``Session.build``: the data and model built, the mode's
+    stepper not yet), so that the increase over it shows what the stepper and the steps need beside
+    the torch import, data and model.
     """
 
     def __init__(self, device):

@@ -233,6 +233,7 @@ def replay(
     total, done = Progress(len(truth_steps), sum(permutations.values()) + len(truth_steps)), 0
 
     def observe(step: int, batch: torch.Tensor, ctx) -> None:
+        nonlocal done
         ids = example_id[batch.numpy()]
         if step in expected_ids and not np.array_equal(ids, expected_ids[step]):
             raise _unfaithful(inputs, f"the batch of step {step} holds other examples than the run's")
@@ -261,7 +262,6 @@ def replay(
                 f"{recorded_loss:.6g}",
             )
         truths[step], batch_ids[step] = truth, ids
-        nonlocal done
         done += permutations[step] + 1
         if on_progress is not None:
             on_progress(Progress(len(truths), done), total)

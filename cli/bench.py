@@ -6,14 +6,14 @@ import math
 from pathlib import Path
 
 import typer
-from rich.console import Console, JustifyMethod
+from rich.console import JustifyMethod
 from rich.markup import escape
 from rich.progress import TextColumn
 from rich.table import Table
 
 from adamshap_core.errors import UserError
 
-from .common import RUNS_DIR, console, err_console, fit_columns, progress_bar, split_list, user_errors
+from .common import RUNS_DIR, console, err_console, print_unbroken, progress_bar, split_list, user_errors
 
 SUMMARY_OPTIONS = {"summary", "quiet", "recipe"}  # the options --summary reads (RECIPE: said apart)
 
@@ -181,8 +181,8 @@ def results_table(plan, result) -> Table:
         )
     load = frame["load_1m"]
     table.caption = (
-        f"medians over {plan.repeats} repeat(s); +MB: peak over the memory just before the first step; "
-        f"{int(frame['threads'].iloc[0])} torch thread(s); 1-minute load average "
+        f"medians over {plan.repeats} repeat(s); +MB: peak over the memory once the data and model are "
+        f"built; {int(frame['threads'].iloc[0])} torch thread(s); 1-minute load average "
         f"{load.min():.1f}–{load.max():.1f}"
     )
     return table
@@ -319,7 +319,6 @@ SUMMARY_COLUMNS: list[tuple[str, JustifyMethod]] = [
     ("fast Pearson", "right"),
 ]
 UNBROKEN = ("bench", "fast Pearson")  # a bench's folder name, and the pair of Pearsons: never broken
-SUMMARY_WIDTH = 400  # where neither layout fits the terminal: the table at its natural width, never cut
 
 
 def print_summary(folder: Path) -> None:
@@ -331,21 +330,17 @@ def print_summary(folder: Path) -> None:
     rows = [_summary_cells(r) for _, r in frame.iterrows()]
     caption = (
         "throughput and memory: attribution / plain (medians); +MB: the same ratio of the peak over the "
-        "memory before the first step; vs per-ex.: attribution / per-example examples per second; bound: the "
-        "throughput ratio if all of valuation but the contraction were free (- where not timed); fast "
-        "Pearson: per-step minimum / median over the steps that reused ∇val, of the worst method. 1-minute "
-        f"load average up to {frame['load_1m'].max():.1f}."
+        "memory once the data and model are built; vs per-ex.: attribution / per-example examples per "
+        "second; bound: the throughput ratio if all of valuation but the contraction were free (- where "
+        "not timed); fast Pearson: per-step minimum / median over the steps that reused ∇val, of the "
+        f"worst method. 1-minute load average up to {frame['load_1m'].max():.1f}."
     )
     title = f"benches under {escape(str(folder))}"
     by_row, by_column = _summary_by_row(rows, title, caption), _summary_by_column(rows, title, caption)
+    path = runio.atomic_write_parquet(Path(folder) / "summary.parquet", frame)
     # a row per bench reads (and pastes) best; where the terminal is too narrow for its thirteen columns,
     # a column per bench; where too narrow for either, the rows at their natural width
-    table = fit_columns(by_row, console.width) or fit_columns(by_column, console.width)
-    path = runio.atomic_write_parquet(Path(folder) / "summary.parquet", frame)
-    if table is None:
-        Console(width=max(console.width, SUMMARY_WIDTH)).print(by_row)
-    else:
-        console.print(table)
+    print_unbroken(by_row, by_column)
     console.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)
 
 

@@ -134,13 +134,15 @@ def fit_columns(table: Table, width: int) -> Table | None:
     return table
 
 
-def print_unbroken(table: Table) -> None:
-    """Print ``table`` fitted to the terminal (``fit_columns``), or where it does not fit without
-    cutting a cell, at its natural width (the terminal then wraps its lines; no cell loses its end)."""
-    fitted = fit_columns(table, console.width)
-    if fitted is not None:
-        console.print(fitted)
-        return
+def print_unbroken(table: Table, *other_layouts: Table) -> None:
+    """Print the first of ``table`` and ``other_layouts`` (the same cells laid out otherwise) that fits
+    the terminal without cutting a cell (``fit_columns``); where none does, ``table`` at its natural
+    width (the terminal then wraps its lines; no cell loses its end)."""
+    for layout in (table, *other_layouts):
+        fitted = fit_columns(layout, console.width)
+        if fitted is not None:
+            console.print(fitted)
+            return
     natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
     Console(width=natural, force_terminal=console.is_terminal, no_color=console.no_color).print(table)
 

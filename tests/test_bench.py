@@ -312,10 +312,10 @@ def test_the_steps_of_a_coverage_recheck_are_run_but_not_timed(tmp_path):
     spec = _spec(tmp_path, tiny(), steps=20, warmup=3)
     session = bm.Session.build(spec, "attribution")
     assert [s for s in range(1, 200) if session.rechecks(s)] == [2, 10, 100]
-    assert bm._steps_to_run(session) == 3 + 20 + 1  # step 10 is not timed
+    assert bm._timed_steps(session) == set(range(4, 3 + 20 + 2)) - {10}  # step 10 is not timed
     session.close()
     plain = bm.Session.build(spec, "plain")
-    assert bm._steps_to_run(plain) == 3 + 20 and not plain.rechecks(10)
+    assert bm._timed_steps(plain) == set(range(4, 3 + 20 + 1)) and not plain.rechecks(10)
 
 
 def test_the_contraction_alone_is_timed_on_a_valued_step_and_the_engine_left_as_it_was(tmp_path, monkeypatch):
