@@ -123,6 +123,12 @@ def _tokens(vocab=11, T=6):
     return make
 
 
+def _frozen(model: nn.Module, *names: str) -> nn.Module:
+    for name in names:
+        model.get_parameter(name).requires_grad_(False)
+    return model
+
+
 CASES = [
     Case("mlp-bias", lambda: nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)), _tabular(5, 3)),
     Case(
@@ -143,4 +149,10 @@ CASES = [
     Case("lm-tied", lambda: TinyLM(tied=True), _tokens(), sequence_cross_entropy),
     Case("lm-untied", lambda: TinyLM(tied=False, padding_idx=None), _tokens(), sequence_cross_entropy),
     Case("stacked", Stacked, _sequence(5, 4, 3)),
+    # only the biases of the norms and of Linear a valued: the kernels' bias-only contractions
+    Case(
+        "stacked-frozen-weights",
+        lambda: _frozen(Stacked(), "ln1.weight", "ln2.weight", "a.weight"),
+        _sequence(5, 4, 3),
+    ),
 ]

@@ -16,7 +16,11 @@ from adamshap_core.errors import UserError
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("batch, chunked", [(1, False), (5, False), (5, True)], ids=["1", "5", "5-chunked"])
-def test_kernel_matches_per_example_gradients(case, batch, chunked, float64):
+@pytest.mark.parametrize("targets", ["one", "six"])
+def test_kernel_matches_per_example_gradients(case, batch, chunked, targets, float64):
+    """Every kernel's ⟨M, g_i⟩ against brute force: one matrix per parameter (one method, one
+    validation target: the kernels' K = 1 shortcuts), or six (a scalar and an elementwise scale,
+    three targets)."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(1)
     model = case.model()
@@ -25,25 +29,26 @@ def test_kernel_matches_per_example_gradients(case, batch, chunked, float64):
     if chunked:  # a budget below one example's intermediates: every kernel contracts one example at a time
         engine.contract_chunk = 1
     names = {id(p): n for n, p in model.named_parameters()}
-    Q = 3
+    Q, n_methods = (1, 1) if targets == "one" else (3, 2)
     val = [torch.randn(Q, *p.shape, generator=gen) for p in engine.parameters]
     elementwise = [torch.rand(p.shape, generator=gen) for p in engine.parameters]
-    # per parameter: a scalar scale for method 0, an elementwise one for method 1
+    # per parameter: an elementwise scale, and with six targets first a scalar one
+    per_method = [[s] if n_methods == 1 else [1.0, s] for s in elementwise]
     scales = [
-        (engine.slice_of(p), [1.0, s.reshape(-1)])
-        for p, s in zip(engine.parameters, elementwise, strict=True)
+        (engine.slice_of(p), [s if isinstance(s, float) else s.reshape(-1) for s in methods])
+        for p, methods in zip(engine.parameters, per_method, strict=True)
     ]
     with engine.capture():
         case.loss(model(x), y).mean().backward()
-        got = engine.values(engine.flatten(val, rows=Q), scales, 2, batch)  # [B, 2, Q]
+        got = engine.values(engine.flatten(val, rows=Q), scales, n_methods, batch)  # [B, methods, Q]
     G = per_example_grads(model, case.loss, x, y)
-    want = torch.zeros(batch, 2, Q)
-    for p, v, s in zip(engine.parameters, val, elementwise, strict=True):
+    want = torch.zeros(batch, n_methods, Q)
+    for p, v, methods in zip(engine.parameters, val, per_method, strict=True):
         g = G[names[id(p)]].reshape(batch, -1)
-        for m, scale in enumerate((1.0, s)):
+        for m, scale in enumerate(methods):
             M = (scale * v).reshape(Q, -1)
             want[:, m] += g @ M.T / batch
-    assert got.shape == (batch, 2, Q)
+    assert got.shape == (batch, n_methods, Q)
     assert rel_err(got, want) <= 1e-10
 
 
@@ -243,19 +248,68 @@ def test_kernel_rejects_configurations_it_cannot_value(module):
 @pytest.mark.parametrize("G", [1, 3])
 def test_linear_contraction_orders_agree_with_the_definition(T, K, d_in, d_out, G, float64, monkeypatch):
     """Both orders of Σ_g Σ_t b_tᵀ M_k a_t (through M, through per-example gradients), chunked too,
-    for one layer and for G stacked ones."""
+    for one layer and for G stacked ones; with a bias's Σ_t b_tᵀ m_k added in the same product."""
     from adamshap_core.engine import linear
 
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(G, 6, T, d_in, generator=gen), torch.randn(G, 6, T, d_out, generator=gen)
     M = torch.randn(G, K, d_out, d_in, generator=gen)
+    Mb = torch.randn(G, K, d_out, generator=gen)
     want = torch.einsum("gbto,gkoi,gbti->bk", b, M, a)
     assert rel_err(linear.contract_stacked(a, b, M), want) <= 1e-12
+    with_bias = want + torch.einsum("gbto,gko->bk", b, Mb)
+    assert rel_err(linear.contract_stacked(a, b, M, Mb), with_bias) <= 1e-12
     assert rel_err(linear._through_per_example_gradients(a, b, M), want) <= 1e-12
     if G == 1:
         assert rel_err(linear.contract(a[0], b[0], M[0]), want) <= 1e-12
     monkeypatch.setattr(linear, "PER_EXAMPLE_CHUNK", G * d_in * d_out * 4)  # chunks of 4 examples
     assert rel_err(linear._through_per_example_gradients(a, b, M), want) <= 1e-12
+
+
+def test_stacks_kept_from_an_earlier_step_serve_only_calls_of_its_shapes(float64, monkeypatch):
+    """The engine keeps each step's stacks for the next; a batch of another size, whose calls fit the
+    stack budget differently, is stacked anew (as a fresh engine stacks it), with the same values."""
+    from cases import Stacked
+
+    from adamshap_core.engine.linear import LinearKernel
+
+    seen: list[int] = []
+    original = LinearKernel.values_stacked
+    monkeypatch.setattr(
+        LinearKernel,
+        "values_stacked",
+        lambda self, ms, *rest: seen.append(len(ms)) or original(self, ms, *rest),
+    )
+    torch.manual_seed(0)
+    model = Stacked()
+    kept = GhostEngine(model)
+
+    def step(engine, x):
+        engine.stack_floats = 2000
+        seen.clear()
+        val = engine.flatten([torch.ones(1, *p.shape) for p in engine.parameters], rows=1)
+        with engine.capture():
+            model(x).sum().backward()
+            v = engine.values(val, [(slice(0, engine.numel), [1.0])], 1, len(x))
+        model.zero_grad()
+        return v, sorted(seen)
+
+    planned = []  # the batch sizes whose stacks the kept engine formed anew
+    new_stacks = kept._new_stacks
+    monkeypatch.setattr(
+        kept, "_new_stacks", lambda parts, *rest: planned.append(len(x)) or new_stacks(parts, *rest)
+    )
+    stacked = {}
+    for batch in (2, 12, 2):
+        x = torch.randn(batch, 4, 5)
+        fresh = GhostEngine(model)
+        want, want_stacks = step(fresh, x)
+        fresh.remove()
+        got, stacked[batch] = step(kept, x)
+        assert stacked[batch] == want_stacks
+        assert rel_err(got, want) <= 1e-12
+    assert stacked[2] != stacked[12]  # the budget stacks the two sizes differently
+    assert planned == [2, 12]  # the second batch of 2 took the stacks kept from the first
 
 
 @pytest.mark.parametrize("summed", [False, True], ids=["per-row", "summed"])

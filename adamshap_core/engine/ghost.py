@@ -46,6 +46,8 @@ CONTRACT_CHUNK = 1 << 26
 # products; a stack's copies of a, b and M and its intermediates stay within this many floats (1 MiB in
 # float32, about what stays in a core's cache: beyond it, stacking slows the products more than it saves)
 STACK_FLOATS = 1 << 18
+# stack plans kept (``GhostEngine._stacks``): one per batch shape and kind of call list
+STACK_PLANS = 16
 
 
 @dataclass
@@ -134,6 +136,9 @@ class GhostEngine:
         self._workspace = Workspace()  # the flat M buffer, reused every step
         self._handles = [m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self._owned]
         self._twinned = _twinned(self._owned)  # the modules whose calls may be stacked with another's
+        # the stacks of the last few steps' calls, by what decides them (``_stacks``): a step repeats
+        # the calls of the step before, and recomputing its stacks costs a valued op or two per call
+        self._stack_plans: dict[tuple, list[list[int]]] = {}
         # weight matrices the last step with a rank contracted through low-rank factors (fast mode: only
         # those whose factored contraction costs less than the exact one)
         self.last_factored = 0
@@ -516,6 +521,18 @@ class GhostEngine:
         it must be), as is a part without a key."""
         if torch.compiler.is_compiling():  # a compiled graph has no dispatch to save: stacking only copies
             return [[part] for part in parts]
+        key = (intermediate, self.stack_floats, tuple(map(_plan_key, parts)))
+        plan = self._stack_plans.get(key)
+        if plan is None:
+            if len(self._stack_plans) >= STACK_PLANS:  # shapes that vary from step to step
+                self._stack_plans.clear()
+            ids = {id(part): i for i, part in enumerate(parts)}
+            plan = self._stack_plans[key] = [
+                [ids[id(p)] for p in st] for st in self._new_stacks(parts, intermediate)
+            ]
+        return [[parts[i] for i in st] for st in plan]
+
+    def _new_stacks(self, parts: list[Part], intermediate: bool) -> list[list[Part]]:
         stacks: list[list[Part]] = []
         open_stacks: dict[object, tuple[list[Part], list[int]]] = {}  # key -> (stack, [its floats])
         for part in parts:
@@ -626,6 +643,15 @@ def _twinned(owned: Mapping[nn.Module, tuple[LayerKernel, dict[str, nn.Parameter
             shapes = tuple((name, tuple(p.shape)) for name, p in own.items())
             by_shape.setdefault((type(kernel), shapes), []).append(module)
     return {m for group in by_shape.values() if len(group) > 1 for m in group}
+
+
+def _plan_key(part: Part) -> tuple:
+    """What ``_stacks`` reads of a part: its module, the shapes and dtypes of a and b, and its
+    parameters' names and kinds (a tensor's shape, or a low-rank factorisation)."""
+    params = tuple(
+        (name, m.shape if isinstance(m, torch.Tensor) else type(m)) for name, m in part.params.items()
+    )
+    return (part.call.module, part.a.shape, part.b.shape, part.a.dtype, part.b.dtype, params)
 
 
 def _stack_key(part: Part) -> object | None:

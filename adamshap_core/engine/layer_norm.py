@@ -29,6 +29,17 @@ def _affine_values_stacked(module, x_hat: torch.Tensor, b: torch.Tensor, M) -> t
     """Σ_g Σ_t ⟨M_w, b ⊙ x̂⟩ + Σ_t ⟨M_b, b⟩, each example's gradient dotted with M, summed over G
     stacked calls: x̂, b [G, B, ...], M {name: [G, K, ...]} → [B, K]."""
     G, B = b.shape[:2]
+    n = math.prod(module.normalized_shape)
+    K = next(iter(M.values())).shape[1]
+    if K == 1:  # Σ b ⊙ (x̂ ⊙ M_w + M_b), the few ops a small model's cost is counted in
+        b, x_hat = b.reshape(G, B, -1, n), x_hat.reshape(G, B, -1, n)
+        Mw, Mb = (M[name].reshape(G, 1, 1, n) if name in M else None for name in ("weight", "bias"))
+        if Mw is None:
+            scaled = Mb
+        else:
+            scaled = x_hat * Mw if Mb is None else torch.addcmul(Mb, x_hat, Mw)
+        assert scaled is not None  # M holds the weight's or the bias's: a call without either is not valued
+        return (scaled * b).sum(dim=(0, 2, 3)).unsqueeze(1)
     grads = _affine_gradients(module, x_hat.flatten(0, 1), b.flatten(0, 1), M)  # [G·B, n]
     out = None
     for name, g in grads.items():

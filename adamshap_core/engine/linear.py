@@ -23,9 +23,12 @@ def contract(a: torch.Tensor, b: torch.Tensor, Mw: torch.Tensor) -> torch.Tensor
     return contract_stacked(a[None], b[None], Mw[None])
 
 
-def contract_stacked(a: torch.Tensor, b: torch.Tensor, Mw: torch.Tensor) -> torch.Tensor:
-    """Σ_g Σ_t b_{g,i,t}ᵀ M_{g,k} a_{g,i,t} for G stacked layers (or layer groups): a [G,B,T,d_in],
-    b [G,B,T,d_out], Mw [G,K,d_out,d_in] → [B,K].
+def contract_stacked(
+    a: torch.Tensor, b: torch.Tensor, Mw: torch.Tensor, Mb: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Σ_g Σ_t b_{g,i,t}ᵀ (M_{g,k} a_{g,i,t} + m_{g,k}) for G stacked layers (or layer groups): a
+    [G,B,T,d_in], b [G,B,T,d_out], Mw [G,K,d_out,d_in] and the bias's Mb [G,K,d_out] (None: no bias
+    valued) → [B,K].
 
     Two exact orders, the cheaper one taken (as an einsum path optimiser would):
     through M, B·T·K·d_in·d_out multiply-adds per layer; or through the layer's per-example
@@ -36,12 +39,27 @@ def contract_stacked(a: torch.Tensor, b: torch.Tensor, Mw: torch.Tensor) -> torc
     G, B, T, d_in = a.shape
     d_out, K = b.shape[-1], Mw.shape[1]
     if T + K < T * K:
-        return _through_per_example_gradients(a, b, Mw)
-    if d_in <= d_out:  # one batched GEMM for all K; the intermediate is [G,B,T,K,min(d_in,d_out)]
-        bm = b.reshape(G, B * T, d_out) @ Mw.permute(0, 2, 1, 3).reshape(G, d_out, K * d_in)
-        return (bm.view(G, B, T, K, d_in) * a.unsqueeze(3)).sum(dim=(0, 2, 4))
-    am = a.reshape(G, B * T, d_in) @ Mw.permute(0, 3, 1, 2).reshape(G, d_in, K * d_out)
-    return (am.view(G, B, T, K, d_out) * b.unsqueeze(3)).sum(dim=(0, 2, 4))
+        out = _through_per_example_gradients(a, b, Mw)
+        return out if Mb is None else out + contract_bias_stacked(b, Mb)
+    if Mb is not None or d_in > d_out:
+        # a side: M a + m, the bias added by the same product (a small model's cost is its op count);
+        # the intermediate is [G,B,T,K,d_out]
+        Mt = Mw.permute(0, 3, 1, 2).reshape(G, d_in, K * d_out)
+        a2 = a.reshape(G, B * T, d_in)
+        am = a2 @ Mt if Mb is None else torch.baddbmm(Mb.reshape(G, 1, K * d_out), a2, Mt)
+        return _summed(am, b)
+    # b side, one batched GEMM for all K; the intermediate is [G,B,T,K,d_in]
+    bm = b.reshape(G, B * T, d_out) @ Mw.permute(0, 2, 1, 3).reshape(G, d_out, K * d_in)
+    return _summed(bm, a)
+
+
+def _summed(product: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Σ_g Σ_t Σ_j product[g,i,t,k,j]·other[g,i,t,j] → [B,K], for product [G, B·T, K·d], other [G,B,T,d]."""
+    G, B, T, d = other.shape
+    K = product.shape[-1] // d
+    if K == 1:  # one reduction over a contiguous run per (g, i)
+        return (product.view(G, B, T * d) * other.reshape(G, B, T * d)).sum(dim=(0, 2)).unsqueeze(1)
+    return (product.view(G, B, T, K, d) * other.unsqueeze(3)).sum(dim=(0, 2, 4))
 
 
 def _through_per_example_gradients(a: torch.Tensor, b: torch.Tensor, Mw: torch.Tensor) -> torch.Tensor:
@@ -120,27 +138,19 @@ class LinearKernel(LayerKernel):
         return ("weight",)
 
     def values(self, module, a, b, M):
+        if not isinstance(M.get("weight"), LowRank):  # exact: a stack of one call
+            return _values_stacked(a[None], b[None], {name: m[None] for name, m in M.items()})
         B = a.shape[0]
         a = a.reshape(B, -1, a.shape[-1])
         b = b.reshape(B, -1, b.shape[-1])
-        out = contract_weight(a, b, M["weight"]) if "weight" in M else None
-        if "bias" in M:
-            bias = contract_bias(b, M["bias"])
-            out = bias if out is None else out + bias
-        return out
+        out = contract_low_rank(a, b, M["weight"])
+        return out if "bias" not in M else out + contract_bias(b, M["bias"])
 
     def group_key(self, module, a, b):
         return (a.shape, b.shape)
 
     def values_stacked(self, modules, a, b, M):
-        G, B = a.shape[:2]
-        a = a.reshape(G, B, -1, a.shape[-1])
-        b = b.reshape(G, B, -1, b.shape[-1])
-        out = contract_stacked(a, b, M["weight"]) if "weight" in M else None
-        if "bias" in M:
-            bias = contract_bias_stacked(b, M["bias"])
-            out = bias if out is None else out + bias
-        return out
+        return _values_stacked(a, b, M)
 
     def rows_params(self, module):
         return ("weight",)
@@ -163,6 +173,16 @@ class LinearKernel(LayerKernel):
         rows = G if summed else G * a.shape[1]  # per call one summed row, or each of its rows
         grads = _row_gradients(a.reshape(rows, -1, a.shape[-1]), b.reshape(rows, -1, b.shape[-1]), names)
         return split_stacked(grads, G)
+
+
+def _values_stacked(a: torch.Tensor, b: torch.Tensor, M) -> torch.Tensor:
+    """[B, K] of G stacked calls: a [G,B,...,d_in], b [G,B,...,d_out], M {name: [G,K,*shape]} (exact)."""
+    G, B = a.shape[:2]
+    a = a.reshape(G, B, -1, a.shape[-1])
+    b = b.reshape(G, B, -1, b.shape[-1])
+    if "weight" in M:
+        return contract_stacked(a, b, M["weight"], M.get("bias"))
+    return contract_bias_stacked(b, M["bias"])
 
 
 def _row_gradients(a: torch.Tensor, b: torch.Tensor, names) -> dict[str, torch.Tensor]:

@@ -96,7 +96,9 @@ class LayerKernel:
 
     def group_key(self, module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> Hashable | None:
         """Calls of this kernel whose keys are equal (not None) may go to ``values_stacked`` and
-        ``gradients_stacked`` together. None (the default): every call alone."""
+        ``gradients_stacked`` together. None (the default): every call alone. The key must follow from
+        the module and the shapes and dtypes of a and b: the engine keeps the stacks it formed for the
+        next step's calls of the same modules and shapes."""
         return None
 
     def values_stacked(
