@@ -647,11 +647,10 @@ def _twinned(owned: Mapping[nn.Module, tuple[LayerKernel, dict[str, nn.Parameter
 
 def _plan_key(part: Part) -> tuple:
     """What ``_stacks`` reads of a part: its module, the shapes and dtypes of a and b, and its
-    parameters' names and kinds (a tensor's shape, or a low-rank factorisation)."""
-    params = tuple(
-        (name, m.shape if isinstance(m, torch.Tensor) else type(m)) for name, m in part.params.items()
-    )
-    return (part.call.module, part.a.shape, part.b.shape, part.a.dtype, part.b.dtype, params)
+    parameters' names and shapes (a low-rank factorisation has none: it is never stacked)."""
+    params = part.params
+    shapes = [getattr(m, "shape", None) for m in params.values()]
+    return (part.call.module, part.a.shape, part.b.shape, part.a.dtype, part.b.dtype, *params, *shapes)
 
 
 def _stack_key(part: Part) -> object | None:
