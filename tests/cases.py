@@ -149,7 +149,7 @@ CASES = [
     Case("lm-tied", lambda: TinyLM(tied=True), _tokens(), sequence_cross_entropy),
     Case("lm-untied", lambda: TinyLM(tied=False, padding_idx=None), _tokens(), sequence_cross_entropy),
     Case("stacked", Stacked, _sequence(5, 4, 3)),
-    # only the biases of the norms and of Linear a valued: the kernels' bias-only contractions
+    # only the biases of ln1, ln2 and a are valued there: the kernels' bias-only contractions
     Case(
         "stacked-frozen-weights",
         lambda: _frozen(Stacked(), "ln1.weight", "ln2.weight", "a.weight"),

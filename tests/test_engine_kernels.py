@@ -259,6 +259,9 @@ def test_linear_contraction_orders_agree_with_the_definition(T, K, d_in, d_out, 
     assert rel_err(linear.contract_stacked(a, b, M), want) <= 1e-12
     with_bias = want + torch.einsum("gbto,gko->bk", b, Mb)
     assert rel_err(linear.contract_stacked(a, b, M, Mb), with_bias) <= 1e-12
+    with monkeypatch.context() as patched:  # past the fold's budget: the bias in a product of its own
+        patched.setattr(linear, "FOLD_FLOATS", 0)
+        assert rel_err(linear.contract_stacked(a, b, M, Mb), with_bias) <= 1e-12
     assert rel_err(linear._through_per_example_gradients(a, b, M), want) <= 1e-12
     if G == 1:
         assert rel_err(linear.contract(a[0], b[0], M[0]), want) <= 1e-12
@@ -310,6 +313,32 @@ def test_stacks_kept_from_an_earlier_step_serve_only_calls_of_its_shapes(float64
         assert rel_err(got, want) <= 1e-12
     assert stacked[2] != stacked[12]  # the budget stacks the two sizes differently
     assert planned == [2, 12]  # the second batch of 2 took the stacks kept from the first
+
+
+def test_kept_stacks_follow_a_change_of_a_module_attribute_in_the_stacking_key(float64):
+    """Two LayerNorms stack while their eps are equal; after one's eps changes, the engine that kept
+    the earlier step's stacks values them apart, as a fresh engine does."""
+    from cases import Stacked
+
+    torch.manual_seed(0)
+    model = Stacked()
+    kept = GhostEngine(model)
+    x = torch.randn(3, 4, 5)
+
+    def values(engine):
+        val = engine.flatten([torch.ones(1, *p.shape) for p in engine.parameters], rows=1)
+        with engine.capture():
+            model(x).sum().backward()
+            v = engine.values(val, [(slice(0, engine.numel), [1.0])], 1, len(x))
+        model.zero_grad()
+        return v
+
+    values(kept)
+    model.ln2.eps = 3.0
+    fresh = GhostEngine(model)
+    want = values(fresh)
+    fresh.remove()
+    assert rel_err(values(kept), want) <= 1e-12
 
 
 @pytest.mark.parametrize("summed", [False, True], ids=["per-row", "summed"])

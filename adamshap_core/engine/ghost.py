@@ -521,7 +521,7 @@ class GhostEngine:
         it must be), as is a part without a key."""
         if torch.compiler.is_compiling():  # a compiled graph has no dispatch to save: stacking only copies
             return [[part] for part in parts]
-        key = (intermediate, self.stack_floats, tuple(map(_plan_key, parts)))
+        key = (intermediate, self.stack_floats, tuple(map(self._plan_key, parts)))
         plan = self._stack_plans.get(key)
         if plan is None:
             if len(self._stack_plans) >= STACK_PLANS:  # shapes that vary from step to step
@@ -531,6 +531,18 @@ class GhostEngine:
                 [ids[id(p)] for p in st] for st in self._new_stacks(parts, intermediate)
             ]
         return [[parts[i] for i in st] for st in plan]
+
+    def _plan_key(self, part: Part) -> tuple:
+        """What ``_new_stacks`` reads of a part: its module (and, for a module that may stack, its
+        kernel's ``group_key``, which may read the module's attributes), the shapes and dtypes of a
+        and b, and its parameters' names and shapes (a low-rank factorisation has none: it is
+        never stacked)."""
+        call, params = part.call, part.params
+        shapes = [getattr(m, "shape", None) for m in params.values()]
+        key = (call.module, part.a.shape, part.b.shape, part.a.dtype, part.b.dtype, *params, *shapes)
+        if call.module in self._twinned:
+            return (*key, call.kernel.group_key(call.module, part.a, part.b))
+        return key
 
     def _new_stacks(self, parts: list[Part], intermediate: bool) -> list[list[Part]]:
         stacks: list[list[Part]] = []
@@ -643,14 +655,6 @@ def _twinned(owned: Mapping[nn.Module, tuple[LayerKernel, dict[str, nn.Parameter
             shapes = tuple((name, tuple(p.shape)) for name, p in own.items())
             by_shape.setdefault((type(kernel), shapes), []).append(module)
     return {m for group in by_shape.values() if len(group) > 1 for m in group}
-
-
-def _plan_key(part: Part) -> tuple:
-    """What ``_stacks`` reads of a part: its module, the shapes and dtypes of a and b, and its
-    parameters' names and shapes (a low-rank factorisation has none: it is never stacked)."""
-    params = part.params
-    shapes = [getattr(m, "shape", None) for m in params.values()]
-    return (part.call.module, part.a.shape, part.b.shape, part.a.dtype, part.b.dtype, *params, *shapes)
 
 
 def _stack_key(part: Part) -> object | None:

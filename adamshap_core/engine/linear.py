@@ -16,6 +16,10 @@ from .registry import LayerKernel, register, split_stacked
 PER_EXAMPLE_CHUNK = 1 << 24
 # how many times fewer multiply-adds the rows' ghost dot-product must take to be chosen over M
 ROWS_MARGIN = 4
+# a bias is contracted in its weight's product (one op less, which is what a small layer's cost is)
+# also where that puts the product on the wider side, while its intermediate stays within this many
+# floats (about what a core's cache holds; past it the wider intermediate costs more than the op)
+FOLD_FLOATS = 1 << 18
 
 
 def contract(a: torch.Tensor, b: torch.Tensor, Mw: torch.Tensor) -> torch.Tensor:
@@ -41,16 +45,16 @@ def contract_stacked(
     if T + K < T * K:
         out = _through_per_example_gradients(a, b, Mw)
         return out if Mb is None else out + contract_bias_stacked(b, Mb)
-    if Mb is not None or d_in > d_out:
-        # a side: M a + m, the bias added by the same product (a small model's cost is its op count);
-        # the intermediate is [G,B,T,K,d_out]
+    if d_in > d_out or (Mb is not None and G * B * T * K * d_out <= FOLD_FLOATS):
+        # a side: M a + m, the bias added by the same product; the intermediate is [G,B,T,K,d_out]
         Mt = Mw.permute(0, 3, 1, 2).reshape(G, d_in, K * d_out)
         a2 = a.reshape(G, B * T, d_in)
         am = a2 @ Mt if Mb is None else torch.baddbmm(Mb.reshape(G, 1, K * d_out), a2, Mt)
         return _summed(am, b)
     # b side, one batched GEMM for all K; the intermediate is [G,B,T,K,d_in]
     bm = b.reshape(G, B * T, d_out) @ Mw.permute(0, 2, 1, 3).reshape(G, d_out, K * d_in)
-    return _summed(bm, a)
+    out = _summed(bm, a)
+    return out if Mb is None else out + contract_bias_stacked(b, Mb)
 
 
 def _summed(product: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

@@ -96,9 +96,9 @@ class LayerKernel:
 
     def group_key(self, module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> Hashable | None:
         """Calls of this kernel whose keys are equal (not None) may go to ``values_stacked`` and
-        ``gradients_stacked`` together. None (the default): every call alone. The key must follow from
-        the module and the shapes and dtypes of a and b: the engine keeps the stacks it formed for the
-        next step's calls of the same modules and shapes."""
+        ``gradients_stacked`` together. None (the default): every call alone. The key may read the
+        module and a's and b's shapes and dtypes, not their values: the engine keeps the stacks it
+        formed for the next step's calls of the same modules, shapes and keys."""
         return None
 
     def values_stacked(
