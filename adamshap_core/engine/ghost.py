@@ -137,7 +137,7 @@ class GhostEngine:
         self._handles = [m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self._owned]
         self._twinned = _twinned(self._owned)  # the modules whose calls may be stacked with another's
         # the stacks of the last few steps' calls, by what decides them (``_stacks``): a step repeats
-        # the calls of the step before, and recomputing its stacks costs a valued op or two per call
+        # the calls of the step before, and working its stacks out again costs microseconds per call
         self._stack_plans: dict[tuple, list[list[int]]] = {}
         # weight matrices the last step with a rank contracted through low-rank factors (fast mode: only
         # those whose factored contraction costs less than the exact one)
