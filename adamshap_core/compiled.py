@@ -109,7 +109,7 @@ class Compiled:
         lines = str(error).strip().splitlines()
         self.failed = f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
         warnings.warn(
-            f"attribution.compile: {what} ({self.failed}); computing the values eagerly",
+            f"compile=True (attribution.compile): {what} ({self.failed}); computing the values eagerly",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -68,9 +68,16 @@ def gradient_gap(
     modes its modules are in). Torch's random state and the modes are restored afterwards."""
     params = [p for p in model.parameters() if p.requires_grad]
     rows = n_rows(targets)
+    if rows is None:  # the targets inside the inputs (a dict with labels, the loss computed by the model)
+        rows = n_rows(inputs)
     first = next(row_tensors(inputs), None)
+    if first is None:  # inputs the model turns into tensors itself (strings, say)
+        first = next(row_tensors(targets), None)
     if rows is None or first is None:
-        return None  # nothing with rows to check (batches.py)
+        return (
+            "neither its inputs nor its targets hold a tensor with one row per example (batches.py), "
+            "so whether the hooks see every example's whole gradient cannot be checked"
+        )
     try:
         with probing(model, first.device) as modules, engine.capture(extra_rows=rows):
             if training is not None:

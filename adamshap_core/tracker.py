@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Real
 
 import torch
 from torch import nn
@@ -182,8 +183,9 @@ class InRunShapley:
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.methods = check_methods(methods)
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm is {max_grad_norm}; expected a positive number, or None")
+        number = isinstance(max_grad_norm, Real) and not isinstance(max_grad_norm, bool)
+        if max_grad_norm is not None and not (number and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm is {max_grad_norm!r}; expected a positive number, or None")
         self.max_grad_norm = max_grad_norm
         self.fast = FastMode.of(fast)
         self.fuse_validation = fuse_validation
@@ -201,7 +203,7 @@ class InRunShapley:
             _refuse(coupling_problem(self._norms))
             self._model_blocker: str | None = "fuse_validation is off"
             if fuse_validation:
-                self._model_blocker = model_blocker(model) or self.engine.builds_gradients()
+                self._model_blocker = model_blocker(model)
             self._compiled: Compiled | None = None
             if compile:
                 self._compiled = Compiled({"rows": rows_gradients, "values": traced_step_values})
@@ -212,6 +214,7 @@ class InRunShapley:
 
     def set_validation(self, val_inputs, val_targets, *, per_target: bool = False) -> None:
         """Change the validation target(s) the next steps are valued against."""
+        self._check_open()
         if is_empty(val_targets):
             raise ValueError("the validation set is empty: expected at least one row to value against")
         check_rows(val_inputs, val_targets, "the validation set")
@@ -241,8 +244,7 @@ class InRunShapley:
 
     def step(self, inputs, targets) -> StepResult:
         """Forward, backward, optimizer.step(), and this step's value per example."""
-        if self._closed:
-            raise RuntimeError("this tracker is closed: its hooks are gone, so it can value no more steps")
+        self._check_open()
         if is_empty(targets):
             raise ValueError("the training batch is empty: expected at least one row")
         check_rows(inputs, targets, "the training batch")
@@ -348,8 +350,26 @@ class InRunShapley:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()`` of a tracker of the same model, optimizer and validation set."""
+        missing = sorted({"steps", "val_grads", "generator"} - set(state))
+        if missing:
+            raise ValueError(
+                f"this state has no {', '.join(missing)}: expected an InRunShapley.state_dict() "
+                "(an optimizer's or a model's state dict is not one)"
+            )
+        val_grads = state["val_grads"]
+        if val_grads is not None:
+            targets = n_rows(self.val_targets) if self.per_target else 1
+            want = (targets, self.engine.numel)
+            if tuple(val_grads.shape) != want:
+                raise ValueError(
+                    f"this state's validation gradient has shape {tuple(val_grads.shape)}; this tracker's is "
+                    f"{want} ({'one row per validation target' if self.per_target else 'the mean target'} "
+                    "over its parameters): expected the state of a tracker of the same model, validation "
+                    "set and per_target"
+                )
         self._steps = int(state["steps"])
-        self._val_grads = state["val_grads"]
+        self._val_grads = val_grads
         self.engine.set_generator_state(state["generator"])
 
     def _validation_rows(self, inputs, targets) -> ValidationRows | None:
@@ -367,6 +387,10 @@ class InRunShapley:
         if fast is None or self._val_grads is None or self._steps <= fast.warmup:
             return True
         return (self._steps - fast.warmup) % fast.refresh_every == 0
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this tracker is closed: its hooks are gone, so it can value no more steps")
 
     def close(self) -> None:
         """Remove the hooks; the model is as it was before the tracker."""

@@ -2,6 +2,7 @@
 start-up or at the step where they change, never valued silently (coverage.py); the models it can
 value are still valued exactly."""
 
+import copy
 import math
 
 import pytest
@@ -364,3 +365,50 @@ def test_half_precision_models_are_checked_to_their_own_precision(dtype):
     wrong = NormedLM(tied_outside=True).to(dtype)
     with pytest.raises(UserError, match="gradient of 'tok.weight' is not what its module's hooks capture"):
         InRunShapley(wrong, torch.optim.Adam(wrong.parameters(), lr=1e-3), loss, vx, vy, METHODS)
+
+
+class LossInside(nn.Module):
+    """Takes a dict with the labels and returns each row's loss itself (targets=None); its head may
+    reuse the embedding's weight outside any hook."""
+
+    def __init__(self, tied_outside: bool):
+        super().__init__()
+        self.tok, self.h, self.head = nn.Embedding(7, 4), nn.Linear(4, 4), nn.Linear(4, 7)
+        self.tied_outside = tied_outside
+
+    def forward(self, batch):
+        h = torch.tanh(self.h(self.tok(batch["ids"])))
+        logits = F.linear(h, self.tok.weight) if self.tied_outside else self.head(h)
+        return sequence_cross_entropy(logits, batch["labels"])
+
+
+def test_targets_inside_the_inputs_are_checked_by_the_inputs_rows(float64):
+    """With targets=None the rows are counted in the inputs, so the start-up check still runs: a tied
+    head outside the hooks is refused, as it is with the labels passed as targets; the untied model
+    is valued as with them."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 7, (6, 5), generator=gen)
+    batch = {"ids": ids, "labels": ids.roll(-1, dims=1)}
+    val = {"ids": ids[:3], "labels": batch["labels"][:3]}
+    losses = lambda out, _: out  # noqa: E731
+    for targets in (None, val["labels"]):
+        tied = LossInside(tied_outside=True)
+        with pytest.raises(
+            UserError, match="gradient of 'tok.weight' is not what its module's hooks capture"
+        ):
+            InRunShapley(tied, torch.optim.Adam(tied.parameters()), losses, val, targets, METHODS)
+    torch.manual_seed(0)
+    model = LossInside(tied_outside=False)
+    twin = copy.deepcopy(model)
+    got = InRunShapley(model, torch.optim.Adam(model.parameters()), losses, val, None, METHODS)
+    want = InRunShapley(twin, torch.optim.Adam(twin.parameters()), losses, val, val["labels"], METHODS)
+    for _ in range(2):
+        g, w = got.step(batch, None).values, want.step(batch, batch["labels"]).values
+        for m in METHODS:
+            assert torch.equal(g[m], w[m])
+
+
+def test_a_batch_without_a_tensor_with_rows_is_refused():
+    model = nn.Linear(5, 3)
+    with pytest.raises(UserError, match="neither its inputs nor its targets hold a tensor with one row"):
+        InRunShapley(model, torch.optim.Adam(model.parameters()), lambda out, y: out, [1, 2], None, METHODS)

@@ -223,6 +223,25 @@ def test_parameter_outside_any_module_is_an_error():
         GhostEngine(Scaled())
 
 
+def test_a_kernel_without_per_row_gradients_cannot_be_registered():
+    """The start-up check compares every kernel's per-row gradients with autograd's: a kernel must
+    build them."""
+    from adamshap_core.engine.registry import _KERNELS, LayerKernel, register
+
+    class Scale(nn.Module):
+        pass
+
+    class ValuesOnly(LayerKernel):
+        param_names = ("weight",)
+
+        def values(self, module, a, b, M):
+            raise AssertionError("not reached")
+
+    with pytest.raises(TypeError, match="ValuesOnly does not define gradients"):
+        register(Scale)(ValuesOnly)
+    assert Scale not in _KERNELS
+
+
 def test_frozen_parameters_are_skipped():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     for p in model[1].parameters():

@@ -407,6 +407,44 @@ def test_an_empty_batch_and_a_closed_tracker_are_clear_errors():
     tracker.close()
     with pytest.raises(RuntimeError, match="tracker is closed"):
         tracker.step(x, y)
+    with pytest.raises(RuntimeError, match="tracker is closed"):
+        tracker.set_validation(x, y)
+
+
+def test_a_clip_norm_that_is_not_a_number_is_a_clear_error():
+    case = CASES[0]
+    model = case.model()
+    x, y = case.data(3, torch.Generator().manual_seed(0))
+    for norm in ("1.0", True):
+        with pytest.raises(ValueError, match=f"max_grad_norm is {norm!r}; expected a positive number"):
+            InRunShapley(model, torch.optim.Adam(model.parameters()), case.loss, x, y, max_grad_norm=norm)
+
+
+def test_a_state_that_does_not_fit_the_tracker_is_refused():
+    """load_state_dict takes the state of a tracker of the same model and validation set (resumed
+    exactly elsewhere); another tracker's ∇val, a per-target one, or an optimizer's state dict are
+    refused before anything changes."""
+    case = CASES[0]
+    x, y = case.data(4, torch.Generator().manual_seed(0))
+
+    def tracker(model=None, per_target=False):
+        model = model or case.model()
+        opt = torch.optim.Adam(model.parameters())
+        return InRunShapley(model, opt, case.loss, x, y, fast=True, per_target=per_target)
+
+    wider = tracker(torch.nn.Sequential(torch.nn.Linear(x.shape[1], 9), torch.nn.Linear(9, 3)))
+    per_target = tracker(per_target=True)
+    for t in (wider, per_target):
+        t.step(x, y)
+    fresh = tracker()
+    with pytest.raises(ValueError, match=r"validation gradient has shape \(1, \d+\); this tracker's is"):
+        fresh.load_state_dict(wider.state_dict())
+    with pytest.raises(ValueError, match=r"has shape \(4, \d+\).*the mean target"):
+        fresh.load_state_dict(per_target.state_dict())
+    with pytest.raises(ValueError, match="this state has no generator, steps, val_grads"):
+        fresh.load_state_dict(torch.optim.Adam(case.model().parameters()).state_dict())
+    assert fresh.state_dict()["steps"] == 0 and fresh.state_dict()["val_grads"] is None
+    fresh.load_state_dict(tracker().state_dict())  # a fitting one (nothing reused yet) is taken
 
 
 def test_unknown_method_is_a_clear_error():

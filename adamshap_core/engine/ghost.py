@@ -28,7 +28,6 @@ from ..workspace import Workspace
 from .low_rank import LowRank, factorize, factorizing_pays
 from .registry import (
     LayerKernel,
-    has_gradients,
     kernel_for,
     matrix_dtype,
     n_targets,
@@ -185,11 +184,6 @@ class GhostEngine:
             self._capturing = False
             self._calls = []
             self._extra_rows = 0
-
-    def builds_gradients(self) -> str | None:
-        """Why ``extra_gradients`` cannot serve this model (None: every kernel builds gradients)."""
-        lacking = sorted({type(k).__name__ for k, _ in self._owned.values() if not has_gradients(k)})
-        return f"the layer kernel(s) {', '.join(lacking)} build no per-row gradients" if lacking else None
 
     def generator_state(self) -> torch.Tensor:
         """The state of the engine's own random stream (low-rank factorisations)."""

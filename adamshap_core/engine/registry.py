@@ -64,7 +64,9 @@ class LayerKernel:
     ) -> dict[str, torch.Tensor]:
         """Per-row gradients {name: [R, *param.shape]} of the parameters ``names``, from the
         ``a`` and ``b`` of R rows; with ``summed``, their sum over the rows ([1, *shape], one
-        product instead of R). Used for validation rows appended to the training batch."""
+        product instead of R). Required: a tracker compares them with autograd's gradients at
+        start-up (``coverage.py``), and builds the validation rows' gradients from them where the
+        rows ride in the training batch."""
         raise NotImplementedError
 
     # ---- optional: values straight from the validation rows' a and b ----------------------------------
@@ -126,11 +128,6 @@ def split_stacked(grads: Mapping[str, torch.Tensor], G: int) -> list[dict[str, t
     return [{name: p[i] for name, p in parts.items()} for i in range(G)]
 
 
-def has_gradients(kernel: LayerKernel) -> bool:
-    """Whether the kernel builds per-row gradients (a custom kernel may value without them)."""
-    return type(kernel).gradients is not LayerKernel.gradients
-
-
 _KERNELS: dict[type[nn.Module], LayerKernel] = {}
 
 
@@ -138,6 +135,14 @@ def register(*module_types: type[nn.Module]):
     """Class decorator: ``@register(nn.Linear)`` makes the kernel serve that type."""
 
     def wrap(cls: type[LayerKernel]) -> type[LayerKernel]:
+        base = LayerKernel
+        lacking = [name for name in ("values", "gradients") if getattr(cls, name) is getattr(base, name)]
+        if lacking:
+            raise TypeError(
+                f"layer kernel {cls.__name__} does not define {' or '.join(lacking)}: a kernel values "
+                "from a and b (values) and builds per-row gradients from them (gradients), which a "
+                "tracker checks against autograd at start-up"
+            )
         for t in module_types:
             _KERNELS[t] = cls()
         return cls
