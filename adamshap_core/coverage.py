@@ -88,6 +88,9 @@ def gradient_gap(
             separate = per_row and rows > 1
             total = torch.autograd.grad(losses.sum(), params, allow_unused=True, retain_graph=separate)
             got = engine.extra_gradients(0, summed=not per_row)
+            disagree = _values_gap(engine, got, rows)
+            if disagree is not None:
+                return disagree
             wants = [total]
             if separate:  # after ``got``: these passes overwrite the captured b
                 last = rows - 1
@@ -117,6 +120,34 @@ def gradient_gap(
     return None
 
 
+def _values_gap(engine: GhostEngine, got: dict[int, torch.Tensor], rows: int) -> str | None:
+    """Why the layer kernels' values disagree with their own per-row gradients ``got`` (None: they
+    agree), inside the capture that built them: for a random M, ⟨M, g_r⟩ through the kernels'
+    contraction against M dotted with those gradients. ``gradient_gap`` checks the gradients
+    against autograd's; this checks that the values are the same gradients' (a custom kernel's
+    ``values`` and ``gradients`` are written apart)."""
+    with torch.inference_mode():  # as the valuation runs (the engine's scratch is made in it)
+        grads = engine.flatten_by_id(got, next(iter(got.values())).shape[0])  # [rows or 1 (summed), N]
+        gen = torch.Generator().manual_seed(0)
+        M = torch.randn(1, engine.numel, generator=gen, dtype=torch.float64).to(grads.dtype).to(grads.device)
+        matrices = engine.matrices(M, [(slice(0, engine.numel), [1.0])], 1)
+        values = engine.kernel_values(matrices, engine.captured(0))[:, 0]  # [rows]
+        if grads.shape[0] == 1:  # the rows' summed gradient
+            values = values.sum(0, keepdim=True)
+        want, scale = grads @ M[0], grads.abs() @ M[0].abs()
+    unit = torch.finfo(grads.dtype).eps
+    tolerance = max(GAP_RTOL, ROUNDING_UNITS * unit) * scale + torch.finfo(grads.dtype).tiny
+    if not bool(torch.isfinite(want).all()) or bool(((values - want).abs() <= tolerance).all()):
+        return None  # a non-finite gradient is the step's to report (it stops the run), not a kernel's
+    kernels = sorted({type(call.kernel).__name__ for call in engine.captured(0)})
+    return (
+        f"its layer kernels' values are not the dot products of their own per-row gradients with M "
+        f"(for a random M: {values.tolist()} against {want.tolist()}); does a kernel's values or "
+        f"values_stacked compute another contraction than its gradients? (kernels in use: "
+        f"{', '.join(kernels)})"
+    )
+
+
 def _first_gap(
     model: nn.Module,
     params: list[nn.Parameter],
@@ -142,8 +173,7 @@ def _first_gap(
 
 def coverage_problem(engine: GhostEngine, model: nn.Module, loss_fn, inputs, targets) -> str | None:
     """The start-up check on the first ``CHECK_ROWS`` validation rows, each row's gradient on its
-    own, in the modes the model is in (None: nothing found; inputs or targets that hold no tensor
-    with rows, see ``batches.py``, are not checked)."""
+    own, in the modes the model is in (None: nothing found)."""
     inputs, targets = take_rows(inputs, 0, CHECK_ROWS), take_rows(targets, 0, CHECK_ROWS)
     return gradient_gap(engine, model, loss_fn, inputs, targets, per_row=True)
 

@@ -412,3 +412,51 @@ def test_a_batch_without_a_tensor_with_rows_is_refused():
     model = nn.Linear(5, 3)
     with pytest.raises(UserError, match="neither its inputs nor its targets hold a tensor with one row"):
         InRunShapley(model, torch.optim.Adam(model.parameters()), lambda out, y: out, [1, 2], None, METHODS)
+
+
+class Scale(nn.Module):
+    """y = x ⊙ w: a layer type without a shipped kernel."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+@pytest.mark.parametrize("slip", [1.0, 2.0], ids=["right", "values-doubled"])
+def test_a_custom_kernel_whose_values_are_not_its_gradients_is_refused(slip, monkeypatch, float64):
+    """The start-up check compares a kernel's values with its own per-row gradients (which it compares
+    with autograd's): a custom kernel whose values are off by a factor is refused; a right one values
+    as brute force does."""
+    from adamshap_core.engine import registry
+
+    monkeypatch.setattr(registry, "_KERNELS", dict(registry._KERNELS))  # this test's kernel stays here
+
+    @registry.register(Scale)
+    class ScaleKernel(registry.LayerKernel):
+        param_names = ("weight",)
+
+        def values(self, module, a, b, M):
+            g = (a * b).reshape(a.shape[0], -1, a.shape[-1]).sum(1)  # [B, n]
+            return slip * g @ M["weight"].reshape(M["weight"].shape[0], -1).T
+
+        def gradients(self, module, a, b, names, summed):
+            R = 1 if summed else a.shape[0]
+            return {"weight": (a * b).reshape(R, -1, a.shape[-1]).sum(1)}
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), Scale(4), nn.Tanh(), nn.Linear(4, 3))
+    opt = torch.optim.Adam(model.parameters())
+    vx, vy = tabular(3, gen)
+    if slip != 1.0:
+        with pytest.raises(UserError, match="values are not the dot products of their own per-row gradients"):
+            InRunShapley(model, opt, cross_entropy, vx, vy, METHODS)
+        return
+    x, y = tabular(6, gen)
+    want = reference_values(model, opt, cross_entropy, x, y, vx, vy, methods=METHODS)
+    got = InRunShapley(model, opt, cross_entropy, vx, vy, METHODS).step(x, y).values
+    for m in METHODS:
+        assert rel_err(got[m], want[m][:, 0]) <= 1e-10

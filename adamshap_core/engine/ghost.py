@@ -473,6 +473,21 @@ class GhostEngine:
             total = torch.zeros(B, M.n_targets, device=calls[0].a.device)
         return total
 
+    def kernel_values(self, M: Matrices, calls: list[Call]) -> torch.Tensor:
+        """[R, K]: the rows of ``calls`` valued by each kernel's own ``values``, one call at a time (no
+        stacks, chunks or ghost rows), summed over the calls: what the coverage check compares with
+        the per-row gradients the same kernels build (``coverage._values_gap``)."""
+        total = torch.zeros(calls[0].a.shape[0], M.n_targets, device=calls[0].a.device)
+        for call in calls:
+            Mc = M.for_call(call.module, call.kernel, self._owned[call.module][1])
+            if Mc:
+                dtype = matrix_dtype(Mc)
+                assert call.b is not None  # captured() keeps the calls that got an output-gradient
+                total = total + call.kernel.values(
+                    call.module, _cast(call.a, dtype), _cast(call.b, dtype), Mc
+                )
+        return total
+
     def _rows_values(
         self,
         call: Call,
