@@ -88,7 +88,8 @@ def gradient_gap(
             separate = per_row and rows > 1
             total = torch.autograd.grad(losses.sum(), params, allow_unused=True, retain_graph=separate)
             got = engine.extra_gradients(0, summed=not per_row)
-            disagree = _values_gap(engine, got, rows)
+            # per row only: a sum over many rows may cancel below what the values' rounding shows
+            disagree = _values_gap(engine, got) if per_row else None
             if disagree is not None:
                 return disagree
             wants = [total]
@@ -120,20 +121,18 @@ def gradient_gap(
     return None
 
 
-def _values_gap(engine: GhostEngine, got: dict[int, torch.Tensor], rows: int) -> str | None:
+def _values_gap(engine: GhostEngine, got: dict[int, torch.Tensor]) -> str | None:
     """Why the layer kernels' values disagree with their own per-row gradients ``got`` (None: they
-    agree), inside the capture that built them: for a random M, ⟨M, g_r⟩ through the kernels'
-    contraction against M dotted with those gradients. ``gradient_gap`` checks the gradients
-    against autograd's; this checks that the values are the same gradients' (a custom kernel's
-    ``values`` and ``gradients`` are written apart)."""
+    agree), inside the capture that built them, each row on its own: for a random M, ⟨M, g_r⟩
+    through the kernels' values against M dotted with those gradients. ``gradient_gap`` checks
+    the gradients against autograd's; this checks that the values are the same gradients' (a
+    custom kernel's ``values`` and ``gradients`` are written apart)."""
     with torch.inference_mode():  # as the valuation runs (the engine's scratch is made in it)
-        grads = engine.flatten_by_id(got, next(iter(got.values())).shape[0])  # [rows or 1 (summed), N]
+        grads = engine.flatten_by_id(got, next(iter(got.values())).shape[0])  # [rows, N]
         gen = torch.Generator().manual_seed(0)
         M = torch.randn(1, engine.numel, generator=gen, dtype=torch.float64).to(grads.dtype).to(grads.device)
         matrices = engine.matrices(M, [(slice(0, engine.numel), [1.0])], 1)
         values = engine.kernel_values(matrices, engine.captured(0))[:, 0]  # [rows]
-        if grads.shape[0] == 1:  # the rows' summed gradient
-            values = values.sum(0, keepdim=True)
         want, scale = grads @ M[0], grads.abs() @ M[0].abs()
     unit = torch.finfo(grads.dtype).eps
     tolerance = max(GAP_RTOL, ROUNDING_UNITS * unit) * scale + torch.finfo(grads.dtype).tiny
@@ -142,8 +141,8 @@ def _values_gap(engine: GhostEngine, got: dict[int, torch.Tensor], rows: int) ->
     kernels = sorted({type(call.kernel).__name__ for call in engine.captured(0)})
     return (
         f"its layer kernels' values are not the dot products of their own per-row gradients with M "
-        f"(for a random M: {values.tolist()} against {want.tolist()}); does a kernel's values or "
-        f"values_stacked compute another contraction than its gradients? (kernels in use: "
+        f"(for a random M: {values.tolist()} against {want.tolist()}); does a kernel's values "
+        f"compute another contraction than its gradients? (kernels in use: "
         f"{', '.join(kernels)})"
     )
 
@@ -174,8 +173,23 @@ def _first_gap(
 def coverage_problem(engine: GhostEngine, model: nn.Module, loss_fn, inputs, targets) -> str | None:
     """The start-up check on the first ``CHECK_ROWS`` validation rows, each row's gradient on its
     own, in the modes the model is in (None: nothing found)."""
+    if not cuttable(inputs, targets):  # rows held outside tensors (strings): the whole batch, summed
+        return gradient_gap(engine, model, loss_fn, inputs, targets, per_row=False)
     inputs, targets = take_rows(inputs, 0, CHECK_ROWS), take_rows(targets, 0, CHECK_ROWS)
     return gradient_gap(engine, model, loss_fn, inputs, targets, per_row=True)
+
+
+def cuttable(inputs: Any, targets: Any) -> bool:
+    """Whether ``take_rows`` cuts both to the same rows: the inputs hold a tensor with rows, and the
+    targets one too or are None (the labels inside the inputs). A list of strings, say, holds rows
+    that no tensor shows, and ``take_rows`` passes it along whole."""
+    return n_rows(inputs) is not None and (targets is None or n_rows(targets) is not None)
+
+
+def checked_rows(inputs: Any, targets: Any) -> int:
+    """How many rows ``coverage_problem`` takes each gradient of, one at a time (0: their sum)."""
+    rows = n_rows(targets) if n_rows(targets) is not None else n_rows(inputs)
+    return min(rows or 0, CHECK_ROWS) if cuttable(inputs, targets) else 0
 
 
 def recheck_due(step: int, rows_checked: int) -> bool:

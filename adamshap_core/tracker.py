@@ -18,9 +18,9 @@ from torch import nn
 from .batches import check_rows, is_empty, n_rows
 from .compiled import Compiled
 from .coverage import (
-    CHECK_ROWS,
     TrainableWatch,
     batch_statistics,
+    checked_rows,
     coupling_problem,
     coverage_problem,
     gradient_gap,
@@ -184,6 +184,7 @@ class InRunShapley:
         self.loss_fn = loss_fn
         self.methods = check_methods(methods)
         number = isinstance(max_grad_norm, Real) and not isinstance(max_grad_norm, bool)
+        number = number or (isinstance(max_grad_norm, torch.Tensor) and max_grad_norm.numel() == 1)
         if max_grad_norm is not None and not (number and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm is {max_grad_norm!r}; expected a positive number, or None")
         self.max_grad_norm = max_grad_norm
@@ -220,7 +221,7 @@ class InRunShapley:
         check_rows(val_inputs, val_targets, "the validation set")
         # the rows must show the hooks see every example's whole gradient (else the values would be wrong)
         _refuse(coverage_problem(self.engine, self.model, self.loss_fn, val_inputs, val_targets))
-        self._rows_checked = min(n_rows(val_targets) or 0, CHECK_ROWS)
+        self._rows_checked = checked_rows(val_inputs, val_targets)
         self.val_inputs = val_inputs
         self.val_targets = val_targets
         self.per_target = per_target

@@ -460,3 +460,75 @@ def test_a_custom_kernel_whose_values_are_not_its_gradients_is_refused(slip, mon
     got = InRunShapley(model, opt, cross_entropy, vx, vy, METHODS).step(x, y).values
     for m in METHODS:
         assert rel_err(got[m], want[m][:, 0]) <= 1e-10
+
+
+WORDS = "the cat sat on a mat dog ran".split()
+
+
+class Words(nn.Module):
+    """Takes a list of strings and turns them into tensors itself; its head may reuse the embedding's
+    weight outside any hook."""
+
+    def __init__(self, tied_outside: bool = False):
+        super().__init__()
+        self.emb, self.head, self.tied_outside = nn.Embedding(len(WORDS), 3), nn.Linear(3, 3), tied_outside
+
+    def forward(self, texts):
+        ids = nn.utils.rnn.pad_sequence(
+            [torch.tensor([WORDS.index(w) for w in t.split()]) for t in texts], True
+        )
+        h = torch.tanh(self.emb(ids).mean(1))
+        return F.linear(h, self.emb.weight[:3]) if self.tied_outside else self.head(h)
+
+
+def test_rows_held_in_strings_are_checked_whole():
+    """A batch whose rows are strings on one side: take_rows cannot cut them, so the check takes the
+    whole batch's summed gradient (a head outside the hooks is refused), and the steps, the step-2
+    re-check included, run."""
+    texts = ["the cat sat", "a dog ran", "the mat", "cat on a mat", "dog sat", "the dog"]
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    torch.manual_seed(0)
+    with pytest.raises(UserError, match="gradient of 'emb.weight' is not what its module's hooks capture"):
+        tied = Words(tied_outside=True)
+        InRunShapley(tied, torch.optim.Adam(tied.parameters()), cross_entropy, texts[:4], labels[:4], METHODS)
+    model = Words()
+    tracker = InRunShapley(
+        model, torch.optim.Adam(model.parameters()), cross_entropy, texts[:4], labels[:4], METHODS
+    )
+    assert tracker.rechecks(1)  # no row checked on its own at start-up
+    for _ in range(3):
+        assert tracker.step(texts, labels).values["adam"].shape == (6,)
+    by_name = lambda out, names: cross_entropy(out, torch.tensor([WORDS.index(n) % 3 for n in names]))  # noqa: E731
+    other = nn.Sequential(nn.Linear(4, 3))
+    x, names = torch.randn(6, 4), ["cat", "dog", "mat", "cat", "a", "on"]
+    tracker = InRunShapley(other, torch.optim.Adam(other.parameters()), by_name, x[:4], names[:4], METHODS)
+    for _ in range(3):
+        tracker.step(x, names)
+
+
+def test_a_dict_batch_with_its_labels_inside_counts_its_checked_rows():
+    model = LossInside(tied_outside=False)
+    ids = torch.randint(0, 7, (4, 5), generator=torch.Generator().manual_seed(0))
+    val = {"ids": ids, "labels": ids.roll(-1, dims=1)}
+    tracker = InRunShapley(
+        model, torch.optim.Adam(model.parameters()), lambda out, _: out, val, None, METHODS
+    )
+    assert not tracker.rechecks(1)  # its first two rows were checked one at a time at start-up
+
+
+def test_validation_rows_whose_gradients_cancel_still_fuse():
+    """At the least-squares fit of the validation rows their summed gradient cancels to rounding noise;
+    the fused rows' check, on that sum, must not read the noise as kernels that disagree."""
+    gen = torch.Generator().manual_seed(0)
+    vx, vy = torch.randn(50, 6, generator=gen), torch.randn(50, 2, generator=gen)
+    model = nn.Linear(6, 2)
+    with torch.no_grad():
+        fit = torch.linalg.lstsq(torch.cat([vx, torch.ones(50, 1)], 1), vy).solution  # [7, 2]
+        model.weight.copy_(fit[:6].T)
+        model.bias.copy_(fit[6])
+    squared = lambda out, y: ((out - y) ** 2).sum(1)  # noqa: E731
+    tracker = InRunShapley(
+        model, torch.optim.Adam(model.parameters()), squared, vx, vy, METHODS, fuse_validation=True
+    )
+    tracker.step(torch.randn(8, 6, generator=gen), torch.randn(8, 2, generator=gen))
+    assert tracker.fusion_blocked is None
