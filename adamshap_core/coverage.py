@@ -67,9 +67,7 @@ def gradient_gap(
     gradient on its own, else their sum. ``training``: the mode to run the model in (None: the
     modes its modules are in). Torch's random state and the modes are restored afterwards."""
     params = [p for p in model.parameters() if p.requires_grad]
-    rows = n_rows(targets)
-    if rows is None:  # the targets inside the inputs (a dict with labels, the loss computed by the model)
-        rows = n_rows(inputs)
+    rows = batch_rows(inputs, targets)
     first = next(row_tensors(inputs), None)
     if first is None:  # inputs the model turns into tensors itself (strings, say)
         first = next(row_tensors(targets), None)
@@ -130,7 +128,7 @@ def _values_gap(engine: GhostEngine, got: dict[int, torch.Tensor]) -> str | None
     with torch.inference_mode():  # as the valuation runs (the engine's scratch is made in it)
         grads = engine.flatten_by_id(got, next(iter(got.values())).shape[0])  # [rows, N]
         gen = torch.Generator().manual_seed(0)
-        M = torch.randn(1, engine.numel, generator=gen, dtype=torch.float64).to(grads.dtype).to(grads.device)
+        M = torch.randn(1, engine.numel, generator=gen, dtype=torch.float64).to(grads.device, grads.dtype)
         matrices = engine.matrices(M, [(slice(0, engine.numel), [1.0])], 1)
         values = engine.kernel_values(matrices, engine.captured(0))[:, 0]  # [rows]
         want, scale = grads @ M[0], grads.abs() @ M[0].abs()
@@ -186,10 +184,16 @@ def cuttable(inputs: Any, targets: Any) -> bool:
     return n_rows(inputs) is not None and (targets is None or n_rows(targets) is not None)
 
 
+def batch_rows(inputs: Any, targets: Any) -> int | None:
+    """A batch's rows: counted in its targets, else in its inputs (the labels inside them, the loss
+    computed by the model); None where neither holds a tensor with rows."""
+    rows = n_rows(targets)
+    return n_rows(inputs) if rows is None else rows
+
+
 def checked_rows(inputs: Any, targets: Any) -> int:
     """How many rows ``coverage_problem`` takes each gradient of, one at a time (0: their sum)."""
-    rows = n_rows(targets) if n_rows(targets) is not None else n_rows(inputs)
-    return min(rows or 0, CHECK_ROWS) if cuttable(inputs, targets) else 0
+    return min(batch_rows(inputs, targets) or 0, CHECK_ROWS) if cuttable(inputs, targets) else 0
 
 
 def recheck_due(step: int, rows_checked: int) -> bool:

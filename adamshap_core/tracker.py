@@ -136,6 +136,13 @@ def traced_step_values(
     return step_values(engine, val_grads, segments, methods, clip, batch_size, calls=calls)
 
 
+def _one_number(x: object) -> bool:
+    """Whether ``x`` is a real number (not a bool) or a tensor holding one."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() == 1
+    return isinstance(x, Real) and not isinstance(x, bool)
+
+
 def _refuse(problem: str | None) -> None:
     """Raise where the engine cannot see every example's whole gradient (``coverage.py``)."""
     if problem is not None:
@@ -183,9 +190,7 @@ class InRunShapley:
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.methods = check_methods(methods)
-        number = isinstance(max_grad_norm, Real) and not isinstance(max_grad_norm, bool)
-        number = number or (isinstance(max_grad_norm, torch.Tensor) and max_grad_norm.numel() == 1)
-        if max_grad_norm is not None and not (number and max_grad_norm > 0):
+        if max_grad_norm is not None and not (_one_number(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm is {max_grad_norm!r}; expected a positive number, or None")
         self.max_grad_norm = max_grad_norm
         self.fast = FastMode.of(fast)

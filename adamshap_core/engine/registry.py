@@ -135,8 +135,8 @@ def register(*module_types: type[nn.Module]):
     """Class decorator: ``@register(nn.Linear)`` makes the kernel serve that type."""
 
     def wrap(cls: type[LayerKernel]) -> type[LayerKernel]:
-        base = LayerKernel
-        lacking = [name for name in ("values", "gradients") if getattr(cls, name) is getattr(base, name)]
+        required = ("values", "gradients")
+        lacking = [name for name in required if getattr(cls, name) is getattr(LayerKernel, name)]
         if lacking:
             raise TypeError(
                 f"layer kernel {cls.__name__} does not define {' or '.join(lacking)}: a kernel values "
