@@ -45,7 +45,7 @@ from .schema import value_column
 if TYPE_CHECKING:
     from .train import Prepared
 
-FORMAT = 1  # bump when the checkpoint layout changes
+FORMAT = 2  # bump when the checkpoint layout changes
 
 
 class TrainingInterrupted(Exception):

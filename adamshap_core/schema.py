@@ -48,6 +48,7 @@ TABLES: dict[str, tuple[Column, ...]] = {
         Column("seconds", "float"),
         Column("epoch", "int", required=False),
         Column("clip_factor", "float", required=False),
+        Column("reuse_pearson", "float", required=False),
     ),
     "steps_values.parquet": (Column("step", "int"), Column("example_id", "int")),
 }

@@ -29,7 +29,7 @@ from .coverage import (
 from .engine import GhostEngine
 from .engine.ghost import Call, RowsTarget
 from .errors import UserError
-from .fast import FastMode
+from .fast import FastMode, ReuseSchedule
 from .fused import (
     ValidationRows,
     batch_blocker,
@@ -49,6 +49,9 @@ class StepResult:
     val_loss: float  # validation loss at the weights before the update (NaN where not measured)
     clip_factor: float  # c = min(1, max_norm / ||g||); 1.0 without clipping
     values: dict[str, torch.Tensor] = field(default_factory=dict)  # [B] or [B, Q]
+    # on a fast-mode step that checked what reusing ∇val costs: the lowest Pearson, over methods and
+    # targets, between this step's values and those the ∇val it replaces gives (NaN on other steps)
+    reuse_pearson: float = math.nan
 
 
 def clip_gradients(params, max_grad_norm: float) -> float:
@@ -136,6 +139,17 @@ def traced_step_values(
     return step_values(engine, val_grads, segments, methods, clip, batch_size, calls=calls)
 
 
+def lowest_pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The lowest Pearson correlation over the examples (dim 0) of ``x`` and ``y`` [B, ...], taken
+    per column; NaN where every column is constant in one of them (or B < 2)."""
+    x = x.reshape(len(x), -1).double()
+    y = y.reshape(len(y), -1).double()
+    x, y = x - x.mean(dim=0), y - y.mean(dim=0)
+    r = (x * y).sum(dim=0) / ((x * x).sum(dim=0) * (y * y).sum(dim=0)).sqrt()
+    r = r[torch.isfinite(r)]
+    return float(r.min()) if len(r) else math.nan
+
+
 def _one_number(x: object) -> bool:
     """Whether ``x`` is a real number (not a bool) or a tensor holding one."""
     if isinstance(x, torch.Tensor):
@@ -197,6 +211,7 @@ class InRunShapley:
         self.fuse_validation = fuse_validation
         self.fusion_blocked: str | None = "no step has computed ∇val yet"
         self._val_grads: torch.Tensor | None = None  # the last ∇val (reused in fast mode)
+        self._reuse = None if self.fast is None else ReuseSchedule(self.fast)
         self._steps = 0
         self._checked_steps = 0  # steps compared with the optimizer's base class (a new tracker starts again)
         self._closed = False
@@ -262,7 +277,10 @@ class InRunShapley:
         self._steps += 1
         val_loss = math.nan  # measured on the steps that compute ∇val
         rows = None  # validation rows riding along in this batch
-        if self._needs_refresh():
+        refresh, check = self._refresh_and_check()
+        replaced = self._val_grads if check else None  # valued as well, to see what reusing it costs
+        checked: list[float] = []
+        if refresh:
             rows = self._validation_rows(inputs, targets)
             if rows is None:
                 self._val_grads, val_loss = self.engine.validation_gradients(
@@ -277,8 +295,14 @@ class InRunShapley:
                 sample.append(StepSample(self.optimizer, self.model))
             B = len(losses)
             val_grads = self._val_grads if rows is None else rows.gradients  # the rows': built just now
-            assert val_grads is not None  # or kept from an earlier step: see _needs_refresh
-            values = self._values(val_grads, clip, B, rank, None if rows is None else rows.target)
+            assert val_grads is not None  # or kept from an earlier step: see _refresh_and_check
+            if replaced is None:
+                values = self._values(val_grads, clip, B, rank, None if rows is None else rows.target)
+            else:  # one contraction for both: the replaced ∇val as Q more targets
+                Q = len(val_grads)
+                both = self._values(torch.cat([val_grads, replaced.to(val_grads.dtype)]), clip, B, rank, None)
+                values = both[..., :Q]
+                checked.append(lowest_pearson(values, both[..., Q:]))
             for k, m in enumerate(self.methods):
                 v = values[:, k]
                 out[m] = v if self.per_target else v[:, 0]
@@ -296,7 +320,10 @@ class InRunShapley:
             self._val_grads, val_loss = rows.gradients, rows.loss
         if self.fast is None:
             self._val_grads = None  # exact mode keeps nothing between steps
-        return StepResult(float(losses.mean()), val_loss, clip, out)
+        if checked:
+            assert self._reuse is not None  # only fast mode checks
+            self._reuse.record(checked[0])
+        return StepResult(float(losses.mean()), val_loss, clip, out, checked[0] if checked else math.nan)
 
     @property
     def rows_blocked(self) -> str | None:
@@ -353,6 +380,7 @@ class InRunShapley:
             "steps": self._steps,
             "val_grads": self._val_grads,
             "generator": self.engine.generator_state(),
+            "reuse": None if self._reuse is None else self._reuse.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -377,6 +405,10 @@ class InRunShapley:
         self._steps = int(state["steps"])
         self._val_grads = val_grads
         self.engine.set_generator_state(state["generator"])
+        if self._reuse is not None:
+            self._reuse = ReuseSchedule(self._reuse.fast)  # a state saved without fast mode starts it afresh
+            if state.get("reuse") is not None:
+                self._reuse.load_state_dict(state["reuse"])
 
     def _validation_rows(self, inputs, targets) -> ValidationRows | None:
         """This step's validation rows to append to the batch, or None for the separate pass."""
@@ -388,11 +420,12 @@ class InRunShapley:
         rows = (self.engine, self.val_inputs, self.val_targets, self.per_target, len(targets))
         return ValidationRows(*rows, compiled=self._compiled)
 
-    def _needs_refresh(self) -> bool:
-        fast = self.fast
-        if fast is None or self._val_grads is None or self._steps <= fast.warmup:
-            return True
-        return (self._steps - fast.warmup) % fast.refresh_every == 0
+    def _refresh_and_check(self) -> tuple[bool, bool]:
+        """Whether this step recomputes ∇val (exact mode: always), and whether it also values its batch
+        with the ∇val it replaces (``ReuseSchedule``)."""
+        if self._reuse is None:
+            return True, False
+        return self._reuse.advance(self._steps, kept=self._val_grads is not None)
 
     def _check_open(self) -> None:
         if self._closed:

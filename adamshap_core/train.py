@@ -342,7 +342,7 @@ class TrainResult:
     methods: list[str]
     values: dict[str, np.ndarray]  # method -> float64 [n_train], summed over steps
     n_steps: np.ndarray  # int64 [n_train]: steps each example was in the batch
-    steps: pd.DataFrame  # step, epoch, lr, train_loss, val_loss, clip_factor, seconds
+    steps: pd.DataFrame  # step, epoch, lr, train_loss, val_loss, clip_factor, seconds, reuse_pearson
     steps_values: pd.DataFrame  # step, example_id, value_<method> at the recorded steps
     metrics: dict = field(default_factory=dict)  # final losses and accuracies
     wall_seconds: float = 0.0
@@ -419,7 +419,7 @@ def run(
             )
         t0 = time.perf_counter()
         try:
-            loss, val_loss, clip, step_values = _take_step(prep, inputs, targets)
+            res, step_values = _take_step(prep, inputs, targets)
         except (MemoryError, RuntimeError) as e:
             if not is_out_of_memory(e):
                 raise
@@ -429,7 +429,8 @@ def run(
                 "(a text's words set a gpt's context) or smaller layers."
             ) from None
         sched.step()
-        problem = non_finite_problem(loss, model, step_values, float(val_loss))
+        loss = res.loss
+        problem = non_finite_problem(loss, model, step_values, float(res.val_loss))
         if problem:
             raise TrainingDiverged(
                 f"training diverged at step {step} (epoch {epoch}): {problem}. "
@@ -440,7 +441,8 @@ def run(
         pos = batch.numpy()
         _add_values(state, step, ids[pos], pos, step_values, recorded=step in recorded_steps)
         secs = time.perf_counter() - t0
-        state.step_rows.append((step, epoch, lr, loss, float(val_loss), float(clip), secs))
+        row = (float(res.val_loss), float(res.clip_factor), secs, float(res.reuse_pearson))
+        state.step_rows.append((step, epoch, lr, loss, *row))
         state.step, state.pos, state.seen = step, state.pos + len(pos), state.seen + len(pos)
         if on_progress is not None:
             on_progress(step, limit, loss, state.seen / max(time.perf_counter() - t_start, 1e-9))
@@ -453,20 +455,20 @@ def run(
     return _result(prep, state, _final_metrics(prep, state, x_train, y_train), wall_seconds)
 
 
-def _take_step(prep: Prepared, inputs, targets) -> tuple[float, float, float, dict[str, np.ndarray]]:
-    """One training step, valued where the run values: (loss, validation loss, clip factor, each
-    method's values of the batch)."""
+def _take_step(prep: Prepared, inputs, targets) -> tuple[StepResult, dict[str, np.ndarray]]:
+    """One training step, valued where the run values: what it returns (without values where the
+    run does not value) and each method's values of the batch, as arrays."""
     if prep.tracker is not None:
         res = prep.tracker.step(inputs, targets)
         values = {m: res.values[m].detach().to("cpu", torch.float64).numpy() for m in prep.methods}
-        return res.loss, res.val_loss, res.clip_factor, values
-    from .tracker import training_step
+        return res, values
+    from .tracker import StepResult, training_step
 
     model, loss_fn = prep.model, prep.loss_fn
     with torch.no_grad():
         val_loss = float(loss_fn(model(prep.val_x), prep.val_y).mean())
     losses, clip = training_step(model, prep.optimizer, loss_fn, inputs, targets, prep.recipe.train.grad_clip)
-    return float(losses.mean()), val_loss, clip, {}
+    return StepResult(float(losses.mean()), val_loss, clip), {}
 
 
 def _add_values(
@@ -550,9 +552,8 @@ def _kept(steps_done: int, valued: bool) -> str:
 
 def _result(prep: Prepared, state: LoopState, metrics: dict, wall_seconds: float) -> TrainResult:
     """The ``TrainResult`` of the steps ``state`` has finished."""
-    steps = pd.DataFrame(
-        state.step_rows, columns=["step", "epoch", "lr", "train_loss", "val_loss", "clip_factor", "seconds"]
-    )
+    columns = ["step", "epoch", "lr", "train_loss", "val_loss", "clip_factor", "seconds", "reuse_pearson"]
+    steps = pd.DataFrame(state.step_rows, columns=columns)
     # explicit types, so the tables keep their schema even with no rows (a run that stopped at step 1)
     steps = steps.astype({c: "int64" if c in ("step", "epoch") else "float64" for c in steps.columns})
     steps_values = pd.DataFrame(state.rec_rows)

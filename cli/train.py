@@ -228,6 +228,8 @@ def print_summary(result, metrics: dict, path: Path, quiet: bool) -> None:
         f"val {acc_name} {metrics['val_accuracy']:.3f}, train loss {metrics['train_loss']:.4f} "
         f"({result.steps_done} steps, {metrics['n_train']} training examples)"
     )
+    if result.methods and result.recipe.attribution.fast is not None:
+        console.print(fast_mode_line(result.steps), highlight=False)
     for m in result.methods:
         col = value_column(m)
         ranked = df.sort_values(col, ascending=False, kind="stable")
@@ -263,6 +265,19 @@ def print_summary(result, metrics: dict, path: Path, quiet: bool) -> None:
     if result.methods:
         hint = next_commands(path, text=about == "text")
         console.print(f"next: {escape(hint)}", highlight=False, soft_wrap=True)
+
+
+def fast_mode_line(steps) -> str:
+    """How often a fast-mode run reused ∇val, and what its checks of that reuse found (``steps.parquet``)."""
+    reused = int(steps["val_loss"].isna().sum())
+    line = f"fast mode: ∇val reused on {reused} of {len(steps)} steps"
+    checks = steps["reuse_pearson"].dropna()
+    if len(checks):
+        line += (
+            f"; {len(checks)} checks of reuse found a Pearson of {checks.min():.3f} at the lowest "
+            f"(median {checks.median():.3f}) against the recomputed ∇val"
+        )
+    return line
 
 
 def next_commands(path: Path, text: bool) -> str:

@@ -186,7 +186,7 @@ def test_a_missing_recipe_exits_2(tmp_path, runs):
 
 
 def test_fidelity_compares_fast_with_exact_values(tmp_path):
-    fast = {"warmup": 1, "refresh_every": 3, "rank": None}
+    fast = {"warmup": 1, "refresh_every": 3, "rank": None, "min_pearson": None}
     spec = _spec(tmp_path, tiny(attribution={"fast": fast}), methods=["adam", "sgd"], fast=True, steps=5)
     fid = bm.fidelity(spec)
     # ∇val is computed at the warm-up step and every third step after it, and reused in between

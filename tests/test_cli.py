@@ -376,3 +376,15 @@ def test_help_reflows_each_paragraph_and_keeps_every_word(command, monkeypatch):
         if after.strip() and line.strip():  # the next line's first word did not fit on this one
             width = len(line.rstrip()) + 1 + len(after.split()[0])
             assert width > 78, f"{command} --help breaks a paragraph early: {line!r}"
+
+
+def test_a_fast_mode_run_says_how_often_it_reused_and_what_its_checks_found():
+    from adamshap_cli.train import fast_mode_line
+
+    nan = float("nan")
+    checks = [nan, 0.999, nan, nan, 0.975]
+    steps = pd.DataFrame({"val_loss": [0.5, 0.4, nan, nan, 0.3], "reuse_pearson": checks})
+    line = fast_mode_line(steps)
+    assert line.startswith("fast mode: ∇val reused on 2 of 5 steps; 2 checks of reuse found a Pearson")
+    assert "0.975 at the lowest (median 0.987)" in line
+    assert fast_mode_line(steps.assign(reuse_pearson=nan)) == "fast mode: ∇val reused on 2 of 5 steps"

@@ -370,7 +370,7 @@ def test_progress_weighs_each_step_by_its_permutations(run):
 
 def test_a_fast_mode_run_compares(tmp_path, runs):
     """Its steps that reused ∇val record no validation loss (NaN), which the replay check skips."""
-    fast = {"fast": {"warmup": 1, "refresh_every": 3, "rank": None}}
+    fast = {"fast": {"warmup": 1, "refresh_every": 3, "rank": None, "min_pearson": None}}
     train_tiny(tmp_path, name="fast", attribution=fast)
     steps = pd.read_parquet(runs / "fast" / "steps.parquet")
     assert steps.val_loss.isna().tolist() == [False, True, True, False, True, True, False]

@@ -1,6 +1,7 @@
 """The fast mode: exact where its approximations are exact, and training left untouched."""
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ from pydantic import ValidationError
 from torch import nn
 
 from adamshap_core import FastMode, InRunShapley
+from adamshap_core.fast import CHECKS_KEPT, MAX_CHECK_WAIT, ReuseSchedule
+from adamshap_core.tracker import lowest_pearson
 
 WIDE = CASES[0].__class__(
     "wide-mlp",
@@ -45,7 +48,7 @@ def _pair(fast, methods, opt=torch.optim.Adam, steps=6, n_val=3, sched=False, fu
 
 @pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
 def test_refresh_steps_are_exact_and_reuse_steps_stay_close(fuse, float64):
-    fast = FastMode(refresh_every=3, warmup=2, rank=None)
+    fast = FastMode(refresh_every=3, warmup=2, rank=None, min_pearson=None)
     pairs, _ = _pair(fast, ("adam", "sgd"), steps=9, sched=True, fuse=fuse)
     for step, (exact, approx) in enumerate(pairs, start=1):
         for m in ("adam", "sgd"):
@@ -168,7 +171,7 @@ def test_validation_rows_join_only_the_steps_that_refresh_the_validation_gradien
     rows = []
     model.register_forward_pre_hook(lambda m, inputs: rows.append(inputs[0].shape[0]))
     vx, vy = WIDE.data(3, gen)
-    fast = FastMode(refresh_every=3, warmup=2, rank=None)
+    fast = FastMode(refresh_every=3, warmup=2, rank=None, min_pearson=None)
     opt = torch.optim.Adam(model.parameters())
     tracker = InRunShapley(model, opt, WIDE.loss, vx, vy, ("adam",), fast=fast, fuse_validation=True)
     for _ in range(9):
@@ -203,3 +206,123 @@ def test_fast_takes_a_mapping_as_the_recipe_key_does_and_refuses_anything_else_a
     with pytest.raises(TypeError, match="fast is 'true'; expected True, False, a FastMode or a mapping"):
         InRunShapley(*args, fast="true")
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def _copies(n: int):
+    """A seeded data generator and ``n`` equal WIDE models, each with its Adam."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    first = WIDE.model()
+    models = [first] + [copy.deepcopy(first) for _ in range(n - 1)]
+    return gen, [(m, torch.optim.Adam(m.parameters(), lr=1e-2)) for m in models]
+
+
+@pytest.mark.parametrize("per_target", [False, True], ids=["mean", "per-target"])
+@pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
+def test_a_check_values_exactly_and_measures_what_reusing_would_have_given(fuse, per_target, float64):
+    """With checks, the step after the warm-up recomputes ∇val and also values its batch with the
+    warm-up's ∇val: its values are the exact tracker's, and its Pearson is that of the exact values
+    with those of a tracker that reuses the warm-up's ∇val on that step."""
+    gen, ((m_c, o_c), (m_e, o_e), (m_r, o_r)) = _copies(3)
+    vx, vy = WIDE.data(3, gen)
+    methods = ("adam", "sgd")
+    kw = {"per_target": per_target, "fuse_validation": fuse}
+    checking = InRunShapley(m_c, o_c, WIDE.loss, vx, vy, methods, fast=FastMode(warmup=1, rank=None), **kw)
+    exact = InRunShapley(m_e, o_e, WIDE.loss, vx, vy, methods, **kw)
+    reusing = FastMode(warmup=1, refresh_every=2, rank=None, min_pearson=None)
+    stale = InRunShapley(m_r, o_r, WIDE.loss, vx, vy, methods, fast=reusing, **kw)
+    for step in (1, 2):
+        x, y = WIDE.data(8, gen)
+        got, want, old = (t.step(x, y) for t in (checking, exact, stale))
+        for m in methods:
+            assert rel_err(got.values[m], want.values[m]) <= 1e-10, (step, m)
+    assert math.isnan(old.val_loss) and not math.isnan(got.val_loss)  # step 2: reused; recomputed
+    per_method = [lowest_pearson(want.values[m][:, None], old.values[m][:, None]) for m in methods]
+    if per_target:  # the lowest over every method and target
+        per_method = [lowest_pearson(want.values[m], old.values[m]) for m in methods]
+    assert got.reuse_pearson == pytest.approx(min(per_method), abs=1e-12)
+    assert got.reuse_pearson < 1 - 1e-6  # the weights moved: the stale values differ
+    assert all(np.isnan(r.reuse_pearson) for r in (want, old))
+
+
+def test_lowest_pearson_is_taken_per_column_over_the_examples():
+    x = torch.tensor([[1.0, 1.0], [2.0, 3.0], [3.0, 2.0]])
+    y = torch.tensor([[2.0, 5.0], [4.0, 5.0], [6.0, 5.0]])  # column 1 is constant: no correlation
+    assert lowest_pearson(x, y) == pytest.approx(1.0)
+    assert lowest_pearson(x, -y) == pytest.approx(-1.0)
+    assert lowest_pearson(x[:, :1], torch.tensor([[1.0], [3.0], [2.0]])) == pytest.approx(0.5)
+    assert math.isnan(lowest_pearson(x[:, 1:], y[:, 1:])) and math.isnan(lowest_pearson(x[:1], y[:1]))
+
+
+def _walk(schedule: ReuseSchedule, steps: int, pearson) -> list[tuple[bool, bool]]:
+    """Each step's (recomputes ∇val, checks); ``pearson(age)`` is what a check finds."""
+    out = []
+    for step in range(1, steps + 1):
+        refresh, check = schedule.advance(step, kept=step > 1)
+        out.append((refresh, check))
+        if check:
+            schedule.record(pearson(schedule.checked_age))
+    return out
+
+
+def test_reuse_starts_once_a_check_allows_it_and_checks_every_refresh_while_it_lasts():
+    schedule = ReuseSchedule(FastMode(warmup=2, refresh_every=4))
+    steps = _walk(schedule, 11, lambda age: 1.0)  # nothing drifts: reuse as long as allowed
+    R, C, reuse = (True, False), (True, True), (False, False)
+    assert steps == [R, R, C, reuse, reuse, reuse, C, reuse, reuse, reuse, C]
+    assert schedule.interval == 4 and schedule.checked_age == 4
+
+
+def test_the_interval_is_the_longest_whose_oldest_reuse_the_worst_recent_drift_allows():
+    fast = FastMode(warmup=0, refresh_every=8, min_pearson=0.99)
+    schedule = ReuseSchedule(fast)
+    schedule.checked_age = 1
+    schedule.record(1 - 0.0025)  # 0.0025 per age²: 0.99 reached at age 2
+    assert schedule.interval == 3
+    schedule.checked_age = 3
+    schedule.record(1 - 0.0009 * 9)  # a gentler check: the worst of the kept ones still rules
+    assert schedule.interval == 3
+    for _ in range(CHECKS_KEPT - 1):
+        schedule.record(1 - 0.0009 * 9)
+    assert schedule.interval == 4  # the steep one has left the last CHECKS_KEPT: 0.01/0.0009 → age 3
+    schedule.record(1 - 0.02 * 9)
+    assert schedule.interval == 1
+    schedule.record(math.nan)  # constant values say nothing
+    assert schedule.interval == 1 and len(schedule.rates) == CHECKS_KEPT
+
+
+def test_where_reuse_never_pays_the_checks_thin_out_and_every_step_is_exact():
+    schedule = ReuseSchedule(FastMode(warmup=1, refresh_every=4))
+    steps = _walk(schedule, 300, lambda age: 0.5)
+    assert all(refresh for refresh, _ in steps)
+    checked = [i + 1 for i, (_, check) in enumerate(steps) if check]
+    gaps = np.diff(checked).tolist()
+    assert checked[0] == 2 and gaps[:6] == [2, 4, 8, 16, 32, 64] and set(gaps[6:]) == {MAX_CHECK_WAIT}
+
+
+def test_without_min_pearson_the_schedule_is_fixed_and_never_checks():
+    schedule = ReuseSchedule(FastMode(warmup=1, refresh_every=3, min_pearson=None))
+    steps = _walk(schedule, 7, lambda age: 0.0)
+    assert [r for r, _ in steps] == [True, False, False, True, False, False, True]
+    assert not any(c for _, c in steps)
+    one = ReuseSchedule(FastMode(warmup=1, refresh_every=1))  # nothing is ever reused: nothing to check
+    assert _walk(one, 5, lambda age: 0.0) == [(True, False)] * 5
+
+
+def test_the_schedule_travels_in_the_trackers_state(float64):
+    gen, ((m_a, o_a), (m_b, o_b)) = _copies(2)
+    vx, vy = WIDE.data(3, gen)
+    fast = FastMode(warmup=1, refresh_every=4, rank=None, min_pearson=0.5)
+    a = InRunShapley(m_a, o_a, WIDE.loss, vx, vy, ("adam",), fast=fast)
+    b = InRunShapley(m_b, o_b, WIDE.loss, vx, vy, ("adam",), fast=fast)
+    batches = [WIDE.data(8, gen) for _ in range(9)]
+    for x, y in batches[:3]:
+        a.step(x, y), b.step(x, y)
+    state = copy.deepcopy(a.state_dict())
+    assert state["reuse"]["interval"] > 1  # step 2's check allowed reuse
+    b._reuse = ReuseSchedule(fast)  # as a fresh tracker's
+    b.load_state_dict(state)
+    for x, y in batches[3:]:
+        want, got = a.step(x, y), b.step(x, y)
+        assert torch.equal(got.values["adam"], want.values["adam"])
+        assert math.isnan(got.val_loss) == math.isnan(want.val_loss)

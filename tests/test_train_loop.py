@@ -63,6 +63,16 @@ def test_fused_validation_rows_give_the_separate_pass_values():
     assert np.allclose(fused.steps["val_loss"], separate.steps["val_loss"], rtol=1e-5)
 
 
+def test_the_steps_table_records_what_the_fast_modes_checks_found():
+    exact = train(R(train={"epochs": 2}))
+    fast = train(R(train={"epochs": 2}, attribution={"fast": {"warmup": 1, "rank": None}}))
+    assert exact.steps["reuse_pearson"].isna().all()
+    found = fast.steps.set_index("step")["reuse_pearson"]
+    assert found.notna().any() and (found.dropna() <= 1.0).all()
+    assert np.isfinite(found[2])  # the first step after the warm-up checks the one before it
+    assert found.notna().sum() <= fast.steps["val_loss"].notna().sum() - 1  # only where ∇val was recomputed
+
+
 def test_values_accumulate_over_steps():
     r = R(train={"epochs": 1}, attribution={"record_steps": 1000})
     res = train(r)
