@@ -539,11 +539,13 @@ def fidelity(spec: BenchSpec) -> dict:
     fast = Session.build(spec, "attribution", fast=True)
     per_step: dict[str, list[float]] = {m: [] for m in spec.methods}
     reused: list[bool] = []  # per step: whether the fast mode reused an earlier ∇val (no validation loss)
+    checks: list[float] = []  # per step: what the fast mode's check of reuse found (NaN: no check)
     tracker = fast.stepper.tracker
     factored: list[int] = []  # per step: weight matrices the fast mode contracted through low-rank factors
     for x, y in exact.batches():
         want, got = exact.step(x, y), fast.step(x, y)
         reused.append(math.isnan(got.val_loss))
+        checks.append(got.reuse_pearson)
         factored.append(tracker.engine.last_factored)
         for m in spec.methods:
             per_step[m].append(pearson(got.values[m], want.values[m]))
@@ -551,7 +553,8 @@ def fidelity(spec: BenchSpec) -> dict:
     exact.close()
     fast.close()
     low_rank = {"rank": tracker.fast.rank, "factorable": tracker.engine.factorable, "factored": factored}
-    return {"pearson": per_step, "reused": reused, "max_parameter_gap": drift, "low_rank": low_rank}
+    out = {"pearson": per_step, "reused": reused, "checks": checks, "max_parameter_gap": drift}
+    return {**out, "low_rank": low_rank}
 
 
 def _without_fused_rows(spec: BenchSpec) -> BenchSpec:
@@ -874,6 +877,16 @@ def fidelity_summary(fid: dict) -> dict[str, dict]:
     return out
 
 
+def checks_summary(fid: dict) -> dict:
+    """What the fast mode's checks of reuse found (``ReuseSchedule``): how many steps checked, and the
+    lowest and median Pearson between the values of the recomputed ∇val and of the one it replaced."""
+    checks = np.asarray([c for c in fid.get("checks", []) if c is not None], dtype=float)  # None: JSON's NaN
+    checks = checks[~np.isnan(checks)]
+    if not checks.size:
+        return {"checks": 0, "min": math.nan, "median": math.nan}
+    return {"checks": int(checks.size), "min": float(checks.min()), "median": _median(checks)}
+
+
 def low_rank_summary(fid: dict) -> dict:
     """How much of the fast mode's error the low-rank M can account for: its rank, the weight matrices a
     kernel may factorise, the most factorised on one step and the steps with any (a matrix is factorised
@@ -928,6 +941,7 @@ def write(plan: BenchPlan, result: BenchResult, profile_text: str | None = None)
         summary["fast_pearson"] = fidelity_summary(result.fidelity)
         summary["fast_max_parameter_gap"] = result.fidelity["max_parameter_gap"]
         summary["fast_low_rank"] = low_rank_summary(result.fidelity)
+        summary["fast_reuse_checks"] = checks_summary(result.fidelity)
     paths.append(runio.atomic_write_json(plan.out / "bench.json", summary))
     if profile_text is not None:
         paths.append(runio.atomic_write_text(plan.out / "profile.txt", profile_text))

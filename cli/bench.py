@@ -195,6 +195,7 @@ def fidelity_lines(result) -> list[str]:
         return []
     lines = []
     summary = bm.fidelity_summary(result.fidelity)
+    checks = bm.checks_summary(result.fidelity)
     for m, s in summary.items():
         undefined = (
             f" ({s['undefined_steps']} step(s) with constant values left out)" if s["undefined_steps"] else ""
@@ -202,18 +203,31 @@ def fidelity_lines(result) -> list[str]:
         reused = (
             f"median {s['median_reused']:.4f} over the {s['reused_steps']} steps that reused ∇val"
             if s["reused_steps"]
-            else "no step reused ∇val (the fast mode's warm-up is longer than --warmup + --steps), "
-            "so these steps say nothing about it"
+            else f"no step reused ∇val ({why_no_reuse(checks)}), so these steps say nothing about it"
         )
         lines.append(
             f"fast vs exact Pearson per step, {m}: median {s['median']:.4f}, min {s['min']:.4f} "
             f"over {s['steps']} steps{undefined}; {reused}"
+        )
+    if checks["checks"]:
+        n, lowest, median = checks["checks"], checks["min"], checks["median"]
+        lines.append(
+            f"the fast mode's {n} checks of reuse found a Pearson of {lowest:.4f} at the lowest "
+            f"(median {median:.4f}) between the values of the recomputed ∇val and of the one it replaced"
         )
     some_reused = any(s["reused_steps"] for s in summary.values())
     lines.append(low_rank_line(bm.low_rank_summary(result.fidelity), reused=some_reused))
     gap = result.fidelity["max_parameter_gap"]
     lines.append(f"fast vs exact largest parameter difference after training: {gap:.2e}")
     return lines
+
+
+def why_no_reuse(checks: dict) -> str:
+    """Why a fast mode reused no ∇val: its checks (``checks_summary``) found reuse too costly, or it
+    never got past its warm-up."""
+    if checks["checks"]:
+        return "its checks of reuse did not allow it: see attribution.fast.min_pearson"
+    return "the fast mode's warm-up is longer than --warmup + --steps"
 
 
 def low_rank_line(s: dict, *, reused: bool) -> str:

@@ -129,6 +129,16 @@ def test_the_fidelity_lines_say_when_no_step_reused_the_validation_gradient(monk
     lines = cb.fidelity_lines(SimpleNamespace(fidelity={"max_parameter_gap": 0.0}))
     assert "no step reused ∇val (the fast mode's warm-up is longer" in lines[0] and "nan" not in lines[0]
     assert lines[1] == "low-rank M: off (rank null)"  # so nothing to put the differences down to
+    # checks that refused reuse say so, with what they found
+    fidelity = {"max_parameter_gap": 0.0, "checks": [math.nan, 0.97, None, 0.99, 0.5]}  # None: JSON's NaN
+    lines = cb.fidelity_lines(SimpleNamespace(fidelity=fidelity))
+    assert (
+        "no step reused ∇val (its checks of reuse did not allow it: see attribution.fast.min_pearson)"
+        in lines[0]
+    )
+    assert lines[1].startswith(
+        "the fast mode's 3 checks of reuse found a Pearson of 0.5000 at the lowest (median 0.9700)"
+    )
 
 
 def test_the_default_recipe_is_found_from_another_folder(tmp_path, monkeypatch):
@@ -232,7 +242,11 @@ def test_fidelity_compares_on_the_same_updates_also_with_fused_rows(tmp_path):
     must not make the two copies drift apart by rounding."""
     attribution = {"fuse_validation": True, "fast": {"warmup": 1, "refresh_every": 3}}
     spec = _spec(tmp_path, tiny(attribution=attribution), methods=["adam"], fast=True, steps=6)
-    assert bm.fidelity(spec)["max_parameter_gap"] == 0.0
+    fid = bm.fidelity(spec)
+    assert fid["max_parameter_gap"] == 0.0
+    # the step after the fast mode's warm-up checks what reusing the warm-up's ∇val would cost
+    assert len(fid["checks"]) == spec.total_steps and not math.isnan(fid["checks"][1])
+    assert bm.checks_summary(fid)["min"] == min(c for c in fid["checks"] if not math.isnan(c))
 
 
 def test_a_bench_of_fused_rows_that_took_the_separate_pass_says_so(tmp_path):
