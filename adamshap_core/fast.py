@@ -118,11 +118,17 @@ class ReuseSchedule:
         self.wait = min(2 * self.wait, MAX_CHECK_WAIT) if self.interval == 1 else 1
 
     def state_dict(self) -> dict:
-        return {name: getattr(self, name) for name in _SCHEDULE_STATE}
+        return {"settings": self.fast.model_dump(), **{name: getattr(self, name) for name in _SCHEDULE_STATE}}
 
     def load_state_dict(self, state: dict) -> None:
-        for name in _SCHEDULE_STATE:
-            setattr(self, name, [float(r) for r in state[name]] if name == "rates" else int(state[name]))
+        """Continue from ``state_dict()``. A schedule saved under other fast-mode settings gives only
+        the kept ∇val's age: its interval and checks say nothing under these settings."""
+        self.age = int(state["age"])
+        if state.get("settings") != self.fast.model_dump():
+            return
+        self.interval, self.wait = int(state["interval"]), int(state["wait"])
+        self.since_check = int(state["since_check"])
+        self.rates = [float(r) for r in state["rates"]]
 
 
-_SCHEDULE_STATE = ("interval", "age", "wait", "since_check", "rates", "checked_age")
+_SCHEDULE_STATE = ("interval", "age", "wait", "since_check", "rates")

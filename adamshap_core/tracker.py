@@ -211,7 +211,7 @@ class InRunShapley:
         self.fuse_validation = fuse_validation
         self.fusion_blocked: str | None = "no step has computed ∇val yet"
         self._val_grads: torch.Tensor | None = None  # the last ∇val (reused in fast mode)
-        self._reuse = None if self.fast is None else ReuseSchedule(self.fast)
+        self._reuse: ReuseSchedule | None = None  # fast mode's: set with each validation target
         self._steps = 0
         self._checked_steps = 0  # steps compared with the optimizer's base class (a new tracker starts again)
         self._closed = False
@@ -246,6 +246,8 @@ class InRunShapley:
         self.val_targets = val_targets
         self.per_target = per_target
         self._val_grads = None  # a new target needs a new ∇val
+        if self.fast is not None:  # and its reuse is checked afresh: the old one's drift says nothing
+            self._reuse = ReuseSchedule(self.fast)
         # why these rows cannot join a training batch, whatever the batch (None: they may)
         self._rows_blocker = (
             self._model_blocker
@@ -279,7 +281,7 @@ class InRunShapley:
         rows = None  # validation rows riding along in this batch
         refresh, check = self._refresh_and_check()
         replaced = self._val_grads if check else None  # valued as well, to see what reusing it costs
-        checked: list[float] = []
+        reuse_pearson = math.nan
         if refresh:
             rows = self._validation_rows(inputs, targets)
             if rows is None:
@@ -291,18 +293,15 @@ class InRunShapley:
         sample: list[StepSample] = []  # this step's, where it is compared with the optimizer's base class
 
         def value_batch(losses: torch.Tensor, clip: float) -> None:
+            nonlocal reuse_pearson
             if self._checked_steps < CHECKED_STEPS:
                 sample.append(StepSample(self.optimizer, self.model))
             B = len(losses)
             val_grads = self._val_grads if rows is None else rows.gradients  # the rows': built just now
             assert val_grads is not None  # or kept from an earlier step: see _refresh_and_check
-            if replaced is None:
-                values = self._values(val_grads, clip, B, rank, None if rows is None else rows.target)
-            else:  # one contraction for both: the replaced ∇val as Q more targets
-                Q = len(val_grads)
-                both = self._values(torch.cat([val_grads, replaced.to(val_grads.dtype)]), clip, B, rank, None)
-                values = both[..., :Q]
-                checked.append(lowest_pearson(values, both[..., Q:]))
+            values = self._values(val_grads, clip, B, rank, None if rows is None else rows.target)
+            if replaced is not None:
+                reuse_pearson = self._reuse_pearson(values, replaced, clip, B, rank)
             for k, m in enumerate(self.methods):
                 v = values[:, k]
                 out[m] = v if self.per_target else v[:, 0]
@@ -320,10 +319,10 @@ class InRunShapley:
             self._val_grads, val_loss = rows.gradients, rows.loss
         if self.fast is None:
             self._val_grads = None  # exact mode keeps nothing between steps
-        if checked:
+        if check:
             assert self._reuse is not None  # only fast mode checks
-            self._reuse.record(checked[0])
-        return StepResult(float(losses.mean()), val_loss, clip, out, checked[0] if checked else math.nan)
+            self._reuse.record(reuse_pearson)
+        return StepResult(float(losses.mean()), val_loss, clip, out, reuse_pearson)
 
     @property
     def rows_blocked(self) -> str | None:
@@ -367,6 +366,18 @@ class InRunShapley:
             values = step_values(self.engine, val_grads, blocks, self.methods, clip, B, rank, rows=rows)
         return values.clone()  # a normal tensor again, which the caller may change in place
 
+    def _reuse_pearson(
+        self, values: torch.Tensor, replaced: torch.Tensor, clip: float, B: int, rank: int | None
+    ) -> float:
+        """The lowest Pearson between this step's ``values`` and those the ∇val it replaces gives: a
+        second contraction of the same captured a and b, so that M keeps its size (its buffer is
+        reused). The engine's random stream (low-rank factors) is put back after it, so that the
+        later steps factorise as they would have without this check."""
+        state = self.engine.generator_state()
+        stale = self._values(replaced, clip, B, rank, None)
+        self.engine.set_generator_state(state)
+        return lowest_pearson(values, stale)
+
     def _compiled_values(self, val_grads: torch.Tensor, clip: float, B: int) -> torch.Tensor | None:
         assert self._compiled is not None  # called where self.compiles
         reads = [(where, read.traced()) for where, read in self.view.reads(self.engine.parameters)]
@@ -406,9 +417,11 @@ class InRunShapley:
         self._val_grads = val_grads
         self.engine.set_generator_state(state["generator"])
         if self._reuse is not None:
-            self._reuse = ReuseSchedule(self._reuse.fast)  # a state saved without fast mode starts it afresh
+            self._reuse = ReuseSchedule(self._reuse.fast)
             if state.get("reuse") is not None:
                 self._reuse.load_state_dict(state["reuse"])
+            else:  # a state of exact mode, or of an older adamshap: the kept ∇val's age is unknown
+                self._val_grads = None
 
     def _validation_rows(self, inputs, targets) -> ValidationRows | None:
         """This step's validation rows to append to the batch, or None for the separate pass."""

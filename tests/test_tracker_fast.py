@@ -326,3 +326,65 @@ def test_the_schedule_travels_in_the_trackers_state(float64):
         want, got = a.step(x, y), b.step(x, y)
         assert torch.equal(got.values["adam"], want.values["adam"])
         assert math.isnan(got.val_loss) == math.isnan(want.val_loss)
+
+
+def test_a_new_validation_target_is_reused_only_once_a_check_allows_it(float64):
+    gen, ((model, opt),) = _copies(1)
+    vx, vy = WIDE.data(3, gen)
+    fast = FastMode(warmup=1, refresh_every=4, rank=None, min_pearson=0.0)  # any positive check allows reuse
+    tracker = InRunShapley(model, opt, WIDE.loss, vx, vy, ("adam",), fast=fast)
+    results = [tracker.step(*WIDE.data(8, gen)) for _ in range(4)]
+    assert math.isnan(results[-1].val_loss)  # step 2's check allowed reuse
+    tracker.set_validation(*WIDE.data(4, gen))
+    first, second = (tracker.step(*WIDE.data(8, gen)) for _ in range(2))
+    assert not math.isnan(first.val_loss) and math.isnan(first.reuse_pearson)  # no ∇val of this target yet
+    assert not math.isnan(second.val_loss) and not math.isnan(second.reuse_pearson)  # no reuse before a check
+
+
+def test_a_schedule_saved_under_other_settings_gives_only_the_age_of_the_kept_gradient():
+    saved = ReuseSchedule(FastMode(warmup=0, refresh_every=8, min_pearson=None))
+    for step in (1, 2, 3):
+        saved.advance(step, kept=step > 1)
+    state = saved.state_dict()
+    assert (state["interval"], state["age"]) == (8, 2)
+    same = ReuseSchedule(FastMode(warmup=0, refresh_every=8, min_pearson=None))
+    same.load_state_dict(state)
+    assert same.state_dict() == state
+    other = ReuseSchedule(FastMode(warmup=0, refresh_every=2, min_pearson=None))
+    other.load_state_dict(state)
+    assert (other.interval, other.age) == (2, 2)  # never past refresh_every; the next step recomputes
+    assert other.advance(4, kept=True) == (True, False)
+
+
+def test_a_state_without_a_schedule_makes_a_fast_tracker_recompute_its_gradient(float64):
+    gen, ((m_a, o_a), (m_b, o_b)) = _copies(2)
+    vx, vy = WIDE.data(3, gen)
+    fast = FastMode(warmup=1, refresh_every=4, rank=None, min_pearson=None)
+    a = InRunShapley(m_a, o_a, WIDE.loss, vx, vy, ("adam",), fast=fast)
+    b = InRunShapley(m_b, o_b, WIDE.loss, vx, vy, ("adam",), fast=fast)
+    a.step(*WIDE.data(8, gen))
+    state = {key: value for key, value in a.state_dict().items() if key != "reuse"}  # an older adamshap's
+    b.load_state_dict(state)
+    assert not math.isnan(b.step(*WIDE.data(8, gen)).val_loss)  # its ∇val's age was unknown
+
+
+def test_a_check_leaves_the_low_rank_factors_of_later_steps_as_they_were(float64, monkeypatch):
+    """With every weight factorised, a tracker whose checks always fail (so that every step recomputes
+    ∇val) gives each step the values of one that never checks: the check's own factorisation draws
+    from the engine's random stream, which is put back after it."""
+    from adamshap_core.engine import ghost
+
+    monkeypatch.setattr(ghost, "factorizing_pays", lambda *args: True)
+    gen, ((m_a, o_a), (m_b, o_b)) = _copies(2)
+    vx, vy = WIDE.data(3, gen)
+    failing = FastMode(warmup=1, refresh_every=4, rank=2, min_pearson=1.0)  # no check reaches 1
+    never = FastMode(warmup=1, refresh_every=1, rank=2)
+    a = InRunShapley(m_a, o_a, WIDE.loss, vx, vy, ("adam",), fast=failing)
+    b = InRunShapley(m_b, o_b, WIDE.loss, vx, vy, ("adam",), fast=never)
+    checks = 0
+    for _ in range(6):
+        x, y = WIDE.data(8, gen)
+        got, want = a.step(x, y), b.step(x, y)
+        checks += not math.isnan(got.reuse_pearson)
+        assert torch.equal(got.values["adam"], want.values["adam"])
+    assert checks >= 2 and a.engine.last_factored > 0
