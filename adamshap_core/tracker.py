@@ -115,12 +115,14 @@ def step_values(
     rank: int | None = None,
     calls: list[Call] | None = None,
     rows: RowsTarget | None = None,
+    priced: int | None = None,
 ) -> torch.Tensor:
     """φ [B, methods, Q] from ∇val and the optimizer's step per segment (``engine.values``).
     ``segments`` may be ``OptimizerView.blocks``: each block's scales are used before the next is read.
-    ``rows``: ∇val is the gradient of the validation rows in this batch (see ``RowsTarget``)."""
+    ``rows``: ∇val is the gradient of the validation rows in this batch (see ``RowsTarget``);
+    ``priced``: see ``GhostEngine.matrices``."""
     per_segment = method_scales(methods, segments, clip)
-    return engine.values(val_grads, per_segment, len(methods), batch_size, rank, calls, rows)
+    return engine.values(val_grads, per_segment, len(methods), batch_size, rank, calls, rows, priced)
 
 
 def traced_step_values(
@@ -299,9 +301,10 @@ class InRunShapley:
             B = len(losses)
             val_grads = self._val_grads if rows is None else rows.gradients  # the rows': built just now
             assert val_grads is not None  # or kept from an earlier step: see _refresh_and_check
-            values = self._values(val_grads, clip, B, rank, None if rows is None else rows.target)
-            if replaced is not None:
-                reuse_pearson = self._reuse_pearson(values, replaced, clip, B, rank)
+            if replaced is None:
+                values = self._values(val_grads, clip, B, rank, None if rows is None else rows.target)
+            else:
+                values, reuse_pearson = self._checked_values(val_grads, replaced, clip, B, rank)
             for k, m in enumerate(self.methods):
                 v = values[:, k]
                 out[m] = v if self.per_target else v[:, 0]
@@ -348,14 +351,22 @@ class InRunShapley:
 
     @property
     def compiled_graphs(self) -> int:
-        """Graphs compiled: per batch shape one for the values (none with a rank), one for fused rows."""
+        """Graphs compiled: per batch shape one for the values (none with a rank; the fast mode's checks
+        of reuse add one, for twice the targets), one for fused rows."""
         return 0 if self._compiled is None else self._compiled.graphs
 
     def _values(
-        self, val_grads: torch.Tensor, clip: float, B: int, rank: int | None, rows: RowsTarget | None
+        self,
+        val_grads: torch.Tensor,
+        clip: float,
+        B: int,
+        rank: int | None,
+        rows: RowsTarget | None,
+        priced: int | None = None,
     ) -> torch.Tensor:
         """This step's values [B, methods, Q], from the state the optimizer is about to step with;
-        ``rows``: ∇val came from the validation rows in this batch."""
+        ``rows``: ∇val came from the validation rows in this batch; ``priced``: see
+        ``GhostEngine.matrices``."""
         # with a rank, the fast mode's low-rank factors draw random numbers: then every step stays eager
         if self.compiles and rank is None:
             out = self._compiled_values(val_grads, clip, B)
@@ -363,20 +374,21 @@ class InRunShapley:
                 return out
         blocks = self.view.blocks(self.engine.parameters, flatten=reads_state(self.methods))
         with torch.inference_mode():  # see ``fused.eager_rows_gradients``
-            values = step_values(self.engine, val_grads, blocks, self.methods, clip, B, rank, rows=rows)
+            args = (self.engine, val_grads, blocks, self.methods, clip, B, rank)
+            values = step_values(*args, rows=rows, priced=priced)
         return values.clone()  # a normal tensor again, which the caller may change in place
 
-    def _reuse_pearson(
-        self, values: torch.Tensor, replaced: torch.Tensor, clip: float, B: int, rank: int | None
-    ) -> float:
-        """The lowest Pearson between this step's ``values`` and those the ∇val it replaces gives: a
-        second contraction of the same captured a and b, so that M keeps its size (its buffer is
-        reused). The engine's random stream (low-rank factors) is put back after it, so that the
-        later steps factorise as they would have without this check."""
-        state = self.engine.generator_state()
-        stale = self._values(replaced, clip, B, rank, None)
-        self.engine.set_generator_state(state)
-        return lowest_pearson(values, stale)
+    def _checked_values(
+        self, val_grads: torch.Tensor, replaced: torch.Tensor, clip: float, B: int, rank: int | None
+    ) -> tuple[torch.Tensor, float]:
+        """This step's values, and the lowest Pearson between them and those the ∇val it replaces gives.
+        Both come from one contraction, the replaced ∇val as Q more targets: the optimizer's state is
+        read once, and on this step M is twice its usual size. Low-rank factors are chosen as for this
+        step's own targets, so that the check changes neither its values nor a later step's."""
+        Q = len(val_grads)
+        both = torch.cat([val_grads, replaced.to(val_grads.dtype)])
+        values = self._values(both, clip, B, rank, None, priced=len(self.methods) * Q)
+        return values[..., :Q], lowest_pearson(values[..., :Q], values[..., Q:])
 
     def _compiled_values(self, val_grads: torch.Tensor, clip: float, B: int) -> torch.Tensor | None:
         assert self._compiled is not None  # called where self.compiles

@@ -333,6 +333,7 @@ class GhostEngine:
         rank: int | None = None,
         calls: list[Call] | None = None,
         rows: RowsTarget | None = None,
+        priced: int | None = None,
     ) -> torch.Tensor:
         """φ[i, m, q] = Σ_W ⟨scale_m,W ⊙ ∇val_q,W, g_i,W⟩ / B, from the captured a and b.
 
@@ -340,10 +341,10 @@ class GhostEngine:
         the layout, each of the ``n_methods`` methods' multiplier of ∇val there (lr, clip
         factor and preconditioner P together); parameters outside every segment are not valued
         (the optimizer does not move them). ``b`` is the gradient of the *mean* loss, which
-        supplies the 1/B. ``rank``: see ``matrices``; ``calls``: see ``extra_gradients``; ``rows``:
-        where ∇val comes from (see ``contract``).
+        supplies the 1/B. ``rank``, ``priced``: see ``matrices``; ``calls``: see ``extra_gradients``;
+        ``rows``: where ∇val comes from (see ``contract``).
         """
-        M = self.matrices(val_grads, scales, n_methods, rank)
+        M = self.matrices(val_grads, scales, n_methods, rank, priced)
         with subnormals_flushed(val_grads.device):  # sums of products only: see subnormals.py
             values = self.contract(M, batch_size, calls, rows)
         return values.view(batch_size, n_methods, val_grads.shape[0])
@@ -354,6 +355,7 @@ class GhostEngine:
         scales: Iterable[tuple[slice, Sequence[Scale]]],
         n_methods: int,
         rank: int | None = None,
+        priced: int | None = None,
     ) -> Matrices:
         """M = scale ⊙ ∇val per parameter, [n_methods·Q, *shape], in float32 or wider.
 
@@ -362,7 +364,9 @@ class GhostEngine:
         next segment reuses); each parameter's M is a view of the buffer, valid until the next
         call (the buffer is reused, so no step pays for a fresh allocation). With ``rank``,
         weight matrices that a kernel can contract in factored form also get rank-``rank``
-        factors (fast mode), where that is cheaper.
+        factors (fast mode), where that is cheaper for ``priced`` of their matrices (default: all;
+        the fast mode's check of reuse adds matrices the step alone would not contract, and must
+        not change what is factorised).
         """
         Q = val_grads.shape[0]
         G = val_grads.to(torch.promote_types(val_grads.dtype, torch.float32))
@@ -385,7 +389,7 @@ class GhostEngine:
             if not any(isinstance(scale, torch.Tensor) for scale in per_method):
                 _add_run(scalars, where, tuple(float(scale) for scale in per_method))
         full = self._views(flat, covered)
-        factors = {} if rank is None else self._factorize(full, rank)
+        factors = {} if rank is None else self._factorize(full, rank, priced)
         return Matrices(full, factors, scalars)
 
     def _views(self, flat: torch.Tensor, covered: list[slice]) -> dict[int, torch.Tensor]:
@@ -405,9 +409,10 @@ class GhostEngine:
                 full[id(p)] = flat[:, where].view(flat.shape[0], *p.shape)
         return full
 
-    def _factorize(self, full: dict[int, torch.Tensor], rank: int) -> dict[int, LowRank]:
+    def _factorize(self, full: dict[int, torch.Tensor], rank: int, priced: int | None) -> dict[int, LowRank]:
         """Factors of the weight matrices whose low-rank contraction, the factorisation included,
-        costs less than the exact one for this step's calls (``factorizing_pays``)."""
+        costs less than the exact one for this step's calls and ``priced`` matrices each (None: all;
+        ``factorizing_pays``). The random draws do not depend on the number of matrices."""
         rows: dict[int, int] = {}  # id(param) -> rows (B·T) it is contracted with this step
         for call in self._calls:
             kernel, own = self._owned[call.module]
@@ -423,7 +428,7 @@ class GhostEngine:
                 continue
             M = full[id(p)]
             d_out, d_in = M.shape[1], M[0].numel() // M.shape[1]
-            if factorizing_pays(rows[id(p)], d_out, d_in, M.shape[0], rank):
+            if factorizing_pays(rows[id(p)], d_out, d_in, priced or M.shape[0], rank):
                 factors[id(p)] = factorize(M.reshape(M.shape[0], d_out, d_in), rank, self._generator)
         self.last_factored = len(factors)
         return factors
