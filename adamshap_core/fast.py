@@ -55,6 +55,8 @@ class FastMode(BaseModel):
 MAX_CHECK_WAIT = 64
 # the checks the interval is set from: the worst of these sets it
 CHECKS_KEPT = 4
+# the fewest examples a check correlates over: a Pearson over two is always ±1, over a few it is noise
+MIN_CHECK_ROWS = 8
 
 
 @dataclass
@@ -69,7 +71,8 @@ class ReuseSchedule:
     sets the interval to the longest (at most ``refresh_every``) whose oldest reuse it predicts at
     ρ ≥ ``min_pearson``. It starts at 1: the first step after the warm-up checks the ∇val of the step
     before. Every recomputing step checks while ∇val is reused; at interval 1 (every step recomputes
-    it, as exact mode) the checks are ``wait`` steps apart, a wait that doubles each time.
+    it, as exact mode) the checks are ``wait`` steps apart, a wait that doubles each time. A batch of
+    fewer than ``MIN_CHECK_ROWS`` examples cannot be checked: with only such batches, nothing is reused.
     """
 
     fast: FastMode
@@ -105,9 +108,15 @@ class ReuseSchedule:
         return refresh, check
 
     def record(self, pearson: float) -> None:
-        """This step's check: the lowest Pearson (NaN, where the values are constant, changes nothing)."""
+        """This step's check: the lowest Pearson. NaN (constant values, or a batch of fewer than
+        ``MIN_CHECK_ROWS`` examples) allows no more reuse than before, and at interval 1 the next
+        check still waits longer."""
         floor = self.fast.min_pearson
-        if floor is None or math.isnan(pearson):
+        if floor is None:
+            return
+        if math.isnan(pearson):
+            if self.interval == 1:
+                self.wait = min(2 * self.wait, MAX_CHECK_WAIT)
             return
         self.rates = [*self.rates, (1 - pearson) / self.checked_age**2][-CHECKS_KEPT:]
         worst = max(self.rates)

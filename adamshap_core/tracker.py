@@ -29,7 +29,7 @@ from .coverage import (
 from .engine import GhostEngine
 from .engine.ghost import Call, RowsTarget
 from .errors import UserError
-from .fast import FastMode, ReuseSchedule
+from .fast import MIN_CHECK_ROWS, FastMode, ReuseSchedule
 from .fused import (
     ValidationRows,
     batch_blocker,
@@ -301,7 +301,7 @@ class InRunShapley:
             B = len(losses)
             val_grads = self._val_grads if rows is None else rows.gradients  # the rows': built just now
             assert val_grads is not None  # or kept from an earlier step: see _refresh_and_check
-            if replaced is None:
+            if replaced is None or B < MIN_CHECK_ROWS:  # too few examples to correlate: NaN
                 values = self._values(val_grads, clip, B, rank, None if rows is None else rows.target)
             else:
                 values, reuse_pearson = self._checked_values(val_grads, replaced, clip, B, rank)
@@ -383,10 +383,12 @@ class InRunShapley:
     ) -> tuple[torch.Tensor, float]:
         """This step's values, and the lowest Pearson between them and those the ∇val it replaces gives.
         Both come from one contraction, the replaced ∇val as Q more targets: the optimizer's state is
-        read once, and on this step M is twice its usual size. Low-rank factors are chosen as for this
-        step's own targets, so that the check changes neither its values nor a later step's."""
+        read once, and M is twice its usual size (its buffer keeps that size from the first check on).
+        Low-rank factors are chosen as for this step's own targets, so that the check changes neither
+        its values nor a later step's."""
         Q = len(val_grads)
-        both = torch.cat([val_grads, replaced.to(val_grads.dtype)])
+        dtype = torch.promote_types(val_grads.dtype, replaced.dtype)  # the fused rows' is float32 or wider
+        both = torch.cat([val_grads.to(dtype), replaced.to(dtype)])
         values = self._values(both, clip, B, rank, None, priced=len(self.methods) * Q)
         return values[..., :Q], lowest_pearson(values[..., :Q], values[..., Q:])
 

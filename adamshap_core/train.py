@@ -426,7 +426,7 @@ def run(
             raise UserError(
                 f"out of memory at step {step} on {dev} (a batch of {len(batch)} examples of shape "
                 f"{tuple(inputs.shape[1:])}): expected a smaller train.batch_size, shorter inputs "
-                "(a text's words set a gpt's context) or smaller layers."
+                f"(a text's words set a gpt's context) or smaller layers.{_checks_memory(prep)}"
             ) from None
         sched.step()
         loss = res.loss
@@ -453,6 +453,17 @@ def run(
             raise TrainingInterrupted(step, limit, checkpointer.path if checkpointer else None)
     wall_seconds = wall()
     return _result(prep, state, _final_metrics(prep, state, x_train, y_train), wall_seconds)
+
+
+def _checks_memory(prep: Prepared) -> str:
+    """The fast mode's own part of an out-of-memory message: its checks of reuse hold M twice."""
+    fast = prep.recipe.attribution.fast
+    if prep.tracker is None or fast is None or fast.min_pearson is None:
+        return ""
+    return (
+        " The fast mode's checks of reuse hold twice the memory for the preconditioned validation "
+        "gradient; attribution.fast.min_pearson: null turns them off."
+    )
 
 
 def _take_step(prep: Prepared, inputs, targets) -> tuple[StepResult, dict[str, np.ndarray]]:

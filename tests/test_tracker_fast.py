@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from adamshap_core import FastMode, InRunShapley
-from adamshap_core.fast import CHECKS_KEPT, MAX_CHECK_WAIT, ReuseSchedule
+from adamshap_core.fast import CHECKS_KEPT, MAX_CHECK_WAIT, MIN_CHECK_ROWS, ReuseSchedule
 from adamshap_core.tracker import lowest_pearson
 
 WIDE = CASES[0].__class__(
@@ -287,8 +287,8 @@ def test_the_interval_is_the_longest_whose_oldest_reuse_the_worst_recent_drift_a
     assert schedule.interval == 4  # the steep one has left the last CHECKS_KEPT: 0.01/0.0009 → age 3
     schedule.record(1 - 0.02 * 9)
     assert schedule.interval == 1
-    schedule.record(math.nan)  # constant values say nothing
-    assert schedule.interval == 1 and len(schedule.rates) == CHECKS_KEPT
+    schedule.record(math.nan)  # constant values say nothing, and the next check waits longer
+    assert schedule.interval == 1 and len(schedule.rates) == CHECKS_KEPT and schedule.wait == 4
 
 
 def test_where_reuse_never_pays_the_checks_thin_out_and_every_step_is_exact():
@@ -407,3 +407,17 @@ def test_a_check_prices_factorising_for_the_steps_own_matrices(monkeypatch):
     results = [tracker.step(*WIDE.data(8, gen)) for _ in range(3)]
     assert not math.isnan(results[1].reuse_pearson)  # step 2 checked
     assert weighed and set(weighed) == {2 * 3}
+
+
+def test_batches_too_small_to_correlate_are_not_checked_and_reuse_nothing(float64):
+    """A Pearson over two examples is always ±1: such a check would allow any reuse. Below
+    MIN_CHECK_ROWS no check runs, nothing is reused, and the checks that would run thin out."""
+    gen, ((model, opt),) = _copies(1)
+    vx, vy = WIDE.data(3, gen)
+    tracker = InRunShapley(model, opt, WIDE.loss, vx, vy, ("adam",), fast=FastMode(warmup=1, rank=None))
+    results = [tracker.step(*WIDE.data(MIN_CHECK_ROWS - 1, gen)) for _ in range(40)]
+    assert not any(math.isnan(r.val_loss) for r in results)  # ∇val recomputed on every step
+    assert all(math.isnan(r.reuse_pearson) for r in results)
+    assert tracker._reuse is not None and tracker._reuse.wait >= 8  # the checks due thinned out
+    checked = [tracker.step(*WIDE.data(MIN_CHECK_ROWS, gen)) for _ in range(tracker._reuse.wait)]
+    assert any(not math.isnan(r.reuse_pearson) for r in checked)  # batches large enough are checked
