@@ -400,7 +400,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         node = raw
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
-            if child is None:
+            if child is None or child is True:  # `true` stands for a section's defaults (attribution.fast)
                 child = node[part] = {}
             if not isinstance(child, dict):
                 where = ".".join(parts[: i + 1])

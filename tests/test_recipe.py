@@ -7,6 +7,7 @@ import yaml
 from helpers import TINY, tiny, write_recipe
 
 from adamshap_core.errors import UserError
+from adamshap_core.fast import FastMode
 from adamshap_core.recipe import Recipe, load_recipe, recipe_from_dict
 
 
@@ -159,6 +160,14 @@ def test_bad_override_syntax(tmp_path):
         load_recipe(p, ["optim.lr"])
     with pytest.raises(UserError, match="not a section"):
         load_recipe(p, ["name.first=x"])
+    with pytest.raises(UserError, match="not a section"):
+        load_recipe(p, ["attribution.fast=false", "attribution.fast.rank=4"])
+
+
+def test_a_key_set_inside_a_section_given_as_true_keeps_the_sections_other_defaults(tmp_path):
+    p = write_recipe(tmp_path, TINY)
+    recipe = load_recipe(p, ["attribution.fast=true", "attribution.fast.min_pearson=null"])
+    assert recipe.attribution.fast == FastMode(min_pearson=None)
 
 
 def test_csv_paths_resolve_against_the_recipe_folder(tmp_path):
