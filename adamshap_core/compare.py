@@ -50,7 +50,7 @@ from .compare_options import CompareOptions
 from .errors import UserError
 from .fused import random_draws
 from .runio import RunFolder
-from .schema import value_column
+from .schema import reused_val_grads, value_column
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -555,8 +555,8 @@ def fresh_steps(inputs: RunInputs, evaluated: Sequence[int]) -> list[int]:
     """The evaluated steps whose values used the validation gradient of that step, not one the fast
     mode reused from an earlier step (those record no validation loss): the materialised gradients
     recompute the former only."""
-    measured = inputs.steps.set_index("step")["val_loss"].notna()
-    return [s for s in evaluated if measured.get(s, False)]
+    reused = reused_val_grads(inputs.steps.set_index("step"))
+    return [s for s in evaluated if s in reused.index and not reused[s]]
 
 
 def se_over_sd(median_se: float, shapley: np.ndarray) -> float:

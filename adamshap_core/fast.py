@@ -114,16 +114,14 @@ class ReuseSchedule:
         floor = self.fast.min_pearson
         if floor is None:
             return
-        if math.isnan(pearson):
-            if self.interval == 1:
-                self.wait = min(2 * self.wait, MAX_CHECK_WAIT)
-            return
-        self.rates = [*self.rates, (1 - pearson) / self.checked_age**2][-CHECKS_KEPT:]
-        worst = max(self.rates)
-        oldest = self.fast.refresh_every - 1  # the oldest reuse the interval may allow
-        if worst > 0:
-            oldest = min(oldest, math.floor(math.sqrt((1 - floor) / worst)))
-        self.interval = oldest + 1
+        if not math.isnan(pearson):
+            self.rates = [*self.rates, (1 - pearson) / self.checked_age**2][-CHECKS_KEPT:]
+            worst = max(self.rates)
+            oldest = self.fast.refresh_every - 1  # the oldest reuse the interval may allow
+            if worst > 0:
+                oldest = min(oldest, math.floor(math.sqrt((1 - floor) / worst)))
+            self.interval = oldest + 1
+        # at interval 1 each check, with a Pearson or without, puts the next one further off
         self.wait = min(2 * self.wait, MAX_CHECK_WAIT) if self.interval == 1 else 1
 
     def state_dict(self) -> dict:

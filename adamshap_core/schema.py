@@ -24,6 +24,12 @@ def value_column(method: str) -> str:
     return VALUE_PREFIX + method
 
 
+def reused_val_grads(steps: pd.DataFrame) -> pd.Series:
+    """Per row of steps.parquet: whether that step's values reused the validation gradient of an
+    earlier step (the fast mode's reuse), which such a step records as no validation loss (NaN)."""
+    return steps["val_loss"].isna()
+
+
 @dataclass(frozen=True)
 class Column:
     name: str

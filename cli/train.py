@@ -269,7 +269,9 @@ def print_summary(result, metrics: dict, path: Path, quiet: bool) -> None:
 
 def fast_mode_line(steps) -> str:
     """How often a fast-mode run reused ∇val, and what its checks of that reuse found (``steps.parquet``)."""
-    reused = int(steps["val_loss"].isna().sum())
+    from adamshap_core.schema import reused_val_grads
+
+    reused = int(reused_val_grads(steps).sum())
     line = f"fast mode: ∇val reused on {reused} of {len(steps)} steps"
     checks = steps["reuse_pearson"].dropna()
     if len(checks):
