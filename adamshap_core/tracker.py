@@ -70,6 +70,7 @@ def training_step(
     max_grad_norm: float | None = None,
     before_update: Callable[[torch.Tensor, float], None] | None = None,
     extra: ValidationRows | None = None,
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
 ) -> tuple[torch.Tensor, float]:
     """Plain training's step; the one code path both plain and valued training use.
 
@@ -77,18 +78,19 @@ def training_step(
     pass and clipping, before ``optimizer.step()``: this is where values are
     computed, from the state the optimizer is about to use. ``extra``: validation
     rows to append to the batch, whose part of ``.grad`` they remove again before
-    clipping (see ``fused.py``).
+    clipping (see ``fused.py``). ``backward``: runs the backward pass of the loss (valued steps:
+    ``GhostEngine.backward``, which also keeps each layer's output-gradient).
     Returns the per-example losses (detached) and the clip factor.
     """
     optimizer.zero_grad(set_to_none=True)
     if extra is None:
         losses = _checked(loss_fn(model(inputs), targets))
-        losses.mean().backward()
+        backward(losses.mean())
     else:
         n = len(targets)
         both = loss_fn(model(torch.cat([inputs, extra.inputs])), torch.cat([targets, extra.targets]))
         losses = _checked(both, n, len(extra))[:n]
-        (losses.mean() + both[n:].sum() * extra.weight).backward()
+        backward(losses.mean() + both[n:].sum() * extra.weight)
         extra.remove(both[n:].detach())
     clip = 1.0 if max_grad_norm is None else clip_gradients(model.parameters(), max_grad_norm)
     if before_update is not None:
@@ -311,7 +313,8 @@ class InRunShapley:
 
         with self.engine.capture(extra_rows=0 if rows is None else len(rows)):
             step = (self.model, self.optimizer, self.loss_fn, inputs, targets, self.max_grad_norm)
-            losses, clip = training_step(*step, before_update=value_batch, extra=rows)
+            backward = self.engine.backward  # which also keeps each layer's output-gradient
+            losses, clip = training_step(*step, before_update=value_batch, extra=rows, backward=backward)
         if sample:
             self._checked_steps += 1
             problem = sample[0].gap()

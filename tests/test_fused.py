@@ -205,7 +205,8 @@ def test_after_the_backward_grad_holds_the_training_gradient_alone(per_target, f
     assert rows.weight == 2.0**-4  # the power of two at or below 1/(B·V) = 1/15
     with engine.capture(extra_rows=3):
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        training_step(model, opt, sequence_loss, x, y, before_update=compare, extra=rows)
+        step = (model, opt, sequence_loss, x, y)
+        training_step(*step, before_update=compare, extra=rows, backward=engine.backward)
     assert max(gaps) <= 1e-12
     assert rows.gradients.shape == want_val.shape == (3 if per_target else 1, engine.numel)
     assert rel_err(rows.gradients, want_val) <= 1e-12
