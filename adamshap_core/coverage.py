@@ -84,14 +84,14 @@ def gradient_gap(
             if losses.shape != (rows,):  # the step refuses such a loss itself, with its own message
                 return None
             separate = per_row and rows > 1
-            total = engine.grad(losses.sum(), params, retain_graph=separate)
+            total = torch.autograd.grad(losses.sum(), params, allow_unused=True, retain_graph=separate)
             got = engine.extra_gradients(0, summed=not per_row)
             # per row only: a sum over many rows may cancel below what the values' rounding shows
             disagree = _values_gap(engine, got) if per_row else None
             if disagree is not None:
                 return disagree
             wants = [total]
-            if separate:
+            if separate:  # after ``got``: these passes overwrite the captured b
                 last = rows - 1
                 wants = [
                     torch.autograd.grad(losses[r], params, allow_unused=True, retain_graph=r < last)

@@ -20,6 +20,7 @@ not, the step takes the separate pass; the blockers below say why.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -34,13 +35,33 @@ from .engine.ghost import Call, RowsTarget, set_modes
 
 def model_blocker(model: nn.Module) -> str | None:
     """Why the model may compute another function, or draw random numbers, in train mode than in
-    eval mode, as far as its modules tell (None: nothing found)."""
+    eval mode, as far as its modules tell, or reduces ``.grad`` across processes while the backward
+    pass runs (None: nothing found)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return (
+            "the model is wrapped in DistributedDataParallel, which averages .grad over the processes "
+            "during the backward pass, with the validation rows' part still in it"
+        )
     for path, m in model.named_modules():
         name = _module_name(path, m)
         if isinstance(m, _NormBase):
             return f"{name} is a batch or instance norm, which in train mode may use batch statistics"
         if draw := random_draw(m):
             return f"{name} {draw}"
+    return None
+
+
+def accumulation_blocker(params: Iterable[torch.Tensor]) -> str | None:
+    """Why the validation rows' part of ``.grad`` might not come out again as it went in: a parameter's
+    post-accumulate-grad hook (gradient compression, an optimizer step inside the backward pass) sees
+    the gradient with that part in it, and may change it (None: no parameter has one). Read every
+    step: a hook may be registered at any time."""
+    for p in params:
+        if getattr(p, "_post_accumulate_grad_hooks", None):  # where torch keeps them (a dict, or None)
+            return (
+                f"a parameter of shape {tuple(p.shape)} has a post-accumulate-grad hook, which would see "
+                "the validation rows' part of its gradient"
+            )
     return None
 
 

@@ -32,6 +32,7 @@ from .errors import UserError
 from .fast import MIN_CHECK_ROWS, FastMode, ReuseSchedule
 from .fused import (
     ValidationRows,
+    accumulation_blocker,
     batch_blocker,
     model_blocker,
     probe_blocker,
@@ -70,7 +71,6 @@ def training_step(
     max_grad_norm: float | None = None,
     before_update: Callable[[torch.Tensor, float], None] | None = None,
     extra: ValidationRows | None = None,
-    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
 ) -> tuple[torch.Tensor, float]:
     """Plain training's step; the one code path both plain and valued training use.
 
@@ -78,19 +78,18 @@ def training_step(
     pass and clipping, before ``optimizer.step()``: this is where values are
     computed, from the state the optimizer is about to use. ``extra``: validation
     rows to append to the batch, whose part of ``.grad`` they remove again before
-    clipping (see ``fused.py``). ``backward``: runs the backward pass of the loss (valued steps:
-    ``GhostEngine.backward``, which also keeps each layer's output-gradient).
+    clipping (see ``fused.py``).
     Returns the per-example losses (detached) and the clip factor.
     """
     optimizer.zero_grad(set_to_none=True)
     if extra is None:
         losses = _checked(loss_fn(model(inputs), targets))
-        backward(losses.mean())
+        losses.mean().backward()
     else:
         n = len(targets)
         both = loss_fn(model(torch.cat([inputs, extra.inputs])), torch.cat([targets, extra.targets]))
         losses = _checked(both, n, len(extra))[:n]
-        backward(losses.mean() + both[n:].sum() * extra.weight)
+        (losses.mean() + both[n:].sum() * extra.weight).backward()
         extra.remove(both[n:].detach())
     clip = 1.0 if max_grad_norm is None else clip_gradients(model.parameters(), max_grad_norm)
     if before_update is not None:
@@ -313,8 +312,7 @@ class InRunShapley:
 
         with self.engine.capture(extra_rows=0 if rows is None else len(rows)):
             step = (self.model, self.optimizer, self.loss_fn, inputs, targets, self.max_grad_norm)
-            backward = self.engine.backward  # which also keeps each layer's output-gradient
-            losses, clip = training_step(*step, before_update=value_batch, extra=rows, backward=backward)
+            losses, clip = training_step(*step, before_update=value_batch, extra=rows)
         if sample:
             self._checked_steps += 1
             problem = sample[0].gap()
@@ -442,8 +440,10 @@ class InRunShapley:
 
     def _validation_rows(self, inputs, targets) -> ValidationRows | None:
         """This step's validation rows to append to the batch, or None for the separate pass."""
-        self.fusion_blocked = self._rows_blocker or batch_blocker(
-            inputs, targets, self.val_inputs, self.val_targets
+        self.fusion_blocked = (
+            self._rows_blocker
+            or accumulation_blocker(self.engine.owned_parameters)
+            or batch_blocker(inputs, targets, self.val_inputs, self.val_targets)
         )
         if self.fusion_blocked is not None:
             return None

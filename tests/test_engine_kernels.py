@@ -1,6 +1,5 @@
 """Every layer kernel against brute-force per-example gradients (float64)."""
 
-import copy
 import gc
 import weakref
 
@@ -40,7 +39,7 @@ def test_kernel_matches_per_example_gradients(case, batch, chunked, targets, flo
         for p, methods in zip(engine.parameters, per_method, strict=True)
     ]
     with engine.capture():
-        engine.backward(case.loss(model(x), y).mean())
+        case.loss(model(x), y).mean().backward()
         got = engine.values(engine.flatten(val, rows=Q), scales, n_methods, batch)  # [B, methods, Q]
     G = per_example_grads(model, case.loss, x, y)
     want = torch.zeros(batch, n_methods, Q)
@@ -68,7 +67,7 @@ def test_contraction_splits_the_batch_where_intermediates_exceed_the_budget(floa
     )
     val = engine.flatten([torch.randn(1, *p.shape) for p in engine.parameters], rows=1)
     with engine.capture():
-        engine.backward(model(x).sum())
+        model(x).sum().backward()
         chunked = engine.values(val, [(slice(0, engine.numel), [1.0, 1.0])], 2, 7)
         engine.contract_chunk = 1 << 26
         whole = engine.values(val, [(slice(0, engine.numel), [1.0, 1.0])], 2, 7)
@@ -89,7 +88,7 @@ def test_gradients_of_rows_after_the_batch_match_per_example_gradients(case, sum
     engine = GhostEngine(model)
     names = {id(p): n for n, p in model.named_parameters()}
     with engine.capture(extra_rows=3):
-        engine.backward(case.loss(model(x), y).sum())
+        case.loss(model(x), y).sum().backward()
         got = engine.extra_gradients(4, summed)
     G = per_example_grads(model, case.loss, x, y)
     assert set(got) == {id(p) for p in engine.parameters}
@@ -143,7 +142,7 @@ def test_tied_parameter_is_valued_once_through_both_uses(float64):
 def _values_of(model, loss_fn, x, y, val):
     engine = GhostEngine(model)
     with engine.capture():
-        engine.backward(loss_fn(model(x), y).mean())
+        loss_fn(model(x), y).mean().backward()
         return engine.values(val, [(slice(0, engine.numel), [1.0])], 1, len(y))
 
 
@@ -198,7 +197,7 @@ def test_no_captured_call_outlives_its_capture():
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3))
     engine = GhostEngine(model)
     with engine.capture():
-        engine.backward(nn.functional.cross_entropy(model(torch.randn(6, 4)), torch.randint(0, 3, (6,))))
+        nn.functional.cross_entropy(model(torch.randn(6, 4)), torch.randint(0, 3, (6,))).backward()
         calls = [weakref.ref(call) for call in engine.captured(6)]
     gc.collect()
     assert len(calls) == 2 and all(call() is None for call in calls)
@@ -312,7 +311,7 @@ def test_stacks_kept_from_an_earlier_step_serve_only_calls_of_its_shapes(float64
         seen.clear()
         val = engine.flatten([torch.ones(1, *p.shape) for p in engine.parameters], rows=1)
         with engine.capture():
-            engine.backward(model(x).sum())
+            model(x).sum().backward()
             v = engine.values(val, [(slice(0, engine.numel), [1.0])], 1, len(x))
         model.zero_grad()
         return v, sorted(seen)
@@ -348,7 +347,7 @@ def test_kept_stacks_follow_a_change_of_a_module_attribute_in_the_stacking_key(f
     def values(engine):
         val = engine.flatten([torch.ones(1, *p.shape) for p in engine.parameters], rows=1)
         with engine.capture():
-            engine.backward(model(x).sum())
+            model(x).sum().backward()
             v = engine.values(val, [(slice(0, engine.numel), [1.0])], 1, len(x))
         model.zero_grad()
         return v
@@ -392,7 +391,7 @@ def test_calls_of_equal_shapes_are_stacked_and_value_as_alone(summed, float64, m
         engine.stack_floats = stack_floats
         seen.clear()
         with engine.capture(extra_rows=3):
-            engine.backward(model(x).sum())
+            model(x).sum().backward()
             v = engine.values(val, scales, 2, 6)
             g = engine.extra_gradients(6, summed)
         results[stack_floats], stacked[stack_floats] = (v, g), sorted(seen)
@@ -408,38 +407,3 @@ def test_calls_of_equal_shapes_are_stacked_and_value_as_alone(summed, float64, m
     # the three Linear calls' contraction no longer fits one stack of 3000 floats: two and one
     assert ("values_stacked", 3) not in small and ("values_stacked", 2) in small
     assert LayerKernel.group_key(None, None, None, None) is None  # a custom kernel stacks nothing
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_backward_fills_grad_as_loss_backward_does(case, float64):
-    """``engine.backward`` (which also keeps b) leaves every parameter the ``.grad`` that
-    ``loss.backward()`` leaves, bit for bit and in the parameter's own strides, also where ``.grad``
-    already holds a gradient (it is added to, as autograd does)."""
-    gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(1)
-    model = case.model()
-    twin = copy.deepcopy(model)
-    engine = GhostEngine(model)
-    for _ in range(2):  # the second pass adds to the first's .grad
-        x, y = case.data(4, gen)
-        with engine.capture():
-            engine.backward(case.loss(model(x), y).mean())
-            assert engine.captured(4)  # and b was kept
-        case.loss(twin(x), y).mean().backward()
-    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
-        assert (p.grad is None) == (q.grad is None), name
-        if p.grad is not None:
-            assert torch.equal(p.grad, q.grad) and p.grad.stride() == q.grad.stride(), name
-
-
-def test_a_gradient_in_other_strides_goes_into_grad_in_the_parameters_own():
-    """As autograd's accumulation does: a weight stored transposed whose gradient comes contiguous
-    (from ``.contiguous()`` in the model, say) gets it in its own strides; a second one is added."""
-    from adamshap_core.engine.ghost import _accumulate
-
-    p = nn.Parameter(torch.randn(4, 3).t())  # strides (1, 3)
-    g = torch.randn(3, 4)  # strides (4, 1)
-    _accumulate(p, g)
-    assert torch.equal(p.grad, g) and p.grad.stride() == p.stride()
-    _accumulate(p, g)
-    assert torch.equal(p.grad, 2 * g) and p.grad.stride() == p.stride()

@@ -205,8 +205,7 @@ def test_after_the_backward_grad_holds_the_training_gradient_alone(per_target, f
     assert rows.weight == 2.0**-4  # the power of two at or below 1/(B·V) = 1/15
     with engine.capture(extra_rows=3):
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        step = (model, opt, sequence_loss, x, y)
-        training_step(*step, before_update=compare, extra=rows, backward=engine.backward)
+        training_step(model, opt, sequence_loss, x, y, before_update=compare, extra=rows)
     assert max(gaps) <= 1e-12
     assert rows.gradients.shape == want_val.shape == (3 if per_target else 1, engine.numel)
     assert rel_err(rows.gradients, want_val) <= 1e-12
@@ -231,3 +230,19 @@ def test_values_are_ordinary_tensors_the_caller_may_change_in_place(fuse, fast):
     if fuse:
         assert tracker.fusion_blocked is None
     assert not any(p.grad.is_inference() for p in model.parameters())
+
+
+def test_a_model_under_distributed_data_parallel_takes_the_separate_pass(tmp_path):
+    """DistributedDataParallel averages .grad over the processes as the backward pass accumulates it,
+    so the validation rows' part could not be taken out again: such a model never fuses them."""
+    import torch.distributed as dist
+
+    from adamshap_core.fused import model_blocker
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+        assert model_blocker(net) is None
+        assert "DistributedDataParallel" in model_blocker(nn.parallel.DistributedDataParallel(net))
+    finally:
+        dist.destroy_process_group()

@@ -99,7 +99,7 @@ def test_low_rank_contraction_is_exact_when_m_has_that_rank(float64):
     loss = WIDE.loss
     G, _ = engine.validation_gradients(loss, vx, vy, per_target=False)
     with engine.capture():
-        engine.backward(loss(model(x), y).mean())
+        loss(model(x), y).mean().backward()
         per_segment = [
             (where, [s]) for where, s in scales("sgd", OptimizerView(opt).segments(engine.parameters), 1.0)
         ]
@@ -130,7 +130,7 @@ def test_factored_contraction_at_full_rank_is_exact(case, float64, monkeypatch):
     engine = GhostEngine(model)
     G, _ = engine.validation_gradients(case.loss, vx, vy, per_target=True)
     with engine.capture():
-        engine.backward(case.loss(model(x), y).mean())
+        case.loss(model(x), y).mean().backward()
         segments = OptimizerView(opt).segments(engine.parameters)
         two_methods = [(where, [s, 0.5 * s]) for where, s in scales("sgd", segments, 1.0)]
         exact = engine.contract(engine.matrices(G, two_methods, 2), 6).clone()

@@ -552,3 +552,40 @@ def test_a_layer_outside_the_optimizer_is_clipped_as_in_plain_training(fuse, flo
     tolerance = 1e-10 if fuse else 0.0
     for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
         assert (a - b).abs().max() <= tolerance
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
+def test_a_valued_step_runs_the_gradient_accumulation_hooks_of_plain_training(fuse, float64):
+    """A parameter's post-accumulate-grad hook (as gradient compression or distributed training put
+    there) runs once per valued step, as in plain training, whose parameters the run then ends on:
+    the backward pass accumulates into ``.grad`` through autograd's own accumulation, and validation
+    rows do not ride along (the hook would see and might change their part of the gradient)."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))]
+    nets.append(copy.deepcopy(nets[0]))
+    calls = [0, 0]
+
+    def halving(k):
+        def halve(p):
+            calls[k] += 1
+            p.grad.mul_(0.5)
+
+        return halve
+
+    for k, net in enumerate(nets):
+        net[0].weight.register_post_accumulate_grad_hook(halving(k))
+    opts = [torch.optim.Adam(net.parameters(), lr=0.05) for net in nets]
+    loss = CASES[0].loss
+    vx, vy = torch.randn(4, 5, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+    tracker = InRunShapley(nets[0], opts[0], loss, vx, vy, ("adam",), fuse_validation=fuse)
+    for _ in range(3):
+        x, y = torch.randn(6, 5, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+        tracker.step(x, y)
+        training_step(nets[1], opts[1], loss, x, y)
+    assert calls[0] == calls[1] == 3
+    # fused rows would put their part through the hook too: the step takes the separate pass and says why
+    assert "post-accumulate-grad hook" in tracker.fusion_blocked if fuse else tracker.fusion_blocked
+    tolerance = 0.0
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        assert (a - b).abs().max() <= tolerance

@@ -1,7 +1,5 @@
-"""The ghost engine: each layer's input a and output-gradient b, and the contraction of those
-with the per-parameter matrices M (README: How it works). A forward hook keeps a and where
-autograd will compute b; ``backward`` (or ``grad``) asks autograd for b in the same backward
-pass as the parameters' gradients.
+"""The ghost engine: hooks that keep each layer's input and output-gradient, and
+the contraction of those with the per-parameter matrices M (README: How it works).
 
 Per step: ``validation_gradients`` (a separate pass that never touches
 ``.grad``), then the training forward/backward inside ``capture()``, then
@@ -22,7 +20,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import functional_call, grad_and_value, vmap
 
 from ..batches import n_rows, pick_rows, row_tensors
@@ -59,8 +56,7 @@ class Call:
     module: nn.Module
     kernel: LayerKernel
     a: torch.Tensor
-    edge: GradientEdge  # where autograd computes the gradient of the call's output, as it was made
-    b: torch.Tensor | None = None  # that gradient, set by ``grad``
+    b: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -164,17 +160,21 @@ class GhostEngine:
         if not self._capturing or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         kernel = self._owned[module][0]
-        # the edge, not a hook on the output: a hook is a Python call from the backward pass (about
-        # 20 µs each, a tenth of what valuing adds to a small model's step); the edge's gradient is
-        # asked of autograd in ``grad``, beside the parameters'. Taken now, it also holds where the
-        # output is later changed in place (an in-place ReLU): b is the gradient of what the layer made
-        a = kernel.keep(module, _positional(module, args, kwargs))
-        self._calls.append(Call(module, kernel, a, get_gradient_edge(output)))
+        call = Call(module, kernel, kernel.keep(module, _positional(module, args, kwargs)))
+        self._calls.append(call)
+
+        def keep_grad(grad: torch.Tensor) -> None:
+            call.b = grad.detach()
+
+        # a hook, though it costs a Python call from the backward pass: asking torch.autograd.grad for
+        # the output's gradient edge with the parameters' gradients was a little faster (1.4% of a small
+        # GPT's valued step), but skips the accumulation into .grad whose hooks plain training runs
+        # (post-accumulate-grad hooks, DistributedDataParallel's gradient averaging)
+        output.register_hook(keep_grad)
 
     @contextmanager
     def capture(self, extra_rows: int = 0):
-        """Keep a of every valued module call made inside the block, and b of those the block's backward
-        passes reach, where they run through ``grad`` or ``backward`` (not ``loss.backward()``).
+        """Keep a and b of every valued module call made inside the block.
 
         ``extra_rows``: rows appended after the training batch (validation rows), which
         ``contract`` leaves out and ``extra_gradients`` reads.
@@ -188,30 +188,6 @@ class GhostEngine:
             self._capturing = False
             self._calls = []
             self._extra_rows = 0
-
-    def grad(
-        self, loss: torch.Tensor, inputs: Sequence[torch.Tensor], retain_graph: bool = False
-    ) -> tuple[torch.Tensor | None, ...]:
-        """``torch.autograd.grad(loss, inputs, allow_unused=True)``, which also sets b of every call
-        captured so far that ``loss`` reaches (the others keep theirs: None, or an earlier pass's)."""
-        calls, n = list(self._calls), len(inputs)  # a checkpoint's recomputation may add calls meanwhile
-        wrt: list[torch.Tensor | GradientEdge] = [*inputs, *(c.edge for c in calls)]
-        grads = torch.autograd.grad(loss, wrt, allow_unused=True, retain_graph=retain_graph)  # type: ignore[arg-type]
-        for call, b in zip(calls, grads[n:], strict=True):
-            if b is not None:
-                call.b = b
-        return grads[:n]
-
-    def backward(self, loss: torch.Tensor, leaves: Sequence[torch.Tensor] | None = None) -> None:
-        """``loss.backward()`` for ``leaves`` (default: the model's parameters that require gradients,
-        which hold the optimizer's, as the tracker checks), through ``grad``: each gradient goes into
-        ``.grad`` as autograd's own accumulation puts it there. Another tensor that requires
-        gradients (one of the loss's, say) gets no ``.grad``, as no step reads one."""
-        if leaves is None:
-            leaves = [p for p in self.model.parameters() if p.requires_grad]
-        for p, g in zip(leaves, self.grad(loss, leaves), strict=True):
-            if g is not None:
-                _accumulate(p, g)
 
     def generator_state(self) -> torch.Tensor:
         """The state of the engine's own random stream (low-rank factorisations)."""
@@ -324,6 +300,11 @@ class GhostEngine:
                     key = id(part.params[name])
                     out[key] = g if key not in out else out[key] + g
         return out
+
+    @property
+    def owned_parameters(self) -> list[nn.Parameter]:
+        """Every parameter a valued module owns (the layout's and any outside the optimizer), once."""
+        return list(self._by_id.values())
 
     def gradients(self) -> dict[int, torch.Tensor]:
         """id(param) → its ``.grad``, for every owned parameter that has one."""
@@ -634,10 +615,7 @@ class GhostEngine:
         """The captured calls that got an output-gradient, each checked to hold one row per example."""
         calls = [c for c in self._calls if c.b is not None]
         if not calls:
-            raise RuntimeError(
-                "no layer call got an output-gradient: run the backward pass inside capture(), "
-                "through backward() or grad(), and call values() there"
-            )
+            raise RuntimeError("no layer activity was captured: call values() inside capture()")
         rows = batch_size + self._extra_rows
         for call in calls:
             if call.a.shape[0] != rows:
@@ -651,15 +629,6 @@ class GhostEngine:
                     "dimension than the batch? expected the batch first)"
                 )
         return calls
-
-
-def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
-    """``p.grad`` plus ``g`` as ``loss.backward()`` leaves it: ``g`` itself where ``p`` had none (copied
-    into ``p``'s strides where it has others, as autograd's layout rule does), else added in place."""
-    if p.grad is None:
-        p.grad = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
-    else:
-        p.grad.add_(g)
 
 
 def _positional(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
