@@ -292,9 +292,7 @@ def assert_trains_as_plain(case, opt, fuse, freeze_at=None):
         opt_b.step()
     assert tracker.fusion_blocked is None if fuse else tracker.fusion_blocked
     # bit for bit with the separate pass; fused rows round the update (they are taken out of .grad again)
-    tolerance = 1e-10 if fuse else 0.0
-    for (n, a), b in zip(model_a.named_parameters(), model_b.parameters(), strict=True):
-        assert (a - b).abs().max() <= tolerance, n
+    assert_same_parameters(model_a, model_b, tolerance=1e-10 if fuse else 0.0)
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=lambda c: c.name)
@@ -531,27 +529,44 @@ def test_steps_under_autocast_pass_the_checks_and_update_as_plain_training():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters(), strict=True))
 
 
+def twin_mlps() -> list[torch.nn.Sequential]:
+    """A small MLP and an identical copy of it: one to train valued, the other plain."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    return [net, copy.deepcopy(net)]
+
+
+def train_side_by_side(nets, opts, steps: int, fuse: bool, max_grad_norm: float | None = None):
+    """``steps`` valued steps of ``nets[0]`` and plain ones of ``nets[1]``, on the same batches: the
+    tracker and its steps' clip factors."""
+    gen = torch.Generator().manual_seed(0)
+    loss = CASES[0].loss
+    vx, vy = torch.randn(4, 5, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+    tracker = InRunShapley(
+        nets[0], opts[0], loss, vx, vy, ("adam",), max_grad_norm=max_grad_norm, fuse_validation=fuse
+    )
+    clips = []
+    for _ in range(steps):
+        x, y = torch.randn(6, 5, generator=gen), torch.randint(0, 3, (6,), generator=gen)
+        clips.append(tracker.step(x, y).clip_factor)
+        training_step(nets[1], opts[1], loss, x, y, max_grad_norm=max_grad_norm)
+    return tracker, clips
+
+
+def assert_same_parameters(a: torch.nn.Module, b: torch.nn.Module, tolerance: float) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert (p - q).abs().max() <= tolerance, name
+
+
 @pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
 def test_a_layer_outside_the_optimizer_is_clipped_as_in_plain_training(fuse, float64):
     """A layer left out of the optimizer still gets the ``.grad`` that ``loss.backward()`` gives it,
     which gradient clipping counts, so valued training stays plain training."""
-    gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    nets = [torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))]
-    nets.append(copy.deepcopy(nets[0]))
+    nets = twin_mlps()
     opts = [torch.optim.Adam(net[2].parameters(), lr=0.05) for net in nets]
-    loss = CASES[0].loss
-    vx, vy = torch.randn(4, 5, generator=gen), torch.randint(0, 3, (4,), generator=gen)
-    tracker = InRunShapley(nets[0], opts[0], loss, vx, vy, ("adam",), max_grad_norm=0.1, fuse_validation=fuse)
-    clips = []
-    for _ in range(4):
-        x, y = torch.randn(6, 5, generator=gen), torch.randint(0, 3, (6,), generator=gen)
-        clips.append(tracker.step(x, y).clip_factor)
-        training_step(nets[1], opts[1], loss, x, y, max_grad_norm=0.1)
+    _, clips = train_side_by_side(nets, opts, 4, fuse, max_grad_norm=0.1)
     assert max(clips) < 1  # clipped, by a norm that counts the first layer
-    tolerance = 1e-10 if fuse else 0.0
-    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
-        assert (a - b).abs().max() <= tolerance
+    assert_same_parameters(*nets, tolerance=1e-10 if fuse else 0.0)
 
 
 @pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
@@ -560,10 +575,7 @@ def test_a_valued_step_runs_the_gradient_accumulation_hooks_of_plain_training(fu
     there) runs once per valued step, as in plain training, whose parameters the run then ends on:
     the backward pass accumulates into ``.grad`` through autograd's own accumulation, and validation
     rows do not ride along (the hook would see and might change their part of the gradient)."""
-    gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    nets = [torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))]
-    nets.append(copy.deepcopy(nets[0]))
+    nets = twin_mlps()
     calls = [0, 0]
 
     def halving(k):
@@ -576,16 +588,8 @@ def test_a_valued_step_runs_the_gradient_accumulation_hooks_of_plain_training(fu
     for k, net in enumerate(nets):
         net[0].weight.register_post_accumulate_grad_hook(halving(k))
     opts = [torch.optim.Adam(net.parameters(), lr=0.05) for net in nets]
-    loss = CASES[0].loss
-    vx, vy = torch.randn(4, 5, generator=gen), torch.randint(0, 3, (4,), generator=gen)
-    tracker = InRunShapley(nets[0], opts[0], loss, vx, vy, ("adam",), fuse_validation=fuse)
-    for _ in range(3):
-        x, y = torch.randn(6, 5, generator=gen), torch.randint(0, 3, (6,), generator=gen)
-        tracker.step(x, y)
-        training_step(nets[1], opts[1], loss, x, y)
+    tracker, _ = train_side_by_side(nets, opts, 3, fuse)
     assert calls[0] == calls[1] == 3
     # fused rows would put their part through the hook too: the step takes the separate pass and says why
     assert "post-accumulate-grad hook" in tracker.fusion_blocked if fuse else tracker.fusion_blocked
-    tolerance = 0.0
-    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
-        assert (a - b).abs().max() <= tolerance
+    assert_same_parameters(*nets, tolerance=0.0)
