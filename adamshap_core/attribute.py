@@ -56,6 +56,7 @@ from .precond import METHODS
 from .recipe import Recipe
 from .runio import RunFolder, atomic_write_json, atomic_write_parquet, list_runs, runs_dir_option
 from .schema import value_column
+from .threads import intra_op_threads, recorded_threads
 from .tokenizer import IGNORE, WordTokenizer, split_words
 
 BASELINES = ("bm25", "random")
@@ -266,9 +267,11 @@ def replay_values(
     *,
     chunk: int = DEFAULT_CHUNK,
     expected_sha256: str | None = None,
+    threads: int | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> QueryReplay:
-    """Each training example's value for each query, summed over the replayed run."""
+    """Each training example's value for each query, summed over the replayed run; ``threads``: the
+    run's intra-op thread count, which the replay takes (None: as they are; ``threads.py``)."""
     from .train import prepare, run
 
     if len(queries_y) == 0:
@@ -291,7 +294,8 @@ def replay_values(
                 on_step()
 
         try:
-            result = run(prep, on_step=observe, record=[])
+            with intra_op_threads(threads):
+                result = run(prep, on_step=observe, record=[])
         finally:
             valuer.close()
         for m in methods:
@@ -638,6 +642,7 @@ def attribute(p: Plan, on_step: Callable[[], None] | None = None) -> Attribution
     scores: dict[str, np.ndarray] = {}
     replay = None
     if p.valued:
+        metrics = p.folder.metrics()
         replay = replay_values(
             p.recipe,
             d,
@@ -645,7 +650,8 @@ def attribute(p: Plan, on_step: Callable[[], None] | None = None) -> Attribution
             p.queries_y,
             p.valued,
             chunk=p.chunk,
-            expected_sha256=p.folder.metrics().get("params_sha256"),
+            expected_sha256=metrics.get("params_sha256"),
+            threads=recorded_threads(metrics),
             on_step=on_step,
         )
         scores.update(replay.values)

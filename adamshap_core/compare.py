@@ -51,6 +51,7 @@ from .errors import UserError
 from .fused import random_draws
 from .runio import RunFolder
 from .schema import reused_val_grads, value_column
+from .threads import intra_op_threads, recorded_threads
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -268,7 +269,8 @@ def replay(
 
     t0 = time.perf_counter()
     try:
-        result = run(prep, on_step=observe, max_steps=horizon, record=record)
+        with intra_op_threads(recorded_threads(inputs.folder.metrics())):
+            result = run(prep, on_step=observe, max_steps=horizon, record=record)
     finally:
         if prep.tracker is not None:
             prep.tracker.close()
@@ -299,7 +301,8 @@ def check_no_random_draws(model: torch.nn.Module, run_name: str) -> None:
 def _unfaithful(inputs: RunInputs, what: str) -> UserError:
     return UserError(
         f"the replay of run {inputs.folder.name!r} does not reproduce the run: {what}. Compare needs the run "
-        "to be replayed exactly (same code, data, torch version and device, e.g. train.device: cpu); "
+        "to be replayed exactly (same code, data, torch version, device, e.g. train.device: cpu, and CPU "
+        "threads, which a run made before adamshap recorded them takes from OMP_NUM_THREADS); "
         "retrain the run here, then compare again."
     )
 

@@ -27,8 +27,7 @@ while the loss itself is ~1, so float32 (≈1e-7 relative) would blur the rankin
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +36,7 @@ from torch import nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from .precond import AdamState, OptimizerView, ParamState, SGDState, scales, sgd_gain
+from .threads import intra_op_threads
 
 DTYPE = torch.float64
 Game = Callable[[torch.Tensor], torch.Tensor]  # coalition masks [K, n] (0/1) -> utilities [K]
@@ -399,7 +399,9 @@ def step_truth(
     split by parameter tensor (``method_terms``), from the same per-example gradients.
     """
     device = next(model.parameters()).device
-    with _intra_op_threads(1, device):
+    # thousands of small ops ([64, D] at most): on a shared CPU, waking a thread pool for each costs
+    # more than the op (measured 10x slower with two busy cores); the count is restored for training
+    with intra_op_threads(1 if device.type == "cpu" else None):
         slots = param_slots(model, optimizer)
         update = optimizer_update(slots, optimizer, device)
         flat = FlatModel(model, slots, loss_fn, device)
@@ -467,25 +469,6 @@ def _log10_iqr(scale: torch.Tensor | float) -> float:
     logp = torch.log10(scale.abs().clamp_min(1e-300)).cpu()
     q = torch.quantile(logp, torch.tensor([0.25, 0.75], dtype=logp.dtype))
     return float(q[1] - q[0])
-
-
-@contextmanager
-def _intra_op_threads(n: int, device: torch.device) -> Iterator[None]:
-    """Run the block with ``n`` intra-op CPU threads, then restore the count.
-
-    The ground truth is thousands of small ops ([64, D] at most); on a shared CPU, waking a
-    thread pool for each costs more than the op (measured 10x slower with two busy cores).
-    The count is restored before the training step continues, so training is untouched.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _as_float64(x: torch.Tensor) -> torch.Tensor:

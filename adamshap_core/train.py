@@ -525,6 +525,7 @@ def _final_metrics(prep: Prepared, state: LoopState, x_train: torch.Tensor, y_tr
         "steps": state.step,
         "total_steps": prep.total_steps,
         "device": str(dev),
+        "torch_threads": torch.get_num_threads(),  # a replay takes it: see threads.py
         "params_sha256": params_digest(model),
         "data_sha256": data_digest(d),  # the training split it valued (prune retrains on the same)
         "resumed_at_steps": state.resumed_at,

@@ -470,3 +470,26 @@ def test_a_non_finite_value_in_the_replay_check_is_the_largest_difference():
     assert _rel_diff(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.0
     assert _rel_diff(np.array([1.0, np.nan]), np.array([1.0, 2.0])) == math.inf
     assert _rel_diff(np.array([1.0, 2.0]), np.array([np.inf, 2.0])) == math.inf
+
+
+def test_the_replay_runs_with_the_runs_thread_count(run, monkeypatch):
+    """The run recorded its intra-op thread count, and the replay takes it whatever the shell sets
+    (other counts round the same steps differently, and a replay then leaves the run's trajectory);
+    the count is restored afterwards."""
+    from adamshap_core import train
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["torch_threads"] == torch.get_num_threads()  # as the test process trained it
+    recorded = 1 if torch.get_num_threads() != 1 else 2
+    (run / "metrics.json").write_text(json.dumps({**metrics, "torch_threads": recorded}))
+    seen, real_run = [], train.run
+
+    def counting_run(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(train, "run", counting_run)
+    before = torch.get_num_threads()
+    res = cli("compare", "--permutations", "2", "--steps", "3", "--no-cumulative", "-q")
+    assert res.exit_code == 0, res.output
+    assert seen == [recorded] and torch.get_num_threads() == before

@@ -66,3 +66,26 @@ def test_a_replay_never_fuses_its_queries_into_the_batch():
     """Fused rows round the update otherwise: the replay must walk plain training's trajectory."""
     fused = recipe_from_dict({**RECIPE, "attribution": {**RECIPE["attribution"], "fuse_validation": True}})
     assert replay_recipe(fused, ["adam"]).attribution.fuse_validation is False
+
+
+def test_a_query_replay_runs_with_the_thread_count_it_is_given(run, monkeypatch):
+    """``threads``: the run's recorded intra-op thread count, which the replay takes and then restores."""
+    from adamshap_core import train as training
+    from adamshap_core.threads import recorded_threads
+
+    recipe, result = run
+    assert recorded_threads(result.metrics) == torch.get_num_threads()
+    assert [recorded_threads({"torch_threads": n}) for n in (None, True, 0, "2", 3)] == [None] * 4 + [3]
+    seen, real_run = [], training.run
+
+    def counting_run(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(training, "run", counting_run)
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    data = result.data
+    replay_values(recipe, data, data.x_val[:2], data.y_val[:2], ["sgd"], threads=wanted)
+    replay_values(recipe, data, data.x_val[:2], data.y_val[:2], ["sgd"])  # None: as they are
+    assert seen == [wanted, before] and torch.get_num_threads() == before
