@@ -66,3 +66,19 @@ def cli(*args: str):
     from adamshap_cli.main import app
 
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def threads_of_runs(monkeypatch) -> list[int]:
+    """The intra-op thread count each later ``train.run`` call starts with, in order (a list that the
+    calls fill), as a replay sets it."""
+    from adamshap_core import train
+
+    seen: list[int] = []
+    real_run = train.run
+
+    def counting_run(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(train, "run", counting_run)
+    return seen

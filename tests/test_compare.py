@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import cli, tiny, write_recipe
+from helpers import cli, threads_of_runs, tiny, write_recipe
 
 from adamshap_core.compare import COMPARE_COLUMNS, check_no_random_draws, resolve_steps
 from adamshap_core.errors import UserError
@@ -476,19 +476,11 @@ def test_the_replay_runs_with_the_runs_thread_count(run, monkeypatch):
     """The run recorded its intra-op thread count, and the replay takes it whatever the shell sets
     (other counts round the same steps differently, and a replay then leaves the run's trajectory);
     the count is restored afterwards."""
-    from adamshap_core import train
-
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["torch_threads"] == torch.get_num_threads()  # as the test process trained it
     recorded = 1 if torch.get_num_threads() != 1 else 2
     (run / "metrics.json").write_text(json.dumps({**metrics, "torch_threads": recorded}))
-    seen, real_run = [], train.run
-
-    def counting_run(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return real_run(*args, **kwargs)
-
-    monkeypatch.setattr(train, "run", counting_run)
+    seen = threads_of_runs(monkeypatch)
     before = torch.get_num_threads()
     res = cli("compare", "--permutations", "2", "--steps", "3", "--no-cumulative", "-q")
     assert res.exit_code == 0, res.output

@@ -4,6 +4,7 @@ walks the very same trajectory (parameters bitwise equal at the end)."""
 import numpy as np
 import pytest
 import torch
+from helpers import threads_of_runs
 
 from adamshap_core.attribute import replay_recipe, replay_values
 from adamshap_core.recipe import recipe_from_dict
@@ -70,19 +71,12 @@ def test_a_replay_never_fuses_its_queries_into_the_batch():
 
 def test_a_query_replay_runs_with_the_thread_count_it_is_given(run, monkeypatch):
     """``threads``: the run's recorded intra-op thread count, which the replay takes and then restores."""
-    from adamshap_core import train as training
     from adamshap_core.threads import recorded_threads
 
     recipe, result = run
     assert recorded_threads(result.metrics) == torch.get_num_threads()
     assert [recorded_threads({"torch_threads": n}) for n in (None, True, 0, "2", 3)] == [None] * 4 + [3]
-    seen, real_run = [], training.run
-
-    def counting_run(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return real_run(*args, **kwargs)
-
-    monkeypatch.setattr(training, "run", counting_run)
+    seen = threads_of_runs(monkeypatch)
     before = torch.get_num_threads()
     wanted = 1 if before != 1 else 2
     data = result.data
