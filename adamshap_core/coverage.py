@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .batches import n_rows, row_tensors, take_rows
 from .engine import GhostEngine
+from .engine.buffers import buffers_kept
 from .engine.ghost import modes_kept, set_modes
 from .errors import UserError
 
@@ -39,14 +40,15 @@ GAP_FLOOR = 1e-6
 
 @contextmanager
 def probing(model: nn.Module, device: torch.device):
-    """Yields the model's modules; afterwards their train/eval modes and torch's random state are
-    as before, so that a probe changes nothing training will see. Inside, autocast is off: a probe
+    """Yields the model's modules; afterwards their train/eval modes, their buffers and torch's random
+    state are as before, so that a probe changes nothing training will see. Inside, autocast is off: a probe
     asks what the model computes, and a step under ``torch.autocast`` (whose bfloat16 gradients are
     off by far more than the checks allow a float32 parameter) must find what the start-up check,
     outside it, found."""
     modules = list(model.modules())
     with (
         modes_kept(modules),
+        buffers_kept(modules),
         torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
         torch.autocast(device.type, enabled=False) if device.type in AUTOCAST_DEVICES else nullcontext(),
     ):

@@ -20,7 +20,6 @@ not, the step takes the separate pass; the blockers below say why.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -30,6 +29,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from .compiled import Compiled
 from .coverage import probing
 from .engine import GhostEngine
+from .engine.buffers import buffers_kept
 from .engine.ghost import Call, RowsTarget, set_modes
 
 
@@ -48,20 +48,6 @@ def model_blocker(model: nn.Module) -> str | None:
             return f"{name} is a batch or instance norm, which in train mode may use batch statistics"
         if draw := random_draw(m):
             return f"{name} {draw}"
-    return None
-
-
-def accumulation_blocker(params: Iterable[torch.Tensor]) -> str | None:
-    """Why the validation rows' part of ``.grad`` might not come out again as it went in: a parameter's
-    post-accumulate-grad hook (gradient compression, an optimizer step inside the backward pass) sees
-    the gradient with that part in it, and may change it (None: no parameter has one). Read every
-    step: a hook may be registered at any time."""
-    for p in params:
-        if getattr(p, "_post_accumulate_grad_hooks", None):  # where torch keeps them (a dict, or None)
-            return (
-                f"a parameter of shape {tuple(p.shape)} has a post-accumulate-grad hook, which would see "
-                "the validation rows' part of its gradient"
-            )
     return None
 
 
@@ -89,18 +75,25 @@ def _module_name(path: str, m: nn.Module) -> str:
 
 
 def probe_blocker(model: nn.Module, loss_fn, inputs, targets) -> str | None:
-    """Run the validation rows in eval and in train mode (no gradients; torch's random state
-    restored afterwards): a model whose code reads ``self.training`` is caught here, if it
-    gives other outputs or draws random numbers in train mode; so is a loss whose value for a
-    row depends on the other rows of the batch (None: none of these)."""
+    """Run the validation rows in eval and in train mode (no gradients; torch's random state and
+    the buffers restored afterwards): a model whose code reads ``self.training`` is caught here,
+    if it gives other outputs, draws random numbers or updates a buffer (a running mean) in train
+    mode; so is a loss whose value for a row depends on the other rows of the batch (None: none
+    of these)."""
     if not (isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
         return "the validation inputs or targets are not a tensor"
     with torch.no_grad(), probing(model, inputs.device) as modules:
         eval_out = _run_in_mode(model, modules, inputs, training=False)
         before = _rng_state(inputs.device)
-        train_out = _run_in_mode(model, modules, inputs, training=True)
+        with buffers_kept(modules) as buffers:
+            train_out = _run_in_mode(model, modules, inputs, training=True)
+            changed = buffers.changed()
         if any(not torch.equal(x, y) for x, y in zip(before, _rng_state(inputs.device), strict=True)):
             return "the model draws random numbers in train mode"
+        if changed:
+            module, buffer = changed[0]
+            name = next(_module_name(path, m) for path, m in model.named_modules() if m is module)
+            return f"{name} updates its buffer '{buffer}' in train mode, where the rows would enter it"
         if not (isinstance(eval_out, torch.Tensor) and isinstance(train_out, torch.Tensor)):
             return "the model's output is not a tensor"
         if not torch.equal(eval_out, train_out):

@@ -10,8 +10,11 @@ does not grow with the model.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
+from torch.optim import optimizer as torch_optimizer
 
 # coordinates sampled per parameter, spread evenly over it
 SAMPLE = 64
@@ -30,6 +33,33 @@ def base_class(optimizer: torch.optim.Optimizer) -> Base:
     """The torch class whose rule ``OptimizerView`` reads this optimizer by: the first of its MRO that
     is one of ``BASES``."""
     return next(base for t in type(optimizer).__mro__ for base in BASES if t is base)
+
+
+def gradient_hook(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> str | None:
+    """Why the gradients the values are read from might not be those the optimizer steps with: a
+    hook that runs after the backward pass has summed the examples' gradients into ``.grad`` and
+    before the update (a parameter's post-accumulate-grad hook, an optimizer step pre-hook) may
+    change them, by clipping each coordinate, say, or compressing them; each example's part of the
+    changed gradient is then unknown (None: no such hook). Read every step: a hook may be
+    registered at any time."""
+    expected = "expected none: clip by norm with max_grad_norm=, and leave other hooks to after the step"
+    for p in params:
+        if getattr(p, "_post_accumulate_grad_hooks", None):  # where torch keeps them (a dict, or None)
+            return (
+                f"a parameter of shape {tuple(p.shape)} has a post-accumulate-grad hook, which may change "
+                f"its gradient after the examples' parts were summed into it; {expected}"
+            )
+    if getattr(optimizer, "_optimizer_step_pre_hooks", None) or _global_step_pre_hooks():
+        return (
+            f"{type(optimizer).__name__} has a step pre-hook, which runs inside optimizer.step() and may "
+            f"change the gradients after the values read them; {expected}"
+        )
+    return None
+
+
+def _global_step_pre_hooks() -> dict:
+    """The hooks ``torch.optim.optimizer.register_optimizer_step_pre_hook`` registers for every optimizer."""
+    return getattr(torch_optimizer, "_global_optimizer_pre_hooks", None) or {}
 
 
 class StepSample:

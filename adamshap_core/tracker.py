@@ -32,13 +32,12 @@ from .errors import UserError
 from .fast import MIN_CHECK_ROWS, FastMode, ReuseSchedule
 from .fused import (
     ValidationRows,
-    accumulation_blocker,
     batch_blocker,
     model_blocker,
     probe_blocker,
     rows_gradients,
 )
-from .optimizer_check import CHECKED_STEPS, StepSample
+from .optimizer_check import CHECKED_STEPS, StepSample, gradient_hook
 from .precond import OptimizerView, ParamState, StepRead, check_methods, flat_join, method_scales, reads_state
 
 
@@ -184,8 +183,9 @@ class InRunShapley:
 
     Where the values would be wrong, it raises a ``UserError`` instead, at construction or at the
     step where that becomes so (``coverage.py``): a parameter use the hooks do not see, examples
-    that interact through a batch norm, a parameter the optimizer moves unvalued; or, on its first
-    steps, an optimizer whose step is not its torch base class's (``optimizer_check.py``).
+    that interact through a batch norm, a parameter the optimizer moves unvalued, a hook that may
+    change the gradients between the backward pass and the update; or, on its first steps, an
+    optimizer whose step is not its torch base class's (``optimizer_check.py``).
     """
 
     def __init__(
@@ -274,7 +274,11 @@ class InRunShapley:
         if is_empty(targets):
             raise ValueError("the training batch is empty: expected at least one row")
         check_rows(inputs, targets, "the training batch")
-        _refuse(self._watch.problem() or coupling_problem(self._norms))
+        _refuse(
+            self._watch.problem()
+            or coupling_problem(self._norms)
+            or gradient_hook(self.optimizer, self.engine.owned_parameters)
+        )
         self.view.check()
         if self.rechecks(self._steps + 1):
             problem = coverage_problem(self.engine, self.model, self.loss_fn, inputs, targets)
@@ -440,10 +444,8 @@ class InRunShapley:
 
     def _validation_rows(self, inputs, targets) -> ValidationRows | None:
         """This step's validation rows to append to the batch, or None for the separate pass."""
-        self.fusion_blocked = (
-            self._rows_blocker
-            or accumulation_blocker(self.engine.owned_parameters)
-            or batch_blocker(inputs, targets, self.val_inputs, self.val_targets)
+        self.fusion_blocked = self._rows_blocker or batch_blocker(
+            inputs, targets, self.val_inputs, self.val_targets
         )
         if self.fusion_blocked is not None:
             return None

@@ -44,6 +44,24 @@ class TrainDraws(nn.Module):
         return self.lin(x)
 
 
+class RunningCenter(nn.Module):
+    """Centres its inputs with a running mean of them, which its forward updates: in train mode only,
+    or in every mode (as a quantisation observer does)."""
+
+    def __init__(self, every_mode: bool = False):
+        super().__init__()
+        self.every_mode = every_mode
+        self.register_buffer("mean", torch.zeros(5))
+        self.lin = nn.Linear(5, 3)
+
+    def forward(self, x):
+        out = self.lin(x - self.mean)
+        if self.training or self.every_mode:
+            with torch.no_grad():
+                self.mean.mul_(0.9).add_(0.1 * x.mean(dim=0))
+        return out
+
+
 def tabular(n, gen):
     return torch.randn(n, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
 
@@ -84,8 +102,9 @@ def train(make_model, data, loss, steps, seed, **tracker_kw):
         (lambda: nn.Sequential(nn.Linear(5, 3), nn.RReLU()), "random slopes"),
         (TrainScaled, "outputs in train mode differ"),
         (TrainDraws, "draws random numbers"),
+        (RunningCenter, "updates its buffer 'mean' in train mode"),
     ],
-    ids=["dropout", "batchnorm-eval", "rrelu", "reads-training", "draws-in-training"],
+    ids=["dropout", "batchnorm-eval", "rrelu", "reads-training", "draws-in-training", "updates-buffer"],
 )
 def test_a_model_that_differs_in_train_mode_takes_the_separate_pass(make, blocker):
     """Same values as without fusion (bit for bit: the same code path), the same random numbers."""
@@ -97,6 +116,25 @@ def test_a_model_that_differs_in_train_mode_takes_the_separate_pass(make, blocke
     assert torch.equal(rng_fused, rng_separate)
     for a, b in zip(fused, separate, strict=True):
         assert all(torch.equal(a[m], b[m]) for m in METHODS)
+
+
+@pytest.mark.parametrize("every_mode", [False, True], ids=["in-train-mode", "in-every-mode"])
+@pytest.mark.parametrize(
+    "kw",
+    [{"fuse_validation": False}, {"fuse_validation": True}, {"per_target": True}],
+    ids=["separate", "fused", "per-target"],
+)
+def test_a_buffer_the_forward_updates_moves_as_in_plain_training(every_mode, kw, float64):
+    """The tracker runs the model more often than plain training: the validation pass, the start-up
+    check, the checks before step 2. Each leaves the buffers as it found them, and fused rows, which
+    a train-mode update would take in, take the separate pass; so training ends bit for bit where
+    plain training does."""
+    valued, tracker, _, _ = train(lambda: RunningCenter(every_mode), tabular, cross_entropy, 3, 1, **kw)
+    plain, *_ = train(lambda: RunningCenter(every_mode), tabular, cross_entropy, 3, 1)
+    assert torch.equal(valued.mean, plain.mean) and plain.mean.abs().sum() > 0
+    assert all(torch.equal(p, q) for p, q in zip(valued.parameters(), plain.parameters(), strict=True))
+    if kw.get("fuse_validation"):
+        assert "updates its buffer 'mean'" in tracker.fusion_blocked
 
 
 def test_a_loss_normalised_by_the_batch_takes_the_separate_pass():

@@ -6,6 +6,7 @@ import pytest
 import torch
 from cases import cross_entropy
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from adamshap_core import InRunShapley
 from adamshap_core.errors import UserError
@@ -190,3 +191,48 @@ def test_the_sample_stays_inside_parameters_of_any_size(n):
     at = _spread(n, torch.device("cpu"))
     assert len(at) == min(n, SAMPLE) and int(at.min()) == 0 and int(at.max()) == n - 1
     assert bool((at[1:] > at[:-1]).all())
+
+
+def clamping(p):
+    """Clips a gradient coordinate-wise, the way a user would add clipping by value."""
+    p.grad.clamp_(-0.01, 0.01)
+
+
+def _clamped_step_pre_hook(optimizer, args, kwargs):
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                clamping(p)
+
+
+@pytest.mark.parametrize(
+    "register,match",
+    [
+        (lambda model, opt: model[0].weight.register_post_accumulate_grad_hook(clamping), "post-accumulate"),
+        (lambda model, opt: opt.register_step_pre_hook(_clamped_step_pre_hook), "Adam has a step pre-hook"),
+        (
+            lambda model, opt: register_optimizer_step_pre_hook(_clamped_step_pre_hook),
+            "Adam has a step pre-hook",
+        ),
+    ],
+    ids=["post-accumulate-grad", "step-pre-hook", "global-step-pre-hook"],
+)
+@pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
+def test_a_hook_that_may_change_the_gradients_before_the_update_is_refused(register, match, fuse):
+    """The values are each example's part of the gradient the backward pass sums: a hook that then
+    changes that sum (here: clips it by value) makes them another step's. Registered after the
+    tracker started, it is refused before the next step changes anything."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    tracker = InRunShapley(model, opt, cross_entropy, *_batch(gen), ("adam",), fuse_validation=fuse)
+    tracker.step(*_batch(gen))
+    handle = register(model, opt)
+    try:
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(UserError, match=match):
+            tracker.step(*_batch(gen))
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    finally:
+        handle.remove()
+    tracker.step(*_batch(gen))  # and valued again once it is gone

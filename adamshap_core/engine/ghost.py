@@ -25,6 +25,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from ..batches import n_rows, pick_rows, row_tensors
 from ..errors import UserError
 from ..workspace import Workspace
+from .buffers import buffers_kept
 from .low_rank import LowRank, factorize, factorizing_pays
 from .registry import (
     LayerKernel,
@@ -210,9 +211,10 @@ class GhostEngine:
 
         Q = 1 (the mean over the validation rows) unless ``per_target``, where
         every row is its own target. Computed in eval mode (no dropout noise, no
-        random numbers drawn) and without touching ``.grad``.
+        random numbers drawn), without touching ``.grad``, and leaving the buffers
+        as they were (``buffers.py``).
         """
-        with modes_kept(self._modules):
+        with modes_kept(self._modules), buffers_kept(self._modules):
             set_modes(self._modules, training=False)
             if per_target:
                 return self._per_target_gradients(loss_fn, inputs, targets)
@@ -238,10 +240,11 @@ class GhostEngine:
             try:
                 return self._vmapped_gradients(loss_fn, inputs, targets, rows, device)
             except RuntimeError as e:
-                if "vmap" not in str(e):
+                if "vmap" not in str(e) and "transform" not in str(e):
                     raise
-                # a model vmap cannot batch (Python branching on a tensor's value, .item()): one row at
-                # a time computes the same, more slowly; a real error of the model shows there again
+                # a model vmap cannot batch (Python branching on a tensor's value, .item()) or torch.func
+                # cannot differentiate (a forward that updates a buffer in place): one row at a time
+                # computes the same, more slowly; a real error of the model shows there again
                 self._row_by_row = True
         return self._looped_gradients(loss_fn, inputs, targets, rows, device)
 
