@@ -110,7 +110,7 @@ def gradient_gap(
             "use_reentrant=False (torch's recommended setting), which computes the same"
         )
     for row, want in enumerate(wants):
-        name = _first_gap(model, params, want, {key: g[row] for key, g in got.items()})
+        name = first_gap(model, params, want, {key: g[row] for key, g in got.items()})
         if name is not None:
             return (
                 f"the gradient of '{name}' is not what its module's hooks capture (is it used outside "
@@ -147,13 +147,14 @@ def _values_gap(engine: GhostEngine, got: dict[int, torch.Tensor]) -> str | None
     )
 
 
-def _first_gap(
+def first_gap(
     model: nn.Module,
     params: list[nn.Parameter],
     want: Sequence[torch.Tensor | None],
     got: dict[int, torch.Tensor],
 ) -> str | None:
-    """The name of the first parameter whose rebuilt gradient ``got`` differs from autograd's ``want``."""
+    """The name of the first parameter whose gradient ``got`` (rebuilt by the kernels, say) differs from
+    ``want`` (autograd's) by more than rounding."""
     # a parameter whose gradient cancels to rounding noise (an attention key's bias: softmax ignores a
     # shift common to all keys) differs by noise of its own size, so the floor is set by the whole gradient
     whole = math.sqrt(sum(float(w.double().norm()) ** 2 for w in want if w is not None)) + 1e-30

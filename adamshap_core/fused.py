@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
 from .compiled import Compiled
-from .coverage import probing
+from .coverage import first_gap, probing
 from .engine import GhostEngine
 from .engine.buffers import buffers_kept
 from .engine.ghost import Call, RowsTarget, set_modes
@@ -75,14 +75,14 @@ def _module_name(path: str, m: nn.Module) -> str:
 
 
 def probe_blocker(model: nn.Module, loss_fn, inputs, targets) -> str | None:
-    """Run the validation rows in eval and in train mode (no gradients; torch's random state and
-    the buffers restored afterwards): a model whose code reads ``self.training`` is caught here,
-    if it gives other outputs, draws random numbers or updates a buffer (a running mean) in train
+    """Run the validation rows in eval and in train mode (torch's random state and the buffers
+    restored afterwards): a model whose code reads ``self.training`` is caught here, if it gives
+    other outputs or gradients, draws random numbers or updates a buffer (a running mean) in train
     mode; so is a loss whose value for a row depends on the other rows of the batch (None: none
     of these)."""
     if not (isinstance(inputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
         return "the validation inputs or targets are not a tensor"
-    with torch.no_grad(), probing(model, inputs.device) as modules:
+    with probing(model, inputs.device) as modules:
         eval_out = _run_in_mode(model, modules, inputs, training=False)
         before = _rng_state(inputs.device)
         with buffers_kept(modules) as buffers:
@@ -98,12 +98,32 @@ def probe_blocker(model: nn.Module, loss_fn, inputs, targets) -> str | None:
             return "the model's output is not a tensor"
         if not torch.equal(eval_out, train_out):
             return "the model's outputs in train mode differ from those in eval mode"
-        return _loss_blocker(loss_fn, eval_out, targets)
+        return _loss_blocker(loss_fn, eval_out.detach(), targets) or _gradient_blocker(
+            model, loss_fn, (eval_out, train_out), targets
+        )
 
 
 def _run_in_mode(model: nn.Module, modules: list[nn.Module], inputs: torch.Tensor, training: bool):
     set_modes(modules, training)
     return model(inputs)
+
+
+def _gradient_blocker(model: nn.Module, loss_fn, outputs: tuple[torch.Tensor, ...], targets) -> str | None:
+    """Whether the rows' gradient in train mode differs from that in eval mode, their outputs being
+    the same (a straight-through estimator used in training only): fused rows would give ∇val in
+    train mode, the separate pass in eval mode."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for out in outputs:
+        loss = loss_fn(out, targets).sum()
+        if not loss.requires_grad:  # nothing to compare: no parameter reaches the loss
+            return None
+        grads.append(torch.autograd.grad(loss, params, allow_unused=True))
+    train = {id(p): g for p, g in zip(params, grads[1], strict=True) if g is not None}
+    name = first_gap(model, params, grads[0], train)
+    if name is None:
+        return None
+    return f"the gradient of '{name}' on the rows differs between train and eval mode, their outputs not"
 
 
 def _loss_blocker(loss_fn, outputs: torch.Tensor, targets: torch.Tensor) -> str | None:

@@ -62,6 +62,19 @@ class RunningCenter(nn.Module):
         return out
 
 
+class TrainOnlyStraightThrough(nn.Module):
+    """Rounds its output, and in train mode passes the gradient straight through the rounding: the
+    same outputs in both modes, other gradients."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h.round() + (h - h.detach()) if self.training else h.round()
+
+
 def tabular(n, gen):
     return torch.randn(n, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
 
@@ -103,8 +116,17 @@ def train(make_model, data, loss, steps, seed, **tracker_kw):
         (TrainScaled, "outputs in train mode differ"),
         (TrainDraws, "draws random numbers"),
         (RunningCenter, "updates its buffer 'mean' in train mode"),
+        (TrainOnlyStraightThrough, "gradient of 'lin.weight' on the rows differs between train and eval"),
     ],
-    ids=["dropout", "batchnorm-eval", "rrelu", "reads-training", "draws-in-training", "updates-buffer"],
+    ids=[
+        "dropout",
+        "batchnorm-eval",
+        "rrelu",
+        "reads-training",
+        "draws-in-training",
+        "updates-buffer",
+        "gradient-in-training",
+    ],
 )
 def test_a_model_that_differs_in_train_mode_takes_the_separate_pass(make, blocker):
     """Same values as without fusion (bit for bit: the same code path), the same random numbers."""
