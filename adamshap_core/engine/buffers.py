@@ -36,16 +36,17 @@ class Buffers:
             for m, name, buf, version, copy in self._kept
             if m._buffers.get(name) is not buf or _changed_in_place(buf, version, copy)
         ]
-        return out + [(m, name) for m, names in self._names for name in set(m._buffers) - names]
+        return out + [(m, name) for m, names in self._names for name in m._buffers.keys() - names]
 
     def restore(self) -> None:
-        with torch.inference_mode():  # which may write into an inference tensor, as into any other
-            for m, names in self._names:
-                for name in set(m._buffers) - names:
+        for m, names in self._names:
+            if m._buffers.keys() != names:
+                for name in m._buffers.keys() - names:
                     del m._buffers[name]
-            for m, name, buf, version, copy in self._kept:
-                m._buffers[name] = buf
-                if _changed_in_place(buf, version, copy):
+        for m, name, buf, version, copy in self._kept:
+            m._buffers[name] = buf
+            if _changed_in_place(buf, version, copy):
+                with torch.inference_mode():  # which may write into an inference tensor, as into any other
                     buf.copy_(copy)
 
 
