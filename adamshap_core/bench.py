@@ -179,15 +179,17 @@ def _found(recipe_path: str | Path) -> str | Path:
 
 
 def _out_folder(out: str | Path | None, runs_dir: str | Path | None, recipe_name: str) -> Path:
-    from .runio import bench_folder, runs_root
+    from .runio import bench_folder, require_creatable, runs_root
 
     if out is not None:
         out = Path(out)
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} is a file; expected a folder (bench.parquet is written into it).")
-        return out
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return bench_folder(runs_root(runs_dir)) / f"{recipe_name}-{stamp}"
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = bench_folder(runs_root(runs_dir)) / f"{recipe_name}-{stamp}"
+    require_creatable(out)  # now, not after the minutes of measuring
+    return out
 
 
 # ---- one process: build a recipe's training and time it in one mode ---------------------------

@@ -232,6 +232,7 @@ class Checkpointer:
         self.path = Path(path)
         self.prep = prep
         self.every = prep.recipe.train.checkpoint_every if every is None else every
+        self.loaded = False  # whether ``load`` restored the run: before that, a resume changed nothing
 
     # hashing a large split takes a moment: once per run
     @functools.cached_property
@@ -296,7 +297,9 @@ class Checkpointer:
         _set_rng_states(blob["rng"], p.device, gen)
         if p.tracker is not None and blob.get("tracker") is not None:
             p.tracker.load_state_dict(blob["tracker"])
-        return LoopState.from_blob(blob["loop"])
+        state = LoopState.from_blob(blob["loop"])
+        self.loaded = True
+        return state
 
     def _read(self) -> dict:
         try:

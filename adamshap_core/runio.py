@@ -376,9 +376,9 @@ class RunFolder:
             raise UserError(f"run {self.name!r} is already complete; there is nothing to resume.")
         if not self.file(CHECKPOINT_FILE).is_file():
             raise UserError(
-                f"run {self.name!r} has no checkpoint (it stopped before its first one; checkpoints are "
-                "written every `train.checkpoint_every` steps); train it again with: "
-                + restart_command(self.path)
+                f"run {self.name!r} has no checkpoint (it stopped before its first one, which is written "
+                "after `train.checkpoint_every` steps or on Ctrl-C, or the file was removed); train it "
+                "again with: " + restart_command(self.path)
             )
         return self
 
@@ -427,20 +427,35 @@ class RunFolder:
 def require_writable(folder: str | Path) -> None:
     """A ``UserError`` now, where files could not be written into ``folder`` later (after minutes of
     work): a temporary file is created there and removed."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".writable.", suffix=".tmp")
-    except OSError as e:
-        raise UserError(
-            f"cannot write into {folder}: {e.strerror or e}; expected a folder this user can write to."
-        ) from None
-    os.close(fd)
-    os.unlink(tmp)
+    _try_writing(folder, folder)
     shadowing = next((e for e in sorted(Path(folder).iterdir()) if _shadows_a_result(e)), None)
     if shadowing is not None:
         raise UserError(
             f"{shadowing} is a folder where adamshap writes a file of results; expected a file or "
             "nothing there (move the folder away)."
         )
+
+
+def require_creatable(folder: str | Path) -> None:
+    """A ``UserError`` now, where ``folder`` (which may not exist yet) could not be made and written
+    into later, after minutes of work: tried in the nearest part of its path that exists."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"cannot create the folder {folder}: {existing} is a file; expected a folder there.")
+    _try_writing(existing, folder)
+
+
+def _try_writing(where: str | Path, folder: str | Path) -> None:
+    """Create a temporary file in ``where`` and remove it; a ``UserError`` about ``folder`` if that fails."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=where, prefix=".writable.", suffix=".tmp")
+    except OSError as e:
+        raise UserError(
+            f"cannot write into {folder}: {e.strerror or e}; expected a folder this user can write to."
+        ) from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 RESULT_SUFFIXES = (".parquet", ".json", ".png")  # what the commands write into a run folder
@@ -507,14 +522,21 @@ def latest_run(root: str | Path) -> RunFolder:
 
 
 def open_run(root: str | Path, name: str | None = None) -> RunFolder:
-    """The run called ``name`` (or a path to a run folder), or the latest run when ``name`` is None."""
+    """The run called ``name`` under ``root``, or the run folder at ``name`` where it is a path (has a
+    separator: ``./demo``, ``old/demo``), or the latest run when ``name`` is None. A bare name is
+    never looked up in the current folder: a run of that name there would shadow the one under
+    ``root`` that ``--runs-dir`` names."""
     if name is None:
         return latest_run(root)
-    p = Path(name)
-    if not (p.is_dir() and (p / "metrics.json").exists()):
-        p = Path(root) / name
+    bare = Path(name).name == name
+    p = Path(root) / name if bare else Path(name)
     if not p.is_dir():
-        raise UserError(f"no run {name!r} under {root}; `adamshap runs` lists the runs there.")
+        here = bare and (Path(name) / "metrics.json").exists()
+        hint = (
+            f" (a run folder {name!r} is in the current folder: pass --run ./{name} for it)" if here else ""
+        )
+        where = f"under {root}" if bare else "at that path"
+        raise UserError(f"no run {name!r} {where}{hint}; `adamshap runs` lists the runs under {root}.")
     return RunFolder(p)
 
 

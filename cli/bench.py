@@ -76,6 +76,7 @@ def bench(
     plain), the memory ratio and the speed-up over per-example gradients.
     """
     from adamshap_core import bench as bm
+    from adamshap_core import runio
 
     if summary is not None:
         given = [
@@ -108,6 +109,7 @@ def bench(
         err_console.print(f"[bold]bench[/] {escape(describe(plan))}", highlight=False)
     result = _run_with_progress(plan, quiet)
     profile_text = None if result.profile is None else render_profile(result.profile)
+    earlier = runio.replaced_note(plan.out / "bench.json", "bench's results")
     paths = bm.write(plan, result, profile_text)  # before any output: a reader that stops early loses nothing
     if profile_text is not None:
         console.print(profile_text, highlight=False, markup=False, soft_wrap=True)
@@ -118,7 +120,7 @@ def bench(
         ratio_lines(plan, result.summary) + compile_lines(plan, result.summary) + fusion_lines(result.summary)
     ):
         console.print(line, highlight=False, soft_wrap=True)
-    console.print(wrote_line(paths), highlight=False, soft_wrap=True)
+    console.print(wrote_line(paths) + escape(earlier), highlight=False, soft_wrap=True)
     for line in closing_lines(result.summary):
         console.print(line, highlight=False, markup=False, soft_wrap=True)
 

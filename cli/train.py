@@ -7,6 +7,7 @@ import shlex
 import shutil
 import signal
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import typer
@@ -61,36 +62,43 @@ def train(
             )
         rec, prep = _prepared(recipe, set_)
         folder = _new_run_folder(root, runio.check_run_name(rec.name if name is None else name), force)
-    with run_lock(folder.path):
-        if resume is not None:
-            _resumable_run(root, resume)  # again, now that no other process can finish it meanwhile
-            remove_stale_temp_files(folder.path)  # half-written files of the killed process
-            rec, prep = _prepared(folder.file("recipe.yaml"), [])
-            header = runio.reopen_run(folder)
-        else:
-            try:
-                header = runio.start_run(folder, rec, recipe_path=str(recipe))
-            except BaseException:  # a folder it could not write into: leave none behind
-                shutil.rmtree(folder.path, ignore_errors=True)
-                raise
-        if not quiet:
-            for note in prep.data.notes:
-                err_console.print(f"note: {escape(note)}", highlight=False)
-            if prep.tracker is not None and prep.tracker.rows_blocked:
-                err_console.print(
-                    "note: attribution.fuse_validation: the validation rows take the separate pass, "
-                    f"{escape(prep.tracker.rows_blocked)}",
-                    highlight=False,
-                )
-            verb = "resuming" if resume is not None else "training"
-            err_console.print(
-                f"{verb} [bold]{escape(folder.name)}[/]: {escape(rec.data.source)}, {prep.data.n_train} "
-                f"training examples, {rec.model.kind} on {prep.device}, {rec.optim.name} lr "
-                f"{rec.optim.lr:g}, {prep.total_steps} steps; methods: "
-                f"{', '.join(prep.methods) or 'none (attribution off)'}"
-            )
-        result, metrics = _train_into(folder, header, prep, quiet, resume is not None)
+    try:
+        with run_lock(folder.path):
+            if resume is not None:
+                _resumable_run(root, resume)  # again, now that no other process can finish it meanwhile
+                remove_stale_temp_files(folder.path)  # half-written files of the killed process
+                rec, prep = _prepared(folder.file("recipe.yaml"), [])
+                start = partial(runio.reopen_run, folder)
+            else:
+                start = partial(runio.start_run, folder, rec, recipe_path=str(recipe))
+            if not quiet:
+                _print_opening(folder, rec, prep, resume is not None)
+            result, metrics = _train_into(folder, start, prep, quiet, resume is not None)
+    except BaseException:
+        if resume is None and not folder.file("metrics.json").exists():
+            # stopped (Ctrl-C) or failed before the run was started: nothing trained, no folder left
+            shutil.rmtree(folder.path, ignore_errors=True)
+        raise
     print_summary(result, metrics, folder.path, quiet)
+
+
+def _print_opening(folder, rec, prep, resume: bool) -> None:
+    """The data's notes and the opening line, on stderr."""
+    for note in prep.data.notes:
+        err_console.print(f"note: {escape(note)}", highlight=False)
+    if prep.tracker is not None and prep.tracker.rows_blocked:
+        err_console.print(
+            "note: attribution.fuse_validation: the validation rows take the separate pass, "
+            f"{escape(prep.tracker.rows_blocked)}",
+            highlight=False,
+        )
+    verb = "resuming" if resume else "training"
+    err_console.print(
+        f"{verb} [bold]{escape(folder.name)}[/]: {escape(rec.data.source)}, {prep.data.n_train} "
+        f"training examples, {rec.model.kind} on {prep.device}, {rec.optim.name} lr "
+        f"{rec.optim.lr:g}, {prep.total_steps} steps; methods: "
+        f"{', '.join(prep.methods) or 'none (attribution off)'}"
+    )
 
 
 def _prepared(recipe: Path, overrides: list[str] | None):
@@ -125,37 +133,51 @@ def _resumable_run(root: Path, name: str):
         raise UserError(f"--resume {name}: {e}") from None
 
 
-def _train_into(folder, header: dict, prep, quiet: bool, resume: bool):
-    """Run the training loop into ``folder``; on a stop or failure, leave it incomplete and say why."""
+def _train_into(folder, start, prep, quiet: bool, resume: bool):
+    """Start the run (``start()`` writes or reads its metrics header), then run the training loop into
+    ``folder``; on a stop or failure from there on, leave it incomplete and say why."""
     from adamshap_core import runio
-    from adamshap_core.checkpoint import Checkpointer, TrainingInterrupted, stop_on_interrupt
+    from adamshap_core.checkpoint import Checkpointer, stop_on_interrupt
     from adamshap_core.runio import CHECKPOINT_FILE
-    from adamshap_core.train import TrainingDiverged, run
+    from adamshap_core.train import run
 
     ckpt = Checkpointer(folder.file(CHECKPOINT_FILE), prep)
     stop = None
+    header = start()  # nothing between it and the handlers below where Ctrl-C could land
     try:
         with stop_on_interrupt() as stop, _training_bar(quiet) as on_progress:
             result = run(prep, on_progress=on_progress, checkpointer=ckpt, resume=resume, stop=stop)
         metrics = runio.finish_run(folder, header, result)  # failing (no space left, say), it stays resumable
-    except TrainingDiverged as e:
-        runio.fail_run(folder, header, e, partial=e.partial)
-        raise
-    except (TrainingInterrupted, KeyboardInterrupt) as e:
-        runio.fail_run(folder, header, e)
-        where = f" after step {e.step} of {e.total}" if isinstance(e, TrainingInterrupted) else ""
-        err_console.print(f"[yellow]stopped{where}; run {folder.name!r} is marked incomplete.[/]")
-        err_console.print(escape(_how_to_continue(folder, ckpt)), soft_wrap=True)
-        signum = getattr(stop, "signum", None) or signal.SIGINT
-        raise typer.Exit(128 + signum) from None  # 130 (Ctrl-C) or 143 (SIGTERM), as the shell reports them
     except BaseException as e:
-        _record_failure(folder, header, ckpt, e)
+        if resume and not ckpt.loaded:  # refused (a damaged checkpoint, changed data) or stopped before it
+            raise  # resumed anything: the run's record of why it stopped stays as it was
+        _stopped(folder, header, ckpt, getattr(stop, "signum", None), e)
         raise
     finally:
         if prep.tracker is not None:
             prep.tracker.close()
     ckpt.remove()  # a complete run is never resumed; metrics.json keeps params_sha256
     return result, metrics
+
+
+def _stopped(folder, header: dict, ckpt, signum: int | None, error: BaseException) -> None:
+    """Mark the run incomplete with why it stopped; where the user stopped it or can mend the cause,
+    say how to go on, and raise the exit it ends with."""
+    from adamshap_core import runio
+    from adamshap_core.checkpoint import TrainingInterrupted
+    from adamshap_core.train import TrainingDiverged
+
+    if isinstance(error, TrainingDiverged):
+        runio.fail_run(folder, header, error, partial=error.partial)
+    elif isinstance(error, (TrainingInterrupted, KeyboardInterrupt)):
+        runio.fail_run(folder, header, error)
+        where = f" after step {error.step} of {error.total}" if isinstance(error, TrainingInterrupted) else ""
+        err_console.print(f"[yellow]stopped{where}; run {folder.name!r} is marked incomplete.[/]")
+        err_console.print(escape(_how_to_continue(folder, ckpt)), soft_wrap=True)
+        # 130 (Ctrl-C) or 143 (SIGTERM), as the shell reports them
+        raise typer.Exit(128 + (signum or signal.SIGINT)) from None
+    else:
+        _record_failure(folder, header, ckpt, error)
 
 
 def _record_failure(folder, header: dict, ckpt, error: BaseException) -> None:
@@ -220,8 +242,8 @@ def print_summary(result, metrics: dict, path: Path, quiet: bool) -> None:
         df = df.assign(label=[metrics["classes"][code] for code in df["label"]])
     acc_name = "next-token accuracy" if about == "text" else "accuracy"
     acc = metrics.get("test_accuracy")
-    if not quiet:
-        console.print()  # apart from the progress bar and notes above it (--quiet prints none)
+    if not quiet:  # a blank line apart from the progress bar and notes above it (--quiet prints none), on
+        err_console.print()  # their stream: the results' first line on stdout is their first line
     console.print(
         f"[bold green]done[/]: trained in {metrics['wall_seconds']:.1f}s; "
         f"test {acc_name} [bold]{acc:.3f}[/], test loss {metrics['test_loss']:.4f}, "

@@ -515,3 +515,29 @@ def test_profile_reports_phases_ops_and_the_extra_over_plain(tmp_path):
     # the phase labels are gone after the profile
     assert precond.scale is scale and "state" in vars(precond.AdamRead)
     assert precond.AdamRead.state.__qualname__ == "AdamRead.state"
+
+
+def test_an_out_folder_that_cannot_be_made_is_refused_before_measuring(tmp_path, runs, monkeypatch):
+    from adamshap_cli import bench as bench_cli
+
+    def measured(*args):
+        raise AssertionError("measured before the folder was checked")
+
+    monkeypatch.setattr(bench_cli, "_run_with_progress", measured)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    res = cli("bench", write_recipe(tmp_path, TINY), "--out", blocker / "sub", "-q")
+    said = " ".join(res.stderr.split())
+    assert res.exit_code == 2 and f"cannot create the folder {blocker / 'sub'}: {blocker} is a file" in said
+    assert not runs.exists()
+
+
+def test_a_bench_into_a_folder_of_earlier_results_says_it_replaces_them(tmp_path, runs):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "bench.json").write_text("{}")  # an earlier bench's (only its date is read)
+    args = ("--steps", "1", "--warmup", "0", "--repeats", "1", "--threads", "1", "--out", out, "-q")
+    res = cli("bench", write_recipe(tmp_path, TINY), *args)
+    assert res.exit_code == 0, res.output
+    assert "(replacing the earlier bench's results of " in " ".join(res.stdout.split())
+    assert json.loads((out / "bench.json").read_text())["recipe"] == "tiny"

@@ -65,8 +65,9 @@ def test_train_writes_the_run_folder(tmp_path, runs):
     # refuses to overwrite, then replaces with --force
     again = cli("train", recipe, "--quiet")
     assert again.exit_code == 2 and "already exists" in again.stderr and "--force" in again.stderr
-    forced = cli("train", recipe, "--quiet", "--force", "--set", "attribution.enabled=false")
+    forced = cli("train", recipe, "--force", "--set", "attribution.enabled=false")  # not --quiet
     assert forced.exit_code == 0, forced.output
+    assert forced.stdout.startswith("done: trained in ")  # the notes and the blank line go to stderr
     assert "value_adam" not in pd.read_parquet(run / "values.parquet").columns
 
     # runs lists it

@@ -362,6 +362,20 @@ def test_resume_after_ctrl_c_in_process(stopped, tmp_path):
     assert json.loads((stopped / "tiny" / "metrics.json").read_text())["resumed_at_steps"] == [1]
 
 
+def test_a_resumed_run_stopped_again_records_the_new_stop(stopped, monkeypatch):
+    from adamshap_core import checkpoint
+
+    first = json.loads((stopped / "tiny" / "metrics.json").read_text())
+    with monkeypatch.context() as m:  # Ctrl-C pressed again: stop after the first resumed step
+        m.setattr(checkpoint, "stop_on_interrupt", lambda: contextlib.nullcontext(lambda: True))
+        res = resume(stopped)
+    assert res.exit_code == 130 and "--resume tiny" in " ".join(res.output.split()), res.output
+    again = json.loads((stopped / "tiny" / "metrics.json").read_text())
+    assert first["error"] == "training interrupted after step 1 of 14"
+    assert again["error"] == "training interrupted after step 2 of 14"
+    assert resume(stopped).exit_code == 0
+
+
 def test_a_resumed_runs_wall_time_counts_the_time_before_the_stop(stopped):
     path = stopped / "tiny" / CHECKPOINT_FILE
     blob = torch.load(path, weights_only=True)
@@ -396,9 +410,10 @@ def test_resume_refuses_recipe_options(stopped, tmp_path):
 def test_resume_refuses_an_edited_recipe(stopped):
     p = stopped / "tiny" / "recipe.yaml"
     p.write_text(p.read_text().replace("lr: 0.01", "lr: 0.02"))
+    record = (stopped / "tiny" / "metrics.json").read_text()
     res = resume(stopped)
     assert res.exit_code == 2 and "different recipe" in res.output, res.output
-    assert json.loads((stopped / "tiny" / "metrics.json").read_text())["status"] == "incomplete"
+    assert (stopped / "tiny" / "metrics.json").read_text() == record  # why it stopped, as it was
     start_over(res, stopped)  # with the edited recipe
     assert "lr: 0.02" in p.read_text()
 
@@ -481,11 +496,38 @@ def _other_format(p: Path) -> None:
     ids=["truncated", "foreign", "other-format"],
 )
 def test_resume_refuses_a_damaged_checkpoint(stopped, damage, says):
+    """Refused, with the command that trains the run again; the run's record of why it stopped (a
+    Ctrl-C) stays as it was, since the refusal changed nothing."""
     damage(stopped / "tiny" / CHECKPOINT_FILE)
+    record = json.loads((stopped / "tiny" / "metrics.json").read_text())
+    assert record["status"] == "incomplete" and "interrupted" in record["error"]
     res = resume(stopped)
     assert res.exit_code == 2 and says in " ".join(res.output.split()) and "Traceback" not in res.output
-    assert json.loads((stopped / "tiny" / "metrics.json").read_text())["status"] == "incomplete"
+    assert json.loads((stopped / "tiny" / "metrics.json").read_text()) == record
     start_over(res, stopped)
+
+
+@pytest.mark.parametrize("where", ["opening-line", "writing-the-run"])
+def test_ctrl_c_before_training_starts_leaves_no_run_folder(tmp_path, monkeypatch, where):
+    """Stopped after the run's folder was made but before its training started: nothing was trained,
+    so nothing is kept, and the same command then trains the run."""
+    from adamshap_cli import train as train_cli
+
+    from adamshap_core import runio
+
+    def pressed(*args, **kwargs):
+        if where == "writing-the-run":
+            args[0].write_recipe(args[1])  # half-way: the recipe written, metrics.json not yet
+        raise KeyboardInterrupt
+
+    runs, recipe = tmp_path / "runs", write_recipe(tmp_path, tiny())
+    owner, name = (train_cli, "_print_opening") if where == "opening-line" else (runio, "start_run")
+    with monkeypatch.context() as m:
+        m.setattr(owner, name, pressed)
+        res = cli("train", recipe, "--runs-dir", runs)
+    assert res.exit_code == 130 and "stopped" in res.output
+    assert not (runs / "tiny").exists()
+    assert cli("train", recipe, "--quiet", "--runs-dir", runs).exit_code == 0
 
 
 def test_resume_refuses_while_another_process_writes_the_run(stopped):

@@ -147,6 +147,24 @@ def test_list_and_latest(tmp_path):
         runio.open_run(tmp_path, "zz")
 
 
+def test_a_bare_run_name_is_looked_up_in_the_runs_folder_never_in_the_current_one(tmp_path, monkeypatch):
+    """A run of the same name in the current folder must not shadow the one ``--runs-dir`` names (a
+    command would write its results into the wrong run); a path to it still opens it."""
+    root, here = tmp_path / "runs", tmp_path / "here"
+    for parent, created in ((root, "2030-01-01T00:00:00"), (here, "2031-01-01T00:00:00")):
+        f = runio.RunFolder(runio.create_run_dir(parent, "pipe"))
+        f.write_metrics({"status": "complete", "created": created})
+    runio.RunFolder(runio.create_run_dir(here, "only-here")).write_metrics({"status": "complete"})
+    monkeypatch.chdir(here)
+    assert runio.open_run(root, "pipe").path.resolve() == (root / "pipe").resolve()
+    assert runio.open_run(root, "./pipe").path.resolve() == (here / "pipe").resolve()
+    assert runio.open_run(root, str(here / "pipe")).path.resolve() == (here / "pipe").resolve()
+    with pytest.raises(UserError, match=r"no run 'only-here' under .*pass --run ./only-here"):
+        runio.open_run(root, "only-here")
+    with pytest.raises(UserError, match="no run './nowhere' at that path"):
+        runio.open_run(root, "./nowhere")
+
+
 def test_folders_that_are_not_runs_are_not_listed(tmp_path):
     (tmp_path / "bench" / "digits-mlp-1").mkdir(parents=True)  # what `adamshap bench` leaves
     f = runio.RunFolder(runio.create_run_dir(tmp_path, "real"))
