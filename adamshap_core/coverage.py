@@ -48,7 +48,7 @@ def probing(model: nn.Module, device: torch.device):
     modules = list(model.modules())
     with (
         modes_kept(modules),
-        buffers_kept(modules),
+        buffers_kept(model),
         torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
         torch.autocast(device.type, enabled=False) if device.type in AUTOCAST_DEVICES else nullcontext(),
     ):

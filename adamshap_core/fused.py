@@ -85,14 +85,14 @@ def probe_blocker(model: nn.Module, loss_fn, inputs, targets) -> str | None:
     with probing(model, inputs.device) as modules:
         eval_out = _run_in_mode(model, modules, inputs, training=False)
         before = _rng_state(inputs.device)
-        with buffers_kept(modules) as buffers:
+        with buffers_kept(model) as buffers:
             train_out = _run_in_mode(model, modules, inputs, training=True)
             changed = buffers.changed()
         if any(not torch.equal(x, y) for x, y in zip(before, _rng_state(inputs.device), strict=True)):
             return "the model draws random numbers in train mode"
         if changed:
-            module, buffer = changed[0]
-            name = next(_module_name(path, m) for path, m in model.named_modules() if m is module)
+            path, buffer, _ = changed[0]
+            name = _module_name(path, model.get_submodule(path))
             return f"{name} updates its buffer '{buffer}' in train mode, where the rows would enter it"
         if not (isinstance(eval_out, torch.Tensor) and isinstance(train_out, torch.Tensor)):
             return "the model's output is not a tensor"

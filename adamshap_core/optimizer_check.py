@@ -37,18 +37,22 @@ def base_class(optimizer: torch.optim.Optimizer) -> Base:
 
 def gradient_hook(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> str | None:
     """Why the gradients the values are read from might not be those the optimizer steps with: a
-    hook that runs after the backward pass has summed the examples' gradients into ``.grad`` and
-    before the update (a parameter's post-accumulate-grad hook, an optimizer step pre-hook) may
-    change them, by clipping each coordinate, say, or compressing them; each example's part of the
-    changed gradient is then unknown (None: no such hook). Read every step: a hook may be
-    registered at any time."""
+    hook that runs on a parameter's summed gradient (``p.register_hook``, a post-accumulate-grad
+    hook) or before the update (an optimizer step pre-hook) may change them, by clipping each
+    coordinate, say, or compressing them; each example's part of the changed gradient is then
+    unknown (None: no such hook). Read every step: a hook may be registered at any time."""
     expected = "expected none: clip by norm with max_grad_norm=, and leave other hooks to after the step"
     for p in params:
-        if getattr(p, "_post_accumulate_grad_hooks", None):  # where torch keeps them (a dict, or None)
-            return (
-                f"a parameter of shape {tuple(p.shape)} has a post-accumulate-grad hook, which may change "
-                f"its gradient after the examples' parts were summed into it; {expected}"
-            )
+        # where torch keeps them: dicts, or None
+        for kind, hooks in (
+            ("a", p._backward_hooks),
+            ("a post-accumulate-grad", p._post_accumulate_grad_hooks),
+        ):
+            if hooks:
+                return (
+                    f"a parameter of shape {tuple(p.shape)} has {kind} hook, which may change its gradient "
+                    f"after the examples' parts were summed into it; {expected}"
+                )
     if getattr(optimizer, "_optimizer_step_pre_hooks", None) or _global_step_pre_hooks():
         return (
             f"{type(optimizer).__name__} has a step pre-hook, which runs inside optimizer.step() and may "

@@ -62,8 +62,8 @@ def train(
             )
         rec, prep = _prepared(recipe, set_)
         folder = _new_run_folder(root, runio.check_run_name(rec.name if name is None else name), force)
-    try:
-        with run_lock(folder.path):
+    with run_lock(folder.path):
+        try:
             if resume is not None:
                 _resumable_run(root, resume)  # again, now that no other process can finish it meanwhile
                 remove_stale_temp_files(folder.path)  # half-written files of the killed process
@@ -74,11 +74,12 @@ def train(
             if not quiet:
                 _print_opening(folder, rec, prep, resume is not None)
             result, metrics = _train_into(folder, start, prep, quiet, resume is not None)
-    except BaseException:
-        if resume is None and not folder.file("metrics.json").exists():
-            # stopped (Ctrl-C) or failed before the run was started: nothing trained, no folder left
-            shutil.rmtree(folder.path, ignore_errors=True)
-        raise
+        except BaseException:
+            # stopped (Ctrl-C) or failed before the run was started: nothing trained, no folder left (only
+            # once this process holds the lock: a folder it could not lock is another process's)
+            if resume is None and not folder.file("metrics.json").exists():
+                shutil.rmtree(folder.path, ignore_errors=True)
+            raise
     print_summary(result, metrics, folder.path, quiet)
 
 

@@ -32,9 +32,14 @@ def diverge_at(step: int, fault):
 
 
 def poison_gradient(ctx):
-    """The loss stays finite; one parameter's gradient becomes NaN in the backward pass."""
-    weight = next(p for name, p in ctx.model.named_parameters() if name.endswith("weight"))
-    weight.register_hook(lambda g: g * float("nan"))
+    """The loss stays finite; the gradient of the first layer's output, and with it its weight's,
+    becomes NaN in the backward pass (a hook on the parameter itself would be refused)."""
+
+    def poison(module, args, out):
+        if out.requires_grad:  # not in the evaluation's passes, which have no backward
+            out.register_hook(lambda g: g * float("nan"))
+
+    next(m for m in ctx.model.modules() if isinstance(m, torch.nn.Linear)).register_forward_hook(poison)
 
 
 def poison_validation(ctx):

@@ -159,6 +159,32 @@ def test_a_buffer_the_forward_updates_moves_as_in_plain_training(every_mode, kw,
         assert "updates its buffer 'mean'" in tracker.fusion_blocked
 
 
+def test_the_validation_pass_copies_only_the_buffers_a_pass_changed(float64, monkeypatch):
+    """A constant buffer (an attention mask) is copied by the first validation pass only: copying it
+    every step would cost a large one more than the pass."""
+    from adamshap_core.engine import buffers
+
+    model = RunningCenter(every_mode=True)
+    model.register_buffer("mask", torch.ones(4, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    tracker = InRunShapley(model, opt, cross_entropy, *tabular(3, gen), METHODS)
+    for _ in range(2):  # the first validation pass, and step 2's check, copy every buffer
+        tracker.step(*tabular(5, gen))
+    copies = []
+    real_copy = buffers._copy
+
+    def recorded(buf, ids):
+        copy = real_copy(buf, ids)
+        copies.append((tuple(buf.shape), copy is not None))
+        return copy
+
+    monkeypatch.setattr(buffers, "_copy", recorded)
+    for _ in range(3):  # no check before step 10
+        tracker.step(*tabular(5, gen))
+    assert sorted(copies) == [((4, 4), False)] * 3 + [((5,), True)] * 3  # the mask never, the mean each step
+
+
 def test_a_loss_normalised_by_the_batch_takes_the_separate_pass():
     """Appending rows would change such a loss's training rows, hence plain training's update."""
     gen = torch.Generator().manual_seed(0)

@@ -209,13 +209,17 @@ def _clamped_step_pre_hook(optimizer, args, kwargs):
     "register,match",
     [
         (lambda model, opt: model[0].weight.register_post_accumulate_grad_hook(clamping), "post-accumulate"),
+        (
+            lambda model, opt: model[2].bias.register_hook(lambda g: g.clamp(-0.01, 0.01)),
+            r"\(3,\) has a hook",
+        ),
         (lambda model, opt: opt.register_step_pre_hook(_clamped_step_pre_hook), "Adam has a step pre-hook"),
         (
             lambda model, opt: register_optimizer_step_pre_hook(_clamped_step_pre_hook),
             "Adam has a step pre-hook",
         ),
     ],
-    ids=["post-accumulate-grad", "step-pre-hook", "global-step-pre-hook"],
+    ids=["post-accumulate-grad", "tensor-hook", "step-pre-hook", "global-step-pre-hook"],
 )
 @pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
 def test_a_hook_that_may_change_the_gradients_before_the_update_is_refused(register, match, fuse):

@@ -530,6 +530,22 @@ def test_ctrl_c_before_training_starts_leaves_no_run_folder(tmp_path, monkeypatc
     assert cli("train", recipe, "--quiet", "--runs-dir", runs).exit_code == 0
 
 
+def test_a_new_run_that_cannot_lock_its_folder_leaves_it_to_the_process_holding_it(tmp_path, monkeypatch):
+    """Another ``train --force`` replaced the folder just made, and locked it first: its folder."""
+    from adamshap_cli import train as train_cli
+
+    from adamshap_core import runio
+
+    runs = tmp_path / "runs"
+    theirs = runs / "tiny"
+    theirs.mkdir(parents=True)
+    monkeypatch.setattr(train_cli, "_new_run_folder", lambda root, name, force: runio.RunFolder(theirs))
+    with run_lock(theirs):
+        res = cli("train", write_recipe(tmp_path, tiny()), "--quiet", "--runs-dir", runs)
+        assert res.exit_code == 2 and "being written by" in res.output
+        assert theirs.is_dir()
+
+
 def test_resume_refuses_while_another_process_writes_the_run(stopped):
     with run_lock(stopped / "tiny"):
         res = resume(stopped)

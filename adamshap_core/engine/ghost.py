@@ -134,6 +134,7 @@ class GhostEngine:
         self._generator = torch.Generator(device=self.parameters[0].device).manual_seed(0)
         self._modules = list(model.modules())
         self._workspace = Workspace()  # the flat M buffer, reused every step
+        self._copied_buffers: set[int] | None = None  # those the validation pass copies (buffers.py)
         self._handles = [m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self._owned]
         self._twinned = _twinned(self._owned)  # the modules whose calls may be stacked with another's
         # the stacks of the last few steps' calls, by what decides them (``_stacks``): a step repeats
@@ -170,7 +171,7 @@ class GhostEngine:
         # a hook, though it costs a Python call from the backward pass: asking torch.autograd.grad for
         # the output's gradient edge with the parameters' gradients was a little faster (1.4% of a small
         # GPT's valued step), but skips the accumulation into .grad whose hooks plain training runs
-        # (post-accumulate-grad hooks, DistributedDataParallel's gradient averaging)
+        # (DistributedDataParallel's gradient averaging)
         output.register_hook(keep_grad)
 
     @contextmanager
@@ -214,12 +215,16 @@ class GhostEngine:
         random numbers drawn), without touching ``.grad``, and leaving the buffers
         as they were (``buffers.py``).
         """
-        with modes_kept(self._modules), buffers_kept(self._modules):
+        with modes_kept(self._modules), buffers_kept(self.model, self._copied_buffers) as buffers:
             set_modes(self._modules, training=False)
             if per_target:
-                return self._per_target_gradients(loss_fn, inputs, targets)
-            loss = loss_fn(self.model(inputs), targets).mean()
-            return self.flatten_by_id(self._gradients_by_id(loss), rows=1).detach(), float(loss.detach())
+                out = self._per_target_gradients(loss_fn, inputs, targets)
+            else:
+                loss = loss_fn(self.model(inputs), targets).mean()
+                out = self.flatten_by_id(self._gradients_by_id(loss), rows=1).detach(), float(loss.detach())
+            # the first pass copied every buffer; later ones copy only those it (or a later one) changed
+            self._copied_buffers = (self._copied_buffers or set()) | {id(b) for _, _, b in buffers.changed()}
+        return out
 
     def _gradients_by_id(self, loss: torch.Tensor) -> dict[int, torch.Tensor | None]:
         """id(param) → ∇ of ``loss``, for the layout's parameters that still require gradients. One
