@@ -15,7 +15,7 @@ from rich.table import Table
 
 from adamshap_core.errors import UserError
 
-from . import STOPPED
+from . import STOPPED, TERMINATED
 
 # the file system's refusals that are the user's to fix (not a bug of the program): exit 2, not a traceback
 FILE_SYSTEM_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
@@ -27,19 +27,41 @@ console = Console()  # results, on stdout
 err_console = Console(stderr=True)  # progress and errors
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler's stop), raised where the command is, as Ctrl-C raises
+    KeyboardInterrupt: the command's ``finally`` blocks run (locks released, half-written files
+    removed) instead of the process ending in the middle of them."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def stopped_exit_code(stop: BaseException) -> int:
+    """130 for Ctrl-C, 143 for SIGTERM, as the shell reports a process those signals ended."""
+    return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+
+
 def user_errors(fn):
     """Print ``UserError`` (and YAML/validation errors) as one red paragraph on stderr; exit 2.
-    Ctrl-C (where a command does not handle it itself) says so in one line; exit 130."""
+    Ctrl-C or SIGTERM (where a command does not handle it itself) says so in one line; exit 130
+    or 143."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        main = threading.current_thread() is threading.main_thread()
+        before = signal.getsignal(signal.SIGTERM) if main else None
         try:
-            if threading.current_thread() is threading.main_thread():
+            if main:
                 signal.signal(signal.SIGINT, signal.default_int_handler)  # from __main__'s stop-while-loading
+                signal.signal(signal.SIGTERM, _terminate)
             return _reporting_user_errors(fn, *args, **kwargs)
-        except KeyboardInterrupt:  # also while the imports below load (pydantic: ~0.1 s)
-            err_console.print(f"[yellow]{STOPPED}[/]")
-            raise typer.Exit(code=130) from None
+        except KeyboardInterrupt as e:  # also while the imports below load (pydantic: ~0.1 s)
+            err_console.print(f"[yellow]{TERMINATED if isinstance(e, Terminated) else STOPPED}[/]")
+            raise typer.Exit(code=stopped_exit_code(e)) from None
+        finally:
+            if before is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(signal.SIGTERM, before)
 
     return wrapper
 

@@ -9,7 +9,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .common import RUNS_DIR, console, err_console, print_unbroken, progress_bar, split_list, user_errors
+from .common import (
+    RUNS_DIR,
+    console,
+    err_console,
+    print_unbroken,
+    progress_bar,
+    split_list,
+    stopped_exit_code,
+    user_errors,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -83,7 +92,7 @@ def prune(
 
 def _retrain(folder, plan, quiet: bool) -> pd.DataFrame:
     """Every retrain of ``plan``, each kept in the direction's journal as it ends, so that a prune
-    stopped part-way (Ctrl-C: exit 130) continues where it stopped when run again."""
+    stopped part-way (Ctrl-C: exit 130, SIGTERM: 143) continues where it stopped when run again."""
     from adamshap_core import prune as pr
 
     journal = pr.journal_for(folder, plan.direction)
@@ -95,13 +104,13 @@ def _retrain(folder, plan, quiet: bool) -> pd.DataFrame:
         )
     try:
         return run_with_progress(plan, quiet, journal)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (common.Terminated)
         err_console.print(
             f"[yellow]stopped after {journal.finished(plan.jobs)} of {len(plan.jobs)} retrains; they are "
             f"kept in {escape(str(journal.path))}, and the same command continues from there.[/]",
             soft_wrap=True,
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(stopped_exit_code(e)) from None
 
 
 def parse_fracs(items: list[str]) -> list[float]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shlex
 import shutil
-import signal
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -16,7 +15,15 @@ from rich.table import Table
 
 from adamshap_core.errors import UserError
 
-from .common import RUNS_DIR, console, err_console, file_system_problem, progress_bar, user_errors
+from .common import (
+    RUNS_DIR,
+    console,
+    err_console,
+    file_system_problem,
+    progress_bar,
+    stopped_exit_code,
+    user_errors,
+)
 
 
 @user_errors
@@ -176,7 +183,7 @@ def _stopped(folder, header: dict, ckpt, signum: int | None, error: BaseExceptio
         err_console.print(f"[yellow]stopped{where}; run {folder.name!r} is marked incomplete.[/]")
         err_console.print(escape(_how_to_continue(folder, ckpt)), soft_wrap=True)
         # 130 (Ctrl-C) or 143 (SIGTERM), as the shell reports them
-        raise typer.Exit(128 + (signum or signal.SIGINT)) from None
+        raise typer.Exit(128 + signum if signum else stopped_exit_code(error)) from None
     else:
         _record_failure(folder, header, ckpt, error)
 

@@ -237,6 +237,29 @@ def test_ctrl_c_outside_train_exits_130_with_one_line_and_no_traceback(tmp_path,
     assert not (runs / "tiny" / "compare.parquet").exists()
 
 
+def test_sigterm_outside_train_exits_143_with_one_line_and_no_traceback(tmp_path, runs, monkeypatch):
+    """SIGTERM ends a command as Ctrl-C does (its ``finally`` blocks run), with its own line and exit
+    code; the process's own SIGTERM handler is put back afterwards."""
+    import signal
+
+    from adamshap_core import compare
+
+    before = signal.getsignal(signal.SIGTERM)
+    recipe = write_recipe(tmp_path, TINY)
+    assert cli("train", recipe, "--quiet", "--set", "train.epochs=1").exit_code == 0
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(compare, "compare_run", terminated)
+    res = cli("compare", "--quiet")
+    assert res.exit_code == 143
+    assert "stopped (SIGTERM) before it finished." in res.output and "Traceback" not in res.output
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_a_file_system_refusal_is_a_clear_error_not_a_traceback(tmp_path, runs, monkeypatch):
     """A folder the user cannot write to (or a full disk) is the user's to fix: exit 2, one line."""
     import errno

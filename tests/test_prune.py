@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 
 import numpy as np
 import pandas as pd
@@ -212,9 +214,14 @@ def test_prune_high_keeps_the_low_rows_and_defaults_to_the_latest_run(tmp_path):
     assert "(replacing the earlier prune's results for --remove low of 20" in " ".join(res.stdout.split())
 
 
-def test_a_stopped_prune_keeps_its_retrains_and_the_same_command_continues(tmp_path, monkeypatch):
-    """Ctrl-C part-way: exit 130, no table, the finished retrains kept; the rerun retrains only the rest
-    and writes the same table as an uninterrupted prune."""
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"]
+)
+def test_a_stopped_prune_keeps_its_retrains_and_the_same_command_continues(
+    tmp_path, monkeypatch, signum, code
+):
+    """Ctrl-C or SIGTERM part-way: exit 130 or 143, no table, the finished retrains kept; the rerun
+    retrains only the rest and writes the same table as an uninterrupted prune."""
     stopped, straight = train_tiny(tmp_path, "stopped"), train_tiny(tmp_path, "straight")
     args = ["--frac", "0.2,0.3", "--by", "adam,random", "--seeds", "2", "--runs-dir", tmp_path / "runs", "-q"]
     assert cli("prune", "--run", "straight", *args).exit_code == 0
@@ -223,12 +230,13 @@ def test_a_stopped_prune_keeps_its_retrains_and_the_same_command_continues(tmp_p
     def stop_at_the_fourth(job, recipe, data):
         calls.append(job)
         if len(calls) == stop_at[0]:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            raise AssertionError("the signal did not stop the prune")
         return real(job, recipe, data)
 
     monkeypatch.setattr(pr, "retrain", stop_at_the_fourth)
     res = cli("prune", "--run", "stopped", *args)
-    assert res.exit_code == 130 and "stopped after 3 of 10 retrains" in res.output, res.output
+    assert res.exit_code == code and "stopped after 3 of 10 retrains" in res.output, res.output
     assert not (stopped / "pruning.parquet").exists()
     assert len((stopped / "pruning-low.partial.jsonl").read_text().splitlines()) == 3
 
