@@ -66,7 +66,7 @@ def attribute(
             folder,
             texts=query or None,
             queries_file=queries,
-            methods=None if methods is None else split_list(methods),
+            methods=None if methods is None else split_list(methods, "--methods"),
             chunk=chunk,
             score=score,
         )

@@ -93,7 +93,7 @@ def bench(
         recipe or bm.DEFAULT_RECIPE,
         steps=steps,
         warmup=warmup,
-        methods=None if methods is None else split_list(methods),
+        methods=None if methods is None else split_list(methods, "--methods"),
         repeats=repeats,
         device=device,
         batch_size=batch_size,

@@ -120,9 +120,14 @@ def counted(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
 
-def split_list(items: list[str] | None) -> list[str]:
-    """Repeated and comma-separated option values: ``["adam,sgd", "random"]`` -> three names."""
-    return [part.strip() for item in items or () for part in item.split(",") if part.strip()]
+def split_list(items: list[str] | None, option: str) -> list[str]:
+    """Repeated and comma-separated option values: ``["adam,sgd", "random"]`` -> three names. An empty
+    one (``0.3,,0.2``, a trailing comma) is refused rather than dropped: it is likely a value left out."""
+    parts = [part.strip() for item in items or () for part in item.split(",")]
+    if "" in parts and any(parts):  # all empty: nothing given, which the option's own check names
+        given = " ".join(f"{option} {item}" for item in items or ())
+        raise UserError(f"{given!r} has an empty item; expected values separated by single commas.")
+    return [part for part in parts if part]
 
 
 def fit_columns(table: Table, width: int) -> Table | None:

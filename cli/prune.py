@@ -61,14 +61,9 @@ def prune(
     from adamshap_core import runio
     from adamshap_core.locks import run_lock
 
+    fracs, methods = parse_fracs(frac), split_list(by, "--by") if by else None  # before the run is read
     with runio.reading_run(runio.runs_root(runs_dir), run) as folder:
-        plan = pr.plan_for_run(
-            folder,
-            fracs=parse_fracs(frac),
-            methods=split_list(by) if by else None,
-            seeds=seeds,
-            direction=remove,
-        )
+        plan = pr.plan_for_run(folder, fracs=fracs, methods=methods, seeds=seeds, direction=remove)
         if not quiet:
             err_console.print(
                 f"[bold]{escape(folder.name)}[/]: {len(plan.jobs)} retrains of {escape(plan.recipe.name)} "
@@ -117,7 +112,7 @@ def parse_fracs(items: list[str]) -> list[float]:
     from adamshap_core.errors import UserError
 
     out = []
-    for part in split_list(items):
+    for part in split_list(items, "--frac"):
         try:
             out.append(float(part))
         except ValueError:

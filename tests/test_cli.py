@@ -412,3 +412,21 @@ def test_a_fast_mode_run_says_how_often_it_reused_and_what_its_checks_found():
     assert line.startswith("fast mode: ∇val reused on 2 of 5 steps; 2 checks of reuse found a Pearson")
     assert "0.975 at the lowest (median 0.987)" in line
     assert fast_mode_line(steps.assign(reuse_pearson=nan)) == "fast mode: ∇val reused on 2 of 5 steps"
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (["prune", "--frac", "0.3,,0.2"], "'--frac 0.3,,0.2' has an empty item"),
+        (["prune", "--frac", "0.3", "--by", "adam,"], "'--by adam,' has an empty item"),
+        (
+            ["bench", "--methods", "adam", "--methods", "sgd,"],
+            "'--methods adam --methods sgd,' has an empty item",
+        ),
+    ],
+    ids=["frac", "by", "methods"],
+)
+def test_an_empty_item_in_a_list_option_is_refused_not_dropped(command, said, runs):
+    res = cli(*command, "--quiet")
+    assert res.exit_code == 2 and said in " ".join(res.stderr.split()), res.output
+    assert not runs.exists()
