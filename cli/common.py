@@ -19,6 +19,14 @@ from . import STOPPED, TERMINATED
 
 # the file system's refusals that are the user's to fix (not a bug of the program): exit 2, not a traceback
 FILE_SYSTEM_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+# what each of them asks of the user (a command that only reads meets the first two too)
+FILE_SYSTEM_EXPECTED = {
+    errno.EACCES: "files and folders this user may read and write",
+    errno.EPERM: "files and folders this user may read and write",
+    errno.EROFS: "a file system that can be written to",
+    errno.ENOSPC: "space left on the disk",
+    errno.EDQUOT: "space left in this user's disk quota",
+}
 
 # every command's --runs-dir; text, not a Path, since typer reads "" as Path(".") and so as this folder
 RUNS_DIR = typer.Option(None, "--runs-dir", help="runs folder (default: $ADAMSHAP_RUNS or ./runs)")
@@ -91,7 +99,7 @@ def file_system_problem(error: BaseException) -> str | None:
     if not isinstance(error, OSError) or error.errno not in FILE_SYSTEM_ERRORS:
         return None
     where = f" ({error.filename})" if error.filename else ""
-    return f"{error.strerror or error}{where}: expected a folder this user can write to, with space left."
+    return f"{error.strerror or error}{where}: expected {FILE_SYSTEM_EXPECTED[error.errno]}."
 
 
 def _fail(message: str):

@@ -272,7 +272,9 @@ def test_a_file_system_refusal_is_a_clear_error_not_a_traceback(tmp_path, runs, 
     monkeypatch.setattr(runio, "atomic_write", refused)
     res = cli("train", write_recipe(tmp_path, TINY), "--quiet")
     assert res.exit_code == 2, res.output
-    assert "Permission denied" in res.stderr and str(runs / "tiny") in res.stderr.replace("\n", "")
+    said = " ".join(res.stderr.split())
+    assert "Permission denied" in said and str(runs / "tiny") in res.stderr.replace("\n", "")
+    assert "expected files and folders this user may read and write." in said
     assert "Traceback" not in res.output
     assert os.listdir(runs) == []  # no run folder left behind
 

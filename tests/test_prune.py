@@ -321,6 +321,7 @@ def test_a_full_disk_while_a_retrain_is_journaled_names_the_journal(tiny_run, mo
     res = cli("prune", "--frac", "0.3", "--run", tiny_run.name, "--runs-dir", tiny_run.parent)
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert "No space left on device (" in res.output and "pruning-low.partial.jsonl)" in res.output
+    assert "expected space left on the disk." in " ".join(res.output.split())
 
 
 def test_run_without_values_exits_2(tmp_path):
