@@ -29,7 +29,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from .compiled import Compiled
 from .coverage import first_gap, probing
 from .engine import GhostEngine
-from .engine.buffers import buffers_kept
+from .engine.buffers import Buffers
 from .engine.ghost import Call, RowsTarget, set_modes
 
 
@@ -85,9 +85,9 @@ def probe_blocker(model: nn.Module, loss_fn, inputs, targets) -> str | None:
     with probing(model, inputs.device) as modules:
         eval_out = _run_in_mode(model, modules, inputs, training=False)
         before = _rng_state(inputs.device)
-        with buffers_kept(model) as buffers:
-            train_out = _run_in_mode(model, modules, inputs, training=True)
-            changed = buffers.changed()
+        buffers = Buffers(model, copied=set())  # told by their versions; ``probing`` puts them back
+        train_out = _run_in_mode(model, modules, inputs, training=True)
+        changed = buffers.changed()
         if any(not torch.equal(x, y) for x, y in zip(before, _rng_state(inputs.device), strict=True)):
             return "the model draws random numbers in train mode"
         if changed:

@@ -17,10 +17,9 @@ from adamshap_core.errors import UserError
 
 from . import STOPPED, TERMINATED
 
-# the file system's refusals that are the user's to fix (not a bug of the program): exit 2, not a traceback
-FILE_SYSTEM_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
-# what each of them asks of the user (a command that only reads meets the first two too)
-FILE_SYSTEM_EXPECTED = {
+# the file system's refusals that are the user's to fix (not a bug of the program): exit 2, not a
+# traceback; each with what it asks of the user (a command that only reads meets the first two too)
+FILE_SYSTEM_ERRORS = {
     errno.EACCES: "files and folders this user may read and write",
     errno.EPERM: "files and folders this user may read and write",
     errno.EROFS: "a file system that can be written to",
@@ -99,7 +98,7 @@ def file_system_problem(error: BaseException) -> str | None:
     if not isinstance(error, OSError) or error.errno not in FILE_SYSTEM_ERRORS:
         return None
     where = f" ({error.filename})" if error.filename else ""
-    return f"{error.strerror or error}{where}: expected {FILE_SYSTEM_EXPECTED[error.errno]}."
+    return f"{error.strerror or error}{where}: expected {FILE_SYSTEM_ERRORS[error.errno]}."
 
 
 def _fail(message: str):

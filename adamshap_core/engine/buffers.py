@@ -51,9 +51,9 @@ class Buffers:
     def restore(self) -> None:
         """Every buffer as it was; a ``UserError`` after that where one cannot be: added, or changed in
         place without a copy."""
-        added = [(path, name) for path, m, names in self._names for name in m._buffers.keys() - names]
-        for path, name in added:
-            del self.module(path)._buffers[name]
+        added = [(path, m, name) for path, m, names in self._names for name in m._buffers.keys() - names]
+        for _, m, name in added:
+            del m._buffers[name]
         lost = []
         for path, m, name, buf, version, copy in self._kept:
             m._buffers[name] = buf
@@ -64,7 +64,7 @@ class Buffers:
                 with torch.inference_mode():  # which may write into an inference tensor, as into any other
                     buf.copy_(copy)
         if added:
-            path, name = added[0]
+            path, _, name = added[0]
             raise UserError(
                 f"'{path or '<root>'}' registered a buffer '{name}' in a pass the valuation added (the "
                 "validation pass or a check), before training's own first call could; expected the "
@@ -78,9 +78,6 @@ class Buffers:
                 "depart from plain training's; expected a module that updates a buffer on every pass or "
                 "on none"
             )
-
-    def module(self, path: str) -> nn.Module:
-        return next(m for p, m, _ in self._names if p == path)
 
 
 @contextmanager
