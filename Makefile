@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 1
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,hf]'
 
 demo: install
 	$(PYTHON) -m adamshap_cli train $(DEMO_RECIPE) --name demo --force

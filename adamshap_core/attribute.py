@@ -51,7 +51,7 @@ from .data import TextDataset, load_dataset
 from .data.facts import LEVELS
 from .data.text import check_ids, read_jsonl, record_text
 from .errors import UserError
-from .models import build_model, context_length
+from .models import LANGUAGE_MODELS, build_model, context_length
 from .precond import METHODS
 from .recipe import Recipe
 from .runio import RunFolder, atomic_write_json, atomic_write_parquet, list_runs, runs_dir_option
@@ -536,7 +536,7 @@ def _is_language_model_run(folder: RunFolder) -> bool:
     if folder.text_field("status") != "complete":
         return False
     try:
-        return folder.recipe().model.kind == "gpt"
+        return folder.recipe().model.kind in LANGUAGE_MODELS
     except UserError:  # a recipe.yaml that no longer loads: not one to offer
         return False
 
@@ -554,10 +554,10 @@ def plan(
     per replay (None: ``auto_chunk``)."""
     metrics = folder.require_complete().metrics()
     recipe = folder.recipe()
-    if recipe.model.kind != "gpt":
+    if recipe.model.kind not in LANGUAGE_MODELS:
         raise UserError(
             f"run {folder.name!r} trained a {recipe.model.kind} on {recipe.data.source!r}; attribution "
-            "needs a language-model run (model.kind: gpt on a text source such as builtin:facts)."
+            "needs a language-model run (model.kind: gpt or hf-gpt2 on a text source such as builtin:facts)."
             + _another_run(folder)
         )
     if chunk is not None and chunk < 1:

@@ -31,6 +31,8 @@ from pydantic import (
 from .data.registry import check_source, split_source, takes_path
 from .errors import UserError
 from .fast import FastMode
+from .models import LANGUAGE_MODELS
+from .models.hf_gpt2 import INSTALL_HINT, transformers_missing
 
 # a run's name, which is also its folder's: no separators, no leading dot, and short enough for a
 # file name (255 bytes) with the ``.<name>.old-<pid>`` that ``train --force`` moves it aside as
@@ -151,8 +153,10 @@ class DataCfg(_Strict):
 MODEL_FIELD_KINDS = {
     "hidden": ("mlp", "cnn"),
     "channels": ("cnn",),
-    **{name: ("gpt",) for name in ("n_layer", "n_head", "d_model", "mlp_ratio", "block_size", "tie_weights")},
-    "dropout": ("gpt",),
+    **{
+        name: LANGUAGE_MODELS
+        for name in ("n_layer", "n_head", "d_model", "mlp_ratio", "block_size", "tie_weights", "dropout")
+    },
 }
 
 
@@ -171,10 +175,10 @@ def _set_for_another_choice(
 
 
 class ModelCfg(_Strict):
-    kind: Literal["mlp", "cnn", "gpt"] = "mlp"
+    kind: Literal["mlp", "cnn", "gpt", "hf-gpt2"] = "mlp"
     hidden: list[Annotated[Int, Field(ge=1)]] = Field(default_factory=lambda: [128])
     channels: list[Annotated[Int, Field(ge=1)]] = Field(default_factory=lambda: [16, 32])  # cnn only
-    # gpt only (text sources): a nanoGPT-style decoder
+    # gpt and hf-gpt2 only (text sources): a nanoGPT-style decoder, or transformers' GPT-2 of these sizes
     n_layer: Int = Field(2, ge=1)
     n_head: Int = Field(2, ge=1)
     d_model: Int = Field(64, ge=1)
@@ -193,9 +197,17 @@ class ModelCfg(_Strict):
 
     @model_validator(mode="after")
     def _heads(self) -> ModelCfg:
-        if self.kind == "gpt" and self.d_model % self.n_head:
+        if self.kind in LANGUAGE_MODELS and self.d_model % self.n_head:
             raise ValueError(
                 f"`model.d_model` ({self.d_model}) must be a multiple of `model.n_head` ({self.n_head})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _installed(self) -> ModelCfg:
+        if self.kind == "hf-gpt2" and transformers_missing():
+            raise ValueError(
+                f"`model.kind` hf-gpt2 needs the transformers package, which is not installed: {INSTALL_HINT}"
             )
         return self
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,12 +92,49 @@ class Stacked(nn.Module):
         return self.head(h).mean(1)
 
 
+def _hf_gpt2(frozen: tuple[str, ...] = ()) -> nn.Module:
+    """transformers' GPT-2 (projections of its Conv1D type), two blocks, tied head; ``frozen``: the
+    parameters left untrained (a frozen bias: the weight-only paths, a frozen weight: the bias-only)."""
+    pytest.importorskip("transformers")
+    from adamshap_core.models.hf_gpt2 import HFGPT2
+
+    return _frozen(HFGPT2(11, 8, n_layer=2, n_head=2, d_model=6, mlp_ratio=2), *frozen)
+
+
+# the keys' third of each block's query-key-value bias (d_model = 6)
+GPT2_KEY_BIASES = {f"lm.transformer.h.{i}.attn.c_attn.bias": slice(6, 12) for i in range(2)}
+
+
+class LlamaNormed(nn.Module):
+    """transformers' Llama RMSNorm, two (stacked) beside each other between a frozen Linear and a head,
+    on a [B, T, d] sequence: only the head lies behind them, so their output-gradients are float64. (A whole
+    Llama is tested in test_transformers.py: its norm computes in float32 also in a float64 model, so
+    the gradients of the layers before it carry float32 rounding, and no float64 tolerance holds.)"""
+
+    def __init__(self, d=5, k=3):
+        super().__init__()
+        pytest.importorskip("transformers")
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        self.mix = nn.Linear(d, d).requires_grad_(False)
+        self.norm1, self.norm2 = LlamaRMSNorm(d, eps=0.3), LlamaRMSNorm(d, eps=0.3)
+        self.head = nn.Linear(d, k)
+
+    def forward(self, x):
+        h = self.mix(x)
+        return self.head(self.norm1(h) + self.norm2(torch.tanh(h))).mean(1)
+
+
 @dataclass
 class Case:
     name: str
     model: Callable[[], nn.Module]
     data: Callable[[int, torch.Generator], tuple]  # (n, gen) -> (x, y)
     loss: Callable = cross_entropy
+    # parts of parameters that do not change the model's function, {name: slice}: an attention key's
+    # bias (softmax is shift-invariant), whose gradient is rounding alone; Adam with coupled L2 grows
+    # such a parameter by about 1e5 a step (g = wd·p, far below eps), so any rounding steers it
+    inert: dict[str, slice] = field(default_factory=dict)
 
 
 def _tabular(d, k):
@@ -148,6 +186,16 @@ CASES = [
     Case("conv2d", ConvNet, _images),
     Case("lm-tied", lambda: TinyLM(tied=True), _tokens(), sequence_cross_entropy),
     Case("lm-untied", lambda: TinyLM(tied=False, padding_idx=None), _tokens(), sequence_cross_entropy),
+    # transformers' layer types (skipped where transformers is not installed: `make test` installs it)
+    Case("hf-gpt2", _hf_gpt2, _tokens(), sequence_cross_entropy, inert=GPT2_KEY_BIASES),
+    Case(
+        "hf-gpt2-frozen",
+        lambda: _hf_gpt2(("lm.transformer.h.0.attn.c_attn.bias", "lm.transformer.h.1.mlp.c_fc.weight")),
+        _tokens(),
+        sequence_cross_entropy,
+        inert=GPT2_KEY_BIASES,
+    ),
+    Case("hf-llama-rmsnorm", LlamaNormed, _sequence(5, 4, 3)),
     Case("stacked", Stacked, _sequence(5, 4, 3)),
     # only the biases of ln1, ln2 and a are valued there: the kernels' bias-only contractions
     Case(

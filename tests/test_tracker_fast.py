@@ -111,7 +111,9 @@ def test_low_rank_contraction_is_exact_when_m_has_that_rank(float64):
 
 
 @pytest.mark.parametrize(
-    "case", [c for c in CASES if c.name in ("linear-seq", "conv2d", "stacked")], ids=lambda c: c.name
+    "case",
+    [c for c in CASES if c.name in ("linear-seq", "conv2d", "stacked", "hf-gpt2")],
+    ids=lambda c: c.name,
 )
 def test_factored_contraction_at_full_rank_is_exact(case, float64, monkeypatch):
     """Every weight a kernel may factor, factored at a rank that holds it whole: the contraction

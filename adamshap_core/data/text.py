@@ -112,7 +112,8 @@ def text_dataset(source: str, train: Texts, val: Texts, test: Texts, *, queries=
 def _no_image(image: bool, source: str) -> None:
     if image:
         raise UserError(
-            f"`model.kind` is cnn, which needs image data, but {source!r} is text; expected model.kind: gpt."
+            f"`model.kind` is cnn, which needs image data, but {source!r} is text; "
+            "expected model.kind: gpt or hf-gpt2."
         )
 
 

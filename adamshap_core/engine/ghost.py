@@ -86,6 +86,7 @@ class GhostEngine:
         self.parameters: list[nn.Parameter] = []
         # For each valued module: its kernel and {param name: parameter} it values.
         self._owned: dict[nn.Module, tuple[LayerKernel, dict[str, nn.Parameter]]] = {}
+        self._paths: dict[nn.Module, str] = {}  # for messages
         seen: set[int] = set()
         for path, module in model.named_modules():
             own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
@@ -104,6 +105,7 @@ class GhostEngine:
                 raise unsupported(path, module, f"unexpected trainable parameters {extra}")
             kernel.check(module, path)
             self._owned[module] = (kernel, own)
+            self._paths[module] = path
             for p in own.values():
                 if id(p) not in seen:  # a tied parameter is valued once, through all its uses
                     seen.add(id(p))
@@ -631,10 +633,11 @@ class GhostEngine:
                 if batch_size and self._extra_rows:
                     batch += f" (+{self._extra_rows} validation rows)"
                 raise UserError(
-                    f"a {type(call.module).__name__} layer was called on {call.a.shape[0]} rows for "
-                    f"{batch}: its per-example gradients cannot be separated (is an input broadcast over "
-                    "the batch, such as positions from arange(T), or is the layer applied along another "
-                    "dimension than the batch? expected the batch first)"
+                    f"layer '{self._paths[call.module]}' ({type(call.module).__name__}) was called on "
+                    f"{call.a.shape[0]} rows for {batch}: its per-example gradients cannot be separated "
+                    "(is an input broadcast over the batch, such as positions from arange(T), or is the "
+                    "layer applied along another dimension than the batch? expected the batch first; a "
+                    "transformers model takes position_ids=torch.arange(T).expand(B, T))"
                 )
         return calls
 

@@ -129,10 +129,14 @@ def split_stacked(grads: Mapping[str, torch.Tensor], G: int) -> list[dict[str, t
 
 
 _KERNELS: dict[type[nn.Module], LayerKernel] = {}
+# kernels of layer types from optional packages, by the type's import path
+# ("transformers.pytorch_utils.Conv1D"), so that a model without such a layer never imports the package
+_KERNELS_BY_PATH: dict[str, LayerKernel] = {}
 
 
-def register(*module_types: type[nn.Module]):
-    """Class decorator: ``@register(nn.Linear)`` makes the kernel serve that type."""
+def register(*module_types: type[nn.Module] | str):
+    """Class decorator: ``@register(nn.Linear)`` makes the kernel serve that type; a string names a type
+    by its import path (``"package.module.Class"``), for a layer of a package that need not be installed."""
 
     def wrap(cls: type[LayerKernel]) -> type[LayerKernel]:
         required = ("values", "gradients")
@@ -144,7 +148,10 @@ def register(*module_types: type[nn.Module]):
                 "tracker checks against autograd at start-up"
             )
         for t in module_types:
-            _KERNELS[t] = cls()
+            if isinstance(t, str):
+                _KERNELS_BY_PATH[t] = cls()
+            else:
+                _KERNELS[t] = cls()
         return cls
 
     return wrap
@@ -153,8 +160,9 @@ def register(*module_types: type[nn.Module]):
 def kernel_for(module: nn.Module) -> LayerKernel | None:
     """The kernel for this module's type (or its nearest registered base class)."""
     for t in type(module).__mro__:
-        if t in _KERNELS:
-            return _KERNELS[t]
+        kernel = _KERNELS.get(t) or _KERNELS_BY_PATH.get(f"{t.__module__}.{t.__qualname__}")
+        if kernel is not None:
+            return kernel
     return None
 
 
@@ -171,7 +179,8 @@ def n_targets(M: Mapping[str, torch.Tensor | LowRank]) -> int:
 
 
 def supported_types() -> list[str]:
-    return sorted(t.__name__ for t in _KERNELS)
+    by_path = [f"{path.rsplit('.', 1)[1]} ({path.split('.', 1)[0]})" for path in _KERNELS_BY_PATH]
+    return sorted(t.__name__ for t in _KERNELS) + sorted(by_path)
 
 
 def unsupported(path: str, module: nn.Module, why: str) -> UserError:

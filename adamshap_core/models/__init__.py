@@ -1,8 +1,8 @@
-"""Built-in models. Only Linear, Conv2d, Embedding and LayerNorm layers carry parameters,
-so the ghost engine can value every example through them.
+"""Built-in models. Only Linear, Conv2d, Embedding and LayerNorm layers (and transformers' Conv1D, in
+hf-gpt2) carry parameters, so the ghost engine can value every example through them.
 
 Each model kind comes with its per-example loss (``loss_for``): cross-entropy over
-classes for mlp/cnn, the mean next-token loss over each text's real tokens for gpt."""
+classes for mlp/cnn, the mean next-token loss over each text's real tokens for the language models."""
 
 from __future__ import annotations
 
@@ -16,14 +16,20 @@ from torch import nn
 from ..errors import UserError
 from .cnn import SmallCNN
 from .gpt import GPT, sequence_loss
+from .hf_gpt2 import HFGPT2
 from .mlp import MLP
 
 if TYPE_CHECKING:
     from ..data import Dataset
     from ..recipe import ModelCfg
 
+# the model kinds that are language models (text sources, the sequence loss, attribution)
+LANGUAGE_MODELS = ("gpt", "hf-gpt2")
+
 __all__ = [
     "GPT",
+    "HFGPT2",
+    "LANGUAGE_MODELS",
     "MLP",
     "SmallCNN",
     "build_model",
@@ -41,20 +47,20 @@ def per_example_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 def loss_for(cfg: ModelCfg) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The per-example loss (shape [B]) of the model kind; the training loss is its mean."""
-    return sequence_loss if cfg.kind == "gpt" else per_example_loss
+    return sequence_loss if cfg.kind in LANGUAGE_MODELS else per_example_loss
 
 
 def build_model(cfg: ModelCfg, data: Dataset) -> nn.Module:
     """The model a recipe's ``model`` section describes, sized for ``data``. Seed torch first."""
     text = _is_text(data)
-    if text != (cfg.kind == "gpt"):
-        want = "gpt" if text else "mlp or cnn"
+    if text != (cfg.kind in LANGUAGE_MODELS):
+        want = " or ".join(LANGUAGE_MODELS) if text else "mlp or cnn"
         raise UserError(
             f"`model.kind` is {cfg.kind}, but {data.source!r} is {'text' if text else 'not text'}; "
             f"expected model.kind: {want}."
         )
-    if cfg.kind == "gpt":
-        return _gpt(cfg, data)
+    if cfg.kind in LANGUAGE_MODELS:
+        return _language_model(cfg, data)
     if cfg.kind == "mlp":
         return MLP(data.n_features, list(cfg.hidden), data.n_classes)
     if cfg.kind == "cnn":
@@ -64,7 +70,7 @@ def build_model(cfg: ModelCfg, data: Dataset) -> nn.Module:
                 "expected model.kind: mlp."
             )
         return SmallCNN(data.input_shape, list(cfg.channels), list(cfg.hidden), data.n_classes)
-    raise UserError(f"`model.kind` is {cfg.kind!r}; expected mlp, cnn or gpt.")
+    raise UserError(f"`model.kind` is {cfg.kind!r}; expected mlp, cnn, gpt or hf-gpt2.")
 
 
 def _is_text(data: Dataset) -> bool:
@@ -74,7 +80,7 @@ def _is_text(data: Dataset) -> bool:
 
 
 def context_length(cfg: ModelCfg, data: Dataset) -> int:
-    """The gpt's context (``model.block_size``, by default the longest sequence of ``data``)."""
+    """The language model's context (``model.block_size``, by default the longest sequence of ``data``)."""
     longest = data.input_shape[0]
     if cfg.block_size is not None and cfg.block_size < longest:
         raise UserError(
@@ -84,8 +90,10 @@ def context_length(cfg: ModelCfg, data: Dataset) -> int:
     return cfg.block_size or longest
 
 
-def _gpt(cfg: ModelCfg, data: Dataset) -> GPT:
-    return GPT(
+def _language_model(cfg: ModelCfg, data: Dataset) -> GPT | HFGPT2:
+    """The built-in GPT or transformers' GPT-2, of the same sizes."""
+    model = GPT if cfg.kind == "gpt" else HFGPT2
+    return model(
         data.n_classes,
         context_length(cfg, data),
         n_layer=cfg.n_layer,

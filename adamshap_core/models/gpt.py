@@ -33,6 +33,15 @@ def sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
 
 
+def positions(idx: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The position of every token of ``idx`` [B, T], [B, T]: expanded, not broadcast, since the ghost
+    engine needs the batch dimension on every layer call; a sequence longer than the context is refused."""
+    B, T = idx.shape
+    if T > block_size:
+        raise ValueError(f"a sequence of {T} tokens is longer than the model's context ({block_size})")
+    return torch.arange(T, device=idx.device).expand(B, T)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_head: int, dropout: float):
         super().__init__()
@@ -129,14 +138,7 @@ class GPT(nn.Module):
                 nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        B, T = idx.shape
-        if T > self.block_size:
-            raise ValueError(
-                f"a sequence of {T} tokens is longer than the model's context ({self.block_size})"
-            )
-        # expanded, not broadcast: the ghost engine needs the batch dimension on every layer call
-        positions = torch.arange(T, device=idx.device).expand(B, T)
-        x = self.drop(self.tok(idx) + self.pos(positions))
+        x = self.drop(self.tok(idx) + self.pos(positions(idx, self.block_size)))
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))
