@@ -113,6 +113,14 @@ def _median_over(table: pd.DataFrame, method: str, ground_truth: str, steps: Seq
     return float(rows["pearson"].median()), float(rows["spearman"].median())
 
 
+def _step_count(table: pd.DataFrame, ground_truth: str, steps: Sequence[int]) -> str:
+    """How many of ``steps`` the medians are over: those with a correlation (a step of fewer than three
+    examples, or of equal values, has none, and the median leaves it out)."""
+    rows = table[(table["ground_truth"] == ground_truth) & (table["scope"].isin([str(s) for s in steps]))]
+    counted = rows.loc[rows["pearson"].notna(), "scope"].nunique()
+    return str(counted) if counted == len(steps) else f"{counted} of {len(steps)} with a correlation"
+
+
 def compare_summary_table(result: CompareResult) -> Table:
     """Methods as columns; early steps, steps 2–5, later steps, cumulative and AUROC as rows."""
     t, methods, ev = result.table, result.methods, result.evaluated
@@ -136,7 +144,7 @@ def compare_summary_table(result: CompareResult) -> Table:
         for name, steps in groups if gt_name == "shapley" else groups[3:]:
             if steps:
                 cells = [fmt_pair(*_median_over(t, m, gt_name, steps)) for m in methods]
-                table.add_row(f"  {name} ({len(steps)})", *cells)
+                table.add_row(f"  {name} ({_step_count(t, gt_name, steps)})", *cells)
         if has_cumulative:
             table.add_row("  cumulative", *[fmt_pair(*_corr(t, m, gt_name, "cumulative")) for m in methods])
         without_first = result.summary.get("cumulative_from_step_2")

@@ -485,3 +485,30 @@ def test_the_replay_runs_with_the_runs_thread_count(run, monkeypatch):
     res = cli("compare", "--permutations", "2", "--steps", "3", "--no-cumulative", "-q")
     assert res.exit_code == 0, res.output
     assert seen == [recorded] and torch.get_num_threads() == before
+
+
+def test_the_summary_counts_only_the_steps_its_medians_are_over():
+    """A step without a correlation (a last batch of two examples) is left out of the median, and of
+    the count beside it."""
+    from rich.console import Console
+
+    from adamshap_core.compare import CompareResult
+    from adamshap_core.report import compare_summary_table
+
+    rows = [
+        {"method": m, "ground_truth": gt, "scope": str(step), "pearson": p, "spearman": p, "auroc": math.nan}
+        for m in ("adam", "sgd")
+        for gt in ("shapley", "loo")
+        for step, p in ((1, 0.5), (6, 0.8), (7, math.nan), (8, 0.6))
+    ]
+    result = CompareResult(
+        table=pd.DataFrame(rows), truth=pd.DataFrame(), layers=pd.DataFrame(), summary={"run": "r"},
+        methods=["adam", "sgd"], baseline="sgd", evaluated=[1, 6, 7, 8], values=pd.DataFrame(),
+    )  # fmt: skip
+    console = Console(width=200, record=True)
+    console.print(compare_summary_table(result))
+    text = console.export_text()
+    assert "later steps, t > 5 (2 of 3 with a correlation)" in text
+    assert "all evaluated steps (3 of 4 with a correlation)" in text
+    assert "early steps, t ≤ 5 (1)" in text
+    assert "0.700" in text  # the median of 0.8 and 0.6
