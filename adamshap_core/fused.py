@@ -13,13 +13,15 @@ gradient alone: plain training's, up to float rounding (the subtraction), not bi
 
 It computes what the separate pass (``GhostEngine.validation_gradients``, in eval mode) does
 only where train mode and eval mode compute the same function and no random numbers are drawn
-(no active dropout, no batch statistics), and where the inputs concatenate along dim 0. Where
-not, the step takes the separate pass; the blockers below say why.
+(no active dropout, no batch statistics), where the inputs concatenate along dim 0, and where the
+gradients are float32 or wider (no float16 or bfloat16 parameters, no autocast). Where not, the step
+takes the separate pass; the blockers below say why.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -27,10 +29,12 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
 from .compiled import Compiled
-from .coverage import first_gap, probing
+from .coverage import AUTOCAST_DEVICES, first_gap, probing
 from .engine import GhostEngine
 from .engine.buffers import Buffers
 from .engine.ghost import Call, RowsTarget, set_modes
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def model_blocker(model: nn.Module) -> str | None:
@@ -49,6 +53,30 @@ def model_blocker(model: nn.Module) -> str | None:
         if draw := random_draw(m):
             return f"{name} {draw}"
     return None
+
+
+def precision_blocker(parameters: Sequence[torch.Tensor]) -> str | None:
+    """Why taking the rows' part out of ``.grad`` would round the update far past float32's rounding
+    (None: it would not): a float16 or bfloat16 gradient holds the sum of the batch's and the rows'
+    parts to a few bits, and plain training's gradient is not what is left."""
+    low = next((p.dtype for p in parameters if p.dtype in LOW_PRECISION), None)
+    if low is not None:
+        return f"the model has {low} parameters, whose gradient would keep the validation rows' rounding"
+    return None
+
+
+def autocast_blocker(device: torch.device) -> str | None:
+    """As ``precision_blocker``, for a step under ``torch.autocast`` (read at each step)."""
+    if device.type in AUTOCAST_DEVICES and _autocast_enabled(device.type):
+        return "the step runs under torch.autocast, whose gradients would keep the validation rows' rounding"
+    return None
+
+
+def _autocast_enabled(device: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device)
+    except TypeError:  # torch < 2.4: one function per device
+        return torch.is_autocast_enabled() if device == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 def random_draws(model: nn.Module) -> list[str]:

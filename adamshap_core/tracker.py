@@ -32,8 +32,10 @@ from .errors import UserError
 from .fast import MIN_CHECK_ROWS, FastMode, ReuseSchedule
 from .fused import (
     ValidationRows,
+    autocast_blocker,
     batch_blocker,
     model_blocker,
+    precision_blocker,
     probe_blocker,
     rows_gradients,
 )
@@ -254,6 +256,7 @@ class InRunShapley:
         # why these rows cannot join a training batch, whatever the batch (None: they may)
         self._rows_blocker = (
             self._model_blocker
+            or precision_blocker(self.engine.parameters)
             or probe_blocker(self.model, self.loss_fn, val_inputs, val_targets)
             or self._rows_gap(val_inputs, val_targets)
         )
@@ -444,8 +447,10 @@ class InRunShapley:
 
     def _validation_rows(self, inputs, targets) -> ValidationRows | None:
         """This step's validation rows to append to the batch, or None for the separate pass."""
-        self.fusion_blocked = self._rows_blocker or batch_blocker(
-            inputs, targets, self.val_inputs, self.val_targets
+        self.fusion_blocked = (
+            self._rows_blocker
+            or autocast_blocker(self.engine.parameters[0].device)
+            or batch_blocker(inputs, targets, self.val_inputs, self.val_targets)
         )
         if self.fusion_blocked is not None:
             return None

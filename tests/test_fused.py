@@ -249,6 +249,32 @@ def test_training_draws_the_random_numbers_plain_training_draws(dropout, float64
         assert (a - b).abs().max() <= 1e-10
 
 
+@pytest.mark.parametrize("precision", ["bfloat16", "float16", "autocast"])
+def test_a_low_precision_step_takes_the_separate_pass_and_updates_as_plain(precision):
+    """In float16, bfloat16 or under autocast, taking the rows' part out of .grad would leave their
+    rounding in the update (1e-2 of a GPT-2's parameters after 4 steps): those steps take the separate
+    pass, whose update is plain training's bit for bit. Outside autocast the next step fuses again."""
+    dtype = torch.float32 if precision == "autocast" else getattr(torch, precision)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = SEQ.model().to(dtype)
+    plain = copy.deepcopy(model)
+    # eps above float16's rounding of tiny second moments (README: Precision)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, eps=1e-3) for m in (model, plain)]
+    vx, vy = SEQ.data(3, gen)
+    tracker = InRunShapley(model, opts[0], SEQ.loss, vx.to(dtype), vy, METHODS, fuse_validation=True)
+    for _ in range(3):
+        x, y = SEQ.data(5, gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
+            tracker.step(x.to(dtype), y)
+            training_step(plain, opts[1], SEQ.loss, x.to(dtype), y)
+        assert precision in tracker.fusion_blocked
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters(), strict=True))
+    if precision == "autocast":
+        tracker.step(*SEQ.data(5, gen))
+        assert tracker.fusion_blocked is None
+
+
 def test_inputs_that_do_not_concatenate_take_the_separate_pass(float64):
     """Validation sequences of another length than the batch's: values still match brute force."""
     gen = torch.Generator().manual_seed(0)

@@ -5,6 +5,7 @@ The GPT-2 and Llama-norm cases of tests/cases.py run through every kernel and me
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 
@@ -57,6 +58,8 @@ def tiny(family: str) -> torch.nn.Module:
         "mistral": ("MistralConfig", "MistralForCausalLM"),
         "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
         "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+        "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+        "granite": ("GraniteConfig", "GraniteForCausalLM"),
         "gemma": ("GemmaConfig", "GemmaForCausalLM"),
     }[family]
     if family in ("qwen3", "gemma"):
@@ -100,7 +103,7 @@ def test_a_whole_llama_is_valued_as_brute_force_and_trains_as_plain(fuse, per_ta
         assert (p - q).abs().max() <= (1e-10 if fuse else 0.0), name
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3", "granite"])
 def test_the_llama_familys_norms_have_the_kernel_and_pass_the_start_up_check(family):
     """Registered by import path: each family's own RMSNorm class (transformers copies it per model)
     gets the kernel, and the start-up check (the kernels' gradients against autograd's) passes."""
@@ -166,6 +169,22 @@ def test_the_hf_gpt2_recipe_trains_and_attributes(tmp_path):
     res = cli("attribute", "--run", "hf", "--runs-dir", runs, "--quiet")
     assert res.exit_code == 0, res.output
     assert (runs / "hf" / "attribution_queries.parquet").exists()
+
+
+def test_a_transformers_that_does_not_import_is_refused_with_the_install_command(tmp_path):
+    """Installed but broken (built for another torch, say): one error line, exit 2, nothing written."""
+    broken = tmp_path / "site" / "transformers"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('needs torch>=99')\n")
+    recipe = write_recipe(tmp_path, HF_RECIPE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(broken.parent), *sys.path])}
+    res = subprocess.run(
+        [sys.executable, "-m", "adamshap_cli", "train", str(recipe), "--runs-dir", str(tmp_path / "runs")],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert "installed but does not import (needs torch>=99)" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "runs" / "hf").exists()
 
 
 def test_the_hf_gpt2_recipe_without_transformers_is_refused_with_the_install_command(tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
-"""The RMSNorm of transformers' Llama family (Llama, Mistral, Qwen2, Qwen3): y = w ⊙ x̂, x̂ = x / √(mean(x²)
-+ ε) computed in float32 and cast back to the input's dtype, ε its ``variance_epsilon``. Valued as
-``nn.RMSNorm`` is; registered by import path, so valuing a model without it never imports transformers.
-(Gemma's RMSNorm scales by 1 + w and is not among them: the start-up check would refuse it anyway.)"""
+"""The RMSNorm of transformers' Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3, Granite: transformers
+copies the class into each model's module): y = w ⊙ x̂, x̂ = x / √(mean(x²) + ε) computed in float32 and
+cast back to the input's dtype, ε its ``variance_epsilon``. Valued as ``nn.RMSNorm`` is; registered by
+import path, so valuing a model without it never imports transformers. (Gemma's RMSNorm scales by 1 + w
+and is not among them: the start-up check would refuse it anyway.)"""
 
 from __future__ import annotations
 
@@ -10,11 +11,18 @@ import torch
 from .layer_norm import AffineNormKernel
 from .registry import register
 
-FAMILY = ("llama", "mistral", "qwen2", "qwen3")
-_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+# model module → class name prefix
+FAMILY = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "phi3": "Phi3",
+    "granite": "Granite",
+}
 
 
-@register(*(f"transformers.models.{m}.modeling_{m}.{_CLASS_PREFIX[m]}RMSNorm" for m in FAMILY))
+@register(*(f"transformers.models.{m}.modeling_{m}.{prefix}RMSNorm" for m, prefix in FAMILY.items()))
 class TransformersRMSNormKernel(AffineNormKernel):
     param_names = ("weight",)
 

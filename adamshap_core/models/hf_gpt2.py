@@ -42,7 +42,13 @@ class HFGPT2(nn.Module):
         super().__init__()
         if transformers_missing():
             raise UserError(f"`model.kind` hf-gpt2 needs the transformers package: {INSTALL_HINT}")
-        from transformers import GPT2Config, GPT2LMHeadModel
+        try:
+            from transformers import GPT2Config, GPT2LMHeadModel
+        except ImportError as e:  # installed, but not for this torch or Python, say
+            raise UserError(
+                f"`model.kind` hf-gpt2 needs the transformers package, which is installed but does not "
+                f"import ({e}); expected one that imports: {INSTALL_HINT}"
+            ) from None
 
         settings: dict[str, Any] = dict(
             vocab_size=vocab_size,
@@ -59,8 +65,8 @@ class HFGPT2(nn.Module):
             bos_token_id=None,
             eos_token_id=None,
             use_cache=False,
-            # attention written out: scaled_dot_product_attention has no vmap rule on the CPU, which
-            # per-query validation gradients use
+            # attention written out: scaled_dot_product_attention has no vmap batching rule on the CPU
+            # (a slow fallback, with warnings), which per-query validation gradients use
             attn_implementation="eager",
         )
         self.block_size = block_size
