@@ -29,7 +29,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
 from .compiled import Compiled
-from .coverage import AUTOCAST_DEVICES, first_gap, probing
+from .coverage import first_gap, probing
 from .engine import GhostEngine
 from .engine.buffers import Buffers
 from .engine.ghost import Call, RowsTarget, set_modes
@@ -66,8 +66,9 @@ def precision_blocker(parameters: Sequence[torch.Tensor]) -> str | None:
 
 
 def autocast_blocker(device: torch.device) -> str | None:
-    """As ``precision_blocker``, for a step under ``torch.autocast`` (read at each step)."""
-    if device.type in AUTOCAST_DEVICES and _autocast_enabled(device.type):
+    """As ``precision_blocker``, for a step under ``torch.autocast`` on the parameters' device (read at
+    each step)."""
+    if _autocast_enabled(device.type):
         return "the step runs under torch.autocast, whose gradients would keep the validation rows' rounding"
     return None
 
@@ -75,8 +76,10 @@ def autocast_blocker(device: torch.device) -> str | None:
 def _autocast_enabled(device: str) -> bool:
     try:
         return torch.is_autocast_enabled(device)
-    except TypeError:  # torch < 2.4: one function per device
-        return torch.is_autocast_enabled() if device == "cuda" else torch.is_autocast_cpu_enabled()
+    except TypeError:  # torch < 2.4: a function for CUDA and one for the CPU
+        if device == "cuda":
+            return torch.is_autocast_enabled()
+        return device == "cpu" and torch.is_autocast_cpu_enabled()
 
 
 def random_draws(model: nn.Module) -> list[str]:

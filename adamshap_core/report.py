@@ -113,12 +113,17 @@ def _median_over(table: pd.DataFrame, method: str, ground_truth: str, steps: Seq
     return float(rows["pearson"].median()), float(rows["spearman"].median())
 
 
-def _step_count(table: pd.DataFrame, ground_truth: str, steps: Sequence[int]) -> str:
-    """How many of ``steps`` the medians are over: those with a correlation (a step of fewer than three
-    examples, or of equal values, has none, and the median leaves it out)."""
+def _step_count(table: pd.DataFrame, ground_truth: str, steps: Sequence[int], methods: Sequence[str]) -> str:
+    """How many of ``steps`` the medians are over: those where a method has a correlation (a step of
+    fewer than three examples, or of equal values, has none, and the median leaves it out)."""
     rows = table[(table["ground_truth"] == ground_truth) & (table["scope"].isin([str(s) for s in steps]))]
-    counted = rows.loc[rows["pearson"].notna(), "scope"].nunique()
-    return str(counted) if counted == len(steps) else f"{counted} of {len(steps)} with a correlation"
+    counted = rows[rows["pearson"].notna()].groupby("method")["scope"].nunique()
+    counts = {m: int(counted.get(m, 0)) for m in methods}
+    if len(set(counts.values())) == 1:
+        n = next(iter(counts.values()))
+        return str(n) if n == len(steps) else f"{n} of {len(steps)} with a correlation"
+    fewer = ", ".join(f"{m} {n}" for m, n in counts.items() if n < len(steps))
+    return f"{len(steps)}; with a correlation: {fewer}"
 
 
 def compare_summary_table(result: CompareResult) -> Table:
@@ -144,7 +149,7 @@ def compare_summary_table(result: CompareResult) -> Table:
         for name, steps in groups if gt_name == "shapley" else groups[3:]:
             if steps:
                 cells = [fmt_pair(*_median_over(t, m, gt_name, steps)) for m in methods]
-                table.add_row(f"  {name} ({_step_count(t, gt_name, steps)})", *cells)
+                table.add_row(f"  {name} ({_step_count(t, gt_name, steps, methods)})", *cells)
         if has_cumulative:
             table.add_row("  cumulative", *[fmt_pair(*_corr(t, m, gt_name, "cumulative")) for m in methods])
         without_first = result.summary.get("cumulative_from_step_2")

@@ -92,17 +92,22 @@ class Stacked(nn.Module):
         return self.head(h).mean(1)
 
 
+GPT2_WIDTH = 6
+
+
 def _hf_gpt2(frozen: tuple[str, ...] = ()) -> nn.Module:
     """transformers' GPT-2 (projections of its Conv1D type), two blocks, tied head; ``frozen``: the
     parameters left untrained (a frozen bias: the weight-only paths, a frozen weight: the bias-only)."""
     pytest.importorskip("transformers")
     from adamshap_core.models.hf_gpt2 import HFGPT2
 
-    return _frozen(HFGPT2(11, 8, n_layer=2, n_head=2, d_model=6, mlp_ratio=2), *frozen)
+    return _frozen(HFGPT2(11, 8, n_layer=2, n_head=2, d_model=GPT2_WIDTH, mlp_ratio=2), *frozen)
 
 
-# the keys' third of each block's query-key-value bias (d_model = 6)
-GPT2_KEY_BIASES = {f"lm.transformer.h.{i}.attn.c_attn.bias": slice(6, 12) for i in range(2)}
+# the keys' third of each block's query-key-value bias
+GPT2_KEY_BIASES = {
+    f"lm.transformer.h.{i}.attn.c_attn.bias": slice(GPT2_WIDTH, 2 * GPT2_WIDTH) for i in range(2)
+}
 
 
 class LlamaNormed(nn.Module):

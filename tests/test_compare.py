@@ -489,7 +489,7 @@ def test_the_replay_runs_with_the_runs_thread_count(run, monkeypatch):
 
 def test_the_summary_counts_only_the_steps_its_medians_are_over():
     """A step without a correlation (a last batch of two examples) is left out of the median, and of
-    the count beside it."""
+    the count beside it, method by method."""
     from rich.console import Console
 
     from adamshap_core.compare import CompareResult
@@ -499,16 +499,20 @@ def test_the_summary_counts_only_the_steps_its_medians_are_over():
         {"method": m, "ground_truth": gt, "scope": str(step), "pearson": p, "spearman": p, "auroc": math.nan}
         for m in ("adam", "sgd")
         for gt in ("shapley", "loo")
-        for step, p in ((1, 0.5), (6, 0.8), (7, math.nan), (8, 0.6))
+        for step, p in ((1, 0.5), (6, 0.8), (7, math.nan), (8, 0.6), (9, math.nan if m == "sgd" else 0.9))
     ]
     result = CompareResult(
         table=pd.DataFrame(rows), truth=pd.DataFrame(), layers=pd.DataFrame(), summary={"run": "r"},
-        methods=["adam", "sgd"], baseline="sgd", evaluated=[1, 6, 7, 8], values=pd.DataFrame(),
+        methods=["adam", "sgd"], baseline="sgd", evaluated=[1, 6, 7, 8, 9], values=pd.DataFrame(),
     )  # fmt: skip
     console = Console(width=200, record=True)
     console.print(compare_summary_table(result))
     text = console.export_text()
-    assert "later steps, t > 5 (2 of 3 with a correlation)" in text
-    assert "all evaluated steps (3 of 4 with a correlation)" in text
+    # adam has a correlation at steps 6, 8 and 9, sgd at 6 and 8 only
+    assert "later steps, t > 5 (4; with a correlation: adam 3, sgd 2)" in text
     assert "early steps, t ≤ 5 (1)" in text
-    assert "0.700" in text  # the median of 0.8 and 0.6
+    assert "0.700" in text  # sgd's median of 0.8 and 0.6 (adam's is 0.800)
+    result.table.loc[result.table["scope"] == "9", "pearson"] = math.nan  # now both lack steps 7 and 9
+    console = Console(width=200, record=True)
+    console.print(compare_summary_table(result))
+    assert "all evaluated steps (3 of 5 with a correlation)" in console.export_text()

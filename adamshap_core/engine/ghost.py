@@ -632,12 +632,14 @@ class GhostEngine:
                 batch = f"a batch of {batch_size}" if batch_size else f"{self._extra_rows} validation rows"
                 if batch_size and self._extra_rows:
                     batch += f" (+{self._extra_rows} validation rows)"
+                # one row for many: an input made once for the whole batch, as transformers' positions are
+                hint = "; a transformers model takes position_ids=torch.arange(T).expand(B, T)"
                 raise UserError(
                     f"layer '{self._paths[call.module]}' ({type(call.module).__name__}) was called on "
                     f"{call.a.shape[0]} rows for {batch}: its per-example gradients cannot be separated "
                     "(is an input broadcast over the batch, such as positions from arange(T), or is the "
-                    "layer applied along another dimension than the batch? expected the batch first; a "
-                    "transformers model takes position_ids=torch.arange(T).expand(B, T))"
+                    "layer applied along another dimension than the batch? expected the batch first"
+                    f"{hint if call.a.shape[0] == 1 else ''})"
                 )
         return calls
 

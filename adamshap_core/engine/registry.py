@@ -149,6 +149,8 @@ def register(*module_types: type[nn.Module] | str):
             )
         for t in module_types:
             if isinstance(t, str):
+                if "." not in t:
+                    raise ValueError(f"{t!r} is not an import path: expected 'package.module.Class'")
                 _KERNELS_BY_PATH[t] = cls()
             else:
                 _KERNELS[t] = cls()

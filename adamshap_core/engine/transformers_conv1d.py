@@ -17,21 +17,21 @@ from .registry import register
 @register("transformers.pytorch_utils.Conv1D")
 class TransformersConv1DKernel(LinearKernel):
     def values(self, module, a, b, M):
-        return super().values(module, a, b, _as_linear(M))
+        return super().values(module, a, b, _swap_layout(M))
 
     def values_stacked(self, modules, a, b, M):
-        return super().values_stacked(modules, a, b, _as_linear(M))
+        return super().values_stacked(modules, a, b, _swap_layout(M))
 
     def gradients(self, module, a, b, names, summed):
-        return _as_linear(super().gradients(module, a, b, names, summed))
+        return _swap_layout(super().gradients(module, a, b, names, summed))
 
     def gradients_stacked(self, modules, a, b, names, summed):
-        return [_as_linear(g) for g in super().gradients_stacked(modules, a, b, names, summed)]
+        return [_swap_layout(g) for g in super().gradients_stacked(modules, a, b, names, summed)]
 
 
-def _as_linear(tensors: Mapping[str, torch.Tensor | LowRank]) -> dict:
-    """The weight's last two dimensions swapped (d_in, d_out ↔ d_out, d_in), as a view; a low-rank
-    M = U Vᵀ by swapping its factors. The same swap takes it back."""
+def _swap_layout(tensors: Mapping[str, torch.Tensor | LowRank]) -> dict:
+    """The weight's last two dimensions swapped, as a view: the stored layout [.., d_in, d_out] to the
+    Linear's [.., d_out, d_in] and back; a low-rank M = U Vᵀ by swapping its factors."""
     out = dict(tensors)
     w = out.get("weight")
     if isinstance(w, LowRank):

@@ -11,8 +11,8 @@ import torch
 from .layer_norm import AffineNormKernel
 from .registry import register
 
-# model module → class name prefix
-FAMILY = {
+# transformers.models.<module> → the class name's prefix
+FAMILIES = {
     "llama": "Llama",
     "mistral": "Mistral",
     "qwen2": "Qwen2",
@@ -22,7 +22,7 @@ FAMILY = {
 }
 
 
-@register(*(f"transformers.models.{m}.modeling_{m}.{prefix}RMSNorm" for m, prefix in FAMILY.items()))
+@register(*(f"transformers.models.{m}.modeling_{m}.{prefix}RMSNorm" for m, prefix in FAMILIES.items()))
 class TransformersRMSNormKernel(AffineNormKernel):
     param_names = ("weight",)
 
@@ -35,4 +35,6 @@ class TransformersRMSNormKernel(AffineNormKernel):
     def normalized(self, module, a):
         x = a.to(torch.float32)
         x_hat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
-        return x_hat.to(a.dtype)
+        # the forward rounds x̂ to its input's dtype before scaling; ``a`` comes here in the contraction
+        # dtype (float32 or wider), so round as the weight's dtype says (the model's, outside autocast)
+        return x_hat.to(module.weight.dtype).to(a.dtype)
