@@ -557,8 +557,8 @@ def plan(
     if recipe.model.kind not in LANGUAGE_MODELS:
         raise UserError(
             f"run {folder.name!r} trained a {recipe.model.kind} on {recipe.data.source!r}; attribution "
-            "needs a language-model run (model.kind: gpt or hf-gpt2 on a text source such as builtin:facts)."
-            + _another_run(folder)
+            "needs a language-model run (model.kind: gpt, hf-gpt2 or hf-llama on a text source such as "
+            "builtin:facts)." + _another_run(folder)
         )
     if chunk is not None and chunk < 1:
         raise UserError(f"--chunk is {chunk}; expected at least 1 query per replay.")

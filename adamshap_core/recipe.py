@@ -32,7 +32,7 @@ from .data.registry import check_source, split_source, takes_path
 from .errors import UserError
 from .fast import FastMode
 from .models import LANGUAGE_MODELS
-from .models.hf_gpt2 import INSTALL_HINT, transformers_missing
+from .models.hf import HF_MODELS, INSTALL_HINT, transformers_missing
 
 # a run's name, which is also its folder's: no separators, no leading dot, and short enough for a
 # file name (255 bytes) with the ``.<name>.old-<pid>`` that ``train --force`` moves it aside as
@@ -175,10 +175,11 @@ def _set_for_another_choice(
 
 
 class ModelCfg(_Strict):
-    kind: Literal["mlp", "cnn", "gpt", "hf-gpt2"] = "mlp"
+    kind: Literal["mlp", "cnn", "gpt", "hf-gpt2", "hf-llama"] = "mlp"
     hidden: list[Annotated[Int, Field(ge=1)]] = Field(default_factory=lambda: [128])
     channels: list[Annotated[Int, Field(ge=1)]] = Field(default_factory=lambda: [16, 32])  # cnn only
-    # gpt and hf-gpt2 only (text sources): a nanoGPT-style decoder, or transformers' GPT-2 of these sizes
+    # language models only (text sources): a nanoGPT-style decoder, or transformers' GPT-2 or Llama of
+    # these sizes
     n_layer: Int = Field(2, ge=1)
     n_head: Int = Field(2, ge=1)
     d_model: Int = Field(64, ge=1)
@@ -191,7 +192,8 @@ class ModelCfg(_Strict):
     def _applies(self) -> ModelCfg:
         name = _set_for_another_choice(self, MODEL_FIELD_KINDS, self.kind)
         if name is not None:
-            only = " and ".join(MODEL_FIELD_KINDS[name])
+            *first, last = MODEL_FIELD_KINDS[name]
+            only = f"{', '.join(first)} and {last}" if first else last
             raise ValueError(f"`model.{name}` is for {only} only (model.kind is {self.kind}); remove it")
         return self
 
@@ -201,13 +203,19 @@ class ModelCfg(_Strict):
             raise ValueError(
                 f"`model.d_model` ({self.d_model}) must be a multiple of `model.n_head` ({self.n_head})"
             )
+        if self.kind == "hf-llama" and (self.d_model // self.n_head) % 2:
+            raise ValueError(
+                f"`model.d_model` / `model.n_head` ({self.d_model} / {self.n_head}) must be even for "
+                "hf-llama, whose rotary positions turn pairs of each head's dimensions"
+            )
         return self
 
     @model_validator(mode="after")
     def _installed(self) -> ModelCfg:
-        if self.kind == "hf-gpt2" and transformers_missing():
+        if self.kind in HF_MODELS and transformers_missing():
             raise ValueError(
-                f"`model.kind` hf-gpt2 needs the transformers package, which is not installed: {INSTALL_HINT}"
+                f"`model.kind` {self.kind} needs the transformers package, which is not installed: "
+                + INSTALL_HINT
             )
         return self
 

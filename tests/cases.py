@@ -99,9 +99,11 @@ def _hf_gpt2(frozen: tuple[str, ...] = ()) -> nn.Module:
     """transformers' GPT-2 (projections of its Conv1D type), two blocks, tied head; ``frozen``: the
     parameters left untrained (a frozen bias: the weight-only paths, a frozen weight: the bias-only)."""
     pytest.importorskip("transformers")
-    from adamshap_core.models.hf_gpt2 import HFGPT2
+    from adamshap_core.models.hf import HFCausalLM
 
-    return _frozen(HFGPT2(11, 8, n_layer=2, n_head=2, d_model=GPT2_WIDTH, mlp_ratio=2), *frozen)
+    return _frozen(
+        HFCausalLM("hf-gpt2", 11, 8, n_layer=2, n_head=2, d_model=GPT2_WIDTH, mlp_ratio=2), *frozen
+    )
 
 
 # the keys' third of each block's query-key-value bias

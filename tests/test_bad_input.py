@@ -117,7 +117,7 @@ NUM_FIELDS = {  # path -> (low, low allowed?, high or None, high allowed?)
     "train.grad_clip": (0.0, False, None, False),
 }
 CHOICE_FIELDS = {
-    "model.kind": {"mlp", "cnn", "gpt", "hf-gpt2"},
+    "model.kind": {"mlp", "cnn", "gpt", "hf-gpt2", "hf-llama"},
     "optim.name": {"adam", "adamw", "sgd"},
     "optim.schedule": {"constant", "cosine", "linear"},
     "train.device": {"auto", "cpu", "cuda"},

@@ -1,5 +1,6 @@
 """transformers' models (the optional extra, which `make test` installs): whole models through the
-tracker against brute force, the layer types registered by import path, and the hf-gpt2 recipe kind.
+tracker against brute force, the layer types registered by import path, and the hf-gpt2 and hf-llama
+recipe kinds.
 The GPT-2 and Llama-norm cases of tests/cases.py run through every kernel and method test as well."""
 
 from __future__ import annotations
@@ -178,14 +179,28 @@ HF_RECIPE = {
 }
 
 
-def test_the_hf_gpt2_recipe_trains_and_attributes(tmp_path):
-    recipe = write_recipe(tmp_path, HF_RECIPE)
+def hf_recipe(kind: str = "hf-gpt2") -> dict:
+    return {**HF_RECIPE, "model": {**HF_RECIPE["model"], "kind": kind}}
+
+
+@pytest.mark.parametrize("kind", ["hf-gpt2", "hf-llama"])
+def test_the_hf_recipes_train_and_attribute(tmp_path, kind):
+    recipe = write_recipe(tmp_path, hf_recipe(kind))
     runs = tmp_path / "runs"
     res = cli("train", recipe, "--quiet", "--runs-dir", runs)
     assert res.exit_code == 0, res.output
     res = cli("attribute", "--run", "hf", "--runs-dir", runs, "--quiet")
     assert res.exit_code == 0, res.output
     assert (runs / "hf" / "attribution_queries.parquet").exists()
+
+
+def test_a_llama_head_of_odd_width_is_refused_naming_the_fields(tmp_path):
+    """Rotary positions turn pairs of dimensions: an odd head width is a recipe error, not a traceback."""
+    recipe = {**HF_RECIPE, "model": {"kind": "hf-llama", "n_layer": 1, "n_head": 2, "d_model": 10}}
+    res = cli("train", write_recipe(tmp_path, recipe), "--runs-dir", tmp_path / "runs")
+    assert res.exit_code == 2
+    assert "`model.d_model` / `model.n_head` (10 / 2) must be even for hf-llama" in res.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_transformers_that_does_not_import_is_refused_with_the_install_command(tmp_path):
@@ -204,11 +219,12 @@ def test_a_transformers_that_does_not_import_is_refused_with_the_install_command
     assert not (tmp_path / "runs" / "hf").exists()
 
 
-def test_the_hf_gpt2_recipe_without_transformers_is_refused_with_the_install_command(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["hf-gpt2", "hf-llama"])
+def test_an_hf_recipe_without_transformers_is_refused_with_the_install_command(tmp_path, monkeypatch, kind):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed: find_spec gives None
-    recipe = write_recipe(tmp_path, HF_RECIPE)
+    recipe = write_recipe(tmp_path, hf_recipe(kind))
     res = cli("train", recipe, "--runs-dir", tmp_path / "runs")
     assert res.exit_code == 2
-    assert "`model.kind` hf-gpt2 needs the transformers package" in res.output
+    assert f"`model.kind` {kind} needs the transformers package" in res.output
     assert "pip install 'adamshap[hf]'" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "runs" / "hf").exists()

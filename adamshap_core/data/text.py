@@ -113,7 +113,7 @@ def _no_image(image: bool, source: str) -> None:
     if image:
         raise UserError(
             f"`model.kind` is cnn, which needs image data, but {source!r} is text; "
-            "expected model.kind: gpt or hf-gpt2."
+            "expected model.kind: gpt, hf-gpt2 or hf-llama."
         )
 
 

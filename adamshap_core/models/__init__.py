@@ -1,5 +1,5 @@
-"""Built-in models. Only Linear, Conv2d, Embedding and LayerNorm layers (and transformers' Conv1D, in
-hf-gpt2) carry parameters, so the ghost engine can value every example through them.
+"""Built-in models. Only Linear, Conv2d, Embedding and LayerNorm layers (and transformers' Conv1D and
+RMSNorm, in hf-gpt2 and hf-llama) carry parameters, so the ghost engine can value every example through them.
 
 Each model kind comes with its per-example loss (``loss_for``): cross-entropy over
 classes for mlp/cnn, the mean next-token loss over each text's real tokens for the language models."""
@@ -7,6 +7,7 @@ classes for mlp/cnn, the mean next-token loss over each text's real tokens for t
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from ..errors import UserError
 from .cnn import SmallCNN
 from .gpt import GPT, sequence_loss
-from .hf_gpt2 import HFGPT2
+from .hf import HF_MODELS, HFCausalLM
 from .mlp import MLP
 
 if TYPE_CHECKING:
@@ -24,11 +25,11 @@ if TYPE_CHECKING:
     from ..recipe import ModelCfg
 
 # the model kinds that are language models (text sources, the sequence loss, attribution)
-LANGUAGE_MODELS = ("gpt", "hf-gpt2")
+LANGUAGE_MODELS = ("gpt", *HF_MODELS)
 
 __all__ = [
     "GPT",
-    "HFGPT2",
+    "HFCausalLM",
     "LANGUAGE_MODELS",
     "MLP",
     "SmallCNN",
@@ -70,7 +71,9 @@ def build_model(cfg: ModelCfg, data: Dataset) -> nn.Module:
                 "expected model.kind: mlp."
             )
         return SmallCNN(data.input_shape, list(cfg.channels), list(cfg.hidden), data.n_classes)
-    raise UserError(f"`model.kind` is {cfg.kind!r}; expected mlp, cnn, gpt or hf-gpt2.")
+    raise UserError(
+        f"`model.kind` is {cfg.kind!r}; expected mlp, cnn or one of {', '.join(LANGUAGE_MODELS)}."
+    )
 
 
 def _is_text(data: Dataset) -> bool:
@@ -90,9 +93,9 @@ def context_length(cfg: ModelCfg, data: Dataset) -> int:
     return cfg.block_size or longest
 
 
-def _language_model(cfg: ModelCfg, data: Dataset) -> GPT | HFGPT2:
-    """The built-in GPT or transformers' GPT-2, of the same sizes."""
-    model = GPT if cfg.kind == "gpt" else HFGPT2
+def _language_model(cfg: ModelCfg, data: Dataset) -> GPT | HFCausalLM:
+    """The built-in GPT or a transformers model, of the same sizes."""
+    model = GPT if cfg.kind == "gpt" else partial(HFCausalLM, cfg.kind)
     return model(
         data.n_classes,
         context_length(cfg, data),
