@@ -95,9 +95,11 @@ def random_draw(m: nn.Module) -> str | None:
         return f"drops out with p={m.p} in training"
     if isinstance(m, nn.RReLU):
         return "draws random slopes in training"
-    p = getattr(m, "dropout", None)  # nn.MultiheadAttention, nn.LSTM, ... keep a float
-    if isinstance(p, float) and p > 0:
-        return f"has dropout={p}"
+    # a rate kept as a float: nn.MultiheadAttention's and nn.LSTM's dropout, transformers' Llama's
+    # attention_dropout, Bloom's hidden_dropout, GPT-2's config-style attn_pdrop
+    for name, p in vars(m).items():
+        if ("dropout" in name or "pdrop" in name) and isinstance(p, float) and p > 0:
+            return f"has {name}={p}"
     return None
 
 

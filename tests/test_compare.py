@@ -291,12 +291,22 @@ def test_a_language_model_run_compares_and_dropout_is_refused(tmp_path, runs):
     assert_refused(cli("compare", "--run", "gptdrop", "-q"), "dropout", "model.dropout: 0")
 
 
+class Rated(torch.nn.Module):
+    """Keeps a dropout rate under its own name and draws with F.dropout in its forward."""
+
+    def __init__(self, name: str, rate: float):
+        super().__init__()
+        setattr(self, name, rate)
+
+
 @pytest.mark.parametrize(
     "module, drawn",
     [
         (lambda: torch.nn.Dropout(0.1), "drops out with p=0.1"),
         (lambda: torch.nn.MultiheadAttention(4, 2, dropout=0.2), "has dropout=0.2"),  # an attribute only
         (lambda: torch.nn.RReLU(), "random slopes"),
+        (lambda: Rated("attention_dropout", 0.3), "has attention_dropout=0.3"),  # transformers' Llama
+        (lambda: Rated("hidden_pdrop", 0.1), "has hidden_pdrop=0.1"),
     ],
 )
 def test_every_random_draw_in_training_is_refused(module, drawn):
