@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 import shutil
 from contextlib import contextmanager
@@ -219,18 +220,23 @@ def _training_bar(quiet: bool):
     bar = progress_bar(
         "train",
         TextColumn("step {task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("{task.fields[eps]:,.0f} ex/s"),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[eps]} ex/s"),
     )
     task = None
 
     def on_progress(done: int, total: int, loss: float, examples_per_s: float) -> None:
         nonlocal task
+        # before this process's first step (run reports a NaN loss and no speed) a dash, not "nan"
+        fields = {
+            "loss": f"{loss:.4f}" if math.isfinite(loss) else "–",
+            "eps": f"{examples_per_s:,.0f}" if examples_per_s > 0 else "–",
+        }
         if task is None:  # shown from run's first report on, so never without its total
-            task = bar.add_task("train", total=total, completed=done, loss=loss, eps=examples_per_s)
+            task = bar.add_task("train", total=total, completed=done, **fields)
             bar.start()
         else:
-            bar.update(task, completed=done, loss=loss, eps=examples_per_s)
+            bar.update(task, completed=done, **fields)
 
     try:
         yield on_progress

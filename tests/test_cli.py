@@ -433,3 +433,23 @@ def test_an_empty_item_in_a_list_option_is_refused_not_dropped(command, said, ru
     res = cli(*command, "--quiet")
     assert res.exit_code == 2 and said in " ".join(res.stderr.split()), res.output
     assert not runs.exists()
+
+
+def test_the_training_bar_shows_a_dash_before_the_first_step(monkeypatch):
+    """Run reports before its first step with a NaN loss and no speed: the bar says "–", not "nan"."""
+    from adamshap_cli import common
+    from adamshap_cli.train import _training_bar
+    from rich.console import Console
+
+    def drawn(*reports) -> str:  # the bar as it is left on the console after these reports
+        console = Console(record=True, width=120)
+        monkeypatch.setattr(common, "err_console", console)
+        with _training_bar(quiet=False) as on_progress:
+            for report in reports:
+                on_progress(*report)
+        return console.export_text()
+
+    first = drawn((0, 10, float("nan"), 0.0))
+    assert "loss – " in first and "– ex/s" in first and "nan" not in first.lower()
+    later = drawn((0, 10, float("nan"), 0.0), (1, 10, 2.3456, 1234.0))
+    assert "loss 2.3456" in later and "1,234 ex/s" in later
