@@ -174,6 +174,21 @@ def _set_for_another_choice(
     return None
 
 
+def _refuse_another_choices(
+    section: BaseModel, applies: dict[str, tuple[str, ...]], where: str, choice: str
+) -> None:
+    """A ValueError naming the first field of ``section`` set for choices other than its own (the value
+    of its field ``choice``, such as model.kind) and the choices it applies to."""
+    chosen = getattr(section, choice)
+    name = _set_for_another_choice(section, applies, chosen)
+    if name is not None:
+        *first, last = applies[name]
+        choices = f"{', '.join(first)} and {last}" if first else last
+        raise ValueError(
+            f"`{where}.{name}` only applies to {choices} ({where}.{choice} is {chosen}); remove it"
+        )
+
+
 class ModelCfg(_Strict):
     kind: Literal["mlp", "cnn", "gpt", "hf-gpt2", "hf-llama"] = "mlp"
     hidden: list[Annotated[Int, Field(ge=1)]] = Field(default_factory=lambda: [128])
@@ -190,11 +205,7 @@ class ModelCfg(_Strict):
 
     @model_validator(mode="after")
     def _applies(self) -> ModelCfg:
-        name = _set_for_another_choice(self, MODEL_FIELD_KINDS, self.kind)
-        if name is not None:
-            *first, last = MODEL_FIELD_KINDS[name]
-            only = f"{', '.join(first)} and {last}" if first else last
-            raise ValueError(f"`model.{name}` is for {only} only (model.kind is {self.kind}); remove it")
+        _refuse_another_choices(self, MODEL_FIELD_KINDS, "model", "kind")
         return self
 
     @model_validator(mode="after")
@@ -263,10 +274,7 @@ class OptimCfg(_Strict):
 
     @model_validator(mode="after")
     def _applies(self) -> OptimCfg:
-        name = _set_for_another_choice(self, OPTIM_FIELD_NAMES, self.name)
-        if name is not None:
-            only = " and ".join(OPTIM_FIELD_NAMES[name])
-            raise ValueError(f"`optim.{name}` only applies to {only} (optim.name is {self.name}); remove it")
+        _refuse_another_choices(self, OPTIM_FIELD_NAMES, "optim", "name")
         return self
 
     @model_validator(mode="after")

@@ -316,7 +316,7 @@ def test_a_recipe_key_given_twice_is_refused(tmp_path, runs):
 def test_model_fields_of_another_kind_are_refused(tmp_path, runs):
     res = cli("train", write_recipe(tmp_path, TINY), "--set", "model.n_layer=4")
     assert res.exit_code == 2
-    assert "`model.n_layer` is for gpt, hf-gpt2 and hf-llama only (model.kind is mlp)" in res.stderr
+    assert "`model.n_layer` only applies to gpt, hf-gpt2 and hf-llama (model.kind is mlp)" in res.stderr
 
 
 def test_train_refuses_an_empty_name_and_force_never_replaces_a_folder_that_is_not_a_run(tmp_path, runs):
