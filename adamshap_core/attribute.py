@@ -50,7 +50,7 @@ import torch
 from .data import TextDataset, load_dataset
 from .data.facts import LEVELS
 from .data.text import check_ids, read_jsonl, record_text
-from .errors import UserError
+from .errors import UserError, listed
 from .models import LANGUAGE_MODELS, build_model, context_length
 from .precond import METHODS
 from .recipe import Recipe
@@ -557,8 +557,8 @@ def plan(
     if recipe.model.kind not in LANGUAGE_MODELS:
         raise UserError(
             f"run {folder.name!r} trained a {recipe.model.kind} on {recipe.data.source!r}; attribution "
-            "needs a language-model run (model.kind: gpt, hf-gpt2 or hf-llama on a text source such as "
-            "builtin:facts)." + _another_run(folder)
+            f"needs a language-model run (model.kind: {listed(LANGUAGE_MODELS, 'or')} on a text source such "
+            "as builtin:facts)." + _another_run(folder)
         )
     if chunk is not None and chunk < 1:
         raise UserError(f"--chunk is {chunk}; expected at least 1 query per replay.")

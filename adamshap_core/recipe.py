@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from .data.registry import check_source, split_source, takes_path
-from .errors import UserError
+from .errors import UserError, listed
 from .fast import FastMode
 from .models import LANGUAGE_MODELS
 from .models.hf import HF_MODELS, INSTALL_HINT, transformers_missing
@@ -182,8 +182,7 @@ def _refuse_another_choices(
     chosen = getattr(section, choice)
     name = _set_for_another_choice(section, applies, chosen)
     if name is not None:
-        *first, last = applies[name]
-        choices = f"{', '.join(first)} and {last}" if first else last
+        choices = listed(applies[name], "and")
         raise ValueError(
             f"`{where}.{name}` only applies to {choices} ({where}.{choice} is {chosen}); remove it"
         )

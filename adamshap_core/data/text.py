@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, listed
+from ..models import LANGUAGE_MODELS
 from ..tokenizer import WordTokenizer
 from .dataset import Dataset
 from .facts import LEVELS, Query, generate
@@ -113,7 +114,7 @@ def _no_image(image: bool, source: str) -> None:
     if image:
         raise UserError(
             f"`model.kind` is cnn, which needs image data, but {source!r} is text; "
-            "expected model.kind: gpt, hf-gpt2 or hf-llama."
+            f"expected model.kind: {listed(LANGUAGE_MODELS, 'or')}."
         )
 
 

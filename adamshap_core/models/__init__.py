@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, listed
 from .cnn import SmallCNN
 from .gpt import GPT, sequence_loss
 from .hf import HF_MODELS, HFCausalLM
@@ -55,7 +55,7 @@ def build_model(cfg: ModelCfg, data: Dataset) -> nn.Module:
     """The model a recipe's ``model`` section describes, sized for ``data``. Seed torch first."""
     text = _is_text(data)
     if text != (cfg.kind in LANGUAGE_MODELS):
-        want = " or ".join(LANGUAGE_MODELS) if text else "mlp or cnn"
+        want = listed(LANGUAGE_MODELS, "or") if text else "mlp or cnn"
         raise UserError(
             f"`model.kind` is {cfg.kind}, but {data.source!r} is {'text' if text else 'not text'}; "
             f"expected model.kind: {want}."
@@ -72,7 +72,7 @@ def build_model(cfg: ModelCfg, data: Dataset) -> nn.Module:
             )
         return SmallCNN(data.input_shape, list(cfg.channels), list(cfg.hidden), data.n_classes)
     raise UserError(
-        f"`model.kind` is {cfg.kind!r}; expected mlp, cnn or one of {', '.join(LANGUAGE_MODELS)}."
+        f"`model.kind` is {cfg.kind!r}; expected {listed(('mlp', 'cnn', *LANGUAGE_MODELS), 'or')}."
     )
 
 
