@@ -52,6 +52,11 @@ def take_rows(batch: Any, start: int, stop: int) -> Any:
     return _map(batch, lambda t: t[start:stop])
 
 
+def first_row_again(batch: Any) -> Any:
+    """``batch`` with its first row appended again to every tensor with rows."""
+    return _map(batch, lambda t: torch.cat([t, t[:1]]))
+
+
 def pick_rows(batch: Any, index: torch.Tensor) -> Any:
     """``batch`` with every tensor reduced to the rows ``index`` (under ``vmap``, a batched index picks
     each row in turn)."""

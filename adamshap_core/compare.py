@@ -55,6 +55,7 @@ from .threads import intra_op_threads, recorded_threads
 
 if TYPE_CHECKING:
     from .recipe import Recipe
+    from .train import Prepared
 
 REPLAY_RTOL = 1e-5  # replayed vs recorded per-step values, relative to the step's largest |value|
 VAL_LOSS_RTOL = 1e-4  # float64 ground-truth validation loss vs the run's float32 one
@@ -199,24 +200,41 @@ class Progress(NamedTuple):
     work: int
 
 
+def prepare_replay(inputs: RunInputs) -> Prepared:
+    """The run's data, model and tracker, built again, and refused before any output where the
+    replay could not reproduce the run: other data, or random draws in training."""
+    from .train import prepare
+
+    prep = prepare(inputs.recipe)
+    try:
+        check_same_data(inputs.folder, prep.data)  # before the replay, which would stop at the first change
+        check_no_random_draws(prep.model, inputs.folder.name)
+        if not np.array_equal(
+            np.sort(prep.data.example_id.numpy()), np.sort(inputs.values["example_id"].to_numpy())
+        ):
+            raise UserError(
+                f"the data of run {inputs.folder.name!r} cannot be rebuilt: its recipe now loads other "
+                "training examples than values.parquet holds (has the data source changed?)."
+            )
+    except UserError:
+        if prep.tracker is not None:
+            prep.tracker.close()
+        raise
+    return prep
+
+
 def replay(
     inputs: RunInputs,
+    prep: Prepared,
     evaluated: Sequence[int],
     options: CompareOptions,
     on_progress: Callable[[Progress, Progress], None] | None = None,
 ) -> TruthReplay:
-    """Replay the run, computing the ground truth just before each step that needs it."""
-    from .train import prepare, run
+    """Replay the run from ``prepare_replay``, computing the ground truth just before each step that
+    needs it."""
+    from .train import run
 
-    prep = prepare(inputs.recipe)
-    check_same_data(inputs.folder, prep.data)  # before the replay, which would stop at the first change
-    check_no_random_draws(prep.model, inputs.folder.name)
     example_id = prep.data.example_id.numpy()
-    if not np.array_equal(np.sort(example_id), np.sort(inputs.values["example_id"].to_numpy())):
-        raise UserError(
-            f"the data of run {inputs.folder.name!r} cannot be rebuilt: its recipe now loads other training "
-            "examples than values.parquet holds (has the data source changed?)."
-        )
     detail = set(evaluated)
     truth_steps = set(range(1, inputs.last_step + 1)) if options.cumulative else detail
     record = sorted(detail | set(inputs.recorded))
@@ -599,10 +617,11 @@ def compare_run(
     check_permutations(options.permutations)
     check_permutations(options.cumulative_permutations, "--cumulative-permutations")
     evaluated = resolve_steps(options.steps, inputs.recorded, inputs.last_step)
+    prep = prepare_replay(inputs)
     if on_start is not None:
         on_start(inputs, evaluated)
     t0 = time.perf_counter()
-    rep = replay(inputs, evaluated, options, on_progress)
+    rep = replay(inputs, prep, evaluated, options, on_progress)
     replay_check = check_replay(inputs, rep)
     truth = truth_frame(inputs, rep, evaluated, options.cumulative)
     table = compare_table(truth, inputs, baseline)

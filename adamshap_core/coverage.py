@@ -20,15 +20,16 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .batches import n_rows, row_tensors, take_rows
+from .batches import first_row_again, n_rows, row_tensors, take_rows
 from .engine import GhostEngine
 from .engine.buffers import buffers_kept
 from .engine.ghost import modes_kept, set_modes
 from .errors import UserError
 
 AUTOCAST_DEVICES = ("cpu", "cuda")  # where a probe turns torch.autocast off
-# rows of the validation set the start-up check takes each gradient of, one at a time: two rows show
-# rows that interact, and a layer applied along another dimension than the rows
+# distinct rows the start-up check takes each gradient of, one at a time (then the first again: see
+# first_rows_and_first_again): two rows show rows that interact, and a layer applied along another
+# dimension than the rows
 CHECK_ROWS = 2
 # how far a rebuilt gradient may be from autograd's: relative to the parameter's gradient, at least
 # GAP_RTOL or ROUNDING_UNITS rounding units of its dtype; and at least GAP_FLOOR (or one unit) of
@@ -116,7 +117,7 @@ def gradient_gap(
                 f"the gradient of '{name}' is not what its module's hooks capture (is it used outside "
                 "its module's forward, such as F.linear(h, self.tok.weight), or is a module's forward "
                 "called directly, or does a subclass of a supported layer compute something else in its "
-                "forward, or do the rows of a batch interact?)"
+                "forward, or do the rows of a batch interact, or does the model reorder them?)"
             )
     return None
 
@@ -176,8 +177,18 @@ def coverage_problem(engine: GhostEngine, model: nn.Module, loss_fn, inputs, tar
     own, in the modes the model is in (None: nothing found)."""
     if not cuttable(inputs, targets):  # rows held outside tensors (strings): the whole batch, summed
         return gradient_gap(engine, model, loss_fn, inputs, targets, per_row=False)
-    inputs, targets = take_rows(inputs, 0, CHECK_ROWS), take_rows(targets, 0, CHECK_ROWS)
+    inputs, targets = first_rows_and_first_again(inputs), first_rows_and_first_again(targets)
     return gradient_gap(engine, model, loss_fn, inputs, targets, per_row=True)
+
+
+def first_rows_and_first_again(batch: Any) -> Any:
+    """The first ``CHECK_ROWS`` rows, then the first row again (where there are two): rows a, b, a.
+    A model that reorders its rows by their content (sorting them by length, say) moves one of these
+    whichever of a and b comes first, so the rebuilt gradients land on the wrong rows and the check
+    sees it; rows already in the model's order, checked as a, b alone, would hide it."""
+    head = take_rows(batch, 0, CHECK_ROWS)
+    rows = n_rows(head)
+    return head if rows is None or rows < 2 else first_row_again(head)
 
 
 def cuttable(inputs: Any, targets: Any) -> bool:

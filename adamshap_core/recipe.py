@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -368,6 +369,17 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return list(model.model_fields) if model is not None else []
 
 
+def _nullable(parts: list[str]) -> bool:
+    """Whether the recipe field at ``parts`` takes null (True for a path the schema lacks, which
+    validation then names)."""
+    section: type[BaseModel] | None = Recipe
+    for part in parts[:-1]:
+        field = section.model_fields.get(part) if section is not None else None
+        section = _section_model(getattr(field, "annotation", None))
+    field = section.model_fields.get(parts[-1]) if section is not None else None
+    return field is None or type(None) in get_args(field.annotation)
+
+
 def _section_model(annotation: Any) -> type[BaseModel] | None:
     """The section a field holds: its annotation, or the one in ``Section | None`` (``data.facts``,
     ``attribution.fast``); None for a field that is no section."""
@@ -377,33 +389,46 @@ def _section_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def format_validation_error(err: ValidationError, origin: str) -> str:
-    """One paragraph: each problem with its field path, what was given and what was expected."""
+def format_validation_error(err: ValidationError, origin: str, overrides: Sequence[str] = ()) -> str:
+    """One paragraph: each problem with its field path, what was given and what was expected, and
+    the ``--set`` behind it where one set that field or its section."""
     problems = []
     for e in err.errors():
         loc = tuple(
             p for p in e["loc"] if isinstance(p, int) or not str(p).startswith(("function-", "tuple["))
         )
-        where = _fmt_loc(loc)
-        kind = e["type"]
-        if kind == "extra_forbidden":
-            allowed = _allowed_keys(loc)
-            hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
-            problems.append(f"unknown key `{where}`{hint}")
-        elif kind == "missing":
-            problems.append(f"`{where}` is required but missing")
-        else:
-            msg = e["msg"]
-            msg = msg.removeprefix("Value error, ")
-            if kind in ("model_type", "model_attributes_type", "dict_type"):
-                msg = "expected a section (a mapping of keys to values)"
-            given = e.get("input")
-            if isinstance(given, dict):  # a check across a section's keys: the message names them
-                problems.append(f"`{where}`: {msg}")
-            else:
-                given_s = repr(given) if len(repr(given)) <= 80 else type(given).__name__
-                problems.append(f"`{where}` was given {given_s}: {msg}")
+        problems.append(_describe_problem(e, loc) + _override_behind(loc, overrides))
     return f"invalid recipe {origin}: " + "; ".join(problems) + "."
+
+
+def _override_behind(loc: tuple, overrides: Sequence[str]) -> str:
+    """Names the overrides that set this field, a field inside it, or its section, if any."""
+    path = [str(p) for p in loc]
+    behind = [
+        text
+        for text in overrides
+        if path and (key := parse_override(text)[0])[: len(path)] == path[: len(key)]
+    ]
+    return f" (from --set {', --set '.join(behind)})" if behind else ""
+
+
+def _describe_problem(e: Any, loc: tuple) -> str:
+    where = _fmt_loc(loc)
+    kind = e["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc)
+        hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+        return f"unknown key `{where}`{hint}"
+    if kind == "missing":
+        return f"`{where}` is required but missing"
+    msg = e["msg"].removeprefix("Value error, ")
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        msg = "expected a section (a mapping of keys to values)"
+    given = e.get("input")
+    if isinstance(given, dict):  # a check across a section's keys: the message names them
+        return f"`{where}`: {msg}"
+    given_s = repr(given) if len(repr(given)) <= 80 else type(given).__name__
+    return f"`{where}` was given {given_s}: {msg}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -435,12 +460,18 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                     f"--set {text}: `{where}` is a value, not a section, so it has no `{parts[i + 1]}`"
                 )
             node = child
-        node[parts[-1]] = value
+        if value is None and not _nullable(parts):  # e.g. model.hidden=null: drop it, so its default applies
+            node.pop(parts[-1], None)
+        else:
+            node[parts[-1]] = value
     return raw
 
 
-def recipe_from_dict(raw: Any, *, base_dir: Path | None = None, origin: str = "(inline)") -> Recipe:
-    """Validate a recipe given as a dict and resolve its data paths against ``base_dir``."""
+def recipe_from_dict(
+    raw: Any, *, base_dir: Path | None = None, origin: str = "(inline)", overrides: Sequence[str] = ()
+) -> Recipe:
+    """Validate a recipe given as a dict and resolve its data paths against ``base_dir``;
+    ``overrides`` (already applied to ``raw``) are named in the error of a field they set."""
     if not isinstance(raw, dict):
         raise UserError(
             f"invalid recipe {origin}: the top level must be a mapping of sections, got {type(raw).__name__}"
@@ -448,7 +479,7 @@ def recipe_from_dict(raw: Any, *, base_dir: Path | None = None, origin: str = "(
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
-        raise UserError(format_validation_error(err, origin)) from None
+        raise UserError(format_validation_error(err, origin, overrides)) from None
     scheme, rest = split_source(recipe.data.source)
     if takes_path(recipe.data.source):
         p = Path(rest).expanduser()
@@ -481,9 +512,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override, validate and resolve a recipe file. Raises ``UserError`` on any problem."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, *, run: str | None = None) -> Recipe:
+    """Read, override, validate and resolve a recipe file. Raises ``UserError`` on any problem, which
+    names the run the file belongs to where ``run`` is given (a run's saved recipe)."""
     path = Path(path)
+    origin = f"{path}" if run is None else f"of run {run!r} ({path})"
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -501,8 +534,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raw = {}
     if not isinstance(raw, dict):
         raise UserError(
-            f"invalid recipe {path}: the top level must be a mapping (name:, data:, model:, ...), "
+            f"invalid recipe {origin}: the top level must be a mapping (name:, data:, model:, ...), "
             f"got {type(raw).__name__}."
         )
-    raw = apply_overrides(raw, list(overrides or []))
-    return recipe_from_dict(raw, base_dir=path.resolve().parent, origin=str(path))
+    overrides = list(overrides or [])
+    raw = apply_overrides(raw, overrides)
+    return recipe_from_dict(raw, base_dir=path.resolve().parent, origin=origin, overrides=overrides)

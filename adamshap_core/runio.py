@@ -312,7 +312,7 @@ class RunFolder:
     def recipe(self):
         from .recipe import load_recipe
 
-        return load_recipe(self.file("recipe.yaml"))
+        return load_recipe(self.file("recipe.yaml"), run=self.name)
 
     def values(self) -> pd.DataFrame:
         return self._parquet("values.parquet")

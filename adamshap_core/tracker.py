@@ -40,6 +40,7 @@ from .fused import (
     rows_gradients,
 )
 from .optimizer_check import CHECKED_STEPS, StepSample, gradient_hook
+from .pending_gradients import PendingGradients
 from .precond import OptimizerView, ParamState, StepRead, check_methods, flat_join, method_scales, reads_state
 
 
@@ -225,6 +226,7 @@ class InRunShapley:
         self.engine = GhostEngine(model, order=[p for g in optimizer.param_groups for p in g["params"]])
         try:
             self._watch = TrainableWatch(optimizer, model, {id(p) for p in self.engine.parameters})
+            self._pending = PendingGradients(optimizer, model)
             self._norms = batch_statistics(model)
             _refuse(coupling_problem(self._norms))
             self._model_blocker: str | None = "fuse_validation is off"
@@ -236,6 +238,8 @@ class InRunShapley:
             self.set_validation(val_inputs, val_targets, per_target=per_target)
         except BaseException:
             self.engine.remove()  # a refused tracker leaves the model without its hooks, as it found it
+            if hasattr(self, "_pending"):
+                self._pending.remove()
             raise
 
     def set_validation(self, val_inputs, val_targets, *, per_target: bool = False) -> None:
@@ -274,6 +278,15 @@ class InRunShapley:
     def step(self, inputs, targets) -> StepResult:
         """Forward, backward, optimizer.step(), and this step's value per example."""
         self._check_open()
+        if (pending := self._pending.problem()) is not None:
+            raise ValueError(pending)
+        try:
+            return self._step(inputs, targets)
+        except BaseException:
+            self._pending.mark_used()  # what a refused or stopped step left is its own
+            raise
+
+    def _step(self, inputs, targets) -> StepResult:
         if is_empty(targets):
             raise ValueError("the training batch is empty: expected at least one row")
         check_rows(inputs, targets, "the training batch")
@@ -471,6 +484,7 @@ class InRunShapley:
     def close(self) -> None:
         """Remove the hooks; the model is as it was before the tracker."""
         self.engine.remove()
+        self._pending.remove()
         self._closed = True
 
     def __enter__(self) -> InRunShapley:

@@ -111,10 +111,10 @@ WRONG = {
         "gradient of '0.weight'",
     ),
     "subclass-embedding": (TinyScaledLM, tokens, sequence_cross_entropy, "gradient of 'tok.weight'"),
-    # the layer's rows are positions; with T = 2 rows checked, only their gradients tell
-    "sequence-first": (SequenceFirst, sequences(2), cross_entropy, "gradient of 'lin.weight'"),
-    "sequence-first-T4": (SequenceFirst, sequences(4), cross_entropy, "called on 4 rows for 2 validation"),
-    "broadcast": (BroadcastPositions, sequences(4), cross_entropy, "called on 4 rows for 2 validation"),
+    # the layer's rows are positions; with T = 3 rows checked (a, b, a), only their gradients tell
+    "sequence-first": (SequenceFirst, sequences(3), cross_entropy, "gradient of 'lin.weight'"),
+    "sequence-first-T4": (SequenceFirst, sequences(4), cross_entropy, "called on 4 rows for 3 validation"),
+    "broadcast": (BroadcastPositions, sequences(4), cross_entropy, "called on 4 rows for 3 validation"),
 }
 
 
@@ -178,6 +178,26 @@ def test_rows_that_interact_are_refused_at_the_first_step_where_one_validation_r
     )
     with pytest.raises(UserError, match="do the rows of a batch interact.*found at step 1"):
         tracker.step(*tabular(6, gen))
+
+
+class SortsItsRows(TwoLinear):
+    """Runs its first layer on the rows sorted by their first feature (as packing by length does), then
+    puts them back: a hook sees row k's activations at the sorted position of row k."""
+
+    def forward(self, x):
+        order = x[:, 0].argsort()
+        return self.out(torch.tanh(self.lin(x[order]))[order.argsort()])
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_a_model_that_reorders_its_rows_is_refused_whatever_the_order_of_the_checked_rows(descending):
+    """Two rows already in the model's order would pass a check of them alone: rows a, b, a do not."""
+    gen = torch.Generator().manual_seed(0)
+    model = SortsItsRows()
+    vx, vy = tabular(4, gen)
+    vx[:2, 0] = torch.tensor([3.0, -3.0] if descending else [-3.0, 3.0])
+    with pytest.raises(UserError, match="does the model reorder them"):
+        InRunShapley(model, torch.optim.Adam(model.parameters()), cross_entropy, vx, vy, METHODS)
 
 
 def test_the_check_runs_again_at_step_2_and_every_power_of_ten(monkeypatch):

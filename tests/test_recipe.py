@@ -164,6 +164,30 @@ def test_bad_override_syntax(tmp_path):
         load_recipe(p, ["attribution.fast=false", "attribution.fast.rank=4"])
 
 
+def test_null_drops_a_key_that_cannot_be_null_and_keeps_null_where_it_can(tmp_path):
+    """`--set optim.betas=null` undoes a file's setting (here one that `optim.name=sgd` refuses);
+    a nullable field still takes null itself."""
+    p = write_recipe(tmp_path, tiny(optim={"betas": [0.5, 0.5]}, train={"grad_clip": 1.0}))
+    with pytest.raises(UserError, match="only applies to adam"):
+        load_recipe(p, ["optim.name=sgd"])
+    r = load_recipe(p, ["optim.name=sgd", "optim.betas=null", "model.hidden=null", "train.grad_clip=null"])
+    default = Recipe.model_validate({"name": "x", "data": {"source": "sklearn:iris"}})
+    assert r.optim.betas == default.optim.betas and r.model.hidden == default.model.hidden != [8]
+    assert r.train.grad_clip is None
+
+
+def test_an_error_names_the_override_behind_it_and_only_that_one(tmp_path):
+    p = write_recipe(tmp_path, tiny(train={"epochs": 0}))
+    with pytest.raises(UserError) as e:
+        load_recipe(p, ["optim.lr=3e-4", "model.hidden=[a]"])
+    msg = str(e.value)
+    assert "`model.hidden[0]` was given 'a'" in msg and "(from --set model.hidden=[a])" in msg, msg
+    assert "`train.epochs` was given 0" in msg and msg.count("from --set") == 1, msg
+    assert "optim.lr" not in msg, msg
+    with pytest.raises(UserError, match=r"remove it \(from --set model.kind=gpt\)"):
+        load_recipe(p, ["train.epochs=1", "model.kind=gpt"])
+
+
 def test_a_key_set_inside_a_section_given_as_true_keeps_the_sections_other_defaults(tmp_path):
     p = write_recipe(tmp_path, TINY)
     recipe = load_recipe(p, ["attribution.fast=true", "attribution.fast.min_pearson=null"])

@@ -178,11 +178,12 @@ def test_validation_rows_join_only_the_steps_that_refresh_the_validation_gradien
     tracker = InRunShapley(model, opt, WIDE.loss, vx, vy, ("adam",), fast=fast, fuse_validation=True)
     for _ in range(9):
         tracker.step(*WIDE.data(8, gen))
-    # the checks at start-up: the first two rows with gradients (coverage.py), then the validation
-    # rows in eval and in train mode, then once with gradients; before step 2, the check of two of
-    # its training rows (coverage.recheck_due)
+    # the checks at start-up: rows a, b, a of the validation set with gradients (coverage.py), then
+    # the validation rows in eval and in train mode, then once with gradients; before step 2, the
+    # check of rows a, b, a of its training batch (coverage.recheck_due)
+    assert rows[:4] == [3, 3, 3, 3]
     rows = rows[4:]
-    assert rows == [11, 2, 11, 8, 8, 11, 8, 8, 11, 8]  # refreshed at steps 1, 2, 5 and 8
+    assert rows == [11, 3, 11, 8, 8, 11, 8, 8, 11, 8]  # refreshed at steps 1, 2, 5 and 8
 
 
 def test_bad_fast_settings_are_clear_errors():

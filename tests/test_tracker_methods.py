@@ -416,6 +416,31 @@ def test_an_empty_batch_and_a_closed_tracker_are_clear_errors():
         tracker.set_validation(x, y)
 
 
+def test_a_gradient_no_optimizer_step_has_used_is_refused_and_ones_a_step_has_used_are_not():
+    """step zeroes .grad for its batch: a backward pass of the user's since the last optimizer step
+    (an accumulated micro-batch) would be dropped, so it is refused; a plain step's are not."""
+    case = CASES[0]
+    model = case.model()
+    x, y = case.data(4, torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(model.parameters())
+    training_step(model, opt, case.loss, x, y)  # a plain step before the tracker leaves its gradients
+    tracker = InRunShapley(model, opt, case.loss, x, y)
+    tracker.step(x, y)
+    training_step(model, opt, case.loss, x, y)  # a plain step between valued ones
+    tracker.step(x, y)
+    opt.zero_grad(set_to_none=False)  # zeroed in place: nothing to drop
+    tracker.step(x, y)
+    case.loss(model(x), y).mean().backward()  # a micro-batch to accumulate
+    weights = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="holds a gradient that no optimizer step has used"):
+        tracker.step(x, y)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    opt.zero_grad()
+    tracker.step(x, y)
+    tracker.close()
+    assert not opt._optimizer_step_post_hooks  # the tracker's watch leaves with it
+
+
 def test_a_clip_norm_that_is_not_a_number_is_a_clear_error():
     case = CASES[0]
     model = case.model()

@@ -21,6 +21,8 @@ from adamshap_core import InRunShapley
 from adamshap_core.engine import kernel_for
 from adamshap_core.engine.transformers_rms_norm import TransformersRMSNormKernel
 from adamshap_core.errors import UserError
+from adamshap_core.recipe import recipe_from_dict
+from adamshap_core.runio import RunFolder
 
 transformers = pytest.importorskip("transformers")
 
@@ -228,3 +230,14 @@ def test_an_hf_recipe_without_transformers_is_refused_with_the_install_command(t
     assert f"`model.kind` {kind} needs the transformers package" in res.output
     assert "pip install 'adamshap[hf]'" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "runs" / "hf").exists()
+
+
+def test_a_saved_hf_run_without_transformers_is_refused_naming_the_run(tmp_path, monkeypatch):
+    """compare, prune and attribute read the run's saved recipe: the error says whose file it is."""
+    folder = RunFolder(tmp_path / "runs" / "hf")
+    folder.path.mkdir(parents=True)
+    folder.write_recipe(recipe_from_dict(hf_recipe()))
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    named = r"invalid recipe of run 'hf' \(.*recipe.yaml\): `model`: `model.kind` hf-gpt2 needs"
+    with pytest.raises(UserError, match=named):
+        folder.recipe()
