@@ -54,7 +54,14 @@ from .errors import UserError, listed
 from .models import LANGUAGE_MODELS, build_model, context_length
 from .precond import METHODS
 from .recipe import Recipe
-from .runio import RunFolder, atomic_write_json, atomic_write_parquet, list_runs, runs_dir_option
+from .runio import (
+    RunFolder,
+    atomic_write_json,
+    atomic_write_parquet,
+    list_runs,
+    runs_dir_option,
+    writing_results,
+)
 from .schema import value_column
 from .threads import intra_op_threads, recorded_threads
 from .tokenizer import IGNORE, WordTokenizer, split_words
@@ -678,21 +685,29 @@ def attribute(p: Plan, on_step: Callable[[], None] | None = None) -> Attribution
 
 def write_outputs(p: Plan, result: Attribution) -> dict[str, Path]:
     """attribution.parquet, attribution_queries.parquet, attribution_benchmark.parquet (with sources),
-    then attribution.json, each written atomically."""
+    then attribution.json, each written atomically, the set as ``writing_results`` writes one."""
     f = p.folder
     paths = {"values": f.file("attribution.parquet"), "queries": f.file("attribution_queries.parquet")}
-    atomic_write_parquet(paths["values"], result.frame())
-    atomic_write_parquet(paths["queries"], result.queries_frame())
-    bench = None
-    if result.queries.has_sources:
-        bench = result.benchmark()
-        paths["benchmark"] = f.file("attribution_benchmark.parquet")
-        atomic_write_parquet(paths["benchmark"], bench)
-    else:  # a benchmark of earlier queries must not sit beside these results
-        f.file("attribution_benchmark.parquet").unlink(missing_ok=True)
+    summary = f.file("attribution.json")
+    bench = result.benchmark() if result.queries.has_sources else None
+    with writing_results(summary):
+        atomic_write_parquet(paths["values"], result.frame())
+        atomic_write_parquet(paths["queries"], result.queries_frame())
+        if bench is not None:
+            paths["benchmark"] = f.file("attribution_benchmark.parquet")
+            atomic_write_parquet(paths["benchmark"], bench)
+        else:  # a benchmark of earlier queries must not sit beside these results
+            f.file("attribution_benchmark.parquet").unlink(missing_ok=True)
+        atomic_write_json(summary, attribution_summary(p, result, bench))
+    paths["summary"] = summary
+    return paths
+
+
+def attribution_summary(p: Plan, result: Attribution, bench: pd.DataFrame | None) -> dict:
+    """attribution.json: what was attributed, how, and the benchmark's figures."""
     r = result.replay
-    meta = {
-        "run": f.name,
+    return {
+        "run": p.folder.name,
         "methods": result.methods + (["random"] if result.with_random else []),
         "n_queries": len(result.queries),
         "n_train": len(result.example_ids),
@@ -705,6 +720,3 @@ def write_outputs(p: Plan, result: Attribution) -> dict[str, Path]:
         "wall_seconds": result.wall_seconds,
         "benchmark": bench.to_dict(orient="records") if bench is not None else None,
     }
-    paths["summary"] = f.file("attribution.json")
-    atomic_write_json(paths["summary"], meta)
-    return paths

@@ -657,17 +657,19 @@ def compare_run(
 
 
 def write_outputs(folder: RunFolder, result: CompareResult) -> list[str]:
-    """Plots first (in memory), then every file atomically; returns the names written."""
+    """Plots first (in memory), then every file atomically, compare.json last (``writing_results``);
+    returns the names written."""
     from . import report
-    from .runio import atomic_write_json
+    from .runio import atomic_write_json, writing_results
 
     plots = report.compare_plots(result)
-    folder.write_parquet("compare.parquet", result.table)
-    folder.write_parquet("groundtruth.parquet", result.truth)
-    folder.write_parquet("compare_layers.parquet", result.layers)
-    atomic_write_json(folder.file("compare.json"), result.summary)
-    for name, png in plots.items():
-        report.write_bytes(folder.file(name), png)
-    for name in set(report.COMPARE_PLOTS) - set(plots):  # an earlier compare's, which this one replaces
-        folder.file(name).unlink(missing_ok=True)
+    with writing_results(folder.file("compare.json")):
+        folder.write_parquet("compare.parquet", result.table)
+        folder.write_parquet("groundtruth.parquet", result.truth)
+        folder.write_parquet("compare_layers.parquet", result.layers)
+        for name, png in plots.items():
+            report.write_bytes(folder.file(name), png)
+        for name in set(report.COMPARE_PLOTS) - set(plots):  # an earlier compare's, which this one replaces
+            folder.file(name).unlink(missing_ok=True)
+        atomic_write_json(folder.file("compare.json"), result.summary)
     return ["compare.parquet", "groundtruth.parquet", "compare_layers.parquet", "compare.json", *plots]

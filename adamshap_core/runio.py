@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
-from .locks import LOCK_FILE, is_locked, reading, replacing
+from .locks import LOCK_FILE, holder, is_locked, reading, replacing
 from .recipe import METHOD_NAMES, RUN_NAME, RUN_NAME_RULE
 from .schema import KNOWN_SCHEMA_VERSIONS, SCHEMA_VERSION, TABLES, check_frame, table_problems, value_column
 
@@ -90,6 +90,19 @@ def replaced_note(path: str | Path, what: str) -> str:
     except OSError:
         return ""
     return f" (replacing the earlier {what} of {written:%Y-%m-%d %H:%M:%S})"
+
+
+@contextlib.contextmanager
+def writing_results(summary: Path) -> Iterator[None]:
+    """Around the writes of one command's set of result files, its JSON ``summary`` written last:
+    the earlier summary is removed first, so that a set cut short (no space left, say) has none
+    beside it, and a first Ctrl-C or SIGTERM lets these few writes finish where it would leave the
+    set half old and half new."""
+    from .checkpoint import stop_on_interrupt
+
+    summary.unlink(missing_ok=True)
+    with stop_on_interrupt():
+        yield
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -191,6 +204,32 @@ def bench_folder(root: Path) -> Path:
     return folder
 
 
+def refuse_taken(root: str | Path, name: str, *, force: bool) -> None:
+    """Raise a ``UserError`` where ``root/name`` exists and a new run may not take its place: not a
+    run's folder, a run without ``force``, or a run another process is writing. Asked before a run's
+    data is loaded, so that the refusal comes at once; ``create_run_dir`` asks again."""
+    path = Path(root) / name
+    if not os.path.lexists(path):
+        return
+    if not (path.is_dir() and (_is_run(path) or _is_starting(path))):
+        # --force replaces runs only: never a folder of other files (a bench's results, say)
+        raise UserError(
+            f"{path} exists and is not a run folder; pick another --name, or move it away yourself."
+        )
+    if is_locked(path):
+        raise UserError(
+            f"run {name!r} is being written by {holder(path)} right now, so it cannot be replaced; wait "
+            "for it to finish, or stop it, or pick another --name."
+        )
+    if not force:
+        # a stopped run with a checkpoint is more likely meant to go on than to start over
+        go_on = f"resume it with: {resume_command(path)}; or " if (path / CHECKPOINT_FILE).is_file() else ""
+        raise UserError(
+            f"run {name!r} already exists at {path}; {go_on}pass --force to replace it or --name to pick "
+            "another name."
+        )
+
+
 def create_run_dir(root: str | Path, name: str, *, force: bool = False) -> Path:
     """Create ``root/name`` exclusively. An existing run is a ``UserError`` unless ``force``,
     in which case the old folder is moved aside and removed once the new one exists."""
@@ -205,16 +244,7 @@ def create_run_dir(root: str | Path, name: str, *, force: bool = False) -> Path:
         os.mkdir(path)
         return path
     except FileExistsError:
-        if not (path.is_dir() and (_is_run(path) or _is_starting(path))):
-            # --force replaces runs only: never a folder of other files (a bench's results, say)
-            raise UserError(
-                f"{path} exists and is not a run folder; pick another --name, or move it away yourself."
-            ) from None
-        if not force:
-            raise UserError(
-                f"run {name!r} already exists at {path}; pass --force to replace it or --name to pick "
-                "another name."
-            ) from None
+        refuse_taken(root, name, force=force)
     except OSError as e:  # a parent one cannot create folders in (a file system such as /proc)
         raise UserError(f"cannot create the run folder {path}: {e.strerror or e}.") from None
     with replacing(path):  # no command is reading the old run, and none starts to
@@ -303,10 +333,10 @@ class RunFolder:
             raise UserError(f"{self.path} has no metrics.json; expected an adamshap run folder.") from None
         except (OSError, ValueError) as e:
             raise UserError(
-                f"run {self.name!r}: metrics.json cannot be read ({e}); train it again."
+                f"run {self.name!r}: metrics.json cannot be read ({e}); {self._again()}"
             ) from None
         if not isinstance(metrics, dict):
-            raise UserError(f"run {self.name!r}: metrics.json is not a JSON object; train it again.")
+            raise UserError(f"run {self.name!r}: metrics.json is not a JSON object; {self._again()}")
         return metrics
 
     def recipe(self):
@@ -341,7 +371,7 @@ class RunFolder:
         if missing:
             raise UserError(
                 f"run {self.name!r} says it is complete but lacks {', '.join(missing)} (in {self.path}); "
-                "train it again."
+                f"{self._again()}"
             )
         methods = list(metrics.get("methods") or [])
         for name in TABLES:
@@ -349,8 +379,7 @@ class RunFolder:
             if problems:
                 why = "; ".join(problems)
                 raise UserError(
-                    f"run {self.name!r}: {name} does not match the run-folder schema ({why}); train the run "
-                    "again."
+                    f"run {self.name!r}: {name} does not match the run-folder schema ({why}); {self._again()}"
                 )
         self._check_finite_values(methods)
         return self
@@ -393,6 +422,9 @@ class RunFolder:
             )
         return metrics
 
+    def _again(self) -> str:
+        return f"train it again with: {restart_command(self.path)}"
+
     def _incomplete_hint(self, metrics: dict) -> str:
         if is_locked(self.path):
             return "it is being trained by another process right now; wait for it to finish."
@@ -400,12 +432,12 @@ class RunFolder:
         why = f"it stopped with: {error}. " if error else ""
         if self.file(CHECKPOINT_FILE).is_file():
             return (
-                f"{why}Finish it with `{resume_command(self.path)}` first; commands that read a "
-                "run need a complete one."
+                f"{why}{'Finish' if why else 'finish'} it with `{resume_command(self.path)}` first; "
+                "commands that read a run need a complete one."
             )
         return (
-            f"{why}It has no checkpoint to resume from; train it again. Commands that read a run need a "
-            "complete one."
+            f"{why}{'It' if why else 'it'} has no checkpoint to resume from, and commands that read a run "
+            f"need a complete one; {self._again()}"
         )
 
     def _empty_frame(self, name: str) -> pd.DataFrame:
@@ -415,7 +447,7 @@ class RunFolder:
         try:
             return pq.read_schema(self.file(name)).empty_table().to_pandas()
         except Exception as e:  # noqa: BLE001 -- an unreadable file is one problem for the user
-            raise UserError(f"run {self.name!r}: {name} cannot be read ({e}); train the run again.") from None
+            raise UserError(f"run {self.name!r}: {name} cannot be read ({e}); {self._again()}") from None
 
     def _parquet(self, name: str) -> pd.DataFrame:
         p = self.file(name)

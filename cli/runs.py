@@ -15,6 +15,7 @@ def runs(
 ) -> None:
     """List runs: name, recipe, date, test accuracy, methods, status."""
     from adamshap_core import runio
+    from adamshap_core.locks import holder, is_locked
 
     root = runio.runs_root(runs_dir)
     folders = runio.list_runs(root)
@@ -41,6 +42,8 @@ def runs(
         acc = m.get("test_accuracy")
         status = runio.text_field(m, "status") or "unknown"
         style = {"complete": "green", "incomplete": "yellow"}.get(status, "red")
+        if is_locked(f.path):  # an incomplete run still training is not one that stopped
+            status = f"{status}, written by {holder(f.path)}"
         table.add_row(
             escape(f.name),
             escape(runio.text_field(m, "recipe") or "?"),

@@ -50,6 +50,8 @@ def train(
     from adamshap_core import runio
     from adamshap_core.checkpoint import remove_stale_temp_files
     from adamshap_core.locks import run_lock
+    from adamshap_core.recipe import load_recipe
+    from adamshap_core.train import prepare
 
     root = runio.runs_root(runs_dir)
     if resume is not None:
@@ -68,14 +70,18 @@ def train(
                 "missing RECIPE: expected a YAML recipe to train (e.g. recipes/digits-mlp.yaml), "
                 "or --resume RUN to continue a stopped run."
             )
-        rec, prep = _prepared(recipe, set_)
-        folder = _new_run_folder(root, runio.check_run_name(rec.name if name is None else name), force)
+        rec = load_recipe(recipe, set_ or [])
+        run_name = runio.check_run_name(rec.name if name is None else name)
+        runio.refuse_taken(root, run_name, force=force)  # at once, before the data is loaded
+        prep = prepare(rec)
+        folder = runio.RunFolder(runio.create_run_dir(root, run_name, force=force))
     with run_lock(folder.path):
         try:
             if resume is not None:
                 _resumable_run(root, resume)  # again, now that no other process can finish it meanwhile
                 remove_stale_temp_files(folder.path)  # half-written files of the killed process
-                rec, prep = _prepared(folder.file("recipe.yaml"), [])
+                rec = load_recipe(folder.file("recipe.yaml"))
+                prep = prepare(rec)
                 start = partial(runio.reopen_run, folder)
             else:
                 start = partial(runio.start_run, folder, rec, recipe_path=str(recipe))
@@ -110,27 +116,6 @@ def _print_opening(folder, rec, prep, resume: bool) -> None:
     )
 
 
-def _prepared(recipe: Path, overrides: list[str] | None):
-    """The validated recipe and everything built from it, before anything is written."""
-    from adamshap_core.recipe import load_recipe
-    from adamshap_core.train import prepare
-
-    rec = load_recipe(recipe, overrides or [])
-    return rec, prepare(rec)
-
-
-def _new_run_folder(root: Path, run_name: str, force: bool):
-    from adamshap_core import runio
-    from adamshap_core.locks import holder, is_locked
-
-    if force and is_locked(root / run_name):
-        raise UserError(
-            f"run {run_name!r} is being written by {holder(root / run_name)} right now, so --force cannot "
-            "replace it; wait for it to finish, or stop it, or pick another --name."
-        )
-    return runio.RunFolder(runio.create_run_dir(root, run_name, force=force))
-
-
 def _resumable_run(root: Path, name: str):
     """The run ``name``, if it stopped before completing and has a checkpoint to resume from."""
     from adamshap_core import runio
@@ -152,15 +137,21 @@ def _train_into(folder, start, prep, quiet: bool, resume: bool):
 
     ckpt = Checkpointer(folder.file(CHECKPOINT_FILE), prep)
     stop = None
+    metrics = None
     header = start()  # nothing between it and the handlers below where Ctrl-C could land
     try:
         with stop_on_interrupt() as stop, _training_bar(quiet) as on_progress:
             result = run(prep, on_progress=on_progress, checkpointer=ckpt, resume=resume, stop=stop)
-        metrics = runio.finish_run(folder, header, result)  # failing (no space left, say), it stays resumable
+            # inside the handler: a first Ctrl-C after the last step lets these few writes finish, where
+            # it would leave a finished run incomplete (failing, no space left say, it stays resumable)
+            metrics = runio.finish_run(folder, header, result)
     except BaseException as e:
         if resume and not ckpt.loaded:  # refused (a damaged checkpoint, changed data) or stopped before it
             raise  # resumed anything: the run's record of why it stopped stays as it was
-        _stopped(folder, header, ckpt, getattr(stop, "signum", None), e)
+        if metrics is None:
+            _stopped(folder, header, ckpt, getattr(stop, "signum", None), e)
+        else:  # complete (a second Ctrl-C came as the handler left): it stays so, without a checkpoint
+            ckpt.remove()
         raise
     finally:
         if prep.tracker is not None:

@@ -97,6 +97,37 @@ def test_runs_never_cut_a_run_name(tmp_path, runs, monkeypatch, width):
     assert "adam_fixed," in listed.stdout and "2026-01-01" in listed.stdout  # wrapped, not broken
 
 
+def test_a_taken_run_name_is_refused_before_the_data_is_loaded(tmp_path, runs, monkeypatch):
+    from adamshap_core import train as train_module
+    from adamshap_core.locks import run_lock
+
+    (runs / "tiny").mkdir(parents=True)
+    (runs / "tiny" / "metrics.json").write_text(json.dumps({"status": "incomplete"}))
+    monkeypatch.setattr(train_module, "prepare", lambda *a: pytest.fail("the data was loaded"))
+    recipe = write_recipe(tmp_path, TINY)
+    res = cli("train", recipe)
+    assert res.exit_code == 2 and "already exists" in res.stderr
+    with run_lock(runs / "tiny"):
+        res = cli("train", recipe, "--force")
+    assert res.exit_code == 2 and "is being written by process" in " ".join(res.stderr.split())
+
+
+def test_runs_tells_a_run_still_training_from_one_that_stopped(tmp_path, runs, monkeypatch):
+    from adamshap_cli import common
+
+    from adamshap_core.locks import run_lock
+
+    monkeypatch.setattr(common.console, "_width", 200)
+
+    for name in ("stopped", "training"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.json").write_text(json.dumps({"status": "incomplete", "recipe": "r"}))
+    with run_lock(runs / "training"):
+        listed = " ".join(cli("runs").stdout.split())
+    assert "incomplete, written by process" in listed and "(adamshap train)" in listed
+    assert listed.count("written by") == 1
+
+
 def test_train_with_name_and_runs_dir(tmp_path):
     recipe = write_recipe(tmp_path, tiny(attribution={"methods": ["sgd"], "record_steps": 0}))
     res = cli("train", recipe, "--quiet", "--name", "other", "--runs-dir", tmp_path / "elsewhere")

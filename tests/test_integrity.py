@@ -112,8 +112,12 @@ def test_refuses_an_incomplete_run_and_says_how_to_finish_it(run_copy, monkeypat
     msg = refusal(run_copy)
     assert (sorted(os.listdir(run_copy.path)), run_copy.path.stat().st_mtime_ns) == before  # read only
     assert "is incomplete" in msg and "interrupted after step 3 of 14. It has no checkpoint" in msg
-    assert "train it again" in msg
+    assert f"train it again with: {runio.restart_command(run_copy.path)}" in msg
+    edit_metrics(run_copy, error=None)  # killed (kill -9): no reason recorded, and no sentence starts
+    assert "is incomplete: it has no checkpoint" in refusal(run_copy)
     run_copy.file(runio.CHECKPOINT_FILE).write_bytes(b"")
+    assert "is incomplete: finish it with `adamshap train --resume tiny" in refusal(run_copy)
+    edit_metrics(run_copy, error="training interrupted after step 3 of 14")
     # the command names the runs folder where the run is not in the default one
     assert f"`adamshap train --resume tiny --runs-dir {run_copy.path.parent}` first" in refusal(run_copy)
     monkeypatch.setenv("ADAMSHAP_RUNS", str(run_copy.path.parent))

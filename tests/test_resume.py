@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import cli, tiny, write_recipe
+from helpers import TINY, cli, tiny, write_recipe
 
 from adamshap_core.checkpoint import Checkpointer, TrainingInterrupted, stop_on_interrupt
 from adamshap_core.errors import UserError
@@ -174,6 +174,26 @@ def test_sigterm_mid_training_exits_143_with_a_checkpoint(tmp_path, monkeypatch)
     res = cli("train", write_recipe(tmp_path, LONG), "--name", "t", "--runs-dir", tmp_path / "runs", "-q")
     assert res.exit_code == 143, res.output
     assert (tmp_path / "runs" / "t" / CHECKPOINT_FILE).is_file() and "stopped after step 2" in res.output
+
+
+def test_ctrl_c_during_the_final_writes_lets_them_finish_and_the_run_is_complete(tmp_path, monkeypatch):
+    """After the last step there is nothing to resume: the first Ctrl-C waits for the run's tables and
+    metrics.json (milliseconds), where it used to leave the finished run incomplete."""
+    from adamshap_core import runio
+
+    real = runio.finish_run
+
+    def interrupted(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs here, in the main thread
+        return real(*args)
+
+    monkeypatch.setattr(runio, "finish_run", interrupted)
+    res = cli("train", write_recipe(tmp_path, TINY), "--runs-dir", tmp_path / "runs", "-q")
+    assert res.exit_code == 0, res.output
+    run_dir = tmp_path / "runs" / "tiny"
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "complete"
+    assert not (run_dir / CHECKPOINT_FILE).exists()
 
 
 def test_first_ctrl_c_sets_the_stop_flag_and_a_second_aborts():
@@ -532,14 +552,13 @@ def test_ctrl_c_before_training_starts_leaves_no_run_folder(tmp_path, monkeypatc
 
 def test_a_new_run_that_cannot_lock_its_folder_leaves_it_to_the_process_holding_it(tmp_path, monkeypatch):
     """Another ``train --force`` replaced the folder just made, and locked it first: its folder."""
-    from adamshap_cli import train as train_cli
-
     from adamshap_core import runio
 
     runs = tmp_path / "runs"
     theirs = runs / "tiny"
     theirs.mkdir(parents=True)
-    monkeypatch.setattr(train_cli, "_new_run_folder", lambda root, name, force: runio.RunFolder(theirs))
+    monkeypatch.setattr(runio, "refuse_taken", lambda root, name, force: None)  # free when asked
+    monkeypatch.setattr(runio, "create_run_dir", lambda root, name, force: theirs)  # theirs when made
     with run_lock(theirs):
         res = cli("train", write_recipe(tmp_path, tiny()), "--quiet", "--runs-dir", runs)
         assert res.exit_code == 2 and "being written by" in res.output

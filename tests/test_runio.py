@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +13,7 @@ import pytest
 
 from adamshap_core import runio
 from adamshap_core.errors import UserError
+from adamshap_core.locks import run_lock
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):
@@ -70,6 +73,21 @@ def test_create_run_dir_is_exclusive(tmp_path):
     p2 = runio.create_run_dir(tmp_path, "r1", force=True)
     assert p2 == p and list(p.iterdir()) == []
     assert sorted(os.listdir(tmp_path)) == ["r1"]  # the old folder is gone, nothing aside left
+
+
+def test_an_existing_run_with_a_checkpoint_is_offered_its_resume_command(tmp_path):
+    p = runio.create_run_dir(tmp_path, "r1")
+    (p / "metrics.json").write_text('{"status": "incomplete"}')
+    with pytest.raises(UserError) as plain:
+        runio.create_run_dir(tmp_path, "r1")
+    assert "resume" not in str(plain.value)  # no checkpoint: nothing to resume
+    (p / runio.CHECKPOINT_FILE).write_bytes(b"")
+    with pytest.raises(UserError, match=r"resume it with: adamshap train --resume r1 .*; or pass --force"):
+        runio.create_run_dir(tmp_path, "r1")
+    with run_lock(p):  # being trained right now: --resume would be refused
+        with pytest.raises(UserError) as busy:
+            runio.create_run_dir(tmp_path, "r1")
+    assert "resume" not in str(busy.value)
 
 
 @pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
@@ -206,3 +224,19 @@ def test_runs_started_within_one_second_are_ordered_by_their_start_not_by_later_
         os.utime(f.path / "recipe.yaml", ns=(started, started))
     (tmp_path / "older" / "compare.json").write_text("{}")  # the older folder changes last
     assert [r.name for r in runio.list_runs(tmp_path)] == ["older", "newer"]
+
+
+def test_a_set_of_results_cut_short_has_no_summary_and_ctrl_c_lets_it_finish(tmp_path):
+    summary = tmp_path / "compare.json"
+    summary.write_text("{}")  # an earlier compare's
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(OSError), runio.writing_results(summary):
+        runio.atomic_write_text(tmp_path / "compare.parquet", "new")
+        raise OSError(28, "No space left on device")  # the next file cannot be written
+    assert not summary.exists()  # the new table does not pass for a whole set
+    with runio.writing_results(summary):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs here: a first Ctrl-C does not cut the set short
+        runio.atomic_write_text(summary, "{}")
+    assert summary.exists()
+    assert signal.getsignal(signal.SIGINT) is before
