@@ -6,7 +6,7 @@ package (the recipe schema, the CLI's ``--help``) does not import torch.
 
 from importlib import import_module
 
-__all__ = ["METHODS", "FastMode", "InRunShapley", "StepResult", "training_step"]
+__all__ = ["METHODS", "FastMode", "InRunShapley", "StepResult", "UserError", "training_step"]
 __version__ = "0.1.0"
 
 _HOME = {
@@ -14,6 +14,7 @@ _HOME = {
     "FastMode": ".fast",
     "InRunShapley": ".tracker",
     "StepResult": ".tracker",
+    "UserError": ".errors",
     "training_step": ".tracker",
 }
 

@@ -252,7 +252,8 @@ def print_summary(result, metrics: dict, path: Path, quiet: bool) -> None:
     console.print(
         f"[bold green]done[/]: trained in {metrics['wall_seconds']:.1f}s; "
         f"test {acc_name} [bold]{acc:.3f}[/], test loss {metrics['test_loss']:.4f}, "
-        f"val {acc_name} {metrics['val_accuracy']:.3f}, train loss {metrics['train_loss']:.4f} "
+        f"val {acc_name} {metrics['val_accuracy']:.3f}, train {acc_name} {metrics['train_accuracy']:.3f}, "
+        f"train loss {metrics['train_loss']:.4f} "
         f"({result.steps_done} steps, {metrics['n_train']} training examples)"
     )
     if result.methods and result.recipe.attribution.fast is not None:
