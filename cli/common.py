@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import signal
 import threading
 
@@ -30,8 +31,20 @@ FILE_SYSTEM_ERRORS = {
 # every command's --runs-dir; text, not a Path, since typer reads "" as Path(".") and so as this folder
 RUNS_DIR = typer.Option(None, "--runs-dir", help="runs folder (default: $ADAMSHAP_RUNS or ./runs)")
 
-console = Console()  # results, on stdout
-err_console = Console(stderr=True)  # progress and errors
+# where output goes to a file or a pipe (a log of `make bench`, say), rich would lay it out for 80
+# columns; tables are read there later, at any width, so give them room unless COLUMNS says otherwise
+LOG_WIDTH = 200
+
+
+def _console(stderr: bool = False) -> Console:
+    console = Console(stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = LOG_WIDTH
+    return console
+
+
+console = _console()  # results, on stdout
+err_console = _console(stderr=True)  # progress and errors
 
 
 class Terminated(KeyboardInterrupt):

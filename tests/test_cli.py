@@ -484,3 +484,12 @@ def test_the_training_bar_shows_a_dash_before_the_first_step(monkeypatch):
     assert "loss – " in first and "– ex/s" in first and "nan" not in first.lower()
     later = drawn((0, 10, float("nan"), 0.0), (1, 10, 2.3456, 1234.0))
     assert "loss 2.3456" in later and "1,234 ex/s" in later
+
+
+@pytest.mark.parametrize("columns, width", [(None, 200), ("100", 100)])
+def test_output_to_a_file_is_laid_out_wide_unless_columns_says_otherwise(columns, width):
+    """Rich lays out for 80 columns off a terminal: a `make bench` log's summary table came out folded."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | ({"COLUMNS": columns} if columns else {})
+    code = "from adamshap_cli.common import console, err_console; print(console.width, err_console.width)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == [str(width)] * 2
