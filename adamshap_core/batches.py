@@ -53,8 +53,11 @@ def take_rows(batch: Any, start: int, stop: int) -> Any:
 
 
 def first_row_again(batch: Any) -> Any:
-    """``batch`` with its first row appended again to every tensor with rows."""
-    return _map(batch, lambda t: torch.cat([t, t[:1]]))
+    """``batch`` with its first row appended again to every tensor with its rows; a tensor of another
+    length (one row broadcast over the batch, such as ``position_ids`` of shape [1, T]) is left as
+    it is, as ``take_rows`` leaves it whole."""
+    rows = n_rows(batch)
+    return _map(batch, lambda t: torch.cat([t, t[:1]]) if t.shape[0] == rows else t)
 
 
 def pick_rows(batch: Any, index: torch.Tensor) -> Any:

@@ -178,7 +178,10 @@ def coverage_problem(engine: GhostEngine, model: nn.Module, loss_fn, inputs, tar
     if not cuttable(inputs, targets):  # rows held outside tensors (strings): the whole batch, summed
         return gradient_gap(engine, model, loss_fn, inputs, targets, per_row=False)
     inputs, targets = first_rows_and_first_again(inputs), first_rows_and_first_again(targets)
-    return gradient_gap(engine, model, loss_fn, inputs, targets, per_row=True)
+    problem = gradient_gap(engine, model, loss_fn, inputs, targets, per_row=True)
+    if problem is None or batch_rows(inputs, targets) != CHECK_ROWS + 1:
+        return problem
+    return f"{problem} (this check runs the first two rows and the first again)"  # the rows it counts
 
 
 def first_rows_and_first_again(batch: Any) -> Any:

@@ -5,7 +5,9 @@ so it would silently drop them and update on its batch alone; it refuses instead
 
 Every optimizer step, whoever takes it (the tracker's, or a plain step of the user's between
 valued ones), marks the gradients it leaves in ``.grad`` as used; a gradient is pending where it
-is not the tensor an optimizer step left, or has been written to since, and is not all zeros.
+is not the tensor an optimizer step left, or has been written to since, and is not all zeros. A
+step skipped for non-finite gradients (``GradScaler`` on an overflow) leaves them unused, and the
+user would drop them too: pending gradients with an inf or NaN among them are not refused.
 """
 
 from __future__ import annotations
@@ -34,18 +36,21 @@ class PendingGradients:
 
     def problem(self) -> str | None:
         """Why the next step would drop gradients of the user's (None: there are none to drop)."""
-        for name, p, used in zip(self.names, self.params, self.used, strict=True):
-            grad = p.grad
-            if grad is None or (used is not None and grad._version == used[1] and used[0]() is grad):
-                continue  # none, or the one an optimizer step left
-            if bool(grad.any()):  # else zeroed in place (zero_grad(set_to_none=False)): nothing to drop
-                return (
-                    f"'{name}' holds a gradient that no optimizer step has used (a backward pass since the "
-                    "last step: accumulating micro-batches?); step computes its batch's gradient itself "
-                    "and would drop it. Expected the micro-batches joined into one batch for step, or "
-                    "optimizer.zero_grad() before it"
-                )
-        return None
+        pending = [
+            (name, grad)
+            for name, p, used in zip(self.names, self.params, self.used, strict=True)
+            if (grad := p.grad) is not None
+            and not (used is not None and grad._version == used[1] and used[0]() is grad)
+        ]  # each one an optimizer step did not leave as it is
+        pending = [(name, grad) for name, grad in pending if bool(grad.any())]  # else zeroed in place
+        if not pending or any(not bool(torch.isfinite(grad).all()) for _, grad in pending):
+            return None  # nothing to drop, or a step skipped for non-finite gradients (GradScaler's), dropped
+        return (
+            f"'{pending[0][0]}' holds a gradient that no optimizer step has used (a backward pass since "
+            "the last step: accumulating micro-batches?); step computes its batch's gradient itself and "
+            "would drop it. Expected the micro-batches joined into one batch for step, or "
+            "optimizer.zero_grad() before it"
+        )
 
     def remove(self) -> None:
         self.handle.remove()

@@ -369,15 +369,13 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return list(model.model_fields) if model is not None else []
 
 
-def _nullable(parts: list[str]) -> bool:
-    """Whether the recipe field at ``parts`` takes null (True for a path the schema lacks, which
-    validation then names)."""
+def _field(parts: list[str]) -> Any:
+    """The schema's field at ``parts`` (None for a path the schema lacks, which validation names)."""
     section: type[BaseModel] | None = Recipe
     for part in parts[:-1]:
         field = section.model_fields.get(part) if section is not None else None
         section = _section_model(getattr(field, "annotation", None))
-    field = section.model_fields.get(parts[-1]) if section is not None else None
-    return field is None or type(None) in get_args(field.annotation)
+    return section.model_fields.get(parts[-1]) if section is not None else None
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:
@@ -397,19 +395,23 @@ def format_validation_error(err: ValidationError, origin: str, overrides: Sequen
         loc = tuple(
             p for p in e["loc"] if isinstance(p, int) or not str(p).startswith(("function-", "tuple["))
         )
-        problems.append(_describe_problem(e, loc) + _override_behind(loc, overrides))
+        problem = _describe_problem(e, loc)
+        problems.append(problem + _override_behind(loc, overrides, problem))
     return f"invalid recipe {origin}: " + "; ".join(problems) + "."
 
 
-def _override_behind(loc: tuple, overrides: Sequence[str]) -> str:
-    """Names the overrides that set this field, a field inside it, or its section, if any."""
+def _override_behind(loc: tuple, overrides: Sequence[str], problem: str) -> str:
+    """Names the overrides that set this field or its section, or a field inside it that the
+    ``problem`` names (a check across a section's keys names the ones it is about), if any."""
     path = [str(p) for p in loc]
-    behind = [
-        text
-        for text in overrides
-        if path and (key := parse_override(text)[0])[: len(path)] == path[: len(key)]
-    ]
-    return f" (from --set {', --set '.join(behind)})" if behind else ""
+
+    def behind(key: list[str]) -> bool:
+        if not path or key[: len(path)] != path[: len(key)]:
+            return False
+        return len(key) <= len(path) or f"`{'.'.join(key)}`" in problem or f"{'.'.join(key)} " in problem
+
+    texts = [text for text in overrides if behind(parse_override(text)[0])]
+    return f" (from --set {', --set '.join(texts)})" if texts else ""
 
 
 def _describe_problem(e: Any, loc: tuple) -> str:
@@ -460,8 +462,14 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                     f"--set {text}: `{where}` is a value, not a section, so it has no `{parts[i + 1]}`"
                 )
             node = child
-        if value is None and not _nullable(parts):  # e.g. model.hidden=null: drop it, so its default applies
-            node.pop(parts[-1], None)
+        field = _field(parts)
+        if value is None and field is not None and type(None) not in get_args(field.annotation):
+            if _section_model(field.annotation) is not None:  # all of model:, say: a kind: cnn lost unseen
+                raise UserError(
+                    f"--set {text}: `{'.'.join(parts)}` is a section, which null would drop whole; "
+                    f"expected a key inside it (--set {'.'.join(parts)}.KEY=null)"
+                )
+            node.pop(parts[-1], None)  # e.g. model.hidden=null: drop it, so its default applies
         else:
             node[parts[-1]] = value
     return raw

@@ -217,9 +217,10 @@ def refuse_taken(root: str | Path, name: str, *, force: bool) -> None:
             f"{path} exists and is not a run folder; pick another --name, or move it away yourself."
         )
     if is_locked(path):
+        so = ", so --force cannot replace it" if force else ""
         raise UserError(
-            f"run {name!r} is being written by {holder(path)} right now, so it cannot be replaced; wait "
-            "for it to finish, or stop it, or pick another --name."
+            f"run {name!r} is being written by {holder(path)} right now{so}; wait for it to finish, or "
+            "stop it, or pick another --name."
         )
     if not force:
         # a stopped run with a checkpoint is more likely meant to go on than to start over

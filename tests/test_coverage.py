@@ -200,6 +200,27 @@ def test_a_model_that_reorders_its_rows_is_refused_whatever_the_order_of_the_che
         InRunShapley(model, torch.optim.Adam(model.parameters()), cross_entropy, vx, vy, METHODS)
 
 
+class AddsBroadcastPositions(TwoLinear):
+    """Adds a [1, T, 5] tensor from its inputs to every row, as a model given position_ids of shape
+    [1, T] broadcasts them: no parameter sees it, so the rows stay apart."""
+
+    def forward(self, inputs):
+        return self.out(torch.tanh(self.lin(inputs["x"] + inputs["pos"])).mean(1))
+
+
+def test_a_tensor_broadcast_over_the_batch_in_the_inputs_is_left_whole_by_the_check():
+    gen = torch.Generator().manual_seed(0)
+    model = AddsBroadcastPositions()
+    pos = torch.randn(1, 4, 5, generator=gen)
+    vx, vy = sequences(4)(3, gen)
+    tracker = InRunShapley(
+        model, torch.optim.Adam(model.parameters()), cross_entropy, {"x": vx, "pos": pos}, vy
+    )
+    for _ in range(2):  # step 2 checks rows a, b, a of its training batch
+        x, y = sequences(4)(5, gen)
+        tracker.step({"x": x, "pos": pos}, y)
+
+
 def test_the_check_runs_again_at_step_2_and_every_power_of_ten(monkeypatch):
     from adamshap_core import tracker as tracker_module
 

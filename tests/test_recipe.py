@@ -8,7 +8,7 @@ from helpers import TINY, tiny, write_recipe
 
 from adamshap_core.errors import UserError
 from adamshap_core.fast import FastMode
-from adamshap_core.recipe import Recipe, load_recipe, recipe_from_dict
+from adamshap_core.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
 
 
 def test_minimal_recipe_gets_defaults():
@@ -184,8 +184,15 @@ def test_an_error_names_the_override_behind_it_and_only_that_one(tmp_path):
     assert "`model.hidden[0]` was given 'a'" in msg and "(from --set model.hidden=[a])" in msg, msg
     assert "`train.epochs` was given 0" in msg and msg.count("from --set") == 1, msg
     assert "optim.lr" not in msg, msg
-    with pytest.raises(UserError, match=r"remove it \(from --set model.kind=gpt\)"):
-        load_recipe(p, ["train.epochs=1", "model.kind=gpt"])
+    with pytest.raises(UserError, match=r"remove it \(from --set model.kind=gpt\)\.$"):  # not n_head's
+        load_recipe(p, ["train.epochs=1", "model.kind=gpt", "model.n_head=3"])
+
+
+def test_null_for_a_whole_section_is_refused():
+    """`--set model=null` would drop a recipe's whole model section (a kind: cnn lost unseen)."""
+    with pytest.raises(UserError, match=r"`model` is a section, which null would drop whole"):
+        apply_overrides(tiny(), ["model=null"])
+    assert apply_overrides(tiny(), ["data.facts=null"])["data"]["facts"] is None  # a section null selects
 
 
 def test_a_key_set_inside_a_section_given_as_true_keeps_the_sections_other_defaults(tmp_path):

@@ -430,6 +430,9 @@ def test_a_gradient_no_optimizer_step_has_used_is_refused_and_ones_a_step_has_us
     tracker.step(x, y)
     opt.zero_grad(set_to_none=False)  # zeroed in place: nothing to drop
     tracker.step(x, y)
+    case.loss(model(x), y).mean().backward()  # a plain step skipped for an overflow, as GradScaler skips
+    next(model.parameters()).grad[0] = math.inf
+    tracker.step(x, y)
     case.loss(model(x), y).mean().backward()  # a micro-batch to accumulate
     weights = [p.clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="holds a gradient that no optimizer step has used"):
