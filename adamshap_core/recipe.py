@@ -362,20 +362,23 @@ def _fmt_loc(loc: tuple) -> str:
 
 
 def _allowed_keys(loc: tuple) -> list[str]:
-    model: type[BaseModel] | None = Recipe
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part)) if model is not None else None
-        model = _section_model(getattr(field, "annotation", None))
-    return list(model.model_fields) if model is not None else []
+    section = _section_at(loc[:-1])
+    return list(section.model_fields) if section is not None else []
 
 
 def _field(parts: list[str]) -> Any:
     """The schema's field at ``parts`` (None for a path the schema lacks, which validation names)."""
-    section: type[BaseModel] | None = Recipe
-    for part in parts[:-1]:
-        field = section.model_fields.get(part) if section is not None else None
-        section = _section_model(getattr(field, "annotation", None))
+    section = _section_at(parts[:-1])
     return section.model_fields.get(parts[-1]) if section is not None else None
+
+
+def _section_at(path: Sequence) -> type[BaseModel] | None:
+    """The recipe's section at ``path`` (``()``: the recipe itself; None where there is none)."""
+    section: type[BaseModel] | None = Recipe
+    for part in path:
+        field = section.model_fields.get(str(part)) if section is not None else None
+        section = _section_model(getattr(field, "annotation", None))
+    return section
 
 
 def _section_model(annotation: Any) -> type[BaseModel] | None:

@@ -224,9 +224,9 @@ class InRunShapley:
         self.view = OptimizerView(optimizer)  # validates the optimizer up front
         # validates every trainable parameter up front; the flat layout follows the optimizer
         self.engine = GhostEngine(model, order=[p for g in optimizer.param_groups for p in g["params"]])
+        self._pending = PendingGradients(optimizer, model)
         try:
             self._watch = TrainableWatch(optimizer, model, {id(p) for p in self.engine.parameters})
-            self._pending = PendingGradients(optimizer, model)
             self._norms = batch_statistics(model)
             _refuse(coupling_problem(self._norms))
             self._model_blocker: str | None = "fuse_validation is off"
@@ -237,9 +237,8 @@ class InRunShapley:
                 self._compiled = Compiled({"rows": rows_gradients, "values": traced_step_values})
             self.set_validation(val_inputs, val_targets, per_target=per_target)
         except BaseException:
-            self.engine.remove()  # a refused tracker leaves the model without its hooks, as it found it
-            if hasattr(self, "_pending"):
-                self._pending.remove()
+            self.engine.remove()  # a refused tracker leaves the model and optimizer without its hooks
+            self._pending.remove()
             raise
 
     def set_validation(self, val_inputs, val_targets, *, per_target: bool = False) -> None:
