@@ -45,7 +45,10 @@ from .schema import value_column
 if TYPE_CHECKING:
     from .train import Prepared
 
-FORMAT = 2  # bump when the checkpoint layout changes
+FORMAT = 3  # bump when the checkpoint layout changes (3: the step rows as one tensor)
+READS = (2, FORMAT)  # formats a checkpoint may have to be resumed (2: the step rows as a list)
+# what ``LoopState.step_rows`` holds of each finished step, in order (steps.parquet's columns)
+STEP_COLUMNS = ("step", "epoch", "lr", "train_loss", "val_loss", "clip_factor", "seconds", "reuse_pearson")
 
 
 class TrainingInterrupted(Exception):
@@ -74,6 +77,9 @@ class LoopState:
     seen: int = 0  # examples trained on in this process (for the ex/s readout)
     wall_before: float = 0.0  # training seconds spent before this process resumed
     resumed_at: list[int] = field(default_factory=list)  # steps the run was resumed after
+    # ``step_rows`` as float64 [steps, 8], up to the rows packed at the last save: each save packs
+    # only the steps since, where pickling every tuple each time grew quadratically over a long run
+    packed_steps: torch.Tensor = field(default_factory=lambda: _packed([]))
 
     @classmethod
     def fresh(cls, n_train: int, methods: list[str]) -> LoopState:
@@ -89,7 +95,7 @@ class LoopState:
             "values": {m: torch.from_numpy(v.copy()) for m, v in self.values.items()},
             "n_steps": torch.from_numpy(self.n_steps.copy()),
             "rec_rows": {k: list(v) for k, v in self.rec_rows.items()},
-            "step_rows": [tuple(r) for r in self.step_rows],
+            "step_rows": self.pack_steps(),
             "step": self.step,
             "epoch": self.epoch,
             "order": None if self.order is None else self.order.clone(),
@@ -104,14 +110,33 @@ class LoopState:
             values={m: v.numpy().astype(np.float64) for m, v in b["values"].items()},
             n_steps=b["n_steps"].numpy().astype(np.int64),
             rec_rows={k: list(v) for k, v in b["rec_rows"].items()},
-            step_rows=[tuple(r) for r in b["step_rows"]],
+            step_rows=unpack_steps(b["step_rows"]),
             step=int(b["step"]),
             epoch=int(b["epoch"]),
             order=b["order"],
             pos=int(b["pos"]),
             wall_before=float(b["wall_seconds"]),
             resumed_at=[*b["resumed_at"], int(b["step"])],
+            packed_steps=b["step_rows"] if torch.is_tensor(b["step_rows"]) else _packed([]),
         )
+
+    def pack_steps(self) -> torch.Tensor:
+        """``step_rows`` as one float64 tensor, packing only the rows added since the last call."""
+        done = len(self.packed_steps)
+        if done < len(self.step_rows):
+            self.packed_steps = torch.cat([self.packed_steps, _packed(self.step_rows[done:])])
+        return self.packed_steps
+
+
+def _packed(rows: list[tuple]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(STEP_COLUMNS))
+
+
+def unpack_steps(rows: torch.Tensor | list) -> list[tuple]:
+    """A checkpoint's step rows as ``LoopState.step_rows`` holds them (step and epoch as ints)."""
+    if not torch.is_tensor(rows):  # format 2
+        return [tuple(r) for r in rows]
+    return [(int(r[0]), int(r[1]), *r[2:]) for r in rows.tolist()]
 
 
 # --------------------------------------------------------------------------- digests
@@ -269,10 +294,10 @@ class Checkpointer:
         """Restore model, optimizer, scheduler and RNGs from the file; return the loop state."""
         blob = self._read()
         p = self.prep
-        if blob.get("format") != FORMAT:
+        if blob.get("format") not in READS:
             raise UserError(
-                f"checkpoint {self.path} has format {blob.get('format')!r}; this adamshap reads format "
-                f"{FORMAT}; {self._start_over()}"
+                f"checkpoint {self.path} has format {blob.get('format')!r}; this adamshap reads formats "
+                f"{' and '.join(map(str, READS))}; {self._start_over()}"
             )
         if blob["recipe"] != p.recipe.to_dict():
             raise UserError(

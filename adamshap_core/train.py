@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .checkpoint import Checkpointer, LoopState, TrainingInterrupted, data_digest, params_digest
+from .checkpoint import STEP_COLUMNS, Checkpointer, LoopState, TrainingInterrupted, data_digest, params_digest
 from .data import Dataset, load_dataset
 from .errors import UserError
 from .fast import FastMode
@@ -182,7 +182,7 @@ def evaluate(
     loss_fn: Callable = per_example_loss,
     batch: int = 1024,
 ) -> tuple[float, float]:
-    """(mean per-example loss, accuracy) of ``model`` on ``x, y``.
+    """(mean per-example loss, accuracy) of ``model`` on ``x, y``, in chunks of ``batch`` rows.
 
     Accuracy is over every target that counts: one per example for a classifier, every real
     (not padded, target >= 0) token for a language model, i.e. next-token accuracy.
@@ -327,6 +327,11 @@ def _build_on(device: torch.device, recipe: Recipe, data: Dataset) -> nn.Module:
 OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
 
 
+class EvaluationOutOfMemory(UserError):
+    """Out of memory in the evaluation after the last step: the run can be resumed from its last
+    checkpoint, written after that step, once memory is freed."""
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is an allocation that failed (not, say, CUDA's illegal memory access)."""
     if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
@@ -447,7 +452,10 @@ def run(
         if on_progress is not None:
             on_progress(step, limit, loss, state.seen / max(time.perf_counter() - t_start, 1e-9))
         stopping = stop is not None and stop() and step < limit
-        if checkpointer is not None and step < limit and (stopping or checkpointer.due(step)):
+        # the last step too, where checkpoints are on: a failure in the evaluation after it (out of
+        # memory, say) then costs a resume that only evaluates, not the run's last steps again
+        last = step == limit and checkpointer is not None and checkpointer.every > 0
+        if checkpointer is not None and (stopping or last or (step < limit and checkpointer.due(step))):
             checkpointer.save(state, gen, wall())
         if stopping:
             raise TrainingInterrupted(step, limit, checkpointer.path if checkpointer else None)
@@ -505,14 +513,26 @@ def _add_values(
 def _final_metrics(prep: Prepared, state: LoopState, x_train: torch.Tensor, y_train: torch.Tensor) -> dict:
     """metrics.json's figures after the last step: loss and accuracy on each split, counts, provenance."""
     d, dev, model, loss_fn, tracker = prep.data, prep.device, prep.model, prep.loss_fn, prep.tracker
+    # in chunks of the training batch, which the steps have shown to fit (a language model's logits
+    # for 1024 rows can take gigabytes)
+    bs = prep.recipe.train.batch_size
     model.eval()
     split_metrics = {}
     for split, x, y in (
         ("train", x_train, y_train),  # already on the device, for the loop
-        ("val", d.x_val.to(dev), d.y_val.to(dev)),
-        ("test", d.x_test.to(dev), d.y_test.to(dev)),
+        ("val", d.x_val, d.y_val),
+        ("test", d.x_test, d.y_test),
     ):
-        split_metrics[f"{split}_loss"], split_metrics[f"{split}_accuracy"] = evaluate(model, x, y, loss_fn)
+        try:
+            loss, accuracy = evaluate(model, x.to(dev), y.to(dev), loss_fn, batch=bs)
+        except (MemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
+            raise EvaluationOutOfMemory(
+                f"out of memory on {dev} evaluating the {split} split after the last step, in chunks of "
+                f"train.batch_size ({bs}) rows, once every step was done."
+            ) from None
+        split_metrics[f"{split}_loss"], split_metrics[f"{split}_accuracy"] = loss, accuracy
     model.train()
     return {
         **split_metrics,
@@ -564,8 +584,7 @@ def _kept(steps_done: int, valued: bool) -> str:
 
 def _result(prep: Prepared, state: LoopState, metrics: dict, wall_seconds: float) -> TrainResult:
     """The ``TrainResult`` of the steps ``state`` has finished."""
-    columns = ["step", "epoch", "lr", "train_loss", "val_loss", "clip_factor", "seconds", "reuse_pearson"]
-    steps = pd.DataFrame(state.step_rows, columns=columns)
+    steps = pd.DataFrame(state.step_rows, columns=list(STEP_COLUMNS))
     # explicit types, so the tables keep their schema even with no rows (a run that stopped at step 1)
     steps = steps.astype({c: "int64" if c in ("step", "epoch") else "float64" for c in steps.columns})
     steps_values = pd.DataFrame(state.rec_rows)

@@ -182,11 +182,14 @@ def _stopped(folder, header: dict, ckpt, signum: int | None, error: BaseExceptio
 
 def _record_failure(folder, header: dict, ckpt, error: BaseException) -> None:
     """Mark the run incomplete with ``error``. Where the user can mend the cause (a full disk, a
-    permission), raise it as their error, saying how to continue once they have."""
+    permission, memory short after the last step), raise it as their error, saying how to continue
+    once they have."""
     from adamshap_core import runio
 
+    from adamshap_core.train import EvaluationOutOfMemory
+
     runio.fail_run(folder, header, error)
-    problem = file_system_problem(error)
+    problem = str(error) if isinstance(error, EvaluationOutOfMemory) else file_system_problem(error)
     if problem is not None:
         raise UserError(f"{problem} Once mended, {_how_to_continue(folder, ckpt)}") from None
 
