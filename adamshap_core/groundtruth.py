@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
+from .errors import UserError
 from .precond import AdamState, OptimizerView, ParamState, SGDState, scales, sgd_gain
 from .threads import intra_op_threads
 
@@ -320,6 +322,16 @@ class FlatModel:
 # ---- the game of one step ------------------------------------------------------------------------
 
 
+# coalitions evaluated at once: each holds about COALITION_COPIES float64 vectors of the model's size
+# (its data gradient, the optimizer's update and state), so a wide model takes fewer at a time
+MAX_COALITIONS, COALITION_COPIES, COALITION_BYTES = 64, 8, 512 * 2**20
+
+
+def coalition_chunk(n_params: int) -> int:
+    """How many coalitions to evaluate at once for a model of ``n_params`` parameters."""
+    return max(1, min(MAX_COALITIONS, COALITION_BYTES // (COALITION_COPIES * 8 * max(n_params, 1))))
+
+
 class StepGame:
     """U_t(S) = ℓ_val(w_t) − ℓ_val(w_{t+1}(S)) for coalitions given as masks [K, B]."""
 
@@ -331,11 +343,12 @@ class StepGame:
         val_x: torch.Tensor,
         val_y: torch.Tensor,
         max_grad_norm: float | None,
-        chunk: int = 64,
+        chunk: int | None = None,
     ):
         self.flat, self.update, self.grads = flat, update, grads
         self.val_x, self.val_y = val_x, val_y
-        self.max_grad_norm, self.chunk = max_grad_norm, chunk
+        self.max_grad_norm = max_grad_norm
+        self.chunk = coalition_chunk(grads.shape[1]) if chunk is None else chunk
         self.base_loss = flat.mean_losses(update.w.to(grads.device)[None], val_x, val_y)[0]
 
     def clip_factors(self, sums: torch.Tensor) -> torch.Tensor:
@@ -401,7 +414,7 @@ def step_truth(
     device = next(model.parameters()).device
     # thousands of small ops ([64, D] at most): on a shared CPU, waking a thread pool for each costs
     # more than the op (measured 10x slower with two busy cores); the count is restored for training
-    with intra_op_threads(1 if device.type == "cpu" else None):
+    with intra_op_threads(1 if device.type == "cpu" else None), _memory_named(step, model, len(inputs)):
         slots = param_slots(model, optimizer)
         update = optimizer_update(slots, optimizer, device)
         flat = FlatModel(model, slots, loss_fn, device)
@@ -429,6 +442,26 @@ def step_truth(
             )
             truth.param_names = [s.name for s in slots]
         return truth
+
+
+@contextmanager
+def _memory_named(step: int, model: nn.Module, n: int):
+    """Out of memory in a step's ground truth raised as a UserError that says what takes the memory."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        from .train import is_out_of_memory
+
+        if not is_out_of_memory(e):
+            raise
+        device = next(model.parameters()).device
+        d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        raise UserError(
+            f"out of memory on {device} computing the ground truth of step {step}: it holds each of the "
+            f"batch's {n} examples' gradients in float64 ({n} x {d:,} parameters x 8 bytes = "
+            f"{n * d * 8 / 2**30:.1f} GiB) and evaluates up to {coalition_chunk(d)} coalitions at once; "
+            "expected a machine with more memory, or a run with a smaller train.batch_size or model."
+        ) from None
 
 
 def method_terms(

@@ -10,6 +10,7 @@ from torch import nn
 
 from adamshap_core import InRunShapley
 from adamshap_core import groundtruth as gt
+from adamshap_core.errors import UserError
 
 
 def loss_fn(out, y):
@@ -294,3 +295,52 @@ def test_small_sgd_steps_make_the_game_linear_and_every_value_agree(float64):
     assert abs(truth.shapley - sgd).max() < 1e-4 * scale
     assert abs(truth.loo - sgd).max() < 1e-4 * scale
     assert truth.shapley_se.max() < 1e-4 * scale
+
+
+def test_a_wide_model_evaluates_fewer_coalitions_at_once_and_the_same_values(float64, monkeypatch):
+    """Each coalition in flight holds several vectors of the model's size: a model of millions of
+    parameters takes a few at a time, where 64 took tens of GB; how many changes no value."""
+    assert gt.coalition_chunk(1_000) == gt.MAX_COALITIONS
+    assert gt.coalition_chunk(4_000_000) == 2
+    assert gt.coalition_chunk(10**9) == 1
+    model = small_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = batch(6)
+    vx, vy = batch(9, seed=3)
+
+    def truth():
+        return gt.step_truth(
+            1, model, opt, loss_fn, x, y, vx, vy, max_grad_norm=0.5, permutations=4,
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+
+    wide = truth()
+    monkeypatch.setattr(gt, "coalition_chunk", lambda n_params: 1)
+    narrow = truth()
+    assert wide.shapley.tolist() == narrow.shapley.tolist() and wide.loo.tolist() == narrow.loo.tolist()
+
+
+def test_out_of_memory_in_a_steps_ground_truth_says_what_takes_the_memory(monkeypatch):
+    model = small_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = batch(6)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    def short_of_memory(*args):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 8463000000 bytes")
+
+    monkeypatch.setattr(gt.FlatModel, "per_example_grads", short_of_memory)
+    with pytest.raises(UserError) as e:
+        gt.step_truth(
+            4, model, opt, loss_fn, x, y, *batch(9, seed=3), max_grad_norm=None, permutations=2,
+            generator=torch.Generator(),
+        )  # fmt: skip
+    said = str(e.value)
+    assert said.startswith("out of memory on cpu computing the ground truth of step 4")
+    assert f"(6 x {n_params:,} parameters x 8 bytes = 0.0 GiB)" in said and "smaller train.batch_size" in said
+    monkeypatch.setattr(gt.FlatModel, "per_example_grads", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # other errors pass as they are
+        gt.step_truth(
+            4, model, opt, loss_fn, x, y, *batch(9, seed=3), max_grad_norm=None, permutations=2,
+            generator=torch.Generator(),
+        )  # fmt: skip
