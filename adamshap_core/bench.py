@@ -481,7 +481,8 @@ class _Memory:
 
     The baseline is taken at construction (``Session.build``: the data and model built, the mode's
     stepper not yet), so that the increase over it shows what the stepper and the steps need beside
-    the torch import, data and model.
+    the torch import, data and model. The peak is reset there too where the system allows (Linux,
+    CUDA): a large file's loading peaks above any step, and would give every mode the same peak.
     """
 
     def __init__(self, device):
@@ -491,8 +492,10 @@ class _Memory:
         self.torch = torch
         if self.cuda:
             torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
             self.before = torch.cuda.memory_allocated(device) / 2**20
         else:
+            _reset_peak_rss()
             self.before = _current_rss_mb()
         self.device = device
 
@@ -508,7 +511,21 @@ class _Memory:
         return {"peak_mb": peak, "before_mb": self.before, "peak_increase_mb": peak - self.before}
 
 
+def _reset_peak_rss() -> None:
+    """Linux's peak RSS of this process (VmHWM, which ``ru_maxrss`` reads) set to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: the peak then includes loading
+        pass
+
+
 def _peak_rss_mb() -> float:
+    try:  # this process's own peak: ru_maxrss may also hold the parent's at the fork
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**10
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
     import resource
 
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux (bytes on macOS)
