@@ -11,6 +11,7 @@ tracker refuses with an error instead (never a silent zero).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
@@ -87,19 +88,20 @@ def gradient_gap(
             if losses.shape != (rows,):  # the step refuses such a loss itself, with its own message
                 return None
             separate = per_row and rows > 1
+            # the pass that captures b; its gradient is the one to compare only where rows are summed
             total = torch.autograd.grad(losses.sum(), params, allow_unused=True, retain_graph=separate)
             got = engine.extra_gradients(0, summed=not per_row)
             # per row only: a sum over many rows may cancel below what the values' rounding shows
             disagree = _values_gap(engine, got) if per_row else None
             if disagree is not None:
                 return disagree
-            wants = [total]
-            if separate:  # after ``got``: these passes overwrite the captured b
-                last = rows - 1
-                wants = [
-                    torch.autograd.grad(losses[r], params, allow_unused=True, retain_graph=r < last)
-                    for r in range(rows)
-                ]
+            name = None if separate else first_gap(model, params, total, {k: g[0] for k, g in got.items()})
+            del total  # each row's gradient below is compared as it comes: one model's size at a time
+            for r in range(rows if separate else 0):  # after ``got``: these passes overwrite the captured b
+                want = torch.autograd.grad(losses[r], params, allow_unused=True, retain_graph=r < rows - 1)
+                name = first_gap(model, params, want, {key: g[r] for key, g in got.items()})
+                if name is not None:
+                    break
     except UserError as e:  # rows that cannot be told apart
         return str(e)
     except RuntimeError as e:
@@ -110,16 +112,14 @@ def gradient_gap(
             "gradient of chosen tensors (torch.autograd.grad), as valuing a step needs; pass "
             "use_reentrant=False (torch's recommended setting), which computes the same"
         )
-    for row, want in enumerate(wants):
-        name = first_gap(model, params, want, {key: g[row] for key, g in got.items()})
-        if name is not None:
-            return (
-                f"the gradient of '{name}' is not what its module's hooks capture (is it used outside "
-                "its module's forward, such as F.linear(h, self.tok.weight), or is a module's forward "
-                "called directly, or does a subclass of a supported layer compute something else in its "
-                "forward, or do the rows of a batch interact, or does the model reorder them?)"
-            )
-    return None
+    if name is None:
+        return None
+    return (
+        f"the gradient of '{name}' is not what its module's hooks capture (is it used outside "
+        "its module's forward, such as F.linear(h, self.tok.weight), or is a module's forward "
+        "called directly, or does a subclass of a supported layer compute something else in its "
+        "forward, or do the rows of a batch interact, or does the model reorder them?)"
+    )
 
 
 def _values_gap(engine: GhostEngine, got: dict[int, torch.Tensor]) -> str | None:
@@ -129,14 +129,20 @@ def _values_gap(engine: GhostEngine, got: dict[int, torch.Tensor]) -> str | None
     the gradients against autograd's; this checks that the values are the same gradients' (a
     custom kernel's ``values`` and ``gradients`` are written apart)."""
     with torch.inference_mode():  # as the valuation runs (the engine's scratch is made in it)
-        grads = engine.flatten_by_id(got, next(iter(got.values())).shape[0])  # [rows, N]
+        some = next(iter(got.values()))
+        dtype = functools.reduce(torch.promote_types, (g.dtype for g in got.values()))  # a mixed model's
         gen = torch.Generator().manual_seed(0)
-        M = torch.randn(1, engine.numel, generator=gen, dtype=torch.float64).to(grads.device, grads.dtype)
+        M = torch.randn(1, engine.numel, generator=gen, dtype=dtype).to(some.device)
         matrices = engine.matrices(M, [(slice(0, engine.numel), [1.0])], 1)
         values = engine.kernel_values(matrices, engine.captured(0))[:, 0]  # [rows]
-        want, scale = grads @ M[0], grads.abs() @ M[0].abs()
-    unit = torch.finfo(grads.dtype).eps
-    tolerance = max(GAP_RTOL, ROUNDING_UNITS * unit) * scale + torch.finfo(grads.dtype).tiny
+        # parameter by parameter: a wide model's rows flattened side by side took several times its size
+        want, scale = torch.zeros_like(values, dtype=dtype), torch.zeros_like(values, dtype=dtype)
+        for p in engine.parameters:
+            if id(p) in got:
+                g, m = got[id(p)].reshape(len(values), -1).to(dtype), M[0, engine.slice_of(p)]
+                want, scale = want + g @ m, scale + g.abs() @ m.abs()
+    unit = torch.finfo(dtype).eps
+    tolerance = max(GAP_RTOL, ROUNDING_UNITS * unit) * scale + torch.finfo(dtype).tiny
     if not bool(torch.isfinite(want).all()) or bool(((values - want).abs() <= tolerance).all()):
         return None  # a non-finite gradient is the step's to report (it stops the run), not a kernel's
     kernels = sorted({type(call.kernel).__name__ for call in engine.captured(0)})
