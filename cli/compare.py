@@ -63,7 +63,13 @@ def compare(
                     f"[bold]compare[/] {escape(folder.name)}: replaying {inputs.last_step} steps; ground "
                     f"truth at {n} steps: {options.permutations} permutations at the evaluated steps "
                     f"{_steps_text(evaluated)}"
-                    + (f", {options.cumulative_permutations} at the others" if cumulative else "")
+                    # the others are most of the work on a long run; say how to leave them out
+                    + (
+                        f", {options.cumulative_permutations} at the others (--no-cumulative: the "
+                        "evaluated steps only)"
+                        if cumulative
+                        else ""
+                    )
                 )
                 task = progress.add_task("ground truth", total=None, steps=f"0/{n}")
                 progress.start()

@@ -132,7 +132,7 @@ def run_with_progress(plan, quiet: bool, journal) -> pd.DataFrame:
     if quiet:
         return run_plan(plan.jobs, plan.recipe, plan.data, journal=journal)
     columns = (MofNCompleteColumn(), TextColumn("{task.description}"))
-    progress = progress_bar("retrain", *columns, remaining=False)
+    progress = progress_bar("retrain", *columns)
     with progress:
         jobs = plan.jobs
         task = progress.add_task(jobs[0].label, total=len(jobs))

@@ -185,7 +185,6 @@ def _record_failure(folder, header: dict, ckpt, error: BaseException) -> None:
     permission, memory short after the last step), raise it as their error, saying how to continue
     once they have."""
     from adamshap_core import runio
-
     from adamshap_core.train import EvaluationOutOfMemory
 
     runio.fail_run(folder, header, error)
