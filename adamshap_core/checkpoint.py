@@ -132,6 +132,17 @@ def _packed(rows: list[tuple]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(STEP_COLUMNS))
 
 
+def _with_defaults(recipe: Any) -> dict | None:
+    """A checkpoint's recipe as this adamshap fills it in (a key added since it was written takes its
+    default); None where it no longer validates."""
+    from .recipe import recipe_from_dict
+
+    try:
+        return recipe_from_dict(recipe).to_dict()
+    except UserError:
+        return None
+
+
 def unpack_steps(rows: torch.Tensor | list) -> list[tuple]:
     """A checkpoint's step rows as ``LoopState.step_rows`` holds them (step and epoch as ints)."""
     if not torch.is_tensor(rows):  # format 2
@@ -299,7 +310,7 @@ class Checkpointer:
                 f"checkpoint {self.path} has format {blob.get('format')!r}; this adamshap reads formats "
                 f"{' and '.join(map(str, READS))}; {self._start_over()}"
             )
-        if blob["recipe"] != p.recipe.to_dict():
+        if _with_defaults(blob["recipe"]) != p.recipe.to_dict():
             raise UserError(
                 f"checkpoint {self.path} was written for a different recipe than the run's recipe.yaml "
                 "(was recipe.yaml edited?); expected the recipe the run started with. To use the edited "

@@ -109,6 +109,9 @@ class DataCfg(_Strict):
     label_noise: Num = Field(0.0, ge=0.0, lt=1.0)
     seed: Seed = 0  # the split and label-noise seed
     facts: FactsCfg | None = None  # builtin:facts only (null there = the defaults)
+    # text only: a longer text keeps its first max_words words (each batch is padded to the longest
+    # text, so one long line sets the cost of every step)
+    max_words: Int | None = Field(None, ge=1)
 
     @field_validator("source")
     @classmethod
@@ -128,6 +131,8 @@ class DataCfg(_Strict):
             raise ValueError(f"`data.target` (the label column) is required for a {scheme}: source")
         if scheme not in ("csv", "parquet") and self.target is not None:
             raise ValueError("`data.target` only applies to csv:/parquet: sources")
+        if scheme in ("sklearn", "csv", "parquet") and self.max_words is not None:
+            raise ValueError("`data.max_words` only applies to text (jsonl:, text:, builtin:) sources")
         return self
 
     @model_validator(mode="after")

@@ -69,16 +69,20 @@ class WordTokenizer:
         return list(dict.fromkeys(w for w in split_words(text) if w not in self.index))
 
     def batch(
-        self, texts: Sequence[str], names: Sequence[str] | None = None
+        self, texts: Sequence[str], names: Sequence[str] | None = None, max_words: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded model inputs and next-token targets, both int64 [n, T], T = longest text + 1."""
+        """Padded model inputs and next-token targets, both int64 [n, T], T = longest text + 1.
+
+        ``max_words``: a longer text keeps its first ``max_words`` words, whose last target is the
+        word that follows (the text goes on), not <eos>."""
         ids = [self.encode(t, names[i] if names else f"text {i}") for i, t in enumerate(texts)]
-        T = max((len(s) + 1 for s in ids), default=1)
+        targets = [[*s, EOS_ID] if max_words is None else [*s, EOS_ID][: max_words + 1] for s in ids]
+        T = max((len(t) for t in targets), default=1)
         x = torch.full((len(ids), T), PAD_ID, dtype=torch.long)
         y = torch.full((len(ids), T), IGNORE, dtype=torch.long)
-        for i, s in enumerate(ids):
-            x[i, : len(s) + 1] = torch.tensor([BOS_ID, *s])
-            y[i, : len(s) + 1] = torch.tensor([*s, EOS_ID])
+        for i, (s, t) in enumerate(zip(ids, targets, strict=True)):
+            x[i, : len(t)] = torch.tensor([BOS_ID, *s[: len(t) - 1]])
+            y[i, : len(t)] = torch.tensor(t)
         return x, y
 
     def to_dict(self) -> dict:

@@ -25,6 +25,39 @@ def test_tokenizer_vocabulary_ids_and_layout():
     assert y.tolist() == [[5, 6, EOS_ID], [8, EOS_ID, IGNORE]]
 
 
+def test_max_words_keeps_a_longer_texts_first_words_and_predicts_the_next():
+    tok = WordTokenizer.build(["a b c d e", "b c"])
+    a, b, c, d = tok.encode("a b c d")
+    x, y = tok.batch(["a b c d e", "b c", "a b c"], max_words=3)
+    assert x.tolist() == [[BOS_ID, a, b, c], [BOS_ID, b, c, PAD_ID], [BOS_ID, a, b, c]]
+    assert y.tolist() == [[a, b, c, d], [b, c, EOS_ID, IGNORE], [a, b, c, EOS_ID]]  # the first goes on
+
+
+def test_a_long_line_among_short_ones_is_noted_and_max_words_cuts_it(tmp_path):
+    p = tmp_path / "c.txt"
+    p.write_text("\n".join([f"short line {i}" for i in range(200)] + [" ".join(["long"] * 60)]) + "\n")
+    ds = load_dataset(_recipe(f"text:{p}").data)
+    assert ds.input_shape == (61,)
+    note = next(n for n in ds.notes if "padded to the longest" in n)
+    assert note.startswith(
+        "every batch is padded to the longest training text, 60 words, where the median has 3"
+    )
+    assert note.endswith(
+        "data.max_words: 3 would cut the 1 of 199 texts that are longer to their first 3 words."
+    )
+    p.write_text(
+        "\n".join(["a b"] * 95 + [" ".join(["long"] * 60)] * 6) + "\n"
+    )  # 6%: the 99th is the longest
+    note = next(n for n in load_dataset(_recipe(f"text:{p}").data).notes if "padded" in n)
+    assert note.endswith(
+        "data.max_words: 2 would cut the 6 of 99 texts that are longer to their first 2 words."
+    )
+    cut = load_dataset(_recipe(f"text:{p}", max_words=3).data)
+    assert cut.input_shape == (4,) and not any("padded" in n for n in cut.notes)
+    p.write_text("\n".join(f"line number {i}" for i in range(200)) + "\n")  # even lengths: no note
+    assert not any("padded" in n for n in load_dataset(_recipe(f"text:{p}").data).notes)
+
+
 def test_unseen_words_become_unk():
     tok = WordTokenizer.build(["the cat sat"])
     assert tok.encode("the zebra sat") == [4, UNK_ID, 6]
@@ -213,6 +246,12 @@ def test_text_source_paths_resolve_against_the_recipe_folder(tmp_path):
         ({"source": "builtin:facts", "val_size": 10}, {"kind": "gpt"}, "`data.val_size` does not apply"),
         ({"source": "sklearn:iris", "facts": {"n_facts": 5}}, {"kind": "mlp"}, "`data.facts` only applies"),
         ({"source": "builtin:facts", "target": "y"}, {"kind": "gpt"}, "`data.target` only applies"),
+        (
+            {"source": "sklearn:iris", "max_words": 5},
+            {"kind": "mlp"},
+            "`data.max_words` only applies to text",
+        ),
+        ({"source": "builtin:facts", "max_words": 0}, {"kind": "gpt"}, "greater than or equal to 1"),
         (
             {"source": "builtin:facts"},
             {"kind": "gpt", "d_model": 10, "n_head": 3},

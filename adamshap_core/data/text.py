@@ -36,7 +36,7 @@ import torch
 
 from ..errors import UserError, listed
 from ..models import LANGUAGE_MODELS
-from ..tokenizer import WordTokenizer
+from ..tokenizer import IGNORE, WordTokenizer
 from .dataset import Dataset
 from .facts import LEVELS, Query, generate
 from .registry import register_source
@@ -81,14 +81,18 @@ class Texts:
     where: list[str]  # how to name each text in an error message
 
 
-def text_dataset(source: str, train: Texts, val: Texts, test: Texts, *, queries=(), notes=()) -> TextDataset:
-    """Tokenize the three splits with a tokenizer built from the training texts."""
+def text_dataset(
+    source: str, train: Texts, val: Texts, test: Texts, *, queries=(), notes=(), max_words: int | None = None
+) -> TextDataset:
+    """Tokenize the three splits with a tokenizer built from the training texts (``max_words``: see
+    ``WordTokenizer.batch``)."""
     tok = WordTokenizer.build(train.texts)
-    x_train, y_train = tok.batch(train.texts, train.where)
-    x_val, y_val = tok.batch(val.texts, val.where)
-    x_test, y_test = tok.batch(test.texts, test.where)
+    x_train, y_train = tok.batch(train.texts, train.where, max_words)
+    x_val, y_val = tok.batch(val.texts, val.where, max_words)
+    x_test, y_test = tok.batch(test.texts, test.where, max_words)
     n = len(train.texts)
     longest = max(x_train.shape[1], x_val.shape[1], x_test.shape[1])
+    notes = [*notes, *_padding_note(y_train, max_words)]
     return TextDataset(
         source=source,
         x_train=x_train,
@@ -108,6 +112,30 @@ def text_dataset(source: str, train: Texts, val: Texts, test: Texts, *, queries=
         tokenizer=tok,
         queries=list(queries),
     )
+
+
+# padded positions per word position past which training is told how to cut the longest texts
+PADDING_NOTE = 4.0
+
+
+def _padding_note(y_train: torch.Tensor, max_words: int | None) -> list[str]:
+    """A note where padding to the longest text makes a step cost several times its words."""
+    if max_words is not None or not len(y_train):
+        return []
+    lengths = (y_train != IGNORE).sum(1).double()  # words + 1 (<bos> or <eos>) per text
+    padded = y_train.shape[1] / float(lengths.mean())
+    if padded < PADDING_NOTE:
+        return []
+    longest = y_train.shape[1] - 1
+    # a cut that leaves nearly every text whole: the 99th percentile, lower where that is the longest
+    cut = next(k for k in (int(lengths.quantile(q)) - 1 for q in (0.99, 0.9, 0.5, 0.0)) if k < longest)
+    longer = int((lengths - 1 > cut).sum())
+    return [
+        f"every batch is padded to the longest training text, {longest} words, where the median has "
+        f"{int(lengths.median()) - 1}: a step computes {padded:.1f}x the positions of its words. "
+        f"data.max_words: {cut} would cut the {longer} of {len(lengths)} texts that are longer to their "
+        f"first {cut} words."
+    ]
 
 
 def _no_image(image: bool, source: str) -> None:
@@ -171,7 +199,7 @@ def load_text(rest: str, cfg: DataCfg, *, image: bool = False) -> TextDataset:
         notes.append(
             f"{rest}: skipped {len(lines) - len(kept)} blank line(s); example_id is the 0-based line number"
         )
-    return text_dataset(source, *_split(corpus, cfg, rest), notes=notes)
+    return text_dataset(source, *_split(corpus, cfg, rest), notes=notes, max_words=cfg.max_words)
 
 
 @register_source("jsonl", help="JSON lines with a `text` field and optionally an integer `id`")
@@ -188,7 +216,7 @@ def load_jsonl(rest: str, cfg: DataCfg, *, image: bool = False) -> TextDataset:
         ids.append(rec.get("id", row))
         rows.append(row)
         where.append(f"`data.source`: {name}")
-    return text_dataset(source, *_split(Texts(texts, ids, rows, where), cfg, rest))
+    return text_dataset(source, *_split(Texts(texts, ids, rows, where), cfg, rest), max_words=cfg.max_words)
 
 
 def read_jsonl(path: str, what: str) -> list[tuple[int, dict]]:
@@ -261,7 +289,9 @@ def load_builtin(rest: str, cfg: DataCfg, *, image: bool = False) -> TextDataset
             [q.text for q in qs], [q.id for q in qs], [q.id for q in qs], [f"query {q.id}" for q in qs]
         )
 
-    return text_dataset(source, train, level("paraphrase"), level("heavy"), queries=queries)
+    return text_dataset(
+        source, train, level("paraphrase"), level("heavy"), queries=queries, max_words=cfg.max_words
+    )
 
 
 __all__ = ["LEVELS", "TextDataset", "Texts", "load_builtin", "load_jsonl", "load_text", "text_dataset"]
