@@ -50,6 +50,29 @@ def test_standardised_with_training_statistics():
     assert ds.x_val.mean(0).abs().max() > 1e-3  # val uses the train statistics, not its own
 
 
+def test_standardised_chunk_by_chunk_as_the_whole_matrix_at_once(tmp_path, monkeypatch):
+    """Rows are standardised a chunk at a time (a large file's float64 copies stayed beside it): the
+    values are bit for bit those of the whole matrix, and a value that overflows in any split's
+    chunk is refused naming its column."""
+    from adamshap_core.data import tabular
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 5.0, size=(103, 4)) * np.array([1.0, 1e-3, 1e3, 1.0])
+    df = pd.DataFrame(x, columns=["a", "b", "c", "d"]).assign(y=rng.integers(0, 3, size=103))
+    df.to_csv(tmp_path / "t.csv", index=False)
+    data = cfg(source=f"csv:{tmp_path / 't.csv'}", target="y", val_size=20, test_size=20)
+    monkeypatch.setattr(tabular, "STANDARDISE_ROWS", 7)
+    ds = load_dataset(data)
+    train, val, test = split_indices(df["y"].to_numpy(), 20, 20, 0)
+    mean, std = x[train].mean(axis=0), x[train].std(axis=0)
+    for rows, got in ((train, ds.x_train), (val, ds.x_val), (test, ds.x_test)):
+        assert np.array_equal(got.numpy(), ((x[rows] - mean) / std).astype(np.float32))
+    df.loc[val[3], "c"] = 1.7e308  # finite, and finite training statistics: only the value overflows
+    df.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(UserError, match=r"feature column\(s\) c hold values too large to standardise"):
+        load_dataset(data)
+
+
 @pytest.mark.parametrize("frac", [0.0, 0.1, 0.2, 0.55])
 def test_label_noise_flips_exactly_round_frac_n(frac):
     ds = load_dataset(cfg(label_noise=frac))
