@@ -509,10 +509,11 @@ def layer_frame(rep: TruthReplay, evaluated: Sequence[int], methods: Sequence[st
         assert t.by_param is not None and t.param_names is not None and t.scale_spread is not None
         for m in methods:
             terms = t.by_param[m]
-            total = np.abs(terms).sum()
+            # float(): numpy 2.5's stubs type the sum of a bare ndarray's np.abs as an integer
+            total = float(np.abs(terms).sum())
             for j, name in enumerate(t.param_names):
                 pearson, _ = correlation(terms[:, j], t.by_param["adam"][:, j])
-                share = np.abs(terms[:, j]).sum() / total if total > 0 else float("nan")
+                share = float(np.abs(terms[:, j]).sum()) / total if total > 0 else float("nan")
                 rows.append((step, name, m, share, pearson, t.scale_spread[j]))
     cols = ["step", "layer", "method", "share", "pearson_vs_adam", "adam_scale_log10_iqr"]
     return pd.DataFrame(rows, columns=cols).astype({"step": "int64"})

@@ -152,7 +152,7 @@ def _limit_hit(error: Exception) -> bool:
 _started = 0  # compiles torch has started in this process, since the first one counted here
 
 
-def _count_start(args) -> None:
+def _count_start(*args) -> None:  # torch before 2.8 passes no argument
     global _started
     _started += 1
 

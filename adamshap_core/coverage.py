@@ -105,7 +105,8 @@ def gradient_gap(
     except UserError as e:  # rows that cannot be told apart
         return str(e)
     except RuntimeError as e:
-        if "use_reentrant" not in str(e):  # torch's refusal of autograd.grad through a reentrant checkpoint
+        # torch's refusal of autograd.grad through a reentrant checkpoint (its wording before torch 2.4)
+        if not any(s in str(e) for s in ("use_reentrant", "Checkpointing is not compatible with .grad()")):
             raise
         return (
             "it uses torch.utils.checkpoint with use_reentrant=True, whose backward cannot give the "

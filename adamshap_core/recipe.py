@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import numpy as np
 import yaml
@@ -390,7 +390,8 @@ def _section_model(annotation: Any) -> type[BaseModel] | None:
     """The section a field holds: its annotation, or the one in ``Section | None`` (``data.facts``,
     ``attribution.fast``); None for a field that is no section."""
     for ann in (annotation, *get_args(annotation)):
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
+        # get_origin: Python 3.10 takes list[int] for a type, which issubclass then refuses
+        if isinstance(ann, type) and get_origin(ann) is None and issubclass(ann, BaseModel):
             return ann
     return None
 

@@ -265,7 +265,8 @@ def _truth_grid(result: CompareResult) -> bytes:
             ax.errorbar(
                 df["shapley"],
                 df[value_column(m)],
-                xerr=df["shapley_se"],
+                # None where no se is known: matplotlib before 3.7.2 raises on an all-NaN xerr
+                xerr=df["shapley_se"] if df["shapley_se"].notna().any() else None,
                 fmt="o",
                 ms=3,
                 alpha=0.6,

@@ -334,7 +334,8 @@ class EvaluationOutOfMemory(UserError):
 
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is an allocation that failed (not, say, CUDA's illegal memory access)."""
-    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+    # torch.cuda.OutOfMemoryError: torch.OutOfMemoryError itself from torch 2.4 on, absent before
+    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
         return True
     return isinstance(error, RuntimeError) and any(s in str(error).lower() for s in OUT_OF_MEMORY)
 

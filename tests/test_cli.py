@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -168,10 +169,14 @@ def test_missing_recipe_file_and_bad_option(tmp_path, runs):
     assert not runs.exists()
 
 
+# click's wording: "No such option: --bogus" (typer's own click, click 8.1) or "No such option '--bogus'."
+NO_SUCH_OPTION = re.compile(r"error: No such option(: --bogus| '--bogus'\.) \(see `adamshap train -h`\)")
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["train", "--bogus"], "error: No such option: --bogus (see `adamshap train -h`)"),
+        (["train", "--bogus"], NO_SUCH_OPTION),
         (["prune"], "error: Missing option '--frac'. (see `adamshap prune -h`)"),
         (["attribute", "--top", "0"], "error: Invalid value for '--top'"),
         (["compare", "--permutations", "abc"], "error: Invalid value for '--permutations'"),
@@ -181,7 +186,8 @@ def test_missing_recipe_file_and_bad_option(tmp_path, runs):
 def test_options_the_parser_refuses_get_the_same_error_line(args, message):
     res = cli(*args)
     assert res.exit_code == 2 and res.stdout == ""
-    assert " ".join(res.stderr.split()).startswith(message), res.stderr
+    said = " ".join(res.stderr.split())
+    assert message.match(said) if isinstance(message, re.Pattern) else said.startswith(message), res.stderr
     assert "─" not in res.stderr and "Usage" not in res.stderr  # one paragraph, not a boxed panel
 
 

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from bruteforce import reference_values
 from cases import CASES, cross_entropy
 from conftest import rel_err
@@ -255,6 +256,10 @@ def test_a_low_precision_step_takes_the_separate_pass_and_updates_as_plain(preci
     rounding in the update (1e-2 of a GPT-2's parameters after 4 steps): those steps take the separate
     pass, whose update is plain training's bit for bit. Outside autocast the next step fuses again."""
     dtype = torch.float32 if precision == "autocast" else getattr(torch, precision)
+    try:
+        F.cross_entropy(torch.zeros(1, 2, dtype=dtype), torch.zeros(1, dtype=torch.long))
+    except RuntimeError:  # torch before 2.4 has no float16 cross_entropy on the CPU
+        pytest.skip(f"this torch has no {precision} cross_entropy on the CPU")
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = SEQ.model().to(dtype)

@@ -67,6 +67,8 @@ def tiny(family: str) -> torch.nn.Module:
     }[family]
     if family in ("qwen3", "gemma"):
         sizes["head_dim"] = 4
+    if not hasattr(transformers, model):  # families newer than the transformers installed
+        pytest.skip(f"transformers {transformers.__version__} has no {model}")
     return getattr(transformers, model)(getattr(transformers, config)(**sizes))
 
 
@@ -160,7 +162,8 @@ def test_gpt2s_shared_row_of_positions_is_refused_naming_the_layer():
 
 def test_valuing_a_model_without_transformers_layers_does_not_import_it():
     code = (
-        "import sys, torch\n"
+        "import sys, torch, torch._dynamo\n"
+        "if 'transformers' in sys.modules: sys.exit(3)\n"  # torch 2.3's own torch.onnx imports it
         "from adamshap_core import InRunShapley\n"
         "from adamshap_core.recipe import load_recipe\n"
         "m = torch.nn.Linear(3, 2)\n"
@@ -169,7 +172,10 @@ def test_valuing_a_model_without_transformers_layers_does_not_import_it():
         "InRunShapley(m, torch.optim.Adam(m.parameters()), loss, x, y).step(x, y)\n"
         "assert 'transformers' not in sys.modules\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if res.returncode == 3:
+        pytest.skip("this torch imports transformers itself")
+    assert res.returncode == 0, res.stderr
 
 
 HF_RECIPE = {

@@ -156,7 +156,7 @@ def _standardiser(x: np.ndarray, train: np.ndarray, names: list[str], source: st
             part = out[start : start + STANDARDISE_ROWS]
             with np.errstate(over="ignore", invalid="ignore"):
                 part[:] = (x[rows[start : start + len(part)]] - mean) / std
-            _refuse_overflow(np.isfinite(part).all(axis=0), names, source)
+            _refuse_overflow(np.asarray(np.isfinite(part).all(axis=0)), names, source)
         return out
 
     return standardise
