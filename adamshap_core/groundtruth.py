@@ -26,9 +26,9 @@ while the loss itself is ~1, so float32 (≈1e-7 relative) would blur the rankin
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
-from .errors import UserError
+from .errors import UserError, memory_short_as
 from .precond import AdamState, OptimizerView, ParamState, SGDState, scales, sgd_gain
 from .threads import intra_op_threads
 
@@ -414,7 +414,8 @@ def step_truth(
     device = next(model.parameters()).device
     # thousands of small ops ([64, D] at most): on a shared CPU, waking a thread pool for each costs
     # more than the op (measured 10x slower with two busy cores); the count is restored for training
-    with intra_op_threads(1 if device.type == "cpu" else None), _memory_named(step, model, len(inputs)):
+    short = functools.partial(_truth_memory_short, step, model, len(inputs))
+    with intra_op_threads(1 if device.type == "cpu" else None), memory_short_as(short):
         slots = param_slots(model, optimizer)
         update = optimizer_update(slots, optimizer, device)
         flat = FlatModel(model, slots, loss_fn, device)
@@ -444,24 +445,16 @@ def step_truth(
         return truth
 
 
-@contextmanager
-def _memory_named(step: int, model: nn.Module, n: int):
-    """Out of memory in a step's ground truth raised as a UserError that says what takes the memory."""
-    try:
-        yield
-    except (MemoryError, RuntimeError) as e:
-        from .train import is_out_of_memory
-
-        if not is_out_of_memory(e):
-            raise
-        device = next(model.parameters()).device
-        d = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        raise UserError(
-            f"out of memory on {device} computing the ground truth of step {step}: it holds each of the "
-            f"batch's {n} examples' gradients in float64 ({n} x {d:,} parameters x 8 bytes = "
-            f"{n * d * 8 / 2**30:.1f} GiB) and evaluates up to {coalition_chunk(d)} coalitions at once; "
-            "expected a machine with more memory, or a run with a smaller train.batch_size or model."
-        ) from None
+def _truth_memory_short(step: int, model: nn.Module, n: int) -> UserError:
+    """What a step's ground truth holds, for a refusal where memory is short."""
+    device = next(model.parameters()).device
+    d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return UserError(
+        f"out of memory on {device} computing the ground truth of step {step}: it holds each of the "
+        f"batch's {n} examples' gradients in float64 ({n} x {d:,} parameters x 8 bytes = "
+        f"{n * d * 8 / 2**30:.1f} GiB) and evaluates up to {coalition_chunk(d)} coalitions at once; "
+        "expected a machine with more memory, or a run with a smaller train.batch_size or model."
+    )
 
 
 def method_terms(

@@ -27,6 +27,7 @@ the steps before it.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -40,7 +41,7 @@ from torch import nn
 
 from .checkpoint import STEP_COLUMNS, Checkpointer, LoopState, TrainingInterrupted, data_digest, params_digest
 from .data import Dataset, load_dataset
-from .errors import UserError
+from .errors import UserError, memory_short_as
 from .fast import FastMode
 from .models import build_model, loss_for, per_example_loss
 from .recipe import OptimCfg, Recipe
@@ -312,32 +313,17 @@ def build_tracker(prep: Prepared, methods: Sequence[str] | None = None, fast: bo
 
 def _build_on(device: torch.device, recipe: Recipe, data: Dataset) -> nn.Module:
     """The recipe's model on ``device``; a model too large for this machine is bad input."""
-    try:
+    too_large = (
+        f"`model` ({recipe.model.model_dump(exclude_defaults=True)}) does not fit in memory on {device}: "
+        "expected smaller layers (model.hidden, model.d_model, ...)."
+    )
+    with memory_short_as(functools.partial(UserError, too_large)):
         return build_model(recipe.model, data).to(device)
-    except (MemoryError, RuntimeError) as e:
-        if not is_out_of_memory(e):
-            raise
-        raise UserError(
-            f"`model` ({recipe.model.model_dump(exclude_defaults=True)}) does not fit in memory on {device}: "
-            "expected smaller layers (model.hidden, model.d_model, ...)."
-        ) from None
-
-
-# what torch's allocators say when an allocation fails (the CPU one raises a plain RuntimeError)
-OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
 
 
 class EvaluationOutOfMemory(UserError):
     """Out of memory in the evaluation after the last step: the run can be resumed from its last
     checkpoint, written after that step, once memory is freed."""
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is an allocation that failed (not, say, CUDA's illegal memory access)."""
-    # torch.cuda.OutOfMemoryError: torch.OutOfMemoryError itself from torch 2.4 on, absent before
-    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
-        return True
-    return isinstance(error, RuntimeError) and any(s in str(error).lower() for s in OUT_OF_MEMORY)
 
 
 @dataclass
@@ -424,16 +410,8 @@ def run(
                 StepContext(step, epoch, batch, inputs, targets, lr, model, opt, sched, tracker, d, r),
             )
         t0 = time.perf_counter()
-        try:
+        with memory_short_as(functools.partial(_step_memory_short, prep, step, inputs)):
             res, step_values = _take_step(prep, inputs, targets)
-        except (MemoryError, RuntimeError) as e:
-            if not is_out_of_memory(e):
-                raise
-            raise UserError(
-                f"out of memory at step {step} on {dev} (a batch of {len(batch)} examples of shape "
-                f"{tuple(inputs.shape[1:])}): expected a smaller train.batch_size, shorter inputs "
-                f"(a text's words set a gpt's context) or smaller layers.{_checks_memory(prep)}"
-            ) from None
         sched.step()
         loss = res.loss
         problem = non_finite_problem(loss, model, step_values, float(res.val_loss))
@@ -462,6 +440,14 @@ def run(
             raise TrainingInterrupted(step, limit, checkpointer.path if checkpointer else None)
     wall_seconds = wall()
     return _result(prep, state, _final_metrics(prep, state, x_train, y_train), wall_seconds)
+
+
+def _step_memory_short(prep: Prepared, step: int, inputs: torch.Tensor) -> UserError:
+    return UserError(
+        f"out of memory at step {step} on {prep.device} (a batch of {len(inputs)} examples of shape "
+        f"{tuple(inputs.shape[1:])}): expected a smaller train.batch_size, shorter inputs "
+        f"(a text's words set a gpt's context) or smaller layers.{_checks_memory(prep)}"
+    )
 
 
 def _checks_memory(prep: Prepared) -> str:
@@ -524,15 +510,12 @@ def _final_metrics(prep: Prepared, state: LoopState, x_train: torch.Tensor, y_tr
         ("val", d.x_val, d.y_val),
         ("test", d.x_test, d.y_test),
     ):
-        try:
+        short = (
+            f"out of memory on {dev} evaluating the {split} split after the last step, in chunks of "
+            f"train.batch_size ({bs}) rows, once every step was done."
+        )
+        with memory_short_as(functools.partial(EvaluationOutOfMemory, short)):
             loss, accuracy = evaluate(model, x.to(dev), y.to(dev), loss_fn, batch=bs)
-        except (MemoryError, RuntimeError) as e:
-            if not is_out_of_memory(e):
-                raise
-            raise EvaluationOutOfMemory(
-                f"out of memory on {dev} evaluating the {split} split after the last step, in chunks of "
-                f"train.batch_size ({bs}) rows, once every step was done."
-            ) from None
         split_metrics[f"{split}_loss"], split_metrics[f"{split}_accuracy"] = loss, accuracy
     model.train()
     return {
