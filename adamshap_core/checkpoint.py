@@ -153,8 +153,9 @@ def unpack_steps(rows: torch.Tensor | list) -> list[tuple]:
 # --------------------------------------------------------------------------- digests
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """``t``'s raw bytes as a view (hashed in place: a copy of a large training split cost its size)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
 def params_digest(model: torch.nn.Module) -> str:
