@@ -127,11 +127,11 @@ def error_line(message: str) -> None:
     )
 
 
-def progress_bar(label: str, *columns, remaining: bool = True):
-    """A progress bar on stderr: the label, the bar, ``columns``, the time taken and (``remaining``) left."""
+def progress_bar(label: str, *columns):
+    """A progress bar on stderr: the label, the bar, ``columns``, the time taken and the time left."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    ends = [TimeElapsedColumn(), *([TimeRemainingColumn()] if remaining else [])]
+    ends = (TimeElapsedColumn(), TimeRemainingColumn())
     return Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), *columns, *ends, console=err_console)
 
 
