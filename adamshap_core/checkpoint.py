@@ -132,17 +132,6 @@ def _packed(rows: list[tuple]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(STEP_COLUMNS))
 
 
-def _with_defaults(recipe: Any) -> dict | None:
-    """A checkpoint's recipe as this adamshap fills it in (a key added since it was written takes its
-    default); None where it no longer validates."""
-    from .recipe import recipe_from_dict
-
-    try:
-        return recipe_from_dict(recipe).to_dict()
-    except UserError:
-        return None
-
-
 def unpack_steps(rows: torch.Tensor | list) -> list[tuple]:
     """A checkpoint's step rows as ``LoopState.step_rows`` holds them (step and epoch as ints)."""
     if not torch.is_tensor(rows):  # format 2
@@ -260,6 +249,17 @@ def save_tensors(obj, path: str | Path) -> None:
             if f.error is None:
                 raise
             raise f.error from None
+
+
+def _with_defaults(recipe: Any) -> dict | None:
+    """A checkpoint's recipe as this adamshap fills it in (a key added since it was written takes its
+    default); None where it no longer validates."""
+    from .recipe import recipe_from_dict
+
+    try:
+        return recipe_from_dict(recipe).to_dict()
+    except UserError:
+        return None
 
 
 class Checkpointer:

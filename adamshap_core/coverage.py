@@ -95,13 +95,17 @@ def gradient_gap(
             disagree = _values_gap(engine, got) if per_row else None
             if disagree is not None:
                 return disagree
-            name = None if separate else first_gap(model, params, total, {k: g[0] for k, g in got.items()})
-            del total  # each row's gradient below is compared as it comes: one model's size at a time
-            for r in range(rows if separate else 0):  # after ``got``: these passes overwrite the captured b
-                want = torch.autograd.grad(losses[r], params, allow_unused=True, retain_graph=r < rows - 1)
-                name = first_gap(model, params, want, {key: g[r] for key, g in got.items()})
-                if name is not None:
-                    break
+            if not separate:
+                name = first_gap(model, params, total, {key: g[0] for key, g in got.items()})
+            else:
+                del total  # each row's gradient is compared as it comes: one model's size at a time
+                name = None
+                last = rows - 1
+                for r in range(rows):  # after ``got``: these passes overwrite the captured b
+                    want = torch.autograd.grad(losses[r], params, allow_unused=True, retain_graph=r < last)
+                    name = first_gap(model, params, want, {key: g[r] for key, g in got.items()})
+                    if name is not None:
+                        break
     except UserError as e:  # rows that cannot be told apart
         return str(e)
     except RuntimeError as e:
