@@ -26,6 +26,7 @@ from .coverage import (
     gradient_gap,
     recheck_due,
 )
+from .data_parallel import comm_hook_problem, processes_averaged
 from .engine import GhostEngine
 from .engine.ghost import Call, RowsTarget
 from .errors import UserError
@@ -293,6 +294,7 @@ class InRunShapley:
             self._watch.problem()
             or coupling_problem(self._norms)
             or gradient_hook(self.optimizer, self.engine.owned_parameters)
+            or comm_hook_problem(self.model)
         )
         self.view.check()
         if self.rechecks(self._steps + 1):
@@ -311,6 +313,7 @@ class InRunShapley:
                     self.loss_fn, self.val_inputs, self.val_targets, self.per_target
                 )
         rank = self.fast.rank if self.fast else None
+        processes = processes_averaged(self.model)  # read before the backward pass that averages
         out: dict[str, torch.Tensor] = {}
         sample: list[StepSample] = []  # this step's, where it is compared with the optimizer's base class
 
@@ -325,6 +328,8 @@ class InRunShapley:
                 values = self._values(val_grads, clip, B, rank, None if rows is None else rows.target)
             else:
                 values, reuse_pearson = self._checked_values(val_grads, replaced, clip, B, rank)
+            if processes > 1:  # each example's share of the averaged update (data_parallel.py)
+                values /= processes
             for k, m in enumerate(self.methods):
                 v = values[:, k]
                 out[m] = v if self.per_target else v[:, 0]

@@ -19,7 +19,7 @@ def block_with(text: str) -> str:
 
 def test_the_library_example_runs_and_values_each_example_of_its_batch():
     names: dict = {}
-    exec(block_with("tracker = InRunShapley(model, optimizer, loss_fn"), names)
+    exec(block_with("a training batch, B = 8"), names)
     result = names["result"]
     assert isinstance(result.loss, float) and set(result.values) == {"adam", "sgd"}
     assert result.values["adam"].shape == (len(names["targets"]),)
