@@ -1,7 +1,7 @@
 """adamshap: Adam-aware In-Run Data Shapley, computed in the training pass.
 
-The public names are imported on first use (PEP 562), so that importing a light module of the
-package (the recipe schema, the CLI's ``--help``) does not import torch.
+The public names are imported on first use (PEP 562), so that importing the package, as the CLI's
+``--help`` does, does not import torch.
 """
 
 from importlib import import_module

@@ -47,13 +47,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .choices import LANGUAGE_MODELS
 from .data import TextDataset, load_dataset
 from .data.facts import LEVELS
 from .data.text import check_ids, read_jsonl, record_text
 from .errors import UserError, listed
-from .models import LANGUAGE_MODELS, build_model, context_length
+from .models import build_model, context_length
 from .precond import METHODS
 from .recipe import Recipe
+from .run_tables import value_column
 from .runio import (
     RunFolder,
     atomic_write_json,
@@ -62,7 +64,6 @@ from .runio import (
     runs_dir_option,
     writing_results,
 )
-from .schema import value_column
 from .threads import intra_op_threads, recorded_threads
 from .tokenizer import IGNORE, WordTokenizer, split_words
 

@@ -16,21 +16,19 @@ run completes (a complete run is never resumed, and a model's checkpoint can be 
 ``metrics.json`` then records ``params_sha256``, a digest of the final parameters.
 
 ``LoopState`` is the part of the state the loop itself owns; ``Checkpointer`` saves and
-restores it together with the model, optimizer, scheduler and RNGs; ``stop_on_interrupt``
-turns Ctrl-C into a clean stop. (``locks.run_lock`` keeps two processes from writing one run.)
+restores it together with the model, optimizer, scheduler and RNGs. (``interrupts.stop_on_interrupt``
+turns Ctrl-C into a clean stop, ``digests`` ties a run to its data, and ``locks.run_lock`` keeps two
+processes from writing one run.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import io
 import os
 import random
-import signal
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,9 +36,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .digests import data_digest, held_out_digest
 from .errors import UserError
-from .runio import RunFolder, atomic_write, restart_command
-from .schema import value_column
+from .run_tables import STEP_COLUMNS, value_column
+from .runio import atomic_write, restart_command
 
 if TYPE_CHECKING:
     from .train import Prepared
@@ -48,7 +47,6 @@ if TYPE_CHECKING:
 FORMAT = 3  # bump when the checkpoint layout changes (3: the step rows as one tensor)
 READS = (2, FORMAT)  # formats a checkpoint may have to be resumed (2: the step rows as a list)
 # what ``LoopState.step_rows`` holds of each finished step, in order (steps.parquet's columns)
-STEP_COLUMNS = ("step", "epoch", "lr", "train_loss", "val_loss", "clip_factor", "seconds", "reuse_pearson")
 
 
 class TrainingInterrupted(Exception):
@@ -137,54 +135,6 @@ def unpack_steps(rows: torch.Tensor | list) -> list[tuple]:
     if not torch.is_tensor(rows):  # format 2
         return [tuple(r) for r in rows]
     return [(int(r[0]), int(r[1]), *r[2:]) for r in rows.tolist()]
-
-
-# --------------------------------------------------------------------------- digests
-
-
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    """``t``'s raw bytes as a view (hashed in place: a copy of a large training split cost its size)."""
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
-
-
-def params_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of every parameter and buffer (name, dtype, shape, raw bytes): equal iff bitwise equal."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(_tensor_bytes(t))
-    return h.hexdigest()
-
-
-def data_digest(data) -> str:
-    """SHA-256 of the training split (inputs, labels, example ids), to tie a checkpoint to its data."""
-    return _digest((data.x_train, data.y_train, data.example_id))
-
-
-def held_out_digest(data) -> str:
-    """SHA-256 of the validation and test splits: a resumed run values against the same validation
-    split and reports accuracy on the same test split as the run it continues."""
-    return _digest((data.x_val, data.y_val, data.x_test, data.y_test))
-
-
-def _digest(tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(_tensor_bytes(t))
-    return h.hexdigest()
-
-
-def check_same_data(folder: RunFolder, data) -> None:
-    """The recipe's data source still gives the training split the run valued (its digest in
-    metrics.json; runs written before it was recorded are checked by their example columns only)."""
-    recorded = folder.text_field("data_sha256")
-    if recorded is not None and data_digest(data) != recorded:
-        raise UserError(
-            f"the training split the recipe of run {folder.name!r} loads now differs from the one it valued "
-            "(its digest in metrics.json); the data source changed since the run was trained. Retrain it "
-            "first."
-        )
 
 
 # --------------------------------------------------------------------------- RNG states
@@ -375,50 +325,3 @@ def remove_stale_temp_files(run_dir: str | Path) -> list[str]:
             p.unlink()
             removed.append(p.name)
     return removed
-
-
-# --------------------------------------------------------------------------- Ctrl-C
-
-
-class StopFlag:
-    """Set by the first Ctrl-C; the training loop polls it after every step."""
-
-    def __init__(self):
-        self._event = threading.Event()
-        self.signum: int | None = None  # the signal that set it (SIGINT or SIGTERM)
-
-    def __call__(self) -> bool:
-        return self._event.is_set()
-
-    def set(self, signum: int | None = None) -> None:
-        self.signum = signum
-        self._event.set()
-
-
-# what a second signal of each kind does, once the first has asked to stop: abort at once
-SECOND_SIGNAL = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
-
-
-@contextlib.contextmanager
-def stop_on_interrupt() -> Iterator[StopFlag]:
-    """The first SIGINT (Ctrl-C) or SIGTERM (``kill``, a job scheduler's stop) sets the yielded flag:
-    stop after this step. A second one of either aborts at once, as it would without this.
-
-    Outside the main thread signals cannot be caught, and the flag simply never fires.
-    """
-    flag = StopFlag()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum, frame):
-        flag.set(signum)
-        for sig, second in SECOND_SIGNAL.items():
-            signal.signal(sig, second)
-
-    previous = {sig: signal.signal(sig, handler) for sig in SECOND_SIGNAL}
-    try:
-        yield flag
-    finally:
-        for sig, handler_before in previous.items():
-            signal.signal(sig, handler_before)

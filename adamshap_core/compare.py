@@ -45,12 +45,12 @@ import pandas as pd
 import torch
 
 from . import groundtruth as gt
-from .checkpoint import check_same_data
 from .compare_options import CompareOptions
+from .digests import check_same_data
 from .errors import UserError
 from .fused import random_draws
+from .run_tables import reused_val_grads, value_column
 from .runio import RunFolder
-from .schema import reused_val_grads, value_column
 from .threads import intra_op_threads, recorded_threads
 
 if TYPE_CHECKING:
@@ -661,7 +661,7 @@ def write_outputs(folder: RunFolder, result: CompareResult) -> list[str]:
     """Plots first (in memory), then every file atomically, compare.json last (``writing_results``);
     returns the names written."""
     from . import report
-    from .runio import atomic_write_json, writing_results
+    from .runio import atomic_write_bytes, atomic_write_json, writing_results
 
     plots = report.compare_plots(result)
     with writing_results(folder.file("compare.json")):
@@ -669,7 +669,7 @@ def write_outputs(folder: RunFolder, result: CompareResult) -> list[str]:
         folder.write_parquet("groundtruth.parquet", result.truth)
         folder.write_parquet("compare_layers.parquet", result.layers)
         for name, png in plots.items():
-            report.write_bytes(folder.file(name), png)
+            atomic_write_bytes(folder.file(name), png)
         for name in set(report.COMPARE_PLOTS) - set(plots):  # an earlier compare's, which this one replaces
             folder.file(name).unlink(missing_ok=True)
         atomic_write_json(folder.file("compare.json"), result.summary)

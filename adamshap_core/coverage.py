@@ -57,7 +57,7 @@ def probing(model: nn.Module, device: torch.device):
         yield modules
 
 
-def gradient_gap(
+def gradient_problem(
     engine: GhostEngine,
     model: nn.Module,
     loss_fn,
@@ -92,18 +92,18 @@ def gradient_gap(
             total = torch.autograd.grad(losses.sum(), params, allow_unused=True, retain_graph=separate)
             got = engine.extra_gradients(0, summed=not per_row)
             # per row only: a sum over many rows may cancel below what the values' rounding shows
-            disagree = _values_gap(engine, got) if per_row else None
+            disagree = _values_problem(engine, got) if per_row else None
             if disagree is not None:
                 return disagree
             if not separate:
-                name = first_gap(model, params, total, {key: g[0] for key, g in got.items()})
+                name = first_mismatch(model, params, total, {key: g[0] for key, g in got.items()})
             else:
                 del total  # each row's gradient is compared as it comes: one model's size at a time
                 name = None
                 last = rows - 1
                 for r in range(rows):  # after ``got``: these passes overwrite the captured b
                     want = torch.autograd.grad(losses[r], params, allow_unused=True, retain_graph=r < last)
-                    name = first_gap(model, params, want, {key: g[r] for key, g in got.items()})
+                    name = first_mismatch(model, params, want, {key: g[r] for key, g in got.items()})
                     if name is not None:
                         break
     except UserError as e:  # rows that cannot be told apart
@@ -127,10 +127,10 @@ def gradient_gap(
     )
 
 
-def _values_gap(engine: GhostEngine, got: dict[int, torch.Tensor]) -> str | None:
+def _values_problem(engine: GhostEngine, got: dict[int, torch.Tensor]) -> str | None:
     """Why the layer kernels' values disagree with their own per-row gradients ``got`` (None: they
     agree), inside the capture that built them, each row on its own: for a random M, ⟨M, g_r⟩
-    through the kernels' values against M dotted with those gradients. ``gradient_gap`` checks
+    through the kernels' values against M dotted with those gradients. ``gradient_problem`` checks
     the gradients against autograd's; this checks that the values are the same gradients' (a
     custom kernel's ``values`` and ``gradients`` are written apart)."""
     with torch.inference_mode():  # as the valuation runs (the engine's scratch is made in it)
@@ -159,7 +159,7 @@ def _values_gap(engine: GhostEngine, got: dict[int, torch.Tensor]) -> str | None
     )
 
 
-def first_gap(
+def first_mismatch(
     model: nn.Module,
     params: list[nn.Parameter],
     want: Sequence[torch.Tensor | None],
@@ -187,9 +187,9 @@ def coverage_problem(engine: GhostEngine, model: nn.Module, loss_fn, inputs, tar
     """The start-up check on the first ``CHECK_ROWS`` validation rows, each row's gradient on its
     own, in the modes the model is in (None: nothing found)."""
     if not cuttable(inputs, targets):  # rows held outside tensors (strings): the whole batch, summed
-        return gradient_gap(engine, model, loss_fn, inputs, targets, per_row=False)
+        return gradient_problem(engine, model, loss_fn, inputs, targets, per_row=False)
     inputs, targets = first_rows_and_first_again(inputs), first_rows_and_first_again(targets)
-    problem = gradient_gap(engine, model, loss_fn, inputs, targets, per_row=True)
+    problem = gradient_problem(engine, model, loss_fn, inputs, targets, per_row=True)
     if problem is None or batch_rows(inputs, targets) != CHECK_ROWS + 1:
         return problem
     return f"{problem} (this check runs the first two rows and the first again)"  # the rows it counts

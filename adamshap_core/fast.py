@@ -1,5 +1,5 @@
 """Fast-mode settings, shared by the library API (``InRunShapley(fast=...)``) and recipes
-(``attribution.fast``). It needs pydantic only, as the recipe schema does."""
+(``attribution.fast``). It imports pydantic only."""
 
 from __future__ import annotations
 

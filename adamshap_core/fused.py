@@ -29,7 +29,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.dropout import _DropoutNd
 
 from .compiled import Compiled
-from .coverage import first_gap, probing
+from .coverage import first_mismatch, probing
 from .engine import GhostEngine
 from .engine.buffers import Buffers
 from .engine.ghost import Call, RowsTarget, set_modes
@@ -153,7 +153,7 @@ def _gradient_blocker(model: nn.Module, loss_fn, outputs: tuple[torch.Tensor, ..
             return None
         grads.append(torch.autograd.grad(loss, params, allow_unused=True))
     train = {id(p): g for p, g in zip(params, grads[1], strict=True) if g is not None}
-    name = first_gap(model, params, grads[0], train)
+    name = first_mismatch(model, params, grads[0], train)
     if name is None:
         return None
     return f"the gradient of '{name}' on the rows differs between train and eval mode, their outputs not"
@@ -235,7 +235,7 @@ class ValidationRows:
         self.gradients, totals = eager_rows_gradients(*args) if out is None else out
         # outside the compiled graph, so that a graph that fails and is rerun eagerly cannot
         # take the rows out of .grad twice
-        _subtract(engine.gradients(), totals)
+        _subtract(engine.held_gradients(), totals)
         self.loss = float(losses.mean())
 
 

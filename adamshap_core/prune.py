@@ -34,11 +34,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .checkpoint import check_same_data
+from .choices import METHOD_NAMES
+from .digests import check_same_data
 from .errors import UserError
-from .recipe import METHOD_NAMES, Recipe
+from .recipe import Recipe
+from .run_tables import value_column
 from .runio import RunFolder, atomic_write, name_the_file
-from .schema import value_column
 
 if TYPE_CHECKING:
     from .data import Dataset

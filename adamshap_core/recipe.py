@@ -29,18 +29,24 @@ from pydantic import (
     model_validator,
 )
 
+from .choices import (
+    HF_MODEL_KINDS,
+    INSTALL_HINT,
+    LANGUAGE_MODELS,
+    METHOD_NAMES,
+    MethodName,
+    ModelKind,
+    OptimizerName,
+    transformers_missing,
+)
 from .data.registry import check_source, split_source, takes_path
 from .errors import UserError, listed
 from .fast import FastMode
-from .models import LANGUAGE_MODELS
-from .models.hf import HF_MODELS, INSTALL_HINT, transformers_missing
 
 # a run's name, which is also its folder's: no separators, no leading dot, and short enough for a
 # file name (255 bytes) with the ``.<name>.old-<pid>`` that ``train --force`` moves it aside as
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 RUN_NAME_RULE = "letters, digits, '.', '_' or '-', starting with a letter or digit, at most 200 characters"
-MethodName = Literal["adam", "adam_fixed", "sgd"]  # precond.METHODS holds their rules (a test: the same)
-METHOD_NAMES = get_args(MethodName)
 # the range of the models' dtype, float32, which the learning rate and Adam's eps must lie in
 FLOAT32_MAX, FLOAT32_TINY = float(np.finfo(np.float32).max), float(np.finfo(np.float32).tiny)
 
@@ -195,7 +201,7 @@ def _refuse_another_choices(
 
 
 class ModelCfg(_Strict):
-    kind: Literal["mlp", "cnn", "gpt", "hf-gpt2", "hf-llama"] = "mlp"
+    kind: ModelKind = "mlp"
     hidden: list[Annotated[Int, Field(ge=1)]] = Field(default_factory=lambda: [128])
     channels: list[Annotated[Int, Field(ge=1)]] = Field(default_factory=lambda: [16, 32])  # cnn only
     # language models only (text sources): a nanoGPT-style decoder, or transformers' GPT-2 or Llama of
@@ -228,7 +234,7 @@ class ModelCfg(_Strict):
 
     @model_validator(mode="after")
     def _installed(self) -> ModelCfg:
-        if self.kind in HF_MODELS and transformers_missing():
+        if self.kind in HF_MODEL_KINDS and transformers_missing():
             raise ValueError(
                 f"`model.kind` {self.kind} needs the transformers package, which is not installed: "
                 + INSTALL_HINT
@@ -249,7 +255,7 @@ OPTIM_FIELD_NAMES = {"momentum": ("sgd",), "betas": ("adam", "adamw"), "eps": ("
 
 
 class OptimCfg(_Strict):
-    name: Literal["adam", "adamw", "sgd"] = "adam"
+    name: OptimizerName = "adam"
     lr: Num = Field(1e-3, gt=0.0)
     betas: tuple[Beta, Beta] = (0.9, 0.999)
     eps: Num = Field(1e-8, gt=0.0)

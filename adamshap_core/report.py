@@ -1,7 +1,7 @@
 """Shared report helpers: rich tables and PNG plots (matplotlib, Agg backend, rendered in memory).
 
 Plots are returned as PNG bytes so that a command can compute all of its outputs before it
-writes any of them (``write_bytes`` writes one atomically).
+writes any of them (``runio.atomic_write_bytes`` writes one).
 """
 
 from __future__ import annotations
@@ -9,15 +9,13 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from rich.table import Table
 
-from .runio import atomic_write
-from .schema import value_column
+from .run_tables import value_column
 
 if TYPE_CHECKING:
     from .compare import CompareResult
@@ -50,14 +48,6 @@ def new_table(title: str, first: str, columns: Sequence[str], caption: str | Non
     for c in columns:
         table.add_column(c, justify="right", overflow="fold")
     return table
-
-
-def write_bytes(path: str | Path, data: bytes) -> Path:
-    def w(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    return atomic_write(path, w)
 
 
 def figure(nrows: int, ncols: int, size: tuple[float, float], dpi: float = 110):

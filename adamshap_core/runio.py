@@ -27,10 +27,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .choices import METHOD_NAMES
 from .errors import UserError
 from .locks import LOCK_FILE, holder, is_locked, reading, replacing
-from .recipe import METHOD_NAMES, RUN_NAME, RUN_NAME_RULE
-from .schema import KNOWN_SCHEMA_VERSIONS, SCHEMA_VERSION, TABLES, check_frame, table_problems, value_column
+from .recipe import RUN_NAME, RUN_NAME_RULE
+from .run_tables import (
+    KNOWN_SCHEMA_VERSIONS,
+    SCHEMA_VERSION,
+    TABLES,
+    check_frame,
+    table_problems,
+    value_column,
+)
 
 CHECKPOINT_FILE = "checkpoint.pt"  # while a run is being trained (see checkpoint.py)
 RUN_FILES = ("recipe.yaml", "values.parquet", "steps.parquet", "steps_values.parquet", "metrics.json")
@@ -98,11 +106,19 @@ def writing_results(summary: Path) -> Iterator[None]:
     the earlier summary is removed first, so that a set cut short (no space left, say) has none
     beside it, and a first Ctrl-C or SIGTERM lets these few writes finish where it would leave the
     set half old and half new."""
-    from .checkpoint import stop_on_interrupt
+    from .interrupts import stop_on_interrupt
 
     summary.unlink(missing_ok=True)
     with stop_on_interrupt():
         yield
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    def w(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    return atomic_write(path, w)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -608,7 +624,7 @@ def start_run(folder: RunFolder, recipe, *, recipe_path: str | None = None) -> d
     return header
 
 
-def reopen_run(folder: RunFolder) -> dict:
+def resumed_header(folder: RunFolder) -> dict:
     """The metrics header ``start_run`` wrote, to continue the run (``train --resume``)."""
     m = folder.metrics()
     keep = ("name", "recipe", "recipe_path", "created", "methods")

@@ -23,7 +23,7 @@ from .coverage import (
     checked_rows,
     coupling_problem,
     coverage_problem,
-    gradient_gap,
+    gradient_problem,
     recheck_due,
 )
 from .data_parallel import comm_hook_problem, processes_averaged
@@ -269,7 +269,7 @@ class InRunShapley:
         """Where the kernels do not rebuild all of the rows' summed gradient in train mode, as the
         fused rows' part of ``.grad`` must be (None: they do)."""
         args = (self.engine, self.model, self.loss_fn, val_inputs, val_targets)
-        return gradient_gap(*args, per_row=False, training=True)
+        return gradient_problem(*args, per_row=False, training=True)
 
     def rechecks(self, step: int) -> bool:
         """Whether the hooks' coverage is checked again before ``step`` (from 1; ``coverage.recheck_due``)."""

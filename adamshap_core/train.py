@@ -39,13 +39,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .checkpoint import STEP_COLUMNS, Checkpointer, LoopState, TrainingInterrupted, data_digest, params_digest
+from .checkpoint import Checkpointer, LoopState, TrainingInterrupted
 from .data import Dataset, load_dataset
+from .digests import data_digest, params_digest
 from .errors import UserError, memory_short_as
 from .fast import FastMode
 from .models import build_model, loss_for, per_example_loss
 from .recipe import OptimCfg, Recipe
-from .schema import value_column
+from .run_tables import STEP_COLUMNS, TABLES, value_column
 
 if TYPE_CHECKING:
     from .tracker import StepResult
@@ -570,7 +571,8 @@ def _result(prep: Prepared, state: LoopState, metrics: dict, wall_seconds: float
     """The ``TrainResult`` of the steps ``state`` has finished."""
     steps = pd.DataFrame(state.step_rows, columns=list(STEP_COLUMNS))
     # explicit types, so the tables keep their schema even with no rows (a run that stopped at step 1)
-    steps = steps.astype({c: "int64" if c in ("step", "epoch") else "float64" for c in steps.columns})
+    kinds = {c.name: c.kind for c in TABLES["steps.parquet"]}
+    steps = steps.astype({c: "int64" if kinds[c] == "int" else "float64" for c in steps.columns})
     steps_values = pd.DataFrame(state.rec_rows)
     steps_values = steps_values.astype(
         {c: "int64" if c in ("step", "example_id") else "float64" for c in steps_values.columns}

@@ -8,6 +8,8 @@ from rich.markup import escape
 from rich.progress import TextColumn
 from rich.table import Table
 
+from adamshap_core.choices import METHOD_NAMES
+
 from .common import RUNS_DIR, console, counted, err_console, progress_bar, split_list, user_errors
 
 SHOW_ALL_UP_TO = 10  # by default, print every query's top texts when there are at most this many
@@ -28,7 +30,7 @@ def attribute(
     methods: list[str] = typer.Option(
         None,
         "--methods",
-        help="adam, adam_fixed, sgd, bm25, random (comma-separated or repeated; default: all)",
+        help=f"{', '.join(METHOD_NAMES)}, bm25, random (comma-separated or repeated; default: all)",
     ),
     show: int = typer.Option(
         None,

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.progress import TextColumn
 from rich.table import Table
 
+from adamshap_core.choices import METHOD_NAMES
 from adamshap_core.errors import UserError
 
 from .common import RUNS_DIR, console, err_console, print_unbroken, progress_bar, split_list, user_errors
@@ -37,7 +38,9 @@ def bench(
     steps: int = typer.Option(20, "--steps", help="timed steps per measurement"),
     warmup: int = typer.Option(3, "--warmup", help="untimed steps before them"),
     methods: list[str] = typer.Option(
-        None, "--methods", help="adam, adam_fixed, sgd (comma-separated or repeated; default: the recipe's)"
+        None,
+        "--methods",
+        help=f"{', '.join(METHOD_NAMES)} (comma-separated or repeated; default: the recipe's)",
     ),
     repeats: int = typer.Option(3, "--repeats", help="measurements of each mode; the median is reported"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),

@@ -9,6 +9,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from adamshap_core.choices import METHOD_NAMES
+
 from .common import (
     RUNS_DIR,
     console,
@@ -33,7 +35,7 @@ def prune(
     by: list[str] = typer.Option(
         None,
         "--by",
-        help="methods to prune by: adam, adam_fixed, sgd, random, oracle (comma-separated or repeated; "
+        help=f"methods to prune by: {', '.join(METHOD_NAMES)}, random, oracle (comma-separated or repeated; "
         "default: every method the run valued, random, and oracle where labels were flipped and --remove "
         "is low). oracle removes the flipped-label examples first, then random clean ones: a perfect "
         "mislabel detector",

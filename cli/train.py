@@ -82,7 +82,7 @@ def train(
                 remove_stale_temp_files(folder.path)  # half-written files of the killed process
                 rec = load_recipe(folder.file("recipe.yaml"))
                 prep = prepare(rec)
-                start = partial(runio.reopen_run, folder)
+                start = partial(runio.resumed_header, folder)
             else:
                 start = partial(runio.start_run, folder, rec, recipe_path=str(recipe))
             if not quiet:
@@ -131,7 +131,8 @@ def _train_into(folder, start, prep, quiet: bool, resume: bool):
     """Start the run (``start()`` writes or reads its metrics header), then run the training loop into
     ``folder``; on a stop or failure from there on, leave it incomplete and say why."""
     from adamshap_core import runio
-    from adamshap_core.checkpoint import Checkpointer, stop_on_interrupt
+    from adamshap_core.checkpoint import Checkpointer
+    from adamshap_core.interrupts import stop_on_interrupt
     from adamshap_core.runio import CHECKPOINT_FILE
     from adamshap_core.train import run
 
@@ -240,7 +241,7 @@ def _training_bar(quiet: bool):
 def print_summary(result, metrics: dict, path: Path, quiet: bool) -> None:
     """The run's results on stdout: a line of metrics, each method's highest and lowest valued examples,
     the mislabel detection, where the run is and what to run next."""
-    from adamshap_core.schema import value_column
+    from adamshap_core.run_tables import value_column
 
     df = result.values_frame()
     noisy = bool(df["is_noisy"].any())
@@ -299,7 +300,7 @@ def print_summary(result, metrics: dict, path: Path, quiet: bool) -> None:
 
 def fast_mode_line(steps) -> str:
     """How often a fast-mode run reused ∇val, and what its checks of that reuse found (``steps.parquet``)."""
-    from adamshap_core.schema import reused_val_grads
+    from adamshap_core.run_tables import reused_val_grads
 
     reused = int(reused_val_grads(steps).sum())
     line = f"fast mode: ∇val reused on {reused} of {len(steps)} steps"

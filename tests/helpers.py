@@ -43,6 +43,18 @@ def tiny_gpt(**sections) -> dict:
     return merged(TINY_GPT, sections)
 
 
+def facts_gpt(**sections) -> dict:
+    """TINY_GPT on 10 facts (seed 2), valued by adam and sgd, with sections updated as ``tiny``: the
+    language-model run the compare and replay tests share."""
+    base = {
+        "data": {"facts": {"n_facts": 10, "seed": 2}},
+        "optim": {"weight_decay": 0.01},
+        "train": {"seed": 5},
+        "attribution": {"methods": ["adam", "sgd"]},
+    }
+    return merged(tiny_gpt(**base), sections)
+
+
 def merged(base: dict, sections: dict) -> dict:
     """``base`` with sections updated; a model section of another kind replaces the base's (whose
     fields, such as an mlp's ``hidden``, would not apply to it)."""

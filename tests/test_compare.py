@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import cli, threads_of_runs, tiny, write_recipe
+from helpers import cli, facts_gpt, threads_of_runs, tiny, write_recipe
 
 from adamshap_core.compare import COMPARE_COLUMNS, check_no_random_draws, resolve_steps
 from adamshap_core.errors import UserError
-from adamshap_core.schema import value_column
+from adamshap_core.run_tables import value_column
 
 OUTPUTS = ("compare.parquet", "groundtruth.parquet", "compare_layers.parquet", "compare.json")
 PLOTS = ("compare_values.png", "compare_steps.png", "compare_pearson.png")
@@ -273,14 +273,7 @@ def test_an_incomplete_run_is_refused(run):
     assert not (run / "compare.parquet").exists()
 
 
-GPT = {
-    "name": "gpt",
-    "data": {"source": "builtin:facts", "facts": {"n_facts": 10, "seed": 2}},
-    "model": {"kind": "gpt", "n_layer": 1, "n_head": 2, "d_model": 8},
-    "optim": {"name": "adamw", "lr": 1.0e-2, "weight_decay": 0.01},
-    "train": {"epochs": 1, "batch_size": 4, "seed": 5, "device": "cpu"},
-    "attribution": {"methods": ["adam", "sgd"], "record_steps": 2},
-}
+GPT = facts_gpt(name="gpt", attribution={"record_steps": 2})
 
 
 def test_a_language_model_run_compares_and_dropout_is_refused(tmp_path, runs):

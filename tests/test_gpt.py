@@ -145,11 +145,13 @@ def test_a_key_bias_whose_gradient_cancels_does_not_block_fused_rows():
     """Softmax ignores a shift common to all keys, so the key bias's gradient is float32 rounding
     noise, which the kernels and autograd round differently: the check must not read that as a part
     of the gradient the hooks missed (at the default width it did, and every step fell back)."""
-    from adamshap_core.coverage import gradient_gap
+    from adamshap_core.coverage import gradient_problem
 
     torch.manual_seed(0)
     model = GPT(50, 40, n_layer=2, n_head=4, d_model=64)
     gen = torch.Generator().manual_seed(0)
     # one validation sequence, as `make bench` runs the GPT
     x, y = torch.randint(1, 50, (1, 32), generator=gen), torch.randint(0, 50, (1, 32), generator=gen)
-    assert gradient_gap(GhostEngine(model), model, sequence_loss, x, y, per_row=False, training=True) is None
+    assert (
+        gradient_problem(GhostEngine(model), model, sequence_loss, x, y, per_row=False, training=True) is None
+    )

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from helpers import cli, tiny, write_recipe
 
-from adamshap_core import runio, schema
+from adamshap_core import run_tables, runio
 from adamshap_core.errors import UserError
 
 GPT_RECIPE = tiny(
@@ -41,13 +41,13 @@ def runs(tmp_path_factory):
 def test_every_table_opens_and_matches_its_schema(runs, name):
     folder = runio.RunFolder(runs / name)
     metrics = json.loads(folder.file("metrics.json").read_text())
-    assert metrics["schema_version"] == schema.SCHEMA_VERSION and metrics["status"] == "complete"
+    assert metrics["schema_version"] == run_tables.SCHEMA_VERSION and metrics["status"] == "complete"
     assert len(metrics["params_sha256"]) == 64
     tables = sorted(p.name for p in folder.path.glob("*.parquet"))
     assert tables == ["steps.parquet", "steps_values.parquet", "values.parquet"]
     for table in tables:
         df = pd.read_parquet(folder.file(table))
-        assert schema.table_problems(table, df, metrics["methods"]) == [], table
+        assert run_tables.table_problems(table, df, metrics["methods"]) == [], table
     values, steps = folder.values(), folder.steps()
     assert len(values) == metrics["n_train"] and values["example_id"].is_unique
     assert steps["step"].tolist() == list(range(1, metrics["steps"] + 1))

@@ -223,7 +223,7 @@ def test_schema_forbids_extra_keys_everywhere():
 
 
 def test_the_recipe_names_exactly_the_methods_that_have_rules():
+    from adamshap_core.choices import METHOD_NAMES
     from adamshap_core.precond import METHODS
-    from adamshap_core.recipe import METHOD_NAMES
 
     assert tuple(METHODS) == METHOD_NAMES

@@ -4,20 +4,13 @@ walks the very same trajectory (parameters bitwise equal at the end)."""
 import numpy as np
 import pytest
 import torch
-from helpers import threads_of_runs
+from helpers import facts_gpt, threads_of_runs
 
 from adamshap_core.attribute import replay_recipe, replay_values
 from adamshap_core.recipe import recipe_from_dict
 from adamshap_core.train import train
 
-RECIPE = {
-    "name": "replay",
-    "data": {"source": "builtin:facts", "facts": {"n_facts": 10, "seed": 2}},
-    "model": {"kind": "gpt", "n_layer": 1, "n_head": 2, "d_model": 8},
-    "optim": {"name": "adamw", "lr": 1.0e-2, "weight_decay": 0.01},
-    "train": {"epochs": 2, "batch_size": 4, "seed": 5, "device": "cpu"},
-    "attribution": {"methods": ["adam", "sgd"], "record_steps": 0},
-}
+RECIPE = facts_gpt(name="replay", train={"epochs": 2})
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,9 @@ import pytest
 import torch
 from helpers import TINY, cli, tiny, write_recipe
 
-from adamshap_core.checkpoint import Checkpointer, TrainingInterrupted, stop_on_interrupt
+from adamshap_core.checkpoint import Checkpointer, TrainingInterrupted
 from adamshap_core.errors import UserError
+from adamshap_core.interrupts import stop_on_interrupt
 from adamshap_core.locks import run_lock
 from adamshap_core.recipe import recipe_from_dict
 from adamshap_core.runio import CHECKPOINT_FILE
@@ -157,9 +158,9 @@ def test_sigterm_sets_the_stop_flag_too_and_a_second_one_terminates():
 
 def test_sigterm_mid_training_exits_143_with_a_checkpoint(tmp_path, monkeypatch):
     """The CLI path of a stop by SIGTERM: the step finishes, a checkpoint is saved, exit 143."""
-    from adamshap_core import checkpoint
+    from adamshap_core import interrupts
 
-    class TerminatedAtSecondPoll(checkpoint.StopFlag):
+    class TerminatedAtSecondPoll(interrupts.StopFlag):
         polls = 0
 
         def __call__(self) -> bool:
@@ -169,7 +170,7 @@ def test_sigterm_mid_training_exits_143_with_a_checkpoint(tmp_path, monkeypatch)
             return super().__call__()
 
     monkeypatch.setattr(
-        checkpoint, "stop_on_interrupt", lambda: contextlib.nullcontext(TerminatedAtSecondPoll())
+        interrupts, "stop_on_interrupt", lambda: contextlib.nullcontext(TerminatedAtSecondPoll())
     )
     res = cli("train", write_recipe(tmp_path, LONG), "--name", "t", "--runs-dir", tmp_path / "runs", "-q")
     assert res.exit_code == 143, res.output
@@ -326,7 +327,7 @@ def test_each_checkpoint_packs_only_the_steps_since_the_last_and_format_2_still_
     """The step rows are saved as one tensor, packed a save at a time: pickling every row's tuple at
     each save grew quadratically (63 ms a save at step 18,000). A checkpoint of format 2, whose step
     rows are a list and whose recipe lacks a key added since, resumes as before."""
-    from adamshap_core import checkpoint
+    from adamshap_core import checkpoint, run_tables
 
     recipe = recipe_from_dict(tiny(train={"epochs": 2, "batch_size": 10, "checkpoint_every": 3}))
     full = run(prepare(recipe))
@@ -338,7 +339,7 @@ def test_each_checkpoint_packs_only_the_steps_since_the_last_and_format_2_still_
         run(prep, checkpointer=Checkpointer(path, prep), stop=stop_after(8))
     assert packed == [0, 3, 3, 2]  # at steps 3 and 6, and at the stop after step 8
     blob = torch.load(path, weights_only=True)
-    assert blob["format"] == 3 and blob["loop"]["step_rows"].shape == (8, len(checkpoint.STEP_COLUMNS))
+    assert blob["format"] == 3 and blob["loop"]["step_rows"].shape == (8, len(run_tables.STEP_COLUMNS))
     blob["format"], blob["loop"]["step_rows"] = 2, checkpoint.unpack_steps(blob["loop"]["step_rows"])
     del blob["recipe"]["data"]["max_words"]  # a key added since: it takes its default
     torch.save(blob, path)
@@ -396,12 +397,12 @@ def test_periodic_checkpoints_follow_checkpoint_every(tmp_path):
 @pytest.fixture
 def stopped(tmp_path, monkeypatch):
     """A CLI run of the tiny recipe stopped after its first step as Ctrl-C stops it (exit 130)."""
-    from adamshap_core import checkpoint
+    from adamshap_core import interrupts
 
     runs = tmp_path / "runs"
     recipe = write_recipe(tmp_path, tiny(train={"epochs": 2}))
     with monkeypatch.context() as m:  # a Ctrl-C already pressed: stop after the first step
-        m.setattr(checkpoint, "stop_on_interrupt", lambda: contextlib.nullcontext(lambda: True))
+        m.setattr(interrupts, "stop_on_interrupt", lambda: contextlib.nullcontext(lambda: True))
         res = cli("train", recipe, "--quiet", "--runs-dir", runs)
     assert res.exit_code == 130, res.output
     assert "--resume tiny" in " ".join(res.output.split())
@@ -450,11 +451,11 @@ def test_resume_after_ctrl_c_in_process(stopped, tmp_path):
 
 
 def test_a_resumed_run_stopped_again_records_the_new_stop(stopped, monkeypatch):
-    from adamshap_core import checkpoint
+    from adamshap_core import interrupts
 
     first = json.loads((stopped / "tiny" / "metrics.json").read_text())
     with monkeypatch.context() as m:  # Ctrl-C pressed again: stop after the first resumed step
-        m.setattr(checkpoint, "stop_on_interrupt", lambda: contextlib.nullcontext(lambda: True))
+        m.setattr(interrupts, "stop_on_interrupt", lambda: contextlib.nullcontext(lambda: True))
         res = resume(stopped)
     assert res.exit_code == 130 and "--resume tiny" in " ".join(res.output.split()), res.output
     again = json.loads((stopped / "tiny" / "metrics.json").read_text())
@@ -550,7 +551,7 @@ def test_resume_refuses_changed_validation_or_test_data(tmp_path):
 @pytest.mark.parametrize("part", ["x_train", "y_train", "example_id"])
 def test_the_data_digest_covers_inputs_labels_and_ids(part):
     """Any of them changed (the labels alone, say), and a resume is refused as other training data."""
-    from adamshap_core.checkpoint import data_digest
+    from adamshap_core.digests import data_digest
 
     data = prepare(recipe_from_dict(tiny(attribution={"enabled": False}))).data
     before = data_digest(data)
@@ -578,7 +579,7 @@ def test_digests_hash_the_tensors_bytes_in_place_as_the_copies_they_replace():
     the digests recorded by earlier runs (of the copied bytes) still match."""
     import hashlib
 
-    from adamshap_core.checkpoint import _digest
+    from adamshap_core.digests import _digest
 
     tensors = (
         torch.randn(5, 3),

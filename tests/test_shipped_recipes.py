@@ -10,8 +10,7 @@ import pytest
 import yaml
 from helpers import cli
 
-from adamshap_core.models import LANGUAGE_MODELS
-from adamshap_core.models.hf import HF_MODELS, transformers_missing
+from adamshap_core.choices import HF_MODEL_KINDS, LANGUAGE_MODELS, transformers_missing
 from adamshap_core.recipe import load_recipe
 from adamshap_core.train import prepare
 
@@ -22,7 +21,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"
 def _extra_installed(request):
     """A recipe of transformers' models is skipped where the optional extra is not installed."""
     path = request.node.callspec.params.get("path") if hasattr(request.node, "callspec") else None
-    if path is not None and yaml.safe_load(path.read_text())["model"]["kind"] in HF_MODELS:
+    if path is not None and yaml.safe_load(path.read_text())["model"]["kind"] in HF_MODEL_KINDS:
         if transformers_missing():
             pytest.skip("needs the optional extra: pip install 'adamshap[hf]'")
 

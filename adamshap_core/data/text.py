@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..choices import LANGUAGE_MODELS
 from ..errors import UserError, listed
-from ..models import LANGUAGE_MODELS
 from ..tokenizer import IGNORE, WordTokenizer
 from .dataset import Dataset
 from .facts import LEVELS, Query, generate
@@ -184,11 +184,17 @@ def _read_lines(path: str, what: str) -> list[str]:
     return [line.removesuffix("\r") for line in lines]
 
 
-@register_source("text", help="a UTF-8 text file, one training text per line, blank lines skipped")
-def load_text(rest: str, cfg: DataCfg, *, image: bool = False) -> TextDataset:
-    source = f"text:{rest}"
+def _text_source(scheme: str, rest: str, cfg: DataCfg, image: bool) -> str:
+    """The source's name, once the options that apply to other sources are found unset."""
+    source = f"{scheme}:{rest}"
     _no_image(image, source)
     _check_text_options(cfg, source)
+    return source
+
+
+@register_source("text", help="a UTF-8 text file, one training text per line, blank lines skipped")
+def load_text(rest: str, cfg: DataCfg, *, image: bool = False) -> TextDataset:
+    source = _text_source("text", rest, cfg, image)
     lines = _read_lines(rest, "`data.source`")
     kept = [i for i, line in enumerate(lines) if line.strip()]
     corpus = Texts(
@@ -204,9 +210,7 @@ def load_text(rest: str, cfg: DataCfg, *, image: bool = False) -> TextDataset:
 
 @register_source("jsonl", help="JSON lines with a `text` field and optionally an integer `id`")
 def load_jsonl(rest: str, cfg: DataCfg, *, image: bool = False) -> TextDataset:
-    source = f"jsonl:{rest}"
-    _no_image(image, source)
-    _check_text_options(cfg, source)
+    source = _text_source("jsonl", rest, cfg, image)
     records = read_jsonl(rest, "`data.source`")
     check_ids(records, rest, "`data.source`", kinds=(int,))
     texts, ids, rows, where = [], [], [], []
@@ -275,9 +279,7 @@ def check_ids(records: list[tuple[int, dict]], path: str, what: str, kinds: tupl
     "builtin", names=("facts",), help="a generated corpus of invented facts, with paraphrased queries"
 )
 def load_builtin(rest: str, cfg: DataCfg, *, image: bool = False) -> TextDataset:
-    source = f"builtin:{rest}"
-    _no_image(image, source)
-    _check_text_options(cfg, source)
+    source = _text_source("builtin", rest, cfg, image)
     assert cfg.facts is not None  # DataCfg fills in the defaults for builtin:facts
     facts, queries = generate(cfg.facts.n_facts, cfg.facts.seed)
     ids = [f.id for f in facts]

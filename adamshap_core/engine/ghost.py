@@ -316,7 +316,7 @@ class GhostEngine:
         """Every parameter a valued module owns (the layout's and any outside the optimizer), once."""
         return list(self._by_id.values())
 
-    def gradients(self) -> dict[int, torch.Tensor]:
+    def held_gradients(self) -> dict[int, torch.Tensor]:
         """id(param) → its ``.grad``, for every owned parameter that has one."""
         return {key: p.grad for key, p in self._by_id.items() if p.grad is not None}
 
@@ -500,7 +500,7 @@ class GhostEngine:
     def kernel_values(self, M: Matrices, calls: list[Call]) -> torch.Tensor:
         """[R, K]: the rows of ``calls`` valued by each kernel's own ``values``, one call at a time (no
         stacks, chunks or ghost rows), summed over the calls: what the coverage check compares with
-        the per-row gradients the same kernels build (``coverage._values_gap``)."""
+        the per-row gradients the same kernels build (``coverage._values_problem``)."""
         total = torch.zeros(calls[0].a.shape[0], M.n_targets, device=calls[0].a.device)
         for call in calls:
             Mc = M.for_call(call.module, call.kernel, self._owned[call.module][1])

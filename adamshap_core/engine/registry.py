@@ -5,6 +5,11 @@ parameters it values, what to keep from the forward pass, and how to turn the
 kept activations ``a``, the output-gradients ``b`` and the per-parameter
 matrices ``M`` into ⟨M, g_i⟩ for every example i, without building g_i; and, for the
 few validation rows that share the training batch, how to build their gradients.
+
+A new layer type is a ``LayerKernel`` subclass decorated with ``@register(TheModule)``, in a file of its
+own (``linear.py`` is the model to follow); a kernel shipped with the package is also listed in
+``engine/__init__.py``, whose import registers it. Its test is a case in ``tests/cases.py``, which the
+exactness tests check against brute force.
 """
 
 from __future__ import annotations

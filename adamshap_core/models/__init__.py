@@ -14,18 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..choices import LANGUAGE_MODELS, MODEL_KINDS
 from ..errors import UserError, listed
 from .cnn import SmallCNN
 from .gpt import GPT, sequence_loss
-from .hf import HF_MODELS, HFCausalLM
+from .hf import HFCausalLM
 from .mlp import MLP
 
 if TYPE_CHECKING:
     from ..data import Dataset
     from ..recipe import ModelCfg
 
-# the model kinds that are language models (text sources, the sequence loss, attribution)
-LANGUAGE_MODELS = ("gpt", *HF_MODELS)
 
 __all__ = [
     "GPT",
@@ -71,9 +70,7 @@ def build_model(cfg: ModelCfg, data: Dataset) -> nn.Module:
                 "expected model.kind: mlp."
             )
         return SmallCNN(data.input_shape, list(cfg.channels), list(cfg.hidden), data.n_classes)
-    raise UserError(
-        f"`model.kind` is {cfg.kind!r}; expected {listed(('mlp', 'cnn', *LANGUAGE_MODELS), 'or')}."
-    )
+    raise UserError(f"`model.kind` is {cfg.kind!r}; expected {listed(MODEL_KINDS, 'or')}.")
 
 
 def _is_text(data: Dataset) -> bool:

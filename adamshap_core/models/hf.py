@@ -12,25 +12,21 @@ Both may tie the head to the token embedding (``tie_weights``). Needs the option
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..choices import HF_MODEL_KINDS, INSTALL_HINT, transformers_missing
 from ..errors import UserError
 from .gpt import positions
 
-INSTALL_HINT = "pip install 'adamshap[hf]' (or pip install transformers)"
 # model kind → transformers' (config, model) class names
 HF_MODELS = {
     "hf-gpt2": ("GPT2Config", "GPT2LMHeadModel"),
     "hf-llama": ("LlamaConfig", "LlamaForCausalLM"),
 }
-
-
-def transformers_missing() -> bool:
-    return importlib.util.find_spec("transformers") is None
+assert tuple(HF_MODELS) == HF_MODEL_KINDS  # the kinds a recipe may choose (choices.py)
 
 
 def _config(

@@ -46,18 +46,20 @@ TABLES: dict[str, tuple[Column, ...]] = {
         Column("clean_label", "any", required=False),
         Column("source_row", "int", required=False),
     ),
-    "steps.parquet": (
+    "steps.parquet": (  # in the order the training loop records a step (STEP_COLUMNS)
         Column("step", "int"),
+        Column("epoch", "int", required=False),
         Column("lr", "float"),
         Column("train_loss", "float"),
         Column("val_loss", "float"),
-        Column("seconds", "float"),
-        Column("epoch", "int", required=False),
         Column("clip_factor", "float", required=False),
+        Column("seconds", "float"),
         Column("reuse_pearson", "float", required=False),
     ),
     "steps_values.parquet": (Column("step", "int"), Column("example_id", "int")),
 }
+# a step's row as the training loop records it, and the order of steps.parquet's columns
+STEP_COLUMNS = tuple(c.name for c in TABLES["steps.parquet"])
 UNIQUE_KEYS = {"values.parquet": ("example_id",), "steps_values.parquet": ("step", "example_id")}
 
 _KIND_CHECKS = {
