@@ -55,7 +55,7 @@ from .threads import intra_op_threads, recorded_threads
 
 if TYPE_CHECKING:
     from .recipe import Recipe
-    from .train import Prepared
+    from .train import Prepared, StepContext
 
 REPLAY_RTOL = 1e-5  # replayed vs recorded per-step values, relative to the step's largest |value|
 VAL_LOSS_RTOL = 1e-4  # float64 ground-truth validation loss vs the run's float32 one
@@ -258,28 +258,10 @@ def replay(
             raise _unfaithful(inputs, f"the batch of step {step} holds other examples than the run's")
         if step not in truth_steps:
             return
-        truth = gt.step_truth(
-            step,
-            ctx.model,
-            ctx.optimizer,
-            prep.loss_fn,
-            ctx.inputs,
-            ctx.targets,
-            prep.val_x,
-            prep.val_y,
-            max_grad_norm=inputs.recipe.train.grad_clip,
-            permutations=permutations[step],
-            generator=torch.Generator().manual_seed(options.seed * 1_000_003 + step),
-            methods=methods if step in detail else (),
+        truth = _step_truth(
+            ctx, prep, inputs, options.seed, permutations[step], methods if step in detail else ()
         )
-        recorded_loss = val_loss.get(step, float("nan"))
-        measured = math.isfinite(recorded_loss)  # not on a fast-mode step that reused ∇val
-        if measured and not math.isclose(truth.val_loss, recorded_loss, rel_tol=VAL_LOSS_RTOL, abs_tol=1e-7):
-            raise _unfaithful(
-                inputs,
-                f"before step {step} the validation loss is {truth.val_loss:.6g}, the run recorded "
-                f"{recorded_loss:.6g}",
-            )
+        _check_val_loss(inputs, step, truth.val_loss, val_loss.get(step, math.nan))
         truths[step], batch_ids[step] = truth, ids
         done += permutations[step] + 1
         if on_progress is not None:
@@ -301,6 +283,36 @@ def replay(
         example_id,
         time.perf_counter() - t0,
     )
+
+
+def _step_truth(
+    ctx: StepContext, prep: Prepared, inputs: RunInputs, seed: int, permutations: int, methods: Sequence[str]
+) -> gt.StepTruth:
+    """The ground truth of the step ``ctx`` is about to take."""
+    return gt.step_truth(
+        ctx.step,
+        ctx.model,
+        ctx.optimizer,
+        prep.loss_fn,
+        ctx.inputs,
+        ctx.targets,
+        prep.val_x,
+        prep.val_y,
+        max_grad_norm=inputs.recipe.train.grad_clip,
+        permutations=permutations,
+        generator=torch.Generator().manual_seed(seed * 1_000_003 + ctx.step),
+        methods=tuple(methods),
+    )
+
+
+def _check_val_loss(inputs: RunInputs, step: int, replayed: float, recorded: float) -> None:
+    """Refuse a replay whose validation loss before ``step`` is not the run's (NaN ``recorded``: a
+    fast-mode step that reused ∇val measured none)."""
+    if math.isfinite(recorded) and not math.isclose(replayed, recorded, rel_tol=VAL_LOSS_RTOL, abs_tol=1e-7):
+        raise _unfaithful(
+            inputs,
+            f"before step {step} the validation loss is {replayed:.6g}, the run recorded {recorded:.6g}",
+        )
 
 
 def check_no_random_draws(model: torch.nn.Module, run_name: str) -> None:

@@ -286,7 +286,8 @@ class InRunShapley:
             self._pending.mark_used()  # what a refused or stopped step left is its own
             raise
 
-    def _step(self, inputs, targets) -> StepResult:
+    def _refuse_invalid(self, inputs, targets) -> None:
+        """Refuse, before anything changes, a step whose values would be wrong (see the class doc)."""
         if is_empty(targets):
             raise ValueError("the training batch is empty: expected at least one row")
         check_rows(inputs, targets, "the training batch")
@@ -300,6 +301,9 @@ class InRunShapley:
         if self.rechecks(self._steps + 1):
             problem = coverage_problem(self.engine, self.model, self.loss_fn, inputs, targets)
             _refuse(problem and f"{problem}; found at step {self._steps + 1}, on rows of its training batch")
+
+    def _step(self, inputs, targets) -> StepResult:
+        self._refuse_invalid(inputs, targets)
         self._steps += 1
         val_loss = math.nan  # measured on the steps that compute ∇val
         rows = None  # validation rows riding along in this batch

@@ -397,11 +397,8 @@ def run(
     if on_progress is not None:
         on_progress(state.step, limit, float("nan"), 0.0)
     while state.step < limit:
-        if state.order is None or state.pos >= n:
-            state.epoch += 1
-            state.order, state.pos = torch.randperm(n, generator=gen), 0
+        batch = _next_batch(state, gen, n, bs)
         step, epoch = state.step + 1, state.epoch
-        batch = state.order[state.pos : state.pos + bs]
         inputs, targets = x_train[batch.to(dev)], y_train[batch.to(dev)]
         lr = float(opt.param_groups[0]["lr"])
         if on_step is not None:
@@ -417,12 +414,7 @@ def run(
         loss = res.loss
         problem = non_finite_problem(loss, model, step_values, float(res.val_loss))
         if problem:
-            raise TrainingDiverged(
-                f"training diverged at step {step} (epoch {epoch}): {problem}. "
-                f"{_kept(state.step, tracker is not None)} "
-                "Try a smaller optim.lr or set train.grad_clip.",
-                partial=_result(prep, state, {"steps": state.step, "total_steps": prep.total_steps}, wall()),
-            )
+            raise _diverged(prep, state, f"step {step} (epoch {epoch}): {problem}", wall())
         pos = batch.numpy()
         _add_values(state, step, ids[pos], pos, step_values, recorded=step in recorded_steps)
         secs = time.perf_counter() - t0
@@ -432,10 +424,7 @@ def run(
         if on_progress is not None:
             on_progress(step, limit, loss, state.seen / max(time.perf_counter() - t_start, 1e-9))
         stopping = stop is not None and stop() and step < limit
-        # the last step too, where checkpoints are on: a failure in the evaluation after it (out of
-        # memory, say) then costs a resume that only evaluates, not the run's last steps again
-        last = step == limit and checkpointer is not None and checkpointer.every > 0
-        if checkpointer is not None and (stopping or last or (step < limit and checkpointer.due(step))):
+        if checkpointer is not None and _checkpoint_due(checkpointer, step, limit, stopping):
             checkpointer.save(state, gen, wall())
         if stopping:
             raise TrainingInterrupted(step, limit, checkpointer.path if checkpointer else None)
@@ -557,6 +546,32 @@ def non_finite_problem(loss: float, model: nn.Module, values: dict[str, np.ndarr
             why = f" (the validation loss is {val_loss})" if not math.isfinite(val_loss) else ""
             return f"the `{m}` values of {bad} of the {len(v)} examples are non-finite{why}"
     return ""
+
+
+def _next_batch(state: LoopState, gen: torch.Generator, n: int, batch_size: int) -> torch.Tensor:
+    """The rows of the next batch, in the epoch's order; past the epoch's end, a new epoch's order."""
+    if state.order is None or state.pos >= n:
+        state.epoch += 1
+        state.order, state.pos = torch.randperm(n, generator=gen), 0
+    return state.order[state.pos : state.pos + batch_size]
+
+
+def _checkpoint_due(checkpointer: Checkpointer, step: int, limit: int, stopping: bool) -> bool:
+    """Whether to save after ``step``: on a stop, every ``checkpoint_every`` steps, and after the last
+    step where checkpoints are on (a failure in the evaluation after it, out of memory say, then
+    costs a resume that only evaluates, not the run's last steps again)."""
+    last = step == limit and checkpointer.every > 0
+    return stopping or last or (step < limit and checkpointer.due(step))
+
+
+def _diverged(prep: Prepared, state: LoopState, where: str, wall_seconds: float) -> TrainingDiverged:
+    """The error of a step whose loss, gradient or values are not finite, ``where`` saying which and
+    why; it carries the result of the steps before it."""
+    return TrainingDiverged(
+        f"training diverged at {where}. {_kept(state.step, prep.tracker is not None)} "
+        "Try a smaller optim.lr or set train.grad_clip.",
+        partial=_result(prep, state, {"steps": state.step, "total_steps": prep.total_steps}, wall_seconds),
+    )
 
 
 def _kept(steps_done: int, valued: bool) -> str:

@@ -70,6 +70,47 @@ class RowsTarget:
     summed: bool
 
 
+Owned = dict[nn.Module, tuple[LayerKernel, dict[str, nn.Parameter]]]  # module -> its kernel, its parameters
+
+
+def _valued_modules(model: nn.Module) -> tuple[Owned, dict[nn.Module, str], list[nn.Parameter]]:
+    """Each module owning trainable parameters: its kernel and those parameters by name, and its path;
+    and every such parameter once, in model order (a tied one is valued through all its uses). A
+    module without a kernel, or with a parameter its kernel does not value, is refused."""
+    owned: Owned = {}
+    paths: dict[nn.Module, str] = {}
+    parameters: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for path, module in model.named_modules():
+        own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+        if not own:
+            continue
+        kernel = kernel_for(module)
+        if kernel is None:
+            raise unsupported(
+                path,
+                module,
+                f"it owns trainable parameters ({', '.join(own)}) and no kernel exists for this "
+                f"layer type; supported: {', '.join(supported_types())}",
+            )
+        extra = sorted(set(own) - set(kernel.param_names))
+        if extra:
+            raise unsupported(path, module, f"unexpected trainable parameters {extra}")
+        kernel.check(module, path)
+        owned[module], paths[module] = (kernel, own), path
+        for p in own.values():
+            if id(p) not in seen:
+                seen.add(id(p))
+                parameters.append(p)
+    return owned, paths, parameters
+
+
+def _in_order(parameters: list[nn.Parameter], order: Sequence[torch.Tensor]) -> list[nn.Parameter]:
+    """Those of ``parameters`` that ``order`` holds (the optimizer's, say), in its order."""
+    position = {id(p): i for i, p in enumerate(order)}
+    return sorted((p for p in parameters if id(p) in position), key=lambda p: position[id(p)])
+
+
 class GhostEngine:
     """Values per-example gradient dot-products for every trainable parameter of a model."""
 
@@ -83,42 +124,13 @@ class GhostEngine:
         self.contract_chunk = CONTRACT_CHUNK
         # floats a stack of calls contracted together may copy and hold (0: every call alone)
         self.stack_floats = STACK_FLOATS
-        self.parameters: list[nn.Parameter] = []
-        # For each valued module: its kernel and {param name: parameter} it values.
-        self._owned: dict[nn.Module, tuple[LayerKernel, dict[str, nn.Parameter]]] = {}
-        self._paths: dict[nn.Module, str] = {}  # for messages
-        seen: set[int] = set()
-        for path, module in model.named_modules():
-            own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-            if not own:
-                continue
-            kernel = kernel_for(module)
-            if kernel is None:
-                raise unsupported(
-                    path,
-                    module,
-                    f"it owns trainable parameters ({', '.join(own)}) and no kernel exists for this "
-                    f"layer type; supported: {', '.join(supported_types())}",
-                )
-            extra = sorted(set(own) - set(kernel.param_names))
-            if extra:
-                raise unsupported(path, module, f"unexpected trainable parameters {extra}")
-            kernel.check(module, path)
-            self._owned[module] = (kernel, own)
-            self._paths[module] = path
-            for p in own.values():
-                if id(p) not in seen:  # a tied parameter is valued once, through all its uses
-                    seen.add(id(p))
-                    self.parameters.append(p)
-        if order is not None:
-            position = {id(p): i for i, p in enumerate(order)}
-            self.parameters = sorted(
-                (p for p in self.parameters if id(p) in position), key=lambda p: position[id(p)]
-            )
+        # each valued module's kernel and {param name: parameter} it values, and its path (for messages)
+        self._owned, self._paths, found = _valued_modules(model)
+        self.parameters: list[nn.Parameter] = found if order is None else _in_order(found, order)
         if not self.parameters:
             raise UserError(
                 "the model has no trainable parameters to value"
-                if order is None or not seen
+                if order is None or not found
                 else "none of the model's trainable parameters is in the optimizer: "
                 "expected an optimizer built over model.parameters()"
             )
