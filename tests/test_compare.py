@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -135,6 +136,26 @@ def test_cumulative_truth_is_the_sum_of_every_steps_truth(run):
     want = np.corrcoef(later.shapley, later.value_sgd)[0, 1]
     got = json.loads((run / "compare.json").read_text())["cumulative_from_step_2"]["sgd"]["pearson"]
     assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_the_printed_table_shows_the_medians_and_pearson_before_spearman(run):
+    """The console table's "all evaluated steps" and "cumulative" cells are compare.parquet's median
+    per-step (Pearson, Spearman) and its cumulative (Pearson, Spearman), in that order, as its title
+    and caption say."""
+    res = cli("compare", "--permutations", "4", "--steps", "1-7")
+    assert res.exit_code == 0, res.output
+    t = pd.read_parquet(run / "compare.parquet")
+    methods = ["adam", "adam_fixed", "sgd"]
+    per_step = t[(t.ground_truth == "shapley") & (t.scope != "cumulative")].groupby("method")
+    cumulative = t[(t.ground_truth == "shapley") & (t.scope == "cumulative")].set_index("method")
+    lines = res.stdout.splitlines()
+    every_step = next(line for line in lines if "all evaluated steps" in line)
+    summed = next(line for line in lines if re.search(r"^\W*cumulative\W", line))
+    medians = [(per_step.pearson.median()[m], per_step.spearman.median()[m]) for m in methods]
+    sums = [(cumulative.loc[m, "pearson"], cumulative.loc[m, "spearman"]) for m in methods]
+    for line, want in ((every_step, medians), (summed, sums)):
+        pairs = re.findall(r"(-?\d\.\d{3}) / (-?\d\.\d{3})", line)
+        assert pairs == [(f"{p:.3f}", f"{s:.3f}") for p, s in want], line
 
 
 def test_every_figure_of_the_report_is_recomputed_from_its_tables(run):

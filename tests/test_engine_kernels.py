@@ -6,7 +6,7 @@ import weakref
 import pytest
 import torch
 from bruteforce import per_example_grads
-from cases import CASES
+from cases import CASES, cross_entropy
 from conftest import rel_err
 from torch import nn
 
@@ -50,6 +50,26 @@ def test_kernel_matches_per_example_gradients(case, batch, chunked, targets, flo
             want[:, m] += g @ M.T / batch
     assert got.shape == (batch, n_methods, Q)
     assert rel_err(got, want) <= 1e-10
+
+
+@pytest.mark.skipif(not hasattr(nn, "RMSNorm"), reason="torch < 2.4 has no nn.RMSNorm")
+def test_an_rms_norm_without_eps_normalises_with_its_dtypes_epsilon(float64):
+    """nn.RMSNorm(d) defaults to eps=None, where torch takes finfo(dtype).eps: on inputs of RMS about
+    1e-3, any other eps would show in the weight's values."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.RMSNorm(4), nn.Linear(4, 2))
+    x, y = 1e-3 * torch.randn(5, 4), torch.randint(0, 2, (5,))
+    engine = GhostEngine(model)
+    val = [torch.randn(1, *p.shape) for p in engine.parameters]
+    with engine.capture():
+        cross_entropy(model(x), y).mean().backward()
+        scales = [(engine.slice_of(p), [1.0]) for p in engine.parameters]
+        got = engine.values(engine.flatten(val, rows=1), scales, 1, 5)
+    grads = per_example_grads(model, cross_entropy, x, y)
+    names = {id(p): n for n, p in model.named_parameters()}
+    pairs = zip(engine.parameters, val, strict=True)
+    want = sum(grads[names[id(p)]].reshape(5, -1) @ v.reshape(-1, 1) / 5 for p, v in pairs)
+    assert rel_err(got.reshape(5, 1), want) <= 1e-10
 
 
 def test_contraction_splits_the_batch_where_intermediates_exceed_the_budget(float64, monkeypatch):

@@ -86,6 +86,9 @@ def test_string_numbers_from_yaml_are_numbers(tmp_path):
         ("model.kind=transformer", "model.kind", "Input should be 'mlp'"),
         ("model.hidden=[0]", "model.hidden[0]", "greater than or equal to 1"),
         ("train.grad_clip=0", "train.grad_clip", "greater than 0"),
+        # numpy's and scikit-learn's seeds stop at 2**32 - 1: past it they raise their own error
+        ("train.seed=4294967296", "train.seed", "less than or equal to 4294967295"),
+        ("data.seed=-1", "data.seed", "greater than or equal to 0"),
         ("train.device=tpu", "train.device", "'auto', 'cpu' or 'cuda'"),
         ("train.checkpoint_every=-5", "train.checkpoint_every", "greater than or equal to 0"),
         ("attribution.methods=[]", "attribution.methods", "at least one method"),
@@ -108,6 +111,10 @@ def test_bad_values_name_the_field(tmp_path, override, field, fragment):
     assert f"`{field}`" in msg, msg
     assert fragment in msg, msg
     assert str(p) in msg
+
+
+def test_the_largest_seed_numpy_takes_is_accepted(tmp_path):
+    assert load_recipe(write_recipe(tmp_path, TINY), ["train.seed=4294967295"]).train.seed == 2**32 - 1
 
 
 @pytest.mark.parametrize("setting", ["optim.betas=[0.5, 0.5]", "optim.eps=0.1"])

@@ -34,6 +34,26 @@ OPTIMIZERS = {
 }
 
 
+def test_a_layer_first_trained_later_gets_sgds_first_step_gain_while_the_others_do_not(float64):
+    """SGD with momentum and dampening: a layer frozen for step 1 has no momentum buffer at step 2,
+    where the others have one, so its gradient's gain there is 1 and theirs 1 - dampening."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, dampening=0.3)
+    loss = CASES[0].loss
+    gen = torch.Generator().manual_seed(1)
+    vx, vy = torch.randn(3, 3, generator=gen), torch.randint(0, 2, (3,), generator=gen)
+    tracker = InRunShapley(model, opt, loss, vx, vy, METHODS)
+    for step in (1, 2, 3):
+        for p in model[2].parameters():
+            p.requires_grad_(step != 1)
+        x, y = torch.randn(6, 3, generator=gen), torch.randint(0, 2, (6,), generator=gen)
+        want = reference_values(model, opt, loss, x, y, vx, vy)
+        got = tracker.step(x, y)
+        for m in ("adam", "adam_fixed"):
+            assert rel_err(got.values[m].unsqueeze(1), want[m]) <= 1e-6, (step, m)
+
+
 def run_and_check(
     case,
     make_opt,
