@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 FORMAT = 3  # bump when the checkpoint layout changes (3: the step rows as one tensor)
 READS = (2, FORMAT)  # formats a checkpoint may have to be resumed (2: the step rows as a list)
-# what ``LoopState.step_rows`` holds of each finished step, in order (steps.parquet's columns)
 
 
 class TrainingInterrupted(Exception):

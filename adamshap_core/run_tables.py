@@ -58,7 +58,8 @@ TABLES: dict[str, tuple[Column, ...]] = {
     ),
     "steps_values.parquet": (Column("step", "int"), Column("example_id", "int")),
 }
-# a step's row as the training loop records it, and the order of steps.parquet's columns
+# a step's row as the training loop records it, and the order of steps.parquet's columns; a checkpoint
+# keeps the rows by position, so a change of this order is a new checkpoint FORMAT (a test pins it)
 STEP_COLUMNS = tuple(c.name for c in TABLES["steps.parquet"])
 UNIQUE_KEYS = {"values.parquet": ("example_id",), "steps_values.parquet": ("step", "example_id")}
 

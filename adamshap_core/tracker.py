@@ -26,7 +26,13 @@ from .coverage import (
     gradient_problem,
     recheck_due,
 )
-from .data_parallel import comm_hook_problem, processes_averaged
+from .data_parallel import (
+    averaging_problem,
+    inner_module,
+    lowest_pearson_over_processes,
+    processes_averaged,
+    warn_if_bypassed,
+)
 from .engine import GhostEngine
 from .engine.ghost import Call, RowsTarget
 from .errors import UserError
@@ -208,6 +214,9 @@ class InRunShapley:
         compile: bool = False,
     ):
         self.model = model
+        warn_if_bypassed(model)
+        # what the tracker's own passes (∇val, the coverage checks) run: under DDP the module it wraps
+        self._inner = inner_module(model)
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.methods = check_methods(methods)
@@ -224,7 +233,7 @@ class InRunShapley:
         self._closed = False
         self.view = OptimizerView(optimizer)  # validates the optimizer up front
         # validates every trainable parameter up front; the flat layout follows the optimizer
-        self.engine = GhostEngine(model, order=[p for g in optimizer.param_groups for p in g["params"]])
+        self.engine = GhostEngine(self._inner, order=[p for g in optimizer.param_groups for p in g["params"]])
         self._pending = PendingGradients(optimizer, model)
         try:
             self._watch = TrainableWatch(optimizer, model, {id(p) for p in self.engine.parameters})
@@ -249,7 +258,7 @@ class InRunShapley:
             raise ValueError("the validation set is empty: expected at least one row to value against")
         check_rows(val_inputs, val_targets, "the validation set")
         # the rows must show the hooks see every example's whole gradient (else the values would be wrong)
-        _refuse(coverage_problem(self.engine, self.model, self.loss_fn, val_inputs, val_targets))
+        _refuse(coverage_problem(self.engine, self._inner, self.loss_fn, val_inputs, val_targets))
         self._rows_checked = checked_rows(val_inputs, val_targets)
         self.val_inputs = val_inputs
         self.val_targets = val_targets
@@ -261,14 +270,14 @@ class InRunShapley:
         self._rows_blocker = (
             self._model_blocker
             or precision_blocker(self.engine.parameters)
-            or probe_blocker(self.model, self.loss_fn, val_inputs, val_targets)
+            or probe_blocker(self._inner, self.loss_fn, val_inputs, val_targets)
             or self._rows_gap(val_inputs, val_targets)
         )
 
     def _rows_gap(self, val_inputs, val_targets) -> str | None:
         """Where the kernels do not rebuild all of the rows' summed gradient in train mode, as the
         fused rows' part of ``.grad`` must be (None: they do)."""
-        args = (self.engine, self.model, self.loss_fn, val_inputs, val_targets)
+        args = (self.engine, self._inner, self.loss_fn, val_inputs, val_targets)
         return gradient_problem(*args, per_row=False, training=True)
 
     def rechecks(self, step: int) -> bool:
@@ -295,11 +304,11 @@ class InRunShapley:
             self._watch.problem()
             or coupling_problem(self._norms)
             or gradient_hook(self.optimizer, self.engine.owned_parameters)
-            or comm_hook_problem(self.model)
+            or averaging_problem(self.model)
         )
         self.view.check()
         if self.rechecks(self._steps + 1):
-            problem = coverage_problem(self.engine, self.model, self.loss_fn, inputs, targets)
+            problem = coverage_problem(self.engine, self._inner, self.loss_fn, inputs, targets)
             _refuse(problem and f"{problem}; found at step {self._steps + 1}, on rows of its training batch")
 
     def _step(self, inputs, targets) -> StepResult:
@@ -328,10 +337,11 @@ class InRunShapley:
             B = len(losses)
             val_grads = self._val_grads if rows is None else rows.gradients  # the rows': built just now
             assert val_grads is not None  # or kept from an earlier step: see _refresh_and_check
-            if replaced is None or B < MIN_CHECK_ROWS:  # too few examples to correlate: NaN
+            # too few examples to correlate: NaN (under DDP the processes count the global batch together)
+            if replaced is None or (processes == 1 and B < MIN_CHECK_ROWS):
                 values = self._values(val_grads, clip, B, rank, None if rows is None else rows.target)
             else:
-                values, reuse_pearson = self._checked_values(val_grads, replaced, clip, B, rank)
+                values, reuse_pearson = self._checked_values(val_grads, replaced, clip, B, rank, processes)
             if processes > 1:  # each example's share of the averaged update (data_parallel.py)
                 values /= processes
             for k, m in enumerate(self.methods):
@@ -408,7 +418,13 @@ class InRunShapley:
         return values.clone()  # a normal tensor again, which the caller may change in place
 
     def _checked_values(
-        self, val_grads: torch.Tensor, replaced: torch.Tensor, clip: float, B: int, rank: int | None
+        self,
+        val_grads: torch.Tensor,
+        replaced: torch.Tensor,
+        clip: float,
+        B: int,
+        rank: int | None,
+        processes: int,
     ) -> tuple[torch.Tensor, float]:
         """This step's values, and the lowest Pearson between them and those the ∇val it replaces gives.
         Both come from one contraction, the replaced ∇val as Q more targets: the optimizer's state is
@@ -419,7 +435,11 @@ class InRunShapley:
         dtype = torch.promote_types(val_grads.dtype, replaced.dtype)  # the fused rows' is float32 or wider
         both = torch.cat([val_grads.to(dtype), replaced.to(dtype)])
         values = self._values(both, clip, B, rank, None, priced=len(self.methods) * Q)
-        return values[..., :Q], lowest_pearson(values[..., :Q], values[..., Q:])
+        now, then = values[..., :Q], values[..., Q:]
+        if processes > 1:  # every process decides on the global batch, so that their ∇val stay one
+            assert isinstance(self.model, nn.parallel.DistributedDataParallel)
+            return now, lowest_pearson_over_processes(now, then, self.model, MIN_CHECK_ROWS)
+        return now, lowest_pearson(now, then)
 
     def _compiled_values(self, val_grads: torch.Tensor, clip: float, B: int) -> torch.Tensor | None:
         assert self._compiled is not None  # called where self.compiles

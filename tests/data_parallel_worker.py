@@ -1,24 +1,45 @@
-"""One process of a DistributedDataParallel run (gloo, CPU), started by test_data_parallel.py.
+"""One process of DistributedDataParallel runs (gloo, CPU), started by test_data_parallel.py.
 
-Each process values its shard of every global batch and saves what it got to ``out/rank<r>.pt``,
-so the test can compare the processes' values with one process valuing the whole batch.
+The processes run a list of scenarios one after the other in one process group (starting processes
+costs seconds, a scenario a fraction of one). In each, every process values its shard of each global
+batch; what it got is saved to ``out/rank<r>.pt``, {scenario name: result}, for the test to compare
+with one process valuing the whole batch.
 """
 
 from __future__ import annotations
 
 import traceback
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from cases import CASES
 from torch import nn
+from torch.distributed.algorithms.join import Join
 
 from adamshap_core import InRunShapley
 from adamshap_core.data_parallel import processes_averaged
 from adamshap_core.errors import UserError
 
 METHODS = ("adam", "adam_fixed", "sgd")
+MAX_GRAD_NORM = 1.0
+
+
+@dataclass
+class Scenario:
+    name: str
+    case: str = "mlp-bias"
+    shards: tuple[int, ...] = (3, 3)  # rows of each process's batch
+    steps: int = 3
+    ddp: dict = field(default_factory=dict)  # DistributedDataParallel's options
+    fast: dict | None = None
+    no_sync: bool = False  # every step inside ddp.no_sync()
+    comm_hook: bool = False
+    ignore: tuple[str, ...] = ()  # parameters DDP is told to ignore
+    join_extra: int = 0  # steps the first process takes alone, under Join
+    bare: bool = False  # the tracker over the unwrapped model
 
 
 def case(name: str):
@@ -35,45 +56,105 @@ def optimizer_for(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
 
 
-def data(name: str, n: int):
-    """n training rows and 3 validation rows, the same in every process."""
+def batches(name: str, rows: int, steps: int):
+    """``steps`` global batches of ``rows`` rows and 3 validation rows, the same in every process."""
     gen = torch.Generator().manual_seed(1)
-    return case(name).data(n, gen), case(name).data(3, gen)
+    data = case(name).data
+    return [data(rows, gen) for _ in range(steps)], data(3, gen)
 
 
-def shard(batch, rows: slice):
-    return tuple(t[rows] for t in batch)
-
-
-def run(rank: int, world: int, store: str, out: str, name: str, shards: list[int], steps: int, ddp: dict):
-    """Train ``steps`` steps on one global batch of sum(shards) rows, this process taking its own
-    ``shards[rank]`` rows; save the values per step and the final parameters."""
+def run(rank: int, world: int, store: str, out: str, scenarios: list[Scenario]):
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        result = _train(rank, name, shards, steps, ddp)
-    except Exception as e:  # the test reads it: a process that dies says nothing
-        result = {"error": f"{type(e).__name__}: {e}", "refused": isinstance(e, UserError)}
-        result["traceback"] = traceback.format_exc()
-    torch.save(result, Path(out) / f"rank{rank}.pt")
+    results = {}
+    for scenario in scenarios:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                results[scenario.name] = _train(rank, scenario)
+            results[scenario.name]["warnings"] = [str(w.message) for w in caught]
+        except Exception as e:  # the test reads it: a process that dies says nothing
+            refused = isinstance(e, UserError)
+            results[scenario.name] = {"error": f"{type(e).__name__}: {e}", "refused": refused}
+            results[scenario.name]["traceback"] = traceback.format_exc()
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+    dist.barrier()  # no process leaves while another still reads from it
     dist.destroy_process_group()
 
 
-def run_block(rank: int, world: int, port: int, out: str, block: str):
-    """The README's example of a process's step, where ``dist.init_process_group`` reads the
-    process's rank and the others' address from the environment, as under torchrun."""
-    import os
+def _train(rank: int, s: Scenario) -> dict:
+    model = build(s.case)
+    if s.ignore:
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(s.ignore))
+    wrapped = nn.parallel.DistributedDataParallel(model, **s.ddp)
+    if s.comm_hook:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+        wrapped.register_comm_hook(dist.group.WORLD, allreduce_hook)
+    optimizer = optimizer_for(wrapped.parameters())
+    steps = s.steps + s.join_extra
+    global_batches, (vx, vy) = batches(s.case, sum(s.shards), steps)
+    start = sum(s.shards[:rank])
+    mine = [(x[start : start + s.shards[rank]], y[start : start + s.shards[rank]]) for x, y in global_batches]
+    if rank > 0:
+        mine = mine[: s.steps]  # under Join, the first process goes on alone
+    before = [p.detach().clone() for p in model.parameters()]
+    tracker = InRunShapley(
+        model if s.bare else wrapped,
+        optimizer,
+        case(s.case).loss,
+        vx,
+        vy,
+        methods=METHODS,
+        max_grad_norm=MAX_GRAD_NORM,
+        fast=s.fast or False,
+    )
+    results, averaged = [], []
+    with Join([wrapped]) if s.join_extra else _nothing(), wrapped.no_sync() if s.no_sync else _nothing():
+        try:
+            for inputs, targets in mine:
+                averaged.append(processes_averaged(wrapped))
+                results.append(tracker.step(inputs, targets))
+        except UserError as e:
+            changed = any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+            return {"error": str(e), "refused": True, "changed": changed}
+    return {
+        "values": [{m: v.detach().clone() for m, v in r.values.items()} for r in results],
+        "val_loss": [r.val_loss for r in results],
+        "reuse_pearson": [r.reuse_pearson for r in results],
+        "params": [p.detach().clone() for p in model.parameters()],
+        "averaged": averaged,
+    }
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_block(rank: int, world: int, store: str, out: str, block: str):
+    """The README's example of a process's step. Its ``dist.init_process_group("gloo")`` reads the
+    processes' rendezvous from the environment, as under torchrun; here it is given a file instead."""
     torch.set_num_threads(1)
     torch.manual_seed(0)  # the same model in every process, as DDP requires
     model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
     gen = torch.Generator().manual_seed(1)
     val_inputs, val_targets = torch.randn(16, 10, generator=gen), torch.randint(0, 3, (16,), generator=gen)
     ids = torch.arange(4) + 4 * rank
+
+    class Distributed:  # torch.distributed, where init_process_group meets the others at ``store``
+        def __getattr__(self, name):
+            return getattr(dist, name)
+
+        @staticmethod
+        def init_process_group(backend):
+            dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
+
     names = {
-        "dist": dist,
         "torch": torch,
         "InRunShapley": InRunShapley,
         "model": model,
@@ -84,33 +165,8 @@ def run_block(rank: int, world: int, port: int, out: str, block: str):
         "targets": torch.randint(0, 3, (8,), generator=gen)[ids],
         "ids": ids,
     }
-    exec(block, names)
-    torch.save(names["shards"], Path(out) / f"rank{rank}.pt")
+    scope = {**names, "dist": Distributed()}
+    exec(block.replace("import torch.distributed as dist\n", ""), scope)  # the block's own dist: ours
+    torch.save(scope["shards"], Path(out) / f"rank{rank}.pt")
+    dist.barrier()  # no process leaves while another still reads from it
     dist.destroy_process_group()
-
-
-def _train(rank: int, name: str, shards: list[int], steps: int, ddp: dict) -> dict:
-    model = build(name)
-    comm_hook = ddp.pop("comm_hook", False)
-    wrapped = nn.parallel.DistributedDataParallel(model, **ddp)
-    if comm_hook:
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-        wrapped.register_comm_hook(dist.group.WORLD, allreduce_hook)
-    optimizer = optimizer_for(wrapped.parameters())
-    (x, y), (vx, vy) = data(name, sum(shards))
-    start = sum(shards[:rank])
-    inputs, targets = shard((x, y), slice(start, start + shards[rank]))
-    tracker = InRunShapley(wrapped, optimizer, case(name).loss, vx, vy, methods=METHODS, max_grad_norm=1.0)
-    with wrapped.no_sync():
-        unsynced = processes_averaged(wrapped)
-    values = []
-    for _ in range(steps):
-        result = tracker.step(inputs, targets)
-        values.append({m: v.detach().clone() for m, v in result.values.items()})
-    return {
-        "values": values,
-        "params": [p.detach().clone() for p in model.parameters()],
-        "averaged": processes_averaged(wrapped),
-        "unsynced": unsynced,
-    }

@@ -234,3 +234,21 @@ def test_the_recipe_names_exactly_the_methods_that_have_rules():
     from adamshap_core.precond import METHODS
 
     assert tuple(METHODS) == METHOD_NAMES
+
+
+def test_the_recipe_names_exactly_the_transformers_models_that_are_built():
+    from adamshap_core.choices import HF_MODEL_KINDS
+    from adamshap_core.models.hf import HF_MODELS
+
+    assert tuple(HF_MODELS) == HF_MODEL_KINDS
+
+
+def test_a_step_row_keeps_the_order_checkpoints_of_format_3_were_written_in():
+    """Checkpoints keep the step rows by position: another order would read older checkpoints'
+    columns under other names. Change it only with a new checkpoint.FORMAT."""
+    from adamshap_core.checkpoint import FORMAT
+    from adamshap_core.run_tables import STEP_COLUMNS
+
+    assert FORMAT == 3
+    written = ("step", "epoch", "lr", "train_loss", "val_loss", "clip_factor", "seconds", "reuse_pearson")
+    assert written == STEP_COLUMNS

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 __all__ = [
     "GPT",
     "HFCausalLM",
-    "LANGUAGE_MODELS",
     "MLP",
     "SmallCNN",
     "build_model",

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..choices import HF_MODEL_KINDS, INSTALL_HINT, transformers_missing
+from ..choices import INSTALL_HINT, transformers_missing
 from ..errors import UserError
 from .gpt import positions
 
@@ -26,7 +26,6 @@ HF_MODELS = {
     "hf-gpt2": ("GPT2Config", "GPT2LMHeadModel"),
     "hf-llama": ("LlamaConfig", "LlamaForCausalLM"),
 }
-assert tuple(HF_MODELS) == HF_MODEL_KINDS  # the kinds a recipe may choose (choices.py)
 
 
 def _config(
