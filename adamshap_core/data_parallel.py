@@ -9,8 +9,11 @@ the optimizer's state and the averaged gradient, which every process shares.
 
 The tracker's own passes (∇val, the coverage checks) run the wrapped module directly: through DDP's
 forward each would count as a training iteration of its own (a static graph would record that no
-parameter is used, ``Join`` would shadow a collective that no backward pass follows). Where the fast
-mode checks what reusing ∇val costs, the processes decide together, on the whole global batch.
+parameter is used, ``Join`` would shadow a collective that no backward pass follows). Where the
+processes must agree, the tracker adds collectives of its own: before ∇val's pass, the buffers DDP
+broadcasts at each forward; at a fast-mode check of what reusing ∇val costs, the global batch's
+correlation; at a coverage re-check, whether any process found a fault. A model put under ``Join``
+takes none of them, since a process that has finished would not meet them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,24 @@ DDP = nn.parallel.DistributedDataParallel
 def inner_module(model: nn.Module) -> nn.Module:
     """The module DDP wraps, which the tracker's own passes run; outside DDP the model itself."""
     return model.module if isinstance(model, DDP) else model
+
+
+def group_size(model: nn.Module) -> int:
+    """How many processes train the model together: DDP's process group; 1 outside DDP."""
+    return model.process_group.size() if isinstance(model, DDP) else 1
+
+
+def under_join(model: nn.Module) -> bool:
+    """Whether the model has been put under ``Join`` (uneven inputs): torch keeps the setting once
+    made, so it holds after the ``Join`` block too."""
+    join = getattr(model, "_join_config", None)
+    return join is not None and join.enable
+
+
+def collectives_allowed(model: nn.Module) -> bool:
+    """Whether the tracker may add collectives of its own: under DDP over several processes, which
+    all take every step together (under ``Join`` one may have finished)."""
+    return group_size(model) > 1 and not under_join(model)
 
 
 def processes_averaged(model: nn.Module) -> int:
@@ -57,16 +78,49 @@ def averaging_problem(model: nn.Module) -> str | None:
             f"DistributedDataParallel ignores {', '.join(ignored)}: each process updates them with its own "
             "gradient, not the average the values split; expected DDP over every trainable parameter"
         )
-    join = getattr(
-        model, "_join_config", None
-    )  # set while a Join context runs; its setting, by DDP's join hook
-    if join is not None and join.enable and not getattr(model, "_divide_by_initial_world_size", True):
+    # DDP's join hook sets _divide_by_initial_world_size from Join's options, and torch keeps it
+    if under_join(model) and not getattr(model, "_divide_by_initial_world_size", True):
         return (
-            "the step runs under Join with divide_by_initial_world_size=False, where DDP averages over "
-            "the processes that have not joined yet, which the values cannot follow; expected Join's "
-            "default, divide_by_initial_world_size=True"
+            "the model has been put under Join with divide_by_initial_world_size=False (torch keeps the "
+            "setting), where DDP averages over the processes that have not finished yet, which the values "
+            "cannot follow; expected Join's default, divide_by_initial_world_size=True"
         )
     return None
+
+
+def rows_everywhere(model: nn.Module, layout: list[int], rows: dict[int, int]) -> dict[int, int]:
+    """``rows`` (id(param) -> rows this process contracts it with) summed over the processes, so that
+    every process decides alike which weights the fast mode factorises (and so draws its random
+    directions in step); this process's own under ``Join``, where the others may have finished."""
+    if not collectives_allowed(model):
+        return rows
+    assert isinstance(model, DDP)
+    counts = torch.tensor([float(rows.get(key, 0)) for key in layout], device=next(model.parameters()).device)
+    dist.all_reduce(counts, group=model.process_group)
+    return {key: int(n) for key, n in zip(layout, counts.tolist(), strict=True) if n > 0}
+
+
+def share_buffers(model: nn.Module) -> None:
+    """Before ∇val's pass: every process takes the buffers of the group's first process, which DDP
+    broadcasts at the next training forward anyway (a running mean of the inputs each process updated
+    with its own shard would otherwise give each process another ∇val)."""
+    if not collectives_allowed(model):
+        return
+    assert isinstance(model, DDP)
+    if not (model.broadcast_buffers and model.require_forward_param_sync):
+        return
+    first = dist.get_global_rank(model.process_group, 0)
+    for buffer in getattr(model, "modules_buffers", None) or list(model.module.buffers()):
+        dist.broadcast(buffer, src=first, group=model.process_group)
+
+
+def found_by_any(found: bool, model: nn.Module) -> bool:
+    """Whether any process of the group found something (each passes its own ``found``), so that a
+    refusal on one process is made on all of them rather than leaving the others waiting."""
+    assert isinstance(model, DDP)  # where collectives_allowed
+    flag = torch.tensor([float(found)], device=next(model.parameters()).device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=model.process_group)
+    return bool(flag.item())
 
 
 def warn_if_bypassed(model: nn.Module) -> None:
@@ -85,16 +139,23 @@ def warn_if_bypassed(model: nn.Module) -> None:
 
 
 def lowest_pearson_over_processes(x: torch.Tensor, y: torch.Tensor, model: DDP, fewest: int) -> float:
-    """``tracker.lowest_pearson`` over the examples of every process's batch [B_local, ...]: the
-    sums each process holds are added up, so every process decides on the same figure; NaN where
-    the global batch has fewer than ``fewest`` examples."""
+    """``tracker.lowest_pearson`` over the examples of every process's batch [B_local, ...], so that
+    every process decides on the same figure: the means first, then the sums about them (the sums of
+    raw squares would cancel where the values' mean is far larger than their spread); NaN where the
+    global batch has fewer than ``fewest`` examples. Under ``Join`` NaN on every process, without
+    collectives: a process that has finished would not meet them."""
+    if under_join(model):
+        return math.nan
     x, y = x.reshape(len(x), -1).double(), y.reshape(len(y), -1).double()
-    count = torch.full_like(x[0], float(len(x)))
-    sums = torch.stack([count, x.sum(0), y.sum(0), (x * x).sum(0), (y * y).sum(0), (x * y).sum(0)])
+    sums = torch.stack([torch.full_like(x[0], float(len(x))), x.sum(0), y.sum(0)])
     dist.all_reduce(sums, group=model.process_group)
-    n, sx, sy, sxx, syy, sxy = sums
+    n, mean_x, mean_y = sums[0], sums[1] / sums[0], sums[2] / sums[0]
+    x, y = x - mean_x, y - mean_y
+    about = torch.stack([(x * y).sum(0), (x * x).sum(0), (y * y).sum(0)])
+    dist.all_reduce(about, group=model.process_group)
     if float(n[0]) < fewest:
         return math.nan
-    r = (sxy - sx * sy / n) / ((sxx - sx * sx / n) * (syy - sy * sy / n)).sqrt()
+    cov, var_x, var_y = about
+    r = cov / (var_x * var_y).sqrt()
     r = r[torch.isfinite(r)]
     return float(r.min()) if len(r) else math.nan

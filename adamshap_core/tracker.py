@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from numbers import Real
 
 import torch
@@ -28,9 +29,14 @@ from .coverage import (
 )
 from .data_parallel import (
     averaging_problem,
+    collectives_allowed,
+    found_by_any,
+    group_size,
     inner_module,
     lowest_pearson_over_processes,
     processes_averaged,
+    rows_everywhere,
+    share_buffers,
     warn_if_bypassed,
 )
 from .engine import GhostEngine
@@ -49,6 +55,11 @@ from .fused import (
 from .optimizer_check import CHECKED_STEPS, StepSample, gradient_hook
 from .pending_gradients import PendingGradients
 from .precond import OptimizerView, ParamState, StepRead, check_methods, flat_join, method_scales, reads_state
+
+# a coverage re-check's refusal on the processes of a DDP group whose own rows showed nothing
+FOUND_ELSEWHERE = (
+    "another process of the DistributedDataParallel group found, on its rows, a use the hooks miss"
+)
 
 
 @dataclass
@@ -234,6 +245,8 @@ class InRunShapley:
         self.view = OptimizerView(optimizer)  # validates the optimizer up front
         # validates every trainable parameter up front; the flat layout follows the optimizer
         self.engine = GhostEngine(self._inner, order=[p for g in optimizer.param_groups for p in g["params"]])
+        if group_size(model) > 1:  # the fast mode's factorising is decided on every process's rows
+            self.engine.total_rows = partial(rows_everywhere, model, [id(p) for p in self.engine.parameters])
         self._pending = PendingGradients(optimizer, model)
         try:
             self._watch = TrainableWatch(optimizer, model, {id(p) for p in self.engine.parameters})
@@ -309,6 +322,9 @@ class InRunShapley:
         self.view.check()
         if self.rechecks(self._steps + 1):
             problem = coverage_problem(self.engine, self._inner, self.loss_fn, inputs, targets)
+            # under DDP every process refuses, not the one whose rows showed it alone (the others would wait)
+            if collectives_allowed(self.model) and found_by_any(problem is not None, self.model):
+                problem = problem or FOUND_ELSEWHERE
             _refuse(problem and f"{problem}; found at step {self._steps + 1}, on rows of its training batch")
 
     def _step(self, inputs, targets) -> StepResult:
@@ -322,11 +338,13 @@ class InRunShapley:
         if refresh:
             rows = self._validation_rows(inputs, targets)
             if rows is None:
+                share_buffers(self.model)  # under DDP: the buffers the step's training forward will use
                 self._val_grads, val_loss = self.engine.validation_gradients(
                     self.loss_fn, self.val_inputs, self.val_targets, self.per_target
                 )
         rank = self.fast.rank if self.fast else None
         processes = processes_averaged(self.model)  # read before the backward pass that averages
+        together = group_size(self.model) > 1  # DDP: the fast mode's checks are the processes' together
         out: dict[str, torch.Tensor] = {}
         sample: list[StepSample] = []  # this step's, where it is compared with the optimizer's base class
 
@@ -338,10 +356,10 @@ class InRunShapley:
             val_grads = self._val_grads if rows is None else rows.gradients  # the rows': built just now
             assert val_grads is not None  # or kept from an earlier step: see _refresh_and_check
             # too few examples to correlate: NaN (under DDP the processes count the global batch together)
-            if replaced is None or (processes == 1 and B < MIN_CHECK_ROWS):
+            if replaced is None or (not together and B < MIN_CHECK_ROWS):
                 values = self._values(val_grads, clip, B, rank, None if rows is None else rows.target)
             else:
-                values, reuse_pearson = self._checked_values(val_grads, replaced, clip, B, rank, processes)
+                values, reuse_pearson = self._checked_values(val_grads, replaced, clip, B, rank, together)
             if processes > 1:  # each example's share of the averaged update (data_parallel.py)
                 values /= processes
             for k, m in enumerate(self.methods):
@@ -424,7 +442,7 @@ class InRunShapley:
         clip: float,
         B: int,
         rank: int | None,
-        processes: int,
+        together: bool,
     ) -> tuple[torch.Tensor, float]:
         """This step's values, and the lowest Pearson between them and those the ∇val it replaces gives.
         Both come from one contraction, the replaced ∇val as Q more targets: the optimizer's state is
@@ -436,7 +454,7 @@ class InRunShapley:
         both = torch.cat([val_grads.to(dtype), replaced.to(dtype)])
         values = self._values(both, clip, B, rank, None, priced=len(self.methods) * Q)
         now, then = values[..., :Q], values[..., Q:]
-        if processes > 1:  # every process decides on the global batch, so that their ∇val stay one
+        if together:  # every process decides on the global batch, so that they reuse ∇val on the same steps
             assert isinstance(self.model, nn.parallel.DistributedDataParallel)
             return now, lowest_pearson_over_processes(now, then, self.model, MIN_CHECK_ROWS)
         return now, lowest_pearson(now, then)

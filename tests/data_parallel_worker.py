@@ -8,6 +8,7 @@ with one process valuing the whole batch.
 
 from __future__ import annotations
 
+import gc
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from cases import CASES
+from cases import CASES, Case, cross_entropy
 from torch import nn
 from torch.distributed.algorithms.join import Join
 
@@ -40,10 +41,42 @@ class Scenario:
     ignore: tuple[str, ...] = ()  # parameters DDP is told to ignore
     join_extra: int = 0  # steps the first process takes alone, under Join
     bare: bool = False  # the tracker over the unwrapped model
+    cheap_factorizing: bool = False  # no fixed cost of factorising M (low_rank.FACTORIZE_OVERHEAD)
+
+
+class Sneaky(nn.Module):
+    """A linear layer whose weight is used once more, outside the layer's forward (unseen by the
+    hooks), on rows flagged by a first feature above 100: the coverage re-check sees it only where
+    a process's rows are flagged."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+
+    def forward(self, x):
+        flagged = (x[:, :1] > 100).to(x.dtype)
+        return self.lin(x) + flagged * nn.functional.linear(x, self.lin.weight)
+
+
+def _tabular(n: int, gen: torch.Generator):
+    return torch.randn(n, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+# models for the data-parallel scenarios alone, besides the exactness cases
+OWN_CASES = [
+    # wide enough that the fast mode's low-rank M pays on the global batch of 80 rows, not on 40
+    Case(
+        "wide-mlp",
+        lambda: nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3)),
+        _tabular,
+        cross_entropy,
+    ),
+    Case("sneaky", Sneaky, _tabular, cross_entropy),
+]
 
 
 def case(name: str):
-    return next(c for c in CASES if c.name == name)
+    return next(c for c in [*CASES, *OWN_CASES] if c.name == name)
 
 
 def build(name: str) -> nn.Module:
@@ -60,7 +93,10 @@ def batches(name: str, rows: int, steps: int):
     """``steps`` global batches of ``rows`` rows and 3 validation rows, the same in every process."""
     gen = torch.Generator().manual_seed(1)
     data = case(name).data
-    return [data(rows, gen) for _ in range(steps)], data(3, gen)
+    global_batches = [data(rows, gen) for _ in range(steps)]
+    if name == "sneaky" and steps > 1:
+        global_batches[1][0][0, 0] = 1000.0  # the first process's first row of step 2: a re-check step
+    return global_batches, data(3, gen)
 
 
 def run(rank: int, world: int, store: str, out: str, scenarios: list[Scenario]):
@@ -84,6 +120,20 @@ def run(rank: int, world: int, store: str, out: str, scenarios: list[Scenario]):
 
 
 def _train(rank: int, s: Scenario) -> dict:
+    with factorizing_cost(s):
+        return _train_scenario(rank, s)
+
+
+def factorizing_cost(s: Scenario):
+    """The fixed cost the fast mode weighs factorising M against, none where the scenario says so."""
+    from unittest import mock
+
+    from adamshap_core.engine import low_rank
+
+    return mock.patch.object(low_rank, "FACTORIZE_OVERHEAD", 0) if s.cheap_factorizing else _nothing()
+
+
+def _train_scenario(rank: int, s: Scenario) -> dict:
     model = build(s.case)
     if s.ignore:
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(s.ignore))
@@ -168,5 +218,7 @@ def run_block(rank: int, world: int, store: str, out: str, block: str):
     scope = {**names, "dist": Distributed()}
     exec(block.replace("import torch.distributed as dist\n", ""), scope)  # the block's own dist: ours
     torch.save(scope["shards"], Path(out) / f"rank{rank}.pt")
+    scope.clear()  # DDP's reducer must go before its process group: freed after it, it aborts the process
+    gc.collect()
     dist.barrier()  # no process leaves while another still reads from it
     dist.destroy_process_group()

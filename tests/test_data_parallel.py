@@ -18,6 +18,7 @@ from data_parallel_worker import (
     batches,
     build,
     case,
+    factorizing_cost,
     optimizer_for,
     run,
     run_block,
@@ -28,6 +29,8 @@ from adamshap_core import InRunShapley
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo")
 
+REFRESHED = {"warmup": 1, "refresh_every": 4}
+RANKED = {"warmup": 1, "refresh_every": 2, "rank": 2, "min_pearson": None}
 SCENARIOS = {
     s.name: s
     for s in [
@@ -48,6 +51,13 @@ SCENARIOS = {
         Scenario("ignored", steps=1, ignore=("0.bias",)),
         Scenario("join", steps=2, join_extra=1),
         Scenario("bare", steps=1, bare=True),
+        # 40 rows a process: factorising M pays on the global batch's 80 rows alone, at no fixed cost
+        Scenario("fast-rank", case="wide-mlp", shards=(40, 40), fast=RANKED, cheap_factorizing=True),
+        # every step in no_sync(): the checks are still the processes' together (4 rows alone: never)
+        Scenario(
+            "fast-no-sync", shards=(8, 4), steps=8, fast={"warmup": 1, "refresh_every": 4}, no_sync=True
+        ),
+        Scenario("found-elsewhere", case="sneaky", shards=(3, 3), steps=2),
     ]
 }
 
@@ -101,12 +111,13 @@ def single_process(s: Scenario, rows, steps: int | None = None, alone: dict | No
     args = (model, optimizer_for(model.parameters()), loss, vx, vy)
     tracker = InRunShapley(*args, methods=METHODS, max_grad_norm=MAX_GRAD_NORM, fast=s.fast or False)
     results = []
-    for step, (x, y) in enumerate(global_batches[:steps], start=1):
-        index = torch.tensor(list(rows))
-        if step in (alone or {}):
-            index, factor = torch.tensor(alone[step][0]), alone[step][1]
-            tracker.loss_fn = lambda out, t, f=factor: f * loss(out, t)
-        results.append(tracker.step(x[index], y[index]))
+    with factorizing_cost(s):
+        for step, (x, y) in enumerate(global_batches[:steps], start=1):
+            index = torch.tensor(list(rows))
+            if step in (alone or {}):
+                index, factor = torch.tensor(alone[step][0]), alone[step][1]
+                tracker.loss_fn = lambda out, t, f=factor: f * loss(out, t)
+            results.append(tracker.step(x[index], y[index]))
     return results, [p.detach() for p in model.parameters()]
 
 
@@ -125,7 +136,7 @@ def assert_params(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
     assert max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True)) < 1e-12
 
 
-@pytest.mark.parametrize("name", ["even", "static-lm"])
+@pytest.mark.parametrize("name", ["even", "static-lm", "fast-rank"])
 def test_processes_together_value_the_global_batch_as_one_process_does(ranks, name):
     s = SCENARIOS[name]
     got = scenario(ranks, name)
@@ -207,6 +218,25 @@ def test_what_ddp_does_not_average_is_refused_before_the_step(ranks, name, says)
     for r in scenario(ranks, name):
         assert r["refused"] and says in r["error"], r
         assert not r["changed"]  # refused before the update
+
+
+def test_the_fast_modes_checks_stay_together_in_no_sync(ranks):
+    """In no_sync() each process updates alone, but the checks of reusing ∇val still correlate the
+    processes' values together, so that their collectives pair up: the short shard's 4 rows could
+    never be checked alone, and its schedule would part from the other's (and the next check hang)."""
+    first, second = scenario(ranks, "fast-no-sync")
+    assert first["averaged"] == [1] * 8
+    reused = [[math.isnan(v) for v in r["val_loss"]] for r in (first, second)]
+    assert reused[0] == reused[1] and any(reused[0])
+
+
+def test_a_use_the_hooks_miss_on_one_processs_rows_is_refused_by_every_process(ranks):
+    """The re-check at step 2 finds it on the first process's rows alone; the other refuses too,
+    rather than wait in the step's all-reduce for a process that has stopped."""
+    first, second = scenario(ranks, "found-elsewhere")
+    assert first["refused"] and "is not what its module's hooks capture" in first["error"]
+    assert second["refused"] and "another process of the DistributedDataParallel group" in second["error"]
+    assert "found at step 2" in first["error"] and "found at step 2" in second["error"]
 
 
 def test_a_tracker_over_the_module_ddp_wraps_warns_that_it_bypasses_ddp(ranks):

@@ -124,6 +124,9 @@ class GhostEngine:
         self.contract_chunk = CONTRACT_CHUNK
         # floats a stack of calls contracted together may copy and hold (0: every call alone)
         self.stack_floats = STACK_FLOATS
+        # id(param) -> rows this step contracts, to those every process contracts (DDP; data_parallel.py):
+        # whether factorising a weight pays is then decided alike everywhere
+        self.total_rows: Callable[[dict[int, int]], dict[int, int]] | None = None
         # each valued module's kernel and {param name: parameter} it values, and its path (for messages)
         self._owned, self._paths, found = _valued_modules(model)
         self.parameters: list[nn.Parameter] = found if order is None else _in_order(found, order)
@@ -453,6 +456,8 @@ class GhostEngine:
                     n = call.b.shape[0]  # of which the last extra_rows are not contracted
                     positions = call.b.numel() // p.shape[0] * (n - self._extra_rows) // n
                     rows[id(p)] = rows.get(id(p), 0) + positions
+        if self.total_rows is not None:
+            rows = self.total_rows(rows)
         factors = {}
         for p in self.parameters:
             if id(p) not in rows or id(p) not in full:
