@@ -232,6 +232,29 @@ def test_replay_values_needs_a_query(runs):
         at.replay_values(plan.recipe, plan.data, none_x, none_y, plan.valued)
 
 
+def test_replays_that_end_with_other_parameters_say_so(runs, monkeypatch):
+    """Replays in chunks whose parameters end differently (as a nondeterministic one's would) are
+    reported as differing, and never as matching the run."""
+    from adamshap_core import attribute as at
+    from adamshap_core import runio
+    from adamshap_core import train as tr
+
+    plan = at.plan(runio.open_run(runs, "facts"))
+    real_run, calls = tr.run, []
+
+    def run(*args, **kwargs):
+        result = real_run(*args, **kwargs)
+        calls.append(1)
+        result.metrics["params_sha256"] = f"digest-{len(calls)}"
+        return result
+
+    monkeypatch.setattr(tr, "run", run)
+    x, y = plan.queries_x[:2], plan.queries_y[:2]
+    replay = at.replay_values(plan.recipe, plan.data, x, y, ["adam"], chunk=1, expected_sha256="digest-1")
+    assert replay.replays == 2 and len(calls) == 2
+    assert replay.params_sha256 == "differs between replays" and replay.matches_run is False
+
+
 # ---------------------------------------------------------------- ranks and baselines
 
 

@@ -557,3 +557,21 @@ def test_the_memory_peak_is_that_of_the_steps_not_of_loading_the_data():
     del loading
     memory = _Memory(torch.device("cpu")).report()
     assert memory["peak_mb"] < memory["before_mb"] + 100, memory
+
+
+def test_the_memory_increase_is_over_the_memory_before_the_steps():
+    from adamshap_core.bench import _Memory
+
+    report = _Memory(torch.device("cpu")).report()
+    assert report["peak_increase_mb"] == report["peak_mb"] - report["before_mb"] < report["peak_mb"]
+
+
+@pytest.mark.parametrize("fast, profile", [(False, False), (True, False), (True, True), (False, True)])
+def test_the_progress_bar_counts_every_child_run(fast, profile):
+    """--fast adds the fidelity child, --profile the profiling one."""
+    from types import SimpleNamespace
+
+    from adamshap_core.bench import n_children, schedule
+
+    plan = SimpleNamespace(repeats=3, spec=SimpleNamespace(fast=fast), profile=profile)
+    assert n_children(plan) == len(schedule(3, fast)) + int(fast) + int(profile)

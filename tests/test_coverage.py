@@ -573,3 +573,19 @@ def test_validation_rows_whose_gradients_cancel_still_fuse():
     )
     tracker.step(torch.randn(8, 6, generator=gen), torch.randn(8, 2, generator=gen))
     assert tracker.fusion_blocked is None
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1.0, 1e6])
+def test_a_missed_half_of_a_gradient_shows_at_any_scale(scale):
+    """The floor below which a gap is rounding is relative to the whole gradient: a model whose
+    gradients are all tiny (a loss scaled down, a nearly converged model) still shows a missed use."""
+    from adamshap_core.coverage import first_mismatch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    params = list(model.parameters())
+    want = [torch.randn_like(p) * scale for p in params]
+    seen = {id(p): w.clone() for p, w in zip(params, want, strict=True)}
+    assert first_mismatch(model, params, want, seen) is None
+    seen[id(params[2])] = want[2] * 0.5  # the hooks see half of 1.weight's gradient
+    assert first_mismatch(model, params, want, seen) == "1.weight"

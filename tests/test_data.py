@@ -168,3 +168,19 @@ def test_a_subset_keeps_the_chosen_training_rows_and_every_other_field(cfg):
             assert (got == want) if isinstance(full, list) else torch.equal(got, want), f.name
         else:
             assert got is full, f.name
+
+
+def test_fractional_split_sizes_round_to_the_nearest_count():
+    """wine has 178 rows: 0.1 of them is 17.8, so 18 validation rows; 0.2 is 35.6, so 36 test rows."""
+    ds = load_dataset(cfg(source="sklearn:wine", val_size=0.1, test_size=0.2))
+    assert (len(ds.y_val), len(ds.y_test), ds.n_train) == (18, 36, 178 - 18 - 36)
+
+
+def test_a_column_whose_spread_overflows_is_refused_even_with_a_finite_mean(tmp_path):
+    """±1e200 has a mean of 0 but squares past float64: standardised, it would be zeros, silently."""
+    rng = np.random.default_rng(0)
+    big = np.where(np.arange(60) % 2 == 0, 1e200, -1e200)
+    df = pd.DataFrame({"a": rng.normal(size=60), "big": big, "y": np.arange(60) % 3})
+    df.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(UserError, match=r"feature column\(s\) big hold values too large"):
+        load_dataset(cfg(source=f"csv:{tmp_path / 't.csv'}", target="y", val_size=10, test_size=10))

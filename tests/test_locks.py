@@ -80,3 +80,27 @@ def test_the_error_that_ended_the_work_is_raised_where_the_lock_file_cannot_be_r
             raise OSError(28, "No space left on device")
     monkeypatch.undo()
     assert not locks.is_locked(tmp_path)
+
+
+def test_the_holder_text_replaces_a_stale_longer_one(tmp_path):
+    """A killed run's longer holder text left in the lock file is replaced whole, not overwritten in part."""
+    (tmp_path / locks.LOCK_FILE).write_text("process 999999999999 (adamshap train) and more stale text")
+    with locks.run_lock(tmp_path, "prune"):
+        assert locks.holder(tmp_path) == f"process {os.getpid()} (adamshap prune)"
+
+
+def test_an_empty_lock_file_names_another_process(tmp_path):
+    """Between another process's flock and its write the file is empty: the refusal still names a holder."""
+    import fcntl
+
+    path = tmp_path / locks.LOCK_FILE
+    path.write_text("")
+    assert locks.holder(tmp_path) == "another process"
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match="is being written by another process right now"):
+            with locks.run_lock(tmp_path):
+                pass
+    finally:
+        os.close(fd)

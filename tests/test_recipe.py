@@ -252,3 +252,14 @@ def test_a_step_row_keeps_the_order_checkpoints_of_format_3_were_written_in():
     assert FORMAT == 3
     written = ("step", "epoch", "lr", "train_loss", "val_loss", "clip_factor", "seconds", "reuse_pearson")
     assert written == STEP_COLUMNS
+
+
+def test_set_splits_at_the_first_equals_sign():
+    """A value may hold an '=' (a hive-style path)."""
+    from adamshap_core.recipe import apply_overrides, parse_override
+
+    path = "parquet:data/year=2024/t.parquet"
+    assert parse_override(f"data.source={path}") == (["data", "source"], path)
+    assert apply_overrides({"data": {"source": "sklearn:iris"}}, ["data.source=csv:a=b.csv"]) == {
+        "data": {"source": "csv:a=b.csv"}
+    }

@@ -759,3 +759,16 @@ def test_a_run_that_fails_before_its_first_checkpoint_says_how_to_train_it_again
         res = cli("train", recipe, "--quiet", "--runs-dir", runs)
     assert res.exit_code == 2 and "no checkpoint was written yet" in res.output, res.output
     start_over(res, runs)
+
+
+def test_the_parameter_digest_covers_buffers():
+    """params_sha256 ties a run to its model's whole state: a batch norm's running statistics too."""
+    from adamshap_core.digests import params_digest
+
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    b = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    b.load_state_dict(a.state_dict())
+    assert params_digest(a) == params_digest(b)
+    b[1].running_mean.add_(1.0)
+    assert params_digest(a) != params_digest(b)

@@ -240,3 +240,27 @@ def test_a_set_of_results_cut_short_has_no_summary_and_ctrl_c_lets_it_finish(tmp
         runio.atomic_write_text(summary, "{}")
     assert summary.exists()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_hidden_folders_are_not_listed_as_runs(tmp_path):
+    """A run that train --force moved aside (.demo.old-123), left where its deletion was cut short, is
+    no run: never listed, never the latest, though newer."""
+    for name, created in (("demo", "2026-01-01T00:00:00"), (".demo.old-123", "2026-06-01T00:00:00")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"status": "complete", "created": created}))
+    assert [r.name for r in runio.list_runs(tmp_path)] == ["demo"]
+    assert runio.latest_run(tmp_path).name == "demo"
+
+
+def test_a_resumed_run_keeps_its_created_time(tmp_path):
+    """Runs are listed by the time they were created: a resumed run keeps its own."""
+    header = {
+        "status": "incomplete",
+        "name": "r",
+        "recipe": "x",
+        "recipe_path": None,
+        "created": "2026-01-02T03:04:05+00:00",
+        "methods": ["adam"],
+    }
+    (tmp_path / "metrics.json").write_text(json.dumps({"schema_version": 1, **header, "error": "stopped"}))
+    assert runio.resumed_header(runio.RunFolder(tmp_path)) == header

@@ -210,13 +210,19 @@ def test_text_source_skips_blank_lines_with_a_note(tmp_path):
 
 
 def test_lines_are_split_at_line_feeds_only(tmp_path):
-    """A form feed or U+2028 inside a line (which str.splitlines splits at) leaves the ids the
-    line numbers; a raw U+2028 inside a JSON string is valid JSON; CRLF line ends are dropped."""
-    lines = ["page one\x0cpage two", "next\u2028line", *(f"line number {i}" for i in range(2, 8))]
+    """A form feed or U+2028 inside a line (which str.splitlines splits at), or a lone carriage
+    return (which reading as text splits at), leaves the ids the line numbers; a raw U+2028 inside a
+    JSON string is valid JSON; CRLF line ends are dropped."""
+    lines = [
+        "page one\x0cpage two",
+        "next\u2028line",
+        "a lone\rreturn",
+        *(f"line number {i}" for i in range(3, 9)),
+    ]
     p = tmp_path / "c.txt"
     p.write_bytes("\r\n".join(lines).encode() + b"\r\n")
     ds = load_dataset(_recipe(f"text:{p}").data)
-    assert ds.n_train == 6 and not ds.notes
+    assert ds.n_train == 7 and not ds.notes
     assert all(lines[int(e)] == t for e, t in zip(ds.example_id, ds.texts, strict=True))
     j = tmp_path / "c.jsonl"
     j.write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in lines) + "\n")
@@ -312,3 +318,22 @@ def test_a_text_run_keeps_texts_and_its_tokenizer(tmp_path, monkeypatch):
     assert values["text"].tolist() == [f.text for f in generate(8, 0)[0]]
     vocab = json.loads((run / "tokenizer.json").read_text())["vocab"]
     assert vocab[:4] == list(SPECIALS) and len(vocab) > 4
+
+
+def test_a_boolean_id_in_jsonl_is_refused(tmp_path):
+    """JSON's true is no integer id, though Python's bool is an int."""
+    p = tmp_path / "c.jsonl"
+    records = ['{"text": "a b", "id": true}', *(f'{{"text": "b c {i}", "id": {i}}}' for i in range(2, 7))]
+    p.write_text("\n".join(records) + "\n")
+    with pytest.raises(UserError, match=r"line 1 of .* has `id` True; expected an integer"):
+        load_dataset(_recipe(f"jsonl:{p}").data)
+
+
+def test_entity_names_are_distinct_and_never_a_corpus_word_in_a_large_corpus():
+    """One fact per entity is the ground truth attribution is scored against: at 20,000 facts the
+    names, drawn from syllables as some ordinary words are ("baker"), must still be distinct words."""
+    from adamshap_core.data.facts import _vocabulary
+
+    names = [f.entity for f in generate(20_000, seed=0)[0]]
+    assert len(set(names)) == len(names)
+    assert not set(names) & _vocabulary()

@@ -216,3 +216,27 @@ def test_the_tracker_and_the_replay_stand_in_are_what_the_loop_asks_for():
     assert all(np.array_equal(again.sums[m], stand_in.sums[m]) for m in stand_in.methods)
     stand_in.close()
     again.close()
+
+
+def test_a_non_finite_gradient_under_a_finite_loss_is_divergence():
+    """Found at its step, naming the parameter, also without attribution."""
+    from adamshap_core.train import non_finite_problem
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    assert non_finite_problem(0.5, model, {}, 0.5) == ""
+    model[1].weight.grad[0, 1] = math.inf
+    assert non_finite_problem(0.5, model, {}, 0.5) == (
+        "the gradient of parameter `1.weight` has non-finite entries; expected finite gradients"
+    )
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_an_infinite_value_is_divergence_as_a_nan_is(bad):
+    from adamshap_core.train import non_finite_problem
+
+    values = {"adam": np.array([0.1, bad, 0.3])}
+    assert non_finite_problem(0.5, torch.nn.Linear(2, 1), values, 0.5) == (
+        "the `adam` values of 1 of the 3 examples are non-finite"
+    )

@@ -171,10 +171,10 @@ def _split(corpus: Texts, cfg: DataCfg, path: str) -> tuple[Texts, Texts, Texts]
 def _read_lines(path: str, what: str) -> list[str]:
     """The file's lines, split at line feeds only (a carriage return before one dropped), so that
     line i is the i-th line an editor or ``wc -l`` counts: ``str.splitlines`` also splits at form
-    feeds, U+2028 and five others, which would number texts off the file's lines and cut JSON
-    strings that hold them."""
+    feeds, U+2028 and five others, and reading as text splits at a lone carriage return, which
+    would number texts off the file's lines and cut JSON strings that hold them."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").split("\n")
+        lines = Path(path).read_bytes().decode("utf-8").split("\n")
     except FileNotFoundError:
         raise UserError(f"{what}: the file {path} does not exist.") from None
     except (OSError, UnicodeDecodeError) as e:
