@@ -58,6 +58,21 @@ class Sneaky(nn.Module):
         return self.lin(x) + flagged * nn.functional.linear(x, self.lin.weight)
 
 
+class Centred(nn.Module):
+    """A linear layer on inputs centred by a running mean, which a training forward updates with its
+    batch: under DDP each process's differs from the others' until DDP broadcasts the first's."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+        self.register_buffer("mean", torch.zeros(5))
+
+    def forward(self, x):
+        if self.training:
+            self.mean.mul_(0.5).add_(0.5 * x.detach().mean(0))
+        return self.lin(x - self.mean)
+
+
 def _tabular(n: int, gen: torch.Generator):
     return torch.randn(n, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
 
@@ -72,6 +87,7 @@ OWN_CASES = [
         cross_entropy,
     ),
     Case("sneaky", Sneaky, _tabular, cross_entropy),
+    Case("centred", Centred, _tabular, cross_entropy),
 ]
 
 

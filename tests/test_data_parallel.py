@@ -58,6 +58,7 @@ SCENARIOS = {
             "fast-no-sync", shards=(8, 4), steps=8, fast={"warmup": 1, "refresh_every": 4}, no_sync=True
         ),
         Scenario("found-elsewhere", case="sneaky", shards=(3, 3), steps=2),
+        Scenario("buffers", case="centred", shards=(3, 3), steps=4),
     ]
 }
 
@@ -237,6 +238,14 @@ def test_a_use_the_hooks_miss_on_one_processs_rows_is_refused_by_every_process(r
     assert first["refused"] and "is not what its module's hooks capture" in first["error"]
     assert second["refused"] and "another process of the DistributedDataParallel group" in second["error"]
     assert "found at step 2" in first["error"] and "found at step 2" in second["error"]
+
+
+def test_every_process_values_against_the_buffers_ddp_broadcasts(ranks):
+    """A running mean each process updated with its own shard would give each process another ∇val
+    (its validation loss shows it); the first process's, which DDP broadcasts, gives them one."""
+    first, second = scenario(ranks, "buffers")
+    assert first["val_loss"] == second["val_loss"]
+    assert len(set(first["val_loss"])) == 4  # the buffer moves, and with it the validation loss
 
 
 def test_a_tracker_over_the_module_ddp_wraps_warns_that_it_bypasses_ddp(ranks):
