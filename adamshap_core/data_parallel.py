@@ -54,9 +54,7 @@ def collectives_allowed(model: nn.Module) -> bool:
 def processes_averaged(model: nn.Module) -> int:
     """How many processes this step's gradient is averaged over: DDP's process group, unless the
     step runs in ``no_sync()`` (each process then updates with its own gradient); 1 outside DDP."""
-    if not isinstance(model, DDP) or not model.require_backward_grad_sync:
-        return 1
-    return model.process_group.size()
+    return group_size(model) if isinstance(model, DDP) and model.require_backward_grad_sync else 1
 
 
 def averaging_problem(model: nn.Module) -> str | None:

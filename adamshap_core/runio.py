@@ -114,19 +114,11 @@ def writing_results(summary: Path) -> Iterator[None]:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    def w(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    return atomic_write(path, w)
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    def w(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    return atomic_write(path, w)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def atomic_write_json(path: str | Path, obj) -> Path:

@@ -245,7 +245,9 @@ class InRunShapley:
         self.view = OptimizerView(optimizer)  # validates the optimizer up front
         # validates every trainable parameter up front; the flat layout follows the optimizer
         self.engine = GhostEngine(self._inner, order=[p for g in optimizer.param_groups for p in g["params"]])
-        if group_size(model) > 1:  # the fast mode's factorising is decided on every process's rows
+        # DDP over several processes: the fast mode's checks and factorising are decided on all their rows
+        self._together = group_size(model) > 1
+        if self._together:
             self.engine.total_rows = partial(rows_everywhere, model, [id(p) for p in self.engine.parameters])
         self._pending = PendingGradients(optimizer, model)
         try:
@@ -344,7 +346,6 @@ class InRunShapley:
                 )
         rank = self.fast.rank if self.fast else None
         processes = processes_averaged(self.model)  # read before the backward pass that averages
-        together = group_size(self.model) > 1  # DDP: the fast mode's checks are the processes' together
         out: dict[str, torch.Tensor] = {}
         sample: list[StepSample] = []  # this step's, where it is compared with the optimizer's base class
 
@@ -356,10 +357,10 @@ class InRunShapley:
             val_grads = self._val_grads if rows is None else rows.gradients  # the rows': built just now
             assert val_grads is not None  # or kept from an earlier step: see _refresh_and_check
             # too few examples to correlate: NaN (under DDP the processes count the global batch together)
-            if replaced is None or (not together and B < MIN_CHECK_ROWS):
+            if replaced is None or (not self._together and B < MIN_CHECK_ROWS):
                 values = self._values(val_grads, clip, B, rank, None if rows is None else rows.target)
             else:
-                values, reuse_pearson = self._checked_values(val_grads, replaced, clip, B, rank, together)
+                values, reuse_pearson = self._checked_values(val_grads, replaced, clip, B, rank)
             if processes > 1:  # each example's share of the averaged update (data_parallel.py)
                 values /= processes
             for k, m in enumerate(self.methods):
@@ -442,7 +443,6 @@ class InRunShapley:
         clip: float,
         B: int,
         rank: int | None,
-        together: bool,
     ) -> tuple[torch.Tensor, float]:
         """This step's values, and the lowest Pearson between them and those the ∇val it replaces gives.
         Both come from one contraction, the replaced ∇val as Q more targets: the optimizer's state is
@@ -454,7 +454,7 @@ class InRunShapley:
         both = torch.cat([val_grads.to(dtype), replaced.to(dtype)])
         values = self._values(both, clip, B, rank, None, priced=len(self.methods) * Q)
         now, then = values[..., :Q], values[..., Q:]
-        if together:  # every process decides on the global batch, so that they reuse ∇val on the same steps
+        if self._together:  # every process decides on the global batch: they reuse ∇val on the same steps
             assert isinstance(self.model, nn.parallel.DistributedDataParallel)
             return now, lowest_pearson_over_processes(now, then, self.model, MIN_CHECK_ROWS)
         return now, lowest_pearson(now, then)

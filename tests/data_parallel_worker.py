@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import traceback
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def factorizing_cost(s: Scenario):
 
     from adamshap_core.engine import low_rank
 
-    return mock.patch.object(low_rank, "FACTORIZE_OVERHEAD", 0) if s.cheap_factorizing else _nothing()
+    return mock.patch.object(low_rank, "FACTORIZE_OVERHEAD", 0) if s.cheap_factorizing else nullcontext()
 
 
 def _train_scenario(rank: int, s: Scenario) -> dict:
@@ -177,7 +178,10 @@ def _train_scenario(rank: int, s: Scenario) -> dict:
         fast=s.fast or False,
     )
     results, averaged = [], []
-    with Join([wrapped]) if s.join_extra else _nothing(), wrapped.no_sync() if s.no_sync else _nothing():
+    with (
+        Join([wrapped]) if s.join_extra else nullcontext(),
+        wrapped.no_sync() if s.no_sync else nullcontext(),
+    ):
         try:
             for inputs, targets in mine:
                 averaged.append(processes_averaged(wrapped))
@@ -192,14 +196,6 @@ def _train_scenario(rank: int, s: Scenario) -> dict:
         "params": [p.detach().clone() for p in model.parameters()],
         "averaged": averaged,
     }
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run_block(rank: int, world: int, store: str, out: str, block: str):
