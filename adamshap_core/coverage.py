@@ -15,6 +15,7 @@ import functools
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .batches import first_row_again, n_rows, row_tensors, take_rows
 from .engine import GhostEngine
 from .engine.buffers import buffers_kept
-from .engine.ghost import modes_kept, set_modes
+from .engine.ghost import Call, modes_kept, set_modes
 from .errors import UserError
 
 AUTOCAST_DEVICES = ("cpu", "cuda")  # where a probe turns torch.autocast off
@@ -38,6 +39,7 @@ CHECK_ROWS = 2
 GAP_RTOL = 1e-4
 ROUNDING_UNITS = 16
 GAP_FLOOR = 1e-6
+NORM_CHUNK = 1 << 20  # elements of a gradient taken in float64 at a time (``norm64``)
 
 
 @contextmanager
@@ -88,22 +90,27 @@ def gradient_problem(
             if losses.shape != (rows,):  # the step refuses such a loss itself, with its own message
                 return None
             separate = per_row and rows > 1
-            # the pass that captures b; its gradient is the one to compare only where rows are summed
+            # the pass that captures b; its gradient is the one to compare only where it is one row's or
+            # the rows are summed
             total = torch.autograd.grad(losses.sum(), params, allow_unused=True, retain_graph=separate)
-            got = engine.extra_gradients(0, summed=not per_row)
+            calls = [replace(call) for call in engine.captured(0)]  # as captured: a later pass replaces b
+            if separate:
+                del total  # each row's gradient is compared as it comes: one model's size at a time
             # per row only: a sum over many rows may cancel below what the values' rounding shows
-            disagree = _values_problem(engine, got) if per_row else None
+            disagree = _values_problem(engine, calls, rows) if per_row else None
             if disagree is not None:
                 return disagree
             if not separate:
+                got = engine.extra_gradients(0, summed=not per_row, calls=calls)
                 name = first_mismatch(model, params, total, {key: g[0] for key, g in got.items()})
             else:
-                del total  # each row's gradient is compared as it comes: one model's size at a time
                 name = None
                 last = rows - 1
-                for r in range(rows):  # after ``got``: these passes overwrite the captured b
+                for r in range(rows):  # the kernels' and autograd's gradients of one row at a time
+                    got = engine.extra_gradients(0, summed=False, calls=calls, rows=slice(r, r + 1))
                     want = torch.autograd.grad(losses[r], params, allow_unused=True, retain_graph=r < last)
-                    name = first_mismatch(model, params, want, {key: g[r] for key, g in got.items()})
+                    name = first_mismatch(model, params, want, {key: g[0] for key, g in got.items()})
+                    del got, want
                     if name is not None:
                         break
     except UserError as e:  # rows that cannot be told apart
@@ -127,30 +134,39 @@ def gradient_problem(
     )
 
 
-def _values_problem(engine: GhostEngine, got: dict[int, torch.Tensor]) -> str | None:
-    """Why the layer kernels' values disagree with their own per-row gradients ``got`` (None: they
-    agree), inside the capture that built them, each row on its own: for a random M, ⟨M, g_r⟩
-    through the kernels' values against M dotted with those gradients. ``gradient_problem`` checks
-    the gradients against autograd's; this checks that the values are the same gradients' (a
-    custom kernel's ``values`` and ``gradients`` are written apart)."""
+def _values_problem(engine: GhostEngine, calls: list[Call], rows: int) -> str | None:
+    """Why the layer kernels' values disagree with their own per-row gradients (None: they agree),
+    from the ``rows`` rows of ``calls`` (a capture's, kept), each row on its own: for a random M,
+    ⟨M, g_r⟩ through the kernels' values against M dotted with the gradients the same kernels
+    build. ``gradient_problem`` checks the gradients against autograd's; this checks that the
+    values are the same gradients' (a custom kernel's ``values`` and ``gradients`` are written
+    apart)."""
     with torch.inference_mode():  # as the valuation runs (the engine's scratch is made in it)
-        some = next(iter(got.values()))
-        dtype = functools.reduce(torch.promote_types, (g.dtype for g in got.values()))  # a mixed model's
+        # the dtype and device the kernels build the rows' gradients in (float32 or wider)
+        dtype = functools.reduce(
+            torch.promote_types, (c.b.dtype for c in calls if c.b is not None), torch.float32
+        )
+        device = calls[0].a.device
         gen = torch.Generator().manual_seed(0)
-        M = torch.randn(1, engine.numel, generator=gen, dtype=dtype).to(some.device)
+        M = torch.randn(1, engine.numel, generator=gen, dtype=dtype).to(device)
         matrices = engine.matrices(M, [(slice(0, engine.numel), [1.0])], 1)
-        values = engine.kernel_values(matrices, engine.captured(0))[:, 0]  # [rows]
-        # parameter by parameter: a wide model's rows flattened side by side took several times its size
+        del M  # the same numbers are in ``matrices``, per parameter
+        values = engine.kernel_values(matrices, calls)[:, 0]  # [rows]
         want, scale = torch.zeros_like(values, dtype=dtype), torch.zeros_like(values, dtype=dtype)
-        for p in engine.parameters:
-            if id(p) in got:
-                g, m = got[id(p)].reshape(len(values), -1).to(dtype), M[0, engine.slice_of(p)]
-                want, scale = want + g @ m, scale + g.abs() @ m.abs()
+        # one row's gradients at a time: a wide model's rows side by side took several times its size
+        for r in range(rows):
+            got = engine.extra_gradients(0, False, calls, slice(r, r + 1))
+            for p in engine.parameters:  # the layout's (``got`` has any other the rows reached too)
+                if id(p) in got:
+                    g, m = got[id(p)].reshape(-1).to(dtype), matrices.full[id(p)].reshape(-1)
+                    want[r] += g @ m
+                    scale[r] += g.abs() @ m.abs()
+            del got
     unit = torch.finfo(dtype).eps
     tolerance = max(GAP_RTOL, ROUNDING_UNITS * unit) * scale + torch.finfo(dtype).tiny
     if not bool(torch.isfinite(want).all()) or bool(((values - want).abs() <= tolerance).all()):
         return None  # a non-finite gradient is the step's to report (it stops the run), not a kernel's
-    kernels = sorted({type(call.kernel).__name__ for call in engine.captured(0)})
+    kernels = sorted({type(call.kernel).__name__ for call in calls})
     return (
         f"its layer kernels' values are not the dot products of their own per-row gradients with M "
         f"(for a random M: {values.tolist()} against {want.tolist()}); does a kernel's values "
@@ -169,7 +185,7 @@ def first_mismatch(
     ``want`` (autograd's) by more than rounding."""
     # a parameter whose gradient cancels to rounding noise (an attention key's bias: softmax ignores a
     # shift common to all keys) differs by noise of its own size, so the floor is set by the whole gradient
-    whole = math.sqrt(sum(float(w.double().norm()) ** 2 for w in want if w is not None)) + 1e-30
+    whole = math.sqrt(sum(norm64(w) ** 2 for w in want if w is not None)) + 1e-30
     for p, w in zip(params, want, strict=True):
         g = got.get(id(p))
         w = torch.zeros_like(p) if w is None else w
@@ -178,9 +194,24 @@ def first_mismatch(
         # off by about one rounding unit, where the kernels (in float32) are closer to the truth
         unit = torch.finfo(w.dtype).eps
         rtol, floor = max(GAP_RTOL, ROUNDING_UNITS * unit), max(GAP_FLOOR, unit) * whole
-        if float((g - w).double().norm()) > rtol * float(w.double().norm()) + floor:
+        if norm64(g, minus=w) > rtol * norm64(w) + floor:
             return next(n for n, q in model.named_parameters() if q is p)
     return None
+
+
+def norm64(t: torch.Tensor, minus: torch.Tensor | None = None) -> float:
+    """‖t‖, or ‖t − minus‖, summed in float64 (float32's own sum drifts by 1e-3 over millions of
+    elements), ``NORM_CHUNK`` elements at a time: a whole copy of a big parameter in float64 would
+    take twice its size again."""
+    x = t.reshape(-1)
+    y = None if minus is None else minus.reshape(-1)
+    squares = 0.0
+    for start in range(0, x.numel(), NORM_CHUNK):
+        part = x[start : start + NORM_CHUNK].double()
+        if y is not None:
+            part -= y[start : start + NORM_CHUNK]
+        squares += float(part.norm()) ** 2
+    return math.sqrt(squares)
 
 
 def coverage_problem(engine: GhostEngine, model: nn.Module, loss_fn, inputs, targets) -> str | None:

@@ -238,6 +238,41 @@ def test_the_check_runs_again_at_step_2_and_every_power_of_ten(monkeypatch):
     assert [next(i for i, (x, _) in enumerate(batches) if x is c) + 1 for c in checked[1:]] == [2, 10]
 
 
+def test_the_check_builds_one_rows_gradients_at_a_time(monkeypatch):
+    """Rows a, b, a side by side took three times the model's size at once (a wide model's start-up
+    and re-checks peaked there); each row on its own takes one, and still shows rows that interact."""
+    from adamshap_core.engine import GhostEngine
+
+    built = []
+    real = GhostEngine.extra_gradients
+
+    def recorded(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        built.append({len(g) for g in out.values()})
+        return out
+
+    monkeypatch.setattr(GhostEngine, "extra_gradients", recorded)
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    tracker = _tracker(model, torch.optim.Adam(model.parameters()), gen)
+    assert len(built) == 2 * 3 and all(rows == {1} for rows in built)  # rows a, b, a: values, then gradients
+    built.clear()
+    tracker.step(*tabular(6, gen))
+    tracker.step(*tabular(6, gen))  # step 2 checks its training batch again
+    assert {1} in built and all(rows == {1} for rows in built[built.index({1}) :])
+
+
+def test_norm64_sums_in_float64_a_chunk_at_a_time(monkeypatch):
+    from adamshap_core import coverage
+
+    monkeypatch.setattr(coverage, "NORM_CHUNK", 1000)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 1234, generator=gen) * 1e3, torch.randn(3, 1234, generator=gen)
+    assert coverage.norm64(x) == pytest.approx(float(x.double().norm()), rel=1e-14)
+    assert coverage.norm64(x, minus=y) == pytest.approx(float((x.double() - y.double()).norm()), rel=1e-14)
+    assert coverage.norm64(torch.zeros(0)) == 0.0
+
+
 def test_the_start_up_check_changes_nothing_training_will_see():
     """It runs the model (dropout draws random numbers): the random state, the modes and .grad stay."""
     gen = torch.Generator().manual_seed(0)

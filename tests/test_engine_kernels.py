@@ -110,13 +110,15 @@ def test_gradients_of_rows_after_the_batch_match_per_example_gradients(case, sum
     with engine.capture(extra_rows=3):
         case.loss(model(x), y).sum().backward()
         got = engine.extra_gradients(4, summed)
+        middle = engine.extra_gradients(4, summed, rows=slice(1, 2))  # the second appended row alone
     G = per_example_grads(model, case.loss, x, y)
-    assert set(got) == {id(p) for p in engine.parameters}
+    assert set(got) == set(middle) == {id(p) for p in engine.parameters}
     for p in engine.parameters:
         want = G[names[id(p)]][4:]
         want = want.sum(0, keepdim=True) if summed else want
         assert got[id(p)].shape == want.shape
         assert rel_err(got[id(p)], want) <= 1e-12, names[id(p)]
+        assert rel_err(middle[id(p)], G[names[id(p)]][5:6]) <= 1e-12, names[id(p)]
 
 
 def test_the_ghost_dot_product_with_rows_is_that_of_their_gradients(float64, monkeypatch):
