@@ -299,20 +299,22 @@ class GhostEngine:
         return torch.cat(grads), float(torch.stack(losses).mean())
 
     def extra_gradients(
-        self, batch_size: int, summed: bool, calls: list[Call] | None = None, rows: slice = slice(None)
+        self, batch_size: int, summed: bool, calls: list[Call] | None = None, rows: slice | None = None
     ) -> dict[int, torch.Tensor]:
         """id(param) → the gradient of the extra rows' loss, [rows, *shape] per row (or
         [1, *shape] ``summed`` over them), from the a and b captured with ``extra_rows``; a tied
         parameter's calls are summed. Every owned parameter the rows reached is included, also
         one outside the layout, since its ``.grad`` holds their part as well. ``calls``: those of
         ``captured(batch_size)``, passed in by compiled code (which cannot read them itself), or
-        kept from an earlier backward pass; ``rows``: which of the extra rows (default all)."""
+        kept from an earlier backward pass; ``rows``: which of the extra rows, from 0 (None: all)."""
         out: dict[int, torch.Tensor] = {}
         parts = []
+        # one slice of the captured rows (a slice costs as much as a small product)
+        lo, hi = (batch_size, None) if rows is None else (batch_size + rows.start, batch_size + rows.stop)
         for call in self.captured(batch_size) if calls is None else calls:
             assert call.b is not None  # captured() keeps the calls that got an output-gradient
             dtype = torch.promote_types(call.b.dtype, torch.float32)  # as ∇val is used: float32 or wider
-            a, b = _cast(call.a[batch_size:][rows], dtype), _cast(call.b[batch_size:][rows], dtype)
+            a, b = _cast(call.a[lo:hi], dtype), _cast(call.b[lo:hi], dtype)
             parts.append(Part(call, a, b, self._owned[call.module][1]))
         for stack in self._stacks(parts, intermediate=False):
             kernel, first = stack[0].call.kernel, stack[0]
