@@ -341,10 +341,17 @@ def bad_csv(draw) -> Case:
         return Case(recipe, ["`data.target`", "class"], {"d.csv": csv_text(rows)})
     if kind == "blank-feature":
         rows[i][0] = ""
-        return Case(recipe, ["`data.source`", "non-finite"], {"d.csv": csv_text(rows)})
+        where = (
+            f"1 empty or non-finite cell(s), the first in data row {i} (from 0), column 'a' (empty or NaN)"
+        )
+        return Case(recipe, ["`data.source`", where], {"d.csv": csv_text(rows)})
     if kind == "blank-label":
         rows[i][2] = ""
-        return Case(recipe, ["`data.target`", "empty cells"], {"d.csv": csv_text(rows)})
+        return Case(
+            recipe,
+            ["`data.target`", f"1 empty cell(s), the first in data row {i}"],
+            {"d.csv": csv_text(rows)},
+        )
     if kind == "missing-file":
         return Case(recipe, ["`data.source`", "does not exist"])
     return Case(csv_recipe(val_size=20, test_size=20), ["`data.val_size`"], {"d.csv": csv_text(rows[:30])})

@@ -129,7 +129,17 @@ def test_csv_and_parquet(tmp_path):
         (pd.DataFrame({"a": [1.0] * 20, "y": [1] * 20}), "y", "at least 2"),
         (pd.DataFrame({"a": pd.Series([], dtype=float), "y": pd.Series([], dtype=int)}), "y", "no rows"),
         (pd.DataFrame({"y": [0, 1] * 10}), "y", "no feature columns"),
-        (pd.DataFrame({"a": [1.0, None] * 10, "y": [0, 1] * 10}), "y", "non-finite"),
+        (
+            pd.DataFrame({"a": [1.0, None] * 10, "y": [0, 1] * 10}),
+            "y",
+            r"10 empty or non-finite cell\(s\), the first in data row 1 \(from 0\), column 'a' "
+            r"\(empty or NaN\)",
+        ),
+        (
+            pd.DataFrame({"a": [1.0, 2.0, 3.0, -np.inf] * 5, "y": [0, 1] * 10}),
+            "y",
+            r"5 empty or non-finite cell\(s\), the first in data row 3 \(from 0\), column 'a' \(-inf\)",
+        ),
     ],
 )
 def test_csv_problems_are_user_errors(tmp_path, df, target, fragment):

@@ -203,8 +203,10 @@ def _frame_dataset(df, path: str, cfg: DataCfg, image: bool, source: str) -> Dat
         raise UserError(f"`data.source` {path} holds no rows; expected a non-empty table.")
     labels = df[cfg.target]
     if labels.isna().any():
+        first = int(np.flatnonzero(labels.isna().to_numpy())[0])
         raise UserError(
-            f"`data.target` column {cfg.target!r} of {path} has empty cells; expected a label in each row."
+            f"`data.target` column {cfg.target!r} of {path} has {int(labels.isna().sum())} empty cell(s), "
+            f"the first in data row {first} (from 0); expected a label in each row."
         )
     if pd.api.types.is_float_dtype(labels) and not (labels % 1 == 0).all():
         example = labels[labels % 1 != 0].iloc[0]
@@ -229,9 +231,13 @@ def _frame_dataset(df, path: str, cfg: DataCfg, image: bool, source: str) -> Dat
     x = feats.to_numpy(dtype=np.float64)
     names = [str(c) for c in feats.columns]
     del df, feats  # the caller passed the frame in alone: freed here, before the standardising copies
-    if not np.isfinite(x).all():
+    bad_rows, bad_cols = np.nonzero(~np.isfinite(x))
+    if len(bad_rows):
+        r, c = bad_rows[0], bad_cols[0]
+        value = "empty or NaN" if np.isnan(x[r, c]) else str(x[r, c])
         raise UserError(
-            f"`data.source` {path}: the features contain empty or non-finite cells; expected numbers."
+            f"`data.source` {path}: the features contain {len(bad_rows)} empty or non-finite cell(s), the "
+            f"first in data row {r} (from 0), column {names[c]!r} ({value}); expected numbers."
         )
     return tabular_dataset(
         x,
