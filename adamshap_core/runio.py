@@ -231,6 +231,14 @@ def refuse_taken(root: str | Path, name: str, *, force: bool) -> None:
             "stop it, or pick another --name."
         )
     if not force:
+        if _is_starting(
+            path
+        ):  # unlocked and empty: a start before it locks, or one killed before its first file
+            raise UserError(
+                f"run {name!r} already exists at {path} but holds none of a run's files yet: another start "
+                "of it is creating it right now, or one was stopped (killed) before it wrote any; pass "
+                "--force to replace it or --name to pick another name."
+            )
         # a stopped run with a checkpoint is more likely meant to go on than to start over
         go_on = f"resume it with: {resume_command(path)}; or " if (path / CHECKPOINT_FILE).is_file() else ""
         raise UserError(

@@ -121,7 +121,7 @@ def test_a_folder_holding_only_its_lock_is_a_run_being_created(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / runio.LOCK_FILE).write_text("process 1")
     (tmp_path / "r" / ".recipe.yaml.x1y2.tmp").write_text("name: r")  # its first write, not renamed yet
-    with pytest.raises(UserError, match="run 'r' already exists.*--force"):
+    with pytest.raises(UserError, match="run 'r' already exists.*none of a run's files yet.*killed.*--force"):
         runio.create_run_dir(tmp_path, "r")
     assert runio.create_run_dir(tmp_path, "r", force=True) == tmp_path / "r"
     assert list((tmp_path / "r").iterdir()) == []
