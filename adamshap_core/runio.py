@@ -231,9 +231,8 @@ def refuse_taken(root: str | Path, name: str, *, force: bool) -> None:
             "stop it, or pick another --name."
         )
     if not force:
-        if _is_starting(
-            path
-        ):  # unlocked and empty: a start before it locks, or one killed before its first file
+        # unlocked and empty: a start before it locks, or one killed before its first file
+        if _is_starting(path):
             raise UserError(
                 f"run {name!r} already exists at {path} but holds none of a run's files yet: another start "
                 "of it is creating it right now, or one was stopped (killed) before it wrote any; pass "
