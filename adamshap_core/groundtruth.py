@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, vmap
+from torch.nn.modules.module import register_module_forward_hook
+from torch.utils._pytree import tree_leaves
 
 from .errors import UserError, memory_short_as
 from .precond import AdamState, OptimizerView, ParamState, SGDState, scales, sgd_gain
@@ -314,9 +316,36 @@ class FlatModel:
         return g, loss
 
     @torch.no_grad()
-    def mean_losses(self, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """[K] mean loss on x, y at each row of ``W`` [K, D]."""
-        return vmap(lambda wv: self._losses(wv, x, y).mean())(W)
+    def mean_losses(
+        self, W: torch.Tensor, x: torch.Tensor, y: torch.Tensor, rows: int | None = None
+    ) -> torch.Tensor:
+        """[K] mean loss on x, y at each row of ``W`` [K, D]; ``rows``: at most that many rows of x
+        at a time (None: all at once)."""
+        if rows is None or rows >= len(x):
+            return vmap(lambda wv: self._losses(wv, x, y).mean())(W)
+        total = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
+        for s in range(0, len(x), rows):
+            xs, ys = x[s : s + rows], y[s : s + rows]
+            total += vmap(lambda wv, xs=xs, ys=ys: self._losses(wv, xs, ys).sum())(W)
+        return total / len(x)
+
+    @torch.no_grad()
+    def row_floats(self, w: torch.Tensor, x: torch.Tensor) -> int:
+        """An upper bound of the floats one row of ``x`` (a batch of one) holds in a forward at ``w``:
+        every module's output summed, and the model's output twice more (the loss's log-softmax and
+        its like). A language model's logits, rows × positions × vocabulary, are most of it."""
+        floats = 0
+
+        def count(module: nn.Module, args: tuple, output: object) -> None:
+            nonlocal floats
+            floats += sum(t.numel() for t in tree_leaves(output) if isinstance(t, torch.Tensor))
+
+        handle = register_module_forward_hook(count)
+        try:
+            out = functional_call(self.model, self.unflatten(w), (x,))
+        finally:
+            handle.remove()
+        return floats + 2 * sum(t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
 
 
 # ---- the game of one step ------------------------------------------------------------------------
@@ -325,6 +354,9 @@ class FlatModel:
 # coalitions evaluated at once: each holds about COALITION_COPIES float64 vectors of the model's size
 # (its data gradient, the optimizer's update and state), so a wide model takes fewer at a time
 MAX_COALITIONS, COALITION_COPIES, COALITION_BYTES = 64, 8, 512 * 2**20
+# the validation forwards of the coalitions in flight, in float64: a language model's logits for 200
+# texts took 9 GB for 15 coalitions, so fewer coalitions, and fewer rows at a time, where they are large
+ACTIVATION_BYTES = 512 * 2**20
 
 
 def coalition_chunk(n_params: int) -> int:
@@ -348,8 +380,18 @@ class StepGame:
         self.flat, self.update, self.grads = flat, update, grads
         self.val_x, self.val_y = val_x, val_y
         self.max_grad_norm = max_grad_norm
-        self.chunk = coalition_chunk(grads.shape[1]) if chunk is None else chunk
-        self.base_loss = flat.mean_losses(update.w.to(grads.device)[None], val_x, val_y)[0]
+        w = update.w.to(grads.device)
+        self.row_bytes = 8 * flat.row_floats(w, val_x[:1])  # one validation row's forward, in float64
+        if chunk is None:
+            chunk = max(1, min(coalition_chunk(grads.shape[1]), ACTIVATION_BYTES // self.row_bytes))
+        self.chunk = chunk
+        self.base_loss = self.mean_losses(w[None])[0]
+
+    def mean_losses(self, W: torch.Tensor) -> torch.Tensor:
+        """[K] validation loss at each row of ``W``, as many validation rows at a time as
+        ``ACTIVATION_BYTES`` holds for K coalitions (all of them, unless their forwards are large)."""
+        rows = max(1, ACTIVATION_BYTES // (W.shape[0] * self.row_bytes))
+        return self.flat.mean_losses(W, self.val_x, self.val_y, rows)
 
     def clip_factors(self, sums: torch.Tensor) -> torch.Tensor:
         """c_S per row of unclipped data gradients [K, D]: torch's min(1, max_norm/(‖g‖ + 1e-6))."""
@@ -366,7 +408,7 @@ class StepGame:
         out = []
         for start in range(0, masks.shape[0], self.chunk):
             W = self.update(self.data_gradients(masks[start : start + self.chunk]))
-            out.append(self.base_loss - self.flat.mean_losses(W, self.val_x, self.val_y))
+            out.append(self.base_loss - self.mean_losses(W))
         return torch.cat(out).cpu()
 
 
@@ -452,8 +494,9 @@ def _truth_memory_short(step: int, model: nn.Module, n: int) -> UserError:
     return UserError(
         f"out of memory on {device} computing the ground truth of step {step}: it holds each of the "
         f"batch's {n} examples' gradients in float64 ({n} x {d:,} parameters x 8 bytes = "
-        f"{n * d * 8 / 2**30:.1f} GiB) and evaluates up to {coalition_chunk(d)} coalitions at once; "
-        "expected a machine with more memory, or a run with a smaller train.batch_size or model."
+        f"{n * d * 8 / 2**30:.1f} GiB) and evaluates up to {coalition_chunk(d)} coalitions at once, with "
+        f"their validation forwards (up to {ACTIVATION_BYTES / 2**30:.1f} GiB together); expected a machine "
+        "with more memory, or a run with a smaller train.batch_size or model."
     )
 
 
