@@ -270,7 +270,7 @@ def replay(
     t0 = time.perf_counter()
     try:
         with intra_op_threads(recorded_threads(inputs.folder.metrics())):
-            result = run(prep, on_step=observe, max_steps=horizon, record=record)
+            result = run(prep, on_step=observe, max_steps=horizon, record=record, splits=())
     finally:
         if prep.tracker is not None:
             prep.tracker.close()

@@ -51,6 +51,8 @@ from .run_tables import STEP_COLUMNS, TABLES, value_column
 if TYPE_CHECKING:
     from .tracker import StepResult
 
+SPLITS = ("train", "val", "test")  # the splits whose loss and accuracy a run's metrics give
+
 
 @runtime_checkable
 class StepValuer(Protocol):
@@ -363,11 +365,14 @@ def run(
     resume: bool = False,
     stop: Callable[[], bool] | None = None,
     record: Sequence[int] | None = None,
+    splits: Sequence[str] = SPLITS,
 ) -> TrainResult:
     """Train ``prep`` for its recipe's epochs (or ``max_steps`` steps); see the module doc.
 
     ``record``: the steps whose per-step values go to ``steps_values`` (default: the recipe's
-    ``attribution.record_steps`` sample); a replay passes the steps it compares. ``on_progress``
+    ``attribution.record_steps`` sample); a replay passes the steps it compares. ``splits``: those
+    whose loss and accuracy the metrics give after the last step (a replay reads none of them, a
+    retrain the test split's alone; the training split of a large text source takes a minute). ``on_progress``
     (``OnProgress``) hears of the steps done; the loop prints nothing itself.
 
     ``checkpointer`` saves a checkpoint every ``train.checkpoint_every`` steps; with ``resume``
@@ -429,7 +434,7 @@ def run(
         if stopping:
             raise TrainingInterrupted(step, limit, checkpointer.path if checkpointer else None)
     wall_seconds = wall()
-    return _result(prep, state, _final_metrics(prep, state, x_train, y_train), wall_seconds)
+    return _result(prep, state, _final_metrics(prep, state, x_train, y_train, splits), wall_seconds)
 
 
 def _step_memory_short(prep: Prepared, step: int, inputs: torch.Tensor) -> UserError:
@@ -487,8 +492,11 @@ def _add_values(
         state.rec_rows["example_id"].extend(ids.tolist())
 
 
-def _final_metrics(prep: Prepared, state: LoopState, x_train: torch.Tensor, y_train: torch.Tensor) -> dict:
-    """metrics.json's figures after the last step: loss and accuracy on each split, counts, provenance."""
+def _final_metrics(
+    prep: Prepared, state: LoopState, x_train: torch.Tensor, y_train: torch.Tensor, splits: Sequence[str]
+) -> dict:
+    """metrics.json's figures after the last step: loss and accuracy on each of ``splits``, counts,
+    provenance."""
     d, dev, model, loss_fn, tracker = prep.data, prep.device, prep.model, prep.loss_fn, prep.tracker
     # in chunks of the training batch, which the steps have shown to fit (a language model's logits
     # for 1024 rows can take gigabytes)
@@ -500,6 +508,8 @@ def _final_metrics(prep: Prepared, state: LoopState, x_train: torch.Tensor, y_tr
         ("val", d.x_val, d.y_val),
         ("test", d.x_test, d.y_test),
     ):
+        if split not in splits:
+            continue
         short = (
             f"out of memory on {dev} evaluating the {split} split after the last step, in chunks of "
             f"train.batch_size ({bs}) rows, once every step was done."
@@ -614,12 +624,13 @@ def train(
     on_step: OnStep | None = None,
     on_progress: OnProgress | None = None,
     max_steps: int | None = None,
+    splits: Sequence[str] = SPLITS,
     **prepare_kw,
 ) -> TrainResult:
     """``run(prepare(recipe, **prepare_kw), ...)``; closes the tracker afterwards."""
     prep = prepare(recipe, **prepare_kw)
     try:
-        return run(prep, on_step=on_step, on_progress=on_progress, max_steps=max_steps)
+        return run(prep, on_step=on_step, on_progress=on_progress, max_steps=max_steps, splits=splits)
     finally:
         if prep.tracker is not None:
             prep.tracker.close()

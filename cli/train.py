@@ -216,6 +216,7 @@ def _training_bar(quiet: bool):
         TextColumn("step {task.completed}/{task.total}"),
         TextColumn("loss {task.fields[loss]}"),
         TextColumn("{task.fields[eps]} ex/s"),
+        TextColumn("{task.fields[phase]}"),
     )
     task = None
 
@@ -225,6 +226,8 @@ def _training_bar(quiet: bool):
         fields = {
             "loss": f"{loss:.4f}" if math.isfinite(loss) else "–",
             "eps": f"{examples_per_s:,.0f}" if examples_per_s > 0 else "–",
+            # after the last step the run evaluates every split (a large text source's takes a minute)
+            "phase": "evaluating…" if done == total else "",
         }
         if task is None:  # shown from run's first report on, so never without its total
             task = bar.add_task("train", total=total, completed=done, **fields)
@@ -235,6 +238,8 @@ def _training_bar(quiet: bool):
     try:
         yield on_progress
     finally:
+        if task is not None:
+            bar.update(task, phase="")  # done: the bar left on screen shows the training alone
         bar.stop()
 
 

@@ -240,3 +240,30 @@ def test_an_infinite_value_is_divergence_as_a_nan_is(bad):
     assert non_finite_problem(0.5, torch.nn.Linear(2, 1), values, 0.5) == (
         "the `adam` values of 1 of the 3 examples are non-finite"
     )
+
+
+def test_a_run_evaluates_only_the_splits_its_caller_reads(monkeypatch):
+    """The training split of a large text source took a minute to evaluate after the last step: a
+    replay (compare, attribute) reads only the parameters' digest, a prune retrain the test split."""
+    from adamshap_core import prune
+    from adamshap_core import train as train_module
+
+    evaluated = []
+    real = train_module.evaluate
+    monkeypatch.setattr(
+        train_module, "evaluate", lambda m, x, *a, **k: evaluated.append(len(x)) or real(m, x, *a, **k)
+    )
+    recipe = R()
+    full = run(prepare(recipe))
+    prep = prepare(recipe)
+    n_train, n_val, n_test = prep.data.n_train, len(prep.data.y_val), len(prep.data.y_test)
+    assert evaluated == [n_train, n_val, n_test] and {"train_loss", "val_accuracy", "test_loss"} <= set(
+        full.metrics
+    )
+    evaluated.clear()
+    replayed = run(prep, splits=())
+    assert evaluated == [] and replayed.metrics["params_sha256"] == full.metrics["params_sha256"]
+    assert not any(key.endswith(("_loss", "_accuracy")) for key in replayed.metrics)
+    job = prune.Retrain(prune.FULL, "low", 0.0, 0, recipe.train.seed, np.array([], dtype=np.int64))
+    row = prune.retrain(job, recipe, prep.data)
+    assert evaluated == [n_test] and row["test_accuracy"] == full.metrics["test_accuracy"]
