@@ -28,6 +28,7 @@ import functools
 import io
 import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,12 +213,17 @@ def _with_defaults(recipe: Any) -> dict | None:
 
 
 class Checkpointer:
-    """Saves and restores one run's checkpoint file; ``every`` steps (0 = only when stopping)."""
+    """Saves and restores one run's checkpoint file; ``every`` steps (0 = only when stopping), once
+    ``seconds`` have passed since it was made or last saved."""
 
-    def __init__(self, path: str | Path, prep: Prepared, every: int | None = None):
+    def __init__(
+        self, path: str | Path, prep: Prepared, every: int | None = None, seconds: float | None = None
+    ):
         self.path = Path(path)
         self.prep = prep
         self.every = prep.recipe.train.checkpoint_every if every is None else every
+        self.seconds = prep.recipe.train.checkpoint_seconds if seconds is None else seconds
+        self.last_saved = time.monotonic()
         self.loaded = False  # whether ``load`` restored the run: before that, a resume changed nothing
 
     # hashing a large split takes a moment: once per run
@@ -230,7 +236,10 @@ class Checkpointer:
         return held_out_digest(self.prep.data)
 
     def due(self, step: int) -> bool:
-        return self.every > 0 and step % self.every == 0
+        """Whether a periodic checkpoint is due after ``step``."""
+        if self.every <= 0 or step % self.every:
+            return False
+        return time.monotonic() - self.last_saved >= self.seconds
 
     def exists(self) -> bool:
         return self.path.is_file()
@@ -250,6 +259,7 @@ class Checkpointer:
             "tracker": p.tracker.state_dict() if p.tracker is not None else None,
         }
         atomic_write(self.path, lambda tmp: save_tensors(blob, tmp))
+        self.last_saved = time.monotonic()
 
     def load(self, gen: torch.Generator) -> LoopState:
         """Restore model, optimizer, scheduler and RNGs from the file; return the loop state."""

@@ -305,6 +305,9 @@ class TrainCfg(_Strict):
     seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: Int = Field(200, ge=0)  # steps between checkpoints; 0 = off
+    # and at least this many seconds apart: a checkpoint holds every example's values, so on a large
+    # training split steps alone would write gigabytes an epoch (0 = by steps alone)
+    checkpoint_seconds: Annotated[Num, Field(ge=0.0)] = 60.0
 
 
 class AttributionCfg(_Strict):

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 # that a kill lands mid-run, short enough for the default suite.
 LONG = tiny(
     name="long",
-    train={"epochs": 8, "batch_size": 4, "checkpoint_every": 3},
+    train={"epochs": 8, "batch_size": 4, "checkpoint_every": 3, "checkpoint_seconds": 0},
     optim={"schedule": "cosine", "warmup_steps": 5},
     attribution={"methods": ["adam", "sgd"], "record_steps": 6},
 )
@@ -329,7 +329,9 @@ def test_each_checkpoint_packs_only_the_steps_since_the_last_and_format_2_still_
     rows are a list and whose recipe lacks a key added since, resumes as before."""
     from adamshap_core import checkpoint, run_tables
 
-    recipe = recipe_from_dict(tiny(train={"epochs": 2, "batch_size": 10, "checkpoint_every": 3}))
+    recipe = recipe_from_dict(
+        tiny(train={"epochs": 2, "batch_size": 10, "checkpoint_every": 3, "checkpoint_seconds": 0})
+    )
     full = run(prepare(recipe))
     packed, real = [], checkpoint._packed
     monkeypatch.setattr(checkpoint, "_packed", lambda rows: packed.append(len(rows)) or real(rows))
@@ -375,7 +377,7 @@ def test_gpt_with_dropout_resumes_bitwise_equal(tmp_path):
 
 
 def test_periodic_checkpoints_follow_checkpoint_every(tmp_path):
-    recipe = recipe_from_dict(tiny(train={"epochs": 2, "checkpoint_every": 4}))
+    recipe = recipe_from_dict(tiny(train={"epochs": 2, "checkpoint_every": 4, "checkpoint_seconds": 0}))
     prep = prepare(recipe)
     saved = []
     ck = Checkpointer(tmp_path / CHECKPOINT_FILE, prep)
@@ -389,6 +391,26 @@ def test_periodic_checkpoints_follow_checkpoint_every(tmp_path):
     ck_off = Checkpointer(tmp_path / "off.pt", off)
     run(off, checkpointer=ck_off)
     assert not ck_off.exists()
+
+
+def test_periodic_checkpoints_wait_for_checkpoint_seconds(tmp_path, monkeypatch):
+    """Every checkpoint holds each example's values: on a large training split, one every 200 steps
+    wrote 834 MB over a 14 s run of 1M rows. A periodic one waits until checkpoint_seconds have
+    passed since the run started or last saved; the last step's and a stop's do not wait."""
+    from adamshap_core import checkpoint
+
+    clock = iter(range(0, 10_000, 10))  # each reading of the clock 10 s after the one before
+    monkeypatch.setattr(checkpoint.time, "monotonic", lambda: next(clock))
+    recipe = recipe_from_dict(tiny(train={"epochs": 2, "checkpoint_every": 2, "checkpoint_seconds": 25}))
+    prep = prepare(recipe)
+    saved = []
+    ck = Checkpointer(tmp_path / CHECKPOINT_FILE, prep)  # the clock's first reading: 0 s
+    original = ck.save
+    ck.save = lambda state, gen, wall: (saved.append(state.step), original(state, gen, wall))
+    res = run(prep, checkpointer=ck)
+    # asked at steps 2 (10 s), 4 (20 s), 6 (30 s: saved, then 40 s), 8 (50 s), 10 (60 s), 12 (70 s: saved)
+    assert saved == [6, 12, res.total_steps] and res.total_steps == 14
+    assert recipe_from_dict(tiny()).train.checkpoint_seconds == 60.0  # the default
 
 
 # --------------------------------------------------------------------------- what resume refuses
@@ -684,7 +706,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monke
     from it still ends exactly where the uninterrupted run ends."""
     from adamshap_core import checkpoint
 
-    recipe = recipe_from_dict(tiny(train={"epochs": 2, "checkpoint_every": 2}))
+    recipe = recipe_from_dict(tiny(train={"epochs": 2, "checkpoint_every": 2, "checkpoint_seconds": 0}))
     full = run(prepare(recipe))
     path = tmp_path / CHECKPOINT_FILE
     real_save, calls = torch.save, {"n": 0}
@@ -726,7 +748,7 @@ def test_tables_that_do_not_fit_leave_the_run_resumable_and_say_how(tmp_path, mo
     """A disk that fills up while the finished run's tables are written: exit 2 with the file, the
     run marked incomplete with the error, and resuming once there is space completes it."""
     runs = tmp_path / "runs"
-    recipe = write_recipe(tmp_path, tiny(train={"epochs": 2, "checkpoint_every": 2}))
+    recipe = write_recipe(tmp_path, tiny(train={"epochs": 2, "checkpoint_every": 2, "checkpoint_seconds": 0}))
     reference = cli("train", recipe, "--quiet", "--runs-dir", tmp_path / "reference")
     assert reference.exit_code == 0, reference.output
 
