@@ -229,9 +229,12 @@ def replay(
     evaluated: Sequence[int],
     options: CompareOptions,
     on_progress: Callable[[Progress, Progress], None] | None = None,
+    on_replay: Callable[[int, int], None] | None = None,
 ) -> TruthReplay:
     """Replay the run from ``prepare_replay``, computing the ground truth just before each step that
-    needs it."""
+    needs it. ``on_replay`` hears of the steps replayed: the replay goes on past the last step with a
+    ground truth to the last step whose values the run recorded (by default the run's last), to check
+    them."""
     from .train import run
 
     example_id = prep.data.example_id.numpy()
@@ -270,7 +273,10 @@ def replay(
     t0 = time.perf_counter()
     try:
         with intra_op_threads(recorded_threads(inputs.folder.metrics())):
-            result = run(prep, on_step=observe, max_steps=horizon, record=record, splits=())
+            replayed = None if on_replay is None else lambda done, total, *_: on_replay(done, total)
+            result = run(
+                prep, on_step=observe, max_steps=horizon, record=record, splits=(), on_progress=replayed
+            )
     finally:
         if prep.tracker is not None:
             prep.tracker.close()
@@ -623,8 +629,10 @@ def compare_run(
     options: CompareOptions,
     on_progress: Callable[[Progress, Progress], None] | None = None,
     on_start: Callable[[RunInputs, list[int]], None] | None = None,
+    on_replay: Callable[[int, int], None] | None = None,
 ) -> CompareResult:
-    """Everything ``adamshap compare`` computes; nothing is written here (see ``write_outputs``)."""
+    """Everything ``adamshap compare`` computes; nothing is written here (see ``write_outputs``).
+    ``on_progress``: the ground truth's (done, total); ``on_replay``: the replay's (steps done, of)."""
     inputs = load_run(folder)
     baseline = check_baseline(options.baseline, inputs.methods)
     check_permutations(options.permutations)
@@ -634,7 +642,7 @@ def compare_run(
     if on_start is not None:
         on_start(inputs, evaluated)
     t0 = time.perf_counter()
-    rep = replay(inputs, prep, evaluated, options, on_progress)
+    rep = replay(inputs, prep, evaluated, options, on_progress, on_replay)
     replay_check = check_replay(inputs, rep)
     truth = truth_frame(inputs, rep, evaluated, options.cumulative)
     table = compare_table(truth, inputs, baseline)

@@ -127,12 +127,14 @@ def error_line(message: str) -> None:
     )
 
 
-def progress_bar(label: str, *columns):
-    """A progress bar on stderr: the label, the bar, ``columns``, the time taken and the time left."""
+def progress_bar(label: str | None, *columns):
+    """A progress bar on stderr: the label (None: each task's description), the bar, ``columns``, the
+    time taken and the time left."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     ends = (TimeElapsedColumn(), TimeRemainingColumn())
-    return Progress(TextColumn(f"[bold]{label}[/]"), BarColumn(), *columns, *ends, console=err_console)
+    first = TextColumn("[bold]{task.description}[/]" if label is None else f"[bold]{label}[/]")
+    return Progress(first, BarColumn(), *columns, *ends, console=err_console)
 
 
 def counted(n: int, one: str, many: str) -> str:

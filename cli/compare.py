@@ -9,7 +9,7 @@ from rich.markup import escape
 
 from adamshap_core.compare_options import DEFAULT_CUMULATIVE_PERMUTATIONS, DEFAULT_PERMUTATIONS
 
-from .common import RUNS_DIR, console, err_console, progress_bar, user_errors
+from .common import RUNS_DIR, console, counted, err_console, progress_bar, user_errors
 
 
 @user_errors
@@ -60,8 +60,10 @@ def compare(
             n = inputs.last_step if cumulative else len(evaluated)
             if progress is not None:
                 err_console.print(
-                    f"[bold]compare[/] {escape(folder.name)}: replaying {inputs.last_step} steps; ground "
-                    f"truth at {n} steps: {options.permutations} permutations at the evaluated steps "
+                    f"[bold]compare[/] {escape(folder.name)}: replaying "
+                    f"{counted(inputs.last_step, 'step', 'steps')}; ground truth at "
+                    f"{counted(n, 'step', 'steps')}: {options.permutations} permutations at the evaluated "
+                    "steps "
                     f"{_steps_text(evaluated)}"
                     # the others are most of the work on a long run; say how to leave them out
                     + (
@@ -80,8 +82,20 @@ def compare(
                     task, completed=done.work, total=total.work, steps=f"{done.steps}/{total.steps}"
                 )
 
+        replay_task = None
+
+        def on_replay(
+            done: int, total: int
+        ) -> None:  # the run's steps, of which the ground truth's are a part
+            nonlocal replay_task
+            if progress is None:
+                return
+            if replay_task is None:
+                replay_task = progress.add_task("replay", total=total, steps=f"{done}/{total}")
+            progress.update(replay_task, completed=done, steps=f"{done}/{total}")
+
         try:
-            result = compare_run(folder, options, on_progress, on_start)
+            result = compare_run(folder, options, on_progress, on_start, on_replay)
         finally:
             # stopping a bar that never started prints an empty line
             if progress is not None and task is not None:
@@ -139,4 +153,4 @@ def _steps_text(steps) -> str:
 def _progress():
     from rich.progress import TextColumn
 
-    return progress_bar("ground truth", TextColumn("step {task.fields[steps]}"))
+    return progress_bar(None, TextColumn("step {task.fields[steps]}"))

@@ -399,6 +399,31 @@ def test_progress_weighs_each_step_by_its_permutations(run):
     assert [tuple(done) for done, _ in reports] == list(zip(range(1, 8), work, strict=True))
 
 
+def test_the_replay_past_the_last_ground_truth_step_is_reported_too(run):
+    """The replay goes on to the last step whose values the run recorded (by default its last step), to
+    check them: here steps 2 and 3 after the ground truth of step 1 alone (on a large text run, minutes
+    after a bar that said done)."""
+    from adamshap_core.compare import CompareOptions, compare_run
+    from adamshap_core.runio import RunFolder
+
+    truth, replayed = [], []
+    options = CompareOptions("sgd", "1", 2, False, 2, 0)
+    compare_run(
+        RunFolder(run),
+        options,
+        on_progress=lambda done, total: truth.append(tuple(done)),
+        on_replay=lambda done, total: replayed.append((done, total)),
+    )
+    assert truth == [(1, 3)]
+    assert replayed == [(step, 3) for step in range(4)]  # the run recorded steps 1 to 3
+
+
+def test_the_opening_line_counts_one_step_as_one(run):
+    res = cli("compare", "--permutations", "2", "--steps", "5", "--no-cumulative")
+    assert res.exit_code == 0, res.output
+    assert "replaying 7 steps; ground truth at 1 step: 2 permutations" in " ".join(res.stderr.split())
+
+
 def test_a_fast_mode_run_compares(tmp_path, runs):
     """Its steps that reused ∇val record no validation loss (NaN), which the replay check skips."""
     fast = {"fast": {"warmup": 1, "refresh_every": 3, "rank": None, "min_pearson": None}}
