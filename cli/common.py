@@ -129,12 +129,37 @@ def error_line(message: str) -> None:
 
 def progress_bar(label: str | None, *columns):
     """A progress bar on stderr: the label (None: each task's description), the bar, ``columns``, the
-    time taken and the time left."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    time taken and the time left. Where stderr is a file or a pipe, its lines every ``LOG_SECONDS``."""
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     ends = (TimeElapsedColumn(), TimeRemainingColumn())
     first = TextColumn("[bold]{task.description}[/]" if label is None else f"[bold]{label}[/]")
-    return Progress(first, BarColumn(), *columns, *ends, console=err_console)
+    return _logged_progress()(first, BarColumn(), *columns, *ends, console=err_console)
+
+
+LOG_SECONDS = 30.0  # between the progress lines written to a file or a pipe
+
+
+@functools.cache
+def _logged_progress() -> type:
+    """rich's ``Progress`` that, on a console that is not a terminal (a log file, a pipe, a job
+    scheduler's output), prints its lines every ``LOG_SECONDS`` from its first update on: rich
+    redraws a bar on a terminal only, so such a log would show nothing until the command ended."""
+    from rich.progress import Progress, TaskID
+
+    class LoggedProgress(Progress):
+        _logged_at: float | None = None
+
+        def update(self, task_id: TaskID, **kwargs) -> None:
+            super().update(task_id, **kwargs)
+            if self.console.is_terminal:
+                return
+            now = self.get_time()
+            if self._logged_at is None or now - self._logged_at >= LOG_SECONDS:
+                self._logged_at = now
+                self.console.print(self.make_tasks_table(self.tasks))
+
+    return LoggedProgress
 
 
 def counted(n: int, one: str, many: str) -> str:

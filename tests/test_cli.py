@@ -499,3 +499,31 @@ def test_output_to_a_file_is_laid_out_wide_unless_columns_says_otherwise(columns
     code = "from adamshap_cli.common import console, err_console; print(console.width, err_console.width)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.split() == [str(width)] * 2
+
+
+def test_a_progress_bar_written_to_a_file_prints_its_lines_every_log_seconds():
+    """rich redraws a bar on a terminal only: a long run's log (a file, a pipe, a job scheduler's
+    output) showed nothing until the command ended. There the bar's lines come every LOG_SECONDS."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import TextColumn
+
+    from cli import common
+
+    def steps_logged(terminal: bool) -> list[str]:
+        out, now = io.StringIO(), [0.0]
+        console = Console(file=out, width=60, force_terminal=terminal)
+        columns = (TextColumn("step {task.completed}/{task.total}"),)
+        bar = common._logged_progress()(
+            *columns, console=console, get_time=lambda: now[0], auto_refresh=False
+        )
+        task = bar.add_task("train", total=100)
+        for step, seconds in [(1, 0.0), (2, 10.0), (3, 31.0), (4, 40.0), (5, 60.0), (6, 61.0)]:
+            now[0] = seconds
+            bar.update(task, completed=step)
+        return [line for line in out.getvalue().splitlines() if "step" in line]
+
+    assert common.LOG_SECONDS == 30.0
+    assert steps_logged(terminal=False) == ["step 1/100", "step 3/100", "step 6/100"]
+    assert steps_logged(terminal=True) == []  # a terminal's bar is rich's own live display
