@@ -19,6 +19,7 @@ from adamshap_core.errors import UserError
 from .common import (
     RUNS_DIR,
     console,
+    counted,
     err_console,
     file_system_problem,
     progress_bar,
@@ -107,12 +108,41 @@ def _print_opening(folder, rec, prep, resume: bool) -> None:
             f"{escape(prep.tracker.rows_blocked)}",
             highlight=False,
         )
+    note = validation_cost_note(prep)
+    if note:
+        err_console.print(f"note: {escape(note)}", highlight=False)
     verb = "resuming" if resume else "training"
     err_console.print(
         f"{verb} [bold]{escape(folder.name)}[/]: {escape(rec.data.source)}, {prep.data.n_train} "
         f"training examples, {rec.model.kind} on {prep.device}, {rec.optim.name} lr "
         f"{rec.optim.lr:g}, {prep.total_steps} steps; methods: "
         f"{', '.join(prep.methods) or 'none (attribution off)'}"
+    )
+
+
+# a validation target of more positions than this many training batches is worth a note: on a language
+# model its forward and backward are most of a valued step (200 texts against a batch of 64 took 658
+# of a step's 954 ms)
+VALIDATION_BATCHES_NOTED = 2
+
+
+def validation_cost_note(prep) -> str | None:
+    """A note where a language model's validation target outweighs its training batch (None: it
+    does not, or nothing is valued)."""
+    from adamshap_core.choices import LANGUAGE_MODELS
+
+    if prep.tracker is None or prep.recipe.model.kind not in LANGUAGE_MODELS:
+        return None
+    rows, batch = len(prep.val_x), prep.recipe.train.batch_size
+    times = prep.val_x.numel() / (batch * prep.data.x_train.shape[1])  # token positions, padding included
+    if times <= VALIDATION_BATCHES_NOTED:
+        return None
+    return (
+        f"the validation target ({counted(rows, 'text', 'texts')}) holds {times:.1f} times the positions of "
+        f"a training batch ({counted(batch, 'text', 'texts')}), so computing its gradient takes most of each "
+        "valued step; "
+        "attribution.val_batch: N values against its first N texts, and attribution.fast reuses the "
+        "gradient while it stays close (README: Fast mode)."
     )
 
 

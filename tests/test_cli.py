@@ -527,3 +527,26 @@ def test_a_progress_bar_written_to_a_file_prints_its_lines_every_log_seconds():
     assert common.LOG_SECONDS == 30.0
     assert steps_logged(terminal=False) == ["step 1/100", "step 3/100", "step 6/100"]
     assert steps_logged(terminal=True) == []  # a terminal's bar is rich's own live display
+
+
+def test_a_language_model_valued_against_more_positions_than_two_batches_gets_a_note():
+    """On a language model the validation target's forward and backward were most of a valued step
+    (200 texts against a batch of 64: 658 of 954 ms), and train said nothing of it."""
+    from helpers import tiny, tiny_gpt
+
+    from adamshap_core.recipe import recipe_from_dict
+    from adamshap_core.train import prepare
+    from cli.train import validation_cost_note
+
+    def note(recipe):
+        return validation_cost_note(prepare(recipe_from_dict(recipe)))
+
+    assert note(tiny_gpt(train={"batch_size": 1})) == (
+        "the validation target (6 texts) holds 6.0 times the positions of a training batch (1 text), so "
+        "computing its gradient takes most of each valued step; attribution.val_batch: N values against its "
+        "first N texts, and attribution.fast reuses the gradient while it stays close (README: Fast mode)."
+    )
+    assert note(tiny_gpt(train={"batch_size": 3})) is None  # twice a batch: no note
+    assert note(tiny_gpt(train={"batch_size": 1}, attribution={"val_batch": 2})) is None
+    assert note(tiny_gpt(train={"batch_size": 1}, attribution={"enabled": False})) is None
+    assert note(tiny(train={"batch_size": 1})) is None  # a table's rows cost little
