@@ -1,6 +1,7 @@
 """The ground-truth code against answers known in closed form and against torch itself."""
 
 import copy
+import functools
 import math
 
 import numpy as np
@@ -301,6 +302,16 @@ def test_small_sgd_steps_make_the_game_linear_and_every_value_agree(float64):
     assert truth.shapley_se.max() < 1e-4 * scale
 
 
+def _first_step_truth(model, opt):
+    """The ground truth of a first step of 6 examples, with 9 validation rows."""
+    x, y = batch(6)
+    vx, vy = batch(9, seed=3)
+    return gt.step_truth(
+        1, model, opt, loss_fn, x, y, vx, vy, max_grad_norm=0.5, permutations=4,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+
+
 def test_a_wide_model_evaluates_fewer_coalitions_at_once_and_the_same_values(float64, monkeypatch):
     """Each coalition in flight holds several vectors of the model's size: a model of millions of
     parameters takes a few at a time, where 64 took tens of GB; how many changes no value."""
@@ -309,15 +320,7 @@ def test_a_wide_model_evaluates_fewer_coalitions_at_once_and_the_same_values(flo
     assert gt.coalition_chunk(10**9) == 1
     model = small_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, y = batch(6)
-    vx, vy = batch(9, seed=3)
-
-    def truth():
-        return gt.step_truth(
-            1, model, opt, loss_fn, x, y, vx, vy, max_grad_norm=0.5, permutations=4,
-            generator=torch.Generator().manual_seed(0),
-        )  # fmt: skip
-
+    truth = functools.partial(_first_step_truth, model, opt)
     wide = truth()
     monkeypatch.setattr(gt, "coalition_chunk", lambda n_params: 1)
     narrow = truth()
@@ -332,18 +335,11 @@ def test_large_validation_forwards_take_fewer_coalitions_and_rows_at_a_time_and_
     coalitions and fewer validation rows go at once, and no value changes beyond rounding."""
     model = small_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, y = batch(6)
-    vx, vy = batch(9, seed=3)
     flat = gt.FlatModel(model, gt.param_slots(model, opt), loss_fn, torch.device("cpu"))
     # Linear 7, Tanh 7, Linear 3 and the Sequential's own 3, then the output twice more
-    assert flat.row_floats(gt.optimizer_update(flat.slots, opt).w, vx[:1].double()) == 7 + 7 + 3 + 3 + 2 * 3
-
-    def truth():
-        return gt.step_truth(
-            1, model, opt, loss_fn, x, y, vx, vy, max_grad_norm=0.5, permutations=4,
-            generator=torch.Generator().manual_seed(0),
-        )  # fmt: skip
-
+    row = batch(1, seed=3)[0].double()
+    assert flat.row_floats(gt.optimizer_update(flat.slots, opt).w, row) == 7 + 7 + 3 + 3 + 2 * 3
+    truth = functools.partial(_first_step_truth, model, opt)
     whole = truth()
     seen = []
     real = gt.FlatModel.mean_losses
