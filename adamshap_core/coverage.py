@@ -205,9 +205,11 @@ def norm64(t: torch.Tensor, minus: torch.Tensor | None = None) -> float:
     take twice its size again."""
     x = t.reshape(-1)
     y = None if minus is None else minus.reshape(-1)
+    if y is not None and y.numel() != x.numel():
+        raise ValueError(f"norm64 of tensors of {x.numel()} and {y.numel()} elements: expected equal sizes")
     squares = 0.0
     for start in range(0, x.numel(), NORM_CHUNK):
-        part = x[start : start + NORM_CHUNK].double()
+        part = x[start : start + NORM_CHUNK].to(torch.float64, copy=True)  # never a view of ``t``
         if y is not None:
             part -= y[start : start + NORM_CHUNK]
         squares += float(part.norm()) ** 2

@@ -143,20 +143,32 @@ LOG_SECONDS = 30.0  # between the progress lines written to a file or a pipe
 @functools.cache
 def _logged_progress() -> type:
     """rich's ``Progress`` that, on a console that is not a terminal (a log file, a pipe, a job
-    scheduler's output), prints its lines every ``LOG_SECONDS`` from its first update on: rich
-    redraws a bar on a terminal only, so such a log would show nothing until the command ended."""
+    scheduler's output), prints its lines every ``LOG_SECONDS`` from its first update on, and when a
+    task's description changes: rich redraws a bar on a terminal only, so such a log would show
+    nothing until the command ended."""
     from rich.progress import Progress, TaskID
 
     class LoggedProgress(Progress):
         _logged_at: float | None = None
+        _descriptions: tuple[str, ...] = ()
 
         def update(self, task_id: TaskID, **kwargs) -> None:
             super().update(task_id, **kwargs)
+            self._log()
+
+        def advance(self, task_id: TaskID, advance: float = 1) -> None:
+            super().advance(task_id, advance)
+            self._log()
+
+        def _log(self) -> None:
+            """The lines, where it is time or a task's description changed (a phase begins)."""
             if self.console.is_terminal:
                 return
             now = self.get_time()
-            if self._logged_at is None or now - self._logged_at >= LOG_SECONDS:
-                self._logged_at = now
+            descriptions = tuple(task.description for task in self.tasks)
+            due = self._logged_at is None or now - self._logged_at >= LOG_SECONDS
+            if due or descriptions != self._descriptions:
+                self._logged_at, self._descriptions = now, descriptions
                 self.console.print(self.make_tasks_table(self.tasks))
 
     return LoggedProgress

@@ -122,20 +122,24 @@ def _print_opening(folder, rec, prep, resume: bool) -> None:
 
 # a validation target of more positions than this many training batches is worth a note: on a language
 # model its forward and backward are most of a valued step (200 texts against a batch of 64 took 658
-# of a step's 954 ms)
-VALIDATION_BATCHES_NOTED = 2
+# of a step's 954 ms); where its forward is small (positions times parameters, about half its
+# multiply-adds), the whole step is, and the note would only be noise on a short run
+VALIDATION_BATCHES_NOTED, VALIDATION_SIZE_NOTED = 2, 10**8
 
 
 def validation_cost_note(prep) -> str | None:
-    """A note where a language model's validation target outweighs its training batch (None: it
-    does not, or nothing is valued)."""
+    """A note where a language model's validation target outweighs its training batch and is large
+    itself (None: it does not, nothing is valued, or ``attribution.val_batch`` or fast mode is set:
+    the note's advice is taken)."""
     from adamshap_core.choices import LANGUAGE_MODELS
 
-    if prep.tracker is None or prep.recipe.model.kind not in LANGUAGE_MODELS:
+    a = prep.recipe.attribution
+    if prep.tracker is None or prep.recipe.model.kind not in LANGUAGE_MODELS or a.val_batch or a.fast:
         return None
     rows, batch = len(prep.val_x), prep.recipe.train.batch_size
     times = prep.val_x.numel() / (batch * prep.data.x_train.shape[1])  # token positions, padding included
-    if times <= VALIDATION_BATCHES_NOTED:
+    size = prep.val_x.numel() * sum(p.numel() for p in prep.model.parameters())
+    if times <= VALIDATION_BATCHES_NOTED or size < VALIDATION_SIZE_NOTED:
         return None
     return (
         f"the validation target ({counted(rows, 'text', 'texts')}) holds {times:.1f} times the positions of "
@@ -242,11 +246,10 @@ def _training_bar(quiet: bool):
     from rich.progress import TextColumn
 
     bar = progress_bar(
-        "train",
+        None,  # each task's description: "train", then what follows the last step
         TextColumn("step {task.completed}/{task.total}"),
         TextColumn("loss {task.fields[loss]}"),
         TextColumn("{task.fields[eps]} ex/s"),
-        TextColumn("{task.fields[phase]}"),
     )
     task = None
 
@@ -256,20 +259,20 @@ def _training_bar(quiet: bool):
         fields = {
             "loss": f"{loss:.4f}" if math.isfinite(loss) else "–",
             "eps": f"{examples_per_s:,.0f}" if examples_per_s > 0 else "–",
-            # after the last step the run evaluates every split (a large text source's takes a minute)
-            "phase": "evaluating…" if done == total else "",
         }
+        # after the last step the run evaluates every split (a large text source's takes a minute)
+        description = "train: evaluating" if done == total else "train"
         if task is None:  # shown from run's first report on, so never without its total
-            task = bar.add_task("train", total=total, completed=done, **fields)
+            task = bar.add_task(description, total=total, completed=done, **fields)
             bar.start()
         else:
-            bar.update(task, completed=done, **fields)
+            bar.update(task, completed=done, description=description, **fields)
 
     try:
         yield on_progress
     finally:
         if task is not None:
-            bar.update(task, phase="")  # done: the bar left on screen shows the training alone
+            bar.update(task, description="train")  # done: the bar left on screen shows the training alone
         bar.stop()
 
 

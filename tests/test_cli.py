@@ -529,6 +529,30 @@ def test_a_progress_bar_written_to_a_file_prints_its_lines_every_log_seconds():
     assert steps_logged(terminal=True) == []  # a terminal's bar is rich's own live display
 
 
+def test_a_logged_progress_bar_prints_on_advance_and_when_a_phase_begins():
+    """attribute moves its bar with advance (which rich does not route through update), and train's
+    evaluation after the last step is a new description, shown in a log at once."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import TextColumn
+
+    from cli import common
+
+    out, now = io.StringIO(), [0.0]
+    columns = (TextColumn("{task.description} {task.completed}/{task.total}"),)
+    bar = common._logged_progress()(*columns, console=Console(file=out, width=60), get_time=lambda: now[0])
+    task = bar.add_task("replay", total=10)
+    bar.advance(task)  # the first: printed
+    now[0] = 5.0
+    bar.advance(task)  # 5 s later: not yet
+    bar.update(task, description="replay: evaluating")  # a new phase: printed at once
+    now[0] = 40.0
+    bar.advance(task)  # 35 s after the last line
+    lines = [line.strip() for line in out.getvalue().splitlines() if line.strip()]
+    assert lines == ["replay 1/10", "replay: evaluating 2/10", "replay: evaluating 3/10"]
+
+
 def test_a_language_model_valued_against_more_positions_than_two_batches_gets_a_note():
     """On a language model the validation target's forward and backward were most of a valued step
     (200 texts against a batch of 64: 658 of 954 ms), and train said nothing of it."""
@@ -536,11 +560,16 @@ def test_a_language_model_valued_against_more_positions_than_two_batches_gets_a_
 
     from adamshap_core.recipe import recipe_from_dict
     from adamshap_core.train import prepare
+    from cli import train as cli_train
     from cli.train import validation_cost_note
 
-    def note(recipe):
-        return validation_cost_note(prepare(recipe_from_dict(recipe)))
+    def note(recipe, size=0):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(cli_train, "VALIDATION_SIZE_NOTED", size)
+            return validation_cost_note(prepare(recipe_from_dict(recipe)))
 
+    assert note(tiny_gpt(train={"batch_size": 1}), size=10**8) is None  # small: the whole step is
+    assert note(tiny_gpt(train={"batch_size": 1}, attribution={"fast": True})) is None  # advice taken
     assert note(tiny_gpt(train={"batch_size": 1})) == (
         "the validation target (6 texts) holds 6.0 times the positions of a training batch (1 text), so "
         "computing its gradient takes most of each valued step; attribution.val_batch: N values against its "

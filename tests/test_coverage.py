@@ -271,6 +271,11 @@ def test_norm64_sums_in_float64_a_chunk_at_a_time(monkeypatch):
     assert coverage.norm64(x) == pytest.approx(float(x.double().norm()), rel=1e-14)
     assert coverage.norm64(x, minus=y) == pytest.approx(float((x.double() - y.double()).norm()), rel=1e-14)
     assert coverage.norm64(torch.zeros(0)) == 0.0
+    g = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    assert coverage.norm64(g, minus=torch.ones(2, dtype=torch.float64)) == pytest.approx(13**0.5)
+    assert g.tolist() == [3.0, 4.0]  # a float64 argument is read, never written (its chunks are copies)
+    with pytest.raises(ValueError, match="2 and 3 elements"):
+        coverage.norm64(g, minus=torch.ones(3))
 
 
 def test_the_start_up_check_changes_nothing_training_will_see():
