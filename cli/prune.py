@@ -81,8 +81,9 @@ def prune(
             earlier = runio.replaced_note(pr.plot_path(folder, plan.direction), what)  # this direction's plot
             table_path, png_path = pr.write_outputs(folder, df, plan.direction)
             pr.journal_for(folder, plan.direction).remove()
-        print_unbroken(pruning_table(pr.summarise(df), plan))
-        console.print(table_notes(plan), highlight=False)
+        summary = pr.summarise(df)
+        print_unbroken(pruning_table(summary, plan))
+        console.print(table_notes(plan, summary), highlight=False)
         wrote = f"wrote [bold]{escape(str(table_path))}[/] and [bold]{escape(str(png_path))}[/]"
         console.print(wrote + escape(earlier))
 
@@ -195,9 +196,9 @@ def pruning_table(summary: pd.DataFrame, plan) -> Table:
     return table
 
 
-def table_notes(plan) -> str:
+def table_notes(plan, summary: pd.DataFrame) -> str:
     """What the table's numbers are, printed under it."""
-    from adamshap_core.prune import ORACLE
+    from adamshap_core.prune import FULL, ORACLE
 
     seeds = f"mean ± std over {plan.seeds} seeds" if plan.seeds > 1 else "1 seed"
     notes = (
@@ -219,4 +220,13 @@ def table_notes(plan) -> str:
     if plan.data.is_noisy.any():
         base = float(plan.data.is_noisy.float().mean())
         notes += f" noisy: share of the removed examples whose label was flipped (base rate {base:.0%})."
+    # the test sample's own error, which no number of training seeds shrinks: at the default 300 test
+    # examples it is as large as many of the differences between rows
+    n_test = len(plan.data.y_test)
+    p = float(summary.loc[summary["method"] == FULL, "acc_mean"].iloc[0])
+    notes += (
+        f" At the full data's accuracy ({p:.3f}), the {n_test} test examples alone give each cell a standard "
+        f"error of about ±{math.sqrt(p * (1 - p) / n_test):.3f} (binomial), not included in ± over seeds; "
+        "a larger data.test_size narrows it."
+    )
     return notes

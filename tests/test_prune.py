@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -189,6 +190,14 @@ def test_prune_end_to_end(tiny_run):
 
     assert (tiny_run / "pruning-low.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "full" in res.output and "adam" in res.output and "noisy" in res.output
+
+    # the test sample's own standard error, at the full data's mean accuracy over the seeds
+    p, n_test = full["test_accuracy"].mean(), metrics["n_test"]
+    said = " ".join(res.stdout.split())
+    assert (
+        f"At the full data's accuracy ({p:.3f}), the {n_test} test examples alone give each cell a standard "
+        f"error of about ±{math.sqrt(p * (1 - p) / n_test):.3f} (binomial)"
+    ) in said
 
 
 def test_prune_high_keeps_the_low_rows_and_defaults_to_the_latest_run(tmp_path):
