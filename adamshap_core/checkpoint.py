@@ -216,13 +216,11 @@ class Checkpointer:
     """Saves and restores one run's checkpoint file; ``every`` steps (0 = only when stopping), once
     ``seconds`` have passed since it was made or last saved."""
 
-    def __init__(
-        self, path: str | Path, prep: Prepared, every: int | None = None, seconds: float | None = None
-    ):
+    def __init__(self, path: str | Path, prep: Prepared, every: int | None = None):
         self.path = Path(path)
         self.prep = prep
         self.every = prep.recipe.train.checkpoint_every if every is None else every
-        self.seconds = prep.recipe.train.checkpoint_seconds if seconds is None else seconds
+        self.seconds = prep.recipe.train.checkpoint_seconds
         self.last_saved = time.monotonic()
         self.loaded = False  # whether ``load`` restored the run: before that, a resume changed nothing
 

@@ -185,8 +185,9 @@ def first_mismatch(
     ``want`` (autograd's) by more than rounding."""
     # a parameter whose gradient cancels to rounding noise (an attention key's bias: softmax ignores a
     # shift common to all keys) differs by noise of its own size, so the floor is set by the whole gradient
-    whole = math.sqrt(sum(norm64(w) ** 2 for w in want if w is not None)) + 1e-30
-    for p, w in zip(params, want, strict=True):
+    norms = [0.0 if w is None else norm64(w) for w in want]  # each once: a norm64 reads its whole tensor
+    whole = math.sqrt(sum(n**2 for n in norms)) + 1e-30
+    for p, w, w_norm in zip(params, want, norms, strict=True):
         g = got.get(id(p))
         w = torch.zeros_like(p) if w is None else w
         g = torch.zeros_like(w) if g is None else g.to(w.dtype)
@@ -194,7 +195,7 @@ def first_mismatch(
         # off by about one rounding unit, where the kernels (in float32) are closer to the truth
         unit = torch.finfo(w.dtype).eps
         rtol, floor = max(GAP_RTOL, ROUNDING_UNITS * unit), max(GAP_FLOOR, unit) * whole
-        if norm64(g, minus=w) > rtol * norm64(w) + floor:
+        if norm64(g, minus=w) > rtol * w_norm + floor:
             return next(n for n, q in model.named_parameters() if q is p)
     return None
 

@@ -437,12 +437,7 @@ class InRunShapley:
         return values.clone()  # a normal tensor again, which the caller may change in place
 
     def _checked_values(
-        self,
-        val_grads: torch.Tensor,
-        replaced: torch.Tensor,
-        clip: float,
-        B: int,
-        rank: int | None,
+        self, val_grads: torch.Tensor, replaced: torch.Tensor, clip: float, B: int, rank: int | None
     ) -> tuple[torch.Tensor, float]:
         """This step's values, and the lowest Pearson between them and those the ∇val it replaces gives.
         Both come from one contraction, the replaced ∇val as Q more targets: the optimizer's state is

@@ -152,9 +152,11 @@ def _logged_progress() -> type:
         _logged_at: float | None = None
         _descriptions: tuple[str, ...] = ()
 
-        def update(self, task_id: TaskID, **kwargs) -> None:
+        def update(self, task_id: TaskID, *, log: bool = True, **kwargs) -> None:
+            """rich's update; ``log=False``: no line for it (one ``stop`` prints anyway, say)."""
             super().update(task_id, **kwargs)
-            self._log()
+            if log:
+                self._log()
 
         def advance(self, task_id: TaskID, advance: float = 1) -> None:
             super().advance(task_id, advance)

@@ -84,15 +84,16 @@ def compare(
 
         replay_task = None
 
-        def on_replay(
-            done: int, total: int
-        ) -> None:  # the run's steps, of which the ground truth's are a part
+        # the run's steps, of which the ground truth's are a part
+        def on_replay(done: int, total: int) -> None:
             nonlocal replay_task
             if progress is None:
                 return
-            if replay_task is None:
-                replay_task = progress.add_task("replay", total=total, steps=f"{done}/{total}")
-            progress.update(replay_task, completed=done, steps=f"{done}/{total}")
+            steps = f"{done}/{total}"
+            if replay_task is None:  # with its fields from the start: the bar may draw it at once
+                replay_task = progress.add_task("replay", total=total, completed=done, steps=steps)
+            else:
+                progress.update(replay_task, completed=done, steps=steps)
 
         try:
             result = compare_run(folder, options, on_progress, on_start, on_replay)

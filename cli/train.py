@@ -271,8 +271,8 @@ def _training_bar(quiet: bool):
     try:
         yield on_progress
     finally:
-        if task is not None:
-            bar.update(task, description="train")  # done: the bar left on screen shows the training alone
+        if task is not None:  # done: the bar left on screen shows the training alone, as stop prints it
+            bar.update(task, description="train", log=False)
         bar.stop()
 
 
