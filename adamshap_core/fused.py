@@ -13,9 +13,10 @@ gradient alone: plain training's, up to float rounding (the subtraction), not bi
 
 It computes what the separate pass (``GhostEngine.validation_gradients``, in eval mode) does
 only where train mode and eval mode compute the same function and no random numbers are drawn
-(no active dropout, no batch statistics), where the inputs concatenate along dim 0, and where the
-gradients are float32 or wider (no float16 or bfloat16 parameters, no autocast). Where not, the step
-takes the separate pass; the blockers below say why.
+(no active dropout, no batch statistics), where the inputs concatenate along dim 0, where the
+gradients are float32 or wider (no float16 or bfloat16 parameters, no autocast), and where joining
+changes no row's function (a branch on the batch's content; checked on a few steps' batches). Where
+not, the step takes the separate pass; the blockers below say why.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ from .engine.buffers import Buffers
 from .engine.ghost import Call, RowsTarget, set_modes
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+# how far a row's outputs may move when other rows join it, relative to the outputs' largest
+# magnitude: a product over another number of rows may be blocked, so rounded, differently (a few
+# float32 units), where a branch taken for the whole batch moves them by far more
+JOIN_ATOL = 1e-4
 
 
 def model_blocker(model: nn.Module) -> str | None:
@@ -174,6 +179,56 @@ def _loss_blocker(loss_fn, outputs: torch.Tensor, targets: torch.Tensor) -> str 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, ...]:
     cpu = torch.get_rng_state()
     return (cpu, torch.cuda.get_rng_state(device)) if device.type == "cuda" else (cpu,)
+
+
+def join_blocker(model: nn.Module, loss_fn, inputs, targets, val_inputs, val_targets) -> str | None:
+    """Run the training rows and the validation rows alone and joined, in the modes the model is in
+    (torch's random state and the buffers restored afterwards). Caught here, where these rows show
+    it: a model whose function for one row depends on the other rows in the batch (a branch on the
+    batch's content), and a parameter that only the validation rows reach, which ``optimizer.step()``
+    would then move with a zero gradient where plain training leaves it alone (None: neither)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    B = len(targets)
+    with probing(model, inputs.device), torch.enable_grad():
+        alone, val_alone = model(inputs), model(val_inputs)
+        joined = model(torch.cat([inputs, val_inputs]))
+        if not all(isinstance(t, torch.Tensor) for t in (alone, val_alone, joined)):
+            return "the model's output is not a tensor"
+        for rows, others, got, want in (
+            ("training", "validation", joined[:B], alone),
+            ("validation", "training", joined[B:], val_alone),
+        ):
+            if not _unmoved(got.detach(), want.detach()):
+                return (
+                    f"the {rows} rows' outputs change when the {others} rows join them: the model's "
+                    "function depends on the batch's content"
+                )
+        only_rows = _reached(loss_fn(joined, torch.cat([targets, val_targets])).sum(), params)
+        only_rows -= _reached(loss_fn(alone, targets).sum(), params)
+    name = next((n for n, p in model.named_parameters() if id(p) in only_rows), None)
+    if name is None:
+        return None
+    return (
+        f"the validation rows reach '{name}', which the training rows alone do not: "
+        "optimizer.step() would move it with a zero gradient, where plain training leaves it alone"
+    )
+
+
+def _unmoved(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Whether ``got`` equals ``want`` but for the rounding of products over another number of rows
+    (each row's may be blocked differently: a few rounding units of the outputs' scale)."""
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    same = got.shape == want.shape
+    return same and torch.allclose(got, want, rtol=0.0, atol=JOIN_ATOL * scale, equal_nan=True)
+
+
+def _reached(loss: torch.Tensor, params: list[torch.Tensor]) -> set[int]:
+    """id of each parameter in ``params`` that ``loss`` has a gradient for (plain training's
+    ``.grad`` is then not None, and ``optimizer.step()`` moves it)."""
+    if not loss.requires_grad:
+        return set()
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return {id(p) for p, g in zip(params, grads, strict=True) if g is not None}
 
 
 def batch_blocker(inputs, targets, val_inputs, val_targets) -> str | None:

@@ -8,6 +8,7 @@ the same pass, returns each example's per-step value under every method.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -47,6 +48,7 @@ from .fused import (
     ValidationRows,
     autocast_blocker,
     batch_blocker,
+    join_blocker,
     model_blocker,
     precision_blocker,
     probe_blocker,
@@ -275,6 +277,7 @@ class InRunShapley:
         # the rows must show the hooks see every example's whole gradient (else the values would be wrong)
         _refuse(coverage_problem(self.engine, self._inner, self.loss_fn, val_inputs, val_targets))
         self._rows_checked = checked_rows(val_inputs, val_targets)
+        self._joined = False  # whether the rows have been checked joined to a training batch (join_blocker)
         self.val_inputs = val_inputs
         self.val_targets = val_targets
         self.per_target = per_target
@@ -506,6 +509,17 @@ class InRunShapley:
             or autocast_blocker(self.engine.parameters[0].device)
             or batch_blocker(inputs, targets, self.val_inputs, self.val_targets)
         )
+        if self.fusion_blocked is None and (not self._joined or self.rechecks(self._steps)):
+            self._joined = True
+            args = (self._inner, self.loss_fn, inputs, targets, self.val_inputs, self.val_targets)
+            if (problem := join_blocker(*args)) is not None:
+                self._rows_blocker = self.fusion_blocked = problem  # until the next validation set
+                warnings.warn(
+                    f"fuse_validation (attribution.fuse_validation): {problem}; from step {self._steps} on, "
+                    "the validation rows take the separate pass",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
         if self.fusion_blocked is not None:
             return None
         rows = (self.engine, self.val_inputs, self.val_targets, self.per_target, len(targets))

@@ -329,6 +329,100 @@ def test_after_the_backward_grad_holds_the_training_gradient_alone(per_target, f
     assert abs(rows.loss - want_loss) <= 1e-12
 
 
+class BatchBranch(nn.Module):
+    """Adds a layer for the whole batch where any row is flagged (a large first feature): the rows
+    that join a batch can change the other rows' function."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+        self.extra = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h + torch.tanh(self.extra(h)) if (x[:, 0] > 100).any() else h
+
+
+class HeadPerTask(nn.Module):
+    """Calls its second head only where the batch holds a flagged row, and uses it for those rows
+    alone: the other rows' outputs never change, but the head gets a gradient (zero) from them."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        flagged = x[:, 0] > 100
+        out = self.lin(x)
+        return torch.where(flagged[:, None], self.head(x), out) if flagged.any() else out
+
+
+def flagged(x: torch.Tensor, row: int = 0) -> torch.Tensor:
+    x = x.clone()
+    x[row, 0] = 1000.0
+    return x
+
+
+@pytest.mark.parametrize(
+    "make,flag,blocker",
+    [
+        (BatchBranch, "validation", "the training rows' outputs change when the validation rows join"),
+        (BatchBranch, "training", "the validation rows' outputs change when the training rows join"),
+        (HeadPerTask, "validation", "the validation rows reach 'head.weight'"),
+    ],
+    ids=["rows-change-the-batch", "batch-changes-the-rows", "rows-reach-a-head"],
+)
+def test_a_model_whose_function_depends_on_the_batch_takes_the_separate_pass(make, flag, blocker):
+    """Joined to the batch, the rows would change what training computes (or the batch ∇val): found
+    on the first step they would join, which takes the separate pass (with a warning), as do the rest;
+    so the values are the separate pass's (bit for bit: the same code path) and the parameters end
+    where plain training's do."""
+    gen = torch.Generator().manual_seed(0)
+    vx, vy = tabular(3, gen)
+    batches = [tabular(5, gen) for _ in range(3)]
+    if flag == "validation":
+        vx = flagged(vx)
+    else:
+        batches[0] = (flagged(batches[0][0]), batches[0][1])
+    torch.manual_seed(0)
+    models = [make() for _ in range(3)]  # fused, separate, plain
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
+    fused, separate = (
+        InRunShapley(m, o, cross_entropy, vx, vy, METHODS, fuse_validation=fuse)
+        for m, o, fuse in zip(models[:2], opts[:2], (True, False), strict=True)
+    )
+    for step, (x, y) in enumerate(batches):
+        if step == 0:
+            with pytest.warns(RuntimeWarning, match="from step 1 on, the validation rows take the separate"):
+                got = fused.step(x, y)
+        else:
+            got = fused.step(x, y)
+        want = separate.step(x, y)
+        training_step(models[2], opts[2], cross_entropy, x, y)
+        assert blocker in fused.fusion_blocked and blocker in fused.rows_blocked
+        assert all(torch.equal(got.values[m], want.values[m]) for m in METHODS)
+    for twin in models[1:]:
+        assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), twin.parameters(), strict=True))
+
+
+def test_a_new_validation_set_is_checked_joined_afresh():
+    """The batch-content check belongs to the rows: other rows may join where the blocked ones could not."""
+    gen = torch.Generator().manual_seed(0)
+    model = BatchBranch()
+    vx, vy = tabular(3, gen)
+    opt = torch.optim.Adam(model.parameters())
+    tracker = InRunShapley(model, opt, cross_entropy, flagged(vx), vy, fuse_validation=True)
+    with pytest.warns(RuntimeWarning):
+        tracker.step(*tabular(5, gen))
+    assert "outputs change" in tracker.fusion_blocked
+    tracker.set_validation(vx, vy)
+    tracker.step(*tabular(5, gen))
+    assert tracker.fusion_blocked is None
+
+
 FAST = FastMode(refresh_every=2, warmup=1, rank=None)  # reuses ∇val on steps 2 and 4
 
 

@@ -183,7 +183,10 @@ def test_validation_rows_join_only_the_steps_that_refresh_the_validation_gradien
     # check of rows a, b, a of its training batch (coverage.recheck_due)
     assert rows[:4] == [3, 3, 3, 3]
     rows = rows[4:]
-    assert rows == [11, 3, 11, 8, 8, 11, 8, 8, 11, 8]  # refreshed at steps 1, 2, 5 and 8
+    # refreshed at steps 1, 2, 5 and 8; steps 1 and 2 first run the batch, the rows and both joined
+    # (fused.join_blocker)
+    joined = [8, 3, 11]
+    assert rows == [*joined, 11, 3, *joined, 11, 8, 8, 11, 8, 8, 11, 8]
 
 
 def test_bad_fast_settings_are_clear_errors():
