@@ -206,7 +206,6 @@ def run_block(rank: int, world: int, store: str, out: str, block: str):
     model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
     gen = torch.Generator().manual_seed(1)
     val_inputs, val_targets = torch.randn(16, 10, generator=gen), torch.randint(0, 3, (16,), generator=gen)
-    ids = torch.arange(4) + 4 * rank
 
     class Distributed:  # torch.distributed, where init_process_group meets the others at ``store``
         def __getattr__(self, name):
@@ -223,9 +222,8 @@ def run_block(rank: int, world: int, store: str, out: str, block: str):
         "loss_fn": lambda outputs, targets: nn.functional.cross_entropy(outputs, targets, reduction="none"),
         "val_inputs": val_inputs,
         "val_targets": val_targets,
-        "inputs": torch.randn(8, 10, generator=gen)[ids],
-        "targets": torch.randint(0, 3, (8,), generator=gen)[ids],
-        "ids": ids,
+        "inputs": torch.randn(8, 10, generator=gen),  # the global batch, as the Library example's
+        "targets": torch.randint(0, 3, (8,), generator=gen),
     }
     scope = {**names, "dist": Distributed()}
     exec(block.replace("import torch.distributed as dist\n", ""), scope)  # the block's own dist: ours
