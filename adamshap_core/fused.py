@@ -189,11 +189,15 @@ def join_blocker(model: nn.Module, loss_fn, inputs, targets, val_inputs, val_tar
     would then move with a zero gradient where plain training leaves it alone (None: neither)."""
     params = [p for p in model.parameters() if p.requires_grad]
     B = len(targets)
+    # one graph at a time, each freed by its gradients: the check holds no more than a fused step does
     with probing(model, inputs.device), torch.enable_grad():
-        alone, val_alone = model(inputs), model(val_inputs)
-        joined = model(torch.cat([inputs, val_inputs]))
-        if not all(isinstance(t, torch.Tensor) for t in (alone, val_alone, joined)):
+        alone = model(inputs)
+        if not isinstance(alone, torch.Tensor):
             return "the model's output is not a tensor"
+        reached = _reached(loss_fn(alone, targets).sum(), params)
+        with torch.no_grad():
+            val_alone = model(val_inputs)
+        joined = model(torch.cat([inputs, val_inputs]))
         for rows, others, got, want in (
             ("training", "validation", joined[:B], alone),
             ("validation", "training", joined[B:], val_alone),
@@ -203,8 +207,7 @@ def join_blocker(model: nn.Module, loss_fn, inputs, targets, val_inputs, val_tar
                     f"the {rows} rows' outputs change when the {others} rows join them: the model's "
                     "function depends on the batch's content"
                 )
-        only_rows = _reached(loss_fn(joined, torch.cat([targets, val_targets])).sum(), params)
-        only_rows -= _reached(loss_fn(alone, targets).sum(), params)
+        only_rows = _reached(loss_fn(joined, torch.cat([targets, val_targets])).sum(), params) - reached
     name = next((n for n, p in model.named_parameters() if id(p) in only_rows), None)
     if name is None:
         return None
