@@ -57,6 +57,7 @@ class Compiled:
         self.failed: str | None = None  # why compiling failed (None: it has not)
         self.compile_seconds = 0.0  # time spent in the calls that compiled a graph
         self.graphs = 0  # graphs compiled (one per function and batch shape, if no step recompiles)
+        self._graphs_of: dict[str, int] = {}  # the same per function
         self._compiled: dict[str, Callable] = {}
         self._ran: set[str] = set()  # functions one of whose graphs has run
 
@@ -84,18 +85,24 @@ class Compiled:
         new = _graphs_compiled() - before
         if new:
             self.graphs += new
+            self._graphs_of[name] = self._graphs_of.get(name, 0) + new
             self.compile_seconds += time.perf_counter() - start
         return out
 
     def _run(self, name: str, args: tuple):
         fn = self._function(name)
+        # room for MAX_GRAPHS graphs only once torch's own limit is reached (so that the steps of a
+        # tracker with few shapes pay nothing for it), and before torch refuses a new shape: torch
+        # logs its refusal as if compiling had failed
+        if self._graphs_of.get(name, 0) >= _torch_limit():
+            with _recompile_limit(MAX_GRAPHS):
+                return fn(*args)
         try:
             return fn(*args)
         except Exception as e:
             if not _limit_hit(e):
                 raise
-        # torch refuses before it runs anything (a new shape, no graph for it): once more with room
-        # for MAX_GRAPHS graphs (raised only here, so the steps that compile nothing pay nothing)
+        # torch refused before it ran anything (a recompile this count missed): once more with room
         with _recompile_limit(MAX_GRAPHS):
             return fn(*args)
 
@@ -124,6 +131,12 @@ def _own_copy(fn: Callable) -> Callable:
     copy = types.FunctionType(code.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     copy.__kwdefaults__ = fn.__kwdefaults__
     return copy
+
+
+def _torch_limit() -> int:
+    """torch's recompile limit per function (the default 8, or what the user set)."""
+    config = torch._dynamo.config
+    return int(getattr(config, "recompile_limit", getattr(config, "cache_size_limit", 8)))
 
 
 def _recompile_limit(n: int):

@@ -1,10 +1,12 @@
 """attribution.compile: compiled values equal eager ones, training stays plain training's, and
 where compiling fails the run goes on eagerly after one warning."""
 
+import logging
 import math
 import os
 import shutil
 import warnings
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -320,13 +322,30 @@ def cross_entropy(out, y):
 @compiles
 def test_many_trackers_and_shapes_in_one_process_keep_compiling(float64):
     """Each tracker builds graphs of its own (they are guarded on its engine): more trackers, and
-    more batch shapes for one tracker, than torch's default limit of 8 recompiles."""
+    more batch shapes for one tracker, than torch's default limit of 8 recompiles; and torch does
+    not log a refusal at its limit (which reads as if compiling had failed)."""
     limit = torch._dynamo.config.recompile_limit
     for _ in range(limit + 1):
         tracker = mlp_run([3])
         assert tracker.compile_failed is None and tracker.compiled_graphs == 1
-    tracker = mlp_run(range(1, limit + 3))
+    with logged("torch._dynamo.convert_frame") as records:
+        tracker = mlp_run(range(1, limit + 3))
     assert tracker.compile_failed is None and tracker.compiled_graphs == limit + 2
+    assert not [r for r in records if "recompile_limit" in r.getMessage()]
+
+
+@contextmanager
+def logged(name: str):
+    """The records logger ``name`` emits inside the block (torch's loggers do not reach the root's)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 @pytest.mark.slow
