@@ -24,6 +24,7 @@ itself (out of memory, say), not a missing compiler. The graphs change no tensor
 
 from __future__ import annotations
 
+import logging
 import time
 import types
 import warnings
@@ -57,7 +58,6 @@ class Compiled:
         self.failed: str | None = None  # why compiling failed (None: it has not)
         self.compile_seconds = 0.0  # time spent in the calls that compiled a graph
         self.graphs = 0  # graphs compiled (one per function and batch shape, if no step recompiles)
-        self._graphs_of: dict[str, int] = {}  # the same per function
         self._compiled: dict[str, Callable] = {}
         self._ran: set[str] = set()  # functions one of whose graphs has run
 
@@ -85,30 +85,25 @@ class Compiled:
         new = _graphs_compiled() - before
         if new:
             self.graphs += new
-            self._graphs_of[name] = self._graphs_of.get(name, 0) + new
             self.compile_seconds += time.perf_counter() - start
         return out
 
     def _run(self, name: str, args: tuple):
         fn = self._function(name)
-        # room for MAX_GRAPHS graphs only once torch's own limit is reached (so that the steps of a
-        # tracker with few shapes pay nothing for it), and before torch refuses a new shape: torch
-        # logs its refusal as if compiling had failed
-        if self._graphs_of.get(name, 0) >= _torch_limit():
-            with _recompile_limit(MAX_GRAPHS):
-                return fn(*args)
         try:
             return fn(*args)
         except Exception as e:
             if not _limit_hit(e):
                 raise
-        # torch refused before it ran anything (a recompile this count missed): once more with room
+        # torch refuses before it runs anything (a new shape, no graph for it): once more with room
+        # for MAX_GRAPHS graphs (raised only here, so the steps that compile nothing pay nothing)
         with _recompile_limit(MAX_GRAPHS):
             return fn(*args)
 
     def _function(self, name: str) -> Callable:
         if name not in self._compiled:  # built on first use: torch.compile itself may refuse
             fn = _own_copy(self.functions[name])
+            _QUIET_REFUSALS.names.add(fn.__name__)
             self._compiled[name] = torch.compile(fn, fullgraph=True, dynamic=False, options=OPTIONS)
         return self._compiled[name]
 
@@ -133,12 +128,6 @@ def _own_copy(fn: Callable) -> Callable:
     return copy
 
 
-def _torch_limit() -> int:
-    """torch's recompile limit per function (the default 8, or what the user set)."""
-    config = torch._dynamo.config
-    return int(getattr(config, "recompile_limit", getattr(config, "cache_size_limit", 8)))
-
-
 def _recompile_limit(n: int):
     """Room for ``n`` graphs per compiled function, for the calls inside the context."""
     config = torch._dynamo.config
@@ -153,6 +142,27 @@ def _recompile_limit(n: int):
         if hasattr(config, name):
             limits[name] = max(getattr(config, name), n)
     return config.patch(**limits)
+
+
+class _QuietRefusals(logging.Filter):
+    """Drops torch's log line of a refusal at its recompile limit where the function is one compiled
+    here: ``_run`` retries it at once with room for MAX_GRAPHS graphs (and warns itself past those),
+    so the line would read as if compiling had failed. A filter costs nothing on calls that log
+    nothing; raising the limit for every call up front would cost each call a config patch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "hit config." not in message:
+            return True
+        return not any(f"'{name}'" in message for name in self.names)
+
+
+_QUIET_REFUSALS = _QuietRefusals()
+logging.getLogger("torch._dynamo.convert_frame").addFilter(_QUIET_REFUSALS)
 
 
 def _limit_hit(error: Exception) -> bool:
