@@ -278,6 +278,7 @@ class InRunShapley:
         _refuse(coverage_problem(self.engine, self._inner, self.loss_fn, val_inputs, val_targets))
         self._rows_checked = checked_rows(val_inputs, val_targets)
         self._joined = False  # whether the rows have been checked joined to a training batch (join_blocker)
+        self._join_problem: str | None = None  # what that check found (the rows then never join a batch)
         self.val_inputs = val_inputs
         self.val_targets = val_targets
         self.per_target = per_target
@@ -391,9 +392,9 @@ class InRunShapley:
     @property
     def rows_blocked(self) -> str | None:
         """Why, with ``fuse_validation``, the validation rows cannot join any training batch (the model,
-        the loss, the kernels; None: they join every batch they concatenate with). Without
-        ``fuse_validation``: None."""
-        return self._rows_blocker if self.fuse_validation else None
+        the loss, the kernels, or what checking them joined to a batch found; None: they join every
+        batch they concatenate with). Without ``fuse_validation``: None."""
+        return (self._rows_blocker or self._join_problem) if self.fuse_validation else None
 
     @property
     def compiles(self) -> bool:
@@ -471,6 +472,9 @@ class InRunShapley:
             "val_grads": self._val_grads,
             "generator": self.engine.generator_state(),
             "reuse": None if self._reuse is None else self._reuse.state_dict(),
+            # where fused rows stand: a resumed run checks and fuses on the steps an uninterrupted one would
+            "joined": self._joined,
+            "join_problem": self._join_problem,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -494,6 +498,8 @@ class InRunShapley:
                 )
         self._steps = int(state["steps"])
         self._val_grads = val_grads
+        # an older adamshap's state: the rows are checked joined on the next step that would fuse them
+        self._joined, self._join_problem = bool(state.get("joined", False)), state.get("join_problem")
         self.engine.set_generator_state(state["generator"])
         if self._reuse is not None:
             self._reuse = ReuseSchedule(self._reuse.fast)
@@ -506,6 +512,7 @@ class InRunShapley:
         """This step's validation rows to append to the batch, or None for the separate pass."""
         self.fusion_blocked = (
             self._rows_blocker
+            or self._join_problem
             or autocast_blocker(self.engine.parameters[0].device)
             or batch_blocker(inputs, targets, self.val_inputs, self.val_targets)
         )
@@ -513,7 +520,7 @@ class InRunShapley:
             self._joined = True
             args = (self._inner, self.loss_fn, inputs, targets, self.val_inputs, self.val_targets)
             if (problem := join_blocker(*args)) is not None:
-                self._rows_blocker = self.fusion_blocked = problem  # until the next validation set
+                self._join_problem = self.fusion_blocked = problem  # until the next validation set
                 warnings.warn(
                     f"fuse_validation (attribution.fuse_validation): {problem}; from step {self._steps} on, "
                     "the validation rows take the separate pass",

@@ -409,18 +409,52 @@ def test_a_model_whose_function_depends_on_the_batch_takes_the_separate_pass(mak
 
 
 def test_a_new_validation_set_is_checked_joined_afresh():
-    """The batch-content check belongs to the rows: other rows may join where the blocked ones could not."""
+    """The batch-content check belongs to the rows: other rows may join where the blocked ones could not,
+    and a new set is checked on its first step, whether or not the coverage checks run on it."""
     gen = torch.Generator().manual_seed(0)
     model = BatchBranch()
     vx, vy = tabular(3, gen)
     opt = torch.optim.Adam(model.parameters())
     tracker = InRunShapley(model, opt, cross_entropy, flagged(vx), vy, fuse_validation=True)
-    with pytest.warns(RuntimeWarning):
+    with pytest.warns(RuntimeWarning, match="from step 1 on"):
         tracker.step(*tabular(5, gen))
+    tracker.step(*tabular(5, gen))
     assert "outputs change" in tracker.fusion_blocked
     tracker.set_validation(vx, vy)
-    tracker.step(*tabular(5, gen))
+    tracker.step(*tabular(5, gen))  # step 3: no coverage check
     assert tracker.fusion_blocked is None
+    tracker.set_validation(flagged(vx), vy)
+    with pytest.warns(RuntimeWarning, match="from step 4 on"):
+        tracker.step(*tabular(5, gen))
+    assert "outputs change" in tracker.fusion_blocked
+
+
+def test_a_resumed_tracker_fuses_on_the_steps_an_uninterrupted_one_does():
+    """What the join check found travels in the state: the batch that showed it (step 1) does not come
+    again before a step that is not checked (4), where fusing would change the values."""
+    gen = torch.Generator().manual_seed(0)
+    vx, vy = tabular(3, gen)
+    batches = [tabular(5, gen) for _ in range(4)]
+    for step in (0, 3):
+        batches[step] = (flagged(batches[step][0]), batches[step][1])
+    torch.manual_seed(0)
+    model = BatchBranch()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tracker = InRunShapley(model, opt, cross_entropy, vx, vy, METHODS, fuse_validation=True)
+    with pytest.warns(RuntimeWarning, match="the validation rows' outputs change"):
+        tracker.step(*batches[0])
+    tracker.step(*batches[1])
+    twin = BatchBranch()  # as from a checkpoint: nothing shared (a deep copy would take the tracker's hooks)
+    twin.load_state_dict(copy.deepcopy(model.state_dict()))
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # else the two share Adam's state tensors
+    resumed = InRunShapley(twin, twin_opt, cross_entropy, vx, vy, METHODS, fuse_validation=True)
+    resumed.load_state_dict(tracker.state_dict())
+    for x, y in batches[2:]:
+        want, got = tracker.step(x, y), resumed.step(x, y)
+        assert resumed.fusion_blocked == tracker.fusion_blocked is not None
+        assert all(torch.equal(got.values[m], want.values[m]) for m in METHODS)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters(), strict=True))
 
 
 FAST = FastMode(refresh_every=2, warmup=1, rank=None)  # reuses ∇val on steps 2 and 4

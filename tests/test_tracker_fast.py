@@ -183,9 +183,9 @@ def test_validation_rows_join_only_the_steps_that_refresh_the_validation_gradien
     # check of rows a, b, a of its training batch (coverage.recheck_due)
     assert rows[:4] == [3, 3, 3, 3]
     rows = rows[4:]
-    # refreshed at steps 1, 2, 5 and 8; steps 1 and 2 first run the batch, the rows and both joined
-    # (fused.join_blocker)
-    joined = [8, 3, 11]
+    # refreshed at steps 1, 2, 5 and 8; steps 1 and 2 first run the batch and the rows, each beside
+    # copies of its own rows, and the two joined (fused.join_blocker)
+    joined = [11, 11, 11]
     assert rows == [*joined, 11, 3, *joined, 11, 8, 8, 11, 8, 8, 11, 8]
 
 
