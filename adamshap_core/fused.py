@@ -190,17 +190,18 @@ def join_blocker(model: nn.Module, loss_fn, inputs, targets, val_inputs, val_tar
     then move with a zero gradient where plain training leaves it alone (None: neither)."""
     params = [p for p in model.parameters() if p.requires_grad]
     B, V = len(targets), len(val_targets)
-    # one graph at a time, each freed by its gradients: the check holds no more than a fused step does
+    # one graph at a time, each dropped once read: the check holds no more than a fused step does
     with probing(model, inputs.device), torch.enable_grad():
         own = model(torch.cat([inputs, _repeated(inputs, V)]))  # the batch's content alone
         if not isinstance(own, torch.Tensor):
             return "the model's output is not a tensor"
         reached = _reached(loss_fn(own[:B], targets).sum(), params)
+        own = own[:B].detach()
         with torch.no_grad():
             val_own = model(torch.cat([_repeated(val_inputs, B), val_inputs]))
         joined = model(torch.cat([inputs, val_inputs]))
         for rows, others, got, want in (
-            ("training", "validation", joined[:B], own[:B]),
+            ("training", "validation", joined[:B], own),
             ("validation", "training", joined[B:], val_own[B:]),
         ):
             if not _unmoved(got.detach(), want.detach()):
@@ -238,12 +239,23 @@ def _unmoved(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 
 def _reached(loss: torch.Tensor, params: list[torch.Tensor]) -> set[int]:
-    """id of each parameter in ``params`` that ``loss`` has a gradient for (plain training's
-    ``.grad`` is then not None, and ``optimizer.step()`` moves it)."""
-    if not loss.requires_grad:
-        return set()
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return {id(p) for p, g in zip(params, grads, strict=True) if g is not None}
+    """id of each parameter in ``params`` that ``loss``'s graph leads to: those that a backward pass of
+    it gives a gradient (plain training's ``.grad`` is then not None, and ``optimizer.step()`` moves
+    them). Read from the graph, without computing a gradient."""
+    wanted = {id(p) for p in params}
+    found: set[int] = set()
+    seen: set[object] = set()
+    todo = [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # a leaf's AccumulateGrad
+        if variable is not None and id(variable) in wanted:
+            found.add(id(variable))
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return found
 
 
 def batch_blocker(inputs, targets, val_inputs, val_targets) -> str | None:
