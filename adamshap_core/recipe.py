@@ -459,8 +459,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise UserError(f"--set has an empty part in the key path {key!r} (expected e.g. optim.lr=3e-4)")
+    value_text = raw.strip()
+    if not value_text:  # an unset shell variable, say (--set optim.lr=$LR): not a silent default
+        raise UserError(f"--set {text}: no value after '='; expected a value, or null to drop the setting")
+    if value_text.startswith("#") or re.search(r"\s#", value_text):
+        return parts, value_text  # YAML would read a comment there and drop it: the text is the value
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
     return parts, value

@@ -523,6 +523,22 @@ def test_bad_yaml_and_overrides_are_refused(case, base):
     check_refused(case, base)
 
 
+@pytest.mark.parametrize(
+    "override,names",
+    [
+        ("optim.lr=#", ["optim.lr", "'#'"]),  # YAML would read a comment: null, so the default
+        ("optim.lr=# 3e-4", ["optim.lr", "'# 3e-4'"]),
+        ("optim.lr=", ["--set optim.lr=", "no value"]),  # an unset shell variable: --set optim.lr=$LR
+        ("train.epochs= ", ["no value"]),
+    ],
+    ids=["hash", "hash-comment", "empty", "blank"],
+)
+def test_an_override_value_is_never_a_silent_default(override, names, base):
+    """Found by the generated cases above: a value YAML reads as a comment, or no value at all, was
+    taken as null, which drops the setting, so training went on with the default."""
+    check_refused(Case(tiny(), names, overrides=[override]), base)
+
+
 # --------------------------------------------------------------------------- racing for one run name
 
 
