@@ -238,7 +238,7 @@ def _unmoved(got: torch.Tensor, want: torch.Tensor) -> bool:
     return bool((equal | close).all())
 
 
-def _reached(loss: torch.Tensor, params: list[torch.Tensor]) -> set[int]:
+def _reached(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> set[int]:
     """id of each parameter in ``params`` that ``loss``'s graph leads to: those that a backward pass of
     it gives a gradient (plain training's ``.grad`` is then not None, and ``optimizer.step()`` moves
     them). Read from the graph, without computing a gradient."""
