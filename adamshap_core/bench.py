@@ -7,10 +7,10 @@ For one recipe, the same batches from the same seed are trained three ways:
 - ``per_example``: the values computed the direct way, from per-example gradients
   materialised with ``torch.func`` (vmap of grad), then the optimizer step.
 
-Each mode × repeat runs in its own freshly spawned Python (``bench_worker``), so every
-peak-memory figure belongs to one mode alone; the modes alternate (plain, attribution,
-per_example, plain, ...) so that a change of machine load hits all of them alike. Warm-up
-steps are excluded; the ratios are of medians over the repeats. With ``fast`` the
+In every repeat, one freshly spawned Python (``bench_worker``) times every mode, their steps in
+turn, so that a slower stretch of a shared machine slows all of them alike; then each mode runs in
+a process of its own, so that every peak-memory figure belongs to one mode alone. Warm-up steps
+are excluded; the ratios are of medians over the repeats. With ``fast`` the
 attribution mode is measured twice in every repeat, exact and in the tracker's fast mode (the
 ratios printed last are then the fast mode's), and a further child runs the fast and the exact
 tracker on identical copies of the model to give their per-step Pearson correlation.
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from .tracker import InRunShapley
 
 MODES = ("plain", "attribution", "per_example")
+IN_TURN = "in-turn"  # the child that times every mode of a repeat, their steps in turn
 FAST_KEY = "attribution_fast"  # how the fast attribution measurement is named in medians and summaries
 COLUMNS = ["recipe", "device", "mode", "methods", "batch_size", "repeat", "examples_per_s", "peak_mb"]
 DEFAULT_RECIPE = "recipes/digits-mlp.yaml"
@@ -376,37 +377,75 @@ def measure(spec: BenchSpec, mode: str, fast: bool = False) -> dict:
         spec = replace(spec, warmup=spec.warmup + fast_settings(spec)["warmup"])
     load_before = os.getloadavg()[0]
     session = Session.build(spec, mode, fast=fast)
-    timed = _timed_steps(session)
-    batches = session.batches(max(timed))
-    memory = session.memory
-    seconds = []
-    compiling = _CompileTime(session)
-    for step, (x, y) in enumerate(batches, start=1):
-        if step == spec.warmup + 1:
-            compiling.warmed_up()
-        t0 = time.perf_counter()
-        session.step(x, y)
-        memory.sync()
-        elapsed = time.perf_counter() - t0
-        if step in timed:
-            seconds.append(elapsed)
-    peak = memory.report()  # before the step that times the contraction, which is no training step
-    contract_ms = contraction_ms(session, batches[-1], memory)
+    (timing,), last_batch = timed_steps([session])
+    peak = session.memory.report()  # before the step that times the contraction, which is no training step
+    contract_ms = contraction_ms(session, last_batch, session.memory)
     session.close()
-    bs = session.prep.recipe.train.batch_size
     return {
-        "examples_per_s": bs * len(seconds) / sum(seconds),
-        "step_ms": 1000 * float(np.median(seconds)),
-        "seconds": float(sum(seconds)),
-        "warmup_steps": spec.warmup,  # untimed, before the timed ones
-        "untimed_rechecks": len(batches) - spec.warmup - len(seconds),  # untimed among the timed ones
+        **timing,
         "contract_ms": contract_ms,
         **peak,
-        **compiling.report(),
         "fusion_blocked": fusion_blocked(session),
         "threads": _threads(),
         "load_1m": (load_before + os.getloadavg()[0]) / 2,
     }
+
+
+def measure_in_turn(spec: BenchSpec) -> dict[str, dict]:
+    """The throughput of every measurement of a repeat (``measurements``), timed in this one process,
+    their steps in turn: a slower stretch of a shared machine (another process, a busier host) then
+    slows every mode alike, which separate processes minutes apart do not see. Every mode warms up
+    as long as the fast mode does. Keyed by ``task_name``; the timing fields of ``measure``."""
+    keys = measurements(spec.fast)
+    if spec.fast:
+        spec = replace(spec, warmup=spec.warmup + fast_settings(spec)["warmup"])
+    sessions = [Session.build(spec, mode, fast=fast) for mode, fast in keys]
+    try:
+        timings, _ = timed_steps(sessions)
+    finally:
+        for session in sessions:
+            session.close()
+    return {task_name(mode, fast): timing for (mode, fast), timing in zip(keys, timings, strict=True)}
+
+
+def timed_steps(sessions: list[Session]) -> tuple[list[dict], tuple]:
+    """Step every session through the same batches, one step each in turn (who goes first rotates
+    from step to step), timing each one's ``_timed_steps``; each stops after its last timed step.
+    Returns each session's timing and the last batch."""
+    timed = [_timed_steps(session) for session in sessions]
+    last = [max(steps) for steps in timed]
+    batches = sessions[0].batches(max(last))
+    compiling = [_CompileTime(session) for session in sessions]
+    seconds: list[list[float]] = [[] for _ in sessions]
+    warmup = sessions[0].spec.warmup
+    for step, (x, y) in enumerate(batches, start=1):
+        if step == warmup + 1:
+            for clock in compiling:
+                clock.warmed_up()
+        for turn in range(len(sessions)):
+            i = (turn + step) % len(sessions)
+            if step > last[i]:
+                continue
+            t0 = time.perf_counter()
+            sessions[i].step(x, y)
+            sessions[i].memory.sync()
+            elapsed = time.perf_counter() - t0
+            if step in timed[i]:
+                seconds[i].append(elapsed)
+    timings = []
+    for session, took, end, clock in zip(sessions, seconds, last, compiling, strict=True):
+        bs = session.prep.recipe.train.batch_size
+        timings.append(
+            {
+                "examples_per_s": bs * len(took) / sum(took),
+                "step_ms": 1000 * float(np.median(took)),
+                "seconds": float(sum(took)),
+                "warmup_steps": warmup,  # untimed, before the timed ones
+                "untimed_rechecks": end - warmup - len(took),  # untimed among the timed ones
+                **clock.report(),
+            }
+        )
+    return timings, batches[-1]
 
 
 def _timed_steps(session: Session) -> set[int]:
@@ -767,20 +806,35 @@ def task_name(mode: str, fast: bool) -> str:
     return f"{mode}-fast" if fast else mode
 
 
-def schedule(repeats: int, fast: bool = False) -> list[tuple[int, str, bool]]:
-    """(repeat, mode, fast) in the order they run: the modes alternate within every repeat."""
-    return [(r, mode, f) for r in range(1, repeats + 1) for mode, f in measurements(fast)]
+# what a repeat's row takes from the child that times every mode in turn (the rest: the mode's own child)
+TIMING_FIELDS = ("examples_per_s", "step_ms", "seconds", "warmup_steps", "untimed_rechecks")
+
+
+def schedule(repeats: int, fast: bool = False) -> list[tuple[int, str]]:
+    """(repeat, task) of the children in the order they run: in every repeat, the one that times the
+    modes in turn (``IN_TURN``), then each mode's own (its memory)."""
+    tasks = [IN_TURN, *(task_name(mode, f) for mode, f in measurements(fast))]
+    return [(r, task) for r in range(1, repeats + 1) for task in tasks]
 
 
 def run(plan: BenchPlan, on_child: Callable[[str], None] | None = None) -> BenchResult:
-    """Every measurement × repeat in its own child, then fidelity (with fast) and the profile (if asked)."""
+    """Every repeat's children (``schedule``), then fidelity (with fast) and the profile (if asked).
+
+    A row's throughput comes from the repeat's child that timed the modes in turn; its peak memory, and
+    its throughput in a process of its own (``own_examples_per_s``), from the mode's own child."""
     spec = plan.spec
-    rows = []
-    for repeat, mode, fast in schedule(plan.repeats, spec.fast):
-        measured = run_child(spec, task_name(mode, fast))
-        rows.append({**_row_keys(plan, mode, fast, repeat), **measured})
+    rows, in_turn = [], {}
+    for repeat, task in schedule(plan.repeats, spec.fast):
+        measured = run_child(spec, task)
+        if task == IN_TURN:
+            in_turn = measured
+        else:
+            mode, fast = task.removesuffix("-fast"), task.endswith("-fast")
+            timing = {k: in_turn[task][k] for k in TIMING_FIELDS}
+            own = {"own_examples_per_s": measured["examples_per_s"]}
+            rows.append({**_row_keys(plan, mode, fast, repeat), **measured, **own, **timing})
         if on_child:
-            on_child(f"{task_name(mode, fast)} {repeat}/{plan.repeats}")
+            on_child(f"{task} {repeat}/{plan.repeats}")
     frame = pd.DataFrame(rows)
     frame = frame[COLUMNS + [c for c in frame.columns if c not in COLUMNS]]  # the contract's columns first
     result = BenchResult(frame, summarize(frame))
@@ -796,8 +850,7 @@ def run(plan: BenchPlan, on_child: Callable[[str], None] | None = None) -> Bench
 
 
 def n_children(plan: BenchPlan) -> int:
-    per_repeat = len(measurements(plan.spec.fast))
-    return plan.repeats * per_repeat + int(plan.spec.fast) + int(plan.profile)
+    return len(schedule(plan.repeats, plan.spec.fast)) + int(plan.spec.fast) + int(plan.profile)
 
 
 def _row_keys(plan: BenchPlan, mode: str, fast: bool, repeat: int) -> dict:

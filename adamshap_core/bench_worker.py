@@ -1,7 +1,8 @@
 """The child process of ``adamshap bench``: one measurement in a fresh Python.
 
 ``python -m adamshap_core.bench_worker SPEC.json TASK RESULT.json`` where TASK is a mode
-(plain, attribution, attribution-fast, per_example), ``fidelity`` or ``profile``. The result is written as
+(plain, attribution, attribution-fast, per_example), ``in-turn`` (every mode's throughput, their
+steps in turn), ``fidelity`` or ``profile``. The result is written as
 JSON; bad input is written as ``{"user_error": message}`` with exit code 2.
 """
 
@@ -23,6 +24,8 @@ def main(argv: list[str]) -> int:
             result = bench.fidelity(spec)
         elif task == "profile":
             result = bench.profile(spec)
+        elif task == bench.IN_TURN:
+            result = bench.measure_in_turn(spec)
         else:  # a measurement: plain, attribution, attribution-fast or per_example
             result = bench.measure(spec, task.removesuffix("-fast"), fast=task.endswith("-fast"))
     except UserError as e:

@@ -74,9 +74,10 @@ def bench(
 ) -> None:
     """Time plain training, attribution and a per-example-gradient baseline on the same batches.
 
-    Each mode and repeat runs in its own process (peak RSS on the CPU, peak allocated memory on
-    CUDA). Writes bench.parquet and bench.json; ends with the throughput ratio (attribution /
-    plain), the memory ratio and the speed-up over per-example gradients.
+    Every repeat times all modes in one process, their steps in turn (a slower stretch of the machine
+    slows them alike), then runs each mode in its own process for its peak memory (RSS on the CPU,
+    allocated memory on CUDA). Writes bench.parquet and bench.json; ends with the throughput ratio
+    (attribution / plain), the memory ratio and the speed-up over per-example gradients.
     """
     from adamshap_core import bench as bm
     from adamshap_core import runio
@@ -186,7 +187,8 @@ def results_table(plan, result) -> Table:
         )
     load = frame["load_1m"]
     table.caption = (
-        f"medians over {plan.repeats} repeat(s); +MB: peak over the memory once the data and model are "
+        f"medians over {plan.repeats} repeat(s), each timing the modes in turn in one process and "
+        "measuring each one's memory in its own; +MB: peak over the memory once the data and model are "
         f"built; {int(frame['threads'].iloc[0])} torch thread(s); 1-minute load average "
         f"{load.min():.1f}–{load.max():.1f}"
     )

@@ -406,21 +406,64 @@ def test_per_example_baseline_matches_the_engine(case, clip, float64):
 # ---- the pieces the parent uses -----------------------------------------------------------------
 
 
-def test_modes_alternate_within_each_repeat():
+def test_every_repeat_times_the_modes_in_turn_then_runs_each_alone():
     assert bm.schedule(2) == [
-        (1, "plain", False),
-        (1, "attribution", False),
-        (1, "per_example", False),
-        (2, "plain", False),
-        (2, "attribution", False),
-        (2, "per_example", False),
+        (1, bm.IN_TURN),
+        (1, "plain"),
+        (1, "attribution"),
+        (1, "per_example"),
+        (2, bm.IN_TURN),
+        (2, "plain"),
+        (2, "attribution"),
+        (2, "per_example"),
     ]
-    assert [(m, f) for r, m, f in bm.schedule(1, fast=True)] == [
-        ("plain", False),
-        ("attribution", False),
-        ("attribution", True),
-        ("per_example", False),
+    assert [task for _, task in bm.schedule(1, fast=True)] == [
+        bm.IN_TURN,
+        "plain",
+        "attribution",
+        "attribution-fast",
+        "per_example",
     ]
+
+
+def test_in_turn_the_sessions_step_alternately_and_each_is_timed_past_the_fast_warm_up(tmp_path, monkeypatch):
+    attribution = {"fast": {"refresh_every": 2, "warmup": 2, "rank": None}}
+    spec = _spec(tmp_path, tiny(attribution=attribution), fast=True, steps=2, warmup=1)
+    order = []
+    step = bm.Session.step
+    monkeypatch.setattr(bm.Session, "step", lambda self, x, y: order.append(self) or step(self, x, y))
+    timings = bm.measure_in_turn(spec)
+    assert list(timings) == ["plain", "attribution", "attribution-fast", "per_example"]
+    for task, timing in timings.items():
+        assert timing["warmup_steps"] == 1 + 2 and timing["examples_per_s"] > 0  # all warm up alike
+        # the exact trackers re-check their coverage at step 2 (warm-up) and 10: none among 4 and 5
+        assert timing["untimed_rechecks"] == 0, task
+    sessions = list(dict.fromkeys(order))
+    assert len(sessions) == 4 and len(order) == 4 * 5  # every session, steps 1 to 5
+    # one step each in turn, who goes first rotating
+    rounds = [order[i : i + 4] for i in range(0, len(order), 4)]
+    assert all(sorted(map(id, r)) == sorted(map(id, sessions)) for r in rounds)
+    assert all(later[0] is earlier[1] for earlier, later in zip(rounds, rounds[1:], strict=False))
+
+
+def test_a_rows_throughput_is_the_in_turn_childs_and_its_memory_the_modes_own(tmp_path, monkeypatch):
+    spec = _spec(tmp_path, tiny(), steps=2, warmup=1)
+    plan = bm.BenchPlan(spec, "tiny", "tiny.yaml", "cpu", 16, 20, 2, tmp_path / "out", False)
+    in_turn = {"plain": 100.0, "attribution": 80.0, "per_example": 10.0}
+
+    def child(spec, task):
+        if task == bm.IN_TURN:
+            return {t: dict.fromkeys(bm.TIMING_FIELDS, eps) for t, eps in in_turn.items()}
+        own = {"examples_per_s": 1.0, "step_ms": 1.0, "peak_mb": 400.0 + len(task)}
+        return {**own, "peak_increase_mb": 1.0, "contract_ms": 1.0, "load_1m": 0.0}
+
+    monkeypatch.setattr(bm, "run_child", child)
+    frame = bm.run(plan).frame
+    assert frame["mode"].tolist() == ["plain", "attribution", "per_example"] * 2
+    assert frame["examples_per_s"].tolist() == list(in_turn.values()) * 2
+    assert (frame["own_examples_per_s"] == 1.0).all()
+    assert frame["peak_mb"].tolist() == [405.0, 411.0, 411.0] * 2
+    assert bm.summarize(frame)["throughput_ratio"] == pytest.approx(0.8)
 
 
 def _frame(per_repeat: list[dict]) -> pd.DataFrame:
@@ -574,4 +617,9 @@ def test_the_progress_bar_counts_every_child_run(fast, profile):
     from adamshap_core.bench import n_children, schedule
 
     plan = SimpleNamespace(repeats=3, spec=SimpleNamespace(fast=fast), profile=profile)
-    assert n_children(plan) == len(schedule(3, fast)) + int(fast) + int(profile)
+    # every repeat: the in-turn child, then each mode alone
+    assert (
+        n_children(plan)
+        == 3 * (1 + 3 + int(fast)) + int(fast) + int(profile)
+        == len(schedule(3, fast)) + int(fast) + int(profile)
+    )
