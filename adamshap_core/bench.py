@@ -51,7 +51,7 @@ DEFAULT_RECIPE = "recipes/digits-mlp.yaml"
 # where the shipped recipes sit in a checkout: beside the package (for a bench started in another folder)
 SHIPPED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 PROFILE_ROWS = 15  # ops shown by --profile
-# after its timed steps, an attribution process times its contraction alone this many times, in one step
+# after the timed steps, each attribution mode times its contraction alone this many times, in one step
 CONTRACT_RUNS = 20
 
 
@@ -377,13 +377,11 @@ def measure(spec: BenchSpec, mode: str, fast: bool = False) -> dict:
         spec = replace(spec, warmup=spec.warmup + fast_settings(spec)["warmup"])
     load_before = os.getloadavg()[0]
     session = Session.build(spec, mode, fast=fast)
-    (timing,), last_batch = timed_steps([session])
-    peak = session.memory.report()  # before the step that times the contraction, which is no training step
-    contract_ms = contraction_ms(session, last_batch, session.memory)
+    (timing,), _ = timed_steps([session])
+    peak = session.memory.report()
     session.close()
     return {
         **timing,
-        "contract_ms": contract_ms,
         **peak,
         "fusion_blocked": fusion_blocked(session),
         "threads": _threads(),
@@ -395,13 +393,17 @@ def measure_in_turn(spec: BenchSpec) -> dict[str, dict]:
     """The throughput of every measurement of a repeat (``measurements``), timed in this one process,
     their steps in turn: a slower stretch of a shared machine (another process, a busier host) then
     slows every mode alike, which separate processes minutes apart do not see. Every mode warms up
-    as long as the fast mode does. Keyed by ``task_name``; the timing fields of ``measure``."""
+    as long as the fast mode does. After the timed steps, one more step of each attribution mode times
+    its contraction alone (``contraction_ms``), so that it compares with the plain step timed here.
+    Keyed by ``task_name``; the timing fields of ``measure``, and ``contract_ms``."""
     keys = measurements(spec.fast)
     if spec.fast:
         spec = replace(spec, warmup=spec.warmup + fast_settings(spec)["warmup"])
     sessions = [Session.build(spec, mode, fast=fast) for mode, fast in keys]
     try:
-        timings, _ = timed_steps(sessions)
+        timings, last_batch = timed_steps(sessions)
+        for session, timing in zip(sessions, timings, strict=True):
+            timing["contract_ms"] = contraction_ms(session, last_batch, session.memory)
     finally:
         for session in sessions:
             session.close()
@@ -807,7 +809,7 @@ def task_name(mode: str, fast: bool) -> str:
 
 
 # what a repeat's row takes from the child that times every mode in turn (the rest: the mode's own child)
-TIMING_FIELDS = ("examples_per_s", "step_ms", "seconds", "warmup_steps", "untimed_rechecks")
+TIMING_FIELDS = ("examples_per_s", "step_ms", "seconds", "warmup_steps", "untimed_rechecks", "contract_ms")
 
 
 def schedule(repeats: int, fast: bool = False) -> list[tuple[int, str]]:
