@@ -7,8 +7,8 @@ For one recipe, the same batches from the same seed are trained three ways:
 - ``per_example``: the values computed the direct way, from per-example gradients
   materialised with ``torch.func`` (vmap of grad), then the optimizer step.
 
-In every repeat, one freshly spawned Python (``bench_worker``) times every mode, their steps in
-turn, so that a slower stretch of a shared machine slows all of them alike; then each mode runs in
+In every repeat, one freshly spawned Python (``bench_worker``) times every mode, a block of steps
+of each in turn, so that a slower stretch of a shared machine slows all of them alike; then each mode runs in
 a process of its own, so that every peak-memory figure belongs to one mode alone. Warm-up steps
 are excluded; the ratios are of medians over the repeats. With ``fast`` the
 attribution mode is measured twice in every repeat, exact and in the tracker's fast mode (the
@@ -44,7 +44,10 @@ if TYPE_CHECKING:
     from .tracker import InRunShapley
 
 MODES = ("plain", "attribution", "per_example")
-IN_TURN = "in-turn"  # the child that times every mode of a repeat, their steps in turn
+IN_TURN = "in-turn"  # the child that times every mode of a repeat, a block of steps of each in turn
+# steps of one mode before the next mode's turn: single steps in turn would let each mode evict the
+# others' data from the caches, which slowed a small model's plain step by half (0.43 to 0.75 ms)
+IN_TURN_BLOCK = 20
 FAST_KEY = "attribution_fast"  # how the fast attribution measurement is named in medians and summaries
 COLUMNS = ["recipe", "device", "mode", "methods", "batch_size", "repeat", "examples_per_s", "peak_mb"]
 DEFAULT_RECIPE = "recipes/digits-mlp.yaml"
@@ -391,17 +394,17 @@ def measure(spec: BenchSpec, mode: str, fast: bool = False) -> dict:
 
 def measure_in_turn(spec: BenchSpec) -> dict[str, dict]:
     """The throughput of every measurement of a repeat (``measurements``), timed in this one process,
-    their steps in turn: a slower stretch of a shared machine (another process, a busier host) then
-    slows every mode alike, which separate processes minutes apart do not see. Every mode warms up
-    as long as the fast mode does. After the timed steps, one more step of each attribution mode times
-    its contraction alone (``contraction_ms``), so that it compares with the plain step timed here.
+    ``IN_TURN_BLOCK`` steps of each in turn: a slower stretch of a shared machine (another process, a
+    busier host, another core) then slows every mode alike, which separate processes do not see.
+    Every mode warms up as long as the fast mode does. After the timed steps, one more step of each
+    attribution mode times its contraction alone (``contraction_ms``), beside the plain step timed here.
     Keyed by ``task_name``; the timing fields of ``measure``, and ``contract_ms``."""
     keys = measurements(spec.fast)
     if spec.fast:
         spec = replace(spec, warmup=spec.warmup + fast_settings(spec)["warmup"])
     sessions = [Session.build(spec, mode, fast=fast) for mode, fast in keys]
     try:
-        timings, last_batch = timed_steps(sessions)
+        timings, last_batch = timed_steps(sessions, IN_TURN_BLOCK)
         for session, timing in zip(sessions, timings, strict=True):
             timing["contract_ms"] = contraction_ms(session, last_batch, session.memory)
     finally:
@@ -410,30 +413,28 @@ def measure_in_turn(spec: BenchSpec) -> dict[str, dict]:
     return {task_name(mode, fast): timing for (mode, fast), timing in zip(keys, timings, strict=True)}
 
 
-def timed_steps(sessions: list[Session]) -> tuple[list[dict], tuple]:
-    """Step every session through the same batches, one step each in turn (who goes first rotates
-    from step to step), timing each one's ``_timed_steps``; each stops after its last timed step.
-    Returns each session's timing and the last batch."""
+def timed_steps(sessions: list[Session], block: int = 1) -> tuple[list[dict], tuple]:
+    """Step every session through the same batches, ``block`` steps each in turn (who goes first
+    rotates from turn to turn), timing each one's ``_timed_steps``; each stops after its last timed
+    step. Returns each session's timing and the last batch."""
     timed = [_timed_steps(session) for session in sessions]
     last = [max(steps) for steps in timed]
     batches = sessions[0].batches(max(last))
     compiling = [_CompileTime(session) for session in sessions]
     seconds: list[list[float]] = [[] for _ in sessions]
     warmup = sessions[0].spec.warmup
-    for step, (x, y) in enumerate(batches, start=1):
-        if step == warmup + 1:
-            for clock in compiling:
-                clock.warmed_up()
+    for round_, start in enumerate(range(1, max(last) + 1, block)):
         for turn in range(len(sessions)):
-            i = (turn + step) % len(sessions)
-            if step > last[i]:
-                continue
-            t0 = time.perf_counter()
-            sessions[i].step(x, y)
-            sessions[i].memory.sync()
-            elapsed = time.perf_counter() - t0
-            if step in timed[i]:
-                seconds[i].append(elapsed)
+            i = (turn + round_) % len(sessions)
+            for step in range(start, min(start + block, last[i] + 1)):
+                if step == warmup + 1:
+                    compiling[i].warmed_up()
+                t0 = time.perf_counter()
+                sessions[i].step(*batches[step - 1])
+                sessions[i].memory.sync()
+                elapsed = time.perf_counter() - t0
+                if step in timed[i]:
+                    seconds[i].append(elapsed)
     timings = []
     for session, took, end, clock in zip(sessions, seconds, last, compiling, strict=True):
         bs = session.prep.recipe.train.batch_size

@@ -1,8 +1,8 @@
 """The child process of ``adamshap bench``: one measurement in a fresh Python.
 
 ``python -m adamshap_core.bench_worker SPEC.json TASK RESULT.json`` where TASK is a mode
-(plain, attribution, attribution-fast, per_example), ``in-turn`` (every mode's throughput, their
-steps in turn), ``fidelity`` or ``profile``. The result is written as
+(plain, attribution, attribution-fast, per_example), ``in-turn`` (every mode's throughput, a block of
+steps of each in turn), ``fidelity`` or ``profile``. The result is written as
 JSON; bad input is written as ``{"user_error": message}`` with exit code 2.
 """
 

@@ -74,10 +74,11 @@ def bench(
 ) -> None:
     """Time plain training, attribution and a per-example-gradient baseline on the same batches.
 
-    Every repeat times all modes in one process, their steps in turn (a slower stretch of the machine
-    slows them alike), then runs each mode in its own process for its peak memory (RSS on the CPU,
-    allocated memory on CUDA). Writes bench.parquet and bench.json; ends with the throughput ratio
-    (attribution / plain), the memory ratio and the speed-up over per-example gradients.
+    Every repeat times all modes in one process, a block of steps of each in turn (a slower stretch
+    of the machine slows them alike), then runs each mode in its own process for its peak memory
+    (RSS on the CPU, allocated memory on CUDA). Writes bench.parquet and bench.json; ends with the
+    throughput ratio (attribution / plain), the memory ratio and the speed-up over per-example
+    gradients.
     """
     from adamshap_core import bench as bm
     from adamshap_core import runio
