@@ -32,7 +32,7 @@ BENCH = $(PYTHON) -m adamshap_cli bench
 BENCH_GPT ?= recipes/facts-gpt.yaml
 BENCH_REPEATS ?= 3
 BENCH_MLP_STEPS ?= 200
-BENCH_GPT_STEPS ?= 20
+BENCH_GPT_STEPS ?= 100
 BENCH_METHODS ?= adam adam,adam_fixed,sgd
 BENCH_FAST ?= --fast
 # the exact mode's fastest configuration: validation rows in the training batch (README, Speed)
