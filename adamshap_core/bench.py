@@ -8,9 +8,9 @@ For one recipe, the same batches from the same seed are trained three ways:
   materialised with ``torch.func`` (vmap of grad), then the optimizer step.
 
 In every repeat, one freshly spawned Python (``bench_worker``) times every mode, a block of steps
-of each in turn, so that a slower stretch of a shared machine slows all of them alike; then each mode runs in
-a process of its own, so that every peak-memory figure belongs to one mode alone. Warm-up steps
-are excluded; the ratios are of medians over the repeats. With ``fast`` the
+of each in turn, so that a slower stretch of a shared machine slows all of them alike; then each
+mode runs in a process of its own, so that every peak-memory figure belongs to one mode alone.
+Warm-up steps are excluded; the ratios are of medians over the repeats. With ``fast`` the
 attribution mode is measured twice in every repeat, exact and in the tracker's fast mode (the
 ratios printed last are then the fast mode's), and a further child runs the fast and the exact
 tracker on identical copies of the model to give their per-step Pearson correlation.
