@@ -809,6 +809,11 @@ def task_name(mode: str, fast: bool) -> str:
     return f"{mode}-fast" if fast else mode
 
 
+def task_measurement(task: str) -> tuple[str, bool]:
+    """(mode, fast) of a measurement's task: ``task_name`` read back."""
+    return task.removesuffix("-fast"), task.endswith("-fast")
+
+
 # what a repeat's row takes from the child that times every mode in turn (the rest: the mode's own child)
 TIMING_FIELDS = ("examples_per_s", "step_ms", "seconds", "warmup_steps", "untimed_rechecks", "contract_ms")
 
@@ -832,7 +837,7 @@ def run(plan: BenchPlan, on_child: Callable[[str], None] | None = None) -> Bench
         if task == IN_TURN:
             in_turn = measured
         else:
-            mode, fast = task.removesuffix("-fast"), task.endswith("-fast")
+            mode, fast = task_measurement(task)
             timing = {k: in_turn[task][k] for k in TIMING_FIELDS}
             own = {"own_examples_per_s": measured["examples_per_s"]}
             rows.append({**_row_keys(plan, mode, fast, repeat), **measured, **own, **timing})

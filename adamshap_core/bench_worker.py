@@ -27,7 +27,8 @@ def main(argv: list[str]) -> int:
         elif task == bench.IN_TURN:
             result = bench.measure_in_turn(spec)
         else:  # a measurement: plain, attribution, attribution-fast or per_example
-            result = bench.measure(spec, task.removesuffix("-fast"), fast=task.endswith("-fast"))
+            mode, fast = bench.task_measurement(task)
+            result = bench.measure(spec, mode, fast=fast)
     except UserError as e:
         runio.atomic_write_json(result_path, {"user_error": str(e)})
         return 2
