@@ -42,6 +42,7 @@ from torch import nn
 from .checkpoint import Checkpointer, LoopState, TrainingInterrupted
 from .data import Dataset, load_dataset
 from .digests import data_digest, params_digest
+from .engine.ghost import modes_kept, set_modes
 from .errors import UserError, memory_short_as
 from .fast import FastMode
 from .models import build_model, loss_for, per_example_loss
@@ -366,14 +367,17 @@ def run(
     stop: Callable[[], bool] | None = None,
     record: Sequence[int] | None = None,
     splits: Sequence[str] = SPLITS,
+    measure_val_loss: bool = True,
 ) -> TrainResult:
     """Train ``prep`` for its recipe's epochs (or ``max_steps`` steps); see the module doc.
 
     ``record``: the steps whose per-step values go to ``steps_values`` (default: the recipe's
     ``attribution.record_steps`` sample); a replay passes the steps it compares. ``splits``: those
     whose loss and accuracy the metrics give after the last step (a replay reads none of them, a
-    retrain the test split's alone; the training split of a large text source takes a minute). ``on_progress``
-    (``OnProgress``) hears of the steps done; the loop prints nothing itself.
+    retrain the test split's alone; the training split of a large text source takes a minute).
+    ``measure_val_loss``: an unvalued run measures the validation loss at every step for
+    ``steps.parquet`` (a retrain, which reads none, leaves it NaN and saves a forward pass a step).
+    ``on_progress`` (``OnProgress``) hears of the steps done; the loop prints nothing itself.
 
     ``checkpointer`` saves a checkpoint every ``train.checkpoint_every`` steps; with ``resume``
     the run continues from its checkpoint. ``stop()`` is polled after every step: once it is
@@ -414,7 +418,7 @@ def run(
             )
         t0 = time.perf_counter()
         with memory_short_as(functools.partial(_step_memory_short, prep, step, inputs)):
-            res, step_values = _take_step(prep, inputs, targets)
+            res, step_values = _take_step(prep, inputs, targets, measure_val_loss)
         sched.step()
         loss = res.loss
         problem = non_finite_problem(loss, model, step_values, float(res.val_loss))
@@ -456,9 +460,12 @@ def _checks_memory(prep: Prepared) -> str:
     )
 
 
-def _take_step(prep: Prepared, inputs, targets) -> tuple[StepResult, dict[str, np.ndarray]]:
+def _take_step(
+    prep: Prepared, inputs, targets, measure_val_loss: bool = True
+) -> tuple[StepResult, dict[str, np.ndarray]]:
     """One training step, valued where the run values: what it returns (without values where the
-    run does not value) and each method's values of the batch, as arrays."""
+    run does not value) and each method's values of the batch, as arrays. ``measure_val_loss``: an
+    unvalued step also measures the validation loss (else NaN)."""
     if prep.tracker is not None:
         res = prep.tracker.step(inputs, targets)
         values = {m: res.values[m].detach().to("cpu", torch.float64).numpy() for m in prep.methods}
@@ -466,10 +473,19 @@ def _take_step(prep: Prepared, inputs, targets) -> tuple[StepResult, dict[str, n
     from .tracker import StepResult, training_step
 
     model, loss_fn = prep.model, prep.loss_fn
-    with torch.no_grad():
-        val_loss = float(loss_fn(model(prep.val_x), prep.val_y).mean())
+    val_loss = validation_loss(model, loss_fn, prep.val_x, prep.val_y) if measure_val_loss else math.nan
     losses, clip = training_step(model, prep.optimizer, loss_fn, inputs, targets, prep.recipe.train.grad_clip)
     return StepResult(float(losses.mean()), val_loss, clip), {}
+
+
+def validation_loss(model: nn.Module, loss_fn: Callable, val_x, val_y) -> float:
+    """The mean validation loss at the current weights, measured as a tracker measures it: in eval
+    mode, so that it draws no random numbers (dropout) and a plain run's training draws those of a
+    valued one, and no dropout noise enters the figure."""
+    modules = list(model.modules())
+    with torch.no_grad(), modes_kept(modules):
+        set_modes(modules, training=False)
+        return float(loss_fn(model(val_x), val_y).mean())
 
 
 def _add_values(
@@ -625,12 +641,20 @@ def train(
     on_progress: OnProgress | None = None,
     max_steps: int | None = None,
     splits: Sequence[str] = SPLITS,
+    measure_val_loss: bool = True,
     **prepare_kw,
 ) -> TrainResult:
     """``run(prepare(recipe, **prepare_kw), ...)``; closes the tracker afterwards."""
     prep = prepare(recipe, **prepare_kw)
     try:
-        return run(prep, on_step=on_step, on_progress=on_progress, max_steps=max_steps, splits=splits)
+        return run(
+            prep,
+            on_step=on_step,
+            on_progress=on_progress,
+            max_steps=max_steps,
+            splits=splits,
+            measure_val_loss=measure_val_loss,
+        )
     finally:
         if prep.tracker is not None:
             prep.tracker.close()
