@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from . import bench_worker
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -784,6 +785,7 @@ def run_child(spec: BenchSpec, task: str) -> dict:
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+            bench_worker.PARENT: str(os.getpid()),  # the child stops if this process dies
         }
         if spec.threads is not None:  # set before torch starts its thread pools
             env.update(OMP_NUM_THREADS=str(spec.threads), MKL_NUM_THREADS=str(spec.threads))

@@ -627,3 +627,53 @@ def test_the_progress_bar_counts_every_child_run(fast, profile):
         == 3 * (1 + 3 + int(fast)) + int(fast) + int(profile)
         == len(schedule(3, fast)) + int(fast) + int(profile)
     )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl's parent-death signal is Linux's")
+def test_a_killed_bench_takes_its_child_and_its_temporary_folder_with_it(tmp_path, runs):
+    """A SIGKILLed bench cannot stop its child or remove the child's folder itself: the child, told by
+    the kernel, stops (else it measured on for minutes) and removes the folder from /tmp."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    recipe = write_recipe(tmp_path, tiny())
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    cmd = [sys.executable, "-m", "adamshap_cli", "bench", str(recipe), "--steps", "1000000", "--repeats", "1"]
+    bench = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = Path(f"/proc/{bench.pid}/task/{bench.pid}/children")
+
+    def child() -> int | None:
+        found = children.read_text().split() if children.exists() else []
+        return int(found[0]) if found else None
+
+    def folders() -> list[Path]:
+        return list(scratch.glob("adamshap-bench-*"))
+
+    deadline = time.monotonic() + 60
+    while (child() is None or not folders()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker = child()
+    assert worker is not None and folders(), "the bench started no child within a minute"
+    time.sleep(1.0)  # past the child's start-up, into its measuring
+    bench.kill()
+    bench.wait()
+    deadline = time.monotonic() + 20
+    stat = Path(f"/proc/{worker}/stat")
+
+    def running() -> bool:  # a zombie has stopped, waiting for whichever process inherited it to reap it
+        try:
+            return stat.read_text().split()[2] != "Z"
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stopped = not running()
+    if not stopped:
+        os.kill(worker, signal.SIGKILL)
+    assert stopped, "the bench's child kept running after the bench was killed"
+    assert folders() == []
