@@ -35,6 +35,34 @@ class SeqLinear(nn.Module):
         return self.down(input=torch.tanh(self.up(x))).mean(1)
 
 
+class ValidConvNet(nn.Module):
+    """Convolutions without bias: a rectangular kernel, stride (2, 1) and padding "valid", then a depthwise
+    one (as many groups as channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, (3, 2), stride=(2, 1), padding="valid", bias=False)
+        self.c2 = nn.Conv2d(4, 4, 1, groups=4, bias=False)
+        self.head = nn.Linear(4 * 2 * 5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.c2(torch.tanh(self.c1(x)))).flatten(1))
+
+
+class Norms2d(nn.Module):
+    """A LayerNorm and an RMSNorm over the last two dimensions of a [B, T, d] sequence (their
+    parameters [T, d])."""
+
+    def __init__(self, T=4, d=5, k=3):
+        super().__init__()
+        self.ln = nn.LayerNorm((T, d), eps=0.3)
+        self.rms = nn.RMSNorm((T, d), eps=0.2) if hasattr(nn, "RMSNorm") else nn.Identity()
+        self.head = nn.Linear(d, k)
+
+    def forward(self, x):
+        return self.head(self.rms(torch.tanh(self.ln(x)))).mean(1)
+
+
 class ConvNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -70,12 +98,12 @@ class TinyLM(nn.Module):
 
 class Stacked(nn.Module):
     """Layers of equal shapes, which the engine contracts together (stacked); one layer called twice,
-    and a bias-free one that stacks apart from the others."""
+    and a bias-free one that stacks apart from the others (``bias=False``: with them, all weight-only)."""
 
-    def __init__(self, d=5, k=3):
+    def __init__(self, d=5, k=3, bias=True):
         super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+        self.ln1, self.ln2 = nn.LayerNorm(d, bias=bias), nn.LayerNorm(d, bias=bias)
+        self.a, self.b = nn.Linear(d, d, bias=bias), nn.Linear(d, d, bias=bias)
         self.c = nn.Linear(d, d, bias=False)
         self.rms1, self.rms2 = (
             (nn.RMSNorm(d, eps=0.2), nn.RMSNorm(d, eps=0.2))
@@ -191,6 +219,8 @@ CASES = [
     Case("linear-seq", lambda: SeqLinear(5, 3, 4, bias=True), _sequence(5, 4, 4)),
     Case("linear-seq-nobias", lambda: SeqLinear(3, 8, 2, bias=False), _sequence(3, 5, 2)),
     Case("conv2d", ConvNet, _images),
+    Case("conv2d-valid-nobias", ValidConvNet, _images),
+    Case("norms-2d", Norms2d, _sequence(5, 4, 3)),
     Case("lm-tied", lambda: TinyLM(tied=True), _tokens(), sequence_cross_entropy),
     Case("lm-untied", lambda: TinyLM(tied=False, padding_idx=None), _tokens(), sequence_cross_entropy),
     # transformers' layer types (skipped where transformers is not installed: `make test` installs it)
@@ -202,8 +232,27 @@ CASES = [
         sequence_cross_entropy,
         inert=GPT2_KEY_BIASES,
     ),
+    # in both blocks alike, so that the calls still stack: the qkv projections weight-only, the first MLP
+    # projections bias-only
+    Case(
+        "hf-gpt2-frozen-in-every-block",
+        lambda: _hf_gpt2(
+            tuple(
+                f"lm.transformer.h.{i}.{p}" for i in range(2) for p in ("attn.c_attn.bias", "mlp.c_fc.weight")
+            )
+        ),
+        _tokens(),
+        sequence_cross_entropy,
+    ),
     Case("hf-llama-rmsnorm", LlamaNormed, _sequence(5, 4, 3)),
     Case("stacked", Stacked, _sequence(5, 4, 3)),
+    # the stacks weight-only (Linear, LayerNorm), and bias-only (Linear, one module called twice)
+    Case("stacked-nobias", lambda: Stacked(bias=False), _sequence(5, 4, 3)),
+    Case(
+        "stacked-frozen-linear-weights",
+        lambda: _frozen(Stacked(), "a.weight", "b.weight"),
+        _sequence(5, 4, 3),
+    ),
     # only the biases of ln1, ln2 and a are valued there: the kernels' bias-only contractions
     Case(
         "stacked-frozen-weights",

@@ -20,14 +20,15 @@ from adamshap_core.errors import UserError
 def test_kernel_matches_per_example_gradients(case, batch, chunked, targets, float64):
     """Every kernel's ⟨M, g_i⟩ against brute force: one matrix per parameter (one method, one
     validation target: the kernels' K = 1 shortcuts), or six (a scalar and an elementwise scale,
-    three targets)."""
+    three targets); calls of equal shapes stacked (the default budget), or each alone and chunked."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(1)
     model = case.model()
     x, y = case.data(batch, gen)
     engine = GhostEngine(model)
-    if chunked:  # a budget below one example's intermediates: every kernel contracts one example at a time
+    if chunked:  # a budget below one example's intermediates: every kernel contracts one example at a time,
         engine.contract_chunk = 1
+        engine.stack_floats = 0  # every call alone (a stack is contracted whole, never in chunks)
     names = {id(p): n for n, p in model.named_parameters()}
     Q, n_methods = (1, 1) if targets == "one" else (3, 2)
     val = [torch.randn(Q, *p.shape, generator=gen) for p in engine.parameters]

@@ -178,7 +178,7 @@ def test_a_parameter_frozen_part_way_through_training_gets_no_value(case, per_ta
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("per_target", [False, True], ids=["mean-target", "per-target"])
-@pytest.mark.parametrize("opt", ["adamw", "sgd-momentum"])
+@pytest.mark.parametrize("opt", ["adamw", "adam-l2", "sgd-momentum"])
 def test_validation_rows_in_the_training_batch_match_brute_force(case, per_target, opt, float64):
     """One forward/backward for training and validation rows: ∇val from the rows' a and b."""
     _, res = run_and_check(
@@ -201,14 +201,31 @@ def test_ghost_dot_products_with_the_validation_rows_match_brute_force(
     gradient, a linear or convolutional layer's values come from the rows' a and b directly, without M
     (forced here at any cost). Layers that two calls share (a tied head, a layer called twice) still
     contract M."""
-    from adamshap_core.engine import linear
+    from adamshap_core.engine import conv2d, linear
 
     monkeypatch.setattr(linear, "ROWS_MARGIN", 0)
     ghost = []
     contract_rows = linear.contract_rows
     monkeypatch.setattr(linear, "contract_rows", lambda *args: ghost.append(1) or contract_rows(*args))
-    run_and_check(case, OPTIMIZERS[opt], per_target=per_target, fuse_validation=True, methods=methods)
+    ghosted = set()  # the layer types whose values came from the rows' a and b
+
+    def seen(module, values):
+        if values is not None:
+            ghosted.add(type(module).__name__)
+        return values
+
+    for kernel in (linear.LinearKernel, conv2d.Conv2dKernel):
+        original = kernel.rows_values
+        monkeypatch.setattr(
+            kernel, "rows_values", lambda self, m, *rest, original=original: seen(m, original(self, m, *rest))
+        )
+    tracker, _ = run_and_check(
+        case, OPTIMIZERS[opt], per_target=per_target, fuse_validation=True, methods=methods
+    )
     assert ghost  # every case has a linear layer that one call alone uses
+    # and so has every convolution of the cases (GPT-2's projections are transformers' Conv1D)
+    convolutions = {type(m).__name__ for m in tracker.model.modules()} & {"Conv2d", "Conv1D"}
+    assert convolutions <= ghosted
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -281,13 +298,20 @@ def test_training_with_attribution_updates_parameters_exactly_as_plain(case, opt
     assert_trains_as_plain(case, opt, fuse)
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_training_with_per_target_rows_in_the_batch_updates_parameters_as_plain(case, float64):
+    """Per target, the fused rows' part of .grad is their per-row gradients summed (not the kernels'
+    summed product): taken out, the update is plain training's for every kernel too."""
+    assert_trains_as_plain(case, "adamw", True, per_target=True)
+
+
 @pytest.mark.parametrize("case", CASES[:1] + CASES[-1:], ids=lambda c: c.name)
 @pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
 def test_a_layer_frozen_part_way_trains_as_plain(case, fuse, float64):
     assert_trains_as_plain(case, "adamw", fuse, freeze_at=3)
 
 
-def assert_trains_as_plain(case, opt, fuse, freeze_at=None):
+def assert_trains_as_plain(case, opt, fuse, freeze_at=None, per_target=False):
     """Six valued steps and six plain ones, side by side, end with the same parameters.
     ``freeze_at``: the step before which both models' first parameter is frozen."""
     gen = torch.Generator().manual_seed(0)
@@ -296,9 +320,8 @@ def assert_trains_as_plain(case, opt, fuse, freeze_at=None):
     model_b = copy.deepcopy(model_a)
     opt_a, opt_b = OPTIMIZERS[opt](model_a.parameters()), OPTIMIZERS[opt](model_b.parameters())
     vx, vy = case.data(4, gen)
-    tracker = InRunShapley(
-        model_a, opt_a, case.loss, vx, vy, METHODS, max_grad_norm=0.5, fuse_validation=fuse
-    )
+    options = {"max_grad_norm": 0.5, "fuse_validation": fuse, "per_target": per_target}
+    tracker = InRunShapley(model_a, opt_a, case.loss, vx, vy, METHODS, **options)
     for step in range(1, 7):
         if step == freeze_at:
             for m in (model_a, model_b):
