@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from .tracker import StepResult
 
 SPLITS = ("train", "val", "test")  # the splits whose loss and accuracy a run's metrics give
+SHOWN_IDS = 5  # example ids a message about non-finite values names at most
 
 
 @runtime_checkable
@@ -421,10 +422,10 @@ def run(
             res, step_values = _take_step(prep, inputs, targets, measure_val_loss)
         sched.step()
         loss = res.loss
-        problem = non_finite_problem(loss, model, step_values, float(res.val_loss))
+        pos = batch.numpy()
+        problem = non_finite_problem(loss, model, step_values, float(res.val_loss), ids[pos])
         if problem:
             raise _diverged(prep, state, f"step {step} (epoch {epoch}): {problem}", wall())
-        pos = batch.numpy()
         _add_values(state, step, ids[pos], pos, step_values, recorded=step in recorded_steps)
         secs = time.perf_counter() - t0
         row = (float(res.val_loss), float(res.clip_factor), secs, float(res.reuse_pearson))
@@ -554,8 +555,15 @@ def _final_metrics(
     }
 
 
-def non_finite_problem(loss: float, model: nn.Module, values: dict[str, np.ndarray], val_loss: float) -> str:
-    """What is non-finite after a step (loss, a gradient, the values), or '' when all is finite."""
+def non_finite_problem(
+    loss: float,
+    model: nn.Module,
+    values: dict[str, np.ndarray],
+    val_loss: float,
+    example_ids: np.ndarray | None = None,
+) -> str:
+    """What is non-finite after a step (loss, a gradient, the values), or '' when all is finite;
+    ``example_ids``: the batch's, to name the examples whose values are."""
     if not math.isfinite(loss):
         return f"the training loss is {loss}; expected a finite loss"
     grads = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
@@ -567,10 +575,14 @@ def non_finite_problem(loss: float, model: nn.Module, values: dict[str, np.ndarr
             name = grads[finite.index(False)][0]
             return f"the gradient of parameter `{name}` has non-finite entries; expected finite gradients"
     for m, v in values.items():
-        bad = int((~np.isfinite(v)).sum())
-        if bad:
+        bad = ~np.isfinite(v)
+        if bad.any():
+            which = ""
+            if example_ids is not None:
+                ids = [str(i) for i in example_ids[bad][:SHOWN_IDS]]
+                which = f" (example_id {', '.join(ids)}{', ...' if bad.sum() > SHOWN_IDS else ''})"
             why = f" (the validation loss is {val_loss})" if not math.isfinite(val_loss) else ""
-            return f"the `{m}` values of {bad} of the {len(v)} examples are non-finite{why}"
+            return f"the `{m}` values of {int(bad.sum())} of the {len(v)} examples{which} are non-finite{why}"
     return ""
 
 

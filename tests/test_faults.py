@@ -51,7 +51,7 @@ def poison_validation(ctx):
     ("fault", "says"),
     [
         (poison_gradient, r"the gradient of parameter `[\w.]+weight` has non-finite entries"),
-        (poison_validation, r"the `adam` values of \d+ of the \d+ examples are non-finite"),
+        (poison_validation, r"the `adam` values of \d+ of the \d+ examples \(example_id [\d, .]+\) are "),
     ],
     ids=["nan-gradient", "non-finite-values"],
 )

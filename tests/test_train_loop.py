@@ -253,6 +253,15 @@ def test_an_infinite_value_is_divergence_as_a_nan_is(bad):
     assert non_finite_problem(0.5, torch.nn.Linear(2, 1), values, 0.5) == (
         "the `adam` values of 1 of the 3 examples are non-finite"
     )
+    # named by their example ids, the first five
+    assert non_finite_problem(0.5, torch.nn.Linear(2, 1), values, 0.5, np.array([7, 41, 3])) == (
+        "the `adam` values of 1 of the 3 examples (example_id 41) are non-finite"
+    )
+    many = {"sgd": np.full(7, bad)}
+    assert non_finite_problem(0.5, torch.nn.Linear(2, 1), many, math.nan, np.arange(10, 17)) == (
+        "the `sgd` values of 7 of the 7 examples (example_id 10, 11, 12, 13, 14, ...) are non-finite"
+        " (the validation loss is nan)"
+    )
 
 
 def test_a_run_evaluates_only_the_splits_its_caller_reads(monkeypatch):
