@@ -12,16 +12,26 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 
-def per_example_grads(model: nn.Module, loss_fn, x, y) -> dict[str, torch.Tensor]:
-    """{param name: [B, *shape]} gradients of each example's own loss."""
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+def per_example_grads(model: nn.Module, loss_fn, x, y, tied_apart: bool = False) -> dict[str, torch.Tensor]:
+    """{param name: [B, *shape]} gradients of each example's own loss. ``tied_apart``: a parameter
+    tied between modules (a head and a token embedding) gets a gradient under each of its names, the
+    part of its use by that name's module; by default one, under its first name, summed over its uses."""
+    named = model.named_parameters(remove_duplicate=not tied_apart)
+    params = {n: p.detach() for n, p in named if p.requires_grad}
     buffers = dict(model.named_buffers())
 
     def one(ps, xi, yi):
-        out = functional_call(model, (ps, buffers), (xi.unsqueeze(0),))
+        out = functional_call(model, (ps, buffers), (xi.unsqueeze(0),), tie_weights=not tied_apart)
         return loss_fn(out, yi.unsqueeze(0)).sum()
 
     return vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+
+
+def dot_products(grads: dict[str, torch.Tensor], matrices: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, K]: Σ over the names of ⟨M_k, g_i⟩ / B, for gradients {name: [B, *shape]} and matrices
+    {name: [K, *shape]} (the 1/B: the engine values the gradient of the batch's mean loss)."""
+    B = next(iter(grads.values())).shape[0]
+    return sum(grads[n].reshape(B, -1) @ m.reshape(m.shape[0], -1).T for n, m in matrices.items()) / B
 
 
 def val_grads(model: nn.Module, loss_fn, vx, vy, per_target: bool) -> dict[str, torch.Tensor]:

@@ -49,6 +49,19 @@ class ValidConvNet(nn.Module):
         return self.head(torch.tanh(self.c2(torch.tanh(self.c1(x)))).flatten(1))
 
 
+class PerImageConv(nn.Module):
+    """A Conv2d called on each image alone, unbatched (C, H, W): rectangular, strided and padded; then a
+    head over the batch. A batch of one is one call, which the Conv2d kernel takes as a batch of one."""
+
+    def __init__(self, bias=True):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=1, bias=bias)
+        self.head = nn.Linear(3 * 3 * 7, 3)
+
+    def forward(self, x):  # x [B, 2, 6, 6]
+        return self.head(torch.stack([torch.tanh(self.conv(image)) for image in x]).flatten(1))
+
+
 class Norms2d(nn.Module):
     """A LayerNorm and an RMSNorm over the last two dimensions of a [B, T, d] sequence (their
     parameters [T, d])."""
@@ -200,6 +213,10 @@ def _frozen(model: nn.Module, *names: str) -> nn.Module:
     for name in names:
         model.get_parameter(name).requires_grad_(False)
     return model
+
+
+# not in CASES: a batch of more than one image is refused (test_engine_kernels.py)
+PER_IMAGE_CONV = Case("per-image-conv", PerImageConv, _images)
 
 
 CASES = [

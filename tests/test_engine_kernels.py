@@ -5,8 +5,8 @@ import weakref
 
 import pytest
 import torch
-from bruteforce import per_example_grads
-from cases import CASES, cross_entropy
+from bruteforce import dot_products, per_example_grads
+from cases import CASES, PER_IMAGE_CONV, PerImageConv, cross_entropy
 from conftest import rel_err
 from torch import nn
 
@@ -120,6 +120,113 @@ def test_gradients_of_rows_after_the_batch_match_per_example_gradients(case, sum
         assert got[id(p)].shape == want.shape
         assert rel_err(got[id(p)], want) <= 1e-12, names[id(p)]
         assert rel_err(middle[id(p)], G[names[id(p)]][5:6]) <= 1e-12, names[id(p)]
+
+
+def _one_image_and_its_matrices(engine, gen, Q=3):
+    """A batch of one image and its label, and the engine's scales of two methods (a scalar, an
+    elementwise one) with Q random validation targets: x, y, the flat ∇val, the scales, and each
+    parameter's M by name, [2·Q, *shape]."""
+    x, y = PER_IMAGE_CONV.data(1, gen)
+    names = {id(p): n for n, p in engine.model.named_parameters()}
+    val = [torch.randn(Q, *p.shape, generator=gen) for p in engine.parameters]
+    elementwise = [torch.rand(p.shape, generator=gen) for p in engine.parameters]
+    scales = [
+        (engine.slice_of(p), [1.0, s.reshape(-1)])
+        for p, s in zip(engine.parameters, elementwise, strict=True)
+    ]
+    M = {
+        names[id(p)]: torch.cat([v, s * v])
+        for p, v, s in zip(engine.parameters, val, elementwise, strict=True)
+    }
+    return x, y, engine.flatten(val, rows=Q), scales, M
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("route", ["exact", "chunked", "factored"])
+def test_a_conv2d_called_on_an_unbatched_image_is_valued_as_a_batch_of_one(bias, route, float64, monkeypatch):
+    """Conv2d takes an unbatched (C, H, W) input, and its kernel keeps such a call's input as a batch of
+    one, and its output-gradient too ([1, C_out, H', W']): a batch of one image through it, valued
+    against torch.func for two methods × three validation targets; whole, one example at a time, or
+    through factors at a rank that holds M whole (the cost rule forced)."""
+    from adamshap_core.engine import ghost
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(1)
+    model = PerImageConv(bias)
+    engine = GhostEngine(model)
+    rank = None
+    if route == "chunked":
+        engine.contract_chunk, engine.stack_floats = 1, 0
+    if route == "factored":
+        monkeypatch.setattr(ghost, "factorizing_pays", lambda *args: True)
+        rank = 64
+    x, y, val, scales, M = _one_image_and_its_matrices(engine, gen)
+    with engine.capture():
+        cross_entropy(model(x), y).mean().backward()
+        conv = next(c for c in engine.captured(1) if c.module is model.conv)
+        assert conv.a.shape == (1, 2, 6, 6) and conv.b.shape == (1, 3, 3, 7)  # both kept batched
+        matrices = engine.matrices(val, scales, 2, rank=rank)
+        got = engine.contract(matrices, 1)
+    assert (id(model.conv.weight) in matrices.factors) == (route == "factored")
+    assert rel_err(got, dot_products(per_example_grads(model, cross_entropy, x, y), M)) <= 1e-10
+
+
+def test_a_conv2d_called_on_each_unbatched_image_of_a_batch_is_refused_by_name(float64):
+    """Three images, each through the Conv2d alone: three calls of one row each, which cannot be told
+    apart as the batch's examples. The values are refused with the layer's name, not given wrong."""
+    gen = torch.Generator().manual_seed(0)
+    model = PerImageConv()
+    engine = GhostEngine(model)
+    x, y = PER_IMAGE_CONV.data(3, gen)
+    val = engine.flatten([torch.randn(1, *p.shape, generator=gen) for p in engine.parameters], rows=1)
+    with engine.capture():
+        cross_entropy(model(x), y).mean().backward()
+        refused = r"layer 'conv' \(Conv2d\) was called on 1 rows for a batch of 3"
+        with pytest.raises(UserError, match=refused) as e:
+            engine.values(val, [(slice(0, engine.numel), [1.0])], 1, 3)
+    assert "position_ids" not in str(e.value)  # the hint for positions made once, which go to an Embedding
+
+
+def test_positions_made_once_for_the_batch_are_refused_with_the_hint_for_them():
+    """An Embedding of positions arange(T) of one row, broadcast over the batch: the refusal says how a
+    transformers model is given positions per row."""
+
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos, self.head = nn.Embedding(7, 4), nn.Embedding(5, 4), nn.Linear(4, 3)
+
+        def forward(self, ids):
+            return self.head(self.tok(ids) + self.pos(torch.arange(ids.shape[1])[None])).mean(1)
+
+    model = Positions()
+    engine = GhostEngine(model)
+    ids = torch.randint(0, 7, (3, 5))
+    val = engine.flatten([torch.zeros(1, *p.shape) for p in engine.parameters], rows=1)
+    with engine.capture():
+        cross_entropy(model(ids), torch.tensor([0, 1, 2])).mean().backward()
+        with pytest.raises(UserError, match=r"layer 'pos' \(Embedding\) was called on 1 rows.*position_ids"):
+            engine.values(val, [(slice(0, engine.numel), [1.0])], 1, 3)
+
+
+@pytest.mark.parametrize("rows", [None, slice(0, 1)], ids=["all-rows", "row-0"])
+def test_the_gradient_of_an_unbatched_conv2d_call_as_an_appended_row(rows, float64):
+    """One image, appended after an empty batch (a validation row, as the start-up check and fused
+    validation take it), through an unbatched Conv2d call: its gradient rebuilt by the kernels, for
+    all appended rows or the first picked out, against torch.func."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(1)
+    model = PerImageConv()
+    engine = GhostEngine(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    x, y = PER_IMAGE_CONV.data(1, gen)
+    with engine.capture(extra_rows=1):
+        cross_entropy(model(x), y).sum().backward()
+        got = engine.extra_gradients(0, summed=False, rows=rows)
+    G = per_example_grads(model, cross_entropy, x, y)
+    assert set(got) == {id(p) for p in engine.parameters}
+    for p in engine.parameters:
+        assert rel_err(got[id(p)], G[names[id(p)]]) <= 1e-12, names[id(p)]
 
 
 def test_the_ghost_dot_product_with_rows_is_that_of_their_gradients(float64, monkeypatch):

@@ -144,6 +144,91 @@ def test_factored_contraction_at_full_rank_is_exact(case, float64, monkeypatch):
     assert not any(n + ".weight" in factored for n in grouped)
 
 
+def _factored_use(module: nn.Module, name: str) -> bool:
+    """Whether this module's use of its parameter ``name`` may go through low-rank factors, by layer
+    type (written out here, not asked of the kernels): the weight of a Linear, of transformers' Conv1D,
+    or of an ungrouped Conv2d; not an embedding's (a tied head's weight is factored in the head alone)."""
+    if name != "weight":
+        return False
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+LOW_RANK_CASES = (
+    "mlp-bias",
+    "mlp-nobias",
+    "linear-seq",  # a Linear with bias and one without, on sequences, one called by keyword
+    "conv2d",  # strided with bias; dilated "same" without; a grouped one, never factored
+    "conv2d-valid-nobias",
+    "lm-tied",  # the head factored, the embedding tied to it not
+    "stacked",  # one Linear called twice, both calls through its factors
+    "hf-gpt2",  # transformers' Conv1D (the stored layout transposed), and a tied head
+    "hf-gpt2-frozen",  # a Conv1D weight-only, another bias-only
+)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in LOW_RANK_CASES], ids=lambda c: c.name)
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+@pytest.mark.parametrize("rank", [2, 64], ids=["rank-2", "full-rank"])
+def test_factored_contraction_matches_per_example_gradients(case, chunked, rank, float64, monkeypatch):
+    """Every weight a kernel may factor, factored (the cost rule forced), against torch.func: at rank 2
+    the values are ⟨M̃, g_i⟩, M̃ = U Vᵀ the factors the engine made (far from M), at a rank above every
+    dimension ⟨M, g_i⟩; a tied weight's factored use with M̃ and its other use with M. Two methods (a
+    scalar and an elementwise scale) × three validation targets; the batch whole, or one example at a
+    time (chunked)."""
+    from bruteforce import dot_products, per_example_grads
+
+    from adamshap_core.engine import GhostEngine, ghost, linear
+
+    monkeypatch.setattr(ghost, "factorizing_pays", lambda *args: True)
+    batches = []  # the examples of each factored contraction (Conv2d and Conv1D reach it too)
+    contract_low_rank = linear.contract_low_rank
+    monkeypatch.setattr(
+        linear, "contract_low_rank", lambda a, b, M: batches.append(a.shape[0]) or contract_low_rank(a, b, M)
+    )
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(1)
+    model = case.model()
+    B, Q = 5, 3
+    x, y = case.data(B, gen)
+    engine = GhostEngine(model)
+    if chunked:  # below one example's intermediates: one example at a time, every call alone
+        engine.contract_chunk, engine.stack_floats = 1, 0
+    val = [torch.randn(Q, *p.shape, generator=gen) for p in engine.parameters]
+    elementwise = [torch.rand(p.shape, generator=gen) for p in engine.parameters]
+    scales = [
+        (engine.slice_of(p), [1.0, s.reshape(-1)])
+        for p, s in zip(engine.parameters, elementwise, strict=True)
+    ]
+    with engine.capture():
+        case.loss(model(x), y).mean().backward()
+        M = engine.matrices(engine.flatten(val, rows=Q), scales, 2, rank=rank)
+        got = engine.contract(M, B)
+    # each parameter's M from the definition, method-major [2·Q, *shape], and the factors' U Vᵀ
+    exact = {
+        id(p): torch.cat([v, s * v]) for p, v, s in zip(engine.parameters, val, elementwise, strict=True)
+    }
+    low = {key: (f.U @ f.V.transpose(1, 2)).reshape(exact[key].shape) for key, f in M.factors.items()}
+    uses = [
+        (f"{path}.{name}" if path else name, module, name, p)
+        for path, module in model.named_modules()
+        for name, p in module.named_parameters(recurse=False)
+        if id(p) in exact
+    ]
+    assert set(low) == {id(p) for _, module, name, p in uses if _factored_use(module, name)}
+    by_use = {
+        full: low[id(p)] if rank == 2 and _factored_use(module, name) else exact[id(p)]
+        for full, module, name, p in uses
+    }
+    want = dot_products(per_example_grads(model, case.loss, x, y, tied_apart=True), by_use)
+    assert got.shape == (B, 2 * Q)
+    assert rel_err(got, want) <= 1e-10
+    if rank == 2:  # the factors are far from M where it has more than two dimensions' rank: M̃ is what counts
+        assert max(rel_err(low[key], exact[key]) for key in low) > 0.1
+    assert batches and set(batches) == {1 if chunked else B}
+
+
 def test_factorising_pays_only_for_large_matrices_contracted_with_many_positions():
     """Decisions the rule must get right: each was timed by tools/calibrate_low_rank.py."""
     from adamshap_core.engine.low_rank import factorizing_pays

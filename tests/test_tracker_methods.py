@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from bruteforce import adam_direction, per_example_grads, reference_values, val_grads
-from cases import CASES
+from cases import CASES, PER_IMAGE_CONV
 from conftest import rel_err
 
 from adamshap_core import InRunShapley, training_step
@@ -121,6 +121,24 @@ def test_methods_match_brute_force(case, opt, float64):
 def test_clipping_active_and_per_target(case, float64):
     _, res = run_and_check(case, OPTIMIZERS["adamw"], max_grad_norm=0.05, per_target=True)
     assert res.clip_factor < 1.0  # clipping really was active
+
+
+def test_a_model_of_unbatched_conv2d_calls_is_valued_on_batches_of_one_image(float64):
+    """Batches of one image and one validation image, each through the Conv2d unbatched (a batch of one
+    to its kernel): every method against brute force."""
+    run_and_check(PER_IMAGE_CONV, OPTIMIZERS["adam"], steps=2, batch=1, n_val=1)
+
+
+def test_a_model_of_unbatched_conv2d_calls_with_several_validation_rows_is_refused_by_name(float64):
+    """Several validation images, each through the Conv2d alone: the start-up check cannot tell the
+    calls' rows apart, and refuses the model naming the layer."""
+    gen = torch.Generator().manual_seed(0)
+    model = PER_IMAGE_CONV.model()
+    vx, vy = PER_IMAGE_CONV.data(3, gen)
+    with pytest.raises(
+        UserError, match=r"layer 'conv' \(Conv2d\) was called on 1 rows for 3 validation rows"
+    ):
+        InRunShapley(model, torch.optim.Adam(model.parameters()), PER_IMAGE_CONV.loss, vx, vy, METHODS)
 
 
 class Guarded(torch.nn.Module):

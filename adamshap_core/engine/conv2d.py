@@ -30,6 +30,9 @@ class Conv2dKernel(LayerKernel):
         x = inputs[0].detach()
         return x if x.dim() == 4 else x.unsqueeze(0)  # unbatched input → batch of one
 
+    def keep_output_gradient(self, module, grad):
+        return grad if grad.dim() == 4 else grad.unsqueeze(0)  # as keep: a batch of one
+
     def intermediate_floats(self, module, a, b, K):
         # the unfolded patches (kh·kw times the input where patches overlap), then [L, K, ·] products
         if not len(b):

@@ -183,7 +183,7 @@ class GhostEngine:
         self._calls.append(call)
 
         def keep_grad(grad: torch.Tensor) -> None:
-            call.b = grad.detach()
+            call.b = kernel.keep_output_gradient(module, grad.detach())
 
         # a hook, though it costs a Python call from the backward pass: asking torch.autograd.grad for
         # the output's gradient edge with the parameters' gradients was a little faster (1.4% of a small
@@ -659,7 +659,7 @@ class GhostEngine:
                     f"{call.a.shape[0]} rows for {batch}: its per-example gradients cannot be separated "
                     "(is an input broadcast over the batch, such as positions from arange(T), or is the "
                     "layer applied along another dimension than the batch? expected the batch first"
-                    f"{hint if call.a.shape[0] == 1 else ''})"
+                    f"{hint if call.a.shape[0] == 1 and isinstance(call.module, nn.Embedding) else ''})"
                 )
         return calls
 

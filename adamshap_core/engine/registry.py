@@ -44,6 +44,11 @@ class LayerKernel:
         """What the forward pass must keep for ``values`` (by default the input)."""
         return inputs[0].detach()
 
+    def keep_output_gradient(self, module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
+        """What the backward pass must keep as ``b``: the output's gradient, with the batch first as
+        ``keep`` gives ``a`` (rows of ``b`` are cut as rows of ``a``)."""
+        return grad
+
     def intermediate_floats(self, module: nn.Module, a: torch.Tensor, b: torch.Tensor, K: int) -> int:
         """An upper bound on the floats ``values`` holds at once per example, for K matrices: the
         engine contracts a chunk of examples at a time where the batch would exceed its budget.
