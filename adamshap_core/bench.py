@@ -599,13 +599,19 @@ def fidelity(spec: BenchSpec) -> dict:
     spec = _without_fused_rows(spec)
     exact = Session.build(spec, "attribution", fast=False)
     fast = Session.build(spec, "attribution", fast=True)
+    # each copy on a random stream of its own, as it left it after its build (both were seeded alike):
+    # stepped in turn on torch's one stream, a model with dropout drew other masks in each copy
+    streams = [_Stream(exact.memory.cuda), _Stream(fast.memory.cuda)]
     per_step: dict[str, list[float]] = {m: [] for m in spec.methods}
     reused: list[bool] = []  # per step: whether the fast mode reused an earlier ∇val (no validation loss)
     checks: list[float] = []  # per step: what the fast mode's check of reuse found (NaN: no check)
     tracker = fast.stepper.tracker
     factored: list[int] = []  # per step: weight matrices the fast mode contracted through low-rank factors
     for x, y in exact.batches():
-        want, got = exact.step(x, y), fast.step(x, y)
+        with streams[0].active():
+            want = exact.step(x, y)
+        with streams[1].active():
+            got = fast.step(x, y)
         reused.append(math.isnan(got.val_loss))
         checks.append(got.reuse_pearson)
         factored.append(tracker.engine.last_factored)
@@ -617,6 +623,32 @@ def fidelity(spec: BenchSpec) -> dict:
     low_rank = {"rank": tracker.fast.rank, "factorable": tracker.engine.factorable, "factored": factored}
     out = {"pearson": per_step, "reused": reused, "checks": checks, "max_parameter_gap": drift}
     return {**out, "low_rank": low_rank}
+
+
+class _Stream:
+    """A random stream of one session's own: torch's state (CPU, and CUDA where the model is), taken
+    now, put in place for each of the session's steps and kept after them."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.state = self._read()
+
+    def _read(self) -> tuple:
+        import torch
+
+        return torch.get_rng_state(), torch.cuda.get_rng_state() if self.cuda else None
+
+    @contextmanager
+    def active(self):
+        import torch
+
+        torch.set_rng_state(self.state[0])
+        if self.cuda:
+            torch.cuda.set_rng_state(self.state[1])
+        try:
+            yield
+        finally:
+            self.state = self._read()
 
 
 def _without_fused_rows(spec: BenchSpec) -> BenchSpec:
