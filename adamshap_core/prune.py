@@ -40,6 +40,7 @@ from .errors import UserError
 from .recipe import Recipe
 from .run_tables import value_column
 from .runio import RunFolder, atomic_write, name_the_file
+from .threads import intra_op_threads, recorded_threads
 
 if TYPE_CHECKING:
     from .data import Dataset
@@ -273,6 +274,9 @@ class PrunePlan:
     seeds: int
     direction: str
     jobs: list[Retrain]
+    # the run's intra-op thread count, which the retrains take: with another, even seed 0's would round
+    # its sums apart from the run's and leave its trajectory (threads.py)
+    threads: int | None = None
 
 
 def plan_for_run(
@@ -318,7 +322,8 @@ def plan_for_run(
         direction=direction,
         base_seed=recipe.train.seed,
     )
-    return PrunePlan(folder, recipe, data, methods, fracs, seeds, direction, jobs)
+    threads = recorded_threads(folder.metrics())
+    return PrunePlan(folder, recipe, data, methods, fracs, seeds, direction, jobs, threads)
 
 
 # --------------------------------------------------------------------------- retraining
@@ -412,16 +417,18 @@ def run_plan(
     data,
     on_done: Callable[[Retrain, dict], None] | None = None,
     journal: Journal | None = None,
+    threads: int | None = None,
 ) -> pd.DataFrame:
     """Retrain every job in turn, reusing those ``journal`` already holds; ``on_done(job, row)``
-    after each (progress)."""
+    after each (progress); ``threads``: the intra-op thread count they train with (None: as set)."""
     done = journal.load() if journal is not None else {}
     rows = []
     for job in jobs:
         key = job_key(job)
         row = done.get(key)
         if row is None:
-            row = retrain(job, recipe, data)
+            with intra_op_threads(threads):
+                row = retrain(job, recipe, data)
             if journal is not None:
                 journal.add(key, row)
         rows.append(row)

@@ -133,7 +133,7 @@ def run_with_progress(plan, quiet: bool, journal) -> pd.DataFrame:
     from adamshap_core.prune import run_plan
 
     if quiet:
-        return run_plan(plan.jobs, plan.recipe, plan.data, journal=journal)
+        return run_plan(plan.jobs, plan.recipe, plan.data, journal=journal, threads=plan.threads)
     columns = (MofNCompleteColumn(), TextColumn("{task.description}"))
     progress = progress_bar("retrain", *columns)
     with progress:
@@ -146,7 +146,7 @@ def run_with_progress(plan, quiet: bool, journal) -> pd.DataFrame:
             nxt = jobs[done[0]].label if done[0] < len(jobs) else "done"
             progress.update(task, advance=1, description=f"{nxt}  (last: acc {row['test_accuracy']:.3f})")
 
-        return run_plan(jobs, plan.recipe, plan.data, on_done=advance, journal=journal)
+        return run_plan(jobs, plan.recipe, plan.data, on_done=advance, journal=journal, threads=plan.threads)
 
 
 def cell(mean: float, std: float, seeds: int) -> str:

@@ -446,3 +446,28 @@ def test_the_table_keeps_each_mean_and_std_on_one_line(width, monkeypatch):
     assert sum(line.count("0.858 ± 0.018") for line in lines) == (1 + len(methods)) * len(fracs)
     assert all(any(f"│ {m} " in line for line in lines) for m in methods)
     assert sum(line.count("94% noisy") for line in lines) == len(methods) * len(fracs)
+
+
+def test_the_retrains_take_the_runs_thread_count_whatever_the_shell_sets(tmp_path, monkeypatch):
+    """The thread count orders a product's additions: a run trained with one thread and pruned from a
+    shell of four retrained seed 0 onto another trajectory (a GPT's test loss 4.99227270 became
+    4.99227276). The retrains take the run's count, and the prune gives the shell's back."""
+    import json
+
+    import torch
+
+    run = train_tiny(tmp_path, "threads")
+    recorded = json.loads((run / "metrics.json").read_text())["torch_threads"]
+    seen, real = [], pr.retrain
+    monkeypatch.setattr(pr, "retrain", lambda *args: seen.append(torch.get_num_threads()) or real(*args))
+    shell = recorded + 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(shell)
+    try:
+        args = ["--frac", "0.2", "--by", "adam", "--runs-dir", tmp_path / "runs", "-q"]
+        res = cli("prune", "--run", "threads", *args)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert res.exit_code == 0, res.output
+    assert seen and set(seen) == {recorded} and after == shell
