@@ -609,7 +609,10 @@ def open_complete_run(root: str | Path, name: str | None = None) -> RunFolder:
 
 
 def start_run(folder: RunFolder, recipe, *, recipe_path: str | None = None) -> dict:
-    """Write the resolved recipe and an ``incomplete`` metrics.json; return the metrics header."""
+    """Write the resolved recipe and an ``incomplete`` metrics.json; return the metrics header, which
+    records the intra-op thread count the run starts with (a resumed run takes it: threads.py)."""
+    import torch
+
     header = {
         "status": "incomplete",
         "name": folder.name,
@@ -617,6 +620,7 @@ def start_run(folder: RunFolder, recipe, *, recipe_path: str | None = None) -> d
         "recipe_path": recipe_path,
         "created": now_iso(),
         "methods": list(recipe.attribution.methods) if recipe.attribution.enabled else [],
+        "torch_threads": torch.get_num_threads(),
     }
     folder.write_recipe(recipe)
     folder.write_metrics(header)
@@ -626,7 +630,7 @@ def start_run(folder: RunFolder, recipe, *, recipe_path: str | None = None) -> d
 def resumed_header(folder: RunFolder) -> dict:
     """The metrics header ``start_run`` wrote, to continue the run (``train --resume``)."""
     m = folder.metrics()
-    keep = ("name", "recipe", "recipe_path", "created", "methods")
+    keep = ("name", "recipe", "recipe_path", "created", "methods", "torch_threads")
     return {"status": "incomplete", **{k: m[k] for k in keep if k in m}}
 
 

@@ -168,6 +168,7 @@ def _train_into(folder, start, prep, quiet: bool, resume: bool):
     from adamshap_core.checkpoint import Checkpointer
     from adamshap_core.interrupts import stop_on_interrupt
     from adamshap_core.runio import CHECKPOINT_FILE
+    from adamshap_core.threads import intra_op_threads, recorded_threads
     from adamshap_core.train import run
 
     ckpt = Checkpointer(folder.file(CHECKPOINT_FILE), prep)
@@ -175,7 +176,10 @@ def _train_into(folder, start, prep, quiet: bool, resume: bool):
     metrics = None
     header = start()  # nothing between it and the handlers below where Ctrl-C could land
     try:
-        with stop_on_interrupt() as stop, _training_bar(quiet) as on_progress:
+        # the run's thread count, whatever the shell of a resume sets: another would round its sums
+        # apart from an uninterrupted run's (a run started before it was recorded: as set)
+        threads = intra_op_threads(recorded_threads(header))
+        with stop_on_interrupt() as stop, _training_bar(quiet) as on_progress, threads:
             result = run(prep, on_progress=on_progress, checkpointer=ckpt, resume=resume, stop=stop)
             # inside the handler: a first Ctrl-C after the last step lets these few writes finish, where
             # it would leave a finished run incomplete (failing, no space left say, it stays resumable)

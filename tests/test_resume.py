@@ -472,6 +472,27 @@ def test_resume_after_ctrl_c_in_process(stopped, tmp_path):
     assert json.loads((stopped / "tiny" / "metrics.json").read_text())["resumed_at_steps"] == [1]
 
 
+def test_a_resume_trains_with_the_runs_thread_count_whatever_the_shell_sets(stopped, monkeypatch):
+    """The thread count orders a product's additions: a run started with one thread and resumed from a
+    shell of four left the uninterrupted run's trajectory, and its metrics then named the four, which a
+    replay would take for the whole run. The resume takes the count the run started with."""
+    from adamshap_core import train as train_module
+
+    started = json.loads((stopped / "tiny" / "metrics.json").read_text())["torch_threads"]
+    seen, real = [], train_module.run
+    counted = lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(train_module, "run", counted)
+    before = torch.get_num_threads()
+    torch.set_num_threads(started + 1)
+    try:
+        assert resume(stopped).exit_code == 0
+        assert torch.get_num_threads() == started + 1  # the shell's count, given back
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [started]
+    assert json.loads((stopped / "tiny" / "metrics.json").read_text())["torch_threads"] == started
+
+
 def test_a_resumed_run_stopped_again_records_the_new_stop(stopped, monkeypatch):
     from adamshap_core import interrupts
 
