@@ -475,6 +475,7 @@ class InRunShapley:
             # where fused rows stand: a resumed run checks and fuses on the steps an uninterrupted one would
             "joined": self._joined,
             "join_problem": self._join_problem,
+            "fusion_blocked": self.fusion_blocked,  # what the last step that computed ∇val found
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -500,6 +501,8 @@ class InRunShapley:
         self._val_grads = val_grads
         # an older adamshap's state: the rows are checked joined on the next step that would fuse them
         self._joined, self._join_problem = bool(state.get("joined", False)), state.get("join_problem")
+        if "fusion_blocked" in state:  # an older adamshap's state: a fresh tracker's, until ∇val is computed
+            self.fusion_blocked = state["fusion_blocked"]
         self.engine.set_generator_state(state["generator"])
         if self._reuse is not None:
             self._reuse = ReuseSchedule(self._reuse.fast)

@@ -450,6 +450,8 @@ def test_a_resumed_tracker_fuses_on_the_steps_an_uninterrupted_one_does():
     twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # else the two share Adam's state tensors
     resumed = InRunShapley(twin, twin_opt, cross_entropy, vx, vy, METHODS, fuse_validation=True)
     resumed.load_state_dict(tracker.state_dict())
+    # what the last step found, as metrics.json reports it, before a step (one reusing ∇val never sets it)
+    assert resumed.fusion_blocked == tracker.fusion_blocked
     for x, y in batches[2:]:
         want, got = tracker.step(x, y), resumed.step(x, y)
         assert resumed.fusion_blocked == tracker.fusion_blocked is not None
