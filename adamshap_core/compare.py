@@ -517,15 +517,17 @@ def cumulative_from_step_2(truth: pd.DataFrame, methods: Sequence[str]) -> dict 
     return out
 
 
-def layer_frame(rep: TruthReplay, evaluated: Sequence[int], methods: Sequence[str]) -> pd.DataFrame:
-    """Per evaluated step and parameter tensor: each method's share of |value| there, the correlation
-    of its contribution there with adam's, and the spread of Adam's per-coordinate scale."""
+def layer_frame(rep: TruthReplay, evaluated: Sequence[int]) -> pd.DataFrame:
+    """Per evaluated step and parameter tensor: each method's share of |value| there (the tensor's part
+    of Σ over the batch's examples and the tensors of |an example's contribution through a tensor|),
+    the correlation of its contribution there with adam's, and the spread of Adam's per-coordinate
+    scale. Every method the replay split by tensor: the run's, and adam, which it always computes."""
     rows = []
     for step in evaluated:
         t = rep.truths[step]
         # an evaluated step's truth splits each method's value by parameter
         assert t.by_param is not None and t.param_names is not None and t.scale_spread is not None
-        for m in methods:
+        for m in t.by_param:
             terms = t.by_param[m]
             # float(): numpy 2.5's stubs type the sum of a bare ndarray's np.abs as an integer
             total = float(np.abs(terms).sum())
@@ -646,7 +648,7 @@ def compare_run(
     replay_check = check_replay(inputs, rep)
     truth = truth_frame(inputs, rep, evaluated, options.cumulative)
     table = compare_table(truth, inputs, baseline)
-    layers = layer_frame(rep, evaluated, inputs.methods)
+    layers = layer_frame(rep, evaluated)
     cum = truth[truth["scope"] == "cumulative"]
     summary = {
         "run": folder.name,

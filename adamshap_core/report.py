@@ -184,7 +184,8 @@ def divergence_table(result: CompareResult) -> Table | None:
         f"where {base} departs from adam, by parameter tensor (median over the steps of each phase)",
         "layer",
         [f"{base} share", "adam share", f"r {base}~adam", "Adam IQR"],
-        caption="share: the tensor's part of Σ|value| over the batch; r: Pearson of the two methods' "
+        caption="share: the tensor's part of Σ|contribution| over the batch's examples and the tensors; "
+        "r: Pearson of the two methods' "
         "contributions through this tensor; Adam IQR: interquartile range of log10 of Adam's "
         "per-coordinate scale P (decades)",
     )

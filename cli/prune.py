@@ -200,9 +200,17 @@ def table_notes(plan, summary: pd.DataFrame) -> str:
     """What the table's numbers are, printed under it."""
     from adamshap_core.prune import FULL, ORACLE
 
-    seeds = f"mean ± std over {plan.seeds} seeds" if plan.seeds > 1 else "1 seed"
+    seeds = f"mean ± sample std (n − 1) over {plan.seeds} seeds" if plan.seeds > 1 else "1 seed"
+    y_test = plan.data.y_test
+    text = y_test.dim() > 1  # a language model's targets: its accuracy is over the tokens it predicts
+    n_scored = int((y_test >= 0).sum())  # padding (-100) scores nothing
+    what = (
+        f"next-token accuracy on the held-out test split ({len(y_test)} texts, {n_scored} scored tokens"
+        if text
+        else f"test accuracy on the held-out test split ({len(y_test)} examples"
+    )
     notes = (
-        f"Each cell: test accuracy on the held-out test split ({len(plan.data.y_test)} examples, never "
+        f"Each cell: {what}, never "
         f"used for valuation) after retraining from scratch, {seeds} (train.seed {plan.recipe.train.seed}"
         f"{f'..{plan.recipe.train.seed + plan.seeds - 1}' if plan.seeds > 1 else ''}, the same for every "
         "row). "
@@ -222,11 +230,14 @@ def table_notes(plan, summary: pd.DataFrame) -> str:
         notes += f" noisy: share of the removed examples whose label was flipped (base rate {base:.0%})."
     # the test sample's own error, which no number of training seeds shrinks: at the default 300 test
     # examples it is as large as many of the differences between rows
-    n_test = len(plan.data.y_test)
     p = float(summary.loc[summary["method"] == FULL, "acc_mean"].iloc[0])
+    sample = f"{n_scored} test tokens" if text else f"{n_scored} test examples"
+    # a text's tokens are not independent draws, so over tokens the binomial error is a lower bound
+    binomial = "binomial over the tokens: a lower bound, as a text's tokens are not independent"
+    se = math.sqrt(p * (1 - p) / max(n_scored, 1))
     notes += (
-        f" At the full data's accuracy ({p:.3f}), the {n_test} test examples alone give each cell a standard "
-        f"error of about ±{math.sqrt(p * (1 - p) / n_test):.3f} (binomial), not included in ± over seeds; "
-        "a larger data.test_size narrows it."
+        f" At the full data's accuracy ({p:.3f}), the {sample} alone give each cell a standard "
+        f"error of about ±{se:.3f} ({binomial if text else 'binomial'}), not included in ± over "
+        "seeds; a larger data.test_size narrows it."
     )
     return notes

@@ -451,6 +451,19 @@ def test_a_fast_mode_run_compares(tmp_path, runs):
     )
 
 
+def test_a_run_valued_without_adam_shows_adams_share_by_layer_too(tmp_path, runs):
+    """The replay computes adam whatever the run valued, so the layer table sets the baseline's share
+    beside adam's: it printed '-' for adam's share while filling in their correlation."""
+    train_tiny(tmp_path, name="noadam", attribution={"methods": ["adam_fixed", "sgd"]})
+    res = cli("compare", "--run", "noadam", "--steps", "1,2", "--permutations", "2", "--no-cumulative", "-q")
+    assert res.exit_code == 0, res.output
+    layers = pd.read_parquet(runs / "noadam" / "compare_layers.parquet")
+    assert set(layers.method) == {"adam", "adam_fixed", "sgd"}
+    assert np.allclose(layers.groupby(["step", "method"])["share"].sum(), 1.0)
+    rows = json.loads((runs / "noadam" / "compare.json").read_text())["divergence"]["layers"]
+    assert rows and all(0 <= r["share_adam"] <= 1 for r in rows)
+
+
 def test_a_refusal_without_quiet_is_the_error_line_alone(run):
     # the progress bar starts only once the replay does: a refusal before it prints nothing else
     res = cli("compare", "--permutations", "3")

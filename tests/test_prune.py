@@ -471,3 +471,25 @@ def test_the_retrains_take_the_runs_thread_count_whatever_the_shell_sets(tmp_pat
         torch.set_num_threads(before)
     assert res.exit_code == 0, res.output
     assert seen and set(seen) == {recorded} and after == shell
+
+
+def test_a_text_runs_note_counts_the_scored_tokens_its_accuracy_is_over():
+    """A language model's accuracy is next-token accuracy over the tokens it predicts: the note gave
+    the binomial error over the texts instead (±0.135 for 6 texts where 52 tokens were scored)."""
+    from types import SimpleNamespace
+
+    import torch
+    from adamshap_cli.prune import table_notes
+
+    y_test = torch.full((6, 12), -100)
+    y_test[:, :9] = 1  # 54 scored tokens in 6 texts
+    y_test[0, :2] = -100  # ... 52
+    data = SimpleNamespace(y_test=y_test, is_noisy=torch.zeros(20, dtype=torch.bool))
+    recipe = SimpleNamespace(train=SimpleNamespace(seed=0))
+    plan = SimpleNamespace(seeds=1, data=data, recipe=recipe, direction="low", methods=["full", "adam"])
+    summary = pd.DataFrame({"method": ["full"], "acc_mean": [0.5]})
+    notes = " ".join(table_notes(plan, summary).split())
+    assert "next-token accuracy on the held-out test split (6 texts, 52 scored tokens" in notes
+    se = math.sqrt(0.5 * 0.5 / 52)
+    assert f"the 52 test tokens alone give each cell a standard error of about ±{se:.3f}" in notes
+    assert "a lower bound" in notes
