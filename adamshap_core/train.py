@@ -423,10 +423,11 @@ def run(
         sched.step()
         loss = res.loss
         pos = batch.numpy()
-        problem = non_finite_problem(loss, model, step_values, float(res.val_loss), ids[pos])
+        batch_ids = ids[pos]
+        problem = non_finite_problem(loss, model, step_values, float(res.val_loss), batch_ids)
         if problem:
             raise _diverged(prep, state, f"step {step} (epoch {epoch}): {problem}", wall())
-        _add_values(state, step, ids[pos], pos, step_values, recorded=step in recorded_steps)
+        _add_values(state, step, batch_ids, pos, step_values, recorded=step in recorded_steps)
         secs = time.perf_counter() - t0
         row = (float(res.val_loss), float(res.clip_factor), secs, float(res.reuse_pearson))
         state.step_rows.append((step, epoch, lr, loss, *row))
@@ -576,13 +577,14 @@ def non_finite_problem(
             return f"the gradient of parameter `{name}` has non-finite entries; expected finite gradients"
     for m, v in values.items():
         bad = ~np.isfinite(v)
-        if bad.any():
+        n_bad = int(bad.sum())
+        if n_bad:
             which = ""
             if example_ids is not None:
                 ids = [str(i) for i in example_ids[bad][:SHOWN_IDS]]
-                which = f" (example_id {', '.join(ids)}{', ...' if bad.sum() > SHOWN_IDS else ''})"
+                which = f" (example_id {', '.join(ids)}{', ...' if n_bad > SHOWN_IDS else ''})"
             why = f" (the validation loss is {val_loss})" if not math.isfinite(val_loss) else ""
-            return f"the `{m}` values of {int(bad.sum())} of the {len(v)} examples{which} are non-finite{why}"
+            return f"the `{m}` values of {n_bad} of the {len(v)} examples{which} are non-finite{why}"
     return ""
 
 

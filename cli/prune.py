@@ -233,11 +233,13 @@ def table_notes(plan, summary: pd.DataFrame) -> str:
     p = float(summary.loc[summary["method"] == FULL, "acc_mean"].iloc[0])
     sample = f"{n_scored} test tokens" if text else f"{n_scored} test examples"
     # a text's tokens are not independent draws, so over tokens the binomial error is a lower bound
-    binomial = "binomial over the tokens: a lower bound, as a text's tokens are not independent"
+    kind = "binomial"
+    if text:
+        kind += " over the tokens: a lower bound, as a text's tokens are not independent"
     se = math.sqrt(p * (1 - p) / max(n_scored, 1))
     notes += (
         f" At the full data's accuracy ({p:.3f}), the {sample} alone give each cell a standard "
-        f"error of about ±{se:.3f} ({binomial if text else 'binomial'}), not included in ± over "
-        "seeds; a larger data.test_size narrows it."
+        f"error of about ±{se:.3f} ({kind}), not included in ± over seeds; a larger data.test_size "
+        "narrows it."
     )
     return notes
